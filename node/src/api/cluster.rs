@@ -1,0 +1,89 @@
+//! `Cluster.Status`: this node's view of the cluster (role, term, leader, log positions,
+//! members and their replication progress, PostgreSQL and applier health).
+
+use std::sync::Arc;
+
+use openraft::ServerState;
+use raftpg_proto::v1::cluster_server::Cluster;
+use raftpg_proto::v1::{Member, StatusRequest, StatusResponse};
+use tonic::{Request, Response, Status};
+
+use crate::node::NodeContext;
+use crate::postgres::PgHealth;
+
+/// The cluster service.
+pub struct ClusterService {
+    ctx: Arc<NodeContext>,
+}
+
+impl ClusterService {
+    /// Creates the service.
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        ClusterService { ctx }
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let committed = self
+            .ctx
+            .raft
+            .with_raft_state(|st| st.committed.map(|l| l.index))
+            .await
+            .map_err(|e| Status::unavailable(format!("raft stopped: {e}")))?;
+        let m = self.ctx.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| {
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned())
+                    .flatten();
+                Member {
+                    node_id: *id,
+                    addr: node.addr.clone(),
+                    voter: voters.contains(id),
+                    matched_index: matched.map(|l| l.index).unwrap_or(0),
+                    has_matched: matched.is_some(),
+                }
+            })
+            .collect();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()))
+            .unwrap_or_default();
+        let health = self.ctx.pg_health.borrow().clone();
+        Ok(Response::new(StatusResponse {
+            node_id: self.ctx.id,
+            role: role.into(),
+            term: m.current_term,
+            leader_id: m.current_leader.unwrap_or(0),
+            has_leader: m.current_leader.is_some(),
+            leader_addr,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            committed_index: committed.unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            members,
+            postgres_up: health == PgHealth::Up,
+            applier_state: match health {
+                PgHealth::Up => self.ctx.applier.get(),
+                other => format!("postgres {other:?}; applier: {}", self.ctx.applier.get()),
+            },
+            postgres_version: String::new(),
+        }))
+    }
+}

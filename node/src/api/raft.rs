@@ -1,0 +1,80 @@
+//! The internal `Raft` gRPC service: receives openraft RPCs from other nodes (see `network`)
+//! and answers read-index requests for linearizable reads served by followers.
+
+use std::sync::Arc;
+
+use openraft::error::{CheckIsLeaderError, RaftError};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use raftpg_proto::v1::raft_server::Raft as RaftApi;
+use raftpg_proto::v1::{RaftMessage, ReadIndexRequest, ReadIndexResponse};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use crate::api::not_leader;
+use crate::command::{NodeId, TypeConfig};
+use crate::node::NodeContext;
+
+/// Serves openraft's RPCs.
+pub struct RaftService {
+    ctx: Arc<NodeContext>,
+}
+
+impl RaftService {
+    /// Creates the service.
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        RaftService { ctx }
+    }
+}
+
+fn decode<T: DeserializeOwned>(msg: &RaftMessage) -> Result<T, Status> {
+    serde_json::from_slice(&msg.payload)
+        .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Response<RaftMessage>, Status> {
+    let payload =
+        serde_json::to_vec(v).map_err(|e| Status::internal(format!("encoding raft reply: {e}")))?;
+    Ok(Response::new(RaftMessage { payload }))
+}
+
+#[tonic::async_trait]
+impl RaftApi for RaftService {
+    async fn append_entries(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
+        encode(&self.ctx.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc: VoteRequest<NodeId> = decode(req.get_ref())?;
+        encode(&self.ctx.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
+        encode(&self.ctx.raft.install_snapshot(rpc).await)
+    }
+
+    async fn read_index(
+        &self,
+        _req: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        match self.ctx.raft.get_read_log_id().await {
+            Ok((read_log_id, _applied)) => Ok(Response::new(ReadIndexResponse {
+                index: read_log_id.map(|l| l.index).unwrap_or(0),
+            })),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                Err(not_leader("this node is not the leader", self.ctx.leader()))
+            }
+            Err(e) => Err(Status::unavailable(format!(
+                "cannot confirm leadership: {e}"
+            ))),
+        }
+    }
+}

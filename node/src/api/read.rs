@@ -1,0 +1,275 @@
+//! `Read.Query`: one query in a `REPEATABLE READ READ ONLY` transaction on the receiving node,
+//! after waiting (bounded) for the requested consistency level.
+//!
+//! Levels: `LOCAL` (now), `AT_LEAST(i)` (this node applied `i`), `LINEARIZABLE` (a read index
+//! confirmed by the leader's quorum, then applied here; works on followers). The applied index
+//! is read inside the query's own snapshot, so the response says exactly what state it saw.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use openraft::error::{CheckIsLeaderError, RaftError};
+use postgres_types::ToSql;
+use raftpg_proto::v1::raft_client::RaftClient;
+use raftpg_proto::v1::read_server::Read;
+use raftpg_proto::v1::{Column, Consistency, QueryRequest, QueryResponse, ReadIndexRequest, Row};
+use tonic::{Code, Request, Response, Status};
+use tracing::{info_span, Instrument};
+
+use crate::api::{not_leader, refused, sql_status};
+use crate::command::SqlFailure;
+use crate::determinism;
+use crate::node::NodeContext;
+use crate::state_machine::is_deterministic;
+use crate::values::{self, Cell};
+
+/// The read service.
+pub struct ReadService {
+    ctx: Arc<NodeContext>,
+}
+
+impl ReadService {
+    /// Creates the service.
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        ReadService { ctx }
+    }
+
+    /// The index a linearizable read must see: from our own quorum check when leading, else from
+    /// the leader's.
+    async fn read_index(&self, wait: Duration) -> Result<u64, Status> {
+        match self.ctx.raft.get_read_log_id().await {
+            Ok((read_log_id, _)) => return Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {}
+            Err(e) => {
+                return Err(Status::unavailable(format!(
+                    "cannot confirm a linearizable read: {e}"
+                )))
+            }
+        }
+        let Some((leader_id, addr)) = self.ctx.wait_for_leader(wait).await else {
+            return Err(not_leader(
+                "no leader known; a linearizable read needs a quorum",
+                None,
+            ));
+        };
+        let mut client = RaftClient::new(self.ctx.channel_to(&addr)?);
+        let mut req = Request::new(ReadIndexRequest {});
+        req.set_timeout(wait);
+        let resp = tokio::time::timeout(wait, client.read_index(req))
+            .await
+            .map_err(|_| {
+                Status::unavailable(format!(
+                    "leader {leader_id} did not confirm a read index within {wait:?}"
+                ))
+            })?
+            .map_err(|s| {
+                Status::unavailable(format!(
+                    "leader {leader_id} could not confirm a read index: {}",
+                    s.message()
+                ))
+            })?;
+        Ok(resp.into_inner().index)
+    }
+
+    async fn wait_applied(&self, index: u64, wait: Duration) -> Result<(), Status> {
+        self.ctx
+            .raft
+            .wait(Some(wait))
+            .applied_index_at_least(Some(index), "read")
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                Status::deadline_exceeded(format!(
+                    "this node did not apply index {index} within {wait:?} ({e}); retry or read from another node"
+                ))
+            })
+    }
+
+    async fn query(&self, req: &QueryRequest) -> Result<QueryResponse, Status> {
+        let params = req
+            .params
+            .iter()
+            .enumerate()
+            .map(|(p, v)| {
+                values::from_proto(v).map_err(|e| {
+                    refused(
+                        Code::InvalidArgument,
+                        "22023",
+                        format!("parameter ${}: {}", p + 1, e.0),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let limit = match req.max_rows {
+            0 => self.ctx.limits.read_rows_max,
+            n => (n as usize).min(self.ctx.limits.read_rows_max),
+        };
+        let mut pooled = self
+            .ctx
+            .reads
+            .get()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let client = pooled.client();
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(pg_status)?;
+        let applied: i64 = tx
+            .query_one("SELECT log_index FROM raftpg.applied", &[])
+            .await
+            .map_err(pg_status)?
+            .get(0);
+        let stmt = tx.prepare(&req.sql).await.map_err(pg_status)?;
+        if stmt.params().len() != params.len() {
+            return Err(refused(
+                Code::InvalidArgument,
+                "08P01",
+                format!(
+                    "the query has {} parameter(s) but {} value(s) were bound",
+                    stmt.params().len(),
+                    params.len()
+                ),
+            ));
+        }
+        for (i, (v, ty)) in params.iter().zip(stmt.params()).enumerate() {
+            values::check_bind(v, ty).map_err(|e| {
+                refused(
+                    Code::InvalidArgument,
+                    "42804",
+                    format!("parameter ${}: {}", i + 1, e.0),
+                )
+            })?;
+        }
+        for c in stmt.columns() {
+            values::check_result_type(c.type_()).map_err(|e| {
+                refused(
+                    Code::Unimplemented,
+                    "0A000",
+                    format!("column {:?}: {}", c.name(), e.0),
+                )
+            })?;
+        }
+        let columns: Vec<Column> = stmt
+            .columns()
+            .iter()
+            .map(|c| Column {
+                name: c.name().to_string(),
+                type_name: c.type_().name().to_string(),
+            })
+            .collect();
+        let stream = tx
+            .query_raw(&stmt, params.iter().map(|v| v as &(dyn ToSql + Sync)))
+            .await
+            .map_err(pg_status)?;
+        futures::pin_mut!(stream);
+        let mut rows = Vec::new();
+        while let Some(row) = stream.try_next().await.map_err(pg_status)? {
+            if rows.len() >= limit {
+                return Err(refused(
+                    Code::ResourceExhausted,
+                    "54000",
+                    format!("the query returns more than {limit} rows; add LIMIT/OFFSET or a narrower WHERE"),
+                ));
+            }
+            let mut values_out = Vec::with_capacity(columns.len());
+            for i in 0..columns.len() {
+                let Cell(v) = row
+                    .try_get::<_, Cell>(i)
+                    .map_err(|e| refused(Code::Unimplemented, "0A000", e.to_string()))?;
+                values_out.push(values::to_proto(&v));
+            }
+            rows.push(Row { values: values_out });
+        }
+        drop(stream);
+        tx.commit().await.map_err(pg_status)?;
+        Ok(QueryResponse {
+            columns,
+            rows,
+            applied_index: u64::try_from(applied).unwrap_or(0),
+            node_id: self.ctx.id,
+        })
+    }
+}
+
+/// A PostgreSQL error of a read as a status: SQL errors with their SQLSTATE, the rest as
+/// UNAVAILABLE (the node's PostgreSQL is down or restarting).
+fn pg_status(e: tokio_postgres::Error) -> Status {
+    match e.as_db_error() {
+        Some(db) if is_deterministic(db.code().code()) || db.code().code() == "25006" => {
+            let mut f = SqlFailure {
+                sqlstate: db.code().code().to_string(),
+                message: db.message().to_string(),
+                detail: db.detail().unwrap_or_default().to_string(),
+                hint: db.hint().unwrap_or_default().to_string(),
+                statement_index: 0,
+            };
+            if f.sqlstate == "25006" {
+                f.hint = "reads run in READ ONLY transactions; send writes to Write.Execute".into();
+            }
+            sql_status(&f, 0)
+        }
+        Some(db) => Status::unavailable(format!(
+            "PostgreSQL: {} ({})",
+            db.message(),
+            db.code().code()
+        )),
+        None => Status::unavailable(format!("PostgreSQL unavailable on this node: {e}")),
+    }
+}
+
+#[tonic::async_trait]
+impl Read for ReadService {
+    async fn query(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<QueryResponse>, Status> {
+        let req = request.into_inner();
+        let span = info_span!(
+            "read",
+            node = self.ctx.id,
+            consistency = req.consistency,
+            min_index = req.min_index
+        );
+        async move {
+            let size = prost::Message::encoded_len(&req);
+            if size > self.ctx.limits.request_bytes_max {
+                return Err(refused(
+                    Code::ResourceExhausted,
+                    "54000",
+                    format!(
+                        "request of {size} bytes exceeds the limit of {} bytes",
+                        self.ctx.limits.request_bytes_max
+                    ),
+                ));
+            }
+            determinism::check_read(&req.sql)
+                .map_err(|r| refused(Code::InvalidArgument, r.sqlstate, r.message))?;
+            let wait = match req.timeout_ms {
+                0 => self.ctx.limits.read_wait_max,
+                ms => Duration::from_millis(ms.into()).min(self.ctx.limits.read_wait_max),
+            };
+            match Consistency::try_from(req.consistency) {
+                Ok(Consistency::Local) => {}
+                Ok(Consistency::AtLeast) => self.wait_applied(req.min_index, wait).await?,
+                Ok(Consistency::Linearizable) => {
+                    let index = self.read_index(wait).await?;
+                    self.wait_applied(index, wait).await?;
+                }
+                Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown consistency level {}",
+                        req.consistency
+                    )))
+                }
+            }
+            self.query(&req).await.map(Response::new)
+        }
+        .instrument(span)
+        .await
+    }
+}

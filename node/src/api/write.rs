@@ -1,0 +1,279 @@
+//! `Write.Execute`: validates a write, forwards it to the leader when this node does not lead,
+//! and on the leader proposes it to the Raft log and answers with the applied result.
+//!
+//! Bad input is refused here, before anything enters the log (design.md invariant 5): size and
+//! statement limits, parameter values, and the SQL gate (`determinism`). A write is answered
+//! only after a majority committed it and this (leader) node applied it.
+
+use std::sync::Arc;
+
+use openraft::error::{ClientWriteError, RaftError};
+use prost::Message;
+use raftpg_proto::v1::write_client::WriteClient;
+use raftpg_proto::v1::write_server::Write;
+use raftpg_proto::v1::{Column, ExecuteRequest, ExecuteResponse, Row, StatementResult};
+use raftpg_proto::FORWARDED_METADATA;
+use tonic::{Code, Request, Response, Status};
+use tracing::{debug, info_span, Instrument};
+
+use crate::api::{not_leader, refused, sql_status};
+use crate::command::{ApplyOutcome, RequestId, SqlStatement, WriteCommand};
+use crate::determinism;
+use crate::node::NodeContext;
+use crate::values;
+
+/// The write service.
+pub struct WriteService {
+    ctx: Arc<NodeContext>,
+}
+
+impl WriteService {
+    /// Creates the service.
+    pub fn new(ctx: Arc<NodeContext>) -> Self {
+        WriteService { ctx }
+    }
+
+    /// Checks a request and turns it into the statements of a log entry.
+    fn validate(&self, req: &ExecuteRequest) -> Result<Vec<SqlStatement>, Status> {
+        let limits = &self.ctx.limits;
+        let size = req.encoded_len();
+        if size > limits.request_bytes_max {
+            return Err(refused(
+                Code::ResourceExhausted,
+                "54000",
+                format!(
+                    "request of {size} bytes exceeds the limit of {} bytes",
+                    limits.request_bytes_max
+                ),
+            ));
+        }
+        if req.statements.is_empty() {
+            return Err(refused(
+                Code::InvalidArgument,
+                "42601",
+                "a write needs at least one statement",
+            ));
+        }
+        if req.statements.len() > limits.statements_max {
+            return Err(refused(
+                Code::ResourceExhausted,
+                "54000",
+                format!(
+                    "{} statements exceed the limit of {} per write",
+                    req.statements.len(),
+                    limits.statements_max
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(req.statements.len());
+        for (i, s) in req.statements.iter().enumerate() {
+            determinism::check_write(&s.sql).map_err(|r| {
+                refused(
+                    Code::InvalidArgument,
+                    r.sqlstate,
+                    format!("statement {i}: {}", r.message),
+                )
+            })?;
+            let params = s
+                .params
+                .iter()
+                .enumerate()
+                .map(|(p, v)| {
+                    values::from_proto(v).map_err(|e| {
+                        refused(
+                            Code::InvalidArgument,
+                            "22023",
+                            format!("statement {i}, parameter ${}: {}", p + 1, e.0),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            out.push(SqlStatement {
+                sql: s.sql.clone(),
+                params,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sends the request to the leader and relays its answer.
+    async fn forward(&self, req: ExecuteRequest) -> Result<Response<ExecuteResponse>, Status> {
+        let Some((leader_id, addr)) = self
+            .ctx
+            .wait_for_leader(
+                self.ctx
+                    .limits
+                    .write_timeout
+                    .min(std::time::Duration::from_secs(5)),
+            )
+            .await
+        else {
+            return Err(not_leader(
+                "no leader is known (election in progress or no quorum); retry",
+                None,
+            ));
+        };
+        if leader_id == self.ctx.id {
+            // Became leader while waiting: serve it here.
+            return Err(Status::unavailable("leadership changed; retry"));
+        }
+        debug!(leader_id, %addr, "forwarding write to the leader");
+        let channel = self.ctx.channel_to(&addr)?;
+        let mut client = WriteClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let mut request = Request::new(req);
+        request.set_timeout(self.ctx.limits.write_timeout);
+        request.metadata_mut().insert(
+            FORWARDED_METADATA,
+            tonic::metadata::MetadataValue::from(self.ctx.id),
+        );
+        client.execute(request).await.map_err(|s| {
+            if s.code() == Code::Unavailable
+                && s.metadata().get(raftpg_proto::LEADER_ID_METADATA).is_none()
+            {
+                not_leader(
+                    format!(
+                        "forwarding to leader {leader_id} at {addr} failed: {}",
+                        s.message()
+                    ),
+                    Some((leader_id, addr.clone())),
+                )
+            } else {
+                s
+            }
+        })
+    }
+
+    /// Proposes the entry (this node leads) and waits for it to be committed and applied.
+    async fn propose(
+        &self,
+        statements: Vec<SqlStatement>,
+        request_id: Option<RequestId>,
+    ) -> Result<Response<ExecuteResponse>, Status> {
+        let ctx = &self.ctx;
+        let cmd = WriteCommand {
+            statements,
+            leader_ts_micros: ctx.clock.next(),
+            seed: uuid::Uuid::new_v4().as_u64_pair().0,
+            request_id,
+        };
+        let result =
+            tokio::time::timeout(ctx.limits.write_timeout, ctx.raft.client_write(cmd)).await;
+        let resp = match result {
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "the write was not confirmed within {:?}; its outcome is unknown (it may still commit)",
+                    ctx.limits.write_timeout
+                )))
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                return Err(not_leader("this node is no longer the leader; retry", ctx.leader()));
+            }
+            Ok(Err(RaftError::APIError(e))) => return Err(Status::failed_precondition(e.to_string())),
+            Ok(Err(RaftError::Fatal(e))) => return Err(Status::unavailable(format!("raft stopped on this node: {e}"))),
+            Ok(Ok(r)) => r,
+        };
+        let index = resp.log_id.index;
+        tracing::Span::current().record("index", index);
+        match resp.data {
+            ApplyOutcome::Applied(results) => Ok(Response::new(ExecuteResponse {
+                log_index: index,
+                term: resp.log_id.leader_id.term,
+                leader_id: ctx.id,
+                results: results
+                    .into_iter()
+                    .map(|r| StatementResult {
+                        rows_affected: r.rows_affected,
+                        columns: r
+                            .columns
+                            .into_iter()
+                            .map(|c| Column {
+                                name: c.name,
+                                type_name: c.type_name,
+                            })
+                            .collect(),
+                        rows: r
+                            .rows
+                            .iter()
+                            .map(|row| Row {
+                                values: row.iter().map(values::to_proto).collect(),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })),
+            ApplyOutcome::Failed(f) => Err(sql_status(&f, index)),
+            ApplyOutcome::AppliedResultLost => {
+                let mut s = Status::unknown(format!(
+                    "the write was applied at log index {index}, but its result was lost when PostgreSQL failed during commit; read the data to see its effects"
+                ));
+                s.metadata_mut().insert(
+                    raftpg_proto::LOG_INDEX_METADATA,
+                    tonic::metadata::MetadataValue::from(index),
+                );
+                Err(s)
+            }
+            ApplyOutcome::Internal => {
+                Err(Status::internal("unexpected internal outcome for a write"))
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Write for WriteService {
+    async fn execute(
+        &self,
+        request: Request<ExecuteRequest>,
+    ) -> Result<Response<ExecuteResponse>, Status> {
+        let forwarded = request.metadata().get(FORWARDED_METADATA).is_some();
+        let req = request.into_inner();
+        let term = self.ctx.raft.metrics().borrow().current_term;
+        let span = info_span!(
+            "write",
+            node = self.ctx.id,
+            term,
+            index = tracing::field::Empty,
+            forwarded
+        );
+        async move {
+            let statements = self.validate(&req)?;
+            let _permit = self
+                .ctx
+                .write_permits
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| {
+                    refused(
+                        Code::ResourceExhausted,
+                        "53300",
+                        "too many writes in flight on this node; retry with backoff",
+                    )
+                })?;
+            if !self.ctx.is_leader() {
+                if forwarded {
+                    return Err(not_leader("this node is not the leader", self.ctx.leader()));
+                }
+                return self.forward(req).await;
+            }
+            let request_id = req.request_id.as_ref().map(|r| RequestId {
+                client_id: r.client_id.clone(),
+                seq: r.seq,
+            });
+            match self.propose(statements, request_id).await {
+                Err(s)
+                    if s.code() == Code::Unavailable
+                        && !forwarded
+                        && s.metadata().get(raftpg_proto::LEADER_ID_METADATA).is_some() =>
+                {
+                    // Lost leadership before proposing: hand the write to the new leader.
+                    self.forward(req).await
+                }
+                other => other,
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}

@@ -1,0 +1,151 @@
+//! What a Raft log entry carries and what applying it returns.
+//!
+//! Owns the on-log format of a write ([`WriteCommand`]) and of its outcome ([`ApplyOutcome`]).
+//! Everything here is serialized into the Raft log (RocksDB) and between nodes, so it must be
+//! deterministic data only: the leader fixes every non-deterministic input (timestamp, seed)
+//! before the entry enters the log (design.md invariant 2).
+
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+openraft::declare_raft_types!(
+    /// openraft type configuration of raftpg.
+    pub TypeConfig:
+        D = WriteCommand,
+        R = ApplyOutcome,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// Node id type.
+pub type NodeId = u64;
+/// Log id type.
+pub type LogId = openraft::LogId<NodeId>;
+/// Raft handle type.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// Raft log entry type.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// Stored membership type.
+pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
+
+/// One typed SQL value, as bound into a statement or read from a result.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum SqlValue {
+    /// SQL NULL.
+    Null,
+    /// boolean.
+    Bool(bool),
+    /// int2/int4/int8/oid.
+    Int64(i64),
+    /// float4/float8.
+    Float64(f64),
+    /// numeric, as decimal text.
+    Numeric(String),
+    /// text/varchar/char/name.
+    Text(String),
+    /// bytea.
+    Bytes(Vec<u8>),
+    /// timestamptz, microseconds since the Unix epoch.
+    TimestamptzMicros(i64),
+    /// timestamp without time zone, microseconds since 1970-01-01 00:00.
+    TimestampMicros(i64),
+    /// date, days since 1970-01-01.
+    DateDays(i32),
+    /// uuid.
+    Uuid(uuid::Uuid),
+    /// json, as text.
+    Json(String),
+    /// jsonb, as text.
+    Jsonb(String),
+}
+
+/// One SQL statement with its bound parameters.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SqlStatement {
+    /// The SQL text (exactly one statement).
+    pub sql: String,
+    /// Parameters `$1..$n`, bound (never interpolated).
+    pub params: Vec<SqlValue>,
+}
+
+/// Identifies a client request for exactly-once retries.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RequestId {
+    /// Chosen by the client, stable across its retries.
+    pub client_id: String,
+    /// Increases per request of that client.
+    pub seq: u64,
+}
+
+/// The application data of one Raft log entry: statements applied as one atomic unit.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct WriteCommand {
+    /// Executed in order inside one savepoint: all or nothing.
+    pub statements: Vec<SqlStatement>,
+    /// The leader's clock when it proposed the entry, monotonic along the log
+    /// (microseconds since the Unix epoch).
+    pub leader_ts_micros: i64,
+    /// Seed for deterministic randomness of this entry.
+    pub seed: u64,
+    /// Optional request id for exactly-once retries.
+    pub request_id: Option<RequestId>,
+}
+
+impl std::fmt::Display for WriteCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "write({} statements)", self.statements.len())
+    }
+}
+
+/// A result column: name and PostgreSQL type name.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ColumnInfo {
+    /// Column name.
+    pub name: String,
+    /// PostgreSQL type name.
+    pub type_name: String,
+}
+
+/// The result of one statement.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct StatementOutcome {
+    /// Rows inserted/updated/deleted (or returned, for SELECT).
+    pub rows_affected: u64,
+    /// Result columns (empty for statements without RETURNING).
+    pub columns: Vec<ColumnInfo>,
+    /// Result rows.
+    pub rows: Vec<Vec<SqlValue>>,
+}
+
+/// A deterministic SQL error: every node raises it the same way (design.md invariant 3).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SqlFailure {
+    /// SQLSTATE, e.g. `23505`.
+    pub sqlstate: String,
+    /// PostgreSQL's message.
+    pub message: String,
+    /// PostgreSQL's detail, if any.
+    pub detail: String,
+    /// PostgreSQL's hint, if any.
+    pub hint: String,
+    /// Index of the failing statement in the entry.
+    pub statement_index: u32,
+}
+
+/// What applying one log entry produced. Identical on every node for the same entry.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum ApplyOutcome {
+    /// A membership or blank entry: nothing for a client.
+    Internal,
+    /// All statements succeeded and were committed.
+    Applied(Vec<StatementOutcome>),
+    /// A statement failed deterministically; the entry's effects were rolled back.
+    Failed(SqlFailure),
+    /// The entry was applied before this process could record its result (PostgreSQL
+    /// committed, then the connection was lost); the effects are in, the rows are not known.
+    AppliedResultLost,
+}

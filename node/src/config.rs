@@ -1,0 +1,161 @@
+//! Node configuration: command-line flags, each also settable as a `RAFTPG_*` environment
+//! variable. Defaults run a local cluster given only `--id` and `--data-dir`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// raftpg node: one member of a raftpg cluster. Replicates SQL writes through Raft and applies
+/// them in log order to this node's PostgreSQL.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "raftpg-node", version)]
+pub struct NodeConfig {
+    /// This node's id (unique in the cluster, > 0).
+    #[arg(long, env = "RAFTPG_NODE_ID")]
+    pub id: u64,
+
+    /// Directory for this node's Raft log and (embedded mode) its PostgreSQL.
+    #[arg(long, env = "RAFTPG_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// Address the gRPC server listens on (public API and Raft). Default: 127.0.0.1:(7000 + id).
+    #[arg(long, env = "RAFTPG_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Address other nodes and clients use to reach this node. Default: the listen address.
+    #[arg(long, env = "RAFTPG_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// Initial voters, `id=host:port` comma-separated, including this node. Used once, when
+    /// the node starts with an empty log. Without it the node starts a single-node cluster.
+    #[arg(long, env = "RAFTPG_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+
+    /// Use an existing PostgreSQL instead of the embedded one (e.g. postgres://u@host/db).
+    #[arg(long, env = "RAFTPG_PG_URL")]
+    pub pg_url: Option<String>,
+
+    /// Directory with PostgreSQL's `postgres` and `initdb` (default: PATH, then
+    /// /usr/lib/postgresql/*/bin).
+    #[arg(long, env = "RAFTPG_PG_BIN_DIR")]
+    pub pg_bin_dir: Option<PathBuf>,
+
+    /// OS user the embedded PostgreSQL runs as when the node runs as root.
+    #[arg(long, env = "RAFTPG_PG_OS_USER", default_value = "postgres")]
+    pub pg_os_user: String,
+
+    /// Port number of the embedded PostgreSQL (names its private Unix socket; no TCP).
+    #[arg(long, env = "RAFTPG_PG_PORT", default_value_t = 5432)]
+    pub pg_port: u16,
+
+    /// shared_buffers of the embedded PostgreSQL.
+    #[arg(long, env = "RAFTPG_PG_SHARED_BUFFERS", default_value = "128MB")]
+    pub pg_shared_buffers: String,
+
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long, env = "RAFTPG_HEARTBEAT_MS", default_value_t = 100)]
+    pub heartbeat_ms: u64,
+
+    /// Minimum election timeout in milliseconds (the maximum is twice this).
+    #[arg(long, env = "RAFTPG_ELECTION_TIMEOUT_MS", default_value_t = 1000)]
+    pub election_timeout_ms: u64,
+
+    /// Most writes in flight on this node; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RAFTPG_WRITE_INFLIGHT_MAX", default_value_t = 1024)]
+    pub write_inflight_max: usize,
+
+    /// Largest write or read request in bytes.
+    #[arg(long, env = "RAFTPG_REQUEST_BYTES_MAX", default_value_t = 4 * 1024 * 1024)]
+    pub request_bytes_max: usize,
+
+    /// Most statements in one write request.
+    #[arg(long, env = "RAFTPG_STATEMENTS_MAX", default_value_t = 1000)]
+    pub statements_max: usize,
+
+    /// Most rows one statement of a write may return; more is a deterministic error (54000).
+    #[arg(long, env = "RAFTPG_WRITE_RESULT_ROWS_MAX", default_value_t = 10_000)]
+    pub write_result_rows_max: usize,
+
+    /// Most rows a read may return (a request may ask for fewer).
+    #[arg(long, env = "RAFTPG_READ_ROWS_MAX", default_value_t = 100_000)]
+    pub read_rows_max: usize,
+
+    /// Most PostgreSQL connections used by reads.
+    #[arg(long, env = "RAFTPG_READ_CONNECTIONS_MAX", default_value_t = 16)]
+    pub read_connections_max: usize,
+
+    /// Longest wait of a read for its consistency level, in milliseconds (default and cap).
+    #[arg(long, env = "RAFTPG_READ_WAIT_MS", default_value_t = 10_000)]
+    pub read_wait_ms: u64,
+
+    /// Longest time a write waits for commit and apply, in milliseconds.
+    #[arg(long, env = "RAFTPG_WRITE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub write_timeout_ms: u64,
+
+    /// Most entries applied in one PostgreSQL transaction.
+    #[arg(long, env = "RAFTPG_APPLY_BATCH_MAX", default_value_t = 256)]
+    pub apply_batch_max: usize,
+}
+
+/// A configuration error.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl NodeConfig {
+    /// The listen address, defaulting to 127.0.0.1:(7000 + id).
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        match self.listen {
+            Some(a) => Ok(a),
+            None => {
+                let port = u16::try_from(7000 + self.id).map_err(|_| {
+                    ConfigError(format!(
+                        "no default port for node id {}; pass --listen",
+                        self.id
+                    ))
+                })?;
+                Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+            }
+        }
+    }
+
+    /// The address advertised to peers and clients.
+    pub fn advertise_addr(&self) -> Result<String, ConfigError> {
+        Ok(match &self.advertise {
+            Some(a) => a.clone(),
+            None => self.listen_addr()?.to_string(),
+        })
+    }
+
+    /// Parses `--peers` into id → address, checking that this node is listed.
+    pub fn initial_members(&self) -> Result<BTreeMap<u64, String>, ConfigError> {
+        let mut out = BTreeMap::new();
+        for p in self.peers.iter().filter(|p| !p.trim().is_empty()) {
+            let (id, addr) = p
+                .split_once('=')
+                .ok_or_else(|| ConfigError(format!("peer {p:?} must look like id=host:port")))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError(format!("peer {p:?}: id must be a number")))?;
+            if out.insert(id, addr.trim().to_string()).is_some() {
+                return Err(ConfigError(format!("peer id {id} is listed twice")));
+            }
+        }
+        if out.is_empty() {
+            out.insert(self.id, self.advertise_addr()?);
+        }
+        if !out.contains_key(&self.id) {
+            return Err(ConfigError(format!(
+                "--peers must include this node (id {})",
+                self.id
+            )));
+        }
+        if self.id == 0 {
+            return Err(ConfigError("node id must be > 0".into()));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,167 @@
+//! The Raft transport: openraft RPCs to other nodes over gRPC (`raftpg.v1.Raft`).
+//!
+//! Owns one lazily connected tonic channel per target node. Each RPC is bounded by openraft's
+//! `hard_ttl`. Payloads are openraft's own serde types encoded as JSON; the receiving side is
+//! `api::raft`. Transport failures are reported as `Unreachable` (openraft backs off) and the
+//! remote's Raft errors as `RemoteError`.
+
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use raftpg_proto::v1::raft_client::RaftClient;
+use raftpg_proto::v1::RaftMessage;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::command::{NodeId, TypeConfig};
+
+/// Largest Raft message accepted or sent (entries are bounded by the write request limit).
+pub const RAFT_MESSAGE_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+/// Builds connections to peers.
+#[derive(Clone, Default)]
+pub struct Network;
+
+/// A connection to one peer.
+pub struct PeerConnection {
+    target: NodeId,
+    addr: String,
+    client: Option<RaftClient<Channel>>,
+}
+
+/// Opens a lazy channel to a node's gRPC address.
+pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
+        PeerConnection {
+            target,
+            addr: node.addr.clone(),
+            client: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransportError(String);
+
+impl PeerConnection {
+    fn client(&mut self) -> Result<RaftClient<Channel>, TransportError> {
+        if self.client.is_none() {
+            let ch = channel(&self.addr)
+                .map_err(|e| TransportError(format!("bad address {}: {e}", self.addr)))?;
+            self.client = Some(
+                RaftClient::new(ch)
+                    .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
+            );
+        }
+        self.client
+            .clone()
+            .ok_or_else(|| TransportError("no client".into()))
+    }
+
+    async fn call<Req, Resp, E>(
+        &mut self,
+        kind: RpcKind,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let unreachable = |e: TransportError| RPCError::Unreachable(Unreachable::new(&e));
+        let payload =
+            serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut client = self.client().map_err(unreachable)?;
+        let msg = RaftMessage { payload };
+        let fut = async {
+            match kind {
+                RpcKind::Append => client.append_entries(msg).await,
+                RpcKind::Vote => client.vote(msg).await,
+                RpcKind::Snapshot => client.install_snapshot(msg).await,
+            }
+        };
+        let reply = match tokio::time::timeout(option.hard_ttl(), fut).await {
+            Err(_) => {
+                return Err(RPCError::Network(NetworkError::new(&TransportError(
+                    format!(
+                        "{:?} to node {} timed out after {:?}",
+                        kind,
+                        self.target,
+                        option.hard_ttl()
+                    ),
+                ))))
+            }
+            Ok(Err(status)) => {
+                // Drop the channel on transport trouble so that the next call reconnects.
+                self.client = None;
+                return Err(unreachable(TransportError(format!(
+                    "node {} at {}: {}",
+                    self.target, self.addr, status
+                ))));
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let result: Result<Resp, E> = serde_json::from_slice(&reply.payload)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum RpcKind {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(RpcKind::Append, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(RpcKind::Snapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(RpcKind::Vote, &rpc, &option).await
+    }
+}

@@ -1,0 +1,290 @@
+//! A running raftpg node: wires the log store, the state machine, the Raft core, the
+//! PostgreSQL supervisor and the gRPC server, and shuts them down in order.
+//!
+//! Owns [`NodeContext`], the shared handles the API services use. Start-up order: PostgreSQL
+//! (so the state machine can read its applied index), then Raft, then the gRPC server; the
+//! cluster is initialized with `--peers` only when this node's log is empty. Shutdown order
+//! (SIGTERM/SIGINT): stop serving, stop Raft, stop PostgreSQL.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use raftpg_proto::v1::cluster_server::ClusterServer;
+use raftpg_proto::v1::raft_server::RaftServer;
+use raftpg_proto::v1::read_server::ReadServer;
+use raftpg_proto::v1::write_server::WriteServer;
+use tokio::sync::{watch, Semaphore};
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::api;
+use crate::clock::EntryClock;
+use crate::command::{NodeId, Raft};
+use crate::config::NodeConfig;
+use crate::log_store::LogStore;
+use crate::network::{self, Network};
+use crate::postgres::{self, EmbeddedPostgres, EmbeddedSettings, PgHealth};
+use crate::read_pool::ReadPool;
+use crate::state_machine::{ApplierStatus, ApplyLimits, PgStateMachine};
+
+/// Limits enforced by the API services.
+#[derive(Clone, Debug)]
+pub struct ApiLimits {
+    /// Largest request in bytes.
+    pub request_bytes_max: usize,
+    /// Most statements per write.
+    pub statements_max: usize,
+    /// Most rows a read returns.
+    pub read_rows_max: usize,
+    /// Longest wait of a read for its consistency level.
+    pub read_wait_max: Duration,
+    /// Longest wait of a write for commit and apply.
+    pub write_timeout: Duration,
+}
+
+/// Shared handles of a running node, used by the API services.
+pub struct NodeContext {
+    /// This node's id.
+    pub id: NodeId,
+    /// The Raft core.
+    pub raft: Raft,
+    /// API limits.
+    pub limits: ApiLimits,
+    /// Read connections.
+    pub reads: ReadPool,
+    /// PostgreSQL health (embedded mode: from the supervisor).
+    pub pg_health: watch::Receiver<PgHealth>,
+    /// What the applier is doing.
+    pub applier: Arc<ApplierStatus>,
+    /// Bounds writes in flight on this node.
+    pub write_permits: Arc<Semaphore>,
+    /// Timestamps for new entries.
+    pub clock: Arc<EntryClock>,
+    /// gRPC channels to other nodes (forwarding, read index), by address.
+    peer_channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl NodeContext {
+    /// A channel to another node's gRPC address (cached).
+    pub fn channel_to(&self, addr: &str) -> Result<Channel, tonic::Status> {
+        let mut cache = self.peer_channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = network::channel(addr)
+            .map_err(|e| tonic::Status::internal(format!("bad peer address {addr}: {e}")))?;
+        cache.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// The current leader and its address, if known.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+        Some((id, addr))
+    }
+
+    /// Waits (bounded) until some node is known to lead.
+    pub async fn wait_for_leader(&self, wait_max: Duration) -> Option<(NodeId, String)> {
+        let deadline = tokio::time::Instant::now() + wait_max;
+        let mut rx = self.raft.metrics();
+        loop {
+            if let Some(l) = self.leader() {
+                return Some(l);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        }
+    }
+
+    /// Whether this node currently leads.
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+}
+
+/// Runs a node until SIGTERM/SIGINT.
+pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
+    let listen = cfg.listen_addr()?;
+    let advertise = cfg.advertise_addr()?;
+    let members = cfg.initial_members()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    // 1. PostgreSQL.
+    let (health_tx, health_rx) = watch::channel(PgHealth::Starting);
+    let mut pg_task = None;
+    let endpoints = match &cfg.pg_url {
+        Some(url) => {
+            let _ = health_tx.send(PgHealth::Up);
+            postgres::external_endpoints(url)?
+        }
+        None => {
+            let pg = EmbeddedPostgres::new(EmbeddedSettings {
+                node_data_dir: cfg.data_dir.clone(),
+                bin_dir: cfg.pg_bin_dir.clone(),
+                os_user: cfg.pg_os_user.clone(),
+                port: cfg.pg_port,
+                shared_buffers: cfg.pg_shared_buffers.clone(),
+            })?;
+            pg.init_if_needed()?;
+            let endpoints = pg.endpoints();
+            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+            pg_task = Some(tokio::spawn(pg.run(
+                health_tx,
+                shutdown_rx.clone(),
+                started_tx,
+            )));
+            started_rx
+                .await
+                .context("PostgreSQL supervisor ended before starting")?
+                .context("starting the embedded PostgreSQL")?;
+            endpoints
+        }
+    };
+    info!(node = cfg.id, connect = %endpoints.describe, "PostgreSQL ready");
+
+    // 2. Raft.
+    let log_store = LogStore::open(&cfg.data_dir.join("raft-log"))?;
+    let applier = Arc::new(ApplierStatus::default());
+    let clock = Arc::new(EntryClock::default());
+    let state_machine = PgStateMachine::new(
+        cfg.id,
+        endpoints.applier.clone(),
+        ApplyLimits {
+            batch_entries_max: cfg.apply_batch_max,
+            result_rows_max: cfg.write_result_rows_max,
+            ..ApplyLimits::default()
+        },
+        applier.clone(),
+        clock.clone(),
+        shutdown_rx.clone(),
+    );
+    let raft_config = openraft::Config {
+        cluster_name: "raftpg".into(),
+        heartbeat_interval: cfg.heartbeat_ms,
+        election_timeout_min: cfg.election_timeout_ms,
+        election_timeout_max: cfg.election_timeout_ms * 2,
+        // Snapshots and log compaction come with issue 5; until then the whole log is kept and
+        // lagging or new nodes catch up from it.
+        snapshot_policy: SnapshotPolicy::Never,
+        max_payload_entries: 512,
+        ..Default::default()
+    }
+    .validate()
+    .context("raft configuration")?;
+    let raft = Raft::new(
+        cfg.id,
+        Arc::new(raft_config),
+        Network,
+        log_store.clone(),
+        state_machine,
+    )
+    .await
+    .context("starting raft")?;
+    if raft.is_initialized().await.unwrap_or(false) {
+        info!(node = cfg.id, "raft state found; rejoining the cluster");
+    } else {
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
+            .collect();
+        info!(node = cfg.id, members = ?members, "empty log: initializing the cluster");
+        if let Err(e) = raft.initialize(nodes).await {
+            warn!(error = %e, "initialize refused (another member may have initialized first)");
+        }
+    }
+
+    // 3. gRPC.
+    let ctx = Arc::new(NodeContext {
+        id: cfg.id,
+        raft: raft.clone(),
+        limits: ApiLimits {
+            request_bytes_max: cfg.request_bytes_max,
+            statements_max: cfg.statements_max,
+            read_rows_max: cfg.read_rows_max,
+            read_wait_max: Duration::from_millis(cfg.read_wait_ms),
+            write_timeout: Duration::from_millis(cfg.write_timeout_ms),
+        },
+        reads: ReadPool::new(
+            endpoints.reader.clone(),
+            cfg.read_connections_max,
+            Duration::from_millis(cfg.read_wait_ms),
+        ),
+        pg_health: health_rx,
+        applier,
+        write_permits: Arc::new(Semaphore::new(cfg.write_inflight_max.max(1))),
+        clock,
+        peer_channels: Mutex::new(HashMap::new()),
+    });
+    // Decoding limit above the API limit, so that the services can answer an oversized request
+    // with a precise RESOURCE_EXHAUSTED instead of a transport error.
+    let decode_max = cfg
+        .request_bytes_max
+        .saturating_mul(4)
+        .max(network::RAFT_MESSAGE_BYTES_MAX);
+    let write = WriteServer::new(api::write::WriteService::new(ctx.clone()))
+        .max_decoding_message_size(decode_max);
+    let read = ReadServer::new(api::read::ReadService::new(ctx.clone()))
+        .max_decoding_message_size(decode_max);
+    let cluster = ClusterServer::new(api::cluster::ClusterService::new(ctx.clone()));
+    let raft_svc = RaftServer::new(api::raft::RaftService::new(ctx.clone()))
+        .max_decoding_message_size(network::RAFT_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(network::RAFT_MESSAGE_BYTES_MAX);
+
+    info!(node = cfg.id, %listen, %advertise, "serving gRPC");
+    let mut stop = shutdown_rx.clone();
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .concurrency_limit_per_connection(4096)
+        .add_service(write)
+        .add_service(read)
+        .add_service(cluster)
+        .add_service(raft_svc)
+        .serve_with_shutdown(listen, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+    let server = tokio::spawn(server);
+
+    wait_for_signal().await;
+    info!(node = cfg.id, "shutting down");
+    let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    if let Err(e) = raft.shutdown().await {
+        warn!(error = %e, "raft shutdown");
+    }
+    if let Some(t) = pg_task {
+        let _ = t.await;
+    }
+    info!(node = cfg.id, "stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

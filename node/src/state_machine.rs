@@ -1,0 +1,540 @@
+//! The state machine: applies committed log entries, in log order, to the node's PostgreSQL.
+//!
+//! Owns the single applier connection and the bookkeeping table `raftpg.applied`. Invariants
+//! (design.md):
+//! 1. **Applied index in the same transaction.** Every batch of entries runs in one PostgreSQL
+//!    transaction that also stores the last applied log id, the last membership and the sequence
+//!    positions. After any crash the node resumes exactly after the last committed batch; entries
+//!    at or below the stored index are never applied again.
+//! 2. **Same result everywhere.** Entries are applied strictly in log order on one session whose
+//!    settings are fixed (UTC, ISO dates, no timeouts).
+//! 3. **Deterministic vs environmental errors.** A SQL error of a deterministic class rolls the
+//!    entry back to its savepoint and becomes the entry's result. Any other error (connection
+//!    lost, disk full, cancel, internal) is never a result: the batch is abandoned, the applier
+//!    reconnects with backoff and retries, and never advances past the entry.
+//!
+//! Never: record an environmental error as a result; advance without committing; write outside
+//! the batch transaction.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
+};
+use postgres_types::ToSql;
+use tokio::sync::watch;
+use tokio_postgres::error::SqlState;
+use tracing::{debug, info, warn};
+
+use crate::clock::EntryClock;
+use crate::command::{
+    ApplyOutcome, ColumnInfo, Entry, LogId, NodeId, SqlFailure, SqlStatement, StatementOutcome,
+    StoredMembership, TypeConfig, WriteCommand,
+};
+use crate::values::{self, Cell};
+
+/// Limits of the apply path.
+#[derive(Clone, Debug)]
+pub struct ApplyLimits {
+    /// Most entries applied in one PostgreSQL transaction.
+    pub batch_entries_max: usize,
+    /// Most rows a single statement may return (RETURNING); more is a deterministic error.
+    pub result_rows_max: usize,
+    /// Longest pause between retries after an environmental error.
+    pub retry_backoff_max: Duration,
+}
+
+impl Default for ApplyLimits {
+    fn default() -> Self {
+        ApplyLimits {
+            batch_entries_max: 256,
+            result_rows_max: 10_000,
+            retry_backoff_max: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What the applier is doing, for `Cluster.Status`.
+#[derive(Default)]
+pub struct ApplierStatus {
+    state: Mutex<String>,
+}
+
+impl ApplierStatus {
+    fn set(&self, s: impl Into<String>) {
+        if let Ok(mut g) = self.state.lock() {
+            *g = s.into();
+        }
+    }
+
+    /// Current state text, e.g. `applying` or `waiting for PostgreSQL: ...`.
+    pub fn get(&self) -> String {
+        self.state.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+}
+
+/// An error while applying that is not the entry's fault (design.md invariant 3).
+#[derive(Debug, thiserror::Error)]
+#[error("environmental error: {0}")]
+struct EnvError(String);
+
+impl From<tokio_postgres::Error> for EnvError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            Some(db) => EnvError(format!("{} ({})", db.message(), db.code().code())),
+            None => EnvError(e.to_string()),
+        }
+    }
+}
+
+/// Failure of one statement: either the entry's result, or a reason to retry the batch.
+enum StmtError {
+    Deterministic(SqlFailure),
+    Environmental(EnvError),
+}
+
+/// Whether a SQLSTATE is raised the same way on every node for the same entry and state.
+/// Unknown classes are treated as environmental: retrying is safe, recording is not.
+pub fn is_deterministic(code: &str) -> bool {
+    const CLASSES: [&str; 14] = [
+        "0A", "21", "22", "23", "27", "2B", "2F", "38", "39", "3D", "3F", "42", "44", "P0",
+    ];
+    const CODES: [&str; 6] = ["55000", "25001", "0B000", "2D000", "3B001", "54000"];
+    CLASSES.iter().any(|c| code.starts_with(c)) || CODES.contains(&code) || code.starts_with("54")
+}
+
+fn failure(code: &str, message: impl Into<String>) -> SqlFailure {
+    SqlFailure {
+        sqlstate: code.to_string(),
+        message: message.into(),
+        detail: String::new(),
+        hint: String::new(),
+        statement_index: 0,
+    }
+}
+
+fn classify(e: tokio_postgres::Error) -> StmtError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        if is_deterministic(code) {
+            return StmtError::Deterministic(SqlFailure {
+                sqlstate: code.to_string(),
+                message: db.message().to_string(),
+                detail: db.detail().unwrap_or_default().to_string(),
+                hint: db.hint().unwrap_or_default().to_string(),
+                statement_index: 0,
+            });
+        }
+    }
+    StmtError::Environmental(e.into())
+}
+
+/// Session settings of the applier; the same on every node.
+const APPLIER_SESSION_SQL: &str = "
+    SET statement_timeout = 0;
+    SET lock_timeout = 0;
+    SET idle_in_transaction_session_timeout = 0;
+    SET synchronous_commit = off;
+    SET TimeZone = 'UTC';
+    SET DateStyle = 'ISO, MDY';
+    SET IntervalStyle = 'postgres';
+    SET extra_float_digits = 1;
+    SET client_min_messages = warning;
+    SET default_transaction_isolation = 'read committed';
+    SET default_transaction_read_only = off;
+";
+
+/// raftpg's bookkeeping schema, created idempotently by the applier.
+const BOOTSTRAP_SQL: &str = "
+    CREATE SCHEMA IF NOT EXISTS raftpg;
+    CREATE TABLE IF NOT EXISTS raftpg.applied (
+        singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+        log_index  bigint NOT NULL DEFAULT 0,
+        log_id     jsonb,
+        membership jsonb,
+        sequences  jsonb NOT NULL DEFAULT '{}'::jsonb
+    );
+    INSERT INTO raftpg.applied (singleton) VALUES (true) ON CONFLICT DO NOTHING;
+";
+
+/// Records the batch's end in the batch's own transaction (invariant 1), with the current
+/// position of every sequence that has been used (restored after a PostgreSQL crash, which can
+/// make sequences skip values on one node only).
+const RECORD_APPLIED_SQL: &str = "
+    UPDATE raftpg.applied SET log_index = $1, log_id = $2, membership = $3,
+        sequences = (SELECT coalesce(jsonb_object_agg(format('%I.%I', schemaname, sequencename), last_value), '{}'::jsonb)
+                     FROM pg_sequences WHERE last_value IS NOT NULL)";
+
+/// Puts every sequence back to the position recorded with the last applied batch.
+const RESTORE_SEQUENCES_SQL: &str = "
+    SELECT count(setval(to_regclass(s.key), s.value::bigint, true))
+    FROM raftpg.applied a, jsonb_each_text(a.sequences) s
+    WHERE to_regclass(s.key) IS NOT NULL";
+
+/// The PostgreSQL-backed state machine (one per node, owned by openraft).
+pub struct PgStateMachine {
+    node_id: NodeId,
+    conn_config: tokio_postgres::Config,
+    client: Option<tokio_postgres::Client>,
+    /// Last applied log id and membership as stored in PostgreSQL (valid while `client` is).
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    limits: ApplyLimits,
+    status: Arc<ApplierStatus>,
+    clock: Arc<EntryClock>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl PgStateMachine {
+    /// Creates the state machine; it connects lazily.
+    pub fn new(
+        node_id: NodeId,
+        conn_config: tokio_postgres::Config,
+        limits: ApplyLimits,
+        status: Arc<ApplierStatus>,
+        clock: Arc<EntryClock>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        PgStateMachine {
+            node_id,
+            conn_config,
+            client: None,
+            applied: None,
+            membership: StoredMembership::default(),
+            limits,
+            status,
+            clock,
+            shutdown,
+        }
+    }
+
+    /// Connects (if not connected), sets the session up, and reloads the applied state from
+    /// PostgreSQL, restoring sequence positions. Called after every connection loss.
+    async fn connect(&mut self) -> Result<(), EnvError> {
+        if self.client.as_ref().is_some_and(|c| !c.is_closed()) {
+            return Ok(());
+        }
+        self.client = None;
+        let (client, connection) = self.conn_config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(error = %e, "applier connection closed");
+            }
+        });
+        client.batch_execute(APPLIER_SESSION_SQL).await?;
+        client.batch_execute(BOOTSTRAP_SQL).await?;
+        let restored: i64 = client.query_one(RESTORE_SEQUENCES_SQL, &[]).await?.get(0);
+        let row = client
+            .query_one("SELECT log_id, membership FROM raftpg.applied", &[])
+            .await?;
+        let log_id: Option<serde_json::Value> = row.get(0);
+        let membership: Option<serde_json::Value> = row.get(1);
+        self.applied = match log_id {
+            Some(v) => Some(
+                serde_json::from_value(v)
+                    .map_err(|e| EnvError(format!("raftpg.applied.log_id: {e}")))?,
+            ),
+            None => None,
+        };
+        self.membership = match membership {
+            Some(v) => serde_json::from_value(v)
+                .map_err(|e| EnvError(format!("raftpg.applied.membership: {e}")))?,
+            None => StoredMembership::default(),
+        };
+        info!(node = self.node_id, applied = ?self.applied.map(|l| l.index), restored_sequences = restored,
+              "applier connected to PostgreSQL");
+        self.client = Some(client);
+        Ok(())
+    }
+
+    /// Retries `connect` with backoff until it works or the node shuts down.
+    async fn connect_until_done(&mut self) -> Result<(), StorageError<NodeId>> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.connect().await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.status.set(format!("waiting for PostgreSQL: {}", e.0));
+                    warn!(error = %e, "applier cannot reach PostgreSQL; retrying");
+                    self.pause(&mut backoff).await?;
+                }
+            }
+        }
+    }
+
+    async fn pause(&mut self, backoff: &mut Duration) -> Result<(), StorageError<NodeId>> {
+        tokio::select! {
+            _ = tokio::time::sleep(*backoff) => {}
+            _ = self.shutdown.wait_for(|s| *s) => {}
+        }
+        if *self.shutdown.borrow() {
+            return Err(StorageIOError::write_state_machine(&std::io::Error::other(
+                "node is shutting down",
+            ))
+            .into());
+        }
+        *backoff = (*backoff * 2).min(self.limits.retry_backoff_max);
+        Ok(())
+    }
+
+    /// Applies one batch in one transaction. Entries already in PostgreSQL (a commit whose
+    /// acknowledgement was lost) are skipped, never applied twice.
+    async fn apply_batch(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
+        self.connect().await?;
+        let applied_index = self.applied.map(|l| l.index);
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let fresh: Vec<&Entry> = batch
+            .iter()
+            .filter(|e| {
+                let done = applied_index.is_some_and(|a| e.log_id.index <= a);
+                if done {
+                    outcomes.push(match e.payload {
+                        EntryPayload::Normal(_) => ApplyOutcome::AppliedResultLost,
+                        _ => ApplyOutcome::Internal,
+                    });
+                }
+                !done
+            })
+            .collect();
+        let Some(last) = fresh.last().map(|e| e.log_id) else {
+            return Ok(outcomes);
+        };
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| EnvError("not connected".into()))?;
+        let mut membership = self.membership.clone();
+        client.batch_execute("BEGIN").await?;
+        for entry in fresh {
+            let outcome = match &entry.payload {
+                EntryPayload::Blank => ApplyOutcome::Internal,
+                EntryPayload::Membership(m) => {
+                    membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    ApplyOutcome::Internal
+                }
+                EntryPayload::Normal(cmd) => {
+                    self.clock.observe(cmd.leader_ts_micros);
+                    apply_command(client, cmd, &self.limits).await?
+                }
+            };
+            outcomes.push(outcome);
+        }
+        let log_id_json = serde_json::to_value(last).map_err(|e| EnvError(e.to_string()))?;
+        let membership_json =
+            serde_json::to_value(&membership).map_err(|e| EnvError(e.to_string()))?;
+        let index =
+            i64::try_from(last.index).map_err(|_| EnvError("log index exceeds i64".into()))?;
+        client
+            .execute(
+                RECORD_APPLIED_SQL,
+                &[&index, &log_id_json, &membership_json],
+            )
+            .await?;
+        client.batch_execute("COMMIT").await?;
+        self.applied = Some(last);
+        self.membership = membership;
+        Ok(outcomes)
+    }
+
+    /// Applies a batch, retrying environmental errors with backoff until it succeeds or the node
+    /// shuts down (invariant 3: never skip, never record an environmental error).
+    async fn apply_batch_until_done(
+        &mut self,
+        batch: &[Entry],
+    ) -> Result<Vec<ApplyOutcome>, StorageError<NodeId>> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.apply_batch(batch).await {
+                Ok(outcomes) => {
+                    self.status.set("applying");
+                    return Ok(outcomes);
+                }
+                Err(e) => {
+                    // Drop the connection: its transaction (if any) is aborted by PostgreSQL, and
+                    // the next attempt re-reads what is really applied.
+                    self.client = None;
+                    let first = batch.first().map(|e| e.log_id.index).unwrap_or(0);
+                    self.status.set(format!("retrying entry {first}: {}", e.0));
+                    warn!(error = %e, first_index = first, "apply failed for an environmental reason; retrying");
+                    self.pause(&mut backoff).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Runs one entry inside a savepoint: all its statements, or none of them.
+async fn apply_command(
+    client: &tokio_postgres::Client,
+    cmd: &WriteCommand,
+    limits: &ApplyLimits,
+) -> Result<ApplyOutcome, EnvError> {
+    client.batch_execute("SAVEPOINT raftpg_entry").await?;
+    let mut results = Vec::with_capacity(cmd.statements.len());
+    for (i, stmt) in cmd.statements.iter().enumerate() {
+        match run_statement(client, stmt, limits).await {
+            Ok(r) => results.push(r),
+            Err(StmtError::Environmental(e)) => return Err(e),
+            Err(StmtError::Deterministic(mut f)) => {
+                client
+                    .batch_execute(
+                        "ROLLBACK TO SAVEPOINT raftpg_entry; RELEASE SAVEPOINT raftpg_entry",
+                    )
+                    .await?;
+                f.statement_index = u32::try_from(i).unwrap_or(u32::MAX);
+                return Ok(ApplyOutcome::Failed(f));
+            }
+        }
+    }
+    client
+        .batch_execute("RELEASE SAVEPOINT raftpg_entry")
+        .await?;
+    Ok(ApplyOutcome::Applied(results))
+}
+
+/// Prepares, type-checks, executes and decodes one statement.
+async fn run_statement(
+    client: &tokio_postgres::Client,
+    stmt: &SqlStatement,
+    limits: &ApplyLimits,
+) -> Result<StatementOutcome, StmtError> {
+    let prepared = client.prepare(&stmt.sql).await.map_err(classify)?;
+    let param_types = prepared.params();
+    if param_types.len() != stmt.params.len() {
+        return Err(StmtError::Deterministic(failure(
+            SqlState::PROTOCOL_VIOLATION.code(),
+            format!(
+                "the statement has {} parameter(s) but {} value(s) were bound",
+                param_types.len(),
+                stmt.params.len()
+            ),
+        )));
+    }
+    for (i, (v, ty)) in stmt.params.iter().zip(param_types).enumerate() {
+        values::check_bind(v, ty).map_err(|e| {
+            StmtError::Deterministic(failure(
+                SqlState::DATATYPE_MISMATCH.code(),
+                format!("parameter ${}: {}", i + 1, e.0),
+            ))
+        })?;
+    }
+    let columns: Vec<ColumnInfo> = prepared
+        .columns()
+        .iter()
+        .map(|c| ColumnInfo {
+            name: c.name().to_string(),
+            type_name: c.type_().name().to_string(),
+        })
+        .collect();
+    for c in prepared.columns() {
+        values::check_result_type(c.type_()).map_err(|e| {
+            StmtError::Deterministic(failure(
+                SqlState::FEATURE_NOT_SUPPORTED.code(),
+                format!("column {:?}: {}", c.name(), e.0),
+            ))
+        })?;
+    }
+    let params = stmt.params.iter().map(|v| v as &(dyn ToSql + Sync));
+    let stream = client
+        .query_raw(&prepared, params)
+        .await
+        .map_err(classify)?;
+    futures::pin_mut!(stream);
+    let mut rows = Vec::new();
+    while let Some(row) = stream.try_next().await.map_err(classify)? {
+        if rows.len() >= limits.result_rows_max {
+            return Err(StmtError::Deterministic(failure(
+                SqlState::PROGRAM_LIMIT_EXCEEDED.code(),
+                format!(
+                    "a write may return at most {} rows per statement; narrow the RETURNING or use the read API",
+                    limits.result_rows_max
+                ),
+            )));
+        }
+        let mut cells = Vec::with_capacity(columns.len());
+        for i in 0..columns.len() {
+            let Cell(v) = row.try_get::<_, Cell>(i).map_err(|e| {
+                StmtError::Deterministic(failure(
+                    SqlState::FEATURE_NOT_SUPPORTED.code(),
+                    e.to_string(),
+                ))
+            })?;
+            cells.push(v);
+        }
+        rows.push(cells);
+    }
+    let rows_affected = stream.rows_affected().unwrap_or(rows.len() as u64);
+    Ok(StatementOutcome {
+        rows_affected,
+        columns,
+        rows,
+    })
+}
+
+impl RaftStateMachine<TypeConfig> for PgStateMachine {
+    type SnapshotBuilder = NoSnapshots;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership), StorageError<NodeId>> {
+        self.connect_until_done().await?;
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyOutcome>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let mut outcomes = Vec::with_capacity(entries.len());
+        for batch in entries.chunks(self.limits.batch_entries_max.max(1)) {
+            outcomes.extend(self.apply_batch_until_done(batch).await?);
+        }
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        NoSnapshots
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<std::io::Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(std::io::Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        _snapshot: Box<std::io::Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        Err(StorageIOError::write_snapshot(None, &std::io::Error::other(
+            "snapshots are not supported yet: the log is never compacted, so followers catch up from the log",
+        ))
+        .into())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        Ok(None)
+    }
+}
+
+/// Snapshot builder placeholder: raftpg does not compact its log yet (snapshot policy `Never`),
+/// so openraft never asks for a snapshot.
+pub struct NoSnapshots;
+
+impl RaftSnapshotBuilder<TypeConfig> for NoSnapshots {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        Err(StorageIOError::write_snapshot(
+            None,
+            &std::io::Error::other("snapshots are not supported yet"),
+        )
+        .into())
+    }
+}

@@ -1,0 +1,19 @@
+//! The `raftpg.v1` wire protocol: the public `Write`, `Read` and `Cluster` services and the
+//! internal `Raft` service between nodes. Generated from `raftpg/v1/raftpg.proto`.
+
+/// Generated code for package `raftpg.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("raftpg.v1");
+}
+
+/// gRPC metadata key carrying the SQLSTATE of an error (e.g. `23505`).
+pub const SQLSTATE_METADATA: &str = "raftpg-sqlstate";
+/// gRPC metadata key carrying the log index at which a write was decided.
+pub const LOG_INDEX_METADATA: &str = "raftpg-log-index";
+/// gRPC metadata key carrying the id of the node believed to lead.
+pub const LEADER_ID_METADATA: &str = "raftpg-leader-id";
+/// gRPC metadata key carrying the public address of the node believed to lead.
+pub const LEADER_ADDR_METADATA: &str = "raftpg-leader-addr";
+/// gRPC metadata key set on a write that a follower forwarded to the leader (prevents loops).
+pub const FORWARDED_METADATA: &str = "raftpg-forwarded";
