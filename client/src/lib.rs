@@ -1,1 +1,330 @@
+//! raftpg client library: talks to any node of a raftpg cluster over gRPC.
+//!
+//! - [`Client`] sends writes and reads to the cluster: it starts at any node, prefers the node
+//!   that leads once it learns it (from `raftpg-leader-addr`), and moves to another node when one
+//!   is unreachable or not leading. Every write carries a request id `(client_id, seq)`.
+//! - [`LocalCluster`] starts and supervises a cluster of `raftpg-node` processes on this machine
+//!   (used by the CLI's `cluster`/`demo` commands and by the integration tests).
+//! - [`values`] builds and prints typed values.
 
+pub mod local_cluster;
+pub mod values;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+pub use local_cluster::{LocalCluster, LocalClusterSpec};
+use prost::Message;
+pub use raftpg_proto::v1;
+use raftpg_proto::v1::cluster_client::ClusterClient;
+use raftpg_proto::v1::read_client::ReadClient;
+use raftpg_proto::v1::write_client::WriteClient;
+use raftpg_proto::v1::{
+    Consistency, ExecuteRequest, ExecuteResponse, QueryRequest, QueryResponse, RequestId, SqlError,
+    Statement, StatusRequest, StatusResponse, Value,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Errors returned by the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The cluster answered with an error (a SQL error carries its SQLSTATE).
+    #[error("{}", describe_status(.0))]
+    Status(Status),
+    /// A node address could not be parsed.
+    #[error("invalid node address {0:?}")]
+    BadAddress(String),
+    /// No node list was given.
+    #[error("no node addresses given")]
+    NoNodes,
+}
+
+fn describe_status(s: &Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+impl ClientError {
+    /// The gRPC status, if the error came from the cluster.
+    pub fn status(&self) -> Option<&Status> {
+        match self {
+            ClientError::Status(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The gRPC code (UNKNOWN for local errors).
+    pub fn code(&self) -> Code {
+        self.status().map(|s| s.code()).unwrap_or(Code::Unknown)
+    }
+
+    /// The SQLSTATE of a SQL error or refusal.
+    pub fn sqlstate(&self) -> Option<String> {
+        let s = self.status()?;
+        if let Ok(e) = SqlError::decode(s.details()) {
+            if !e.sqlstate.is_empty() {
+                return Some(e.sqlstate);
+            }
+        }
+        s.metadata()
+            .get(raftpg_proto::SQLSTATE_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
+    /// The structured SQL error, if any.
+    pub fn sql_error(&self) -> Option<SqlError> {
+        SqlError::decode(self.status()?.details()).ok()
+    }
+
+    /// Whether the write certainly did not take effect and may be sent again as is.
+    fn retry_safe(&self) -> bool {
+        match self.status() {
+            // Our nodes answer UNAVAILABLE only before a write is proposed (not leader, no
+            // leader, forwarding failed to connect); tonic uses it for refused connections.
+            Some(s) => s.code() == Code::Unavailable,
+            None => false,
+        }
+    }
+}
+
+/// Client settings.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Deadline of one attempt.
+    pub attempt_timeout: Duration,
+    /// Most attempts per call (across nodes).
+    pub attempts_max: u32,
+    /// Pause between attempts (doubles, up to 1 s).
+    pub retry_backoff: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            attempt_timeout: Duration::from_secs(10),
+            attempts_max: 20,
+            retry_backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A client of a raftpg cluster.
+pub struct Client {
+    addrs: Vec<String>,
+    channels: Vec<Channel>,
+    preferred: AtomicUsize,
+    config: ClientConfig,
+    client_id: String,
+    next_seq: AtomicU64,
+}
+
+fn channel(addr: &str) -> Result<Channel, ClientError> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|_| ClientError::BadAddress(addr.to_string()))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+impl Client {
+    /// A client for the nodes at `addrs` (`host:port`); connects lazily.
+    pub fn new<S: AsRef<str>>(addrs: &[S]) -> Result<Self, ClientError> {
+        Self::with_config(addrs, ClientConfig::default())
+    }
+
+    /// Like [`Client::new`] with explicit settings.
+    pub fn with_config<S: AsRef<str>>(
+        addrs: &[S],
+        config: ClientConfig,
+    ) -> Result<Self, ClientError> {
+        if addrs.is_empty() {
+            return Err(ClientError::NoNodes);
+        }
+        let addrs: Vec<String> = addrs
+            .iter()
+            .map(|a| a.as_ref().trim().to_string())
+            .collect();
+        let channels = addrs
+            .iter()
+            .map(|a| channel(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Client {
+            addrs,
+            channels,
+            preferred: AtomicUsize::new(0),
+            config,
+            client_id: uuid::Uuid::new_v4().to_string(),
+            next_seq: AtomicU64::new(1),
+        })
+    }
+
+    /// The node addresses this client knows.
+    pub fn addrs(&self) -> &[String] {
+        &self.addrs
+    }
+
+    fn learn_leader(&self, s: &Status, tried: usize) {
+        let hinted = s
+            .metadata()
+            .get(raftpg_proto::LEADER_ADDR_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|addr| self.addrs.iter().position(|a| a == addr));
+        let next = hinted.unwrap_or((tried + 1) % self.addrs.len());
+        self.preferred.store(next, Ordering::Relaxed);
+    }
+
+    async fn backoff(&self, attempt: u32) {
+        let ms = self.config.retry_backoff.as_millis() as u64 * (1u64 << attempt.min(5));
+        tokio::time::sleep(Duration::from_millis(ms.min(1000))).await;
+    }
+
+    /// Executes statements as one atomic write; retries on another node while the write
+    /// certainly did not happen (no leader, node down, leader changed).
+    pub async fn execute(
+        &self,
+        statements: Vec<Statement>,
+    ) -> Result<ExecuteResponse, ClientError> {
+        let request = ExecuteRequest {
+            statements,
+            request_id: Some(RequestId {
+                client_id: self.client_id.clone(),
+                seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            }),
+        };
+        let mut attempt = 0;
+        loop {
+            let i = self.preferred.load(Ordering::Relaxed) % self.channels.len();
+            let mut c =
+                WriteClient::new(self.channels[i].clone()).max_decoding_message_size(usize::MAX);
+            let mut req = tonic::Request::new(request.clone());
+            req.set_timeout(self.config.attempt_timeout);
+            match c.execute(req).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => {
+                    let e = ClientError::Status(s);
+                    attempt += 1;
+                    if !e.retry_safe() || attempt >= self.config.attempts_max {
+                        return Err(e);
+                    }
+                    if let Some(s) = e.status() {
+                        self.learn_leader(s, i);
+                    }
+                    self.backoff(attempt).await;
+                }
+            }
+        }
+    }
+
+    /// Executes one statement with parameters.
+    pub async fn execute_one(
+        &self,
+        sql: &str,
+        params: Vec<Value>,
+    ) -> Result<ExecuteResponse, ClientError> {
+        self.execute(vec![Statement {
+            sql: sql.to_string(),
+            params,
+        }])
+        .await
+    }
+
+    /// Runs a read on the preferred node (moving on when it is unreachable).
+    pub async fn query(&self, request: QueryRequest) -> Result<QueryResponse, ClientError> {
+        let mut attempt = 0;
+        loop {
+            let i = self.preferred.load(Ordering::Relaxed) % self.channels.len();
+            match self.query_node(i, request.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    attempt += 1;
+                    if !e.retry_safe() || attempt >= self.config.attempts_max {
+                        return Err(e);
+                    }
+                    if let Some(s) = e.status() {
+                        self.learn_leader(s, i);
+                    }
+                    self.backoff(attempt).await;
+                }
+            }
+        }
+    }
+
+    /// Runs a read on the node at position `node` of the address list (no retry elsewhere).
+    pub async fn query_node(
+        &self,
+        node: usize,
+        request: QueryRequest,
+    ) -> Result<QueryResponse, ClientError> {
+        let ch = self.channels.get(node).ok_or(ClientError::NoNodes)?.clone();
+        let mut c = ReadClient::new(ch).max_decoding_message_size(usize::MAX);
+        let mut req = tonic::Request::new(request);
+        req.set_timeout(self.config.attempt_timeout);
+        c.query(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(ClientError::Status)
+    }
+
+    /// A simple read of `sql` at `consistency`.
+    pub async fn query_sql(
+        &self,
+        sql: &str,
+        params: Vec<Value>,
+        consistency: Consistency,
+    ) -> Result<QueryResponse, ClientError> {
+        self.query(QueryRequest {
+            sql: sql.to_string(),
+            params,
+            consistency: consistency as i32,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// The status of the node at position `node`.
+    pub async fn status_of(&self, node: usize) -> Result<StatusResponse, ClientError> {
+        let ch = self.channels.get(node).ok_or(ClientError::NoNodes)?.clone();
+        let mut c = ClusterClient::new(ch);
+        let mut req = tonic::Request::new(StatusRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        c.status(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(ClientError::Status)
+    }
+
+    /// The status of every node (an error for nodes that do not answer).
+    pub async fn status_all(&self) -> Vec<Result<StatusResponse, ClientError>> {
+        let mut out = Vec::with_capacity(self.addrs.len());
+        for i in 0..self.addrs.len() {
+            out.push(self.status_of(i).await);
+        }
+        out
+    }
+
+    /// Waits until some node reports a leader and that leader reports itself leading with every
+    /// entry of its term applied; returns the leader's id.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<u64, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            for st in self.status_all().await.into_iter().flatten() {
+                if st.role == "leader"
+                    && st.applied_index >= st.committed_index
+                    && st.committed_index > 0
+                {
+                    if let Some(pos) = self.addrs.iter().position(|a| *a == st.leader_addr) {
+                        self.preferred.store(pos, Ordering::Relaxed);
+                    }
+                    return Ok(st.node_id);
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ClientError::Status(Status::unavailable(format!(
+                    "no leader within {timeout:?}"
+                ))));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

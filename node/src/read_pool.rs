@@ -72,7 +72,7 @@ impl ReadPool {
                 let (client, conn) = self.config.connect(tokio_postgres::NoTls).await?;
                 tokio::spawn(conn);
                 client
-                    .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET default_transaction_read_only = on")
+                    .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET search_path = public; SET default_transaction_read_only = on")
                     .await?;
                 client
             }

@@ -145,6 +145,7 @@ const APPLIER_SESSION_SQL: &str = "
     SET client_min_messages = warning;
     SET default_transaction_isolation = 'read committed';
     SET default_transaction_read_only = off;
+    SET search_path = public;
 ";
 
 /// raftpg's bookkeeping schema, created idempotently by the applier.

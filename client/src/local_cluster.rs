@@ -1,0 +1,297 @@
+//! A cluster of `raftpg-node` processes on this machine, each with its own embedded PostgreSQL.
+//!
+//! Owns the node child processes: starts them with the same `--peers` list, kills them
+//! (SIGKILL, for fault tests), stops them (SIGTERM), restarts them, and on drop stops every node
+//! and any PostgreSQL a killed node left behind. Node `i` (1-based) listens on
+//! `<host_i>:<port_i>` and keeps its data in `<data_dir>/node<i>`; its log is `node<i>.log`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct LocalClusterSpec {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Parent directory of the node data directories.
+    pub data_dir: PathBuf,
+    /// Address of node `i` is `addrs[i-1]`.
+    pub addrs: Vec<String>,
+    /// The `raftpg-node` binary.
+    pub node_bin: PathBuf,
+    /// Extra flags for every node.
+    pub extra_args: Vec<String>,
+}
+
+impl LocalClusterSpec {
+    /// `nodes` nodes on `127.0.0.1:(base_port + i - 1)`.
+    pub fn new(nodes: usize, data_dir: impl Into<PathBuf>, base_port: u16) -> Self {
+        let addrs = (0..nodes)
+            .map(|i| format!("127.0.0.1:{}", base_port + i as u16))
+            .collect();
+        LocalClusterSpec {
+            nodes,
+            data_dir: data_dir.into(),
+            addrs,
+            node_bin: default_node_bin(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// Finds `raftpg-node`: `$RAFTPG_NODE_BIN`, next to the running executable (or its parent, for
+/// test binaries in `target/*/deps`), then `$PATH`.
+pub fn default_node_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("RAFTPG_NODE_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let cand = dir.join("raftpg-node");
+            if cand.is_file() {
+                return cand;
+            }
+        }
+    }
+    PathBuf::from("raftpg-node")
+}
+
+/// One node process.
+pub struct LocalNode {
+    /// Node id (1-based).
+    pub id: u64,
+    /// gRPC address.
+    pub addr: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl LocalNode {
+    /// Directory of the node's PostgreSQL Unix socket.
+    pub fn pg_socket_dir(&self) -> PathBuf {
+        self.data_dir.join("postgres").join("run")
+    }
+
+    /// The pid of the node's postmaster, if running.
+    pub fn postgres_pid(&self) -> Option<i32> {
+        let text =
+            std::fs::read_to_string(self.data_dir.join("postgres/data/postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        alive(pid).then_some(pid)
+    }
+
+    /// The node process id, if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Whether the node process runs.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks existence.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+fn send(pid: i32, sig: libc::c_int) {
+    // SAFETY: sending a signal has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// A running local cluster.
+pub struct LocalCluster {
+    spec: LocalClusterSpec,
+    nodes: Vec<LocalNode>,
+}
+
+impl LocalCluster {
+    /// Starts every node.
+    pub fn start(spec: LocalClusterSpec) -> std::io::Result<Self> {
+        if !spec.node_bin.is_file() && spec.node_bin.components().count() > 1 {
+            return Err(std::io::Error::other(format!(
+                "raftpg-node binary not found at {} (build it with `cargo build -p raftpg-node`, or set RAFTPG_NODE_BIN)",
+                spec.node_bin.display()
+            )));
+        }
+        std::fs::create_dir_all(&spec.data_dir)?;
+        make_searchable(&spec.data_dir)?;
+        let nodes = (1..=spec.nodes)
+            .map(|i| LocalNode {
+                id: i as u64,
+                addr: spec.addrs[i - 1].clone(),
+                data_dir: spec.data_dir.join(format!("node{i}")),
+                child: None,
+            })
+            .collect();
+        let mut cluster = LocalCluster { spec, nodes };
+        for id in 1..=cluster.nodes.len() as u64 {
+            cluster.start_node(id)?;
+        }
+        Ok(cluster)
+    }
+
+    /// The `--peers` value.
+    pub fn peers_arg(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.addr))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node addresses in id order.
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    /// The nodes.
+    pub fn nodes(&self) -> &[LocalNode] {
+        &self.nodes
+    }
+
+    /// Node `id` (1-based).
+    pub fn node(&self, id: u64) -> &LocalNode {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut LocalNode {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    /// Starts node `id` (it must not be running).
+    pub fn start_node(&mut self, id: u64) -> std::io::Result<()> {
+        let peers = self.peers_arg();
+        let bin = self.spec.node_bin.clone();
+        let extra = self.spec.extra_args.clone();
+        let log_path = self.spec.data_dir.join(format!("node{id}.log"));
+        let node = self.node_mut(id);
+        std::fs::create_dir_all(&node.data_dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let child = Command::new(&bin)
+            .arg("--id")
+            .arg(id.to_string())
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .arg("--listen")
+            .arg(&node.addr)
+            .arg("--peers")
+            .arg(&peers)
+            .args(&extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RAFTPG_NODE_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| std::io::Error::other(format!("starting {}: {e}", bin.display())))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILLs node `id` (its PostgreSQL keeps running until the node restarts).
+    pub fn kill_node(&mut self, id: u64) {
+        if let Some(mut c) = self.node_mut(id).child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERMs node `id` and waits (up to 60 s) for it to stop.
+    pub fn stop_node(&mut self, id: u64) {
+        if let Some(mut c) = self.node_mut(id).child.take() {
+            send(c.id() as i32, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGKILLs node `id`'s PostgreSQL postmaster (not the node).
+    pub fn kill_postgres(&self, id: u64) -> bool {
+        match self.node(id).postgres_pid() {
+            Some(pid) => {
+                send(pid, libc::SIGKILL);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops every node, then any PostgreSQL left behind by a killed node.
+    pub fn shutdown(&mut self) {
+        let ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
+        for id in &ids {
+            if let Some(c) = self.node_mut(*id).child.as_ref() {
+                send(c.id() as i32, libc::SIGTERM);
+            }
+        }
+        for id in ids {
+            self.stop_node(id);
+            if let Some(pid) = self.node(id).postgres_pid() {
+                send(pid, libc::SIGINT);
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while alive(pid) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                if alive(pid) {
+                    send(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// The directory holding the nodes' data.
+    pub fn data_dir(&self) -> &Path {
+        &self.spec.data_dir
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// PostgreSQL runs as an unprivileged user when we are root: it must be able to traverse the
+/// data directory and its parents.
+fn make_searchable(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let abs = std::fs::canonicalize(dir)?;
+    let mode = std::fs::metadata(&abs)?.permissions().mode();
+    std::fs::set_permissions(&abs, std::fs::Permissions::from_mode(mode | 0o711))?;
+    for d in abs.ancestors().skip(1) {
+        if std::fs::metadata(d)?.permissions().mode() & 0o001 == 0 {
+            return Err(std::io::Error::other(format!(
+                "{} is not searchable by other users, so the PostgreSQL OS user cannot reach {}; choose a data directory under /tmp or /var/tmp",
+                d.display(),
+                abs.display()
+            )));
+        }
+    }
+    Ok(())
+}
