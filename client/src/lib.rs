@@ -286,8 +286,24 @@ impl Client {
     pub async fn status_of(&self, node: usize) -> Result<StatusResponse, ClientError> {
         let ch = self.channels.get(node).ok_or(ClientError::NoNodes)?.clone();
         let mut c = ClusterClient::new(ch);
-        let mut req = tonic::Request::new(StatusRequest {});
+        let mut req = tonic::Request::new(StatusRequest { node_id: 0 });
         req.set_timeout(Duration::from_secs(2));
+        c.status(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(ClientError::Status)
+    }
+
+    /// The status of cluster member `member`, asked through the node at position `via`.
+    pub async fn member_status(
+        &self,
+        via: usize,
+        member: u64,
+    ) -> Result<StatusResponse, ClientError> {
+        let ch = self.channels.get(via).ok_or(ClientError::NoNodes)?.clone();
+        let mut c = ClusterClient::new(ch);
+        let mut req = tonic::Request::new(StatusRequest { node_id: member });
+        req.set_timeout(Duration::from_secs(3));
         c.status(req)
             .await
             .map(|r| r.into_inner())

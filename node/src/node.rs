@@ -163,6 +163,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let clock = Arc::new(EntryClock::default());
     let state_machine = PgStateMachine::new(
         cfg.id,
+        log_store.clone(),
         endpoints.applier.clone(),
         ApplyLimits {
             batch_entries_max: cfg.apply_batch_max,

@@ -34,7 +34,9 @@ use crate::command::{
     ApplyOutcome, ColumnInfo, Entry, LogId, NodeId, SqlFailure, SqlStatement, StatementOutcome,
     StoredMembership, TypeConfig, WriteCommand,
 };
+use crate::log_store::LogStore;
 use crate::values::{self, Cell};
+use openraft::storage::RaftLogReader;
 
 /// Limits of the apply path.
 #[derive(Clone, Debug)]
@@ -178,6 +180,8 @@ const RESTORE_SEQUENCES_SQL: &str = "
 /// The PostgreSQL-backed state machine (one per node, owned by openraft).
 pub struct PgStateMachine {
     node_id: NodeId,
+    /// The Raft log, to replay entries PostgreSQL lost in a crash.
+    log: LogStore,
     conn_config: tokio_postgres::Config,
     client: Option<tokio_postgres::Client>,
     /// Last applied log id and membership as stored in PostgreSQL (valid while `client` is).
@@ -193,6 +197,7 @@ impl PgStateMachine {
     /// Creates the state machine; it connects lazily.
     pub fn new(
         node_id: NodeId,
+        log: LogStore,
         conn_config: tokio_postgres::Config,
         limits: ApplyLimits,
         status: Arc<ApplierStatus>,
@@ -201,6 +206,7 @@ impl PgStateMachine {
     ) -> Self {
         PgStateMachine {
             node_id,
+            log,
             conn_config,
             client: None,
             applied: None,
@@ -285,6 +291,46 @@ impl PgStateMachine {
     /// acknowledgement was lost) are skipped, never applied twice.
     async fn apply_batch(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
         self.connect().await?;
+        if let Some(first) = batch.first() {
+            self.replay_lost(first.log_id.index).await?;
+        }
+        self.commit_entries(batch).await
+    }
+
+    /// PostgreSQL may lose its last commits in a crash (the applier commits with
+    /// `synchronous_commit = off`; the Raft log is the durable copy). openraft believes those
+    /// entries applied and will not send them again, so re-apply them from the log: every entry
+    /// after PostgreSQL's applied index and before `next_index`.
+    async fn replay_lost(&mut self, next_index: u64) -> Result<(), EnvError> {
+        loop {
+            let from = self.applied.map(|l| l.index + 1).unwrap_or(0);
+            if from >= next_index {
+                return Ok(());
+            }
+            let to = next_index.min(from + self.limits.batch_entries_max.max(1) as u64);
+            let entries =
+                self.log.try_get_log_entries(from..to).await.map_err(|e| {
+                    EnvError(format!("reading entries {from}..{to} to replay: {e}"))
+                })?;
+            if entries.len() as u64 != to - from
+                || entries.first().map(|e| e.log_id.index) != Some(from)
+            {
+                return Err(EnvError(format!(
+                    "PostgreSQL is behind the log (applied up to {from}) but entries {from}..{to} are no longer in the log"
+                )));
+            }
+            warn!(
+                node = self.node_id,
+                from,
+                to,
+                "PostgreSQL lost committed batches in a crash; replaying them from the log"
+            );
+            self.commit_entries(&entries).await?;
+        }
+    }
+
+    /// Commits `batch` in one transaction together with the new applied index (invariant 1).
+    async fn commit_entries(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
         let applied_index = self.applied.map(|l| l.index);
         let mut outcomes = Vec::with_capacity(batch.len());
         let fresh: Vec<&Entry> = batch

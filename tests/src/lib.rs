@@ -1,1 +1,307 @@
+//! testkit: shared helpers for the integration tests. Starts real clusters of `raftpg-node`
+//! processes (each with its own PostgreSQL), drives write loads through the real client, and
+//! compares every node's PostgreSQL directly (not through raftpg).
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use raftpg_client::{Client, ClientConfig, ClientError, LocalCluster, LocalClusterSpec};
+
+pub use raftpg_client::values;
+
+/// A cluster started for one test. Its data directory is removed when the test passes and
+/// kept (with node logs) when it fails.
+pub struct TestCluster {
+    /// The node processes.
+    pub cluster: LocalCluster,
+    /// A client knowing every node.
+    pub client: Client,
+    dir: PathBuf,
+}
+
+/// Starts `nodes` nodes for test `name`; `net` (1..=250) must be unique per test: node `i`
+/// listens on `127.0.<net>.<10+i>:<17000+net>` (loopback only).
+pub async fn start_cluster(name: &str, net: u8, nodes: usize) -> anyhow::Result<TestCluster> {
+    let dir = PathBuf::from(
+        std::env::var("RAFTPG_TEST_DIR").unwrap_or_else(|_| "/tmp/raftpg-tests".into()),
+    )
+    .join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let mut spec = LocalClusterSpec::new(nodes, &dir, 0);
+    spec.addrs = (1..=nodes)
+        .map(|i| format!("127.0.{net}.{}:{}", 10 + i, 17000 + net as u16))
+        .collect();
+    spec.extra_args = vec!["--pg-shared-buffers".into(), "16MB".into()];
+    let cluster = LocalCluster::start(spec).context("starting cluster")?;
+    let client = Client::with_config(
+        &cluster.addrs(),
+        ClientConfig {
+            attempt_timeout: Duration::from_secs(15),
+            ..Default::default()
+        },
+    )?;
+    let tc = TestCluster {
+        cluster,
+        client,
+        dir,
+    };
+    tc.client
+        .wait_for_leader(Duration::from_secs(90))
+        .await
+        .context("waiting for a leader")?;
+    Ok(tc)
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.cluster.shutdown();
+        if std::thread::panicking() {
+            eprintln!(
+                "test failed: node logs and data kept in {}",
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Per-table contents of one node's database: row count and md5 of the ordered rows, plus
+/// each sequence's position.
+pub type Checksums = BTreeMap<String, String>;
+
+impl TestCluster {
+    /// A client for node `id` only.
+    pub fn node_client(&self, id: u64) -> Client {
+        Client::new(&[self.cluster.node(id).addr.clone()]).expect("valid address")
+    }
+
+    /// A direct connection to node `id`'s PostgreSQL (as the superuser, bypassing raftpg).
+    pub async fn pg(&self, id: u64) -> anyhow::Result<tokio_postgres::Client> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host_path(self.cluster.node(id).pg_socket_dir())
+            .port(5432)
+            .user("raftpg")
+            .dbname("raftpg")
+            .connect_timeout(Duration::from_secs(5));
+        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    /// Checksums of every user table and sequence, read directly from node `id`'s PostgreSQL in
+    /// one REPEATABLE READ snapshot, with the applied index of that snapshot.
+    pub async fn checksums(&self, id: u64) -> anyhow::Result<(u64, Checksums)> {
+        let mut pg = self.pg(id).await?;
+        let tx = pg
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let applied: i64 = tx
+            .query_one("SELECT log_index FROM raftpg.applied", &[])
+            .await?
+            .get(0);
+        let mut out = Checksums::new();
+        let tables = tx
+            .query(
+                "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables
+                 WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'raftpg') ORDER BY 1",
+                &[],
+            )
+            .await?;
+        for t in tables {
+            let name: String = t.get(0);
+            let row = tx
+                .query_one(
+                    &format!("SELECT count(*), coalesce(md5(string_agg(x::text, '|' ORDER BY x::text)), '') FROM {name} x"),
+                    &[],
+                )
+                .await?;
+            let (n, sum): (i64, String) = (row.get(0), row.get(1));
+            out.insert(name, format!("{n} rows {sum}"));
+        }
+        let seqs = tx
+            .query(
+                "SELECT format('%I.%I', schemaname, sequencename), coalesce(last_value, 0) FROM pg_sequences
+                 WHERE schemaname <> 'raftpg' ORDER BY 1",
+                &[],
+            )
+            .await?;
+        for s in seqs {
+            let (name, v): (String, i64) = (s.get(0), s.get(1));
+            out.insert(format!("sequence {name}"), v.to_string());
+        }
+        tx.commit().await?;
+        Ok((applied as u64, out))
+    }
+
+    /// Waits until the nodes in `ids` have applied the same index, then requires identical
+    /// checksums. Returns the checksums.
+    pub async fn assert_identical(&self, ids: &[u64]) -> anyhow::Result<Checksums> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let mut all = Vec::new();
+            for id in ids {
+                match self.checksums(*id).await {
+                    Ok(c) => all.push((*id, c)),
+                    Err(e) => {
+                        if Instant::now() > deadline {
+                            bail!("node {id}: cannot read checksums: {e}");
+                        }
+                    }
+                }
+            }
+            if all.len() == ids.len() {
+                let same_index = all.windows(2).all(|w| w[0].1 .0 == w[1].1 .0);
+                let same = all.windows(2).all(|w| w[0].1 .1 == w[1].1 .1);
+                if same_index && same {
+                    return Ok(all.swap_remove(0).1 .1);
+                }
+                if same_index && !same {
+                    let mut msg = String::from("copies diverge at the same applied index:\n");
+                    for (id, (idx, c)) in &all {
+                        msg.push_str(&format!("  node {id} (applied {idx}): {c:?}\n"));
+                    }
+                    bail!(msg);
+                }
+                if Instant::now() > deadline {
+                    let idx: Vec<_> = all.iter().map(|(id, (i, _))| (id, i)).collect();
+                    bail!("nodes did not converge to one applied index: {idx:?}");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Sorted `k` values of table `table` on node `id`, read directly.
+    pub async fn keys(&self, id: u64, table: &str) -> anyhow::Result<Vec<i64>> {
+        let pg = self.pg(id).await?;
+        let rows = pg
+            .query(&format!("SELECT k FROM {table} ORDER BY k"), &[])
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+/// Outcome of a write load.
+#[derive(Default, Debug)]
+pub struct LoadReport {
+    /// Keys whose insert was acknowledged.
+    pub acked: Vec<i64>,
+    /// Keys whose outcome is unknown (timeout, lost connection).
+    pub unknown: Vec<i64>,
+    /// Keys refused with a definite error.
+    pub failed: Vec<(i64, String)>,
+}
+
+/// Runs `workers` concurrent writers inserting unique keys into `table(k bigint primary key,
+/// w int, id serial ...)` through clients of `addrs` until `stop` is set.
+pub async fn write_load(
+    addrs: Vec<String>,
+    table: &str,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+) -> LoadReport {
+    let report = Arc::new(Mutex::new(LoadReport::default()));
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let addrs = addrs.clone();
+        let stop = stop.clone();
+        let report = report.clone();
+        let sql = format!("INSERT INTO {table} (k, w) VALUES ($1, $2) RETURNING id");
+        tasks.push(tokio::spawn(async move {
+            let mut rotated = addrs.clone();
+            rotated.rotate_left(w % addrs.len());
+            let client = Client::with_config(
+                &rotated,
+                ClientConfig {
+                    attempt_timeout: Duration::from_secs(10),
+                    attempts_max: 50,
+                    ..Default::default()
+                },
+            )
+            .expect("valid addresses");
+            let mut n = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                let k = (w as i64) * 1_000_000 + n;
+                n += 1;
+                let r = client
+                    .execute_one(&sql, vec![values::int(k), values::int(w as i64)])
+                    .await;
+                let mut rep = report.lock().unwrap();
+                match r {
+                    Ok(_) => rep.acked.push(k),
+                    Err(e) if is_definite(&e) => rep.failed.push((k, e.to_string())),
+                    Err(_) => rep.unknown.push(k),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    Arc::try_unwrap(report)
+        .map(|m| m.into_inner().unwrap())
+        .unwrap_or_default()
+}
+
+/// Whether an error means the write certainly did not happen.
+fn is_definite(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        tonic::Code::InvalidArgument
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::ResourceExhausted
+    )
+}
+
+/// Checks that every acknowledged key is present exactly once on node `id`, and that no key
+/// appears that was never attempted.
+pub async fn check_load(
+    tc: &TestCluster,
+    id: u64,
+    table: &str,
+    report: &LoadReport,
+) -> anyhow::Result<()> {
+    let keys = tc.keys(id, table).await?;
+    let present: std::collections::BTreeSet<i64> = keys.iter().copied().collect();
+    if present.len() != keys.len() {
+        bail!("node {id}: duplicate keys in {table}");
+    }
+    let missing: Vec<_> = report
+        .acked
+        .iter()
+        .filter(|k| !present.contains(k))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "node {id}: {} acknowledged writes are missing, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+    }
+    let attempted: std::collections::BTreeSet<i64> = report
+        .acked
+        .iter()
+        .chain(report.unknown.iter())
+        .chain(report.failed.iter().map(|(k, _)| k))
+        .copied()
+        .collect();
+    let phantom: Vec<_> = present.iter().filter(|k| !attempted.contains(k)).collect();
+    if !phantom.is_empty() {
+        bail!(
+            "node {id}: keys that were never written: {:?}",
+            &phantom[..phantom.len().min(5)]
+        );
+    }
+    Ok(())
+}

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use openraft::ServerState;
+use raftpg_proto::v1::cluster_client::ClusterClient;
 use raftpg_proto::v1::cluster_server::Cluster;
 use raftpg_proto::v1::{Member, StatusRequest, StatusResponse};
 use tonic::{Request, Response, Status};
@@ -27,8 +28,30 @@ impl ClusterService {
 impl Cluster for ClusterService {
     async fn status(
         &self,
-        _req: Request<StatusRequest>,
+        req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        let wanted = req.get_ref().node_id;
+        if wanted != 0 && wanted != self.ctx.id {
+            let m = self.ctx.raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            let Some(node) = membership.get_node(&wanted) else {
+                let ids: Vec<String> = membership.nodes().map(|(id, _)| id.to_string()).collect();
+                return Err(Status::not_found(format!(
+                    "node {wanted} is not a member of this cluster (members: {})",
+                    ids.join(", ")
+                )));
+            };
+            let mut client = ClusterClient::new(self.ctx.channel_to(&node.addr)?);
+            let mut fwd = Request::new(StatusRequest { node_id: wanted });
+            fwd.set_timeout(std::time::Duration::from_secs(2));
+            return client.status(fwd).await.map_err(|s| {
+                Status::unavailable(format!(
+                    "node {wanted} at {} did not answer: {}",
+                    node.addr,
+                    s.message()
+                ))
+            });
+        }
         let committed = self
             .ctx
             .raft

@@ -26,6 +26,7 @@ pub fn code_for_sqlstate(sqlstate: &str) -> Code {
         "42501" => Code::PermissionDenied,
         "25006" => Code::InvalidArgument,
         "57014" => Code::Cancelled,
+        "08P01" => Code::InvalidArgument,
         s if s.starts_with("23") || s.starts_with("P0") || s.starts_with("2B") => {
             Code::FailedPrecondition
         }
