@@ -30,8 +30,24 @@ const FEATURE_NOT_SUPPORTED: &str = "0A000";
 const INSUFFICIENT_PRIVILEGE: &str = "42501";
 const READ_ONLY: &str = "25006";
 
-/// Parses `sql`, requiring exactly one statement.
+/// Parses `sql` and returns its single statement.
 fn parse_one(sql: &str) -> Result<NodeEnum, Refusal> {
+    first_statement(parse(sql)?)
+}
+
+fn first_statement(parsed: pg_query::ParseResult) -> Result<NodeEnum, Refusal> {
+    parsed
+        .protobuf
+        .stmts
+        .into_iter()
+        .next()
+        .and_then(|raw| raw.stmt)
+        .and_then(|node| node.node)
+        .ok_or_else(|| refuse(SYNTAX_ERROR, "empty statement"))
+}
+
+/// Parses `sql`, requiring exactly one statement that does not touch raftpg's own schema.
+fn parse(sql: &str) -> Result<pg_query::ParseResult, Refusal> {
     let parsed = pg_query::parse(sql, 0).map_err(|e| match e {
         pg_query::Error::Parse(m) => refuse(SYNTAX_ERROR, m),
         other => refuse(SYNTAX_ERROR, other.to_string()),
@@ -53,19 +69,92 @@ fn parse_one(sql: &str) -> Result<NodeEnum, Refusal> {
             "the schema raftpg holds raftpg's own bookkeeping and cannot be used by statements",
         ));
     }
-    parsed
-        .protobuf
-        .stmts
-        .into_iter()
-        .next()
-        .and_then(|raw| raw.stmt)
-        .and_then(|node| node.node)
-        .ok_or_else(|| refuse(SYNTAX_ERROR, "empty statement"))
+    Ok(parsed)
 }
+
+/// Functions whose result differs between nodes or between runs. Until the leader rewrites
+/// them into deterministic equivalents (time from the entry's timestamp, randomness from its
+/// seed), a write that calls them, directly or in a column DEFAULT, is refused.
+const NON_DETERMINISTIC_FUNCTIONS: &[&str] = &[
+    "now",
+    "transaction_timestamp",
+    "statement_timestamp",
+    "clock_timestamp",
+    "timeofday",
+    "random",
+    "random_normal",
+    "setseed",
+    "gen_random_uuid",
+    "uuid_generate_v1",
+    "uuid_generate_v1mc",
+    "uuid_generate_v4",
+    "pg_backend_pid",
+    "txid_current",
+    "txid_current_if_assigned",
+    "pg_current_xact_id",
+    "pg_current_xact_id_if_assigned",
+    "inet_server_addr",
+    "inet_server_port",
+    "inet_client_addr",
+    "inet_client_port",
+    "pg_postmaster_start_time",
+    "pg_conf_load_time",
+    "pg_current_wal_lsn",
+    "pg_current_wal_insert_lsn",
+    "pg_advisory_lock",
+    "pg_advisory_xact_lock",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_xact_lock",
+    "pg_advisory_lock_shared",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock_shared",
+    "pg_sleep",
+    "pg_sleep_for",
+    "pg_sleep_until",
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_dir",
+    "pg_stat_file",
+    "lo_import",
+    "lo_export",
+    "dblink",
+    "dblink_exec",
+    "pg_notify",
+    "set_config",
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_reload_conf",
+    "version",
+    "current_setting",
+];
 
 /// Checks one statement of a write entry.
 pub fn check_write(sql: &str) -> Result<(), Refusal> {
-    let stmt = parse_one(sql)?;
+    let parsed = parse(sql)?;
+    for f in parsed.functions() {
+        let name = f.rsplit('.').next().unwrap_or(&f).to_ascii_lowercase();
+        if NON_DETERMINISTIC_FUNCTIONS.contains(&name.as_str()) {
+            return Err(refuse(
+                FEATURE_NOT_SUPPORTED,
+                format!(
+                    "{name}() gives a different result on each node, so it cannot be replicated as a statement; compute the value in the client and bind it as a parameter"
+                ),
+            ));
+        }
+    }
+    if parsed
+        .protobuf
+        .nodes()
+        .iter()
+        .any(|(n, ..)| matches!(n, pg_query::NodeRef::SqlvalueFunction(_)))
+    {
+        return Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            "CURRENT_TIMESTAMP/CURRENT_DATE/LOCALTIMESTAMP/... differ on each node, so they cannot be replicated as a statement; bind the value as a parameter",
+        ));
+    }
+    let stmt = first_statement(parsed)?;
     let why: Option<&str> = match &stmt {
         NodeEnum::TransactionStmt(_) => Some(
             "explicit transaction control (BEGIN/COMMIT/ROLLBACK/SAVEPOINT) is not allowed: every request already runs as one atomic transaction",
