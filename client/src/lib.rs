@@ -77,12 +77,20 @@ impl ClientError {
         SqlError::decode(self.status()?.details()).ok()
     }
 
-    /// Whether the write certainly did not take effect and may be sent again as is.
+    /// Whether the request may be sent again as is: the cluster could not take it (UNAVAILABLE:
+    /// no leader, node down, leader changed), or its outcome is unknown (deadline, broken
+    /// connection). Writes carry a request id, so a write that did commit the first time is
+    /// answered with its recorded result instead of being applied twice.
     fn retry_safe(&self) -> bool {
         match self.status() {
-            // Our nodes answer UNAVAILABLE only before a write is proposed (not leader, no
-            // leader, forwarding failed to connect); tonic uses it for refused connections.
-            Some(s) => s.code() == Code::Unavailable,
+            Some(s) => matches!(
+                s.code(),
+                Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::Unknown
+                    | Code::Cancelled
+                    | Code::Aborted
+            ),
             None => false,
         }
     }
@@ -292,6 +300,35 @@ impl Client {
             .await
             .map(|r| r.into_inner())
             .map_err(ClientError::Status)
+    }
+
+    /// Runs a divergence check (`Cluster.Check`): every node checksums its copy at one log
+    /// position; the answer names tables and nodes that differ.
+    pub async fn check(&self, timeout: Duration) -> Result<v1::CheckResponse, ClientError> {
+        let mut attempt = 0;
+        loop {
+            let i = self.preferred.load(Ordering::Relaxed) % self.channels.len();
+            let mut c =
+                ClusterClient::new(self.channels[i].clone()).max_decoding_message_size(usize::MAX);
+            let mut req = tonic::Request::new(v1::CheckRequest {
+                timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+            });
+            req.set_timeout(timeout + Duration::from_secs(10));
+            match c.check(req).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => {
+                    let e = ClientError::Status(s);
+                    attempt += 1;
+                    if e.code() != Code::Unavailable || attempt >= self.config.attempts_max {
+                        return Err(e);
+                    }
+                    if let Some(s) = e.status() {
+                        self.learn_leader(s, i);
+                    }
+                    self.backoff(attempt).await;
+                }
+            }
+        }
     }
 
     /// The status of cluster member `member`, asked through the node at position `via`.

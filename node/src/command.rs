@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 openraft::declare_raft_types!(
     /// openraft type configuration of raftpg.
     pub TypeConfig:
-        D = WriteCommand,
+        D = Command,
         R = ApplyOutcome,
         NodeId = u64,
         Node = openraft::BasicNode,
@@ -81,7 +81,26 @@ pub struct RequestId {
     pub seq: u64,
 }
 
-/// The application data of one Raft log entry: statements applied as one atomic unit.
+/// The application data of one Raft log entry.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum Command {
+    /// SQL statements applied as one atomic unit.
+    Sql(WriteCommand),
+    /// Compute per-table checksums of the user database at exactly this log position on every
+    /// node (for `raftpg check`).
+    Checksum,
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Sql(w) => write!(f, "{w}"),
+            Command::Checksum => write!(f, "checksum"),
+        }
+    }
+}
+
+/// Statements applied as one atomic unit.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct WriteCommand {
     /// Executed in order inside one savepoint: all or nothing.
@@ -145,7 +164,20 @@ pub enum ApplyOutcome {
     Applied(Vec<StatementOutcome>),
     /// A statement failed deterministically; the entry's effects were rolled back.
     Failed(SqlFailure),
+    /// The node's checksums of the user database at this entry.
+    Checksums(Vec<TableChecksum>),
     /// The entry was applied before this process could record its result (PostgreSQL
     /// committed, then the connection was lost); the effects are in, the rows are not known.
     AppliedResultLost,
+}
+
+/// Checksum of one table (or sequence) of the user database.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TableChecksum {
+    /// `schema.table`, or `schema.sequence` for sequences.
+    pub name: String,
+    /// Row count (0 for sequences).
+    pub rows: i64,
+    /// Order-independent hash of the rows (for sequences: `last_value/is_called`).
+    pub hash: String,
 }

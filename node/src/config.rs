@@ -94,6 +94,15 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_WRITE_TIMEOUT_MS", default_value_t = 30_000)]
     pub write_timeout_ms: u64,
 
+    /// For how many log entries the result of a write with a request id is kept, so that a
+    /// retry is answered with it instead of being applied again.
+    #[arg(
+        long,
+        env = "RAFTPG_REQUEST_RETENTION_ENTRIES",
+        default_value_t = 1_000_000
+    )]
+    pub request_retention_entries: u64,
+
     /// Most entries applied in one PostgreSQL transaction.
     #[arg(long, env = "RAFTPG_APPLY_BATCH_MAX", default_value_t = 256)]
     pub apply_batch_max: usize,

@@ -2,6 +2,7 @@
 //! `../shared/design.md` for the data flow and invariants.
 
 mod api;
+mod checksums;
 mod clock;
 mod command;
 mod config;
@@ -11,6 +12,7 @@ mod network;
 mod node;
 mod postgres;
 mod read_pool;
+mod request_log;
 mod state_machine;
 mod values;
 

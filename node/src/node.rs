@@ -168,6 +168,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         ApplyLimits {
             batch_entries_max: cfg.apply_batch_max,
             result_rows_max: cfg.write_result_rows_max,
+            request_retention_entries: cfg.request_retention_entries,
             ..ApplyLimits::default()
         },
         applier.clone(),

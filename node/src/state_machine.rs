@@ -29,12 +29,14 @@ use tokio::sync::watch;
 use tokio_postgres::error::SqlState;
 use tracing::{debug, info, warn};
 
+use crate::checksums;
 use crate::clock::EntryClock;
 use crate::command::{
-    ApplyOutcome, ColumnInfo, Entry, LogId, NodeId, SqlFailure, SqlStatement, StatementOutcome,
-    StoredMembership, TypeConfig, WriteCommand,
+    ApplyOutcome, ColumnInfo, Command, Entry, LogId, NodeId, SqlFailure, SqlStatement,
+    StatementOutcome, StoredMembership, TypeConfig, WriteCommand,
 };
 use crate::log_store::LogStore;
+use crate::request_log;
 use crate::values::{self, Cell};
 use openraft::storage::RaftLogReader;
 
@@ -47,6 +49,8 @@ pub struct ApplyLimits {
     pub result_rows_max: usize,
     /// Longest pause between retries after an environmental error.
     pub retry_backoff_max: Duration,
+    /// For how many log entries a request id's result is kept for retries.
+    pub request_retention_entries: u64,
 }
 
 impl Default for ApplyLimits {
@@ -55,6 +59,7 @@ impl Default for ApplyLimits {
             batch_entries_max: 256,
             result_rows_max: 10_000,
             retry_backoff_max: Duration::from_secs(2),
+            request_retention_entries: 1_000_000,
         }
     }
 }
@@ -233,6 +238,8 @@ impl PgStateMachine {
         });
         client.batch_execute(APPLIER_SESSION_SQL).await?;
         client.batch_execute(BOOTSTRAP_SQL).await?;
+        client.batch_execute(request_log::BOOTSTRAP_SQL).await?;
+        client.batch_execute(checksums::BOOTSTRAP_SQL).await?;
         let restored: i64 = client.query_one(RESTORE_SEQUENCES_SQL, &[]).await?.get(0);
         let row = client
             .query_one("SELECT log_id, membership FROM raftpg.applied", &[])
@@ -332,27 +339,38 @@ impl PgStateMachine {
     /// Commits `batch` in one transaction together with the new applied index (invariant 1).
     async fn commit_entries(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
         let applied_index = self.applied.map(|l| l.index);
-        let mut outcomes = Vec::with_capacity(batch.len());
-        let fresh: Vec<&Entry> = batch
-            .iter()
-            .filter(|e| {
-                let done = applied_index.is_some_and(|a| e.log_id.index <= a);
-                if done {
-                    outcomes.push(match e.payload {
-                        EntryPayload::Normal(_) => ApplyOutcome::AppliedResultLost,
-                        _ => ApplyOutcome::Internal,
-                    });
-                }
-                !done
-            })
-            .collect();
-        let Some(last) = fresh.last().map(|e| e.log_id) else {
-            return Ok(outcomes);
-        };
         let client = self
             .client
             .as_ref()
             .ok_or_else(|| EnvError("not connected".into()))?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut fresh = Vec::with_capacity(batch.len());
+        for e in batch {
+            if applied_index.is_some_and(|a| e.log_id.index <= a) {
+                // Committed to PostgreSQL before a connection loss hid the answer: never apply
+                // again; return the recorded result when the request has an id.
+                outcomes.push(match &e.payload {
+                    EntryPayload::Normal(Command::Sql(cmd)) => match &cmd.request_id {
+                        Some(id) => request_log::lookup(
+                            client,
+                            id,
+                            e.log_id.index,
+                            self.limits.request_retention_entries,
+                        )
+                        .await
+                        .map_err(|err| EnvError(err.to_string()))?
+                        .unwrap_or(ApplyOutcome::AppliedResultLost),
+                        None => ApplyOutcome::AppliedResultLost,
+                    },
+                    _ => ApplyOutcome::Internal,
+                });
+            } else {
+                fresh.push(e);
+            }
+        }
+        let Some(last) = fresh.last().map(|e| e.log_id) else {
+            return Ok(outcomes);
+        };
         let mut membership = self.membership.clone();
         client.batch_execute("BEGIN").await?;
         for entry in fresh {
@@ -362,13 +380,26 @@ impl PgStateMachine {
                     membership = StoredMembership::new(Some(entry.log_id), m.clone());
                     ApplyOutcome::Internal
                 }
-                EntryPayload::Normal(cmd) => {
+                EntryPayload::Normal(Command::Sql(cmd)) => {
                     self.clock.observe(cmd.leader_ts_micros);
-                    apply_command(client, cmd, &self.limits).await?
+                    apply_write(client, entry.log_id.index, cmd, &self.limits).await?
+                }
+                EntryPayload::Normal(Command::Checksum) => {
+                    let sums = checksums::compute(client).await?;
+                    checksums::store(client, entry.log_id.index, &sums).await?;
+                    ApplyOutcome::Checksums(sums)
                 }
             };
             outcomes.push(outcome);
         }
+        request_log::expire(
+            client,
+            applied_index.unwrap_or(0),
+            last.index,
+            self.limits.request_retention_entries,
+        )
+        .await
+        .map_err(|e| EnvError(e.to_string()))?;
         let log_id_json = serde_json::to_value(last).map_err(|e| EnvError(e.to_string()))?;
         let membership_json =
             serde_json::to_value(&membership).map_err(|e| EnvError(e.to_string()))?;
@@ -411,6 +442,33 @@ impl PgStateMachine {
             }
         }
     }
+}
+
+/// Applies a write entry once: a request id seen within the retention returns its recorded
+/// outcome instead of applying again; otherwise the outcome is recorded with the effects.
+async fn apply_write(
+    client: &tokio_postgres::Client,
+    index: u64,
+    cmd: &WriteCommand,
+    limits: &ApplyLimits,
+) -> Result<ApplyOutcome, EnvError> {
+    let env = |e: request_log::LookupError| EnvError(e.to_string());
+    if let Some(id) = &cmd.request_id {
+        if let Some(done) = request_log::lookup(client, id, index, limits.request_retention_entries)
+            .await
+            .map_err(env)?
+        {
+            debug!(index, client_id = %id.client_id, seq = id.seq, "duplicate request: returning its recorded outcome");
+            return Ok(done);
+        }
+    }
+    let outcome = apply_command(client, cmd, limits).await?;
+    if let Some(id) = &cmd.request_id {
+        request_log::record(client, id, index, &outcome)
+            .await
+            .map_err(env)?;
+    }
+    Ok(outcome)
 }
 
 /// Runs one entry inside a savepoint: all its statements, or none of them.

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use openraft::ServerState;
 use raftpg_proto::v1::cluster_client::ClusterClient;
 use raftpg_proto::v1::cluster_server::Cluster;
-use raftpg_proto::v1::{Member, StatusRequest, StatusResponse};
+use raftpg_proto::v1::{
+    CheckRequest, CheckResponse, Member, StatusRequest, StatusResponse, TableChecksumsRequest,
+    TableChecksumsResponse,
+};
 use tonic::{Request, Response, Status};
 
 use crate::node::NodeContext;
@@ -26,6 +29,19 @@ impl ClusterService {
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
+    async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        super::check::check(&self.ctx, req).await.map(Response::new)
+    }
+
+    async fn table_checksums(
+        &self,
+        req: Request<TableChecksumsRequest>,
+    ) -> Result<Response<TableChecksumsResponse>, Status> {
+        super::check::table_checksums(&self.ctx, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn status(
         &self,
         req: Request<StatusRequest>,

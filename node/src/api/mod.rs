@@ -3,6 +3,7 @@
 //! SQL errors carry their SQLSTATE (metadata `raftpg-sqlstate` and a `SqlError` in the status
 //! details); a node that cannot serve says who leads (`raftpg-leader-id`/`-addr`).
 
+pub mod check;
 pub mod cluster;
 pub mod raft;
 pub mod read;

@@ -17,7 +17,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{debug, info_span, Instrument};
 
 use crate::api::{not_leader, refused, sql_status};
-use crate::command::{ApplyOutcome, RequestId, SqlStatement, WriteCommand};
+use crate::command::{ApplyOutcome, Command, RequestId, SqlStatement, WriteCommand};
 use crate::determinism;
 use crate::node::NodeContext;
 use crate::values;
@@ -158,8 +158,11 @@ impl WriteService {
             seed: uuid::Uuid::new_v4().as_u64_pair().0,
             request_id,
         };
-        let result =
-            tokio::time::timeout(ctx.limits.write_timeout, ctx.raft.client_write(cmd)).await;
+        let result = tokio::time::timeout(
+            ctx.limits.write_timeout,
+            ctx.raft.client_write(Command::Sql(cmd)),
+        )
+        .await;
         let resp = match result {
             Err(_) => {
                 return Err(Status::deadline_exceeded(format!(
@@ -214,7 +217,7 @@ impl WriteService {
                 );
                 Err(s)
             }
-            ApplyOutcome::Internal => {
+            ApplyOutcome::Internal | ApplyOutcome::Checksums(_) => {
                 Err(Status::internal("unexpected internal outcome for a write"))
             }
         }

@@ -1,0 +1,197 @@
+//! Copies that never diverge: exactly-once retries under leader kills, and `raftpg check`
+//! finding a divergence made on purpose.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use raftpg_client::v1::write_client::WriteClient;
+use raftpg_client::v1::{ExecuteRequest, RequestId, Statement};
+use raftpg_client::{Client, ClientConfig};
+use testkit::{start_cluster, values};
+
+/// `raftpg check` reports identical copies, then names the table and node of a divergence
+/// created by writing directly to one node's PostgreSQL; the CLI exits non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn check_finds_a_divergence_and_names_table_and_node() {
+    let tc = start_cluster("check", 21, 3).await.unwrap();
+    let c = &tc.client;
+    c.execute_one(
+        "CREATE TABLE scores (id serial PRIMARY KEY, player text, points int)",
+        vec![],
+    )
+    .await
+    .unwrap();
+    c.execute_one("CREATE TABLE quiet (id int PRIMARY KEY)", vec![])
+        .await
+        .unwrap();
+    for i in 0..20 {
+        c.execute_one(
+            "INSERT INTO scores (player, points) VALUES ($1, $2)",
+            vec![values::text(format!("p{i}")), values::int(i)],
+        )
+        .await
+        .unwrap();
+    }
+    let r = c.check(Duration::from_secs(30)).await.unwrap();
+    assert!(r.identical, "{r:?}");
+    assert_eq!(r.nodes.len(), 3);
+    let scores = r.nodes[0]
+        .tables
+        .iter()
+        .find(|t| t.name == "public.scores")
+        .unwrap();
+    assert_eq!(scores.rows, 20);
+    assert!(
+        r.nodes[0]
+            .tables
+            .iter()
+            .any(|t| t.name == "sequence public.scores_id_seq" && t.hash == "20/true"),
+        "{r:?}"
+    );
+
+    // Diverge node 2 behind raftpg's back.
+    let pg = tc.pg(2).await.unwrap();
+    pg.execute("UPDATE scores SET points = points + 1 WHERE id = 7", &[])
+        .await
+        .unwrap();
+    let r = c.check(Duration::from_secs(30)).await.unwrap();
+    assert!(!r.identical);
+    assert_eq!(r.differences.len(), 1, "{r:?}");
+    assert!(
+        r.differences[0].starts_with("public.scores: node 2 has"),
+        "{:?}",
+        r.differences
+    );
+
+    // The CLI prints the report and exits 1.
+    let bin = raftpg_client::local_cluster::default_node_bin().with_file_name("raftpg");
+    let out = std::process::Command::new(bin)
+        .args(["--nodes", &tc.cluster.addrs().join(","), "check"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("DIVERGENCE public.scores: node 2"),
+        "{stdout}"
+    );
+}
+
+/// Writes carry request ids; the leader is killed twice mid-load and the client retries across
+/// lost connections and timeouts: every acknowledged request is applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retried_requests_apply_exactly_once_across_leader_kills() {
+    let mut tc = start_cluster("exactly_once", 22, 3).await.unwrap();
+    tc.client
+        .execute_one("CREATE TABLE once (token text NOT NULL, w int)", vec![])
+        .await
+        .unwrap();
+
+    // The same request id sent twice is applied once and answered with the first result.
+    let mut raw = WriteClient::connect(format!("http://{}", tc.cluster.node(1).addr))
+        .await
+        .unwrap();
+    let req = ExecuteRequest {
+        statements: vec![Statement {
+            sql: "INSERT INTO once (token, w) VALUES ('dup', -1) RETURNING ctid::text".into(),
+            params: vec![],
+        }],
+        request_id: Some(RequestId {
+            client_id: "test-client".into(),
+            seq: 1,
+        }),
+    };
+    let first = raw.execute(req.clone()).await.unwrap().into_inner();
+    let second = raw.execute(req).await.unwrap().into_inner();
+    assert_eq!(first.results, second.results);
+    assert!(
+        second.log_index > first.log_index,
+        "the retry is a new entry that is not applied"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes: Arc<Mutex<BTreeMap<String, bool>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let addrs = tc.cluster.addrs();
+        let stop = stop.clone();
+        let outcomes = outcomes.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = Client::with_config(
+                &addrs,
+                ClientConfig {
+                    attempt_timeout: Duration::from_secs(3),
+                    attempts_max: 100,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let token = format!("w{w}-{n}");
+                n += 1;
+                let r = client
+                    .execute_one(
+                        "INSERT INTO once (token, w) VALUES ($1, $2)",
+                        vec![values::text(token.clone()), values::int(w)],
+                    )
+                    .await;
+                outcomes.lock().unwrap().insert(token, r.is_ok());
+            }
+        }));
+    }
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let leader = tc
+            .client
+            .wait_for_leader(Duration::from_secs(30))
+            .await
+            .unwrap();
+        tc.cluster.kill_node(leader);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        tc.cluster.start_node(leader).unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let outcomes = outcomes.lock().unwrap().clone();
+    let acked = outcomes.values().filter(|ok| **ok).count();
+    eprintln!("requests {}, acknowledged {acked}", outcomes.len());
+    assert!(acked > 50, "the load made progress");
+    let check = tc.client.check(Duration::from_secs(60)).await.unwrap();
+    assert!(check.identical, "{:?}", check.differences);
+    for id in 1..=3 {
+        let pg = tc.pg(id).await.unwrap();
+        let rows = pg
+            .query("SELECT token, count(*) FROM once GROUP BY token", &[])
+            .await
+            .unwrap();
+        let counts: BTreeMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert_eq!(
+            counts.get("dup"),
+            Some(&1),
+            "node {id}: a duplicate request id was applied twice"
+        );
+        for (token, ok) in &outcomes {
+            let n = counts.get(token).copied().unwrap_or(0);
+            if *ok {
+                assert_eq!(
+                    n, 1,
+                    "node {id}: acknowledged request {token} applied {n} times"
+                );
+            } else {
+                assert!(n <= 1, "node {id}: request {token} applied {n} times");
+            }
+        }
+        assert!(
+            counts
+                .keys()
+                .all(|t| t == "dup" || outcomes.contains_key(t)),
+            "node {id}: phantom rows"
+        );
+    }
+}
