@@ -238,6 +238,35 @@ impl LocalCluster {
         }
     }
 
+    /// Sends `sig` to node `id`'s postmaster and every process it started (PostgreSQL's children
+    /// run in their own sessions, so a process-group signal would miss them). SIGSTOP/SIGCONT
+    /// freeze and resume the whole server.
+    pub fn signal_postgres(&self, id: u64, sig: libc::c_int) -> bool {
+        let Some(pid) = self.node(id).postgres_pid() else {
+            return false;
+        };
+        send(pid, sig);
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for e in entries.flatten() {
+                let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                    continue;
+                };
+                let stat =
+                    std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+                // Fields after the ")" ending the command name: state, ppid, ...
+                let ppid = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().nth(1))
+                    .and_then(|p| p.parse::<i32>().ok());
+                if ppid == Some(pid) {
+                    send(child, sig);
+                }
+            }
+        }
+        true
+    }
+
     /// Stops every node, then any PostgreSQL left behind by a killed node.
     pub fn shutdown(&mut self) {
         let ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();

@@ -62,8 +62,23 @@ fn parse(sql: &str) -> Result<pg_query::ParseResult, Refusal> {
         ));
     }
     // Refuse any reference to raftpg's own bookkeeping (raftpg.applied must only change with
-    // the log position).
-    if parsed.tables().iter().any(|t| t.starts_with("raftpg.")) {
+    // the log position). Walks the complete tree (pg_query's table list misses some places).
+    let tree = serde_json::to_value(&parsed.protobuf).map_err(|e| {
+        refuse(
+            FEATURE_NOT_SUPPORTED,
+            format!("cannot inspect the statement: {e}"),
+        )
+    })?;
+    let mut touches_raftpg = false;
+    walk(&tree, &mut |_, node| {
+        // A RangeVar, wherever it appears (also as the bare `relation` of INSERT/UPDATE/DDL).
+        if node.get("relname").is_some()
+            && node.get("schemaname").and_then(|s| s.as_str()) == Some("raftpg")
+        {
+            touches_raftpg = true;
+        }
+    });
+    if touches_raftpg {
         return Err(refuse(
             INSUFFICIENT_PRIVILEGE,
             "the schema raftpg holds raftpg's own bookkeeping and cannot be used by statements",
@@ -72,22 +87,31 @@ fn parse(sql: &str) -> Result<pg_query::ParseResult, Refusal> {
     Ok(parsed)
 }
 
-/// Functions whose result differs between nodes or between runs. Until the leader rewrites
-/// them into deterministic equivalents (time from the entry's timestamp, randomness from its
-/// seed), a write that calls them, directly or in a column DEFAULT, is refused.
+/// Functions rewritten at the leader to raftpg's deterministic versions (installed by the
+/// applier in schema `raftpg`; they read the entry's timestamp and seed).
+const REWRITTEN_FUNCTIONS: &[(&str, &str)] = &[
+    ("now", "raftpg.now"),
+    ("transaction_timestamp", "raftpg.now"),
+    ("statement_timestamp", "raftpg.now"),
+    ("clock_timestamp", "raftpg.now"),
+    ("random", "raftpg.random"),
+    ("gen_random_uuid", "raftpg.gen_random_uuid"),
+    ("uuid_generate_v4", "raftpg.gen_random_uuid"),
+];
+
+/// Functions that give each row a different value: where rows are visited in physical order
+/// (UPDATE, DELETE, INSERT ... SELECT without ORDER BY), nodes would disagree on which row got
+/// which value.
+const PER_ROW_FUNCTIONS: &[&str] = &["random", "gen_random_uuid", "uuid_generate_v4", "nextval"];
+
+/// Functions whose result differs between nodes or runs and that raftpg cannot make
+/// deterministic: refused, directly or in a column DEFAULT.
 const NON_DETERMINISTIC_FUNCTIONS: &[&str] = &[
-    "now",
-    "transaction_timestamp",
-    "statement_timestamp",
-    "clock_timestamp",
     "timeofday",
-    "random",
-    "random_normal",
     "setseed",
-    "gen_random_uuid",
+    "random_normal",
     "uuid_generate_v1",
     "uuid_generate_v1mc",
-    "uuid_generate_v4",
     "pg_backend_pid",
     "txid_current",
     "txid_current_if_assigned",
@@ -109,6 +133,8 @@ const NON_DETERMINISTIC_FUNCTIONS: &[&str] = &[
     "pg_advisory_xact_lock_shared",
     "pg_try_advisory_lock_shared",
     "pg_try_advisory_xact_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_all",
     "pg_sleep",
     "pg_sleep_for",
     "pg_sleep_until",
@@ -127,35 +153,256 @@ const NON_DETERMINISTIC_FUNCTIONS: &[&str] = &[
     "pg_reload_conf",
     "version",
     "current_setting",
+    "pg_stat_get_activity",
+    "txid_snapshot_xmax",
+    "pg_current_snapshot",
+    "txid_current_snapshot",
+    "pg_export_snapshot",
+    "pg_switch_wal",
+    "pg_create_restore_point",
+    "pg_rotate_logfile",
 ];
 
-/// Checks one statement of a write entry.
-pub fn check_write(sql: &str) -> Result<(), Refusal> {
-    let parsed = parse(sql)?;
-    for f in parsed.functions() {
-        let name = f.rsplit('.').next().unwrap_or(&f).to_ascii_lowercase();
-        if NON_DETERMINISTIC_FUNCTIONS.contains(&name.as_str()) {
-            return Err(refuse(
-                FEATURE_NOT_SUPPORTED,
-                format!(
-                    "{name}() gives a different result on each node, so it cannot be replicated as a statement; compute the value in the client and bind it as a parameter"
-                ),
-            ));
+/// `CURRENT_TIMESTAMP`-style keywords (SQLValueFunction ops) and their replacement; `None`
+/// marks the precision variants, which are refused.
+fn sql_value_function_rewrite(op: i32) -> Option<Option<&'static str>> {
+    use pg_query::protobuf::SqlValueFunctionOp as Op;
+    match Op::try_from(op).ok()? {
+        Op::SvfopCurrentTimestamp => Some(Some("raftpg.now()")),
+        Op::SvfopCurrentDate => Some(Some("raftpg.current_date()")),
+        Op::SvfopCurrentTime => Some(Some("raftpg.current_time()")),
+        Op::SvfopLocaltime => Some(Some("raftpg.localtime()")),
+        Op::SvfopLocaltimestamp => Some(Some("raftpg.localtimestamp()")),
+        Op::SvfopCurrentTimeN
+        | Op::SvfopCurrentTimestampN
+        | Op::SvfopLocaltimeN
+        | Op::SvfopLocaltimestampN => Some(None),
+        _ => None,
+    }
+}
+
+/// Visits every object of a serialized parse tree with the key it appears under (node kinds
+/// appear as keys, e.g. `"FuncCall": {...}`).
+fn walk<'a>(v: &'a serde_json::Value, f: &mut impl FnMut(&'a str, &'a serde_json::Value)) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, child) in m {
+                if child.is_object() {
+                    f(k, child);
+                }
+                walk(child, f);
+            }
         }
+        serde_json::Value::Array(a) => a.iter().for_each(|c| walk(c, f)),
+        _ => {}
     }
-    if parsed
-        .protobuf
-        .nodes()
-        .iter()
-        .any(|(n, ..)| matches!(n, pg_query::NodeRef::SqlvalueFunction(_)))
-    {
-        return Err(refuse(
+}
+
+fn location(node: &serde_json::Value) -> Option<usize> {
+    node.get("location")
+        .and_then(|l| l.as_i64())
+        .and_then(|l| usize::try_from(l).ok())
+}
+
+/// (schema, name) of a serialized FuncCall, lowercased.
+fn func_name(node: &serde_json::Value) -> (Option<String>, String) {
+    let parts: Vec<String> = node
+        .get("funcname")
+        .and_then(|f| f.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n.pointer("/node/String/sval").and_then(|s| s.as_str()))
+                .map(|s| s.to_ascii_lowercase())
+                .collect()
+        })
+        .unwrap_or_default();
+    let last = parts.last().cloned().unwrap_or_default();
+    let schema = if parts.len() > 1 {
+        Some(parts[0].clone())
+    } else {
+        None
+    };
+    (schema, last)
+}
+
+/// A text edit: replace bytes `start..end` of the statement.
+struct Edit {
+    start: usize,
+    end: usize,
+    text: &'static str,
+}
+
+/// Checks one statement of a write entry and returns it rewritten for deterministic replay:
+/// time and randomness functions (also in DEFAULT expressions and SQL function bodies parsed
+/// by PostgreSQL) become raftpg's versions, driven by the entry's timestamp and seed.
+/// Everything else in the text is left byte for byte as the client sent it.
+pub fn prepare_write(sql: &str) -> Result<String, Refusal> {
+    let parsed = parse(sql)?;
+    // pg_query's own node iterator skips parts of the tree (e.g. VALUES lists), so walk the
+    // complete tree through its serde form: every node of every statement is visited.
+    let tree = serde_json::to_value(&parsed.protobuf).map_err(|e| {
+        refuse(
             FEATURE_NOT_SUPPORTED,
-            "CURRENT_TIMESTAMP/CURRENT_DATE/LOCALTIMESTAMP/... differ on each node, so they cannot be replicated as a statement; bind the value as a parameter",
-        ));
+            format!("cannot inspect the statement: {e}"),
+        )
+    })?;
+    let mut func_edits: Vec<(usize, usize, &'static str)> = Vec::new(); // (location, name parts, replacement)
+    let mut edits: Vec<Edit> = Vec::new();
+    let mut per_row_calls = false;
+    let mut refusal: Option<Refusal> = None;
+    walk(&tree, &mut |kind, node| {
+        if refusal.is_some() {
+            return;
+        }
+        match kind {
+            "FuncCall" => {
+                let (schema, name) = func_name(node);
+                if PER_ROW_FUNCTIONS.contains(&name.as_str())
+                    && schema
+                        .as_deref()
+                        .is_none_or(|s| matches!(s, "pg_catalog" | "public" | "raftpg"))
+                {
+                    per_row_calls = true;
+                }
+                if schema
+                    .as_deref()
+                    .is_some_and(|s| s != "pg_catalog" && s != "public")
+                {
+                    return; // e.g. raftpg.now(), or a user schema's own function
+                }
+                if NON_DETERMINISTIC_FUNCTIONS.contains(&name.as_str()) {
+                    refusal = Some(refuse(
+                        FEATURE_NOT_SUPPORTED,
+                        format!(
+                            "{name}() gives a different result on each node, so it cannot be replicated; compute the value in the client and bind it as a parameter"
+                        ),
+                    ));
+                    return;
+                }
+                if let Some((_, to)) = REWRITTEN_FUNCTIONS.iter().find(|(from, _)| *from == name) {
+                    let parts = node
+                        .get("funcname")
+                        .and_then(|f| f.as_array())
+                        .map(|a| a.len())
+                        .unwrap_or(1);
+                    match location(node) {
+                        Some(loc) => func_edits.push((loc, parts, to)),
+                        None => refusal = Some(cannot_rewrite(&name)),
+                    }
+                }
+            }
+            "SqlvalueFunction" => {
+                let op = node.get("op").and_then(|o| o.as_i64()).unwrap_or(0) as i32;
+                match sql_value_function_rewrite(op) {
+                    Some(Some(to)) => match location(node) {
+                        Some(loc) => edits.push(Edit { start: loc, end: loc, text: to }),
+                        None => refusal = Some(cannot_rewrite("CURRENT_TIMESTAMP")),
+                    },
+                    Some(None) => {
+                        refusal = Some(refuse(
+                            FEATURE_NOT_SUPPORTED,
+                            "CURRENT_TIMESTAMP(p)/LOCALTIMESTAMP(p)/CURRENT_TIME(p)/LOCALTIME(p) with a precision are not supported; use date_trunc(..., raftpg.now()) or the keyword without precision",
+                        ))
+                    }
+                    None => {}
+                }
+            }
+            "DefElem" if node.get("defname").and_then(|d| d.as_str()) == Some("cache") => {
+                let arg = node.pointer("/arg/node");
+                let small = arg
+                    .and_then(|a| a.pointer("/Integer/ival"))
+                    .map(|v| v.as_i64().unwrap_or(0) <= 1)
+                    .unwrap_or(false);
+                if arg.is_some() && !small {
+                    refusal = Some(refuse(
+                        FEATURE_NOT_SUPPORTED,
+                        "sequences with CACHE > 1 hand out different values on each node after a restart; use CACHE 1 (the default)",
+                    ));
+                }
+            }
+            "SelectStmt" | "larg" | "rarg" => {
+                let has = |k: &str| node.get(k).is_some_and(|v| !v.is_null());
+                let unsorted = node
+                    .get("sort_clause")
+                    .and_then(|v| v.as_array())
+                    .is_none_or(|a| a.is_empty());
+                if (has("limit_count") || has("limit_offset")) && unsorted {
+                    refusal = Some(refuse(
+                        FEATURE_NOT_SUPPORTED,
+                        "LIMIT/OFFSET without ORDER BY picks rows in physical order, which differs between nodes; add an ORDER BY on a unique key",
+                    ));
+                }
+            }
+            _ => {}
+        }
+    });
+    if let Some(r) = refusal {
+        return Err(r);
     }
-    let stmt = first_statement(parsed)?;
-    let why: Option<&str> = match &stmt {
+    let stmt = parsed
+        .protobuf
+        .stmts
+        .first()
+        .and_then(|raw| raw.stmt.as_ref())
+        .and_then(|node| node.node.as_ref())
+        .ok_or_else(|| refuse(SYNTAX_ERROR, "empty statement"))?;
+    check_statement_kind(stmt)?;
+    check_row_order(stmt, per_row_calls)?;
+    check_function_bodies(stmt)?;
+
+    if func_edits.is_empty() && edits.is_empty() {
+        return Ok(sql.to_string());
+    }
+    let tokens = pg_query::scan(sql)
+        .map_err(|e| refuse(SYNTAX_ERROR, e.to_string()))?
+        .tokens;
+    for (loc, parts, to) in func_edits {
+        // The name spans `parts` identifiers separated by dots, starting at `loc`.
+        let first = tokens
+            .iter()
+            .position(|t| t.start as usize == loc)
+            .ok_or_else(|| cannot_rewrite(to))?;
+        let last = tokens
+            .get(first + 2 * (parts - 1))
+            .ok_or_else(|| cannot_rewrite(to))?;
+        edits.push(Edit {
+            start: loc,
+            end: last.end as usize,
+            text: to,
+        });
+    }
+    for e in edits.iter_mut().filter(|e| e.start == e.end) {
+        let tok = tokens
+            .iter()
+            .find(|t| t.start as usize == e.start)
+            .ok_or_else(|| cannot_rewrite(e.text))?;
+        e.end = tok.end as usize;
+    }
+    edits.sort_by_key(|e| std::cmp::Reverse(e.start));
+    let mut out = sql.to_string();
+    for e in edits {
+        if e.end > out.len()
+            || e.start > e.end
+            || !out.is_char_boundary(e.start)
+            || !out.is_char_boundary(e.end)
+        {
+            return Err(cannot_rewrite(e.text));
+        }
+        out.replace_range(e.start..e.end, e.text);
+    }
+    Ok(out)
+}
+
+fn cannot_rewrite(what: &str) -> Refusal {
+    refuse(
+        FEATURE_NOT_SUPPORTED,
+        format!("raftpg could not rewrite {what} in this statement for deterministic replay; bind the value as a parameter"),
+    )
+}
+
+/// Statement classes that cannot be replicated as statements.
+fn check_statement_kind(stmt: &NodeEnum) -> Result<(), Refusal> {
+    let why: Option<&str> = match stmt {
         NodeEnum::TransactionStmt(_) => Some(
             "explicit transaction control (BEGIN/COMMIT/ROLLBACK/SAVEPOINT) is not allowed: every request already runs as one atomic transaction",
         ),
@@ -172,7 +419,7 @@ pub fn check_write(sql: &str) -> Result<(), Refusal> {
         NodeEnum::VacuumStmt(_) | NodeEnum::CheckPointStmt(_) => {
             Some("VACUUM/ANALYZE/CHECKPOINT are maintenance each node runs on its own, not replicated writes")
         }
-        NodeEnum::CreatedbStmt(_) | NodeEnum::DropdbStmt(_) | NodeEnum::AlterDatabaseStmt(_) => {
+        NodeEnum::CreatedbStmt(_) | NodeEnum::DropdbStmt(_) | NodeEnum::AlterDatabaseStmt(_) | NodeEnum::AlterDatabaseSetStmt(_) => {
             Some("databases are managed by raftpg; create schemas instead of databases")
         }
         NodeEnum::AlterSystemStmt(_) | NodeEnum::LoadStmt(_) => Some("node configuration is not replicated through SQL"),
@@ -180,22 +427,123 @@ pub fn check_write(sql: &str) -> Result<(), Refusal> {
             Some("tablespaces name node-local directories and are not supported")
         }
         NodeEnum::CopyStmt(_) => Some("COPY is not supported: send INSERT statements (several per request) instead"),
-        NodeEnum::IndexStmt(s) if s.concurrent => {
-            Some("CREATE INDEX CONCURRENTLY cannot run in a transaction; use CREATE INDEX")
-        }
+        NodeEnum::IndexStmt(s) if s.concurrent => Some("CREATE INDEX CONCURRENTLY cannot run in a transaction; use CREATE INDEX"),
         NodeEnum::ReindexStmt(_) => Some("REINDEX is node-local maintenance and is not replicated"),
+        NodeEnum::ClusterStmt(_) => Some("CLUSTER is node-local maintenance and is not replicated"),
         NodeEnum::CreateStmt(s) if s.relation.as_ref().is_some_and(|r| r.relpersistence == "t") => {
             Some("temporary tables are session state; use a regular table")
         }
-        NodeEnum::SelectStmt(s) if s.into_clause.as_ref().is_some_and(|i| {
-            i.rel.as_ref().is_some_and(|r| r.relpersistence == "t")
-        }) => Some("temporary tables are session state; use a regular table"),
+        NodeEnum::CreateTableAsStmt(s) if s.into.as_ref().and_then(|i| i.rel.as_ref()).is_some_and(|r| r.relpersistence == "t") => {
+            Some("temporary tables are session state; use a regular table")
+        }
+        NodeEnum::SelectStmt(s) if s.into_clause.as_ref().and_then(|i| i.rel.as_ref()).is_some_and(|r| r.relpersistence == "t") => {
+            Some("temporary tables are session state; use a regular table")
+        }
+        NodeEnum::CreateSubscriptionStmt(_) | NodeEnum::CreatePublicationStmt(_) | NodeEnum::AlterSubscriptionStmt(_) => {
+            Some("logical replication objects are node-local")
+        }
+        NodeEnum::CreateRoleStmt(_) | NodeEnum::AlterRoleStmt(_) | NodeEnum::DropRoleStmt(_) | NodeEnum::AlterRoleSetStmt(_) => {
+            Some("roles are cluster-wide objects of each node's PostgreSQL, outside the replicated database")
+        }
         _ => None,
     };
     match why {
         Some(m) => Err(refuse(FEATURE_NOT_SUPPORTED, m)),
         None => Ok(()),
     }
+}
+
+/// Writes whose result depends on the physical order of rows (which differs between nodes).
+fn check_row_order(stmt: &NodeEnum, per_row_calls: bool) -> Result<(), Refusal> {
+    match stmt {
+        NodeEnum::InsertStmt(ins) => {
+            if let Some(NodeEnum::SelectStmt(sel)) = ins.select_stmt.as_deref().and_then(|n| n.node.as_ref()) {
+                let reads_rows = !sel.from_clause.is_empty() || sel.larg.is_some();
+                if reads_rows && sel.sort_clause.is_empty() {
+                    return Err(refuse(
+                        FEATURE_NOT_SUPPORTED,
+                        "INSERT ... SELECT without ORDER BY inserts rows in physical order, which differs between nodes (serial ids and defaults would differ); add an ORDER BY on a unique key",
+                    ));
+                }
+            }
+            Ok(())
+        }
+        NodeEnum::UpdateStmt(_) | NodeEnum::DeleteStmt(_) | NodeEnum::MergeStmt(_) if per_row_calls => Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            "random()/gen_random_uuid()/nextval() in UPDATE, DELETE or MERGE are evaluated per row in physical order, which differs between nodes; compute the values in the client or derive them from the row (e.g. md5(id::text))",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Function bodies and DO blocks are strings PostgreSQL parses later: refuse bodies that call
+/// per-node functions (raftpg's deterministic versions, `raftpg.now()` etc., are allowed).
+fn check_function_bodies(stmt: &NodeEnum) -> Result<(), Refusal> {
+    let options = match stmt {
+        NodeEnum::CreateFunctionStmt(f) => &f.options,
+        NodeEnum::DoStmt(d) => &d.args,
+        _ => return Ok(()),
+    };
+    for opt in options {
+        let Some(NodeEnum::DefElem(d)) = &opt.node else {
+            continue;
+        };
+        if d.defname != "as" {
+            continue;
+        }
+        let mut bodies = Vec::new();
+        match d.arg.as_deref().and_then(|a| a.node.as_ref()) {
+            Some(NodeEnum::String(s)) => bodies.push(s.sval.clone()),
+            Some(NodeEnum::List(l)) => {
+                bodies.extend(l.items.iter().filter_map(|i| match &i.node {
+                    Some(NodeEnum::String(s)) => Some(s.sval.clone()),
+                    _ => None,
+                }))
+            }
+            _ => {}
+        }
+        for body in bodies {
+            check_body(&body)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_body(body: &str) -> Result<(), Refusal> {
+    let Ok(scanned) = pg_query::scan(body) else {
+        return Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            "raftpg cannot read this function body to check that it is deterministic",
+        ));
+    };
+    let tokens = scanned.tokens;
+    let text = |i: usize| -> String {
+        tokens
+            .get(i)
+            .and_then(|t| body.get(t.start as usize..t.end as usize))
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    };
+    for i in 0..tokens.len() {
+        let word = text(i);
+        let keyword_time = matches!(
+            word.as_str(),
+            "current_timestamp" | "current_date" | "current_time" | "localtime" | "localtimestamp"
+        );
+        let call = text(i + 1) == "(";
+        let qualified_by_raftpg = i >= 2 && text(i - 1) == "." && text(i - 2) == "raftpg";
+        let named = NON_DETERMINISTIC_FUNCTIONS.contains(&word.as_str())
+            || REWRITTEN_FUNCTIONS.iter().any(|(f, _)| *f == word);
+        if keyword_time || (named && call && !qualified_by_raftpg) {
+            return Err(refuse(
+                FEATURE_NOT_SUPPORTED,
+                format!(
+                    "the function body uses {word}, which differs between nodes; functions must be deterministic: use raftpg.now(), raftpg.random() or raftpg.gen_random_uuid() inside function bodies"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks the SQL of a read: only queries are allowed.
@@ -222,6 +570,38 @@ pub fn check_read(sql: &str) -> Result<(), Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn check_write(sql: &str) -> Result<(), Refusal> {
+        prepare_write(sql).map(|_| ())
+    }
+
+    #[test]
+    fn rewrites_time_and_randomness() {
+        assert_eq!(
+            prepare_write("INSERT INTO t VALUES (now())").unwrap(),
+            "INSERT INTO t VALUES (raftpg.now())"
+        );
+        assert_eq!(
+            prepare_write(
+                "INSERT INTO t VALUES (pg_catalog.NOW(), CURRENT_TIMESTAMP, current_date, 'now()')"
+            )
+            .unwrap(),
+            "INSERT INTO t VALUES (raftpg.now(), raftpg.now(), raftpg.current_date(), 'now()')"
+        );
+        assert_eq!(
+            prepare_write("CREATE TABLE e (at timestamptz DEFAULT clock_timestamp(), id uuid DEFAULT gen_random_uuid())").unwrap(),
+            "CREATE TABLE e (at timestamptz DEFAULT raftpg.now(), id uuid DEFAULT raftpg.gen_random_uuid())"
+        );
+        assert_eq!(
+            prepare_write("SELECT raftpg.random()").unwrap(),
+            "SELECT raftpg.random()"
+        );
+        assert_eq!(
+            prepare_write("INSERT INTO t SELECT random() FROM generate_series(1, 3) g ORDER BY g")
+                .unwrap(),
+            "INSERT INTO t SELECT raftpg.random() FROM generate_series(1, 3) g ORDER BY g"
+        );
+    }
 
     #[test]
     fn writes() {
@@ -266,6 +646,47 @@ mod tests {
         );
         assert_eq!(
             check_write("UPDATE raftpg.applied SET log_index = 0")
+                .unwrap_err()
+                .sqlstate,
+            INSUFFICIENT_PRIVILEGE
+        );
+    }
+
+    #[test]
+    fn refuses_what_would_diverge() {
+        for sql in [
+            "SELECT pg_advisory_lock(1)",
+            "INSERT INTO t VALUES (txid_current())",
+            "UPDATE t SET r = random()",
+            "UPDATE t SET id = nextval('s') WHERE id < 0",
+            "INSERT INTO t VALUES (CURRENT_TIMESTAMP(3))",
+            "INSERT INTO t SELECT * FROM u",
+            "DELETE FROM t WHERE id IN (SELECT id FROM t LIMIT 3)",
+            "CREATE SEQUENCE s CACHE 20",
+            "CREATE TABLE i (id int GENERATED ALWAYS AS IDENTITY (CACHE 5))",
+            "CREATE FUNCTION f() RETURNS timestamptz LANGUAGE sql AS $$ SELECT now() $$",
+            "CREATE FUNCTION g() RETURNS int LANGUAGE plpgsql AS $$ BEGIN RETURN pg_backend_pid(); END $$",
+            "DO $$ BEGIN PERFORM random(); END $$",
+        ] {
+            assert_eq!(check_write(sql).unwrap_err().sqlstate, FEATURE_NOT_SUPPORTED, "{sql}");
+        }
+        assert!(check_write("INSERT INTO t VALUES (nextval('s'))").is_ok());
+        assert!(check_write("INSERT INTO t SELECT * FROM u ORDER BY id").is_ok());
+        assert!(check_write("INSERT INTO t SELECT 1, 2").is_ok());
+        assert!(check_write("UPDATE t SET v = v + 1 WHERE id = $1").is_ok());
+        assert!(check_write(
+            "CREATE FUNCTION f() RETURNS timestamptz LANGUAGE sql AS $$ SELECT raftpg.now() $$"
+        )
+        .is_ok());
+        assert!(check_write("CREATE SEQUENCE s CACHE 1").is_ok());
+        assert_eq!(
+            check_write("UPDATE t SET r = raftpg.random()")
+                .unwrap_err()
+                .sqlstate,
+            FEATURE_NOT_SUPPORTED
+        );
+        assert_eq!(
+            check_write("INSERT INTO t VALUES ((SELECT log_index FROM raftpg.applied))")
                 .unwrap_err()
                 .sqlstate,
             INSUFFICIENT_PRIVILEGE

@@ -168,6 +168,51 @@ const BOOTSTRAP_SQL: &str = "
     INSERT INTO raftpg.applied (singleton) VALUES (true) ON CONFLICT DO NOTHING;
 ";
 
+/// raftpg's deterministic replacements for time and randomness (design.md "Time, randomness,
+/// identity"). The leader rewrites `now()`, `CURRENT_TIMESTAMP`, `random()`,
+/// `gen_random_uuid()`, ... into these, also inside DDL, so column DEFAULTs bind to them. During
+/// an entry they read the entry's timestamp (`raftpg.ts_us`) and seed (`raftpg.seed`, with a
+/// per-entry call counter `raftpg.rnd_n`), set with SET LOCAL at the start of every entry;
+/// outside an entry (e.g. a read through a view) they behave like PostgreSQL's own.
+const DETERMINISTIC_FUNCTIONS_SQL: &str = r#"
+    CREATE OR REPLACE FUNCTION raftpg.now() RETURNS timestamptz LANGUAGE plpgsql STABLE AS $$
+    DECLARE us text := current_setting('raftpg.ts_us', true);
+    BEGIN
+        IF us IS NULL OR us = '' THEN RETURN pg_catalog.now(); END IF;
+        RETURN timestamptz 'epoch' + us::bigint * interval '1 microsecond';
+    END $$;
+    CREATE OR REPLACE FUNCTION raftpg."current_date"() RETURNS date LANGUAGE sql STABLE
+        AS $$ SELECT raftpg.now()::date $$;
+    CREATE OR REPLACE FUNCTION raftpg."current_time"() RETURNS timetz LANGUAGE sql STABLE
+        AS $$ SELECT raftpg.now()::timetz $$;
+    CREATE OR REPLACE FUNCTION raftpg."localtime"() RETURNS time LANGUAGE sql STABLE
+        AS $$ SELECT raftpg.now()::time $$;
+    CREATE OR REPLACE FUNCTION raftpg."localtimestamp"() RETURNS timestamp LANGUAGE sql STABLE
+        AS $$ SELECT raftpg.now()::timestamp $$;
+    CREATE OR REPLACE FUNCTION raftpg.next_draw() RETURNS text LANGUAGE plpgsql VOLATILE AS $$
+    DECLARE seed text := current_setting('raftpg.seed', true); n bigint;
+    BEGIN
+        IF seed IS NULL OR seed = '' THEN RETURN NULL; END IF;
+        n := coalesce(nullif(current_setting('raftpg.rnd_n', true), ''), '0')::bigint + 1;
+        PERFORM pg_catalog.set_config('raftpg.rnd_n', n::text, true);
+        RETURN md5(seed || ':' || n::text);
+    END $$;
+    CREATE OR REPLACE FUNCTION raftpg.random() RETURNS double precision LANGUAGE plpgsql VOLATILE AS $$
+    DECLARE h text := raftpg.next_draw();
+    BEGIN
+        IF h IS NULL THEN RETURN pg_catalog.random(); END IF;
+        RETURN ('x' || substr(h, 1, 13))::bit(52)::bigint / 4503599627370496.0;
+    END $$;
+    CREATE OR REPLACE FUNCTION raftpg.gen_random_uuid() RETURNS uuid LANGUAGE plpgsql VOLATILE AS $$
+    DECLARE h text := raftpg.next_draw();
+    BEGIN
+        IF h IS NULL THEN RETURN pg_catalog.gen_random_uuid(); END IF;
+        RETURN (substr(h, 1, 12) || '4' || substr(h, 14, 3)
+                || substr('89ab', get_byte(decode(substr(h, 17, 2), 'hex'), 0) % 4 + 1, 1)
+                || substr(h, 18, 15))::uuid;
+    END $$;
+"#;
+
 /// Records the batch's end in the batch's own transaction (invariant 1), with the current
 /// position of every sequence that has been used (restored after a PostgreSQL crash, which can
 /// make sequences skip values on one node only).
@@ -238,6 +283,7 @@ impl PgStateMachine {
         });
         client.batch_execute(APPLIER_SESSION_SQL).await?;
         client.batch_execute(BOOTSTRAP_SQL).await?;
+        client.batch_execute(DETERMINISTIC_FUNCTIONS_SQL).await?;
         client.batch_execute(request_log::BOOTSTRAP_SQL).await?;
         client.batch_execute(checksums::BOOTSTRAP_SQL).await?;
         let restored: i64 = client.query_one(RESTORE_SEQUENCES_SQL, &[]).await?.get(0);
@@ -477,7 +523,14 @@ async fn apply_command(
     cmd: &WriteCommand,
     limits: &ApplyLimits,
 ) -> Result<ApplyOutcome, EnvError> {
-    client.batch_execute("SAVEPOINT raftpg_entry").await?;
+    // The entry's deterministic inputs, read by raftpg.now()/random()/gen_random_uuid(). Set
+    // per entry (not per batch), so results do not depend on how entries are batched.
+    client
+        .batch_execute(&format!(
+            "SAVEPOINT raftpg_entry; SET LOCAL raftpg.ts_us = '{}'; SET LOCAL raftpg.seed = '{}'; SET LOCAL raftpg.rnd_n = '0'",
+            cmd.leader_ts_micros, cmd.seed
+        ))
+        .await?;
     let mut results = Vec::with_capacity(cmd.statements.len());
     for (i, stmt) in cmd.statements.iter().enumerate() {
         match run_statement(client, stmt, limits).await {

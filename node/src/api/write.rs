@@ -67,7 +67,7 @@ impl WriteService {
         }
         let mut out = Vec::with_capacity(req.statements.len());
         for (i, s) in req.statements.iter().enumerate() {
-            determinism::check_write(&s.sql).map_err(|r| {
+            let sql = determinism::prepare_write(&s.sql).map_err(|r| {
                 refused(
                     Code::InvalidArgument,
                     r.sqlstate,
@@ -88,10 +88,7 @@ impl WriteService {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            out.push(SqlStatement {
-                sql: s.sql.clone(),
-                params,
-            });
+            out.push(SqlStatement { sql, params });
         }
         Ok(out)
     }
