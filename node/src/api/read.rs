@@ -185,7 +185,7 @@ impl ReadService {
             }
             rows.push(Row { values: values_out });
         }
-        drop(stream);
+
         tx.commit().await.map_err(pg_status)?;
         Ok(QueryResponse {
             columns,
