@@ -103,6 +103,15 @@ pub struct NodeConfig {
     )]
     pub request_retention_entries: u64,
 
+    /// Take a snapshot (and compact the log) after this many applied entries; 0 never.
+    #[arg(long, env = "RAFTPG_SNAPSHOT_EVERY_ENTRIES", default_value_t = 20_000)]
+    pub snapshot_every_entries: u64,
+
+    /// Log entries kept before the snapshot's position when compacting (lets slightly lagging
+    /// followers catch up from the log instead of a snapshot).
+    #[arg(long, env = "RAFTPG_SNAPSHOT_KEEP_ENTRIES", default_value_t = 2_000)]
+    pub snapshot_keep_entries: u64,
+
     /// Most entries applied in one PostgreSQL transaction.
     #[arg(long, env = "RAFTPG_APPLY_BATCH_MAX", default_value_t = 256)]
     pub apply_batch_max: usize,

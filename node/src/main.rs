@@ -13,6 +13,7 @@ mod node;
 mod postgres;
 mod read_pool;
 mod request_log;
+mod snapshot;
 mod state_machine;
 mod values;
 

@@ -84,6 +84,7 @@ impl PeerConnection {
         &mut self,
         kind: RpcKind,
         req: &Req,
+        data: Vec<u8>,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
     where
@@ -95,7 +96,7 @@ impl PeerConnection {
         let payload =
             serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut client = self.client().map_err(unreachable)?;
-        let msg = RaftMessage { payload };
+        let msg = RaftMessage { payload, data };
         let fut = async {
             match kind {
                 RpcKind::Append => client.append_entries(msg).await,
@@ -143,18 +144,19 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(RpcKind::Append, &rpc, &option).await
+        self.call(RpcKind::Append, &rpc, Vec::new(), &option).await
     }
 
     async fn install_snapshot(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+        mut rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call(RpcKind::Snapshot, &rpc, &option).await
+        let data = std::mem::take(&mut rpc.data);
+        self.call(RpcKind::Snapshot, &rpc, data, &option).await
     }
 
     async fn vote(
@@ -162,6 +164,6 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(RpcKind::Vote, &rpc, &option).await
+        self.call(RpcKind::Vote, &rpc, Vec::new(), &option).await
     }
 }

@@ -28,6 +28,7 @@ use crate::log_store::LogStore;
 use crate::network::{self, Network};
 use crate::postgres::{self, EmbeddedPostgres, EmbeddedSettings, PgHealth};
 use crate::read_pool::ReadPool;
+use crate::snapshot::SnapshotStore;
 use crate::state_machine::{ApplierStatus, ApplyLimits, PgStateMachine};
 
 /// Limits enforced by the API services.
@@ -127,10 +128,13 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     // 1. PostgreSQL.
     let (health_tx, health_rx) = watch::channel(PgHealth::Starting);
     let mut pg_task = None;
-    let endpoints = match &cfg.pg_url {
+    let (endpoints, bin_dir) = match &cfg.pg_url {
         Some(url) => {
             let _ = health_tx.send(PgHealth::Up);
-            postgres::external_endpoints(url)?
+            (
+                postgres::external_endpoints(url)?,
+                postgres::find_bin_dir(cfg.pg_bin_dir.as_deref())?,
+            )
         }
         None => {
             let pg = EmbeddedPostgres::new(EmbeddedSettings {
@@ -142,6 +146,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             })?;
             pg.init_if_needed()?;
             let endpoints = pg.endpoints();
+            let bin_dir = pg.bin_dir().to_path_buf();
             let (started_tx, started_rx) = tokio::sync::oneshot::channel();
             pg_task = Some(tokio::spawn(pg.run(
                 health_tx,
@@ -152,7 +157,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
                 .await
                 .context("PostgreSQL supervisor ended before starting")?
                 .context("starting the embedded PostgreSQL")?;
-            endpoints
+            (endpoints, bin_dir)
         }
     };
     info!(node = cfg.id, connect = %endpoints.describe, "PostgreSQL ready");
@@ -161,9 +166,17 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let log_store = LogStore::open(&cfg.data_dir.join("raft-log"))?;
     let applier = Arc::new(ApplierStatus::default());
     let clock = Arc::new(EntryClock::default());
+    let snapshots = SnapshotStore::open(
+        cfg.data_dir.join("snapshots"),
+        bin_dir,
+        endpoints.applier.clone(),
+        shutdown_rx.clone(),
+    )
+    .context("opening the snapshot directory")?;
     let state_machine = PgStateMachine::new(
         cfg.id,
         log_store.clone(),
+        snapshots,
         endpoints.applier.clone(),
         ApplyLimits {
             batch_entries_max: cfg.apply_batch_max,
@@ -180,9 +193,14 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         heartbeat_interval: cfg.heartbeat_ms,
         election_timeout_min: cfg.election_timeout_ms,
         election_timeout_max: cfg.election_timeout_ms * 2,
-        // Snapshots and log compaction come with issue 5; until then the whole log is kept and
-        // lagging or new nodes catch up from it.
-        snapshot_policy: SnapshotPolicy::Never,
+        snapshot_policy: match cfg.snapshot_every_entries {
+            0 => SnapshotPolicy::Never,
+            n => SnapshotPolicy::LogsSinceLast(n),
+        },
+        max_in_snapshot_log_to_keep: cfg.snapshot_keep_entries,
+        // Snapshots travel in 4 MiB chunks; installing one restores a database.
+        snapshot_max_chunk_size: 4 * 1024 * 1024,
+        install_snapshot_timeout: 60_000,
         max_payload_entries: 512,
         ..Default::default()
     }

@@ -221,6 +221,11 @@ impl EmbeddedPostgres {
         })
     }
 
+    /// The directory with PostgreSQL's programs.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
     /// Connection settings for the applier and the readers.
     pub fn endpoints(&self) -> PgEndpoints {
         let mut applier = tokio_postgres::Config::new();

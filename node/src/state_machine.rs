@@ -37,6 +37,7 @@ use crate::command::{
 };
 use crate::log_store::LogStore;
 use crate::request_log;
+use crate::snapshot::{SnapshotError, SnapshotStore};
 use crate::values::{self, Cell};
 use openraft::storage::RaftLogReader;
 
@@ -232,6 +233,8 @@ pub struct PgStateMachine {
     node_id: NodeId,
     /// The Raft log, to replay entries PostgreSQL lost in a crash.
     log: LogStore,
+    /// Snapshots (build, receive, install).
+    snapshots: SnapshotStore,
     conn_config: tokio_postgres::Config,
     client: Option<tokio_postgres::Client>,
     /// Last applied log id and membership as stored in PostgreSQL (valid while `client` is).
@@ -248,6 +251,7 @@ impl PgStateMachine {
     pub fn new(
         node_id: NodeId,
         log: LogStore,
+        snapshots: SnapshotStore,
         conn_config: tokio_postgres::Config,
         limits: ApplyLimits,
         status: Arc<ApplierStatus>,
@@ -257,6 +261,7 @@ impl PgStateMachine {
         PgStateMachine {
             node_id,
             log,
+            snapshots,
             conn_config,
             client: None,
             applied: None,
@@ -633,12 +638,35 @@ async fn run_statement(
 }
 
 impl RaftStateMachine<TypeConfig> for PgStateMachine {
-    type SnapshotBuilder = NoSnapshots;
+    type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId>, StoredMembership), StorageError<NodeId>> {
+        let mut backoff = Duration::from_millis(50);
+        while let Err(e) = self.snapshots.recover().await {
+            self.status.set(format!("waiting for PostgreSQL: {e}"));
+            warn!(error = %e, "cannot check for an interrupted snapshot install; retrying");
+            self.pause(&mut backoff).await?;
+        }
         self.connect_until_done().await?;
+        loop {
+            match self.snapshots.restore_if_ahead(self.applied).await {
+                Ok(false) => break,
+                Ok(true) => {
+                    self.client = None;
+                    self.connect_until_done().await?;
+                }
+                Err(e) => {
+                    self.client = None;
+                    self.status
+                        .set(format!("restoring the current snapshot: {e}"));
+                    warn!(error = %e, "cannot restore the current snapshot; retrying");
+                    self.pause(&mut backoff).await?;
+                    self.connect_until_done().await?;
+                }
+            }
+        }
         Ok((self.applied, self.membership.clone()))
     }
 
@@ -656,43 +684,75 @@ impl RaftStateMachine<TypeConfig> for PgStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        NoSnapshots
+        SnapshotBuilder(self.snapshots.clone())
     }
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<std::io::Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(std::io::Cursor::new(Vec::new())))
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        self.snapshots.begin_receiving().await
     }
 
+    /// Replaces the database with the snapshot's. Environmental failures are retried (the old
+    /// database stays in place until the swap); a corrupt snapshot stops the node.
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        _snapshot: Box<std::io::Cursor<Vec<u8>>>,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
-        Err(StorageIOError::write_snapshot(None, &std::io::Error::other(
-            "snapshots are not supported yet: the log is never compacted, so followers catch up from the log",
-        ))
-        .into())
+        snapshot
+            .sync_all()
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        drop(snapshot);
+        // The applier's connection would block the swap; it reconnects to the new database.
+        self.client = None;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            self.status
+                .set(format!("installing snapshot {}", meta.snapshot_id));
+            match self.snapshots.install(meta).await {
+                Ok(()) => break,
+                Err(e @ SnapshotError::Corrupt { .. }) => {
+                    return Err(StorageIOError::write_snapshot(
+                        Some(meta.signature()),
+                        &std::io::Error::other(e.to_string()),
+                    )
+                    .into());
+                }
+                Err(e) => {
+                    warn!(error = %e, id = %meta.snapshot_id, "installing the snapshot failed; retrying");
+                    self.pause(&mut backoff).await?;
+                }
+            }
+        }
+        self.connect_until_done().await?;
+        if self.applied != meta.last_log_id {
+            return Err(StorageIOError::write_snapshot(
+                Some(meta.signature()),
+                &std::io::Error::other(format!(
+                    "after install the database is at {:?}, not {:?}",
+                    self.applied, meta.last_log_id
+                )),
+            )
+            .into());
+        }
+        self.status.set("applying");
+        Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        Ok(None)
+        self.snapshots.current().await
     }
 }
 
-/// Snapshot builder placeholder: raftpg does not compact its log yet (snapshot policy `Never`),
-/// so openraft never asks for a snapshot.
-pub struct NoSnapshots;
+/// Builds snapshots in openraft's background task (see `snapshot`).
+pub struct SnapshotBuilder(SnapshotStore);
 
-impl RaftSnapshotBuilder<TypeConfig> for NoSnapshots {
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        Err(StorageIOError::write_snapshot(
-            None,
-            &std::io::Error::other("snapshots are not supported yet"),
-        )
-        .into())
+        self.0.build().await
     }
 }

@@ -26,6 +26,16 @@ pub struct TestCluster {
 /// Starts `nodes` nodes for test `name`; `net` (1..=250) must be unique per test: node `i`
 /// listens on `127.0.<net>.<10+i>:<17000+net>` (loopback only).
 pub async fn start_cluster(name: &str, net: u8, nodes: usize) -> anyhow::Result<TestCluster> {
+    start_cluster_with(name, net, nodes, &[]).await
+}
+
+/// Like [`start_cluster`], with extra `raftpg-node` flags for every node.
+pub async fn start_cluster_with(
+    name: &str,
+    net: u8,
+    nodes: usize,
+    extra: &[&str],
+) -> anyhow::Result<TestCluster> {
     let dir = PathBuf::from(
         std::env::var("RAFTPG_TEST_DIR").unwrap_or_else(|_| "/tmp/raftpg-tests".into()),
     )
@@ -39,6 +49,7 @@ pub async fn start_cluster(name: &str, net: u8, nodes: usize) -> anyhow::Result<
         .map(|i| format!("127.0.{net}.{}:{}", 10 + i, 17000 + net as u16))
         .collect();
     spec.extra_args = vec!["--pg-shared-buffers".into(), "16MB".into()];
+    spec.extra_args.extend(extra.iter().map(|s| s.to_string()));
     let cluster = LocalCluster::start(spec).context("starting cluster")?;
     let client = Client::with_config(
         &cluster.addrs(),

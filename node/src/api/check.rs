@@ -92,16 +92,30 @@ pub async fn check(ctx: &NodeContext, req: Request<CheckRequest>) -> Result<Chec
             });
             continue;
         }
-        let answer = async {
-            let mut client = ClusterClient::new(ctx.channel_to(&addr)?);
-            let mut r = Request::new(TableChecksumsRequest {
-                log_index: index,
-                timeout_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
-            });
-            r.set_timeout(wait + Duration::from_secs(2));
-            client.table_checksums(r).await.map(|r| r.into_inner())
-        }
-        .await;
+        // A member that is restarting or catching up gets until the deadline to answer.
+        let deadline = tokio::time::Instant::now() + wait;
+        let answer = loop {
+            let attempt = async {
+                let mut client = ClusterClient::new(ctx.channel_to(&addr)?);
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let mut r = Request::new(TableChecksumsRequest {
+                    log_index: index,
+                    timeout_ms: u32::try_from(left.as_millis()).unwrap_or(u32::MAX),
+                });
+                r.set_timeout(left + Duration::from_secs(2));
+                client.table_checksums(r).await.map(|r| r.into_inner())
+            }
+            .await;
+            match attempt {
+                Err(s)
+                    if s.code() == tonic::Code::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => break other,
+            }
+        };
         nodes.push(match answer {
             Ok(r) => NodeChecksums {
                 node_id: id,

@@ -35,7 +35,10 @@ fn decode<T: DeserializeOwned>(msg: &RaftMessage) -> Result<T, Status> {
 fn encode<T: Serialize>(v: &T) -> Result<Response<RaftMessage>, Status> {
     let payload =
         serde_json::to_vec(v).map_err(|e| Status::internal(format!("encoding raft reply: {e}")))?;
-    Ok(Response::new(RaftMessage { payload }))
+    Ok(Response::new(RaftMessage {
+        payload,
+        data: Vec::new(),
+    }))
 }
 
 #[tonic::async_trait]
@@ -57,7 +60,8 @@ impl RaftApi for RaftService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
+        let mut rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
+        rpc.data = req.into_inner().data;
         encode(&self.ctx.raft.install_snapshot(rpc).await)
     }
 
