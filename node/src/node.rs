@@ -29,7 +29,7 @@ use crate::network::{self, Network};
 use crate::postgres::{self, EmbeddedPostgres, EmbeddedSettings, PgHealth};
 use crate::read_pool::ReadPool;
 use crate::snapshot::SnapshotStore;
-use crate::state_machine::{ApplierStatus, ApplyLimits, PgStateMachine};
+use crate::state_machine::{ApplierStatus, ApplyLimits, PgStateMachine, StateMachineParts};
 
 /// Limits enforced by the API services.
 #[derive(Clone, Debug)]
@@ -173,21 +173,21 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         shutdown_rx.clone(),
     )
     .context("opening the snapshot directory")?;
-    let state_machine = PgStateMachine::new(
-        cfg.id,
-        log_store.clone(),
+    let state_machine = PgStateMachine::new(StateMachineParts {
+        node_id: cfg.id,
+        log: log_store.clone(),
         snapshots,
-        endpoints.applier.clone(),
-        ApplyLimits {
+        conn_config: endpoints.applier.clone(),
+        limits: ApplyLimits {
             batch_entries_max: cfg.apply_batch_max,
             result_rows_max: cfg.write_result_rows_max,
             request_retention_entries: cfg.request_retention_entries,
             ..ApplyLimits::default()
         },
-        applier.clone(),
-        clock.clone(),
-        shutdown_rx.clone(),
-    );
+        status: applier.clone(),
+        clock: clock.clone(),
+        shutdown: shutdown_rx.clone(),
+    });
     let raft_config = openraft::Config {
         cluster_name: "raftpg".into(),
         heartbeat_interval: cfg.heartbeat_ms,

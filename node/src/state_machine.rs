@@ -246,30 +246,41 @@ pub struct PgStateMachine {
     shutdown: watch::Receiver<bool>,
 }
 
+/// What the state machine is built from.
+pub struct StateMachineParts {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// The Raft log (for replays).
+    pub log: LogStore,
+    /// Snapshot storage.
+    pub snapshots: SnapshotStore,
+    /// The applier's PostgreSQL connection settings.
+    pub conn_config: tokio_postgres::Config,
+    /// Limits of the apply path.
+    pub limits: ApplyLimits,
+    /// Where the applier reports what it does.
+    pub status: Arc<ApplierStatus>,
+    /// The entry clock, told about every applied entry's timestamp.
+    pub clock: Arc<EntryClock>,
+    /// Node shutdown signal.
+    pub shutdown: watch::Receiver<bool>,
+}
+
 impl PgStateMachine {
     /// Creates the state machine; it connects lazily.
-    pub fn new(
-        node_id: NodeId,
-        log: LogStore,
-        snapshots: SnapshotStore,
-        conn_config: tokio_postgres::Config,
-        limits: ApplyLimits,
-        status: Arc<ApplierStatus>,
-        clock: Arc<EntryClock>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Self {
+    pub fn new(p: StateMachineParts) -> Self {
         PgStateMachine {
-            node_id,
-            log,
-            snapshots,
-            conn_config,
+            node_id: p.node_id,
+            log: p.log,
+            snapshots: p.snapshots,
+            conn_config: p.conn_config,
             client: None,
             applied: None,
             membership: StoredMembership::default(),
-            limits,
-            status,
-            clock,
-            shutdown,
+            limits: p.limits,
+            status: p.status,
+            clock: p.clock,
+            shutdown: p.shutdown,
         }
     }
 
