@@ -305,16 +305,29 @@ impl Client {
     /// Runs a divergence check (`Cluster.Check`): every node checksums its copy at one log
     /// position; the answer names tables and nodes that differ.
     pub async fn check(&self, timeout: Duration) -> Result<v1::CheckResponse, ClientError> {
+        let msg = v1::CheckRequest {
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+        };
+        self.cluster_call(timeout + Duration::from_secs(10), |mut c, t| {
+            let mut r = tonic::Request::new(msg);
+            r.set_timeout(t);
+            async move { c.check(r).await }
+        })
+        .await
+    }
+
+    /// Calls a Cluster RPC on the preferred node, moving on while the cluster is unavailable.
+    async fn cluster_call<T, F, Fut>(&self, timeout: Duration, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(ClusterClient<Channel>, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let mut attempt = 0;
         loop {
             let i = self.preferred.load(Ordering::Relaxed) % self.channels.len();
-            let mut c =
+            let c =
                 ClusterClient::new(self.channels[i].clone()).max_decoding_message_size(usize::MAX);
-            let mut req = tonic::Request::new(v1::CheckRequest {
-                timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
-            });
-            req.set_timeout(timeout + Duration::from_secs(10));
-            match c.check(req).await {
+            match call(c, timeout).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => {
                     let e = ClientError::Status(s);
@@ -329,6 +342,67 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// Adds a running node (started with `--join`) as a learner; with `wait`, returns once it
+    /// has caught up.
+    pub async fn add_learner(
+        &self,
+        node_id: u64,
+        addr: &str,
+        wait: bool,
+    ) -> Result<v1::MembershipResponse, ClientError> {
+        let msg = v1::AddLearnerRequest {
+            node_id,
+            addr: addr.to_string(),
+            wait_caught_up: wait,
+        };
+        self.cluster_call(Duration::from_secs(300), |mut c, t| {
+            let mut r = tonic::Request::new(msg.clone());
+            r.set_timeout(t);
+            async move { c.add_learner(r).await }
+        })
+        .await
+    }
+
+    /// Makes learners voters.
+    pub async fn promote(&self, node_ids: &[u64]) -> Result<v1::MembershipResponse, ClientError> {
+        let msg = v1::PromoteRequest {
+            node_ids: node_ids.to_vec(),
+        };
+        self.cluster_call(Duration::from_secs(300), |mut c, t| {
+            let mut r = tonic::Request::new(msg.clone());
+            r.set_timeout(t);
+            async move { c.promote(r).await }
+        })
+        .await
+    }
+
+    /// Removes members.
+    pub async fn remove(&self, node_ids: &[u64]) -> Result<v1::MembershipResponse, ClientError> {
+        let msg = v1::RemoveRequest {
+            node_ids: node_ids.to_vec(),
+        };
+        self.cluster_call(Duration::from_secs(300), |mut c, t| {
+            let mut r = tonic::Request::new(msg.clone());
+            r.set_timeout(t);
+            async move { c.remove(r).await }
+        })
+        .await
+    }
+
+    /// Moves leadership to `node_id`.
+    pub async fn transfer_leader(
+        &self,
+        node_id: u64,
+    ) -> Result<v1::MembershipResponse, ClientError> {
+        let msg = v1::TransferLeaderRequest { node_id };
+        self.cluster_call(Duration::from_secs(40), |mut c, t| {
+            let mut r = tonic::Request::new(msg);
+            r.set_timeout(t);
+            async move { c.transfer_leader(r).await }
+        })
+        .await
     }
 
     /// The status of cluster member `member`, asked through the node at position `via`.

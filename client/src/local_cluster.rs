@@ -66,6 +66,8 @@ pub struct LocalNode {
     /// Data directory.
     pub data_dir: PathBuf,
     child: Option<Child>,
+    /// Started with `--join` instead of `--peers`.
+    joining: bool,
 }
 
 impl LocalNode {
@@ -131,6 +133,7 @@ impl LocalCluster {
                 addr: spec.addrs[i - 1].clone(),
                 data_dir: spec.data_dir.join(format!("node{i}")),
                 child: None,
+                joining: false,
             })
             .collect();
         let mut cluster = LocalCluster { spec, nodes };
@@ -140,10 +143,11 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    /// The `--peers` value.
+    /// The `--peers` value (the founding members).
     pub fn peers_arg(&self) -> String {
         self.nodes
             .iter()
+            .take(self.spec.nodes)
             .map(|n| format!("{}={}", n.id, n.addr))
             .collect::<Vec<_>>()
             .join(",")
@@ -168,6 +172,40 @@ impl LocalCluster {
         &mut self.nodes[(id - 1) as usize]
     }
 
+    /// Adds node `id` at `addr` to this process set and starts it with `--join` (it waits to
+    /// be added to the cluster with `Cluster.AddLearner`). Its data directory is wiped first.
+    pub fn start_joining_node(&mut self, id: u64, addr: &str) -> std::io::Result<()> {
+        let data_dir = self.spec.data_dir.join(format!("node{id}"));
+        if data_dir.exists() {
+            std::fs::remove_dir_all(&data_dir)?;
+        }
+        while self.nodes.len() < id as usize {
+            let n = self.nodes.len() as u64 + 1;
+            self.nodes.push(LocalNode {
+                id: n,
+                addr: String::new(),
+                data_dir: self.spec.data_dir.join(format!("node{n}")),
+                child: None,
+                joining: true,
+            });
+        }
+        let node = self.node_mut(id);
+        node.addr = addr.to_string();
+        node.data_dir = data_dir;
+        node.joining = true;
+        self.start_node(id)
+    }
+
+    /// Wipes node `id`'s data directory (it must be stopped) so that it starts empty.
+    pub fn wipe_node(&mut self, id: u64) -> std::io::Result<()> {
+        let dir = self.node(id).data_dir.clone();
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        self.node_mut(id).joining = true;
+        Ok(())
+    }
+
     /// Starts node `id` (it must not be running).
     pub fn start_node(&mut self, id: u64) -> std::io::Result<()> {
         let peers = self.peers_arg();
@@ -187,8 +225,11 @@ impl LocalCluster {
             .arg(&node.data_dir)
             .arg("--listen")
             .arg(&node.addr)
-            .arg("--peers")
-            .arg(&peers)
+            .args(if node.joining {
+                vec!["--join".to_string()]
+            } else {
+                vec!["--peers".to_string(), peers]
+            })
             .args(&extra)
             .env(
                 "RUST_LOG",

@@ -33,6 +33,11 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
 
+    /// Start without forming a cluster: wait to be added to an existing one as a learner
+    /// (`raftpg member add`). Ignores --peers.
+    #[arg(long, env = "RAFTPG_JOIN")]
+    pub join: bool,
+
     /// Use an existing PostgreSQL instead of the embedded one (e.g. postgres://u@host/db).
     #[arg(long, env = "RAFTPG_PG_URL")]
     pub pg_url: Option<String>,

@@ -7,6 +7,8 @@
 //! (SIGTERM/SIGINT): stop serving, stop Raft, stop PostgreSQL.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,7 +68,26 @@ pub struct NodeContext {
     pub clock: Arc<EntryClock>,
     /// gRPC channels to other nodes (forwarding, read index), by address.
     peer_channels: Mutex<HashMap<String, Channel>>,
+    /// This node's data directory.
+    pub data_dir: PathBuf,
+    /// Set when the cluster removed this node: it serves no more reads or writes.
+    removed: AtomicBool,
+    /// PostgreSQL version, encoding and collation (read once).
+    pg_identity: tokio::sync::OnceCell<PgIdentity>,
 }
+
+/// What must match between members' PostgreSQL servers.
+#[derive(Clone, Debug)]
+pub struct PgIdentity {
+    /// server_version_num.
+    pub version: String,
+    /// Database encoding.
+    pub encoding: String,
+    /// Database collation.
+    pub collation: String,
+}
+
+const REMOVED_MARKER: &str = "removed";
 
 impl NodeContext {
     /// A channel to another node's gRPC address (cached).
@@ -105,6 +126,67 @@ impl NodeContext {
                 return None;
             }
         }
+    }
+
+    /// Whether the cluster removed this node.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    /// The refusal for a removed node.
+    pub fn refuse_if_removed(&self) -> Result<(), tonic::Status> {
+        if self.is_removed() {
+            // UNAVAILABLE: nothing was done, and clients should use another node.
+            return Err(crate::api::not_leader(
+                format!(
+                    "node {} was removed from the cluster and no longer serves reads or writes; use another node",
+                    self.id
+                ),
+                self.leader().filter(|(id, _)| *id != self.id),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Marks this node removed (persistently) and stops it from starting elections.
+    pub fn retire(&self, log_index: u64) {
+        self.removed.store(true, Ordering::Relaxed);
+        if let Err(e) = std::fs::write(
+            self.data_dir.join(REMOVED_MARKER),
+            format!("removed at log index {log_index}\n"),
+        ) {
+            warn!(error = %e, "cannot persist the removed marker");
+        }
+        self.raft.runtime_config().elect(false);
+        self.raft.runtime_config().heartbeat(false);
+        warn!(
+            node = self.id,
+            log_index, "this node was removed from the cluster; it stops serving"
+        );
+    }
+
+    /// This node's PostgreSQL version, encoding and collation.
+    pub async fn pg_identity(&self) -> Result<PgIdentity, tonic::Status> {
+        self.pg_identity
+            .get_or_try_init(|| async {
+                let mut pooled = self.reads.get().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                let row = pooled
+                    .client()
+                    .query_one(
+                        "SELECT current_setting('server_version_num'), pg_encoding_to_char(encoding), datcollate
+                         FROM pg_database WHERE datname = current_database()",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(format!("reading PostgreSQL's identity: {e}")))?;
+                Ok(PgIdentity {
+                    version: row.get(0),
+                    encoding: row.get(1),
+                    collation: row.get(2),
+                })
+            })
+            .await
+            .cloned()
     }
 
     /// Whether this node currently leads.
@@ -217,6 +299,11 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     .context("starting raft")?;
     if raft.is_initialized().await.unwrap_or(false) {
         info!(node = cfg.id, "raft state found; rejoining the cluster");
+    } else if cfg.join {
+        info!(
+            node = cfg.id,
+            "empty log: waiting to be added to a cluster (Cluster.AddLearner)"
+        );
     } else {
         let nodes: BTreeMap<NodeId, BasicNode> = members
             .iter()
@@ -249,7 +336,14 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         write_permits: Arc::new(Semaphore::new(cfg.write_inflight_max.max(1))),
         clock,
         peer_channels: Mutex::new(HashMap::new()),
+        data_dir: cfg.data_dir.clone(),
+        removed: AtomicBool::new(cfg.data_dir.join(REMOVED_MARKER).exists()),
+        pg_identity: tokio::sync::OnceCell::new(),
     });
+    if ctx.is_removed() {
+        warn!(node = cfg.id, "this node was removed from its cluster; it serves status only (wipe the data directory to reuse it)");
+        raft.runtime_config().elect(false);
+    }
     // Decoding limit above the API limit, so that the services can answer an oversized request
     // with a precise RESOURCE_EXHAUSTED instead of a transport error.
     let decode_max = cfg

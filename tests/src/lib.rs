@@ -21,6 +21,7 @@ pub struct TestCluster {
     /// A client knowing every node.
     pub client: Client,
     dir: PathBuf,
+    net: u8,
 }
 
 /// Starts `nodes` nodes for test `name`; `net` (1..=250) must be unique per test: node `i`
@@ -62,12 +63,18 @@ pub async fn start_cluster_with(
         cluster,
         client,
         dir,
+        net,
     };
     tc.client
         .wait_for_leader(Duration::from_secs(90))
         .await
         .context("waiting for a leader")?;
     Ok(tc)
+}
+
+/// The loopback address of node `id` of the test cluster on `net`.
+fn node_addr(net: u8, id: u64) -> String {
+    format!("127.0.{net}.{}:{}", 10 + id, 17000 + net as u16)
 }
 
 impl Drop for TestCluster {
@@ -89,6 +96,11 @@ impl Drop for TestCluster {
 pub type Checksums = BTreeMap<String, String>;
 
 impl TestCluster {
+    /// The address node `id` has (or would have) in this cluster.
+    pub fn addr_of(&self, id: u64) -> String {
+        node_addr(self.net, id)
+    }
+
     /// A client for node `id` only.
     pub fn node_client(&self, id: u64) -> Client {
         Client::new(&[self.cluster.node(id).addr.clone()]).expect("valid address")

@@ -57,6 +57,9 @@ enum Cmd {
     },
     /// Show every node's status.
     Status,
+    /// Change the cluster's membership.
+    #[command(subcommand)]
+    Member(MemberCmd),
     /// Compare every node's copy at one log position; exit 1 if any table differs, 3 if a node
     /// did not answer.
     Check {
@@ -74,6 +77,37 @@ enum Cmd {
         /// Stop the cluster when the demo is done.
         #[arg(long)]
         exit: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemberCmd {
+    /// Add a running node (started with `raftpg-node --join`) as a learner.
+    Add {
+        /// The new node's id.
+        id: u64,
+        /// Its gRPC address (host:port).
+        addr: String,
+        /// Return at once instead of waiting for it to catch up.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Make learners voters.
+    Promote {
+        /// Node ids.
+        #[arg(required = true)]
+        ids: Vec<u64>,
+    },
+    /// Remove members (voters or learners).
+    Remove {
+        /// Node ids.
+        #[arg(required = true)]
+        ids: Vec<u64>,
+    },
+    /// Move leadership to a voter.
+    Transfer {
+        /// Node id.
+        id: u64,
     },
 }
 
@@ -197,6 +231,8 @@ fn print_check(r: &raftpg_client::v1::CheckResponse) -> i32 {
     }
 }
 
+/// Prints every member's status (asked through the first node that answers), with its
+/// replication lag as the leader sees it.
 async fn print_status(client: &Client) {
     let header = [
         "node",
@@ -207,46 +243,73 @@ async fn print_status(client: &Client) {
         "last log",
         "committed",
         "applied",
+        "lag",
         "postgres",
         "applier",
     ];
-    let mut rows = Vec::new();
-    for (addr, st) in client.addrs().iter().zip(client.status_all().await) {
-        rows.push(match st {
-            Ok(s) => vec![
-                s.node_id.to_string(),
-                addr.clone(),
-                s.role,
-                s.term.to_string(),
-                if s.has_leader {
-                    s.leader_id.to_string()
-                } else {
-                    "-".into()
-                },
-                s.last_log_index.to_string(),
-                s.committed_index.to_string(),
-                s.applied_index.to_string(),
-                if s.postgres_up {
-                    "up".into()
-                } else {
-                    "DOWN".into()
-                },
-                s.applier_state,
-            ],
-            Err(e) => vec![
-                "?".into(),
-                addr.clone(),
-                format!("unreachable ({})", e.code()),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-            ],
-        });
+    let mut via = None;
+    let mut members = Vec::new();
+    for (i, st) in client.status_all().await.into_iter().enumerate() {
+        if let Ok(st) = st {
+            via = Some(i);
+            members = st.members.clone();
+            break;
+        }
     }
+    let Some(via) = via else {
+        println!("no node answers at {}", client.addrs().join(", "));
+        return;
+    };
+    let mut statuses = Vec::new();
+    for m in &members {
+        statuses.push((m.clone(), client.member_status(via, m.node_id).await));
+    }
+    let leader_view = statuses
+        .iter()
+        .find_map(|(_, s)| s.as_ref().ok().filter(|s| s.role == "leader").cloned());
+    let rows: Vec<Vec<String>> = statuses
+        .into_iter()
+        .map(|(m, st)| match st {
+            Ok(s) => {
+                let lag = leader_view.as_ref().and_then(|l| {
+                    l.members
+                        .iter()
+                        .find(|x| x.node_id == m.node_id && x.has_matched)
+                        .map(|x| l.last_log_index.saturating_sub(x.matched_index).to_string())
+                });
+                vec![
+                    format!("{}{}", s.node_id, if m.voter { "" } else { " (learner)" }),
+                    m.addr.clone(),
+                    if s.removed { "removed".into() } else { s.role },
+                    s.term.to_string(),
+                    if s.has_leader {
+                        s.leader_id.to_string()
+                    } else {
+                        "-".into()
+                    },
+                    s.last_log_index.to_string(),
+                    s.committed_index.to_string(),
+                    s.applied_index.to_string(),
+                    lag.unwrap_or_else(|| "-".into()),
+                    if s.postgres_up {
+                        format!("up {}", s.postgres_version)
+                    } else {
+                        "DOWN".into()
+                    },
+                    s.applier_state,
+                ]
+            }
+            Err(e) => {
+                let mut row = vec![
+                    m.node_id.to_string(),
+                    m.addr.clone(),
+                    format!("unreachable ({:?})", e.code()),
+                ];
+                row.resize(header.len(), String::new());
+                row
+            }
+        })
+        .collect();
     print_rows(&header.map(String::from), &rows);
 }
 
@@ -496,6 +559,42 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Status => print_status(&Client::new(&cli.nodes)?).await,
+        Cmd::Member(m) => {
+            let client = Client::new(&cli.nodes)?;
+            let r = match m {
+                MemberCmd::Add { id, addr, no_wait } => {
+                    client.add_learner(id, &addr, !no_wait).await
+                }
+                MemberCmd::Promote { ids } => client.promote(&ids).await,
+                MemberCmd::Remove { ids } => client.remove(&ids).await,
+                MemberCmd::Transfer { id } => client.transfer_leader(id).await,
+            };
+            match r {
+                Ok(r) => {
+                    println!(
+                        "{}{}",
+                        r.message,
+                        if r.log_index > 0 {
+                            format!(" (log index {})", r.log_index)
+                        } else {
+                            String::new()
+                        }
+                    );
+                    for m in &r.members {
+                        println!(
+                            "  node {} {} {}",
+                            m.node_id,
+                            m.addr,
+                            if m.voter { "voter" } else { "learner" }
+                        );
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
         Cmd::Check { timeout } => {
             let client = Client::new(&cli.nodes)?;
             let r = client.check(Duration::from_secs(timeout)).await?;

@@ -14,9 +14,9 @@ use raftpg_proto::v1::{
     CheckRequest, CheckResponse, NodeChecksums, TableChecksum, TableChecksumsRequest,
     TableChecksumsResponse,
 };
-use raftpg_proto::FORWARDED_METADATA;
 use tonic::{Request, Status};
 
+use crate::api::membership::{forwarded, route};
 use crate::api::not_leader;
 use crate::checksums;
 use crate::command::{ApplyOutcome, Command};
@@ -41,23 +41,16 @@ fn to_proto(t: &crate::command::TableChecksum) -> TableChecksum {
 
 /// Runs a check (on the leader; other nodes forward it).
 pub async fn check(ctx: &NodeContext, req: Request<CheckRequest>) -> Result<CheckResponse, Status> {
-    let forwarded = req.metadata().get(FORWARDED_METADATA).is_some();
     let wait = wait_of(req.get_ref().timeout_ms);
-    if !ctx.is_leader() {
-        if forwarded {
-            return Err(not_leader("this node is not the leader", ctx.leader()));
-        }
-        let Some((_, addr)) = ctx.wait_for_leader(Duration::from_secs(5)).await else {
-            return Err(not_leader("no leader is known; retry", None));
-        };
-        let mut client = ClusterClient::new(ctx.channel_to(&addr)?);
-        let mut fwd = Request::new(req.into_inner());
-        fwd.set_timeout(wait + Duration::from_secs(5));
-        fwd.metadata_mut().insert(
-            FORWARDED_METADATA,
-            tonic::metadata::MetadataValue::from(ctx.id),
-        );
-        return client.check(fwd).await.map(|r| r.into_inner());
+    if let Some(mut leader) = route(ctx, &req).await? {
+        return leader
+            .check(forwarded(
+                ctx,
+                req.into_inner(),
+                wait + Duration::from_secs(5),
+            ))
+            .await
+            .map(|r| r.into_inner());
     }
     let written = tokio::time::timeout(wait, ctx.raft.client_write(Command::Checksum))
         .await

@@ -7,8 +7,9 @@ use openraft::ServerState;
 use raftpg_proto::v1::cluster_client::ClusterClient;
 use raftpg_proto::v1::cluster_server::Cluster;
 use raftpg_proto::v1::{
-    CheckRequest, CheckResponse, Member, StatusRequest, StatusResponse, TableChecksumsRequest,
-    TableChecksumsResponse,
+    AddLearnerRequest, CheckRequest, CheckResponse, MembershipResponse, PromoteRequest,
+    RemoveRequest, RetireRequest, RetireResponse, StatusRequest, StatusResponse,
+    TableChecksumsRequest, TableChecksumsResponse, TransferLeaderRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -29,6 +30,50 @@ impl ClusterService {
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
+    async fn add_learner(
+        &self,
+        req: Request<AddLearnerRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        super::membership::add_learner(&self.ctx, req)
+            .await
+            .map(Response::new)
+    }
+
+    async fn promote(
+        &self,
+        req: Request<PromoteRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        super::membership::promote(&self.ctx, req)
+            .await
+            .map(Response::new)
+    }
+
+    async fn remove(
+        &self,
+        req: Request<RemoveRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        super::membership::remove(&self.ctx, req)
+            .await
+            .map(Response::new)
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        super::membership::transfer_leader(&self.ctx, req)
+            .await
+            .map(Response::new)
+    }
+
+    async fn retire(
+        &self,
+        req: Request<RetireRequest>,
+    ) -> Result<Response<RetireResponse>, Status> {
+        self.ctx.retire(req.get_ref().log_index);
+        Ok(Response::new(RetireResponse {}))
+    }
+
     async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         super::check::check(&self.ctx, req).await.map(Response::new)
     }
@@ -76,24 +121,7 @@ impl Cluster for ClusterService {
             .map_err(|e| Status::unavailable(format!("raft stopped: {e}")))?;
         let m = self.ctx.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
-        let voters: Vec<u64> = membership.voter_ids().collect();
-        let members = membership
-            .nodes()
-            .map(|(id, node)| {
-                let matched = m
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(id).cloned())
-                    .flatten();
-                Member {
-                    node_id: *id,
-                    addr: node.addr.clone(),
-                    voter: voters.contains(id),
-                    matched_index: matched.map(|l| l.index).unwrap_or(0),
-                    has_matched: matched.is_some(),
-                }
-            })
-            .collect();
+        let members = super::membership::members(&self.ctx);
         let role = match m.state {
             ServerState::Leader => "leader",
             ServerState::Follower => "follower",
@@ -106,6 +134,15 @@ impl Cluster for ClusterService {
             .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()))
             .unwrap_or_default();
         let health = self.ctx.pg_health.borrow().clone();
+        let identity = self
+            .ctx
+            .pg_identity()
+            .await
+            .unwrap_or(crate::node::PgIdentity {
+                version: String::new(),
+                encoding: String::new(),
+                collation: String::new(),
+            });
         Ok(Response::new(StatusResponse {
             node_id: self.ctx.id,
             role: role.into(),
@@ -122,7 +159,10 @@ impl Cluster for ClusterService {
                 PgHealth::Up => self.ctx.applier.get(),
                 other => format!("postgres {other:?}; applier: {}", self.ctx.applier.get()),
             },
-            postgres_version: String::new(),
+            postgres_version: identity.version,
+            encoding: identity.encoding,
+            collation: identity.collation,
+            removed: self.ctx.is_removed(),
         }))
     }
 }

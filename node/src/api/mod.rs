@@ -5,6 +5,7 @@
 
 pub mod check;
 pub mod cluster;
+pub mod membership;
 pub mod raft;
 pub mod read;
 pub mod write;

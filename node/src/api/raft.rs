@@ -65,6 +65,19 @@ impl RaftApi for RaftService {
         encode(&self.ctx.raft.install_snapshot(rpc).await)
     }
 
+    async fn start_election(
+        &self,
+        _req: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        self.ctx
+            .raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| Status::unavailable(format!("raft stopped: {e}")))?;
+        Ok(Response::new(ReadIndexResponse { index: 0 }))
+    }
+
     async fn read_index(
         &self,
         _req: Request<ReadIndexRequest>,

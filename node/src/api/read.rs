@@ -247,6 +247,7 @@ impl Read for ReadService {
                     ),
                 ));
             }
+            self.ctx.refuse_if_removed()?;
             determinism::check_read(&req.sql)
                 .map_err(|r| refused(Code::InvalidArgument, r.sqlstate, r.message))?;
             let wait = match req.timeout_ms {

@@ -238,6 +238,7 @@ impl Write for WriteService {
             forwarded
         );
         async move {
+            self.ctx.refuse_if_removed()?;
             let statements = self.validate(&req)?;
             let _permit = self
                 .ctx

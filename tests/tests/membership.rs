@@ -1,0 +1,212 @@
+//! Membership changes under load: grow 3 -> 5 with new nodes seeded by snapshots (the log is
+//! compacted), shrink back to 3 removing the old leader, replace a wiped node, transfer
+//! leadership. No acknowledged write may be lost and every member must end identical.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use testkit::{check_load, start_cluster_with, values, write_load};
+use tonic::Code;
+
+const COMPACT: &[&str] = &[
+    "--snapshot-every-entries",
+    "200",
+    "--snapshot-keep-entries",
+    "50",
+];
+const LOAD_DDL: &str =
+    "CREATE TABLE load (id serial PRIMARY KEY, k bigint NOT NULL UNIQUE, w int NOT NULL)";
+
+fn log_line(path: &std::path::Path, needle: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .find(|l| l.contains(needle))
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grow_to_five_and_shrink_to_three_under_load() {
+    let mut tc = start_cluster_with("grow_shrink", 51, 3, COMPACT)
+        .await
+        .unwrap();
+    tc.client.execute_one(LOAD_DDL, vec![]).await.unwrap();
+    let all_addrs: Vec<String> = (1..=5).map(|id| tc.addr_of(id)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(write_load(all_addrs.clone(), "load", 4, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    // Grow: nodes 4 and 5 join empty; the log has been compacted, so they need a snapshot.
+    let t0 = Instant::now();
+    for id in [4, 5] {
+        tc.cluster.start_joining_node(id, &tc.addr_of(id)).unwrap();
+        let r = tc
+            .client
+            .add_learner(id, &tc.addr_of(id), true)
+            .await
+            .unwrap();
+        assert!(
+            r.members.iter().any(|m| m.node_id == id && !m.voter),
+            "{r:?}"
+        );
+        // Idempotent: adding again is a no-op.
+        assert_eq!(
+            tc.client
+                .add_learner(id, &tc.addr_of(id), true)
+                .await
+                .unwrap()
+                .log_index,
+            0
+        );
+    }
+    let r = tc.client.promote(&[4, 5]).await.unwrap();
+    assert_eq!(r.members.iter().filter(|m| m.voter).count(), 5, "{r:?}");
+    assert_eq!(
+        tc.client.promote(&[4, 5]).await.unwrap().log_index,
+        0,
+        "promote is idempotent"
+    );
+    let grow_secs = t0.elapsed().as_secs_f64();
+    for id in [4u64, 5] {
+        let log = tc.cluster.data_dir().join(format!("node{id}.log"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let installed = loop {
+            if let Some(line) = log_line(&log, "installed snapshot") {
+                break line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} was not seeded by a snapshot"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        eprintln!("node {id}: {installed}");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Shrink: remove the old leader and another founding node.
+    let old_leader = tc
+        .client
+        .wait_for_leader(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let other = (1..=3).find(|id| *id != old_leader).unwrap();
+    let r = tc.client.remove(&[old_leader, other]).await.unwrap();
+    assert_eq!(r.members.len(), 3, "{r:?}");
+    assert!(r
+        .members
+        .iter()
+        .all(|m| m.node_id != old_leader && m.node_id != other));
+    assert_eq!(
+        tc.client.remove(&[old_leader]).await.unwrap().log_index,
+        0,
+        "remove is idempotent"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+
+    // A removed node refuses writes and reads with a clear error.
+    let removed = raftpg_client::Client::with_config(
+        &[tc.cluster.node(old_leader).addr.clone()],
+        raftpg_client::ClientConfig {
+            attempts_max: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let e = removed
+        .execute_one("INSERT INTO load (k, w) VALUES (-1, -1)", vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.to_string().contains("removed"), "{e}");
+
+    let members: Vec<u64> = r.members.iter().map(|m| m.node_id).collect();
+    let check = tc.client.check(Duration::from_secs(120)).await.unwrap();
+    assert!(
+        check.identical,
+        "{:?} {:?}",
+        check.differences, check.missing_nodes
+    );
+    assert_eq!(check.nodes.len(), 3);
+    for id in &members {
+        check_load(&tc, *id, "load", &report).await.unwrap();
+    }
+    let snap_bytes: u64 = std::fs::read_dir(tc.cluster.node(4).data_dir.join("snapshots"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("snap-"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    eprintln!(
+        "grow/shrink: acked {}, unknown {}, failed {}, lost 0; grow took {grow_secs:.1} s; snapshot {} bytes",
+        report.acked.len(),
+        report.unknown.len(),
+        report.failed.len(),
+        snap_bytes
+    );
+    assert!(report.acked.len() > 100, "the load made progress");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wiped_node_is_replaced_and_leadership_transfers() {
+    let mut tc = start_cluster_with("replace", 52, 3, COMPACT).await.unwrap();
+    let c = &tc.client;
+    c.execute_one("CREATE TABLE t (id serial PRIMARY KEY, v text)", vec![])
+        .await
+        .unwrap();
+    for i in 0..250 {
+        c.execute_one(
+            "INSERT INTO t (v) VALUES ($1)",
+            vec![values::text(format!("v{i}"))],
+        )
+        .await
+        .unwrap();
+    }
+    let leader = c.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let victim = (1..=3).find(|id| *id != leader).unwrap();
+    // The node's disk is lost.
+    tc.cluster.kill_node(victim);
+    tc.cluster.wipe_node(victim).unwrap();
+    c.remove(&[victim]).await.unwrap();
+    for i in 0..50 {
+        c.execute_one(
+            "INSERT INTO t (v) VALUES ($1)",
+            vec![values::text(format!("w{i}"))],
+        )
+        .await
+        .unwrap();
+    }
+    // Re-add it empty, under the same id and address.
+    tc.cluster
+        .start_joining_node(victim, &tc.addr_of(victim))
+        .unwrap();
+    c.add_learner(victim, &tc.addr_of(victim), true)
+        .await
+        .unwrap();
+    c.promote(&[victim]).await.unwrap();
+    let check = c.check(Duration::from_secs(120)).await.unwrap();
+    assert!(
+        check.identical,
+        "{:?} {:?}",
+        check.differences, check.missing_nodes
+    );
+    assert_eq!(check.nodes.len(), 3);
+
+    // Leadership moves to the re-added node; writes go on.
+    let r = c.transfer_leader(victim).await.unwrap();
+    assert!(r.message.contains("leads"), "{r:?}");
+    assert_eq!(
+        c.wait_for_leader(Duration::from_secs(30)).await.unwrap(),
+        victim
+    );
+    c.execute_one("INSERT INTO t (v) VALUES ('after transfer')", vec![])
+        .await
+        .unwrap();
+    let e = c.transfer_leader(42).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let check = c.check(Duration::from_secs(60)).await.unwrap();
+    assert!(check.identical, "{:?}", check.differences);
+}
