@@ -274,6 +274,30 @@ impl Client {
             .map_err(ClientError::Status)
     }
 
+    /// Runs a streamed read on the node at position `node`, returning all chunks' rows.
+    pub async fn query_stream_node(
+        &self,
+        node: usize,
+        request: QueryRequest,
+    ) -> Result<(Vec<v1::Column>, Vec<v1::Row>, u64), ClientError> {
+        let ch = self.channels.get(node).ok_or(ClientError::NoNodes)?.clone();
+        let mut c = ReadClient::new(ch).max_decoding_message_size(64 * 1024 * 1024);
+        let mut stream = c
+            .query_stream(request)
+            .await
+            .map_err(ClientError::Status)?
+            .into_inner();
+        let (mut columns, mut rows, mut applied) = (Vec::new(), Vec::new(), 0);
+        while let Some(chunk) = stream.message().await.map_err(ClientError::Status)? {
+            if !chunk.columns.is_empty() {
+                columns = chunk.columns;
+                applied = chunk.applied_index;
+            }
+            rows.extend(chunk.rows);
+        }
+        Ok((columns, rows, applied))
+    }
+
     /// A simple read of `sql` at `consistency`.
     pub async fn query_sql(
         &self,

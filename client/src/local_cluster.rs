@@ -252,6 +252,17 @@ impl LocalCluster {
         }
     }
 
+    /// Sends `sig` to node `id`'s process (SIGSTOP/SIGCONT pause and resume it).
+    pub fn signal_node(&self, id: u64, sig: libc::c_int) -> bool {
+        match self.node(id).pid() {
+            Some(pid) => {
+                send(pid as i32, sig);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// SIGTERMs node `id` and waits (up to 60 s) for it to stop.
     pub fn stop_node(&mut self, id: u64) {
         if let Some(mut c) = self.node_mut(id).child.take() {

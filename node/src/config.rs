@@ -87,6 +87,14 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_READ_ROWS_MAX", default_value_t = 100_000)]
     pub read_rows_max: usize,
 
+    /// Most rows a streamed read (Read.QueryStream) may return.
+    #[arg(
+        long,
+        env = "RAFTPG_READ_STREAM_ROWS_MAX",
+        default_value_t = 10_000_000
+    )]
+    pub read_stream_rows_max: usize,
+
     /// Most PostgreSQL connections used by reads.
     #[arg(long, env = "RAFTPG_READ_CONNECTIONS_MAX", default_value_t = 16)]
     pub read_connections_max: usize,

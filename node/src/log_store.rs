@@ -69,6 +69,8 @@ impl LogStore {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
+        // Bound the write-ahead log: memtables are flushed once the WAL reaches this size.
+        opts.set_max_total_wal_size(64 * 1024 * 1024);
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_LOGS, Options::default()),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
@@ -263,6 +265,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         );
         self.db
             .write_opt(batch, &sync_opts())
-            .map_err(|e| StorageIOError::write_logs(&io_err(e)).into())
+            .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
+        // Reclaim the disk space of the purged range in the background (physical only).
+        let store = self.clone();
+        let end = index_key(log_id.index.saturating_add(1));
+        tokio::task::spawn_blocking(move || {
+            store
+                .db
+                .compact_range_cf(store.cf_logs(), None::<&[u8]>, Some(&end[..]));
+        });
+        Ok(())
     }
 }

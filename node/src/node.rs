@@ -42,6 +42,8 @@ pub struct ApiLimits {
     pub statements_max: usize,
     /// Most rows a read returns.
     pub read_rows_max: usize,
+    /// Most rows a streamed read returns.
+    pub read_stream_rows_max: usize,
     /// Longest wait of a read for its consistency level.
     pub read_wait_max: Duration,
     /// Longest wait of a write for commit and apply.
@@ -57,7 +59,7 @@ pub struct NodeContext {
     /// API limits.
     pub limits: ApiLimits,
     /// Read connections.
-    pub reads: ReadPool,
+    pub reads: Arc<ReadPool>,
     /// PostgreSQL health (embedded mode: from the supervisor).
     pub pg_health: watch::Receiver<PgHealth>,
     /// What the applier is doing.
@@ -323,14 +325,15 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             request_bytes_max: cfg.request_bytes_max,
             statements_max: cfg.statements_max,
             read_rows_max: cfg.read_rows_max,
+            read_stream_rows_max: cfg.read_stream_rows_max,
             read_wait_max: Duration::from_millis(cfg.read_wait_ms),
             write_timeout: Duration::from_millis(cfg.write_timeout_ms),
         },
-        reads: ReadPool::new(
+        reads: Arc::new(ReadPool::new(
             endpoints.reader.clone(),
             cfg.read_connections_max,
             Duration::from_millis(cfg.read_wait_ms),
-        ),
+        )),
         pg_health: health_rx,
         applier,
         write_permits: Arc::new(Semaphore::new(cfg.write_inflight_max.max(1))),

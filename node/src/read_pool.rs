@@ -30,8 +30,8 @@ pub struct ReadPool {
 }
 
 /// A connection lent by the pool; returned to it when dropped (unless closed).
-pub struct PooledClient<'a> {
-    pool: &'a ReadPool,
+pub struct PooledClient {
+    pool: std::sync::Arc<ReadPool>,
     client: Option<tokio_postgres::Client>,
     _permit: OwnedSemaphorePermit,
 }
@@ -50,7 +50,7 @@ impl ReadPool {
     }
 
     /// Borrows a connection, waiting at most the pool's wait limit.
-    pub async fn get(&self) -> Result<PooledClient<'_>, PoolError> {
+    pub async fn get(self: &std::sync::Arc<Self>) -> Result<PooledClient, PoolError> {
         let permit = tokio::time::timeout(self.wait_max, self.permits.clone().acquire_owned())
             .await
             .map_err(|_| PoolError::Busy(self.connections_max))?
@@ -78,14 +78,14 @@ impl ReadPool {
             }
         };
         Ok(PooledClient {
-            pool: self,
+            pool: self.clone(),
             client: Some(client),
             _permit: permit,
         })
     }
 }
 
-impl PooledClient<'_> {
+impl PooledClient {
     /// The connection.
     pub fn client(&mut self) -> &mut tokio_postgres::Client {
         // Set in `get` and only taken in `drop`.
@@ -95,7 +95,7 @@ impl PooledClient<'_> {
     }
 }
 
-impl Drop for PooledClient<'_> {
+impl Drop for PooledClient {
     fn drop(&mut self) {
         if let Some(c) = self.client.take() {
             if !c.is_closed() {

@@ -82,7 +82,13 @@ impl RaftApi for RaftService {
         &self,
         _req: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexResponse>, Status> {
-        match self.ctx.raft.get_read_log_id().await {
+        let confirmed = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            self.ctx.raft.get_read_log_id(),
+        )
+        .await
+        .map_err(|_| Status::unavailable("leadership not confirmed by a quorum in time"))?;
+        match confirmed {
             Ok((read_log_id, _applied)) => Ok(Response::new(ReadIndexResponse {
                 index: read_log_id.map(|l| l.index).unwrap_or(0),
             })),
