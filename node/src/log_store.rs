@@ -71,6 +71,10 @@ impl LogStore {
         opts.create_missing_column_families(true);
         // Bound the write-ahead log: memtables are flushed once the WAL reaches this size.
         opts.set_max_total_wal_size(64 * 1024 * 1024);
+        // RocksDB's own info log: warnings only, rotated, two files kept.
+        opts.set_log_level(rocksdb::LogLevel::Warn);
+        opts.set_max_log_file_size(1024 * 1024);
+        opts.set_keep_log_file_num(2);
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_LOGS, Options::default()),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
@@ -270,6 +274,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let store = self.clone();
         let end = index_key(log_id.index.saturating_add(1));
         tokio::task::spawn_blocking(move || {
+            // Flushing the memtables releases the write-ahead log files that still hold the
+            // purged entries; compaction drops them from the table files.
+            for cf in [store.cf_logs(), store.cf_meta()] {
+                if let Err(e) = store.db.flush_cf(cf) {
+                    tracing::warn!(error = %e, "flushing the raft log after a purge");
+                }
+            }
             store
                 .db
                 .compact_range_cf(store.cf_logs(), None::<&[u8]>, Some(&end[..]));

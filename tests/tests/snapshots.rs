@@ -122,3 +122,55 @@ async fn lagging_follower_catches_up_from_a_snapshot() {
     let raft_log_bytes = dir_size(&tc.cluster.node(leader).data_dir.join("raft-log"));
     eprintln!("leader raft log: {raft_log_bytes} bytes after 700 writes with compaction every 100 entries");
 }
+
+/// Over a long write run the log is compacted again and again: the number of entries kept stays
+/// bounded (snapshot interval + kept entries + what is in flight), and so does its disk use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn raft_log_stays_bounded_over_a_long_run() {
+    let tc = start_cluster_with("log_bounded", 42, 3, COMPACT)
+        .await
+        .unwrap();
+    let c = &tc.client;
+    c.execute_one(
+        "CREATE TABLE ev (id serial PRIMARY KEY, payload text)",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let mut sizes = Vec::new();
+    for round in 0..5 {
+        for i in 0..600 {
+            c.execute_one(
+                "INSERT INTO ev (payload) VALUES ($1)",
+                vec![values::text(format!("{round}-{i}-{}", "y".repeat(500)))],
+            )
+            .await
+            .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for id in 1..=3u64 {
+            let st = c.member_status(0, id).await.unwrap();
+            let kept = st.last_log_index - st.purged_index;
+            assert!(
+                kept <= 100 + 20 + 120,
+                "node {id} keeps {kept} entries (last {}, purged {})",
+                st.last_log_index,
+                st.purged_index
+            );
+        }
+        let bytes = dir_size(&tc.cluster.node(1).data_dir.join("raft-log"));
+        sizes.push(bytes);
+        eprintln!(
+            "after {} writes: node 1 raft log {} bytes",
+            (round + 1) * 600,
+            bytes
+        );
+    }
+    // Disk use does not grow with the number of writes.
+    assert!(
+        sizes[4] < sizes[1] * 2 && sizes[4] < 4 * 1024 * 1024,
+        "raft log keeps growing: {sizes:?}"
+    );
+    let check = c.check(Duration::from_secs(60)).await.unwrap();
+    assert!(check.identical, "{:?}", check.differences);
+}

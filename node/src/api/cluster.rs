@@ -163,6 +163,8 @@ impl Cluster for ClusterService {
             encoding: identity.encoding,
             collation: identity.collation,
             removed: self.ctx.is_removed(),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
         }))
     }
 }
