@@ -68,6 +68,8 @@ pub struct LocalNode {
     child: Option<Child>,
     /// Started with `--join` instead of `--peers`.
     joining: bool,
+    /// Flags for this node only.
+    extra_args: Vec<String>,
 }
 
 impl LocalNode {
@@ -134,6 +136,7 @@ impl LocalCluster {
                 data_dir: spec.data_dir.join(format!("node{i}")),
                 child: None,
                 joining: false,
+                extra_args: Vec::new(),
             })
             .collect();
         let mut cluster = LocalCluster { spec, nodes };
@@ -179,6 +182,16 @@ impl LocalCluster {
         if data_dir.exists() {
             std::fs::remove_dir_all(&data_dir)?;
         }
+        self.ensure_slot(id);
+        let node = self.node_mut(id);
+        node.addr = addr.to_string();
+        node.data_dir = data_dir;
+        node.joining = true;
+        self.start_node(id)
+    }
+
+    /// Makes room for node `id` (a node joining later).
+    fn ensure_slot(&mut self, id: u64) {
         while self.nodes.len() < id as usize {
             let n = self.nodes.len() as u64 + 1;
             self.nodes.push(LocalNode {
@@ -187,13 +200,15 @@ impl LocalCluster {
                 data_dir: self.spec.data_dir.join(format!("node{n}")),
                 child: None,
                 joining: true,
+                extra_args: Vec::new(),
             });
         }
-        let node = self.node_mut(id);
-        node.addr = addr.to_string();
-        node.data_dir = data_dir;
-        node.joining = true;
-        self.start_node(id)
+    }
+
+    /// Extra flags for node `id` only (applied at its next start); creates the slot if needed.
+    pub fn add_extra_args(&mut self, id: u64, args: Vec<String>) {
+        self.ensure_slot(id);
+        self.node_mut(id).extra_args.extend(args);
     }
 
     /// Wipes node `id`'s data directory (it must be stopped) so that it starts empty.
@@ -210,7 +225,8 @@ impl LocalCluster {
     pub fn start_node(&mut self, id: u64) -> std::io::Result<()> {
         let peers = self.peers_arg();
         let bin = self.spec.node_bin.clone();
-        let extra = self.spec.extra_args.clone();
+        let mut extra = self.spec.extra_args.clone();
+        extra.extend(self.node(id).extra_args.iter().cloned());
         let log_path = self.spec.data_dir.join(format!("node{id}.log"));
         let node = self.node_mut(id);
         std::fs::create_dir_all(&node.data_dir)?;

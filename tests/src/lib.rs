@@ -328,3 +328,92 @@ pub async fn check_load(
     }
     Ok(())
 }
+
+/// A standalone PostgreSQL server (not managed by raftpg) in `dir`, listening on a Unix socket
+/// only, created with `initdb` options `initdb_args`. Stopped on drop.
+pub struct StandalonePostgres {
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl StandalonePostgres {
+    /// initdb + start, as the `postgres` OS user when running as root.
+    pub fn start(dir: &std::path::Path, initdb_args: &[&str]) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = [
+            "/usr/lib/postgresql/15/bin",
+            "/usr/lib/postgresql/16/bin",
+            "/usr/lib/postgresql/17/bin",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("initdb").is_file())
+        .context("no PostgreSQL binaries under /usr/lib/postgresql")?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))?;
+        let as_pg = |cmd: &str| -> anyhow::Result<()> {
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            let status = if root {
+                std::process::Command::new("su")
+                    .args(["postgres", "-s", "/bin/sh", "-c", cmd])
+                    .status()?
+            } else {
+                std::process::Command::new("sh")
+                    .args(["-c", cmd])
+                    .status()?
+            };
+            if !status.success() {
+                bail!("{cmd} failed: {status}");
+            }
+            Ok(())
+        };
+        let d = dir.display();
+        as_pg(&format!(
+            "{}/initdb -D {d}/data -U raftpg --auth=trust {} >{d}/initdb.log 2>&1",
+            bin.display(),
+            initdb_args.join(" ")
+        ))?;
+        as_pg(&format!(
+            "{}/pg_ctl -D {d}/data -l {d}/log -w -o \"-c listen_addresses= -k {d} -c shared_buffers=16MB\" start >/dev/null",
+            bin.display()
+        ))?;
+        as_pg(&format!(
+            "{}/psql -h {d} -U raftpg -d postgres -qc 'CREATE DATABASE app' >/dev/null",
+            bin.display()
+        ))?;
+        Ok(StandalonePostgres {
+            dir: dir.to_path_buf(),
+            bin,
+        })
+    }
+
+    /// A connection URL for database `app` (socket directory as host).
+    pub fn url(&self) -> String {
+        format!(
+            "postgresql://raftpg@{}/app",
+            self.dir.display().to_string().replace('/', "%2F")
+        )
+    }
+}
+
+impl Drop for StandalonePostgres {
+    fn drop(&mut self) {
+        let d = self.dir.display();
+        let cmd = format!(
+            "{}/pg_ctl -D {d}/data -m fast stop >/dev/null 2>&1",
+            self.bin.display()
+        );
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let _ = std::process::Command::new("su")
+                .args(["postgres", "-s", "/bin/sh", "-c", &cmd])
+                .status();
+        } else {
+            let _ = std::process::Command::new("sh").args(["-c", &cmd]).status();
+        }
+    }
+}

@@ -210,3 +210,30 @@ async fn wiped_node_is_replaced_and_leadership_transfers() {
     let check = c.check(Duration::from_secs(60)).await.unwrap();
     assert!(check.identical, "{:?}", check.differences);
 }
+
+/// A node whose PostgreSQL has another collation (here: an existing server reached with
+/// --pg-url, initialized with locale C) is refused when it is added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_with_a_different_collation_is_refused() {
+    let mut tc = start_cluster_with("incompatible", 53, 3, &[])
+        .await
+        .unwrap();
+    let pg = testkit::StandalonePostgres::start(
+        &tc.cluster.data_dir().join("other-pg"),
+        &["--locale=C", "--encoding=UTF8"],
+    )
+    .unwrap();
+    tc.cluster
+        .add_extra_args(4, vec!["--pg-url".into(), pg.url()]);
+    tc.cluster.start_joining_node(4, &tc.addr_of(4)).unwrap();
+    let e = tc
+        .client
+        .add_learner(4, &tc.addr_of(4), true)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.to_string().contains("collation"), "{e}");
+    let st = tc.client.status_of(0).await.unwrap();
+    assert_eq!(st.members.len(), 3, "the node was not added");
+    tc.cluster.stop_node(4);
+}
