@@ -7,6 +7,7 @@
 //!   (used by the CLI's `cluster`/`demo` commands and by the integration tests).
 //! - [`values`] builds and prints typed values.
 
+pub mod bench;
 pub mod local_cluster;
 pub mod values;
 

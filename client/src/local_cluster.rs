@@ -57,6 +57,18 @@ pub fn default_node_bin() -> PathBuf {
     PathBuf::from("raftpg-node")
 }
 
+/// The directory with PostgreSQL's programs: the newest `/usr/lib/postgresql/*/bin`.
+pub fn postgres_bin_dir() -> Option<PathBuf> {
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, p): &(u32, PathBuf)| p.join("initdb").is_file())
+        .collect();
+    dirs.sort();
+    dirs.pop().map(|(_, p)| p)
+}
+
 /// One node process.
 pub struct LocalNode {
     /// Node id (1-based).

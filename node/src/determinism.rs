@@ -393,6 +393,37 @@ pub fn prepare_write(sql: &str) -> Result<String, Refusal> {
     Ok(out)
 }
 
+/// A bounded memo of [`prepare_write`] (a pure function of the SQL text): parsing is the most
+/// expensive part of accepting a write, and applications send the same statements again and
+/// again. Holds at most `PREPARED_MAX` statements of at most `PREPARED_SQL_BYTES_MAX` bytes;
+/// emptied when full.
+#[derive(Default)]
+pub struct PreparedWrites {
+    memo: std::sync::Mutex<std::collections::HashMap<String, Result<String, Refusal>>>,
+}
+
+const PREPARED_MAX: usize = 1024;
+const PREPARED_SQL_BYTES_MAX: usize = 4096;
+
+impl PreparedWrites {
+    /// [`prepare_write`], memoized.
+    pub fn prepare(&self, sql: &str) -> Result<String, Refusal> {
+        if sql.len() > PREPARED_SQL_BYTES_MAX {
+            return prepare_write(sql);
+        }
+        if let Some(hit) = self.memo.lock().unwrap_or_else(|p| p.into_inner()).get(sql) {
+            return hit.clone();
+        }
+        let result = prepare_write(sql);
+        let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        if memo.len() >= PREPARED_MAX {
+            memo.clear();
+        }
+        memo.insert(sql.to_string(), result.clone());
+        result
+    }
+}
+
 fn cannot_rewrite(what: &str) -> Refusal {
     refuse(
         FEATURE_NOT_SUPPORTED,

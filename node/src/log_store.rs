@@ -1,9 +1,10 @@
 //! The Raft log, kept in RocksDB: vote, entries, committed log id and purge point.
 //!
 //! Owns the RocksDB instance under `<data-dir>/raft-log`. Invariants:
-//! - every write that openraft must be able to rely on after a crash (vote, appended entries,
-//!   truncation, purge point) is written with `sync = true` before it is acknowledged; appends are
-//!   group-committed: one synced write batch per `append` call;
+//! - every write that openraft must be able to rely on after a crash is durable before it is
+//!   acknowledged: votes, truncations and purge points are written with `sync = true`; appended
+//!   entries are written at once and reported flushed only after the flusher thread fsynced the
+//!   write-ahead log (one fsync for all appends queued meanwhile: group commit);
 //! - entries are contiguous: a truncate removes a suffix, a purge removes a prefix and records the
 //!   purged log id first, so there is never a hole.
 //!
@@ -37,12 +38,32 @@ pub enum LogStoreError {
         /// RocksDB's error.
         source: rocksdb::Error,
     },
+    /// The flusher thread could not start.
+    #[error("cannot start the Raft log flusher thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// The RocksDB-backed Raft log. Cheap to clone: clones share one RocksDB handle.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    /// Appends waiting for the next fsync of the write-ahead log.
+    flusher: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+/// Fsyncs the write-ahead log for every batch of waiting appends, then reports them flushed,
+/// in order. Ends when every `LogStore` clone is gone.
+fn run_flusher(db: Arc<DB>, queue: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = queue.recv() {
+        let mut waiting = vec![first];
+        while let Ok(more) = queue.try_recv() {
+            waiting.push(more);
+        }
+        let synced = db.flush_wal(true).map_err(|e| e.to_string());
+        for callback in waiting {
+            callback.log_io_completed(synced.clone().map_err(io_err));
+        }
+    }
 }
 
 fn index_key(index: u64) -> [u8; 8] {
@@ -84,7 +105,14 @@ impl LogStore {
                 path: path.display().to_string(),
                 source,
             })?;
-        Ok(LogStore { db: Arc::new(db) })
+        let db = Arc::new(db);
+        let (flusher, queue) = std::sync::mpsc::channel();
+        let flush_db = db.clone();
+        std::thread::Builder::new()
+            .name("raft-log-flusher".into())
+            .spawn(move || run_flusher(flush_db, queue))
+            .map_err(LogStoreError::Thread)?;
+        Ok(LogStore { db, flusher })
     }
 
     fn cf_logs(&self) -> &rocksdb::ColumnFamily {
@@ -230,22 +258,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 serde_json::to_vec(&entry).map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
             batch.put_cf(self.cf_logs(), index_key(entry.log_id.index), bytes);
         }
-        // One synced write per append: the group commit of the log. The entries are readable
-        // once `write_opt` returns, and durable because `sync` is set.
-        let store = self.clone();
-        let result = tokio::task::spawn_blocking(move || store.db.write_opt(batch, &sync_opts()))
-            .await
-            .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
-        match result {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(io_err(&e)));
-                Err(StorageIOError::write_logs(&io_err(e)).into())
-            }
+        // Written now (readable at once, in order), made durable by the flusher thread, which
+        // fsyncs the write-ahead log once for every append queued meanwhile (group commit)
+        // and only then reports the entries flushed to openraft.
+        if let Err(e) = self.db.write_opt(batch, &WriteOptions::default()) {
+            callback.log_io_completed(Err(io_err(&e)));
+            return Err(StorageIOError::write_logs(&io_err(e)).into());
         }
+        if let Err(std::sync::mpsc::SendError(callback)) = self.flusher.send(callback) {
+            callback.log_io_completed(Err(io_err("the log flusher stopped")));
+            return Err(StorageIOError::write_logs(&io_err("the log flusher stopped")).into());
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> StoreResult<()> {

@@ -2,6 +2,7 @@
 //! `../shared/design.md` for the data flow and invariants.
 
 mod api;
+mod applier;
 mod checksums;
 mod clock;
 mod command;

@@ -74,6 +74,8 @@ pub struct NodeContext {
     pub data_dir: PathBuf,
     /// Set when the cluster removed this node: it serves no more reads or writes.
     removed: AtomicBool,
+    /// Memo of the leader-side SQL check and rewrite.
+    pub prepared_writes: crate::determinism::PreparedWrites,
     /// PostgreSQL version, encoding and collation (read once).
     pg_identity: tokio::sync::OnceCell<PgIdentity>,
 }
@@ -342,6 +344,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         data_dir: cfg.data_dir.clone(),
         removed: AtomicBool::new(cfg.data_dir.join(REMOVED_MARKER).exists()),
         pg_identity: tokio::sync::OnceCell::new(),
+        prepared_writes: Default::default(),
     });
     if ctx.is_removed() {
         warn!(node = cfg.id, "this node was removed from its cluster; it serves status only (wipe the data directory to reuse it)");

@@ -19,26 +19,20 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
 };
-use postgres_types::ToSql;
 use tokio::sync::watch;
-use tokio_postgres::error::SqlState;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
+use crate::applier::{Applier, BatchEnd, EnvError};
 use crate::checksums;
 use crate::clock::EntryClock;
-use crate::command::{
-    ApplyOutcome, ColumnInfo, Command, Entry, LogId, NodeId, SqlFailure, SqlStatement,
-    StatementOutcome, StoredMembership, TypeConfig, WriteCommand,
-};
+use crate::command::{ApplyOutcome, Command, Entry, LogId, NodeId, StoredMembership, TypeConfig};
 use crate::log_store::LogStore;
 use crate::request_log;
 use crate::snapshot::{SnapshotError, SnapshotStore};
-use crate::values::{self, Cell};
 use openraft::storage::RaftLogReader;
 
 /// Limits of the apply path.
@@ -83,78 +77,6 @@ impl ApplierStatus {
         self.state.lock().map(|g| g.clone()).unwrap_or_default()
     }
 }
-
-/// An error while applying that is not the entry's fault (design.md invariant 3).
-#[derive(Debug, thiserror::Error)]
-#[error("environmental error: {0}")]
-struct EnvError(String);
-
-impl From<tokio_postgres::Error> for EnvError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        match e.as_db_error() {
-            Some(db) => EnvError(format!("{} ({})", db.message(), db.code().code())),
-            None => EnvError(e.to_string()),
-        }
-    }
-}
-
-/// Failure of one statement: either the entry's result, or a reason to retry the batch.
-enum StmtError {
-    Deterministic(SqlFailure),
-    Environmental(EnvError),
-}
-
-/// Whether a SQLSTATE is raised the same way on every node for the same entry and state.
-/// Unknown classes are treated as environmental: retrying is safe, recording is not.
-pub fn is_deterministic(code: &str) -> bool {
-    const CLASSES: [&str; 14] = [
-        "0A", "21", "22", "23", "27", "2B", "2F", "38", "39", "3D", "3F", "42", "44", "P0",
-    ];
-    const CODES: [&str; 6] = ["55000", "25001", "0B000", "2D000", "3B001", "54000"];
-    CLASSES.iter().any(|c| code.starts_with(c)) || CODES.contains(&code) || code.starts_with("54")
-}
-
-fn failure(code: &str, message: impl Into<String>) -> SqlFailure {
-    SqlFailure {
-        sqlstate: code.to_string(),
-        message: message.into(),
-        detail: String::new(),
-        hint: String::new(),
-        statement_index: 0,
-    }
-}
-
-fn classify(e: tokio_postgres::Error) -> StmtError {
-    if let Some(db) = e.as_db_error() {
-        let code = db.code().code();
-        if is_deterministic(code) {
-            return StmtError::Deterministic(SqlFailure {
-                sqlstate: code.to_string(),
-                message: db.message().to_string(),
-                detail: db.detail().unwrap_or_default().to_string(),
-                hint: db.hint().unwrap_or_default().to_string(),
-                statement_index: 0,
-            });
-        }
-    }
-    StmtError::Environmental(e.into())
-}
-
-/// Session settings of the applier; the same on every node.
-const APPLIER_SESSION_SQL: &str = "
-    SET statement_timeout = 0;
-    SET lock_timeout = 0;
-    SET idle_in_transaction_session_timeout = 0;
-    SET synchronous_commit = off;
-    SET TimeZone = 'UTC';
-    SET DateStyle = 'ISO, MDY';
-    SET IntervalStyle = 'postgres';
-    SET extra_float_digits = 1;
-    SET client_min_messages = warning;
-    SET default_transaction_isolation = 'read committed';
-    SET default_transaction_read_only = off;
-    SET search_path = public;
-";
 
 /// raftpg's bookkeeping schema, created idempotently by the applier.
 const BOOTSTRAP_SQL: &str = "
@@ -214,14 +136,6 @@ const DETERMINISTIC_FUNCTIONS_SQL: &str = r#"
     END $$;
 "#;
 
-/// Records the batch's end in the batch's own transaction (invariant 1), with the current
-/// position of every sequence that has been used (restored after a PostgreSQL crash, which can
-/// make sequences skip values on one node only).
-const RECORD_APPLIED_SQL: &str = "
-    UPDATE raftpg.applied SET log_index = $1, log_id = $2, membership = $3,
-        sequences = (SELECT coalesce(jsonb_object_agg(format('%I.%I', schemaname, sequencename), last_value), '{}'::jsonb)
-                     FROM pg_sequences WHERE last_value IS NOT NULL)";
-
 /// Puts every sequence back to the position recorded with the last applied batch.
 const RESTORE_SEQUENCES_SQL: &str = "
     SELECT count(setval(to_regclass(s.key), s.value::bigint, true))
@@ -236,8 +150,8 @@ pub struct PgStateMachine {
     /// Snapshots (build, receive, install).
     snapshots: SnapshotStore,
     conn_config: tokio_postgres::Config,
-    client: Option<tokio_postgres::Client>,
-    /// Last applied log id and membership as stored in PostgreSQL (valid while `client` is).
+    applier: Option<Applier>,
+    /// Last applied log id and membership as stored in PostgreSQL (valid while `applier` is).
     applied: Option<LogId>,
     membership: StoredMembership,
     limits: ApplyLimits,
@@ -274,7 +188,7 @@ impl PgStateMachine {
             log: p.log,
             snapshots: p.snapshots,
             conn_config: p.conn_config,
-            client: None,
+            applier: None,
             applied: None,
             membership: StoredMembership::default(),
             limits: p.limits,
@@ -287,17 +201,12 @@ impl PgStateMachine {
     /// Connects (if not connected), sets the session up, and reloads the applied state from
     /// PostgreSQL, restoring sequence positions. Called after every connection loss.
     async fn connect(&mut self) -> Result<(), EnvError> {
-        if self.client.as_ref().is_some_and(|c| !c.is_closed()) {
+        if self.applier.as_ref().is_some_and(|a| !a.is_closed()) {
             return Ok(());
         }
-        self.client = None;
-        let (client, connection) = self.conn_config.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(error = %e, "applier connection closed");
-            }
-        });
-        client.batch_execute(APPLIER_SESSION_SQL).await?;
+        self.applier = None;
+        let mut applier = Applier::connect(&self.conn_config).await?;
+        let client = applier.client();
         client.batch_execute(BOOTSTRAP_SQL).await?;
         client.batch_execute(DETERMINISTIC_FUNCTIONS_SQL).await?;
         client.batch_execute(request_log::BOOTSTRAP_SQL).await?;
@@ -322,7 +231,8 @@ impl PgStateMachine {
         };
         info!(node = self.node_id, applied = ?self.applied.map(|l| l.index), restored_sequences = restored,
               "applier connected to PostgreSQL");
-        self.client = Some(client);
+        applier.prepare_bookkeeping().await?;
+        self.applier = Some(applier);
         Ok(())
     }
 
@@ -401,9 +311,9 @@ impl PgStateMachine {
     /// Commits `batch` in one transaction together with the new applied index (invariant 1).
     async fn commit_entries(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
         let applied_index = self.applied.map(|l| l.index);
-        let client = self
-            .client
-            .as_ref()
+        let applier = self
+            .applier
+            .as_mut()
             .ok_or_else(|| EnvError("not connected".into()))?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut fresh = Vec::with_capacity(batch.len());
@@ -413,15 +323,14 @@ impl PgStateMachine {
                 // again; return the recorded result when the request has an id.
                 outcomes.push(match &e.payload {
                     EntryPayload::Normal(Command::Sql(cmd)) => match &cmd.request_id {
-                        Some(id) => request_log::lookup(
-                            client,
-                            id,
-                            e.log_id.index,
-                            self.limits.request_retention_entries,
-                        )
-                        .await
-                        .map_err(|err| EnvError(err.to_string()))?
-                        .unwrap_or(ApplyOutcome::AppliedResultLost),
+                        Some(id) => applier
+                            .recorded_outcome(
+                                id,
+                                e.log_id.index,
+                                self.limits.request_retention_entries,
+                            )
+                            .await?
+                            .unwrap_or(ApplyOutcome::AppliedResultLost),
                         None => ApplyOutcome::AppliedResultLost,
                     },
                     _ => ApplyOutcome::Internal,
@@ -434,46 +343,61 @@ impl PgStateMachine {
             return Ok(outcomes);
         };
         let mut membership = self.membership.clone();
-        client.batch_execute("BEGIN").await?;
-        for entry in fresh {
+        let count = fresh.len();
+        // Garbage-collect expired request records now and then, at the batch's start.
+        let expire = request_log::expiry_due(applied_index.unwrap_or(0), last.index);
+        if expire {
+            let floor =
+                request_log::retention_floor(last.index, self.limits.request_retention_entries);
+            applier.client().batch_execute("BEGIN").await?;
+            applier
+                .client()
+                .execute(request_log::EXPIRE_SQL, &[&floor])
+                .await?;
+        }
+        for (k, entry) in fresh.into_iter().enumerate() {
+            let begin = k == 0 && !expire;
+            if let EntryPayload::Membership(m) = &entry.payload {
+                membership = StoredMembership::new(Some(entry.log_id), m.clone());
+            }
+            let end = if k + 1 == count {
+                Some(BatchEnd {
+                    log_index: i64::try_from(last.index)
+                        .map_err(|_| EnvError("log index exceeds i64".into()))?,
+                    log_id: serde_json::to_value(last).map_err(|e| EnvError(e.to_string()))?,
+                    membership: serde_json::to_value(&membership)
+                        .map_err(|e| EnvError(e.to_string()))?,
+                })
+            } else {
+                None
+            };
             let outcome = match &entry.payload {
-                EntryPayload::Blank => ApplyOutcome::Internal,
-                EntryPayload::Membership(m) => {
-                    membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                    ApplyOutcome::Internal
-                }
                 EntryPayload::Normal(Command::Sql(cmd)) => {
                     self.clock.observe(cmd.leader_ts_micros);
-                    apply_write(client, entry.log_id.index, cmd, &self.limits).await?
+                    applier
+                        .apply_write(entry.log_id.index, cmd, &self.limits, begin, end.as_ref())
+                        .await?
                 }
-                EntryPayload::Normal(Command::Checksum) => {
-                    let sums = checksums::compute(client).await?;
-                    checksums::store(client, entry.log_id.index, &sums).await?;
-                    ApplyOutcome::Checksums(sums)
+                other => {
+                    if begin {
+                        applier.client().batch_execute("BEGIN").await?;
+                    }
+                    let outcome = match other {
+                        EntryPayload::Normal(Command::Checksum) => {
+                            let sums = checksums::compute(applier.client()).await?;
+                            checksums::store(applier.client(), entry.log_id.index, &sums).await?;
+                            ApplyOutcome::Checksums(sums)
+                        }
+                        _ => ApplyOutcome::Internal,
+                    };
+                    if let Some(end) = &end {
+                        applier.end_batch(end).await?;
+                    }
+                    outcome
                 }
             };
             outcomes.push(outcome);
         }
-        request_log::expire(
-            client,
-            applied_index.unwrap_or(0),
-            last.index,
-            self.limits.request_retention_entries,
-        )
-        .await
-        .map_err(|e| EnvError(e.to_string()))?;
-        let log_id_json = serde_json::to_value(last).map_err(|e| EnvError(e.to_string()))?;
-        let membership_json =
-            serde_json::to_value(&membership).map_err(|e| EnvError(e.to_string()))?;
-        let index =
-            i64::try_from(last.index).map_err(|_| EnvError("log index exceeds i64".into()))?;
-        client
-            .execute(
-                RECORD_APPLIED_SQL,
-                &[&index, &log_id_json, &membership_json],
-            )
-            .await?;
-        client.batch_execute("COMMIT").await?;
         self.applied = Some(last);
         self.membership = membership;
         Ok(outcomes)
@@ -495,7 +419,7 @@ impl PgStateMachine {
                 Err(e) => {
                     // Drop the connection: its transaction (if any) is aborted by PostgreSQL, and
                     // the next attempt re-reads what is really applied.
-                    self.client = None;
+                    self.applier = None;
                     let first = batch.first().map(|e| e.log_id.index).unwrap_or(0);
                     self.status.set(format!("retrying entry {first}: {}", e.0));
                     warn!(error = %e, first_index = first, "apply failed for an environmental reason; retrying");
@@ -504,148 +428,6 @@ impl PgStateMachine {
             }
         }
     }
-}
-
-/// Applies a write entry once: a request id seen within the retention returns its recorded
-/// outcome instead of applying again; otherwise the outcome is recorded with the effects.
-async fn apply_write(
-    client: &tokio_postgres::Client,
-    index: u64,
-    cmd: &WriteCommand,
-    limits: &ApplyLimits,
-) -> Result<ApplyOutcome, EnvError> {
-    let env = |e: request_log::LookupError| EnvError(e.to_string());
-    if let Some(id) = &cmd.request_id {
-        if let Some(done) = request_log::lookup(client, id, index, limits.request_retention_entries)
-            .await
-            .map_err(env)?
-        {
-            debug!(index, client_id = %id.client_id, seq = id.seq, "duplicate request: returning its recorded outcome");
-            return Ok(done);
-        }
-    }
-    let outcome = apply_command(client, cmd, limits).await?;
-    if let Some(id) = &cmd.request_id {
-        request_log::record(client, id, index, &outcome)
-            .await
-            .map_err(env)?;
-    }
-    Ok(outcome)
-}
-
-/// Runs one entry inside a savepoint: all its statements, or none of them.
-async fn apply_command(
-    client: &tokio_postgres::Client,
-    cmd: &WriteCommand,
-    limits: &ApplyLimits,
-) -> Result<ApplyOutcome, EnvError> {
-    // The entry's deterministic inputs, read by raftpg.now()/random()/gen_random_uuid(). Set
-    // per entry (not per batch), so results do not depend on how entries are batched.
-    client
-        .batch_execute(&format!(
-            "SAVEPOINT raftpg_entry; SET LOCAL raftpg.ts_us = '{}'; SET LOCAL raftpg.seed = '{}'; SET LOCAL raftpg.rnd_n = '0'",
-            cmd.leader_ts_micros, cmd.seed
-        ))
-        .await?;
-    let mut results = Vec::with_capacity(cmd.statements.len());
-    for (i, stmt) in cmd.statements.iter().enumerate() {
-        match run_statement(client, stmt, limits).await {
-            Ok(r) => results.push(r),
-            Err(StmtError::Environmental(e)) => return Err(e),
-            Err(StmtError::Deterministic(mut f)) => {
-                client
-                    .batch_execute(
-                        "ROLLBACK TO SAVEPOINT raftpg_entry; RELEASE SAVEPOINT raftpg_entry",
-                    )
-                    .await?;
-                f.statement_index = u32::try_from(i).unwrap_or(u32::MAX);
-                return Ok(ApplyOutcome::Failed(f));
-            }
-        }
-    }
-    client
-        .batch_execute("RELEASE SAVEPOINT raftpg_entry")
-        .await?;
-    Ok(ApplyOutcome::Applied(results))
-}
-
-/// Prepares, type-checks, executes and decodes one statement.
-async fn run_statement(
-    client: &tokio_postgres::Client,
-    stmt: &SqlStatement,
-    limits: &ApplyLimits,
-) -> Result<StatementOutcome, StmtError> {
-    let prepared = client.prepare(&stmt.sql).await.map_err(classify)?;
-    let param_types = prepared.params();
-    if param_types.len() != stmt.params.len() {
-        return Err(StmtError::Deterministic(failure(
-            SqlState::PROTOCOL_VIOLATION.code(),
-            format!(
-                "the statement has {} parameter(s) but {} value(s) were bound",
-                param_types.len(),
-                stmt.params.len()
-            ),
-        )));
-    }
-    for (i, (v, ty)) in stmt.params.iter().zip(param_types).enumerate() {
-        values::check_bind(v, ty).map_err(|e| {
-            StmtError::Deterministic(failure(
-                SqlState::DATATYPE_MISMATCH.code(),
-                format!("parameter ${}: {}", i + 1, e.0),
-            ))
-        })?;
-    }
-    let columns: Vec<ColumnInfo> = prepared
-        .columns()
-        .iter()
-        .map(|c| ColumnInfo {
-            name: c.name().to_string(),
-            type_name: c.type_().name().to_string(),
-        })
-        .collect();
-    for c in prepared.columns() {
-        values::check_result_type(c.type_()).map_err(|e| {
-            StmtError::Deterministic(failure(
-                SqlState::FEATURE_NOT_SUPPORTED.code(),
-                format!("column {:?}: {}", c.name(), e.0),
-            ))
-        })?;
-    }
-    let params = stmt.params.iter().map(|v| v as &(dyn ToSql + Sync));
-    let stream = client
-        .query_raw(&prepared, params)
-        .await
-        .map_err(classify)?;
-    futures::pin_mut!(stream);
-    let mut rows = Vec::new();
-    while let Some(row) = stream.try_next().await.map_err(classify)? {
-        if rows.len() >= limits.result_rows_max {
-            return Err(StmtError::Deterministic(failure(
-                SqlState::PROGRAM_LIMIT_EXCEEDED.code(),
-                format!(
-                    "a write may return at most {} rows per statement; narrow the RETURNING or use the read API",
-                    limits.result_rows_max
-                ),
-            )));
-        }
-        let mut cells = Vec::with_capacity(columns.len());
-        for i in 0..columns.len() {
-            let Cell(v) = row.try_get::<_, Cell>(i).map_err(|e| {
-                StmtError::Deterministic(failure(
-                    SqlState::FEATURE_NOT_SUPPORTED.code(),
-                    e.to_string(),
-                ))
-            })?;
-            cells.push(v);
-        }
-        rows.push(cells);
-    }
-    let rows_affected = stream.rows_affected().unwrap_or(rows.len() as u64);
-    Ok(StatementOutcome {
-        rows_affected,
-        columns,
-        rows,
-    })
 }
 
 impl RaftStateMachine<TypeConfig> for PgStateMachine {
@@ -665,11 +447,11 @@ impl RaftStateMachine<TypeConfig> for PgStateMachine {
             match self.snapshots.restore_if_ahead(self.applied).await {
                 Ok(false) => break,
                 Ok(true) => {
-                    self.client = None;
+                    self.applier = None;
                     self.connect_until_done().await?;
                 }
                 Err(e) => {
-                    self.client = None;
+                    self.applier = None;
                     self.status
                         .set(format!("restoring the current snapshot: {e}"));
                     warn!(error = %e, "cannot restore the current snapshot; retrying");
@@ -717,7 +499,7 @@ impl RaftStateMachine<TypeConfig> for PgStateMachine {
             .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         drop(snapshot);
         // The applier's connection would block the swap; it reconnects to the new database.
-        self.client = None;
+        self.applier = None;
         let mut backoff = Duration::from_millis(200);
         loop {
             self.status

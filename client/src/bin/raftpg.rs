@@ -57,6 +57,34 @@ enum Cmd {
     },
     /// Show every node's status.
     Status,
+    /// Benchmark the write path (and point reads) against PostgreSQL synchronous replication
+    /// and a standalone PostgreSQL, measured in the same run.
+    Bench {
+        /// raftpg cluster size.
+        #[arg(long = "size", default_value_t = 3)]
+        size: usize,
+        /// Client counts, one point each.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32,128")]
+        clients: Vec<usize>,
+        /// Seconds per point.
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        /// Peers to measure in the same run: sr, solo (comma-separated; empty for none).
+        #[arg(long, value_delimiter = ',', default_value = "sr,solo")]
+        peer: Vec<String>,
+        /// Scratch directory.
+        #[arg(long, default_value = "/tmp/raftpg-bench")]
+        dir: PathBuf,
+        /// Port of raftpg node 1; peers use base+100...
+        #[arg(long, default_value_t = 7101)]
+        base_port: u16,
+        /// Skip the read workload.
+        #[arg(long)]
+        no_reads: bool,
+        /// Write the points as JSON lines to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Change the cluster's membership.
     #[command(subcommand)]
     Member(MemberCmd),
@@ -559,6 +587,28 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Status => print_status(&Client::new(&cli.nodes)?).await,
+        Cmd::Bench {
+            size,
+            clients,
+            seconds,
+            peer,
+            dir,
+            base_port,
+            no_reads,
+            out,
+        } => {
+            raftpg_client::bench::run(raftpg_client::bench::BenchSpec {
+                nodes: size,
+                clients,
+                seconds,
+                peers: peer.into_iter().filter(|p| !p.is_empty()).collect(),
+                dir,
+                base_port,
+                reads: !no_reads,
+                out,
+            })
+            .await?;
+        }
         Cmd::Member(m) => {
             let client = Client::new(&cli.nodes)?;
             let r = match m {

@@ -21,10 +21,10 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{info_span, Instrument};
 
 use crate::api::{not_leader, refused, sql_status};
+use crate::applier::is_deterministic;
 use crate::command::SqlFailure;
 use crate::determinism;
 use crate::node::NodeContext;
-use crate::state_machine::is_deterministic;
 use crate::values::{self, Cell};
 
 /// The read service.

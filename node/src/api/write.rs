@@ -18,7 +18,6 @@ use tracing::{debug, info_span, Instrument};
 
 use crate::api::{not_leader, refused, sql_status};
 use crate::command::{ApplyOutcome, Command, RequestId, SqlStatement, WriteCommand};
-use crate::determinism;
 use crate::node::NodeContext;
 use crate::values;
 
@@ -67,7 +66,7 @@ impl WriteService {
         }
         let mut out = Vec::with_capacity(req.statements.len());
         for (i, s) in req.statements.iter().enumerate() {
-            let sql = determinism::prepare_write(&s.sql).map_err(|r| {
+            let sql = self.ctx.prepared_writes.prepare(&s.sql).map_err(|r| {
                 refused(
                     Code::InvalidArgument,
                     r.sqlstate,

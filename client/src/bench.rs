@@ -1,0 +1,550 @@
+//! `raftpg bench`: measures raftpg's write path (and point reads) and, in the same run, the
+//! systems users would pick instead, with the same client code and workload as
+//! `../shared/baselines`: one single-row INSERT of a 100-byte payload per transaction.
+//!
+//! Peers: `sr` = PostgreSQL synchronous streaming replication (primary + 2 standbys on loopback,
+//! `synchronous_standby_names = 'ANY 1 (s1, s2)'`, `synchronous_commit = on`), measured with
+//! tokio-postgres on the primary; `solo` = one standalone PostgreSQL (`synchronous_commit = on`).
+//! Every raftpg point is printed with its ratio to each peer at the same client count.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::v1::{Consistency, QueryRequest};
+use crate::{values, Client, ClientConfig, LocalCluster, LocalClusterSpec};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchSpec {
+    /// raftpg cluster size.
+    pub nodes: usize,
+    /// Client counts (one point each).
+    pub clients: Vec<usize>,
+    /// Seconds per point.
+    pub seconds: u64,
+    /// Peers: "sr", "solo".
+    pub peers: Vec<String>,
+    /// Scratch directory.
+    pub dir: PathBuf,
+    /// Port of raftpg node 1 (others follow); peers use the ports after them.
+    pub base_port: u16,
+    /// Also measure point reads at each consistency level (at the largest client count ≤ 32).
+    pub reads: bool,
+    /// Write results here (JSON lines).
+    pub out: Option<PathBuf>,
+}
+
+/// One measured point.
+#[derive(Clone, Debug, Default)]
+pub struct Point {
+    /// "raftpg", "sr", "solo", "raftpg-read-local", ...
+    pub system: String,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Successful operations per second.
+    pub ops_per_sec: f64,
+    /// Latency percentiles in milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Failed operations.
+    pub errors: u64,
+    /// Largest RSS of a server process during the point (MiB), if known.
+    pub rss_mb: f64,
+    /// CPU seconds used by the server processes per wall second.
+    pub cpu: f64,
+}
+
+fn percentile(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+/// (utime + stime) seconds and RSS MiB of `pid` and its children (recursively).
+fn proc_usage(pid: i32) -> (f64, f64) {
+    let tick = 100.0; // USER_HZ on Linux
+    let mut cpu = 0.0;
+    let mut rss = 0.0f64;
+    let mut stack = vec![pid];
+    let all: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter_map(|p| {
+                    let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                    let ppid = stat
+                        .rsplit(')')
+                        .next()?
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse()
+                        .ok()?;
+                    Some((p, ppid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    while let Some(p) = stack.pop() {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+            let f: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            cpu += (ut + st) / tick;
+        }
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) {
+            if let Some(kb) = status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            {
+                rss = rss.max(kb / 1024.0);
+            }
+        }
+        stack.extend(all.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+    }
+    (cpu, rss)
+}
+
+/// Runs `clients` workers calling `op` for `seconds`, sampling the server processes `pids`.
+async fn drive<F, Fut>(system: &str, clients: usize, seconds: u64, pids: &[i32], op: F) -> Point
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu_before: f64 = pids.iter().map(|p| proc_usage(*p).0).sum();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (op, stop) = (op.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            let mut errors = 0u64;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                n += 1;
+                if op(c, n).await {
+                    lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                } else {
+                    errors += 1;
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut rss_mb = 0.0f64;
+    let deadline = started + Duration::from_secs(seconds);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for p in pids {
+            rss_mb = rss_mb.max(proc_usage(*p).1);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            lat.extend(l);
+            errors += e;
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu_after: f64 = pids.iter().map(|p| proc_usage(*p).0).sum();
+    lat.sort_unstable();
+    Point {
+        system: system.to_string(),
+        clients,
+        ops_per_sec: lat.len() as f64 / wall,
+        p50_ms: percentile(&lat, 0.50),
+        p99_ms: percentile(&lat, 0.99),
+        p999_ms: percentile(&lat, 0.999),
+        errors,
+        rss_mb,
+        cpu: (cpu_after - cpu_before) / wall,
+    }
+}
+
+const INSERT: &str = "INSERT INTO bench_ins(payload) VALUES (lpad($1::bigint::text, 100, 'x'))";
+
+async fn bench_raftpg(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result<()> {
+    let dir = spec.dir.join("raftpg");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    let mut cs = LocalClusterSpec::new(spec.nodes, &dir, spec.base_port);
+    cs.extra_args = vec!["--pg-shared-buffers".into(), "256MB".into()];
+    let cluster = LocalCluster::start(cs)?;
+    let admin = Client::new(&cluster.addrs())?;
+    admin.wait_for_leader(Duration::from_secs(120)).await?;
+    admin
+        .execute_one(
+            "CREATE TABLE bench_ins (id bigserial PRIMARY KEY, payload text NOT NULL)",
+            vec![],
+        )
+        .await?;
+    let pids: Vec<i32> = cluster
+        .nodes()
+        .iter()
+        .filter_map(|n| n.pid().map(|p| p as i32))
+        .collect();
+    for &c in &spec.clients {
+        admin
+            .execute_one("TRUNCATE bench_ins RESTART IDENTITY", vec![])
+            .await?;
+        let clients: Vec<Arc<Client>> = (0..c)
+            .map(|_| {
+                Client::with_config(
+                    &cluster.addrs(),
+                    ClientConfig {
+                        attempt_timeout: Duration::from_secs(10),
+                        ..Default::default()
+                    },
+                )
+                .map(Arc::new)
+            })
+            .collect::<Result<_, _>>()?;
+        for cl in &clients {
+            cl.wait_for_leader(Duration::from_secs(30)).await?;
+        }
+        let p = drive("raftpg", c, spec.seconds, &pids, move |i, _| {
+            let cl = clients[i].clone();
+            async move {
+                cl.execute_one(INSERT, vec![values::int(i as i64 + 1)])
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+        print_point(&p, points);
+        points.push(p);
+    }
+    if spec.reads {
+        let c = spec
+            .clients
+            .iter()
+            .copied()
+            .filter(|c| *c <= 32)
+            .max()
+            .unwrap_or(8);
+        let rows = admin
+            .query_sql(
+                "SELECT count(*) FROM bench_ins",
+                vec![],
+                Consistency::Linearizable,
+            )
+            .await?
+            .rows
+            .first()
+            .and_then(|r| values::as_i64(&r.values[0]))
+            .unwrap_or(1)
+            .max(1);
+        for (name, level) in [
+            ("local", Consistency::Local),
+            ("at-least", Consistency::AtLeast),
+            ("linearizable", Consistency::Linearizable),
+        ] {
+            let clients: Vec<Arc<Client>> = (0..c)
+                .map(|_| Client::new(&cluster.addrs()).map(Arc::new))
+                .collect::<Result<_, _>>()?;
+            let nodes = cluster.addrs().len();
+            let p = drive(
+                &format!("raftpg-read-{name}"),
+                c,
+                spec.seconds.min(10),
+                &pids,
+                move |i, n| {
+                    let cl = clients[i].clone();
+                    async move {
+                        let id = (n * 7919 + i as u64) % rows as u64 + 1;
+                        cl.query_node(
+                            i % nodes,
+                            QueryRequest {
+                                sql: "SELECT payload FROM bench_ins WHERE id = $1".into(),
+                                params: vec![values::int(id as i64)],
+                                consistency: level as i32,
+                                min_index: 1,
+                                ..Default::default()
+                            },
+                        )
+                        .await
+                        .is_ok()
+                    }
+                },
+            )
+            .await;
+            print_point(&p, points);
+            points.push(p);
+        }
+    }
+    drop(cluster);
+    Ok(())
+}
+
+/// PostgreSQL servers for the peers, run as the `postgres` OS user when we are root.
+struct PgServers {
+    dir: PathBuf,
+    bin: PathBuf,
+    datadirs: Vec<PathBuf>,
+}
+
+impl PgServers {
+    fn run(&self, cmd: &str) -> anyhow::Result<()> {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let status = if root {
+            Command::new("su")
+                .args(["postgres", "-s", "/bin/sh", "-c", cmd])
+                .status()?
+        } else {
+            Command::new("sh").args(["-c", cmd]).status()?
+        };
+        if !status.success() {
+            bail!("`{cmd}` failed: {status}");
+        }
+        Ok(())
+    }
+
+    fn start(&self, data: &Path, port: u16) -> anyhow::Result<()> {
+        self.run(&format!(
+            "{bin}/pg_ctl -D {d} -l {d}.log -w -o '-p {port} -c listen_addresses=127.0.0.1 -k {sock} -c shared_buffers=256MB -c max_connections=300' start >/dev/null",
+            bin = self.bin.display(),
+            d = data.display(),
+            sock = self.dir.display()
+        ))
+    }
+
+    fn initdb(&self, data: &Path) -> anyhow::Result<()> {
+        self.run(&format!(
+            "{}/initdb -D {} -U postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null",
+            self.bin.display(),
+            data.display()
+        ))
+    }
+
+    fn new(dir: PathBuf) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let bin =
+            crate::local_cluster::postgres_bin_dir().context("PostgreSQL binaries not found")?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+        Ok(PgServers {
+            dir,
+            bin,
+            datadirs: Vec::new(),
+        })
+    }
+}
+
+impl Drop for PgServers {
+    fn drop(&mut self) {
+        for d in self.datadirs.iter().rev() {
+            let _ = self.run(&format!(
+                "{}/pg_ctl -D {} -m fast stop >/dev/null 2>&1",
+                self.bin.display(),
+                d.display()
+            ));
+        }
+    }
+}
+
+fn postmaster_pid(data: &Path) -> Option<i32> {
+    std::fs::read_to_string(data.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+async fn bench_postgres(
+    system: &str,
+    port: u16,
+    pids: &[i32],
+    spec: &BenchSpec,
+    points: &mut Vec<Point>,
+) -> anyhow::Result<()> {
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    admin
+        .batch_execute("DROP TABLE IF EXISTS bench_ins; CREATE TABLE bench_ins (id bigserial PRIMARY KEY, payload text NOT NULL)")
+        .await?;
+    for &c in &spec.clients {
+        admin
+            .batch_execute("TRUNCATE bench_ins RESTART IDENTITY; CHECKPOINT")
+            .await?;
+        let mut conns = Vec::new();
+        for _ in 0..c {
+            let (cl, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            cl.batch_execute("SET synchronous_commit = on").await?;
+            let st = cl
+                .prepare("INSERT INTO bench_ins(payload) VALUES (lpad($1::bigint::text, 100, 'x'))")
+                .await?;
+            conns.push(Arc::new((cl, st)));
+        }
+        let p = drive(system, c, spec.seconds, pids, move |i, _| {
+            let cs = conns[i].clone();
+            async move { cs.0.execute(&cs.1, &[&(i as i64 + 1)]).await.is_ok() }
+        })
+        .await;
+        print_point(&p, points);
+        points.push(p);
+    }
+    Ok(())
+}
+
+async fn bench_sr(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result<()> {
+    let mut s = PgServers::new(spec.dir.join("sr"))?;
+    let (p0, p1, p2) = (
+        spec.base_port + 100,
+        spec.base_port + 101,
+        spec.base_port + 102,
+    );
+    let primary = s.dir.join("primary");
+    s.initdb(&primary)?;
+    s.run(&format!(
+        "printf \"wal_level = replica\\nmax_wal_senders = 10\\nwal_keep_size = 1GB\\nhot_standby = on\\nsynchronous_standby_names = 'ANY 1 (s1, s2)'\\n\" >> {}/postgresql.conf",
+        primary.display()
+    ))?;
+    s.start(&primary, p0)?;
+    s.datadirs.push(primary.clone());
+    for (name, port) in [("s1", p1), ("s2", p2)] {
+        let d = s.dir.join(name);
+        s.run(&format!(
+            "{bin}/pg_basebackup -h 127.0.0.1 -p {p0} -U postgres -D {d} -X stream -c fast && printf \"primary_conninfo = 'host=127.0.0.1 port={p0} user=postgres application_name={name}'\\n\" >> {d}/postgresql.auto.conf && touch {d}/standby.signal",
+            bin = s.bin.display(),
+            d = d.display()
+        ))?;
+        s.start(&d, port)?;
+        s.datadirs.push(d);
+    }
+    // Wait until both standbys stream in quorum mode.
+    let url = format!("host=127.0.0.1 port={p0} user=postgres dbname=postgres");
+    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = admin
+            .query_one("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND sync_state IN ('quorum', 'sync')", &[])
+            .await?
+            .get(0);
+        if n == 2 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("standbys did not reach quorum state");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let pids: Vec<i32> = s
+        .datadirs
+        .iter()
+        .filter_map(|d| postmaster_pid(d))
+        .collect();
+    bench_postgres("sr", p0, &pids, spec, points).await
+}
+
+async fn bench_solo(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result<()> {
+    let mut s = PgServers::new(spec.dir.join("solo"))?;
+    let port = spec.base_port + 110;
+    let d = s.dir.join("data");
+    s.initdb(&d)?;
+    s.start(&d, port)?;
+    s.datadirs.push(d.clone());
+    let pids: Vec<i32> = postmaster_pid(&d).into_iter().collect();
+    bench_postgres("solo", port, &pids, spec, points).await
+}
+
+fn print_point(p: &Point, earlier: &[Point]) {
+    let ratios: Vec<String> = earlier
+        .iter()
+        .filter(|q| {
+            q.clients == p.clients
+                && q.system != p.system
+                && !q.system.starts_with("raftpg")
+                && p.system == "raftpg"
+        })
+        .map(|q| {
+            format!(
+                "{:.2}x {}",
+                p.ops_per_sec / q.ops_per_sec.max(1e-9),
+                q.system
+            )
+        })
+        .collect();
+    println!(
+        "{:<24} {:>4} clients {:>9.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  p999 {:>7.2} ms  errors {:>5}  rss {:>6.0} MiB  cpu {:>4.2}  {}",
+        p.system, p.clients, p.ops_per_sec, p.p50_ms, p.p99_ms, p.p999_ms, p.errors, p.rss_mb, p.cpu, ratios.join(", ")
+    );
+}
+
+/// Runs the benchmark and prints the table (peers first, so raftpg's lines carry ratios).
+pub async fn run(spec: BenchSpec) -> anyhow::Result<Vec<Point>> {
+    let mut points = Vec::new();
+    for peer in &spec.peers {
+        match peer.as_str() {
+            "sr" => bench_sr(&spec, &mut points).await.context("peer sr")?,
+            "solo" => bench_solo(&spec, &mut points).await.context("peer solo")?,
+            other => bail!("unknown peer {other:?} (sr, solo)"),
+        }
+    }
+    bench_raftpg(&spec, &mut points).await?;
+    println!("\n| system | clients | ops/s | p50 ms | p99 ms | p999 ms | errors | ratio vs sr | ratio vs solo |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for p in &points {
+        let ratio = |peer: &str| {
+            points
+                .iter()
+                .find(|q| q.system == peer && q.clients == p.clients)
+                .filter(|_| p.system == "raftpg")
+                .map(|q| format!("{:.2}", p.ops_per_sec / q.ops_per_sec.max(1e-9)))
+                .unwrap_or_default()
+        };
+        println!(
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
+            p.system,
+            p.clients,
+            p.ops_per_sec,
+            p.p50_ms,
+            p.p99_ms,
+            p.p999_ms,
+            p.errors,
+            ratio("sr"),
+            ratio("solo")
+        );
+    }
+    if let Some(out) = &spec.out {
+        let mut text = String::new();
+        for p in &points {
+            text.push_str(&format!(
+                "{{\"system\":\"{}\",\"clients\":{},\"ops_per_sec\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"errors\":{},\"rss_mb\":{:.1},\"cpu\":{:.2}}}\n",
+                p.system, p.clients, p.ops_per_sec, p.p50_ms, p.p99_ms, p.p999_ms, p.errors, p.rss_mb, p.cpu
+            ));
+        }
+        std::fs::write(out, text)?;
+    }
+    Ok(points)
+}
