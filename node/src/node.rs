@@ -210,6 +210,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Signal handlers first: a SIGTERM during start-up must still stop PostgreSQL in order.
+    let shutdown_tx = Arc::new(shutdown_tx);
+    spawn_signal_listener(shutdown_tx.clone())?;
 
     // 1. PostgreSQL.
     let (health_tx, health_rx) = watch::channel(PgHealth::Starting);
@@ -246,6 +249,38 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             (endpoints, bin_dir)
         }
     };
+    let served = serve(
+        &cfg,
+        endpoints,
+        bin_dir,
+        health_rx,
+        shutdown_rx,
+        listen,
+        advertise,
+        members,
+    )
+    .await;
+    // Whatever happened, stop PostgreSQL before exiting.
+    let _ = shutdown_tx.send(true);
+    if let Some(t) = pg_task {
+        let _ = t.await;
+    }
+    info!(node = cfg.id, "stopped");
+    served
+}
+
+/// Starts Raft and the gRPC server on a running PostgreSQL and serves until shutdown.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    cfg: &NodeConfig,
+    endpoints: postgres::PgEndpoints,
+    bin_dir: PathBuf,
+    health_rx: watch::Receiver<PgHealth>,
+    shutdown_rx: watch::Receiver<bool>,
+    listen: std::net::SocketAddr,
+    advertise: String,
+    members: BTreeMap<NodeId, String>,
+) -> anyhow::Result<()> {
     info!(node = cfg.id, connect = %endpoints.describe, "PostgreSQL ready");
 
     // 2. Raft.
@@ -379,32 +414,27 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         });
     let server = tokio::spawn(server);
 
-    wait_for_signal().await;
+    let mut stop = shutdown_rx.clone();
+    let _ = stop.wait_for(|s| *s).await;
     info!(node = cfg.id, "shutting down");
-    let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     if let Err(e) = raft.shutdown().await {
         warn!(error = %e, "raft shutdown");
     }
-    if let Some(t) = pg_task {
-        let _ = t.await;
-    }
-    info!(node = cfg.id, "stopped");
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Turns SIGTERM/SIGINT into the shutdown signal. Handlers are installed before this returns.
+fn spawn_signal_listener(shutdown: Arc<watch::Sender<bool>>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers, run until killed.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = shutdown.send(true);
+    });
+    Ok(())
 }

@@ -69,6 +69,14 @@ pub async fn start_cluster_with(
         .wait_for_leader(Duration::from_secs(90))
         .await
         .context("waiting for a leader")?;
+    // Every node serving, not only a majority.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while tc.client.status_all().await.iter().any(|s| s.is_err()) {
+        if Instant::now() > deadline {
+            bail!("not every node came up within 90 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(tc)
 }
 
@@ -275,6 +283,52 @@ pub async fn write_load(
     Arc::try_unwrap(report)
         .map(|m| m.into_inner().unwrap())
         .unwrap_or_default()
+}
+
+/// A write load running in the background (see [`write_load`]).
+pub struct LoadRun {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<LoadReport>,
+    table: String,
+}
+
+impl LoadRun {
+    /// Starts `workers` writers on `table` through clients of `addrs`.
+    pub fn start(addrs: Vec<String>, table: &str, workers: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (name, flag) = (table.to_string(), stop.clone());
+        let task = tokio::spawn(async move { write_load(addrs, &name, workers, flag).await });
+        LoadRun {
+            stop,
+            task,
+            table: table.to_string(),
+        }
+    }
+
+    /// Stops the load and requires: progress, identical copies on `nodes` (directly compared),
+    /// and every acknowledged write present exactly once on each of them.
+    pub async fn finish(self, tc: &TestCluster, nodes: &[u64]) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let report = self.task.await.expect("the load task panicked");
+        eprintln!(
+            "acked {}, unknown {}, failed {}",
+            report.acked.len(),
+            report.unknown.len(),
+            report.failed.len()
+        );
+        assert!(
+            report.acked.len() > 50,
+            "the load made progress: {}",
+            report.acked.len()
+        );
+        tc.assert_identical(nodes).await.expect("identical copies");
+        for id in nodes {
+            check_load(tc, *id, &self.table, &report)
+                .await
+                .expect("every acknowledged write present once");
+        }
+        report
+    }
 }
 
 /// Whether an error means the write certainly did not happen.

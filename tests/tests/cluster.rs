@@ -1,12 +1,10 @@
 //! End-to-end tests of the core: real node processes, real PostgreSQL, real RocksDB, real gRPC
 //! over loopback TCP, processes killed with SIGKILL. Each test asserts what would break.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use raftpg_client::v1::{Consistency, QueryRequest, Statement};
-use testkit::{check_load, start_cluster, values, write_load};
+use testkit::{start_cluster, values, LoadRun};
 use tonic::Code;
 
 const LOAD_TABLE_DDL: &str =
@@ -424,8 +422,7 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
 async fn leader_killed_under_load_loses_no_acknowledged_write() {
     let mut tc = start_cluster("leader_kill", 14, 3).await.unwrap();
     tc.client.execute_one(LOAD_TABLE_DDL, vec![]).await.unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(write_load(tc.cluster.addrs(), "load", 6, stop.clone()));
+    let load = LoadRun::start(tc.cluster.addrs(), "load", 6);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let old = tc
         .client
@@ -446,23 +443,7 @@ async fn leader_killed_under_load_loses_no_acknowledged_write() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     tc.cluster.start_node(old).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    let report = load.await.unwrap();
-    eprintln!(
-        "acked {}, unknown {}, failed {}",
-        report.acked.len(),
-        report.unknown.len(),
-        report.failed.len()
-    );
-    assert!(
-        report.acked.len() > 50,
-        "the load made progress: {}",
-        report.acked.len()
-    );
-    tc.assert_identical(&[1, 2, 3]).await.unwrap();
-    for id in 1..=3 {
-        check_load(&tc, id, "load", &report).await.unwrap();
-    }
+    load.finish(&tc, &[1, 2, 3]).await;
 }
 
 /// kill -9 a node's PostgreSQL mid-load (follower, then leader): the node restarts it, resumes
@@ -471,8 +452,7 @@ async fn leader_killed_under_load_loses_no_acknowledged_write() {
 async fn postgres_killed_mid_load_resumes_exactly() {
     let tc = start_cluster("pg_kill", 15, 3).await.unwrap();
     tc.client.execute_one(LOAD_TABLE_DDL, vec![]).await.unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(write_load(tc.cluster.addrs(), "load", 6, stop.clone()));
+    let load = LoadRun::start(tc.cluster.addrs(), "load", 6);
     let leader = tc
         .client
         .wait_for_leader(Duration::from_secs(30))
@@ -501,21 +481,9 @@ async fn postgres_killed_mid_load_resumes_exactly() {
         }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let report = load.await.unwrap();
-    eprintln!(
-        "acked {}, unknown {}, failed {}",
-        report.acked.len(),
-        report.unknown.len(),
-        report.failed.len()
-    );
-    assert!(report.acked.len() > 50, "the load made progress");
     // Identical tables *and* sequence positions: a sequence that skipped values after crash
-    // recovery would show up here and in the ids.
-    tc.assert_identical(&[1, 2, 3]).await.unwrap();
-    for id in 1..=3 {
-        check_load(&tc, id, "load", &report).await.unwrap();
-    }
+    // recovery would show up in the comparison and in the ids.
+    load.finish(&tc, &[1, 2, 3]).await;
     let st = tc.client.status_of((follower - 1) as usize).await.unwrap();
     assert!(st.postgres_up, "{st:?}");
 }
@@ -526,8 +494,7 @@ async fn postgres_killed_mid_load_resumes_exactly() {
 async fn node_killed_between_commit_and_apply_applies_everything_once() {
     let mut tc = start_cluster("node_kill", 16, 3).await.unwrap();
     tc.client.execute_one(LOAD_TABLE_DDL, vec![]).await.unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(write_load(tc.cluster.addrs(), "load", 6, stop.clone()));
+    let load = LoadRun::start(tc.cluster.addrs(), "load", 6);
     for round in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let leader = tc
@@ -553,17 +520,5 @@ async fn node_killed_between_commit_and_apply_applies_everything_once() {
     );
     tc.cluster.start_node(2).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    let report = load.await.unwrap();
-    eprintln!(
-        "acked {}, unknown {}, failed {}",
-        report.acked.len(),
-        report.unknown.len(),
-        report.failed.len()
-    );
-    assert!(report.acked.len() > 50, "the load made progress");
-    tc.assert_identical(&[1, 2, 3]).await.unwrap();
-    for id in 1..=3 {
-        check_load(&tc, id, "load", &report).await.unwrap();
-    }
+    load.finish(&tc, &[1, 2, 3]).await;
 }

@@ -2,12 +2,10 @@
 //! with `raftpg check`), refused classes say why, and a follower whose PostgreSQL is frozen for
 //! a while under load catches up to an identical copy.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use raftpg_client::v1::Statement;
-use testkit::{check_load, start_cluster, values, write_load};
+use testkit::{start_cluster, values, LoadRun};
 use tonic::Code;
 
 fn stmt(sql: &str) -> Statement {
@@ -189,8 +187,7 @@ async fn follower_postgres_frozen_under_load_catches_up() {
         )
         .await
         .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(write_load(tc.cluster.addrs(), "load", 4, stop.clone()));
+    let load = LoadRun::start(tc.cluster.addrs(), "load", 4);
     let leader = tc
         .client
         .wait_for_leader(Duration::from_secs(30))
@@ -208,17 +205,7 @@ async fn follower_postgres_frozen_under_load_catches_up() {
         "the frozen follower fell behind: {during:?}"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let report = load.await.unwrap();
-    eprintln!(
-        "acked {}, unknown {}, failed {}",
-        report.acked.len(),
-        report.unknown.len(),
-        report.failed.len()
-    );
+    load.finish(&tc, &[1, 2, 3]).await;
     let check = tc.client.check(Duration::from_secs(60)).await.unwrap();
     assert!(check.identical, "{:?}", check.differences);
-    for id in 1..=3 {
-        check_load(&tc, id, "load", &report).await.unwrap();
-    }
 }

@@ -139,6 +139,18 @@ async fn a_node_cut_off_from_the_majority_refuses_linearizable_reads() {
             (1..=3).find(|id| *id != leader).unwrap()
         };
         let others: Vec<u64> = (1..=3).filter(|id| *id != alone).collect();
+        eprintln!("isolating node {alone} (leader: {isolate_leader})");
+        // Let the node catch up first, so that its LOCAL read below has the table.
+        let w = c
+            .execute_one("UPDATE kv SET v = v WHERE k = 1", vec![])
+            .await
+            .unwrap();
+        c.query_node(
+            (alone - 1) as usize,
+            q("SELECT 1", Consistency::AtLeast, w.log_index),
+        )
+        .await
+        .unwrap();
         for id in &others {
             assert!(tc.cluster.signal_node(*id, libc::SIGSTOP));
         }
@@ -157,6 +169,10 @@ async fn a_node_cut_off_from_the_majority_refuses_linearizable_reads() {
             .await;
         for id in &others {
             assert!(tc.cluster.signal_node(*id, libc::SIGCONT));
+        }
+        if let Ok(resp) = &r {
+            let st = c.member_status((alone - 1) as usize, alone).await;
+            panic!("a minority node served a linearizable read: {resp:?}; its status: {st:?}");
         }
         let e = r.expect_err("a minority node must not serve a linearizable read");
         assert!(

@@ -166,11 +166,10 @@ async fn raft_log_stays_bounded_over_a_long_run() {
             bytes
         );
     }
-    // Disk use does not grow with the number of writes.
-    assert!(
-        sizes[4] < sizes[1] * 2 && sizes[4] < 4 * 1024 * 1024,
-        "raft log keeps growing: {sizes:?}"
-    );
+    // Disk use does not grow with the number of writes: 3,000 writes of 500 bytes put ~2 MB
+    // through the log (and before compaction reclaimed space it grew past 3 MB).
+    let max = sizes.iter().copied().max().unwrap_or(0);
+    assert!(max < 1_000_000, "raft log keeps growing: {sizes:?}");
     let check = c.check(Duration::from_secs(60)).await.unwrap();
     assert!(check.identical, "{:?}", check.differences);
 }

@@ -94,6 +94,27 @@ pub fn refused(code: Code, sqlstate: &str, message: impl Into<String>) -> Status
     s
 }
 
+/// Converts wire parameters, refusing a bad one with INVALID_ARGUMENT (`where_` names the
+/// statement in the message, e.g. "statement 2, ").
+pub fn params_from_proto(
+    params: &[raftpg_proto::v1::Value],
+    where_: &str,
+) -> Result<Vec<crate::command::SqlValue>, Status> {
+    params
+        .iter()
+        .enumerate()
+        .map(|(p, v)| {
+            crate::values::from_proto(v).map_err(|e| {
+                refused(
+                    Code::InvalidArgument,
+                    "22023",
+                    format!("{where_}parameter ${}: {}", p + 1, e.0),
+                )
+            })
+        })
+        .collect()
+}
+
 /// UNAVAILABLE with a hint naming the leader, when known.
 pub fn not_leader(message: impl Into<String>, leader: Option<(NodeId, String)>) -> Status {
     let mut status = Status::unavailable(message);

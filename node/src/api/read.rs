@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tonic::{Code, Request, Response, Status};
 use tracing::{info_span, Instrument};
 
-use crate::api::{not_leader, refused, sql_status};
+use crate::api::{not_leader, params_from_proto, refused, sql_status};
 use crate::applier::is_deterministic;
 use crate::command::SqlFailure;
 use crate::determinism;
@@ -120,20 +120,7 @@ async fn run_query_inner(
     limit: usize,
     out: &mpsc::Sender<Result<QueryChunk, Status>>,
 ) -> Result<(), Status> {
-    let params = req
-        .params
-        .iter()
-        .enumerate()
-        .map(|(p, v)| {
-            values::from_proto(v).map_err(|e| {
-                refused(
-                    Code::InvalidArgument,
-                    "22023",
-                    format!("parameter ${}: {}", p + 1, e.0),
-                )
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let params = params_from_proto(&req.params, "")?;
     let mut pooled = ctx
         .reads
         .get()

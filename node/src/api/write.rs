@@ -16,7 +16,7 @@ use raftpg_proto::FORWARDED_METADATA;
 use tonic::{Code, Request, Response, Status};
 use tracing::{debug, info_span, Instrument};
 
-use crate::api::{not_leader, refused, sql_status};
+use crate::api::{not_leader, params_from_proto, refused, sql_status};
 use crate::command::{ApplyOutcome, Command, RequestId, SqlStatement, WriteCommand};
 use crate::node::NodeContext;
 use crate::values;
@@ -73,20 +73,7 @@ impl WriteService {
                     format!("statement {i}: {}", r.message),
                 )
             })?;
-            let params = s
-                .params
-                .iter()
-                .enumerate()
-                .map(|(p, v)| {
-                    values::from_proto(v).map_err(|e| {
-                        refused(
-                            Code::InvalidArgument,
-                            "22023",
-                            format!("statement {i}, parameter ${}: {}", p + 1, e.0),
-                        )
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let params = params_from_proto(&s.params, &format!("statement {i}, "))?;
             out.push(SqlStatement { sql, params });
         }
         Ok(out)
