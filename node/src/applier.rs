@@ -12,6 +12,10 @@
 //! 3. one round trip: release (or roll back to) the savepoint, record the outcome, (record the
 //!    batch's applied position and commit).
 //!
+//! A duplicate request (its id has a live record) still runs its statements and is then rolled
+//! back, like any other entry: nodes with and without a statement prepared must consume the same
+//! sequence values.
+//!
 //! Cache rule: only DML statements are cached, and an entry that contains any other statement
 //! (DDL can change what a prepared statement means) empties the cache when it ends, whether it
 //! succeeded or not. A "cached plan must not change result type" error is treated as
@@ -280,39 +284,40 @@ impl Applier {
 
         let mut failed: Option<SqlFailure> = None;
         let mut outcomes = Vec::with_capacity(cmd.statements.len());
-        if recorded.is_none() {
-            for (i, r) in results.iter_mut().enumerate() {
-                if let Err(StmtError::Deterministic(f)) = r {
-                    f.statement_index = u32::try_from(i).unwrap_or(u32::MAX);
-                    failed = Some(f.clone());
-                    break;
-                }
+        // The statements run even for a duplicate (and are then rolled back): whether a node had
+        // them prepared must not change what they consumed (sequence values are not rolled back),
+        // so every node executes exactly the same statements for the same entry.
+        for (i, r) in results.iter_mut().enumerate() {
+            if let Err(StmtError::Deterministic(f)) = r {
+                f.statement_index = u32::try_from(i).unwrap_or(u32::MAX);
+                failed = Some(f.clone());
+                break;
             }
-            if failed.is_none() {
-                for r in results {
-                    match r {
-                        Ok(o) => outcomes.push(o),
-                        Err(StmtError::Environmental(e)) => return Err(e),
-                        Err(StmtError::Deterministic(_)) => {
-                            return Err(EnvError("statement result changed".into()))
-                        }
+        }
+        if failed.is_none() {
+            for r in results {
+                match r {
+                    Ok(o) => outcomes.push(o),
+                    Err(StmtError::Environmental(e)) => return Err(e),
+                    Err(StmtError::Deterministic(_)) => {
+                        return Err(EnvError("statement result changed".into()))
                     }
                 }
-                // The rest, one by one (each may depend on the effects of the previous ones).
-                for (i, s) in cmd.statements.iter().enumerate().skip(outcomes.len()) {
-                    match prepare_and_execute(client, s, limits).await {
-                        Ok((o, prepared)) => {
-                            if !ddl && self.cache.len() < STATEMENT_CACHE_MAX {
-                                self.cache.insert(s.sql.clone(), prepared);
-                            }
-                            outcomes.push(o);
+            }
+            // The rest, one by one (each may depend on the effects of the previous ones).
+            for (i, s) in cmd.statements.iter().enumerate().skip(outcomes.len()) {
+                match prepare_and_execute(client, s, limits).await {
+                    Ok((o, prepared)) => {
+                        if !ddl && self.cache.len() < STATEMENT_CACHE_MAX {
+                            self.cache.insert(s.sql.clone(), prepared);
                         }
-                        Err(StmtError::Environmental(e)) => return Err(e),
-                        Err(StmtError::Deterministic(mut f)) => {
-                            f.statement_index = u32::try_from(i).unwrap_or(u32::MAX);
-                            failed = Some(f);
-                            break;
-                        }
+                        outcomes.push(o);
+                    }
+                    Err(StmtError::Environmental(e)) => return Err(e),
+                    Err(StmtError::Deterministic(mut f)) => {
+                        f.statement_index = u32::try_from(i).unwrap_or(u32::MAX);
+                        failed = Some(f);
+                        break;
                     }
                 }
             }

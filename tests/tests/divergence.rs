@@ -85,7 +85,10 @@ async fn check_finds_a_divergence_and_names_table_and_node() {
 async fn retried_requests_apply_exactly_once_across_leader_kills() {
     let mut tc = start_cluster("exactly_once", 22, 3).await.unwrap();
     tc.client
-        .execute_one("CREATE TABLE once (token text NOT NULL, w int)", vec![])
+        .execute_one(
+            "CREATE TABLE once (id serial, token text NOT NULL, w int)",
+            vec![],
+        )
         .await
         .unwrap();
 

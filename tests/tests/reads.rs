@@ -221,7 +221,7 @@ async fn large_results_stream_and_unary_reads_are_bounded() {
     assert!(applied >= w.log_index);
     assert_eq!(values::as_i64(&rows[149_999].values[0]), Some(150_000));
     // And a stream honours max_rows.
-    let mut limited = q("SELECT * FROM big", Consistency::Local, 0);
+    let mut limited = q("SELECT * FROM big", Consistency::AtLeast, w.log_index);
     limited.max_rows = 1000;
     let e = c.query_stream_node(2, limited).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
