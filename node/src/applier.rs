@@ -4,13 +4,13 @@
 //! bookkeeping, and a cache of prepared user statements. Runs one write entry inside a savepoint
 //! with its commands pipelined (design.md invariants 2 and 3):
 //!
-//! 1. one round trip: (open the batch transaction,) open the savepoint with the entry's
-//!    timestamp and seed, look the request id up, and execute every statement that is already
-//!    prepared;
+//! 1. one round trip: the previous entry's end (release its savepoint, record its outcome) or
+//!    the batch's BEGIN, this entry's savepoint with its timestamp and seed, the request id
+//!    lookup, and every statement that is already prepared;
 //! 2. statements that are not prepared yet (first use, or after DDL) are prepared and executed
 //!    one by one, so that each sees the effects of the previous ones;
-//! 3. one round trip: release (or roll back to) the savepoint, record the outcome, (record the
-//!    batch's applied position and commit).
+//! 3. the entry's end goes with the next entry's round trip, or with the batch's end (record the
+//!    applied position, COMMIT): a batch of n prepared entries costs n + 1 round trips.
 //!
 //! A duplicate request (its id has a live record) still runs its statements and is then rolled
 //! back, like any other entry: nodes with and without a statement prepared must consume the same
@@ -213,30 +213,68 @@ impl Applier {
             .transpose()
     }
 
-    /// Records the batch's end and commits (for a batch that does not end with a write).
-    pub async fn end_batch(&self, end: &BatchEnd) -> Result<(), EnvError> {
-        let params: [&(dyn ToSql + Sync); 3] = [&end.log_index, &end.log_id, &end.membership];
-        let (recorded, committed) = tokio::join!(
-            self.client.execute(&self.record_applied, &params),
-            self.client.batch_execute("COMMIT")
-        );
+    /// Sends the end of the previous entry (if any) and, with `end`, records the batch's applied
+    /// position and commits — in one round trip.
+    pub async fn flush(
+        &self,
+        pending: Option<EntryFinish>,
+        end: Option<&BatchEnd>,
+    ) -> Result<(), EnvError> {
+        let commit = async {
+            match end {
+                Some(end) => {
+                    let params: [&(dyn ToSql + Sync); 3] =
+                        [&end.log_index, &end.log_id, &end.membership];
+                    let (recorded, committed) = tokio::join!(
+                        self.client.execute(&self.record_applied, &params),
+                        self.client.batch_execute("COMMIT")
+                    );
+                    recorded?;
+                    committed?;
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        };
+        let (finished, committed) = tokio::join!(self.finish(pending.as_ref()), commit);
+        finished?;
+        committed
+    }
+
+    /// Ends an entry: releases (or rolls back to) its savepoint and records its outcome.
+    async fn finish(&self, pending: Option<&EntryFinish>) -> Result<(), EnvError> {
+        let Some(f) = pending else {
+            return Ok(());
+        };
+        let record = async {
+            match &f.record {
+                Some((client_id, seq, index, outcome)) => self
+                    .client
+                    .execute(&self.record, &[client_id, seq, index, outcome])
+                    .await
+                    .map(|_| ()),
+                None => Ok(()),
+            }
+        };
+        let (ended, recorded) = tokio::join!(self.client.batch_execute(f.sql), record);
+        ended?;
         recorded?;
-        committed?;
         Ok(())
     }
 
     /// Applies a write entry: all its statements or none, at most once per request id (a live
     /// duplicate returns the recorded outcome). `begin` opens the batch transaction first;
-    /// `end` records the batch's applied position and commits after it. Everything is pipelined
-    /// (see the module doc).
+    /// `pending` (the previous entry's end) is sent in the same round trip. Returns the outcome
+    /// and this entry's end, to be sent with the next round trip ([`Self::apply_write`] or
+    /// [`Self::flush`]). See the module doc.
     pub async fn apply_write(
         &mut self,
         index: u64,
         cmd: &WriteCommand,
         limits: &ApplyLimits,
         begin: bool,
-        end: Option<&BatchEnd>,
-    ) -> Result<ApplyOutcome, EnvError> {
+        pending: Option<EntryFinish>,
+    ) -> Result<(ApplyOutcome, EntryFinish), EnvError> {
         let floor = request_log::retention_floor(index, limits.request_retention_entries);
         // The entry's deterministic inputs, read by raftpg.now()/random()/gen_random_uuid(). Set
         // per entry (not per batch), so results do not depend on how entries are batched.
@@ -256,7 +294,8 @@ impl Applier {
                 .collect()
         };
 
-        // Round trip 1: open, look the request id up, and run every statement already prepared.
+        // Round trip 1: the previous entry's end, open, look the request id up, and run every
+        // statement already prepared.
         let client = &self.client;
         let lookup = async {
             match &cmd.request_id {
@@ -277,8 +316,13 @@ impl Applier {
                 .zip(&cmd.statements)
                 .map(|(prepared, s)| execute(client, prepared, s, limits)),
         );
-        let (setup_done, recorded, mut results) =
-            tokio::join!(client.batch_execute(&setup), lookup, execs);
+        let (finished, setup_done, recorded, mut results) = tokio::join!(
+            self.finish(pending.as_ref()),
+            client.batch_execute(&setup),
+            lookup,
+            execs
+        );
+        finished?;
         setup_done?;
         let recorded = recorded?;
 
@@ -326,62 +370,40 @@ impl Applier {
             self.cache.clear();
         }
 
-        // Round trip 2: end the savepoint, record the outcome, end the batch.
-        let (finish, outcome, record) = match (recorded, failed) {
+        // This entry's end travels with the next round trip.
+        let (sql, outcome, record) = match (recorded, failed) {
             (Some(row), _) => {
                 // A live duplicate: undo this execution, answer with the recorded outcome.
                 if let Some(id) = &cmd.request_id {
                     debug!(index, client_id = %id.client_id, seq = id.seq, "duplicate request: returning its recorded outcome");
                 }
                 let outcome = request_log::decode(row.get(0)).map_err(EnvError)?;
-                (
-                    "ROLLBACK TO SAVEPOINT raftpg_entry; RELEASE SAVEPOINT raftpg_entry",
-                    outcome,
-                    false,
-                )
+                (ROLLBACK_ENTRY, outcome, false)
             }
-            (None, None) => (
-                "RELEASE SAVEPOINT raftpg_entry",
-                ApplyOutcome::Applied(outcomes),
-                true,
-            ),
-            (None, Some(f)) => (
-                "ROLLBACK TO SAVEPOINT raftpg_entry; RELEASE SAVEPOINT raftpg_entry",
-                ApplyOutcome::Failed(f),
-                true,
-            ),
+            (None, None) => (RELEASE_ENTRY, ApplyOutcome::Applied(outcomes), true),
+            (None, Some(f)) => (ROLLBACK_ENTRY, ApplyOutcome::Failed(f), true),
         };
-        let log_index = i64::try_from(index).unwrap_or(i64::MAX);
-        let client = &self.client;
-        let record = async {
-            match (&cmd.request_id, record) {
-                (Some(id), true) => {
-                    let v = request_log::encode(&outcome).map_err(EnvError)?;
-                    client
-                        .execute(
-                            &self.record,
-                            &[&id.client_id, &request_log::seq(id), &log_index, &v],
-                        )
-                        .await
-                        .map(|_| ())
-                        .map_err(EnvError::from)
-                }
-                _ => Ok(()),
-            }
+        let record = match (&cmd.request_id, record) {
+            (Some(id), true) => Some((
+                id.client_id.clone(),
+                request_log::seq(id),
+                i64::try_from(index).unwrap_or(i64::MAX),
+                request_log::encode(&outcome).map_err(EnvError)?,
+            )),
+            _ => None,
         };
-        let end_batch = async {
-            match end {
-                Some(end) => self.end_batch(end).await,
-                None => Ok(()),
-            }
-        };
-        let (finished, recorded, ended) =
-            tokio::join!(client.batch_execute(finish), record, end_batch);
-        finished?;
-        recorded?;
-        ended?;
-        Ok(outcome)
+        Ok((outcome, EntryFinish { sql, record }))
     }
+}
+
+const RELEASE_ENTRY: &str = "RELEASE SAVEPOINT raftpg_entry";
+const ROLLBACK_ENTRY: &str = "ROLLBACK TO SAVEPOINT raftpg_entry; RELEASE SAVEPOINT raftpg_entry";
+
+/// The end of an applied entry, sent with the next round trip: its savepoint's release (or
+/// rollback) and the record of its outcome for its request id.
+pub struct EntryFinish {
+    sql: &'static str,
+    record: Option<(String, i64, i64, serde_json::Value)>,
 }
 
 /// Checks parameter count and types and result types of a prepared statement.

@@ -343,7 +343,6 @@ impl PgStateMachine {
             return Ok(outcomes);
         };
         let mut membership = self.membership.clone();
-        let count = fresh.len();
         // Garbage-collect expired request records now and then, at the batch's start.
         let expire = request_log::expiry_due(applied_index.unwrap_or(0), last.index);
         if expire {
@@ -355,49 +354,46 @@ impl PgStateMachine {
                 .execute(request_log::EXPIRE_SQL, &[&floor])
                 .await?;
         }
+        let mut pending = None;
         for (k, entry) in fresh.into_iter().enumerate() {
             let begin = k == 0 && !expire;
-            if let EntryPayload::Membership(m) = &entry.payload {
-                membership = StoredMembership::new(Some(entry.log_id), m.clone());
-            }
-            let end = if k + 1 == count {
-                Some(BatchEnd {
-                    log_index: i64::try_from(last.index)
-                        .map_err(|_| EnvError("log index exceeds i64".into()))?,
-                    log_id: serde_json::to_value(last).map_err(|e| EnvError(e.to_string()))?,
-                    membership: serde_json::to_value(&membership)
-                        .map_err(|e| EnvError(e.to_string()))?,
-                })
-            } else {
-                None
-            };
             let outcome = match &entry.payload {
                 EntryPayload::Normal(Command::Sql(cmd)) => {
                     self.clock.observe(cmd.leader_ts_micros);
-                    applier
-                        .apply_write(entry.log_id.index, cmd, &self.limits, begin, end.as_ref())
-                        .await?
+                    let (outcome, finish) = applier
+                        .apply_write(entry.log_id.index, cmd, &self.limits, begin, pending.take())
+                        .await?;
+                    pending = Some(finish);
+                    outcome
                 }
                 other => {
                     if begin {
                         applier.client().batch_execute("BEGIN").await?;
                     }
-                    let outcome = match other {
+                    applier.flush(pending.take(), None).await?;
+                    match other {
                         EntryPayload::Normal(Command::Checksum) => {
                             let sums = checksums::compute(applier.client()).await?;
                             checksums::store(applier.client(), entry.log_id.index, &sums).await?;
                             ApplyOutcome::Checksums(sums)
                         }
+                        EntryPayload::Membership(m) => {
+                            membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                            ApplyOutcome::Internal
+                        }
                         _ => ApplyOutcome::Internal,
-                    };
-                    if let Some(end) = &end {
-                        applier.end_batch(end).await?;
                     }
-                    outcome
                 }
             };
             outcomes.push(outcome);
         }
+        let end = BatchEnd {
+            log_index: i64::try_from(last.index)
+                .map_err(|_| EnvError("log index exceeds i64".into()))?,
+            log_id: serde_json::to_value(last).map_err(|e| EnvError(e.to_string()))?,
+            membership: serde_json::to_value(&membership).map_err(|e| EnvError(e.to_string()))?,
+        };
+        applier.flush(pending.take(), Some(&end)).await?;
         self.applied = Some(last);
         self.membership = membership;
         Ok(outcomes)
