@@ -358,13 +358,17 @@ fn start_cluster(args: &ClusterArgs) -> anyhow::Result<LocalCluster> {
 }
 
 fn connect_hint(cluster: &LocalCluster) {
+    let me = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "raftpg".into());
     println!("\nThe cluster is running. Connect with:");
+    let nodes = cluster.addrs().join(",");
     println!(
-        "  raftpg --nodes {} exec \"INSERT INTO players (name) VALUES ('you') RETURNING id\"",
-        cluster.addrs().join(",")
+        "  {me} --nodes {nodes} exec \"INSERT INTO players (name) VALUES ('you') RETURNING id\""
     );
-    println!("  raftpg --nodes {} query --consistency linearizable \"SELECT * FROM players ORDER BY id\"", cluster.addrs().join(","));
-    println!("  raftpg --nodes {} status", cluster.addrs().join(","));
+    println!("  {me} --nodes {nodes} query --consistency linearizable \"SELECT * FROM players ORDER BY id\"");
+    println!("  {me} --nodes {nodes} status");
+    println!("  {me} --nodes {nodes} check");
     println!("Each node's own PostgreSQL copy (read-only role):");
     for n in cluster.nodes() {
         println!(
