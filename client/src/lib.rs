@@ -333,18 +333,24 @@ impl Client {
         let msg = v1::CheckRequest {
             timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
         };
-        self.cluster_call(timeout + Duration::from_secs(10), |mut c, t| {
-            let mut r = tonic::Request::new(msg);
-            r.set_timeout(t);
-            async move { c.check(r).await }
-        })
+        self.cluster_call(
+            timeout + Duration::from_secs(10),
+            msg,
+            |mut c, r| async move { c.check(r).await },
+        )
         .await
     }
 
     /// Calls a Cluster RPC on the preferred node, moving on while the cluster is unavailable.
-    async fn cluster_call<T, F, Fut>(&self, timeout: Duration, call: F) -> Result<T, ClientError>
+    async fn cluster_call<M, T, F, Fut>(
+        &self,
+        timeout: Duration,
+        msg: M,
+        call: F,
+    ) -> Result<T, ClientError>
     where
-        F: Fn(ClusterClient<Channel>, Duration) -> Fut,
+        M: Clone,
+        F: Fn(ClusterClient<Channel>, tonic::Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let mut attempt = 0;
@@ -352,7 +358,9 @@ impl Client {
             let i = self.preferred.load(Ordering::Relaxed) % self.channels.len();
             let c =
                 ClusterClient::new(self.channels[i].clone()).max_decoding_message_size(usize::MAX);
-            match call(c, timeout).await {
+            let mut request = tonic::Request::new(msg.clone());
+            request.set_timeout(timeout);
+            match call(c, request).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => {
                     let e = ClientError::Status(s);
@@ -382,10 +390,8 @@ impl Client {
             addr: addr.to_string(),
             wait_caught_up: wait,
         };
-        self.cluster_call(Duration::from_secs(300), |mut c, t| {
-            let mut r = tonic::Request::new(msg.clone());
-            r.set_timeout(t);
-            async move { c.add_learner(r).await }
+        self.cluster_call(Duration::from_secs(300), msg, |mut c, r| async move {
+            c.add_learner(r).await
         })
         .await
     }
@@ -395,10 +401,8 @@ impl Client {
         let msg = v1::PromoteRequest {
             node_ids: node_ids.to_vec(),
         };
-        self.cluster_call(Duration::from_secs(300), |mut c, t| {
-            let mut r = tonic::Request::new(msg.clone());
-            r.set_timeout(t);
-            async move { c.promote(r).await }
+        self.cluster_call(Duration::from_secs(300), msg, |mut c, r| async move {
+            c.promote(r).await
         })
         .await
     }
@@ -408,10 +412,8 @@ impl Client {
         let msg = v1::RemoveRequest {
             node_ids: node_ids.to_vec(),
         };
-        self.cluster_call(Duration::from_secs(300), |mut c, t| {
-            let mut r = tonic::Request::new(msg.clone());
-            r.set_timeout(t);
-            async move { c.remove(r).await }
+        self.cluster_call(Duration::from_secs(300), msg, |mut c, r| async move {
+            c.remove(r).await
         })
         .await
     }
@@ -422,10 +424,8 @@ impl Client {
         node_id: u64,
     ) -> Result<v1::MembershipResponse, ClientError> {
         let msg = v1::TransferLeaderRequest { node_id };
-        self.cluster_call(Duration::from_secs(40), |mut c, t| {
-            let mut r = tonic::Request::new(msg);
-            r.set_timeout(t);
-            async move { c.transfer_leader(r).await }
+        self.cluster_call(Duration::from_secs(40), msg, |mut c, r| async move {
+            c.transfer_leader(r).await
         })
         .await
     }
