@@ -188,6 +188,36 @@ impl Client {
         tokio::time::sleep(Duration::from_millis(ms.min(1000))).await;
     }
 
+    /// Runs `call` against the preferred node, moving to the hinted leader or the next node and
+    /// backing off while `retry` says the failure may be retried, at most `attempts_max` times.
+    async fn with_retries<T, F, Fut>(
+        &self,
+        retry: fn(&ClientError) -> bool,
+        call: F,
+    ) -> Result<T, ClientError>
+    where
+        F: Fn(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            let i = self.preferred.load(Ordering::Relaxed) % self.channels.len();
+            match call(i).await {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    attempt += 1;
+                    if !retry(&e) || attempt >= self.config.attempts_max {
+                        return Err(e);
+                    }
+                    if let Some(s) = e.status() {
+                        self.learn_leader(s, i);
+                    }
+                    self.backoff(attempt).await;
+                }
+            }
+        }
+    }
+
     /// Executes statements as one atomic write; retries on another node while the write
     /// certainly did not happen (no leader, node down, leader changed).
     pub async fn execute(
@@ -201,28 +231,18 @@ impl Client {
                 seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
             }),
         };
-        let mut attempt = 0;
-        loop {
-            let i = self.preferred.load(Ordering::Relaxed) % self.channels.len();
+        let request = &request;
+        self.with_retries(ClientError::retry_safe, |i| async move {
             let mut c =
                 WriteClient::new(self.channels[i].clone()).max_decoding_message_size(usize::MAX);
             let mut req = tonic::Request::new(request.clone());
             req.set_timeout(self.config.attempt_timeout);
-            match c.execute(req).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) => {
-                    let e = ClientError::Status(s);
-                    attempt += 1;
-                    if !e.retry_safe() || attempt >= self.config.attempts_max {
-                        return Err(e);
-                    }
-                    if let Some(s) = e.status() {
-                        self.learn_leader(s, i);
-                    }
-                    self.backoff(attempt).await;
-                }
-            }
-        }
+            c.execute(req)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(ClientError::Status)
+        })
+        .await
     }
 
     /// Executes one statement with parameters.
@@ -240,23 +260,11 @@ impl Client {
 
     /// Runs a read on the preferred node (moving on when it is unreachable).
     pub async fn query(&self, request: QueryRequest) -> Result<QueryResponse, ClientError> {
-        let mut attempt = 0;
-        loop {
-            let i = self.preferred.load(Ordering::Relaxed) % self.channels.len();
-            match self.query_node(i, request.clone()).await {
-                Ok(r) => return Ok(r),
-                Err(e) => {
-                    attempt += 1;
-                    if !e.retry_safe() || attempt >= self.config.attempts_max {
-                        return Err(e);
-                    }
-                    if let Some(s) = e.status() {
-                        self.learn_leader(s, i);
-                    }
-                    self.backoff(attempt).await;
-                }
-            }
-        }
+        let request = &request;
+        self.with_retries(ClientError::retry_safe, |i| async move {
+            self.query_node(i, request.clone()).await
+        })
+        .await
     }
 
     /// Runs a read on the node at position `node` of the address list (no retry elsewhere).
@@ -353,28 +361,21 @@ impl Client {
         F: Fn(ClusterClient<Channel>, tonic::Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let mut attempt = 0;
-        loop {
-            let i = self.preferred.load(Ordering::Relaxed) % self.channels.len();
-            let c =
-                ClusterClient::new(self.channels[i].clone()).max_decoding_message_size(usize::MAX);
-            let mut request = tonic::Request::new(msg.clone());
-            request.set_timeout(timeout);
-            match call(c, request).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) => {
-                    let e = ClientError::Status(s);
-                    attempt += 1;
-                    if e.code() != Code::Unavailable || attempt >= self.config.attempts_max {
-                        return Err(e);
-                    }
-                    if let Some(s) = e.status() {
-                        self.learn_leader(s, i);
-                    }
-                    self.backoff(attempt).await;
-                }
-            }
-        }
+        let (msg, call) = (&msg, &call);
+        self.with_retries(
+            |e| e.code() == Code::Unavailable,
+            |i| async move {
+                let c = ClusterClient::new(self.channels[i].clone())
+                    .max_decoding_message_size(usize::MAX);
+                let mut request = tonic::Request::new(msg.clone());
+                request.set_timeout(timeout);
+                call(c, request)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(ClientError::Status)
+            },
+        )
+        .await
     }
 
     /// Adds a running node (started with `--join`) as a learner; with `wait`, returns once it
