@@ -32,7 +32,7 @@ const READ_ONLY: &str = "25006";
 
 /// Parses `sql` and returns its single statement.
 fn parse_one(sql: &str) -> Result<NodeEnum, Refusal> {
-    first_statement(parse(sql)?)
+    first_statement(parse(sql)?.0)
 }
 
 fn first_statement(parsed: pg_query::ParseResult) -> Result<NodeEnum, Refusal> {
@@ -47,7 +47,8 @@ fn first_statement(parsed: pg_query::ParseResult) -> Result<NodeEnum, Refusal> {
 }
 
 /// Parses `sql`, requiring exactly one statement that does not touch raftpg's own schema.
-fn parse(sql: &str) -> Result<pg_query::ParseResult, Refusal> {
+/// Also returns the complete tree in its serde form (see [`walk`]), computed once per statement.
+fn parse(sql: &str) -> Result<(pg_query::ParseResult, serde_json::Value), Refusal> {
     let parsed = pg_query::parse(sql, 0).map_err(|e| match e {
         pg_query::Error::Parse(m) => refuse(SYNTAX_ERROR, m),
         other => refuse(SYNTAX_ERROR, other.to_string()),
@@ -84,7 +85,7 @@ fn parse(sql: &str) -> Result<pg_query::ParseResult, Refusal> {
             "the schema raftpg holds raftpg's own bookkeeping and cannot be used by statements",
         ));
     }
-    Ok(parsed)
+    Ok((parsed, tree))
 }
 
 /// Functions rewritten at the leader to raftpg's deterministic versions (installed by the
@@ -237,15 +238,9 @@ struct Edit {
 /// by PostgreSQL) become raftpg's versions, driven by the entry's timestamp and seed.
 /// Everything else in the text is left byte for byte as the client sent it.
 pub fn prepare_write(sql: &str) -> Result<String, Refusal> {
-    let parsed = parse(sql)?;
     // pg_query's own node iterator skips parts of the tree (e.g. VALUES lists), so walk the
     // complete tree through its serde form: every node of every statement is visited.
-    let tree = serde_json::to_value(&parsed.protobuf).map_err(|e| {
-        refuse(
-            FEATURE_NOT_SUPPORTED,
-            format!("cannot inspect the statement: {e}"),
-        )
-    })?;
+    let (parsed, tree) = parse(sql)?;
     let mut func_edits: Vec<(usize, usize, &'static str)> = Vec::new(); // (location, name parts, replacement)
     let mut edits: Vec<Edit> = Vec::new();
     let mut per_row_calls = false;

@@ -194,14 +194,18 @@ fn print_rows(columns: &[String], rows: &[Vec<String>]) {
     }
 }
 
-fn print_query(r: &QueryResponse) {
-    let cols: Vec<String> = r.columns.iter().map(|c| c.name.clone()).collect();
-    let rows: Vec<Vec<String>> = r
-        .rows
+/// Prints typed result rows as a table.
+fn print_result(columns: &[raftpg_client::v1::Column], rows: &[raftpg_client::v1::Row]) {
+    let cols: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
+    let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|row| row.values.iter().map(values::display).collect())
         .collect();
     print_rows(&cols, &rows);
+}
+
+fn print_query(r: &QueryResponse) {
+    print_result(&r.columns, &r.rows);
     println!(
         "({} rows; node {} applied index {})",
         r.rows.len(),
@@ -535,14 +539,7 @@ async fn main() -> anyhow::Result<()> {
             match client.execute(statements).await {
                 Ok(r) => {
                     for (i, res) in r.results.iter().enumerate() {
-                        let cols: Vec<String> =
-                            res.columns.iter().map(|c| c.name.clone()).collect();
-                        let rows: Vec<Vec<String>> = res
-                            .rows
-                            .iter()
-                            .map(|row| row.values.iter().map(values::display).collect())
-                            .collect();
-                        print_rows(&cols, &rows);
+                        print_result(&res.columns, &res.rows);
                         println!("statement {i}: {} row(s) affected", res.rows_affected);
                     }
                     println!(
