@@ -6,7 +6,9 @@
 //! Partitions (iptables on loopback addresses), clock skew, the register / list-append / bank
 //! workloads and their checkers come next; see jepsen/README.md.
 
+mod elle;
 mod history;
+mod linearizable;
 mod set;
 
 use std::collections::{BTreeMap, BTreeSet};
