@@ -224,12 +224,24 @@ impl Client {
         &self,
         statements: Vec<Statement>,
     ) -> Result<ExecuteResponse, ClientError> {
+        let id = RequestId {
+            client_id: self.client_id.clone(),
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+        };
+        self.execute_with_id(statements, id).await
+    }
+
+    /// Executes statements under a request id chosen by the caller: sending the same id again
+    /// (from any client, after any failure) is answered with the first outcome and never
+    /// applied twice, as long as the cluster retains the id (`--request-retention-entries`).
+    pub async fn execute_with_id(
+        &self,
+        statements: Vec<Statement>,
+        id: RequestId,
+    ) -> Result<ExecuteResponse, ClientError> {
         let request = ExecuteRequest {
             statements,
-            request_id: Some(RequestId {
-                client_id: self.client_id.clone(),
-                seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
-            }),
+            request_id: Some(id),
         };
         let request = &request;
         self.with_retries(ClientError::retry_safe, |i| async move {

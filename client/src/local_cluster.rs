@@ -22,6 +22,8 @@ pub struct LocalClusterSpec {
     pub node_bin: PathBuf,
     /// Extra flags for every node.
     pub extra_args: Vec<String>,
+    /// Environment variables per node: node `i` gets `node_env[i-1]` (if present).
+    pub node_env: Vec<Vec<(String, String)>>,
 }
 
 impl LocalClusterSpec {
@@ -36,6 +38,7 @@ impl LocalClusterSpec {
             addrs,
             node_bin: default_node_bin(),
             extra_args: Vec::new(),
+            node_env: Vec::new(),
         }
     }
 }
@@ -82,6 +85,8 @@ pub struct LocalNode {
     joining: bool,
     /// Flags for this node only.
     extra_args: Vec<String>,
+    /// Environment variables for this node only (e.g. libfaketime's).
+    env: Vec<(String, String)>,
 }
 
 impl LocalNode {
@@ -149,6 +154,7 @@ impl LocalCluster {
                 child: None,
                 joining: false,
                 extra_args: Vec::new(),
+                env: spec.node_env.get(i - 1).cloned().unwrap_or_default(),
             })
             .collect();
         let mut cluster = LocalCluster { spec, nodes };
@@ -213,6 +219,7 @@ impl LocalCluster {
                 child: None,
                 joining: true,
                 extra_args: Vec::new(),
+                env: Vec::new(),
             });
         }
     }
@@ -247,6 +254,7 @@ impl LocalCluster {
             .append(true)
             .open(&log_path)?;
         let child = Command::new(&bin)
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .arg("--id")
             .arg(id.to_string())
             .arg("--data-dir")

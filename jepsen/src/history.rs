@@ -29,6 +29,8 @@ pub struct Op {
 pub struct History {
     start: Instant,
     ops: Mutex<Vec<Op>>,
+    /// Why ops failed, by position in `ops` (written as Jepsen's `error` key).
+    errors: Mutex<Vec<(usize, String)>>,
 }
 
 impl Default for History {
@@ -36,6 +38,7 @@ impl Default for History {
         History {
             start: Instant::now(),
             ops: Mutex::new(Vec::new()),
+            errors: Mutex::new(Vec::new()),
         }
     }
 }
@@ -43,6 +46,18 @@ impl Default for History {
 impl History {
     /// Appends an event.
     pub fn push(&self, kind: &str, process: u64, f: &str, value: serde_json::Value) {
+        self.push_error(kind, process, f, value, None)
+    }
+
+    /// Appends an event with the error that ended it.
+    pub fn push_error(
+        &self,
+        kind: &str,
+        process: u64,
+        f: &str,
+        value: serde_json::Value,
+        error: Option<String>,
+    ) {
         let op = Op {
             kind: kind.to_string(),
             process,
@@ -50,7 +65,12 @@ impl History {
             value,
             time: self.start.elapsed().as_nanos() as u64,
         };
-        self.ops.lock().unwrap_or_else(|p| p.into_inner()).push(op);
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = error {
+            let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+            errors.push((ops.len(), e));
+        }
+        ops.push(op);
     }
 
     /// The events so far.
@@ -60,10 +80,24 @@ impl History {
 
     /// The history as JSON lines.
     pub fn to_jsonl(&self) -> String {
-        self.ops()
+        let errors: std::collections::HashMap<usize, String> = self
+            .errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter_map(|o| serde_json::to_string(o).ok())
-            .map(|l| l + "\n")
-            .collect()
+            .cloned()
+            .collect();
+        let mut out = String::new();
+        for (i, op) in self.ops().iter().enumerate() {
+            let Ok(mut v) = serde_json::to_value(op) else {
+                continue;
+            };
+            if let (Some(e), Some(obj)) = (errors.get(&i), v.as_object_mut()) {
+                obj.insert("error".into(), e.clone().into());
+            }
+            out.push_str(&v.to_string());
+            out.push('\n');
+        }
+        out
     }
 }

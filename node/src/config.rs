@@ -128,6 +128,11 @@ pub struct NodeConfig {
     /// Most entries applied in one PostgreSQL transaction.
     #[arg(long, env = "RAFTPG_APPLY_BATCH_MAX", default_value_t = 256)]
     pub apply_batch_max: usize,
+
+    /// DELIBERATELY BROKEN, for the jepsen self-test only: serve LINEARIZABLE reads from the
+    /// local copy without asking the leader (stale reads become possible).
+    #[arg(long, hide = true)]
+    pub unsafe_local_linearizable_reads: bool,
 }
 
 /// A configuration error.

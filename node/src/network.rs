@@ -5,6 +5,7 @@
 //! `api::raft`. Transport failures are reported as `Unreachable` (openraft backs off) and the
 //! remote's Raft errors as `RemoteError`.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use openraft::error::{
@@ -29,18 +30,26 @@ pub const RAFT_MESSAGE_BYTES_MAX: usize = 256 * 1024 * 1024;
 
 /// Builds connections to peers.
 #[derive(Clone, Default)]
-pub struct Network;
+pub struct Network {
+    /// Local address outgoing connections are bound to (see [`channel`]).
+    pub source: Option<IpAddr>,
+}
 
 /// A connection to one peer.
 pub struct PeerConnection {
     target: NodeId,
     addr: String,
+    source: Option<IpAddr>,
     client: Option<RaftClient<Channel>>,
 }
 
-/// Opens a lazy channel to a node's gRPC address.
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+/// Opens a lazy channel to a node's gRPC address. With `source`, the connection's local end is
+/// bound to that address (the node's own listen address), so that traffic between two nodes
+/// carries both nodes' addresses — which is what lets network faults be injected between
+/// nodes that share one host (see jepsen/).
+pub fn channel(addr: &str, source: Option<IpAddr>) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .local_address(source)
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
@@ -55,6 +64,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerConnection {
             target,
             addr: node.addr.clone(),
+            source: self.source,
             client: None,
         }
     }
@@ -67,7 +77,7 @@ struct TransportError(String);
 impl PeerConnection {
     fn client(&mut self) -> Result<RaftClient<Channel>, TransportError> {
         if self.client.is_none() {
-            let ch = channel(&self.addr)
+            let ch = channel(&self.addr, self.source)
                 .map_err(|e| TransportError(format!("bad address {}: {e}", self.addr)))?;
             self.client = Some(
                 RaftClient::new(ch)

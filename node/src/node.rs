@@ -7,6 +7,7 @@
 //! (SIGTERM/SIGINT): stop serving, stop Raft, stop PostgreSQL.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -70,6 +71,10 @@ pub struct NodeContext {
     pub clock: Arc<EntryClock>,
     /// gRPC channels to other nodes (forwarding, read index), by address.
     peer_channels: Mutex<HashMap<String, Channel>>,
+    /// Local address connections to other nodes are bound to (the listen address).
+    source_ip: Option<IpAddr>,
+    /// Self-test only (hidden flag): LINEARIZABLE reads skip the read index.
+    pub unsafe_local_linearizable_reads: bool,
     /// This node's data directory.
     pub data_dir: PathBuf,
     /// Set when the cluster removed this node: it serves no more reads or writes.
@@ -100,7 +105,7 @@ impl NodeContext {
         if let Some(c) = cache.get(addr) {
             return Ok(c.clone());
         }
-        let ch = network::channel(addr)
+        let ch = network::channel(addr, self.source_ip)
             .map_err(|e| tonic::Status::internal(format!("bad peer address {addr}: {e}")))?;
         cache.insert(addr.to_string(), ch.clone());
         Ok(ch)
@@ -283,7 +288,8 @@ async fn serve(
 ) -> anyhow::Result<()> {
     info!(node = cfg.id, connect = %endpoints.describe, "PostgreSQL ready");
 
-    // 2. Raft.
+    // 2. Raft. Connections to peers leave from the listen address when it names one.
+    let source_ip = Some(listen.ip()).filter(|ip| !ip.is_unspecified());
     let log_store = LogStore::open(&cfg.data_dir.join("raft-log"))?;
     let applier = Arc::new(ApplierStatus::default());
     let clock = Arc::new(EntryClock::default());
@@ -330,7 +336,7 @@ async fn serve(
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_config),
-        Network,
+        Network { source: source_ip },
         log_store.clone(),
         state_machine,
     )
@@ -376,6 +382,8 @@ async fn serve(
         write_permits: Arc::new(Semaphore::new(cfg.write_inflight_max.max(1))),
         clock,
         peer_channels: Mutex::new(HashMap::new()),
+        source_ip,
+        unsafe_local_linearizable_reads: cfg.unsafe_local_linearizable_reads,
         data_dir: cfg.data_dir.clone(),
         removed: AtomicBool::new(cfg.data_dir.join(REMOVED_MARKER).exists()),
         pg_identity: tokio::sync::OnceCell::new(),
