@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what raftpg needs on Debian 12 when it is missing: PostgreSQL server (15),
 # protobuf compiler, RocksDB (linked from Debian's library instead of a 35-minute source build),
-# libclang (bindgen), a C toolchain. Needs a Rust toolchain (cargo) already on the machine.
+# libclang (bindgen), a C toolchain; for the jepsen fault injection: iptables (partitions
+# between loopback addresses) and faketime (clock skew). Needs a Rust toolchain (cargo) already on the machine.
 set -euo pipefail
 
 need=()
-for pkg in postgresql postgresql-contrib protobuf-compiler librocksdb-dev libclang-dev build-essential pkg-config; do
+for pkg in postgresql postgresql-contrib protobuf-compiler librocksdb-dev libclang-dev build-essential pkg-config iptables faketime; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# README command 2: installs what is missing, builds, and runs every test (unit tests and the
-# end-to-end tests that start real clusters and kill processes). `.ci/run` runs exactly this.
+# README command 2: installs what is missing, builds, runs every test (unit tests and the
+# end-to-end tests that start real clusters and kill processes), then the jepsen battery
+# (every workload against every nemesis family, and the self-test against deliberately broken
+# nodes). `.ci/run` runs exactly this. RAFTPG_SKIP_JEPSEN=1 skips the battery.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
@@ -10,3 +12,8 @@ start=$(date +%s)
 cargo build --workspace --bins --tests --locked
 cargo test --workspace --locked -- --test-threads=2
 echo "tests passed in $(( $(date +%s) - start )) s"
+if [ "${RAFTPG_SKIP_JEPSEN:-0}" != "1" ]; then
+  jstart=$(date +%s)
+  ./target/debug/raftpg-jepsen --battery --dir /tmp/raftpg-jepsen-battery
+  echo "jepsen battery passed in $(( $(date +%s) - jstart )) s"
+fi

@@ -101,7 +101,8 @@ fn spec(args: &Args, label: &str, nemesis: &[String], seed: u64, nodes: usize, t
         time,
         clients: args.clients,
         interval: args.interval,
-        dir: args.dir.join(label),
+        // A comma would end up in PostgreSQL socket paths (which libpq cannot name).
+        dir: args.dir.join(label.replace(',', "+")),
         port: args.port,
         broken: false,
         seed,

@@ -211,6 +211,14 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let listen = cfg.listen_addr()?;
     let advertise = cfg.advertise_addr()?;
     let members = cfg.initial_members()?;
+    if cfg.pg_url.is_none() && cfg.data_dir.to_string_lossy().contains(',') {
+        // libpq (pg_dump, pg_restore) reads a comma in a socket path as a list of hosts.
+        anyhow::bail!(
+            "--data-dir {} contains a comma; the embedded PostgreSQL's socket lives under it and \
+             libpq cannot name such a path; choose a directory without commas",
+            cfg.data_dir.display()
+        );
+    }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
 

@@ -393,9 +393,11 @@ impl EmbeddedPostgres {
             .arg("-c")
             .arg("listen_addresses=")
             .arg("-c")
+            // Quoted: the setting is a comma-separated list, and data directories may
+            // contain commas or spaces.
             .arg(format!(
-                "unix_socket_directories={}",
-                self.socket_dir.display()
+                "unix_socket_directories=\"{}\"",
+                self.socket_dir.display().to_string().replace('"', "\"\"")
             ))
             .arg("-c")
             .arg(format!("port={}", self.settings.port))
