@@ -197,8 +197,10 @@ pub struct Outcome {
     pub fail: usize,
     /// Unknown outcome (`info`, or no completion).
     pub info: usize,
-    /// One line per anomaly.
+    /// One line per anomaly (checkers may cap the lines; see `anomaly_count`).
     pub anomalies: Vec<String>,
+    /// Anomalies found, including those a checker summarized as "... and N more".
+    pub anomaly_count: usize,
     /// Checks that could not decide (search limits); not anomalies.
     pub unknown: Vec<String>,
 }
@@ -226,9 +228,14 @@ impl Outcome {
         for l in lines {
             if l.starts_with("unknown:") {
                 o.unknown.push(l);
-            } else {
-                o.anomalies.push(l);
+                continue;
             }
+            let more = l
+                .strip_prefix("... and ")
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse::<usize>().ok());
+            o.anomaly_count += more.unwrap_or(1);
+            o.anomalies.push(l);
         }
         o
     }

@@ -256,15 +256,20 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Vec<Row>> {
         });
     }
     std::fs::write(spec.dir.join("nemesis.jsonl"), nemesis_history.to_jsonl())?;
-    let mut check = Outcome::default();
-    match admin.check(Duration::from_secs(120)).await {
-        Ok(c) if c.identical => check.ok = 1,
-        Ok(c) => check.anomalies.push(format!(
-            "raftpg check: copies differ: {:?}, missing nodes {:?}",
-            c.differences, c.missing_nodes
-        )),
-        Err(e) => check.anomalies.push(format!("raftpg check failed: {e}")),
-    }
+    let check = match admin.check(Duration::from_secs(120)).await {
+        Ok(c) if c.identical => Outcome {
+            ok: 1,
+            ..Default::default()
+        },
+        Ok(c) => Outcome::of(
+            &[],
+            vec![format!(
+                "raftpg check: copies differ: {:?}, missing nodes {:?}",
+                c.differences, c.missing_nodes
+            )],
+        ),
+        Err(e) => Outcome::of(&[], vec![format!("raftpg check failed: {e}")]),
+    };
     rows.push(Row {
         workload: "raftpg-check".into(),
         nemesis: spec.label.clone(),
