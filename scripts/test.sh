@@ -14,6 +14,6 @@ cargo test --workspace --locked -- --test-threads=2
 echo "tests passed in $(( $(date +%s) - start )) s"
 if [ "${RAFTPG_SKIP_JEPSEN:-0}" != "1" ]; then
   jstart=$(date +%s)
-  ./target/debug/raftpg-jepsen --battery --dir /tmp/raftpg-jepsen-battery
+  "${CARGO_TARGET_DIR:-target}/debug/raftpg-jepsen" --battery --dir /tmp/raftpg-jepsen-battery
   echo "jepsen battery passed in $(( $(date +%s) - jstart )) s"
 fi
