@@ -182,7 +182,12 @@ async fn main() -> anyhow::Result<()> {
         } else if rows.iter().any(|r| !r.outcome.anomalies.is_empty()) {
             failed = true;
         }
-        table.extend(rows.into_iter().map(|r| (r, *selftest)));
+        let run_rows: Vec<(Row, bool)> = rows.into_iter().map(|r| (r, *selftest)).collect();
+        print_table(&run_rows);
+        table.extend(run_rows);
+    }
+    if runs.len() > 1 {
+        println!("\n== all runs");
         print_table(&table);
     }
     std::fs::write(

@@ -133,6 +133,7 @@ fn is_dml(sql: &str) -> bool {
 pub struct Applier {
     client: Client,
     fetch_live: Statement,
+    entry_setup: Statement,
     record: Statement,
     record_applied: Statement,
     cache: HashMap<String, Statement>,
@@ -150,12 +151,13 @@ pub struct BatchEnd {
 }
 
 /// Records the batch's end in the batch's own transaction (invariant 1), with the current
-/// position of every sequence that has been used (restored after a PostgreSQL crash, which can
-/// make sequences skip values on one node only).
+/// position of every sequence (restored after a PostgreSQL crash or an aborted batch, either of
+/// which can make sequences skip values on one node only). A sequence never used is recorded
+/// as `null` and restored to its start.
 const RECORD_APPLIED_SQL: &str = "
     UPDATE raftpg.applied SET log_index = $1, log_id = $2, membership = $3,
         sequences = (SELECT coalesce(jsonb_object_agg(format('%I.%I', schemaname, sequencename), last_value), '{}'::jsonb)
-                     FROM pg_sequences WHERE last_value IS NOT NULL)";
+                     FROM pg_sequences WHERE schemaname <> 'raftpg')";
 
 impl Applier {
     /// Connects and sets the session up (bootstrap of raftpg's schema is the caller's).
@@ -169,6 +171,7 @@ impl Applier {
         client.batch_execute(SESSION_SQL).await?;
         Ok(Applier {
             fetch_live: client.prepare("SELECT 1").await?,
+            entry_setup: client.prepare("SELECT 1").await?,
             record: client.prepare("SELECT 1").await?,
             record_applied: client.prepare("SELECT 1").await?,
             client,
@@ -179,6 +182,7 @@ impl Applier {
     /// Prepares raftpg's bookkeeping statements (after the schema exists).
     pub async fn prepare_bookkeeping(&mut self) -> Result<(), EnvError> {
         self.fetch_live = self.client.prepare(request_log::FETCH_LIVE_SQL).await?;
+        self.entry_setup = self.client.prepare(ENTRY_SETUP_SQL).await?;
         self.record = self.client.prepare(request_log::RECORD_SQL).await?;
         self.record_applied = self.client.prepare(RECORD_APPLIED_SQL).await?;
         Ok(())
@@ -213,13 +217,9 @@ impl Applier {
             .transpose()
     }
 
-    /// Sends the end of the previous entry (if any) and, with `end`, records the batch's applied
-    /// position and commits — in one round trip.
-    pub async fn flush(
-        &self,
-        pending: Option<EntryFinish>,
-        end: Option<&BatchEnd>,
-    ) -> Result<(), EnvError> {
+    /// Sends what is pending for the entries applied so far and, with `end`, records the
+    /// batch's applied position and commits — in one round trip.
+    pub async fn flush(&self, pending: Pending, end: Option<&BatchEnd>) -> Result<(), EnvError> {
         let commit = async {
             match end {
                 Some(end) => {
@@ -236,54 +236,218 @@ impl Applier {
                 None => Ok(()),
             }
         };
-        let (finished, committed) = tokio::join!(self.finish(pending.as_ref()), commit);
+        let (finished, committed) = tokio::join!(self.finish(pending), commit);
         finished?;
         committed
     }
 
-    /// Ends an entry: releases (or rolls back to) its savepoint and records its outcome.
-    async fn finish(&self, pending: Option<&EntryFinish>) -> Result<(), EnvError> {
-        let Some(f) = pending else {
-            return Ok(());
-        };
-        let record = async {
-            match &f.record {
-                Some((client_id, seq, index, outcome)) => self
-                    .client
-                    .execute(&self.record, &[client_id, seq, index, outcome])
-                    .await
-                    .map(|_| ()),
+    /// Sends the end of the last entry's savepoint (if still open) and the outcomes to record.
+    async fn finish(&self, pending: Pending) -> Result<(), EnvError> {
+        let end = async {
+            match pending.end {
+                Some(sql) => self.client.batch_execute(sql).await,
                 None => Ok(()),
             }
         };
-        let (ended, recorded) = tokio::join!(self.client.batch_execute(f.sql), record);
+        let records = join_in_order(
+            pending
+                .records
+                .iter()
+                .map(|(c, s, i, o)| async move {
+                    self.client.execute(&self.record, &[c, s, i, o]).await
+                })
+                .collect(),
+        );
+        let (ended, recorded) = tokio::join!(end, records);
         ended?;
-        recorded?;
+        for r in recorded {
+            r?;
+        }
         Ok(())
     }
 
-    /// Applies a write entry: all its statements or none, at most once per request id (a live
-    /// duplicate returns the recorded outcome). `begin` opens the batch transaction first;
-    /// `pending` (the previous entry's end) is sent in the same round trip. Returns the outcome
-    /// and this entry's end, to be sent with the next round trip ([`Self::apply_write`] or
-    /// [`Self::flush`]). See the module doc.
+    /// The prepared statements of `cmd` if it can run in a pipeline with other entries: plain
+    /// DML, every statement prepared already, and its parameters valid for them (so that no
+    /// client-side check can stop it half-way).
+    pub fn pipelineable(&self, cmd: &WriteCommand) -> Option<Vec<Statement>> {
+        if cmd.statements.is_empty() || cmd.statements.iter().any(|s| !is_dml(&s.sql)) {
+            return None;
+        }
+        let prepared: Vec<Statement> = cmd
+            .statements
+            .iter()
+            .map(|s| self.cache.get(&s.sql).cloned())
+            .collect::<Option<_>>()?;
+        prepared
+            .iter()
+            .zip(&cmd.statements)
+            .all(|(p, s)| check_statement(p, s).is_ok())
+            .then_some(prepared)
+    }
+
+    /// Applies a run of pipelineable entries in one round trip: per entry its savepoint, its
+    /// setup (deterministic inputs; a live duplicate request raises [`DUPLICATE_SQLSTATE`]),
+    /// its statements and the savepoint's release, all sent at once after `pending`.
+    ///
+    /// No request id may appear twice in `run`. An entry whose statement fails (or which is a
+    /// duplicate) ends the run: PostgreSQL aborted the subtransaction, so nothing after it ran
+    /// (every later command failed with 25P02); its savepoint is rolled back with the next
+    /// round trip. Returns the outcomes of the entries applied (at least one) and what is still
+    /// to be sent. A check that fails on this side after its statement ran (too many rows)
+    /// cannot be undone alone: that is returned as [`EnvError`] with [`PIPELINE_ABORTED`] and
+    /// the batch is re-applied entry by entry.
+    pub async fn apply_run(
+        &mut self,
+        run: &[(u64, &WriteCommand, Vec<Statement>)],
+        limits: &ApplyLimits,
+        begin: bool,
+        pending: Pending,
+    ) -> Result<(Vec<ApplyOutcome>, Pending), EnvError> {
+        let inputs: Vec<EntryInputs> = run
+            .iter()
+            .map(|(index, cmd, _)| EntryInputs::new(*index, cmd, limits))
+            .collect();
+        let client = &self.client;
+        let entry_setup = &self.entry_setup;
+        let mut steps: Vec<StepFuture<'_>> = Vec::new();
+        for (k, ((_, cmd, prepared), input)) in run.iter().zip(&inputs).enumerate() {
+            let open = if begin && k == 0 {
+                "BEGIN; SAVEPOINT raftpg_entry"
+            } else {
+                "SAVEPOINT raftpg_entry"
+            };
+            steps.push(Box::pin(async move {
+                Step::Sql(client.batch_execute(open).await.map(|_| 0))
+            }));
+            steps.push(Box::pin(async move {
+                Step::Sql(client.execute(entry_setup, &input.params()).await)
+            }));
+            for (p, st) in prepared.iter().zip(&cmd.statements) {
+                steps.push(Box::pin(async move {
+                    Step::Stmt(execute(client, p, st, limits).await)
+                }));
+            }
+            steps.push(Box::pin(async move {
+                Step::Sql(client.batch_execute(RELEASE_ENTRY).await.map(|_| 0))
+            }));
+        }
+        let (finished, results) = tokio::join!(self.finish(pending), join_in_order(steps));
+        finished?;
+
+        let mut results = results.into_iter();
+        let mut outcomes = Vec::with_capacity(run.len());
+        let mut next = Pending::default();
+        for (index, cmd, prepared) in run {
+            let opened = results.next().map(Step::sql);
+            let setup = results.next().map(Step::sql);
+            let stmts: Vec<Step> = results.by_ref().take(prepared.len()).collect();
+            let released = results.next().map(Step::sql);
+            if let Some(Err(e)) = opened {
+                return Err(e.into());
+            }
+            let duplicate = match setup {
+                Some(Ok(_)) => false,
+                Some(Err(e)) if is_duplicate(&e) => true,
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(EnvError("pipeline ended early".into())),
+            };
+            let mut stmt_outcomes = Vec::with_capacity(stmts.len());
+            let mut failed = None;
+            if !duplicate {
+                for (i, st) in stmts.into_iter().enumerate() {
+                    match st {
+                        Step::Stmt(Ok(o)) => stmt_outcomes.push(o),
+                        Step::Stmt(Err(StmtError::Deterministic(mut f))) => {
+                            f.statement_index = u32::try_from(i).unwrap_or(u32::MAX);
+                            failed = Some(f);
+                            break;
+                        }
+                        Step::Stmt(Err(StmtError::Environmental(e))) => return Err(e),
+                        Step::Sql(_) => return Err(EnvError("pipeline out of step".into())),
+                    }
+                }
+            }
+            match (duplicate, failed) {
+                (false, None) => {
+                    if let Some(Err(e)) = released {
+                        return Err(e.into());
+                    }
+                    let outcome = ApplyOutcome::Applied(stmt_outcomes);
+                    next.records.extend(record_of(*index, cmd, &outcome)?);
+                    outcomes.push(outcome);
+                }
+                (false, Some(f)) => {
+                    if matches!(released, Some(Ok(_))) {
+                        // The failure was found on this side after PostgreSQL ran the statement
+                        // and released the savepoint: it cannot be undone alone.
+                        return Err(EnvError(PIPELINE_ABORTED.into()));
+                    }
+                    let outcome = ApplyOutcome::Failed(f);
+                    next.records.extend(record_of(*index, cmd, &outcome)?);
+                    next.end = Some(ROLLBACK_ENTRY);
+                    outcomes.push(outcome);
+                    break;
+                }
+                (true, _) => {
+                    // A live duplicate: nothing of it ran; answer with the recorded outcome.
+                    next.end = Some(ROLLBACK_ENTRY);
+                    self.finish(std::mem::take(&mut next)).await?;
+                    outcomes.push(self.duplicate_outcome(*index, cmd, limits).await?);
+                    break;
+                }
+            }
+        }
+        // Whatever followed the entry that ended the run must have been refused by PostgreSQL.
+        for rest in results {
+            let ran = match rest {
+                Step::Sql(r) => r.is_ok(),
+                Step::Stmt(r) => r.is_ok(),
+            };
+            if ran {
+                return Err(EnvError(PIPELINE_ABORTED.into()));
+            }
+        }
+        Ok((outcomes, next))
+    }
+
+    /// The recorded outcome of a live duplicate of `cmd` (its savepoint already rolled back).
+    async fn duplicate_outcome(
+        &self,
+        index: u64,
+        cmd: &WriteCommand,
+        limits: &ApplyLimits,
+    ) -> Result<ApplyOutcome, EnvError> {
+        let id = cmd
+            .request_id
+            .as_ref()
+            .ok_or_else(|| EnvError("duplicate without a request id".into()))?;
+        if let Some(id) = &cmd.request_id {
+            debug!(index, client_id = %id.client_id, seq = id.seq, "duplicate request: returning its recorded outcome");
+        }
+        self.recorded_outcome(id, index, limits.request_retention_entries)
+            .await?
+            .ok_or_else(|| EnvError("a duplicate's record vanished".into()))
+    }
+
+    /// Applies one write entry on its own: all its statements or none, at most once per request
+    /// id. `begin` opens the batch transaction first; `pending` is sent in the same round trip.
+    /// Statements not prepared yet are prepared and run one by one after that round trip, so
+    /// that each sees the effects of the previous ones (DDL). Returns the outcome and what is
+    /// still to be sent. See the module doc.
     pub async fn apply_write(
         &mut self,
         index: u64,
         cmd: &WriteCommand,
         limits: &ApplyLimits,
         begin: bool,
-        pending: Option<EntryFinish>,
-    ) -> Result<(ApplyOutcome, EntryFinish), EnvError> {
-        let floor = request_log::retention_floor(index, limits.request_retention_entries);
-        // The entry's deterministic inputs, read by raftpg.now()/random()/gen_random_uuid(). Set
-        // per entry (not per batch), so results do not depend on how entries are batched.
-        let setup = format!(
-            "{}SAVEPOINT raftpg_entry; SET LOCAL raftpg.ts_us = '{}'; SET LOCAL raftpg.seed = '{}'; SET LOCAL raftpg.rnd_n = '0'",
-            if begin { "BEGIN; " } else { "" },
-            cmd.leader_ts_micros,
-            cmd.seed
-        );
+        pending: Pending,
+    ) -> Result<(ApplyOutcome, Pending), EnvError> {
+        let input = EntryInputs::new(index, cmd, limits);
+        let open = if begin {
+            "BEGIN; SAVEPOINT raftpg_entry"
+        } else {
+            "SAVEPOINT raftpg_entry"
+        };
         let ddl = cmd.statements.iter().any(|s| !is_dml(&s.sql));
         let cached: Vec<Statement> = if ddl {
             Vec::new()
@@ -294,43 +458,45 @@ impl Applier {
                 .collect()
         };
 
-        // Round trip 1: the previous entry's end, open, look the request id up, and run every
+        // Round trip 1: what is pending, open, set up (a duplicate raises), and run every
         // statement already prepared.
         let client = &self.client;
-        let lookup = async {
-            match &cmd.request_id {
-                Some(id) => {
-                    client
-                        .query_opt(
-                            &self.fetch_live,
-                            &[&id.client_id, &request_log::seq(id), &floor],
-                        )
-                        .await
-                }
-                None => Ok(None),
-            }
-        };
-        let execs = futures::future::join_all(
+        let execs = join_in_order(
             cached
                 .iter()
                 .zip(&cmd.statements)
-                .map(|(prepared, s)| execute(client, prepared, s, limits)),
+                .map(|(prepared, s)| execute(client, prepared, s, limits))
+                .collect(),
         );
-        let (finished, setup_done, recorded, mut results) = tokio::join!(
-            self.finish(pending.as_ref()),
-            client.batch_execute(&setup),
-            lookup,
+        let params = input.params();
+        let (finished, opened, setup, mut results) = tokio::join!(
+            self.finish(pending),
+            client.batch_execute(open),
+            client.execute(&self.entry_setup, &params),
             execs
         );
         finished?;
-        setup_done?;
-        let recorded = recorded?;
+        opened?;
+        let duplicate = match setup {
+            Ok(_) => false,
+            Err(e) if is_duplicate(&e) => true,
+            Err(e) => return Err(e.into()),
+        };
+        if duplicate {
+            if ddl {
+                self.cache.clear();
+            }
+            let mut next = Pending {
+                end: Some(ROLLBACK_ENTRY),
+                records: Vec::new(),
+            };
+            self.finish(std::mem::take(&mut next)).await?;
+            let outcome = self.duplicate_outcome(index, cmd, limits).await?;
+            return Ok((outcome, next));
+        }
 
         let mut failed: Option<SqlFailure> = None;
         let mut outcomes = Vec::with_capacity(cmd.statements.len());
-        // The statements run even for a duplicate (and are then rolled back): whether a node had
-        // them prepared must not change what they consumed (sequence values are not rolled back),
-        // so every node executes exactly the same statements for the same entry.
         for (i, r) in results.iter_mut().enumerate() {
             if let Err(StmtError::Deterministic(f)) = r {
                 f.statement_index = u32::try_from(i).unwrap_or(u32::MAX);
@@ -369,42 +535,138 @@ impl Applier {
         if ddl {
             self.cache.clear();
         }
-
-        // This entry's end travels with the next round trip.
-        let (sql, outcome, record) = match (recorded, failed) {
-            (Some(row), _) => {
-                // A live duplicate: undo this execution, answer with the recorded outcome.
-                if let Some(id) = &cmd.request_id {
-                    debug!(index, client_id = %id.client_id, seq = id.seq, "duplicate request: returning its recorded outcome");
-                }
-                let outcome = request_log::decode(row.get(0)).map_err(EnvError)?;
-                (ROLLBACK_ENTRY, outcome, false)
-            }
-            (None, None) => (RELEASE_ENTRY, ApplyOutcome::Applied(outcomes), true),
-            (None, Some(f)) => (ROLLBACK_ENTRY, ApplyOutcome::Failed(f), true),
+        let (end, outcome) = match failed {
+            None => (RELEASE_ENTRY, ApplyOutcome::Applied(outcomes)),
+            Some(f) => (ROLLBACK_ENTRY, ApplyOutcome::Failed(f)),
         };
-        let record = match (&cmd.request_id, record) {
-            (Some(id), true) => Some((
-                id.client_id.clone(),
-                request_log::seq(id),
-                i64::try_from(index).unwrap_or(i64::MAX),
-                request_log::encode(&outcome).map_err(EnvError)?,
-            )),
-            _ => None,
+        let next = Pending {
+            end: Some(end),
+            records: record_of(index, cmd, &outcome)?.into_iter().collect(),
         };
-        Ok((outcome, EntryFinish { sql, record }))
+        Ok((outcome, next))
     }
 }
+
+/// The deterministic inputs of an entry as parameters of [`ENTRY_SETUP_SQL`].
+struct EntryInputs {
+    ts: String,
+    seed: String,
+    client_id: Option<String>,
+    seq: Option<i64>,
+    floor: i64,
+}
+
+impl EntryInputs {
+    fn new(index: u64, cmd: &WriteCommand, limits: &ApplyLimits) -> Self {
+        EntryInputs {
+            ts: cmd.leader_ts_micros.to_string(),
+            seed: cmd.seed.to_string(),
+            client_id: cmd.request_id.as_ref().map(|id| id.client_id.clone()),
+            seq: cmd.request_id.as_ref().map(request_log::seq),
+            floor: request_log::retention_floor(index, limits.request_retention_entries),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 5] {
+        [&self.ts, &self.seed, &self.client_id, &self.seq, &self.floor]
+    }
+}
+
+/// One command of a pipelined run and its result.
+enum Step {
+    /// Bookkeeping (open, setup, release).
+    Sql(Result<u64, tokio_postgres::Error>),
+    /// A user statement.
+    Stmt(Result<StatementOutcome, StmtError>),
+}
+
+impl Step {
+    fn sql(self) -> Result<u64, tokio_postgres::Error> {
+        match self {
+            Step::Sql(r) => r,
+            // Never happens: positions are fixed when the run is built.
+            Step::Stmt(_) => Ok(0),
+        }
+    }
+}
+
+type StepFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Step> + Send + 'a>>;
+
+/// Awaits futures, polling them in the given order (tokio-postgres sends a request when its
+/// future is first polled, so this is also the order in which PostgreSQL runs them).
+async fn join_in_order<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut all: Vec<std::pin::Pin<Box<futures::future::MaybeDone<F>>>> = futures
+        .into_iter()
+        .map(|f| Box::pin(futures::future::maybe_done(f)))
+        .collect();
+    use std::future::Future;
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for f in all.iter_mut() {
+            if f.as_mut().poll(cx).is_pending() {
+                done = false;
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    all.iter_mut()
+        .filter_map(|f| f.as_mut().take_output())
+        .collect()
+}
+
+fn is_duplicate(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|db| db.code().code() == DUPLICATE_SQLSTATE)
+}
+
+/// The record of an entry's outcome for its request id, if it has one.
+fn record_of(
+    index: u64,
+    cmd: &WriteCommand,
+    outcome: &ApplyOutcome,
+) -> Result<Option<Record>, EnvError> {
+    match &cmd.request_id {
+        Some(id) => Ok(Some((
+            id.client_id.clone(),
+            request_log::seq(id),
+            i64::try_from(index).unwrap_or(i64::MAX),
+            request_log::encode(outcome).map_err(EnvError)?,
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// SQLSTATE raised by the entry setup for a live duplicate request id: the entry stops before
+/// any of its statements runs, on every node alike.
+pub const DUPLICATE_SQLSTATE: &str = "RP001";
+
+/// The message of the [`EnvError`] that makes a batch be re-applied entry by entry.
+pub const PIPELINE_ABORTED: &str = "a pipelined entry failed after it ran; re-applying the batch entry by entry";
+
+/// Sets an entry's deterministic inputs and refuses a live duplicate (`raftpg.begin_entry`,
+/// created with `request_log::BOOTSTRAP_SQL`).
+const ENTRY_SETUP_SQL: &str = "SELECT raftpg.begin_entry($1::text, $2::text, $3::text, $4::bigint, $5::bigint)";
 
 const RELEASE_ENTRY: &str = "RELEASE SAVEPOINT raftpg_entry";
 const ROLLBACK_ENTRY: &str = "ROLLBACK TO SAVEPOINT raftpg_entry; RELEASE SAVEPOINT raftpg_entry";
 
-/// The end of an applied entry, sent with the next round trip: its savepoint's release (or
-/// rollback) and the record of its outcome for its request id.
-pub struct EntryFinish {
-    sql: &'static str,
-    record: Option<(String, i64, i64, serde_json::Value)>,
+/// A request's outcome to record: client id, seq, log index, outcome.
+type Record = (String, i64, i64, serde_json::Value);
+
+/// What is still to be sent for entries applied so far, at the start of the next round trip:
+/// the last entry's savepoint end (unless released in a pipeline) and the outcomes to record
+/// for request ids.
+#[derive(Default)]
+pub struct Pending {
+    end: Option<&'static str>,
+    records: Vec<Record>,
 }
+
 
 /// Checks parameter count and types and result types of a prepared statement.
 fn check_statement(prepared: &Statement, stmt: &SqlStatement) -> Result<(), StmtError> {

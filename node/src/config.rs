@@ -129,6 +129,11 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_APPLY_BATCH_MAX", default_value_t = 256)]
     pub apply_batch_max: usize,
 
+    /// Async worker threads; 0 means one per core, 1 runs everything on one thread (fewest
+    /// wake-ups; good when several nodes share a small host).
+    #[arg(long, env = "RAFTPG_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+
     /// DELIBERATELY BROKEN, for the jepsen self-test only: serve LINEARIZABLE reads from the
     /// local copy without asking the leader (stale reads become possible).
     #[arg(long, hide = true)]

@@ -29,8 +29,17 @@ fn main() -> anyhow::Result<()> {
         )
         .with_target(false)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut builder = match cfg.worker_threads {
+        // One thread: no cross-thread wake-ups (best when several nodes share a small host).
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
+    let runtime = builder.enable_all().build()?;
     runtime.block_on(node::run(cfg))
 }

@@ -21,6 +21,19 @@ pub const BOOTSTRAP_SQL: &str = "
         PRIMARY KEY (client_id, seq)
     );
     CREATE INDEX IF NOT EXISTS requests_by_log_index ON raftpg.requests (log_index);
+    -- Opens an entry: sets its deterministic inputs (transaction-local, like SET LOCAL) and
+    -- raises RP001 if its request id ($3, $4) has a live record (log index >= $5): the entry
+    -- then stops before any of its statements runs, on every node alike.
+    CREATE OR REPLACE FUNCTION raftpg.begin_entry(ts text, seed text, cid text, sq bigint, floor bigint)
+    RETURNS void LANGUAGE plpgsql AS $fn$
+    BEGIN
+        PERFORM set_config('raftpg.ts_us', ts, true), set_config('raftpg.seed', seed, true),
+                set_config('raftpg.rnd_n', '0', true);
+        IF cid IS NOT NULL AND EXISTS (SELECT 1 FROM raftpg.requests r
+                WHERE r.client_id = cid AND r.seq = sq AND r.log_index >= floor) THEN
+            RAISE EXCEPTION 'duplicate request' USING ERRCODE = 'RP001';
+        END IF;
+    END $fn$;
 ";
 
 /// The recorded outcome of `($1, $2)` if not expired before `$3`.

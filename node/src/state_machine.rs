@@ -24,9 +24,9 @@ use openraft::{
     EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
 };
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::applier::{Applier, BatchEnd, EnvError};
+use crate::applier::{Applier, BatchEnd, EnvError, Pending, PIPELINE_ABORTED};
 use crate::checksums;
 use crate::clock::EntryClock;
 use crate::command::{ApplyOutcome, Command, Entry, LogId, NodeId, StoredMembership, TypeConfig};
@@ -138,9 +138,11 @@ const DETERMINISTIC_FUNCTIONS_SQL: &str = r#"
 
 /// Puts every sequence back to the position recorded with the last applied batch.
 const RESTORE_SEQUENCES_SQL: &str = "
-    SELECT count(setval(to_regclass(s.key), s.value::bigint, true))
+    SELECT count(CASE WHEN s.value IS NULL
+                      THEN setval(to_regclass(s.key), q.seqstart, false)
+                      ELSE setval(to_regclass(s.key), s.value::bigint, true) END)
     FROM raftpg.applied a, jsonb_each_text(a.sequences) s
-    WHERE to_regclass(s.key) IS NOT NULL";
+    JOIN pg_sequence q ON q.seqrelid = to_regclass(s.key)";
 
 /// The PostgreSQL-backed state machine (one per node, owned by openraft).
 pub struct PgStateMachine {
@@ -158,6 +160,9 @@ pub struct PgStateMachine {
     status: Arc<ApplierStatus>,
     clock: Arc<EntryClock>,
     shutdown: watch::Receiver<bool>,
+    /// Whether runs of entries are pipelined (off while re-applying a batch whose pipeline
+    /// had to be abandoned; see `applier::PIPELINE_ABORTED`).
+    pipeline: bool,
 }
 
 /// What the state machine is built from.
@@ -195,6 +200,7 @@ impl PgStateMachine {
             status: p.status,
             clock: p.clock,
             shutdown: p.shutdown,
+            pipeline: true,
         }
     }
 
@@ -354,23 +360,63 @@ impl PgStateMachine {
                 .execute(request_log::EXPIRE_SQL, &[&floor])
                 .await?;
         }
-        let mut pending = None;
-        for (k, entry) in fresh.into_iter().enumerate() {
-            let begin = k == 0 && !expire;
+        let mut pending = Pending::default();
+        let mut begin = !expire;
+        let mut k = 0;
+        while k < fresh.len() {
+            let entry = fresh[k];
+            // A run of entries that can share one round trip (see applier::apply_run).
+            let mut run: Vec<(u64, &crate::command::WriteCommand, Vec<tokio_postgres::Statement>)> = Vec::new();
+            if self.pipeline {
+                for e in &fresh[k..] {
+                    let EntryPayload::Normal(Command::Sql(cmd)) = &e.payload else {
+                        break;
+                    };
+                    let repeated = cmd.request_id.as_ref().is_some_and(|id| {
+                        run.iter().any(|(_, c, _)| c.request_id.as_ref() == Some(id))
+                    });
+                    if repeated {
+                        break;
+                    }
+                    let Some(prepared) = applier.pipelineable(cmd) else {
+                        break;
+                    };
+                    run.push((e.log_id.index, cmd, prepared));
+                }
+            }
+            if run.len() > 1 {
+                for (_, cmd, _) in &run {
+                    self.clock.observe(cmd.leader_ts_micros);
+                }
+                let (done, next) = applier
+                    .apply_run(&run, &self.limits, begin, std::mem::take(&mut pending))
+                    .await?;
+                k += done.len();
+                outcomes.extend(done);
+                pending = next;
+                begin = false;
+                continue;
+            }
             let outcome = match &entry.payload {
                 EntryPayload::Normal(Command::Sql(cmd)) => {
                     self.clock.observe(cmd.leader_ts_micros);
-                    let (outcome, finish) = applier
-                        .apply_write(entry.log_id.index, cmd, &self.limits, begin, pending.take())
+                    let (outcome, next) = applier
+                        .apply_write(
+                            entry.log_id.index,
+                            cmd,
+                            &self.limits,
+                            begin,
+                            std::mem::take(&mut pending),
+                        )
                         .await?;
-                    pending = Some(finish);
+                    pending = next;
                     outcome
                 }
                 other => {
                     if begin {
                         applier.client().batch_execute("BEGIN").await?;
                     }
-                    applier.flush(pending.take(), None).await?;
+                    applier.flush(std::mem::take(&mut pending), None).await?;
                     match other {
                         EntryPayload::Normal(Command::Checksum) => {
                             let sums = checksums::compute(applier.client()).await?;
@@ -385,6 +431,8 @@ impl PgStateMachine {
                     }
                 }
             };
+            begin = false;
+            k += 1;
             outcomes.push(outcome);
         }
         let end = BatchEnd {
@@ -393,7 +441,7 @@ impl PgStateMachine {
             log_id: serde_json::to_value(last).map_err(|e| EnvError(e.to_string()))?,
             membership: serde_json::to_value(&membership).map_err(|e| EnvError(e.to_string()))?,
         };
-        applier.flush(pending.take(), Some(&end)).await?;
+        applier.flush(pending, Some(&end)).await?;
         self.applied = Some(last);
         self.membership = membership;
         Ok(outcomes)
@@ -410,7 +458,15 @@ impl PgStateMachine {
             match self.apply_batch(batch).await {
                 Ok(outcomes) => {
                     self.status.set("applying");
+                    self.pipeline = true;
                     return Ok(outcomes);
+                }
+                Err(e) if e.0 == PIPELINE_ABORTED && self.pipeline => {
+                    // Roll the whole batch back (dropping the connection restores sequences)
+                    // and apply it again, entry by entry.
+                    debug!(node = self.node_id, "{}", e.0);
+                    self.applier = None;
+                    self.pipeline = false;
                 }
                 Err(e) => {
                     // Drop the connection: its transaction (if any) is aborted by PostgreSQL, and
