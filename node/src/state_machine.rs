@@ -24,7 +24,7 @@ use openraft::{
     EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
 };
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::applier::{Applier, BatchEnd, EnvError, Pending, PIPELINE_ABORTED};
 use crate::checksums;
@@ -464,7 +464,7 @@ impl PgStateMachine {
                 Err(e) if e.0 == PIPELINE_ABORTED && self.pipeline => {
                     // Roll the whole batch back (dropping the connection restores sequences)
                     // and apply it again, entry by entry.
-                    debug!(node = self.node_id, "{}", e.0);
+                    info!(node = self.node_id, first_index = batch.first().map(|e| e.log_id.index).unwrap_or(0), "{}", e.0);
                     self.applier = None;
                     self.pipeline = false;
                 }
