@@ -37,6 +37,8 @@ pub struct BenchSpec {
     pub reads: bool,
     /// Write results here (JSON lines).
     pub out: Option<PathBuf>,
+    /// Entries a stopped follower misses before it is restarted and timed catching up (0: skip).
+    pub catchup_entries: u64,
 }
 
 /// One measured point.
@@ -191,7 +193,7 @@ async fn bench_raftpg(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Resu
     }
     let mut cs = LocalClusterSpec::new(spec.nodes, &dir, spec.base_port);
     cs.extra_args = vec!["--pg-shared-buffers".into(), "256MB".into()];
-    let cluster = LocalCluster::start(cs)?;
+    let mut cluster = LocalCluster::start(cs)?;
     let admin = Client::new(&cluster.addrs())?;
     admin.wait_for_leader(Duration::from_secs(120)).await?;
     admin
@@ -294,8 +296,71 @@ async fn bench_raftpg(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Resu
             points.push(p);
         }
     }
+    if spec.catchup_entries > 0 {
+        let p = catch_up(&mut cluster, &admin, spec.catchup_entries).await?;
+        print_point(&p, points);
+        points.push(p);
+    }
     drop(cluster);
     Ok(())
+}
+
+/// Stops a follower, writes `entries` entries (64 concurrent writers), restarts it and times
+/// how fast it catches up (log entries, or a snapshot and the entries after it).
+async fn catch_up(cluster: &mut LocalCluster, admin: &Client, entries: u64) -> anyhow::Result<Point> {
+    let leader = admin.wait_for_leader(Duration::from_secs(30)).await?;
+    let follower = (1..=cluster.nodes().len() as u64)
+        .find(|n| *n != leader)
+        .ok_or_else(|| anyhow::anyhow!("no follower"))?;
+    cluster.stop_node(follower);
+    let writers = 64u64;
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let c = Client::new(&cluster.addrs())?;
+        let written = written.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..entries.div_ceil(writers) {
+                if c.execute_one(INSERT, vec![values::int(w as i64)]).await.is_ok() {
+                    written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let target = admin.status_of((leader - 1) as usize).await?.last_log_index;
+    let behind = target.saturating_sub(admin.status_of((follower - 1) as usize).await.map(|s| s.applied_index).unwrap_or(0));
+    cluster.start_node(follower)?;
+    // Time from the node answering (its PostgreSQL up) to having applied everything.
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    while admin.status_of((follower - 1) as usize).await.is_err() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "follower did not come back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let start = std::time::Instant::now();
+    let first = admin.status_of((follower - 1) as usize).await?.applied_index;
+    loop {
+        let s = admin.status_of((follower - 1) as usize).await?;
+        if s.applied_index >= target {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "follower did not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = start.elapsed().as_secs_f64().max(0.001);
+    let caught = target.saturating_sub(first).max(1);
+    println!(
+        "catch-up: node {follower} missed {} writes ({behind} entries behind when it stopped answering), caught up {caught} entries in {secs:.2} s",
+        written.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    Ok(Point {
+        system: "raftpg-catchup".into(),
+        clients: 0,
+        ops_per_sec: caught as f64 / secs,
+        ..Default::default()
+    })
 }
 
 /// PostgreSQL servers for the peers, run as the `postgres` OS user when we are root.

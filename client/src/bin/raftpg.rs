@@ -81,6 +81,9 @@ enum Cmd {
         /// Skip the read workload.
         #[arg(long)]
         no_reads: bool,
+        /// Also time a follower catching up after missing this many entries (0: skip).
+        #[arg(long, default_value_t = 0)]
+        catchup: u64,
         /// Write the points as JSON lines to this file.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -596,6 +599,7 @@ async fn main() -> anyhow::Result<()> {
             dir,
             base_port,
             no_reads,
+            catchup,
             out,
         } => {
             raftpg_client::bench::run(raftpg_client::bench::BenchSpec {
@@ -606,6 +610,7 @@ async fn main() -> anyhow::Result<()> {
                 dir,
                 base_port,
                 reads: !no_reads,
+                catchup_entries: catchup,
                 out,
             })
             .await?;
