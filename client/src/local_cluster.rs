@@ -197,10 +197,11 @@ impl LocalCluster {
     /// be added to the cluster with `Cluster.AddLearner`). Its data directory is wiped first.
     pub fn start_joining_node(&mut self, id: u64, addr: &str) -> std::io::Result<()> {
         let data_dir = self.spec.data_dir.join(format!("node{id}"));
+        self.ensure_slot(id);
+        self.kill_orphan_postgres(id);
         if data_dir.exists() {
             std::fs::remove_dir_all(&data_dir)?;
         }
-        self.ensure_slot(id);
         let node = self.node_mut(id);
         node.addr = addr.to_string();
         node.data_dir = data_dir;
@@ -232,12 +233,28 @@ impl LocalCluster {
 
     /// Wipes node `id`'s data directory (it must be stopped) so that it starts empty.
     pub fn wipe_node(&mut self, id: u64) -> std::io::Result<()> {
+        self.kill_orphan_postgres(id);
         let dir = self.node(id).data_dir.clone();
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
         self.node_mut(id).joining = true;
         Ok(())
+    }
+
+    /// SIGKILLs the postmaster a killed node left running, and waits for it to be gone, before
+    /// its files are deleted: a PostgreSQL whose data directory vanished shuts itself down
+    /// later and, on the way out, unlinks its socket path — by then the socket of the
+    /// node's *new* PostgreSQL, which would become unreachable.
+    fn kill_orphan_postgres(&mut self, id: u64) {
+        let Some(pid) = self.node(id).postgres_pid() else {
+            return;
+        };
+        send(pid, libc::SIGKILL);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while alive(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts node `id` (it must not be running).

@@ -33,7 +33,7 @@ pub enum SnapshotError {
     #[error("snapshot file: {0}")]
     Io(#[from] std::io::Error),
     /// PostgreSQL.
-    #[error("snapshot: PostgreSQL: {0}")]
+    #[error("snapshot: PostgreSQL: {err}{src}", err = .0, src = source_text(.0))]
     Pg(#[from] tokio_postgres::Error),
     /// pg_dump/pg_restore failed.
     #[error("snapshot: {0}")]
@@ -515,5 +515,15 @@ impl SnapshotStore {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// The cause of a PostgreSQL error (tokio-postgres does not print it: "error connecting to
+/// server" alone hides whether the socket was missing, refused, ...).
+fn source_text(e: &tokio_postgres::Error) -> String {
+    use std::error::Error;
+    match e.source() {
+        Some(s) if e.as_db_error().is_none() => format!(": {s}"),
+        _ => String::new(),
     }
 }
