@@ -474,6 +474,19 @@ impl EmbeddedPostgres {
         Ok(())
     }
 
+    /// Resolves once the server's socket file is missing (checked every 2 s).
+    async fn socket_lost(&self) {
+        let socket = self
+            .socket_dir
+            .join(format!(".s.PGSQL.{}", self.settings.port));
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if !tokio::fs::try_exists(&socket).await.unwrap_or(true) {
+                return;
+            }
+        }
+    }
+
     /// Starts PostgreSQL and supervises it until `shutdown` turns true: restarts it whenever it
     /// dies, publishing its health on `health`. Returns once PostgreSQL has stopped.
     pub async fn run(
@@ -534,6 +547,16 @@ impl EmbeddedPostgres {
                     error!(reason = %why, "PostgreSQL died; restarting it");
                     let _ = health.send(PgHealth::Down(why));
                     tokio::time::sleep(backoff).await;
+                }
+                _ = self.socket_lost() => {
+                    // Something unlinked the socket (e.g. another server that used this path
+                    // before): nothing can connect any more. A restart creates it again.
+                    error!(socket = %self.socket_dir.display(), "PostgreSQL's socket file vanished; restarting PostgreSQL");
+                    let _ = health.send(PgHealth::Down("socket file vanished".into()));
+                    if let Some(pid) = child.id() {
+                        stop_pid(pid as i32).await;
+                    }
+                    let _ = child.wait().await;
                 }
                 _ = wait_set(&mut shutdown) => {
                     if let Some(pid) = child.id() {
