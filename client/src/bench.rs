@@ -307,7 +307,11 @@ async fn bench_raftpg(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Resu
 
 /// Stops a follower, writes `entries` entries (64 concurrent writers), restarts it and times
 /// how fast it catches up (log entries, or a snapshot and the entries after it).
-async fn catch_up(cluster: &mut LocalCluster, admin: &Client, entries: u64) -> anyhow::Result<Point> {
+async fn catch_up(
+    cluster: &mut LocalCluster,
+    admin: &Client,
+    entries: u64,
+) -> anyhow::Result<Point> {
     let leader = admin.wait_for_leader(Duration::from_secs(30)).await?;
     let follower = (1..=cluster.nodes().len() as u64)
         .find(|n| *n != leader)
@@ -321,7 +325,10 @@ async fn catch_up(cluster: &mut LocalCluster, admin: &Client, entries: u64) -> a
         let written = written.clone();
         tasks.push(tokio::spawn(async move {
             for _ in 0..entries.div_ceil(writers) {
-                if c.execute_one(INSERT, vec![values::int(w as i64)]).await.is_ok() {
+                if c.execute_one(INSERT, vec![values::int(w as i64)])
+                    .await
+                    .is_ok()
+                {
                     written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
@@ -331,22 +338,37 @@ async fn catch_up(cluster: &mut LocalCluster, admin: &Client, entries: u64) -> a
         t.await?;
     }
     let target = admin.status_of((leader - 1) as usize).await?.last_log_index;
-    let behind = target.saturating_sub(admin.status_of((follower - 1) as usize).await.map(|s| s.applied_index).unwrap_or(0));
+    let behind = target.saturating_sub(
+        admin
+            .status_of((follower - 1) as usize)
+            .await
+            .map(|s| s.applied_index)
+            .unwrap_or(0),
+    );
     cluster.start_node(follower)?;
     // Time from the node answering (its PostgreSQL up) to having applied everything.
     let deadline = std::time::Instant::now() + Duration::from_secs(600);
     while admin.status_of((follower - 1) as usize).await.is_err() {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "follower did not come back");
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "follower did not come back"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let start = std::time::Instant::now();
-    let first = admin.status_of((follower - 1) as usize).await?.applied_index;
+    let first = admin
+        .status_of((follower - 1) as usize)
+        .await?
+        .applied_index;
     loop {
         let s = admin.status_of((follower - 1) as usize).await?;
         if s.applied_index >= target {
             break;
         }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "follower did not catch up");
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "follower did not catch up"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = start.elapsed().as_secs_f64().max(0.001);

@@ -28,7 +28,10 @@ pub fn schema() -> Vec<String> {
     vec![
         "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL CHECK (balance >= 0))"
             .into(),
-        format!("INSERT INTO accounts (id, balance) VALUES {}", rows.join(", ")),
+        format!(
+            "INSERT INTO accounts (id, balance) VALUES {}",
+            rows.join(", ")
+        ),
     ]
 }
 
@@ -43,7 +46,11 @@ pub async fn client(env: Env, slot: u64) {
             env.history.push("invoke", p.id, "read", Json::Null);
             let node = rng.next(nodes) as usize;
             let consistency = random_consistency(&mut rng);
-            let req = read_request("SELECT id, balance FROM accounts ORDER BY id", vec![], consistency);
+            let req = read_request(
+                "SELECT id, balance FROM accounts ORDER BY id",
+                vec![],
+                consistency,
+            );
             match client.query_node(node, req).await {
                 Ok(r) => {
                     let balances: BTreeMap<String, i64> = r
@@ -58,7 +65,10 @@ pub async fn client(env: Env, slot: u64) {
                         .collect();
                     env.history.push("ok", p.id, "read", json!(balances));
                 }
-                Err(e) => env.history.push_error("fail", p.id, "read", Json::Null, Some(e.to_string())),
+                Err(e) => {
+                    env.history
+                        .push_error("fail", p.id, "read", Json::Null, Some(e.to_string()))
+                }
             }
             continue;
         }
@@ -91,7 +101,10 @@ pub async fn client(env: Env, slot: u64) {
 fn check_balances(what: &str, balances: &BTreeMap<String, i64>, out: &mut Vec<String>) {
     let total: i64 = balances.values().sum();
     if balances.len() as i64 != ACCOUNTS {
-        out.push(format!("{what}: {} accounts instead of {ACCOUNTS}: {balances:?}", balances.len()));
+        out.push(format!(
+            "{what}: {} accounts instead of {ACCOUNTS}: {balances:?}",
+            balances.len()
+        ));
     } else if total != ACCOUNTS * BALANCE {
         out.push(format!(
             "{what}: total {total} instead of {}: {balances:?}",
@@ -114,7 +127,11 @@ pub fn check(history: &[Op]) -> Vec<String> {
                 continue;
             }
         };
-        let what = format!("read by process {} at {} ms", op.process, op.time / 1_000_000);
+        let what = format!(
+            "read by process {} at {} ms",
+            op.process,
+            op.time / 1_000_000
+        );
         check_balances(&what, &balances, &mut out);
     }
     out
@@ -128,21 +145,30 @@ pub async fn check_run(
 ) -> anyhow::Result<Outcome> {
     let ops = env.history.ops();
     let mut lines = check(&ops);
-    let finals = final_reads(admin, env.addrs.len(), "SELECT id, balance FROM accounts", marker).await?;
+    let finals = final_reads(
+        admin,
+        env.addrs.len(),
+        "SELECT id, balance FROM accounts",
+        marker,
+    )
+    .await?;
     let mut first: Option<(u64, BTreeMap<String, i64>)> = None;
     for (node, rows) in finals {
         let balances: BTreeMap<String, i64> = rows
             .iter()
             .filter_map(|r| {
-                Some((values::as_i64(&r.values[0])?.to_string(), values::as_i64(&r.values[1])?))
+                Some((
+                    values::as_i64(&r.values[0])?.to_string(),
+                    values::as_i64(&r.values[1])?,
+                ))
             })
             .collect();
         check_balances(&format!("node {node} final"), &balances, &mut lines);
         match &first {
             None => first = Some((node, balances)),
-            Some((n, b)) if *b != balances => {
-                lines.push(format!("nodes {n} and {node} diverge: {b:?} vs {balances:?}"))
-            }
+            Some((n, b)) if *b != balances => lines.push(format!(
+                "nodes {n} and {node} diverge: {b:?} vs {balances:?}"
+            )),
             Some(_) => {}
         }
     }
@@ -154,8 +180,11 @@ mod tests {
     use super::*;
 
     fn read(balances: &[i64]) -> Op {
-        let m: BTreeMap<String, i64> =
-            balances.iter().enumerate().map(|(i, b)| (i.to_string(), *b)).collect();
+        let m: BTreeMap<String, i64> = balances
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (i.to_string(), *b))
+            .collect();
         Op {
             kind: "ok".into(),
             process: 0,
@@ -167,7 +196,11 @@ mod tests {
 
     #[test]
     fn conserved_totals_pass_and_broken_ones_are_caught() {
-        assert!(check(&[read(&[100, 100, 100, 100, 100]), read(&[90, 110, 100, 50, 150])]).is_empty());
+        assert!(check(&[
+            read(&[100, 100, 100, 100, 100]),
+            read(&[90, 110, 100, 50, 150])
+        ])
+        .is_empty());
         assert!(check(&[read(&[90, 100, 100, 100, 100])])[0].contains("total 490"));
         assert!(check(&[read(&[-10, 110, 100, 100, 200])])[0].contains("negative"));
         assert!(check(&[read(&[100, 100, 100, 100])])[0].contains("4 accounts"));

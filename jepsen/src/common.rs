@@ -73,7 +73,9 @@ impl Env {
     pub fn client(&self, slot: u64) -> Client {
         let n = self.addrs.len();
         let first = slot as usize % n;
-        let rotated: Vec<String> = (0..n).map(|i| self.addrs[(first + i) % n].clone()).collect();
+        let rotated: Vec<String> = (0..n)
+            .map(|i| self.addrs[(first + i) % n].clone())
+            .collect();
         Client::with_config(&rotated, client_config()).expect("valid addresses")
     }
 }
@@ -254,9 +256,13 @@ pub fn complete_write<T>(
     match result {
         Ok(r) => env.history.push("ok", p.id, f, ok_value(r)),
         Err(e) => match classify(&e) {
-            Failure::Fail => env.history.push_error("fail", p.id, f, invoke_value, Some(e.to_string())),
+            Failure::Fail => {
+                env.history
+                    .push_error("fail", p.id, f, invoke_value, Some(e.to_string()))
+            }
             Failure::Info => {
-                env.history.push_error("info", p.id, f, invoke_value, Some(e.to_string()));
+                env.history
+                    .push_error("info", p.id, f, invoke_value, Some(e.to_string()));
                 p.retire();
             }
         },

@@ -41,18 +41,35 @@ pub async fn client(env: Env, slot: u64) {
             seq,
         };
         for attempt in 0..=RETRIES {
-            env.history.push("invoke", p.id, "insert", Json::from(rid.clone()));
-            match client.execute_with_id(vec![statement.clone()], id.clone()).await {
+            env.history
+                .push("invoke", p.id, "insert", Json::from(rid.clone()));
+            match client
+                .execute_with_id(vec![statement.clone()], id.clone())
+                .await
+            {
                 Ok(_) => {
-                    env.history.push("ok", p.id, "insert", Json::from(rid.clone()));
+                    env.history
+                        .push("ok", p.id, "insert", Json::from(rid.clone()));
                     break;
                 }
                 Err(e) if classify(&e) == Failure::Fail => {
-                    env.history.push_error("fail", p.id, "insert", Json::from(rid.clone()), Some(e.to_string()));
+                    env.history.push_error(
+                        "fail",
+                        p.id,
+                        "insert",
+                        Json::from(rid.clone()),
+                        Some(e.to_string()),
+                    );
                     break;
                 }
                 Err(e) => {
-                    env.history.push_error("info", p.id, "insert", Json::from(rid.clone()), Some(e.to_string()));
+                    env.history.push_error(
+                        "info",
+                        p.id,
+                        "insert",
+                        Json::from(rid.clone()),
+                        Some(e.to_string()),
+                    );
                     p.retire();
                     client = env.client(slot + attempt as u64 + 1);
                     if env.stopped() {
@@ -92,26 +109,46 @@ pub fn check(history: &[Op], finals: &BTreeMap<u64, BTreeMap<String, usize>>) ->
     for (node, copy) in finals {
         let twice: Vec<_> = copy.iter().filter(|(_, n)| **n > 1).take(5).collect();
         if !twice.is_empty() {
-            out.push(format!("node {node}: requests applied more than once (rid, rows), e.g. {twice:?}"));
+            out.push(format!(
+                "node {node}: requests applied more than once (rid, rows), e.g. {twice:?}"
+            ));
         }
-        let lost: Vec<_> = acked.iter().filter(|r| !copy.contains_key(*r)).take(5).collect();
+        let lost: Vec<_> = acked
+            .iter()
+            .filter(|r| !copy.contains_key(*r))
+            .take(5)
+            .collect();
         if !lost.is_empty() {
-            out.push(format!("node {node}: acknowledged requests missing, e.g. {lost:?}"));
+            out.push(format!(
+                "node {node}: acknowledged requests missing, e.g. {lost:?}"
+            ));
         }
         let phantom: Vec<_> = copy.keys().filter(|r| !sent.contains(*r)).take(5).collect();
         if !phantom.is_empty() {
-            out.push(format!("node {node}: rows of requests never sent, e.g. {phantom:?}"));
+            out.push(format!(
+                "node {node}: rows of requests never sent, e.g. {phantom:?}"
+            ));
         }
-        let failed: Vec<_> = copy.keys().filter(|r| sent.contains(*r) && !maybe.contains(*r)).take(5).collect();
+        let failed: Vec<_> = copy
+            .keys()
+            .filter(|r| sent.contains(*r) && !maybe.contains(*r))
+            .take(5)
+            .collect();
         if !failed.is_empty() {
-            out.push(format!("node {node}: requests that failed are present, e.g. {failed:?}"));
+            out.push(format!(
+                "node {node}: requests that failed are present, e.g. {failed:?}"
+            ));
         }
     }
     let mut copies = finals.iter();
     if let Some((n0, c0)) = copies.next() {
         for (n, c) in copies {
             if c != c0 {
-                out.push(format!("nodes {n0} and {n} diverge: {} vs {} requests", c0.len(), c.len()));
+                out.push(format!(
+                    "nodes {n0} and {n} diverge: {} vs {} requests",
+                    c0.len(),
+                    c.len()
+                ));
             }
         }
     }
@@ -158,11 +195,21 @@ mod tests {
 
     fn history() -> Vec<Op> {
         // a: ok; b: info then retried ok; c: info only; d: failed.
-        [("invoke", "a"), ("ok", "a"), ("invoke", "b"), ("info", "b"), ("invoke", "b"), ("ok", "b"),
-         ("invoke", "c"), ("info", "c"), ("invoke", "d"), ("fail", "d")]
-            .iter()
-            .map(|(k, r)| op(k, r))
-            .collect()
+        [
+            ("invoke", "a"),
+            ("ok", "a"),
+            ("invoke", "b"),
+            ("info", "b"),
+            ("invoke", "b"),
+            ("ok", "b"),
+            ("invoke", "c"),
+            ("info", "c"),
+            ("invoke", "d"),
+            ("fail", "d"),
+        ]
+        .iter()
+        .map(|(k, r)| op(k, r))
+        .collect()
     }
 
     fn copy(rids: &[(&str, usize)]) -> BTreeMap<String, usize> {
@@ -171,10 +218,16 @@ mod tests {
 
     #[test]
     fn a_correct_history_passes() {
-        let f = BTreeMap::from([(1, copy(&[("a", 1), ("b", 1)])), (2, copy(&[("a", 1), ("b", 1)]))]);
+        let f = BTreeMap::from([
+            (1, copy(&[("a", 1), ("b", 1)])),
+            (2, copy(&[("a", 1), ("b", 1)])),
+        ]);
         assert!(check(&history(), &f).is_empty());
         let f = BTreeMap::from([(1, copy(&[("a", 1), ("b", 1), ("c", 1)]))]);
-        assert!(check(&history(), &f).is_empty(), "an unknown request may be applied");
+        assert!(
+            check(&history(), &f).is_empty(),
+            "an unknown request may be applied"
+        );
     }
 
     #[test]
@@ -187,7 +240,10 @@ mod tests {
         assert!(check(&history(), &phantom)[0].contains("never sent"));
         let failed = BTreeMap::from([(1, copy(&[("a", 1), ("b", 1), ("d", 1)]))]);
         assert!(check(&history(), &failed)[0].contains("failed"));
-        let diverged = BTreeMap::from([(1, copy(&[("a", 1), ("b", 1)])), (2, copy(&[("a", 1), ("b", 1), ("c", 1)]))]);
+        let diverged = BTreeMap::from([
+            (1, copy(&[("a", 1), ("b", 1)])),
+            (2, copy(&[("a", 1), ("b", 1), ("c", 1)])),
+        ]);
         assert!(check(&history(), &diverged)[0].contains("diverge"));
     }
 }

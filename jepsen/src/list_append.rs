@@ -31,7 +31,11 @@ fn parse_list(text: Option<&str>) -> Json {
         .unwrap_or("")
         .split(',')
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<i64>().map(Json::from).unwrap_or_else(|_| Json::from(s)))
+        .map(|s| {
+            s.parse::<i64>()
+                .map(Json::from)
+                .unwrap_or_else(|_| Json::from(s))
+        })
         .collect();
     Json::Array(items)
 }
@@ -58,9 +62,16 @@ pub async fn client(env: Env, slot: u64, counter: Arc<AtomicU64>) {
         }
         let invoke: Vec<Json> = mops
             .iter()
-            .map(|&(a, k, v)| if a { json!(["append", k, v]) } else { json!(["r", k, null]) })
+            .map(|&(a, k, v)| {
+                if a {
+                    json!(["append", k, v])
+                } else {
+                    json!(["r", k, null])
+                }
+            })
             .collect();
-        env.history.push("invoke", p.id, "txn", Json::Array(invoke.clone()));
+        env.history
+            .push("invoke", p.id, "txn", Json::Array(invoke.clone()));
         if read_only {
             let keys: Vec<String> = mops.iter().map(|m| m.1.to_string()).collect();
             let sql = format!("SELECT k, v FROM lists WHERE k IN ({})", keys.join(","));
@@ -82,11 +93,19 @@ pub async fn client(env: Env, slot: u64, counter: Arc<AtomicU64>) {
                         .collect();
                     let done: Vec<Json> = mops
                         .iter()
-                        .map(|&(_, k, _)| json!(["r", k, parse_list(seen.get(&k).map(|s| s.as_str()))]))
+                        .map(|&(_, k, _)| {
+                            json!(["r", k, parse_list(seen.get(&k).map(|s| s.as_str()))])
+                        })
                         .collect();
                     env.history.push("ok", p.id, "txn", Json::Array(done));
                 }
-                Err(e) => env.history.push_error("fail", p.id, "txn", Json::Array(invoke), Some(e.to_string())),
+                Err(e) => env.history.push_error(
+                    "fail",
+                    p.id,
+                    "txn",
+                    Json::Array(invoke),
+                    Some(e.to_string()),
+                ),
             }
             continue;
         }

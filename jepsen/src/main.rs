@@ -80,15 +80,35 @@ fn print_table(rows: &[(Row, bool)]) {
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for (r, selftest) in rows {
         let o = &r.outcome;
-        let expected = if *selftest && o.anomaly_count > 0 { " (expected: broken nodes)" } else { "" };
+        let expected = if *selftest && o.anomaly_count > 0 {
+            " (expected: broken nodes)"
+        } else {
+            ""
+        };
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {}{} | {} |",
-            r.workload, r.nemesis, r.nodes, r.seconds, o.ok, o.fail, o.info, o.anomaly_count, expected, o.unknown.len()
+            r.workload,
+            r.nemesis,
+            r.nodes,
+            r.seconds,
+            o.ok,
+            o.fail,
+            o.info,
+            o.anomaly_count,
+            expected,
+            o.unknown.len()
         );
     }
 }
 
-fn spec(args: &Args, label: &str, nemesis: &[String], seed: u64, nodes: usize, time: u64) -> anyhow::Result<RunSpec> {
+fn spec(
+    args: &Args,
+    label: &str,
+    nemesis: &[String],
+    seed: u64,
+    nodes: usize,
+    time: u64,
+) -> anyhow::Result<RunSpec> {
     Ok(RunSpec {
         label: label.to_string(),
         workloads: Workload::parse(&args.workload)?,
@@ -106,7 +126,14 @@ fn spec(args: &Args, label: &str, nemesis: &[String], seed: u64, nodes: usize, t
 }
 
 fn self_test_spec(args: &Args, seed: u64, nodes: usize) -> anyhow::Result<RunSpec> {
-    let mut s = spec(args, "self-test", &["partition".to_string()], seed, nodes, 30)?;
+    let mut s = spec(
+        args,
+        "self-test",
+        &["partition".to_string()],
+        seed,
+        nodes,
+        30,
+    )?;
     s.workloads = vec![Workload::Register, Workload::ListAppend];
     s.broken = true;
     Ok(s)
@@ -133,11 +160,24 @@ async fn main() -> anyhow::Result<()> {
     println!("seed {seed}");
     let battery = args.battery || args.long;
     let nodes = args.nodes.unwrap_or(if args.long { 5 } else { 3 });
-    let time = args.time.unwrap_or(if args.long { 120 } else if battery { 40 } else { 30 });
+    let time = args.time.unwrap_or(if args.long {
+        120
+    } else if battery {
+        40
+    } else {
+        30
+    });
     let mut runs: Vec<(RunSpec, bool)> = Vec::new();
     if battery {
         for (i, family) in FAMILIES.iter().enumerate() {
-            let s = spec(&args, family, &[family.to_string()], seed.wrapping_add(i as u64), nodes, time)?;
+            let s = spec(
+                &args,
+                family,
+                &[family.to_string()],
+                seed.wrapping_add(i as u64),
+                nodes,
+                time,
+            )?;
             runs.push((s, false));
         }
         runs.push((self_test_spec(&args, seed, nodes)?, true));
@@ -145,7 +185,10 @@ async fn main() -> anyhow::Result<()> {
         runs.push((self_test_spec(&args, seed, nodes)?, true));
     } else {
         let label = args.nemesis.join(",");
-        runs.push((spec(&args, &label, &args.nemesis, seed, nodes, time)?, false));
+        runs.push((
+            spec(&args, &label, &args.nemesis, seed, nodes, time)?,
+            false,
+        ));
     }
 
     let mut table: Vec<(Row, bool)> = Vec::new();
@@ -160,12 +203,19 @@ async fn main() -> anyhow::Result<()> {
             s.time,
             if s.broken { " (BROKEN nodes)" } else { "" }
         );
-        let rows = run::run(s).await.with_context(|| format!("run {}", s.label))?;
+        let rows = run::run(s)
+            .await
+            .with_context(|| format!("run {}", s.label))?;
         for r in &rows {
             // The self-test's anomalies are expected: a few examples are enough.
             let shown = if *selftest { 3 } else { usize::MAX };
             for a in r.outcome.anomalies.iter().take(shown) {
-                println!("{}ANOMALY [{} / {}] {a}", if *selftest { "expected " } else { "" }, r.workload, r.nemesis);
+                println!(
+                    "{}ANOMALY [{} / {}] {a}",
+                    if *selftest { "expected " } else { "" },
+                    r.workload,
+                    r.nemesis
+                );
             }
             for u in &r.outcome.unknown {
                 println!("UNDECIDED [{} / {}] {u}", r.workload, r.nemesis);
@@ -177,7 +227,9 @@ async fn main() -> anyhow::Result<()> {
                 println!("SELF-TEST FAILED: the broken mode was not caught");
                 failed = true;
             } else {
-                println!("self-test passed: the checkers caught the broken mode ({caught} anomalies)");
+                println!(
+                    "self-test passed: the checkers caught the broken mode ({caught} anomalies)"
+                );
             }
         } else if rows.iter().any(|r| !r.outcome.anomalies.is_empty()) {
             failed = true;

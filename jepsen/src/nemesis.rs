@@ -187,7 +187,16 @@ impl Net {
 
     /// Drops packets from `a` to `b`.
     fn drop_one_way(&self, a: u64, b: u64) -> anyhow::Result<()> {
-        iptables(&["-A", CHAIN, "-s", &self.ip(a), "-d", &self.ip(b), "-j", "DROP"])
+        iptables(&[
+            "-A",
+            CHAIN,
+            "-s",
+            &self.ip(a),
+            "-d",
+            &self.ip(b),
+            "-j",
+            "DROP",
+        ])
     }
 
     /// Cuts `a` and `b` apart.
@@ -216,8 +225,20 @@ impl Net {
                 if a != b {
                     let (sa, sb) = (self.ip(a), self.ip(b));
                     iptables(&[
-                        "-A", CHAIN, "-s", &sa, "-d", &sb, "-m", "statistic", "--mode",
-                        "random", "--probability", &p, "-j", "DROP",
+                        "-A",
+                        CHAIN,
+                        "-s",
+                        &sa,
+                        "-d",
+                        &sb,
+                        "-m",
+                        "statistic",
+                        "--mode",
+                        "random",
+                        "--probability",
+                        &p,
+                        "-j",
+                        "DROP",
                     ])?;
                 }
             }
@@ -329,7 +350,10 @@ impl Nemesis {
     }
 
     async fn leader(&self) -> Option<u64> {
-        self.admin.wait_for_leader(Duration::from_secs(3)).await.ok()
+        self.admin
+            .wait_for_leader(Duration::from_secs(3))
+            .await
+            .ok()
     }
 
     /// Injects faults until `stop`, healing each before the next.
@@ -451,8 +475,7 @@ impl Nemesis {
             Fault::Membership => {
                 let v = self.random_node();
                 nodes.push(v);
-                match tokio::time::timeout(Duration::from_secs(30), self.admin.remove(&[v])).await
-                {
+                match tokio::time::timeout(Duration::from_secs(30), self.admin.remove(&[v])).await {
                     Ok(Ok(_)) => {
                         self.cluster.kill_node(v);
                         self.cluster.wipe_node(v)?;
@@ -467,7 +490,9 @@ impl Nemesis {
     }
 
     fn net(&self) -> anyhow::Result<&Net> {
-        self.net.as_ref().context("network fault without iptables rules")
+        self.net
+            .as_ref()
+            .context("network fault without iptables rules")
     }
 
     async fn stop_fault(&mut self, a: &Active) -> anyhow::Result<()> {
@@ -511,7 +536,11 @@ impl Nemesis {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             };
-            let status = match self.admin.member_status((leader - 1) as usize, leader).await {
+            let status = match self
+                .admin
+                .member_status((leader - 1) as usize, leader)
+                .await
+            {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("nemesis: leader status: {e}");

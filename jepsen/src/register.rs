@@ -56,7 +56,13 @@ pub async fn client(env: Env, slot: u64, ops: Arc<AtomicU64>) {
                         env.history.push("ok", p.id, "read", json!([k, v]));
                     }
                     // A read has no effect: any error is a definite failure.
-                    Err(e) => env.history.push_error("fail", p.id, "read", json!([k, null]), Some(e.to_string())),
+                    Err(e) => env.history.push_error(
+                        "fail",
+                        p.id,
+                        "read",
+                        json!([k, null]),
+                        Some(e.to_string()),
+                    ),
                 }
             }
             2 => {

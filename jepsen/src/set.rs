@@ -58,13 +58,21 @@ pub async fn check_run(
     admin: &raftpg_client::Client,
     marker: u64,
 ) -> anyhow::Result<Outcome> {
-    let rows = final_reads(admin, env.addrs.len(), "SELECT v, id FROM set_items", marker).await?;
+    let rows = final_reads(
+        admin,
+        env.addrs.len(),
+        "SELECT v, id FROM set_items",
+        marker,
+    )
+    .await?;
     let finals = rows
         .into_iter()
         .map(|(node, rows)| {
             let set = rows
                 .iter()
-                .filter_map(|r| Some((values::as_i64(&r.values[0])?, values::as_i64(&r.values[1])?)))
+                .filter_map(|r| {
+                    Some((values::as_i64(&r.values[0])?, values::as_i64(&r.values[1])?))
+                })
                 .collect();
             (node, set)
         })
@@ -94,7 +102,10 @@ pub fn check(history: &[Op], finals: &BTreeMap<u64, BTreeMap<i64, i64>>) -> SetR
     let mut ids = BTreeMap::new();
     for op in history.iter().filter(|o| o.f == "add") {
         let (v, id) = match &op.value {
-            serde_json::Value::Array(a) => (a.first().and_then(|v| v.as_i64()), a.get(1).and_then(|v| v.as_i64())),
+            serde_json::Value::Array(a) => (
+                a.first().and_then(|v| v.as_i64()),
+                a.get(1).and_then(|v| v.as_i64()),
+            ),
             v => (v.as_i64(), None),
         };
         let Some(v) = v else { continue };
@@ -122,7 +133,11 @@ pub fn check(history: &[Op], finals: &BTreeMap<u64, BTreeMap<i64, i64>>) -> SetR
         let set: &BTreeSet<i64> = &copy.keys().copied().collect();
         let mismatched: Vec<_> = ids
             .iter()
-            .filter_map(|(v, id)| copy.get(v).filter(|held| *held != id).map(|held| (v, id, held)))
+            .filter_map(|(v, id)| {
+                copy.get(v)
+                    .filter(|held| *held != id)
+                    .map(|held| (v, id, held))
+            })
             .take(5)
             .collect();
         if !mismatched.is_empty() {
@@ -201,7 +216,10 @@ mod tests {
 
     #[test]
     fn a_correct_history_has_no_anomaly() {
-        let finals = BTreeMap::from([(1, copy(&[(1, 10), (2, 11)])), (2, copy(&[(1, 10), (2, 11)]))]);
+        let finals = BTreeMap::from([
+            (1, copy(&[(1, 10), (2, 11)])),
+            (2, copy(&[(1, 10), (2, 11)])),
+        ]);
         assert!(check(&history(), &finals).anomalies.is_empty());
         let finals = BTreeMap::from([(1, copy(&[(1, 10)])), (2, copy(&[(1, 10)]))]);
         assert!(
@@ -225,7 +243,10 @@ mod tests {
             .anomalies
             .iter()
             .any(|a| a.contains("diverge")));
-        let diverged_ids = BTreeMap::from([(1, copy(&[(1, 10), (2, 11)])), (2, copy(&[(1, 10), (2, 12)]))]);
+        let diverged_ids = BTreeMap::from([
+            (1, copy(&[(1, 10), (2, 11)])),
+            (2, copy(&[(1, 10), (2, 12)])),
+        ]);
         assert!(check(&history(), &diverged_ids)
             .anomalies
             .iter()

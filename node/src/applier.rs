@@ -568,7 +568,13 @@ impl EntryInputs {
     }
 
     fn params(&self) -> [&(dyn ToSql + Sync); 5] {
-        [&self.ts, &self.seed, &self.client_id, &self.seq, &self.floor]
+        [
+            &self.ts,
+            &self.seed,
+            &self.client_id,
+            &self.seq,
+            &self.floor,
+        ]
     }
 }
 
@@ -646,11 +652,13 @@ fn record_of(
 pub const DUPLICATE_SQLSTATE: &str = "RP001";
 
 /// The message of the [`EnvError`] that makes a batch be re-applied entry by entry.
-pub const PIPELINE_ABORTED: &str = "a pipelined entry failed after it ran; re-applying the batch entry by entry";
+pub const PIPELINE_ABORTED: &str =
+    "a pipelined entry failed after it ran; re-applying the batch entry by entry";
 
 /// Sets an entry's deterministic inputs and refuses a live duplicate (`raftpg.begin_entry`,
 /// created with `request_log::BOOTSTRAP_SQL`).
-const ENTRY_SETUP_SQL: &str = "SELECT raftpg.begin_entry($1::text, $2::text, $3::text, $4::bigint, $5::bigint)";
+const ENTRY_SETUP_SQL: &str =
+    "SELECT raftpg.begin_entry($1::text, $2::text, $3::text, $4::bigint, $5::bigint)";
 
 const RELEASE_ENTRY: &str = "RELEASE SAVEPOINT raftpg_entry";
 const ROLLBACK_ENTRY: &str = "ROLLBACK TO SAVEPOINT raftpg_entry; RELEASE SAVEPOINT raftpg_entry";
@@ -666,7 +674,6 @@ pub struct Pending {
     end: Option<&'static str>,
     records: Vec<Record>,
 }
-
 
 /// Checks parameter count and types and result types of a prepared statement.
 fn check_statement(prepared: &Statement, stmt: &SqlStatement) -> Result<(), StmtError> {

@@ -5,7 +5,9 @@
 //! `api::raft`. Transport failures are reported as `Unreachable` (openraft backs off) and the
 //! remote's Raft errors as `RemoteError`.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{
@@ -31,15 +33,55 @@ pub const RAFT_MESSAGE_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// Builds connections to peers.
 #[derive(Clone, Default)]
 pub struct Network {
-    /// Local address outgoing connections are bound to (see [`channel`]).
-    pub source: Option<IpAddr>,
+    /// The node's channels to its peers.
+    pub channels: PeerChannels,
+}
+
+/// One HTTP/2 channel per peer address, shared by everything that talks to peers (replication,
+/// heartbeats, openraft's leadership checks for linearizable reads — which ask for a new
+/// client each time —, forwarding, read index). A channel that hit a transport error is
+/// forgotten, so the next call reconnects.
+#[derive(Clone, Default)]
+pub struct PeerChannels {
+    /// Local address connections are bound to (see [`channel`]).
+    source: Option<IpAddr>,
+    cache: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl PeerChannels {
+    /// Channels whose connections leave from `source`.
+    pub fn new(source: Option<IpAddr>) -> Self {
+        PeerChannels {
+            source,
+            cache: Default::default(),
+        }
+    }
+
+    /// The channel to `addr` (created lazily, then shared).
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = channel(addr, self.source)?;
+        cache.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// Drops the channel to `addr` after transport trouble.
+    pub fn forget(&self, addr: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(addr);
+    }
 }
 
 /// A connection to one peer.
 pub struct PeerConnection {
     target: NodeId,
     addr: String,
-    source: Option<IpAddr>,
+    channels: PeerChannels,
     client: Option<RaftClient<Channel>>,
 }
 
@@ -64,7 +106,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerConnection {
             target,
             addr: node.addr.clone(),
-            source: self.source,
+            channels: self.channels.clone(),
             client: None,
         }
     }
@@ -77,7 +119,9 @@ struct TransportError(String);
 impl PeerConnection {
     fn client(&mut self) -> Result<RaftClient<Channel>, TransportError> {
         if self.client.is_none() {
-            let ch = channel(&self.addr, self.source)
+            let ch = self
+                .channels
+                .get(&self.addr)
                 .map_err(|e| TransportError(format!("bad address {}: {e}", self.addr)))?;
             self.client = Some(
                 RaftClient::new(ch)
@@ -128,6 +172,7 @@ impl PeerConnection {
             Ok(Err(status)) => {
                 // Drop the channel on transport trouble so that the next call reconnects.
                 self.client = None;
+                self.channels.forget(&self.addr);
                 return Err(unreachable(TransportError(format!(
                     "node {} at {}: {}",
                     self.target, self.addr, status

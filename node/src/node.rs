@@ -6,11 +6,10 @@
 //! cluster is initialized with `--peers` only when this node's log is empty. Shutdown order
 //! (SIGTERM/SIGINT): stop serving, stop Raft, stop PostgreSQL.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -69,10 +68,10 @@ pub struct NodeContext {
     pub write_permits: Arc<Semaphore>,
     /// Timestamps for new entries.
     pub clock: Arc<EntryClock>,
-    /// gRPC channels to other nodes (forwarding, read index), by address.
-    peer_channels: Mutex<HashMap<String, Channel>>,
-    /// Local address connections to other nodes are bound to (the listen address).
-    source_ip: Option<IpAddr>,
+    /// Coalesced leadership confirmations for linearizable reads.
+    pub read_index: Arc<crate::read_index::ReadIndexBatcher>,
+    /// gRPC channels to other nodes (shared with Raft's network).
+    peer_channels: network::PeerChannels,
     /// Self-test only (hidden flag): LINEARIZABLE reads skip the read index.
     pub unsafe_local_linearizable_reads: bool,
     /// This node's data directory.
@@ -101,14 +100,9 @@ const REMOVED_MARKER: &str = "removed";
 impl NodeContext {
     /// A channel to another node's gRPC address (cached).
     pub fn channel_to(&self, addr: &str) -> Result<Channel, tonic::Status> {
-        let mut cache = self.peer_channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.get(addr) {
-            return Ok(c.clone());
-        }
-        let ch = network::channel(addr, self.source_ip)
-            .map_err(|e| tonic::Status::internal(format!("bad peer address {addr}: {e}")))?;
-        cache.insert(addr.to_string(), ch.clone());
-        Ok(ch)
+        self.peer_channels
+            .get(addr)
+            .map_err(|e| tonic::Status::internal(format!("bad peer address {addr}: {e}")))
     }
 
     /// The current leader and its address, if known.
@@ -297,7 +291,8 @@ async fn serve(
     info!(node = cfg.id, connect = %endpoints.describe, "PostgreSQL ready");
 
     // 2. Raft. Connections to peers leave from the listen address when it names one.
-    let source_ip = Some(listen.ip()).filter(|ip| !ip.is_unspecified());
+    let peer_channels =
+        network::PeerChannels::new(Some(listen.ip()).filter(|ip| !ip.is_unspecified()));
     let log_store = LogStore::open(&cfg.data_dir.join("raft-log"))?;
     let applier = Arc::new(ApplierStatus::default());
     let clock = Arc::new(EntryClock::default());
@@ -344,7 +339,9 @@ async fn serve(
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_config),
-        Network { source: source_ip },
+        Network {
+            channels: peer_channels.clone(),
+        },
         log_store.clone(),
         state_machine,
     )
@@ -389,8 +386,8 @@ async fn serve(
         applier,
         write_permits: Arc::new(Semaphore::new(cfg.write_inflight_max.max(1))),
         clock,
-        peer_channels: Mutex::new(HashMap::new()),
-        source_ip,
+        peer_channels: peer_channels.clone(),
+        read_index: Default::default(),
         unsafe_local_linearizable_reads: cfg.unsafe_local_linearizable_reads,
         data_dir: cfg.data_dir.clone(),
         removed: AtomicBool::new(cfg.data_dir.join(REMOVED_MARKER).exists()),

@@ -366,14 +366,19 @@ impl PgStateMachine {
         while k < fresh.len() {
             let entry = fresh[k];
             // A run of entries that can share one round trip (see applier::apply_run).
-            let mut run: Vec<(u64, &crate::command::WriteCommand, Vec<tokio_postgres::Statement>)> = Vec::new();
+            let mut run: Vec<(
+                u64,
+                &crate::command::WriteCommand,
+                Vec<tokio_postgres::Statement>,
+            )> = Vec::new();
             if self.pipeline {
                 for e in &fresh[k..] {
                     let EntryPayload::Normal(Command::Sql(cmd)) = &e.payload else {
                         break;
                     };
                     let repeated = cmd.request_id.as_ref().is_some_and(|id| {
-                        run.iter().any(|(_, c, _)| c.request_id.as_ref() == Some(id))
+                        run.iter()
+                            .any(|(_, c, _)| c.request_id.as_ref() == Some(id))
                     });
                     if repeated {
                         break;
@@ -464,7 +469,12 @@ impl PgStateMachine {
                 Err(e) if e.0 == PIPELINE_ABORTED && self.pipeline => {
                     // Roll the whole batch back (dropping the connection restores sequences)
                     // and apply it again, entry by entry.
-                    info!(node = self.node_id, first_index = batch.first().map(|e| e.log_id.index).unwrap_or(0), "{}", e.0);
+                    info!(
+                        node = self.node_id,
+                        first_index = batch.first().map(|e| e.log_id.index).unwrap_or(0),
+                        "{}",
+                        e.0
+                    );
                     self.applier = None;
                     self.pipeline = false;
                 }

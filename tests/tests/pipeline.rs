@@ -106,10 +106,8 @@ async fn concurrent_mixed_entries_apply_as_if_one_at_a_time() {
         // which failed after it ran); with 16 concurrent clients it nearly always is.
         let logs: String = (1..=3)
             .map(|i| {
-                std::fs::read_to_string(
-                    tc.cluster.data_dir().join(format!("node{i}.log")),
-                )
-                .unwrap_or_default()
+                std::fs::read_to_string(tc.cluster.data_dir().join(format!("node{i}.log")))
+                    .unwrap_or_default()
             })
             .collect();
         if logs.contains("re-applying the batch entry by entry") || rounds == 5 {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use openraft::error::{CheckIsLeaderError, RaftError};
+use crate::read_index::ReadIndexError;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use raftpg_proto::v1::raft_server::Raft as RaftApi;
 use raftpg_proto::v1::{RaftMessage, ReadIndexRequest, ReadIndexResponse};
@@ -84,18 +84,16 @@ impl RaftApi for RaftService {
     ) -> Result<Response<ReadIndexResponse>, Status> {
         let confirmed = tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            self.ctx.raft.get_read_log_id(),
+            self.ctx.read_index.read_index(&self.ctx.raft),
         )
         .await
         .map_err(|_| Status::unavailable("leadership not confirmed by a quorum in time"))?;
         match confirmed {
-            Ok((read_log_id, _applied)) => Ok(Response::new(ReadIndexResponse {
-                index: read_log_id.map(|l| l.index).unwrap_or(0),
-            })),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+            Ok(index) => Ok(Response::new(ReadIndexResponse { index })),
+            Err(ReadIndexError::NotLeader) => {
                 Err(not_leader("this node is not the leader", self.ctx.leader()))
             }
-            Err(e) => Err(Status::unavailable(format!(
+            Err(ReadIndexError::Unconfirmed(e)) => Err(Status::unavailable(format!(
                 "cannot confirm leadership: {e}"
             ))),
         }

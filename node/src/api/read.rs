@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::read_index::ReadIndexError;
 use futures::TryStreamExt;
-use openraft::error::{CheckIsLeaderError, RaftError};
 use postgres_types::ToSql;
 use raftpg_proto::v1::raft_client::RaftClient;
 use raftpg_proto::v1::read_server::Read;
@@ -42,7 +42,7 @@ impl ReadService {
     /// the leader's.
     async fn read_index(&self, wait: Duration) -> Result<u64, Status> {
         // Bounded: a leader cut off from its quorum cannot confirm and must not answer.
-        let confirmed = tokio::time::timeout(wait, self.ctx.raft.get_read_log_id())
+        let confirmed = tokio::time::timeout(wait, self.ctx.read_index.read_index(&self.ctx.raft))
             .await
             .map_err(|_| {
                 Status::unavailable(format!(
@@ -50,9 +50,9 @@ impl ReadService {
                 ))
             })?;
         match confirmed {
-            Ok((read_log_id, _)) => return Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {}
-            Err(e) => {
+            Ok(index) => return Ok(index),
+            Err(ReadIndexError::NotLeader) => {}
+            Err(ReadIndexError::Unconfirmed(e)) => {
                 return Err(Status::unavailable(format!(
                     "cannot confirm a linearizable read: {e}"
                 )))
