@@ -256,20 +256,35 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Vec<Row>> {
         });
     }
     std::fs::write(spec.dir.join("nemesis.jsonl"), nemesis_history.to_jsonl())?;
-    let check = match admin.check(Duration::from_secs(120)).await {
-        Ok(c) if c.identical => Outcome {
-            ok: 1,
-            ..Default::default()
-        },
-        Ok(c) => Outcome::of(
-            &[],
-            vec![format!(
-                "raftpg check: copies differ: {:?}, missing nodes {:?}",
-                c.differences, c.missing_nodes
-            )],
-        ),
-        Err(e) => Outcome::of(&[], vec![format!("raftpg check failed: {e}")]),
-    };
+    // A node that has not caught up yet is reported missing, not different, and a check can
+    // time out: ask again (three times) before calling that an anomaly. A difference between
+    // copies is an anomaly at once.
+    let mut check = Outcome::default();
+    for attempt in 1..=3 {
+        check = match admin.check(Duration::from_secs(120)).await {
+            Ok(c) if c.identical => Outcome {
+                ok: 1,
+                ..Default::default()
+            },
+            Ok(c) => Outcome::of(
+                &[],
+                vec![format!(
+                    "raftpg check: copies differ: {:?}, missing nodes {:?}",
+                    c.differences, c.missing_nodes
+                )],
+            ),
+            Err(e) => Outcome::of(&[], vec![format!("raftpg check failed: {e}")]),
+        };
+        let differs = check
+            .anomalies
+            .iter()
+            .any(|a| a.contains("copies differ") && !a.contains("differ: []"));
+        if check.anomalies.is_empty() || differs || attempt == 3 {
+            break;
+        }
+        eprintln!("raftpg check attempt {attempt}: {:?}; asking again", check.anomalies);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     rows.push(Row {
         workload: "raftpg-check".into(),
         nemesis: spec.label.clone(),

@@ -418,6 +418,10 @@ async fn serve(
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .concurrency_limit_per_connection(4096)
+        // Peers share one connection for replication, heartbeats and leadership checks, and
+        // cancel calls that time out (partitions, pauses). h2's default of 20 cancelled streams
+        // before GOAWAY would then drop the connection replication also runs on.
+        .http2_max_pending_accept_reset_streams(Some(1024))
         .add_service(write)
         .add_service(read)
         .add_service(cluster)
