@@ -1,20 +1,25 @@
 //! The applier connection: the one PostgreSQL session that applies log entries on this node.
 //!
 //! Owns the connection, its fixed session settings, the prepared statements of raftpg's own
-//! bookkeeping, and a cache of prepared user statements. Runs one write entry inside a savepoint
-//! with its commands pipelined (design.md invariants 2 and 3):
+//! bookkeeping, and a cache of prepared user statements. Every write entry runs inside a
+//! savepoint, opened by `raftpg.begin_entry(...)` which sets the entry's deterministic inputs and
+//! raises RP001 if its request id has a live record (design.md invariants 2 and 3). Two paths:
 //!
-//! 1. one round trip: the previous entry's end (release its savepoint, record its outcome) or
-//!    the batch's BEGIN, this entry's savepoint with its timestamp and seed, the request id
-//!    lookup, and every statement that is already prepared;
-//! 2. statements that are not prepared yet (first use, or after DDL) are prepared and executed
-//!    one by one, so that each sees the effects of the previous ones;
-//! 3. the entry's end goes with the next entry's round trip, or with the batch's end (record the
-//!    applied position, COMMIT): a batch of n prepared entries costs n + 1 round trips.
+//! - **Runs** ([`Applier::apply_run`]): consecutive entries whose statements are all prepared DML
+//!   go in one round trip — per entry SAVEPOINT, setup, statements, RELEASE. An entry that fails
+//!   in PostgreSQL (SQL error, or RP001 for a duplicate) ends the run: PostgreSQL refuses every
+//!   later command with 25P02, so nothing after it ran; its savepoint is rolled back and the rest
+//!   is sent again. A failure found on this side after PostgreSQL ran the statement (too many
+//!   rows) cannot be undone alone: the batch is abandoned ([`PIPELINE_ABORTED`]) and re-applied
+//!   entry by entry.
+//! - **One entry** ([`Applier::apply_write`]): what is pending, the savepoint, the setup and
+//!   every prepared statement in one round trip; statements not prepared yet (first use, DDL) are
+//!   then prepared and executed one by one, so that each sees the effects of the previous ones.
 //!
-//! A duplicate request (its id has a live record) still runs its statements and is then rolled
-//! back, like any other entry: nodes with and without a statement prepared must consume the same
-//! sequence values.
+//! What is still to be sent for applied entries ([`Pending`]: the last savepoint's end, the
+//! outcomes to record for request ids) goes first in the next round trip, or with the batch's
+//! end (applied position, COMMIT). A duplicate never runs any statement, on any node, whichever
+//! path it takes: nodes must consume the same sequence values.
 //!
 //! Cache rule: only DML statements are cached, and an entry that contains any other statement
 //! (DDL can change what a prepared statement means) empties the cache when it ends, whether it
