@@ -58,7 +58,8 @@ pub struct Point {
     pub p999_ms: f64,
     /// Failed operations.
     pub errors: u64,
-    /// Largest RSS of a server process during the point (MiB), if known.
+    /// Largest RSS of a server process (a raftpg node; a postmaster for the peers) during the
+    /// point (MiB), if known.
     pub rss_mb: f64,
     /// CPU seconds used by the server processes per wall second.
     pub cpu: f64,
@@ -72,7 +73,9 @@ fn percentile(sorted: &[u32], q: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
 }
 
-/// (utime + stime) seconds and RSS MiB of `pid` and its children (recursively).
+/// (utime + stime) seconds of `pid` and its children (recursively), and the RSS MiB of `pid`
+/// itself (a raftpg node, or a postmaster: PostgreSQL backends' RSS counts the shared buffers
+/// they touched, which says nothing about leaks).
 fn proc_usage(pid: i32) -> (f64, f64) {
     let tick = 100.0; // USER_HZ on Linux
     let mut cpu = 0.0;
@@ -108,7 +111,10 @@ fn proc_usage(pid: i32) -> (f64, f64) {
             let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
             cpu += (ut + st) / tick;
         }
-        if let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) {
+        let status = (p == pid)
+            .then(|| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+            .flatten();
+        if let Some(status) = status {
             if let Some(kb) = status
                 .lines()
                 .find(|l| l.starts_with("VmRSS:"))
