@@ -322,7 +322,10 @@ async fn catch_up(
     let follower = (1..=cluster.nodes().len() as u64)
         .find(|n| *n != leader)
         .ok_or_else(|| anyhow::anyhow!("no follower"))?;
-    let before = admin.status_of((follower - 1) as usize).await?.applied_index;
+    let before = admin
+        .status_of((follower - 1) as usize)
+        .await?
+        .applied_index;
     cluster.stop_node(follower);
     let writers = 64u64;
     let written = Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -282,7 +282,10 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Vec<Row>> {
         if check.anomalies.is_empty() || differs || attempt == 3 {
             break;
         }
-        eprintln!("raftpg check attempt {attempt}: {:?}; asking again", check.anomalies);
+        eprintln!(
+            "raftpg check attempt {attempt}: {:?}; asking again",
+            check.anomalies
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     rows.push(Row {
