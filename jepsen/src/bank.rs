@@ -89,9 +89,7 @@ pub async fn client(env: Env, slot: u64) {
                 },
             ])
             .await;
-        let before = p.id;
-        complete_write(&env, &mut p, "transfer", value.clone(), r, |_| value);
-        if p.id != before {
+        if complete_write(&env, &mut p, "transfer", value.clone(), r, |_| value) {
             client = env.client(slot);
         }
     }

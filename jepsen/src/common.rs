@@ -244,7 +244,9 @@ impl Outcome {
 }
 
 /// Completes an operation: `ok` with `value`, or `fail`/`info` by the error's class (the
-/// process is retired on `info`). For writes.
+/// process is retired on `info`). For writes. Returns whether the process was retired: its
+/// caller then continues with a fresh client.
+#[must_use]
 pub fn complete_write<T>(
     env: &Env,
     p: &mut Process,
@@ -252,7 +254,7 @@ pub fn complete_write<T>(
     invoke_value: serde_json::Value,
     result: Result<T, ClientError>,
     ok_value: impl FnOnce(T) -> serde_json::Value,
-) {
+) -> bool {
     match result {
         Ok(r) => env.history.push("ok", p.id, f, ok_value(r)),
         Err(e) => match classify(&e) {
@@ -264,7 +266,9 @@ pub fn complete_write<T>(
                 env.history
                     .push_error("info", p.id, f, invoke_value, Some(e.to_string()));
                 p.retire();
+                return true;
             }
         },
     }
+    false
 }

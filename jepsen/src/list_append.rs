@@ -128,8 +128,7 @@ pub async fn client(env: Env, slot: u64, counter: Arc<AtomicU64>) {
             })
             .collect();
         let r = client.execute(statements).await;
-        let before = p.id;
-        complete_write(&env, &mut p, "txn", Json::Array(invoke), r, |r| {
+        if complete_write(&env, &mut p, "txn", Json::Array(invoke), r, |r| {
             let done: Vec<Json> = mops
                 .iter()
                 .zip(r.results.iter())
@@ -147,8 +146,7 @@ pub async fn client(env: Env, slot: u64, counter: Arc<AtomicU64>) {
                 })
                 .collect();
             Json::Array(done)
-        });
-        if p.id != before {
+        }) {
             client = env.client(slot);
         }
     }

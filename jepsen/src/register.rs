@@ -76,9 +76,7 @@ pub async fn client(env: Env, slot: u64, ops: Arc<AtomicU64>) {
                         vec![values::int(k), values::int(v)],
                     )
                     .await;
-                let before = p.id;
-                complete_write(&env, &mut p, "write", value.clone(), r, |_| value);
-                if p.id != before {
+                if complete_write(&env, &mut p, "write", value.clone(), r, |_| value) {
                     client = env.client(slot);
                 }
             }
@@ -92,15 +90,15 @@ pub async fn client(env: Env, slot: u64, ops: Arc<AtomicU64>) {
                         vec![values::int(k), values::int(from), values::int(to)],
                     )
                     .await;
-                let before = p.id;
-                match r {
+                let retired = match r {
                     // The row did not hold `from`: the CAS definitely did not happen.
                     Ok(r) if r.results.first().map(|s| s.rows_affected) != Some(1) => {
-                        env.history.push("fail", p.id, "cas", value)
+                        env.history.push("fail", p.id, "cas", value);
+                        false
                     }
                     r => complete_write(&env, &mut p, "cas", value.clone(), r, |_| value),
-                }
-                if p.id != before {
+                };
+                if retired {
                     client = env.client(slot);
                 }
             }

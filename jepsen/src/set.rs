@@ -36,8 +36,7 @@ pub async fn client(env: Env, slot: u64) {
                 vec![values::int(v)],
             )
             .await;
-        let before = p.id;
-        complete_write(&env, &mut p, "add", v.into(), r, |r| {
+        if complete_write(&env, &mut p, "add", v.into(), r, |r| {
             let id = r
                 .results
                 .first()
@@ -45,8 +44,7 @@ pub async fn client(env: Env, slot: u64) {
                 .and_then(|row| row.values.first())
                 .and_then(values::as_i64);
             serde_json::json!([v, id])
-        });
-        if p.id != before {
+        }) {
             client = env.client(slot);
         }
     }
