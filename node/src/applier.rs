@@ -329,7 +329,8 @@ impl Applier {
             }));
             for (p, st) in prepared.iter().zip(&cmd.statements) {
                 steps.push(Box::pin(async move {
-                    Step::Stmt(execute(client, p, st, limits).await)
+                    // `pipelineable` checked the parameters when it built the run.
+                    Step::Stmt(execute_checked(client, p, st, limits).await)
                 }));
             }
             steps.push(Box::pin(async move {
@@ -730,6 +731,16 @@ async fn execute(
     limits: &ApplyLimits,
 ) -> Result<StatementOutcome, StmtError> {
     check_statement(prepared, stmt)?;
+    execute_checked(client, prepared, stmt, limits).await
+}
+
+/// [`execute`] for a statement whose parameters [`check_statement`] already accepted.
+async fn execute_checked(
+    client: &Client,
+    prepared: &Statement,
+    stmt: &SqlStatement,
+    limits: &ApplyLimits,
+) -> Result<StatementOutcome, StmtError> {
     let columns: Vec<ColumnInfo> = prepared
         .columns()
         .iter()
