@@ -222,6 +222,23 @@ impl Applier {
             .transpose()
     }
 
+    /// The outcome to answer for a write committed to PostgreSQL before: its recorded outcome
+    /// if it has a request id (and the record is live), else [`ApplyOutcome::AppliedResultLost`].
+    pub async fn outcome_applied_before(
+        &self,
+        cmd: &WriteCommand,
+        index: u64,
+        retention: u64,
+    ) -> Result<ApplyOutcome, EnvError> {
+        Ok(match &cmd.request_id {
+            Some(id) => self
+                .recorded_outcome(id, index, retention)
+                .await?
+                .unwrap_or(ApplyOutcome::AppliedResultLost),
+            None => ApplyOutcome::AppliedResultLost,
+        })
+    }
+
     /// Sends what is pending for the entries applied so far and, with `end`, records the
     /// batch's applied position and commits — in one round trip.
     pub async fn flush(&self, pending: Pending, end: Option<&BatchEnd>) -> Result<(), EnvError> {

@@ -84,6 +84,9 @@ pub struct RequestId {
 pub enum Command {
     /// SQL statements applied as one atomic unit.
     Sql(WriteCommand),
+    /// Several writes proposed together (see `proposer`): applied in order, each atomic on its
+    /// own, each with its own outcome ([`ApplyOutcome::Batch`]).
+    Batch(Vec<WriteCommand>),
     /// Compute per-table checksums of the user database at exactly this log position on every
     /// node (for `raftpg check`).
     Checksum,
@@ -93,6 +96,7 @@ impl std::fmt::Display for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Sql(w) => write!(f, "{w}"),
+            Command::Batch(b) => write!(f, "batch({} writes)", b.len()),
             Command::Checksum => write!(f, "checksum"),
         }
     }
@@ -167,6 +171,8 @@ pub enum ApplyOutcome {
     /// The entry was applied before this process could record its result (PostgreSQL
     /// committed, then the connection was lost); the effects are in, the rows are not known.
     AppliedResultLost,
+    /// The outcomes of a [`Command::Batch`] entry, one per write, in order.
+    Batch(Vec<ApplyOutcome>),
 }
 
 /// Checksum of one table (or sequence) of the user database.

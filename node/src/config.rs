@@ -71,6 +71,19 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_WRITE_INFLIGHT_MAX", default_value_t = 1024)]
     pub write_inflight_max: usize,
 
+    /// Most writes proposed together as one Raft entry (group commit; 1 turns it off).
+    #[arg(long, env = "RAFTPG_PROPOSAL_BATCH_MAX", default_value_t = 256)]
+    pub proposal_batch_max: usize,
+
+    /// Most bytes of writes proposed together as one Raft entry.
+    #[arg(long, env = "RAFTPG_PROPOSAL_BATCH_BYTES_MAX", default_value_t = 4 * 1024 * 1024)]
+    pub proposal_batch_bytes_max: usize,
+
+    /// Most Raft entries of writes proposed by this node and not yet applied; writes arriving
+    /// meanwhile wait and are proposed together.
+    #[arg(long, env = "RAFTPG_PROPOSALS_IN_FLIGHT", default_value_t = 4)]
+    pub proposals_in_flight: usize,
+
     /// Largest write or read request in bytes.
     #[arg(long, env = "RAFTPG_REQUEST_BYTES_MAX", default_value_t = 4 * 1024 * 1024)]
     pub request_bytes_max: usize,

@@ -12,6 +12,7 @@ mod log_store;
 mod network;
 mod node;
 mod postgres;
+mod proposer;
 mod read_index;
 mod read_pool;
 mod request_log;

@@ -66,8 +66,8 @@ pub struct NodeContext {
     pub applier: Arc<ApplierStatus>,
     /// Bounds writes in flight on this node.
     pub write_permits: Arc<Semaphore>,
-    /// Timestamps for new entries.
-    pub clock: Arc<EntryClock>,
+    /// Groups this node's writes into Raft entries (when it leads).
+    pub proposer: crate::proposer::Proposer,
     /// Coalesced leadership confirmations for linearizable reads.
     pub read_index: Arc<crate::read_index::ReadIndexBatcher>,
     /// gRPC channels to other nodes (shared with Raft's network).
@@ -385,7 +385,16 @@ async fn serve(
         pg_health: health_rx,
         applier,
         write_permits: Arc::new(Semaphore::new(cfg.write_inflight_max.max(1))),
-        clock,
+        proposer: crate::proposer::Proposer::start(
+            raft.clone(),
+            clock,
+            crate::proposer::ProposerLimits {
+                batch_max: cfg.proposal_batch_max.max(1),
+                batch_bytes_max: cfg.proposal_batch_bytes_max,
+                in_flight_max: cfg.proposals_in_flight.max(1),
+                queue_max: cfg.write_inflight_max.max(1),
+            },
+        ),
         peer_channels: peer_channels.clone(),
         read_index: Default::default(),
         unsafe_local_linearizable_reads: cfg.unsafe_local_linearizable_reads,

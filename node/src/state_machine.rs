@@ -29,7 +29,9 @@ use tracing::{info, warn};
 use crate::applier::{Applier, BatchEnd, EnvError, Pending, PIPELINE_ABORTED};
 use crate::checksums;
 use crate::clock::EntryClock;
-use crate::command::{ApplyOutcome, Command, Entry, LogId, NodeId, StoredMembership, TypeConfig};
+use crate::command::{
+    ApplyOutcome, Command, Entry, LogId, NodeId, StoredMembership, TypeConfig, WriteCommand,
+};
 use crate::log_store::LogStore;
 use crate::request_log;
 use crate::snapshot::{SnapshotError, SnapshotStore};
@@ -310,13 +312,16 @@ impl PgStateMachine {
                 to,
                 "PostgreSQL lost committed batches in a crash; replaying them from the log"
             );
-            self.commit_entries(&entries).await?;
+            for batch in transactions(&entries, self.limits.batch_entries_max) {
+                self.commit_entries(batch).await?;
+            }
         }
     }
 
     /// Commits `batch` in one transaction together with the new applied index (invariant 1).
     async fn commit_entries(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
         let applied_index = self.applied.map(|l| l.index);
+        let retention = self.limits.request_retention_entries;
         let applier = self
             .applier
             .as_mut()
@@ -327,18 +332,24 @@ impl PgStateMachine {
             if applied_index.is_some_and(|a| e.log_id.index <= a) {
                 // Committed to PostgreSQL before a connection loss hid the answer: never apply
                 // again; return the recorded result when the request has an id.
+                let index = e.log_id.index;
                 outcomes.push(match &e.payload {
-                    EntryPayload::Normal(Command::Sql(cmd)) => match &cmd.request_id {
-                        Some(id) => applier
-                            .recorded_outcome(
-                                id,
-                                e.log_id.index,
-                                self.limits.request_retention_entries,
-                            )
+                    EntryPayload::Normal(Command::Sql(cmd)) => {
+                        applier
+                            .outcome_applied_before(cmd, index, retention)
                             .await?
-                            .unwrap_or(ApplyOutcome::AppliedResultLost),
-                        None => ApplyOutcome::AppliedResultLost,
-                    },
+                    }
+                    EntryPayload::Normal(Command::Batch(cmds)) => {
+                        let mut each = Vec::with_capacity(cmds.len());
+                        for cmd in cmds {
+                            each.push(
+                                applier
+                                    .outcome_applied_before(cmd, index, retention)
+                                    .await?,
+                            );
+                        }
+                        ApplyOutcome::Batch(each)
+                    }
                     _ => ApplyOutcome::Internal,
                 });
             } else {
@@ -348,12 +359,15 @@ impl PgStateMachine {
         let Some(last) = fresh.last().map(|e| e.log_id) else {
             return Ok(outcomes);
         };
+        let mut items = Vec::with_capacity(fresh.len());
+        for e in &fresh {
+            push_items(e, &mut items);
+        }
         let mut membership = self.membership.clone();
         // Garbage-collect expired request records now and then, at the batch's start.
         let expire = request_log::expiry_due(applied_index.unwrap_or(0), last.index);
         if expire {
-            let floor =
-                request_log::retention_floor(last.index, self.limits.request_retention_entries);
+            let floor = request_log::retention_floor(last.index, retention);
             applier.client().batch_execute("BEGIN").await?;
             applier
                 .client()
@@ -362,18 +376,14 @@ impl PgStateMachine {
         }
         let mut pending = Pending::default();
         let mut begin = !expire;
-        let mut k = 0;
-        while k < fresh.len() {
-            let entry = fresh[k];
-            // A run of entries that can share one round trip (see applier::apply_run).
-            let mut run: Vec<(
-                u64,
-                &crate::command::WriteCommand,
-                Vec<tokio_postgres::Statement>,
-            )> = Vec::new();
+        let mut item_outcomes: Vec<ApplyOutcome> = Vec::with_capacity(items.len());
+        while item_outcomes.len() < items.len() {
+            let k = item_outcomes.len();
+            // A run of writes that can share one round trip (see applier::apply_run).
+            let mut run: Vec<(u64, &WriteCommand, Vec<tokio_postgres::Statement>)> = Vec::new();
             if self.pipeline {
-                for e in &fresh[k..] {
-                    let EntryPayload::Normal(Command::Sql(cmd)) = &e.payload else {
+                for item in &items[k..] {
+                    let Item::Write(index, cmd) = *item else {
                         break;
                     };
                     let repeated = cmd.request_id.as_ref().is_some_and(|id| {
@@ -386,7 +396,7 @@ impl PgStateMachine {
                     let Some(prepared) = applier.pipelineable(cmd) else {
                         break;
                     };
-                    run.push((e.log_id.index, cmd, prepared));
+                    run.push((index, cmd, prepared));
                 }
             }
             if run.len() > 1 {
@@ -396,18 +406,17 @@ impl PgStateMachine {
                 let (done, next) = applier
                     .apply_run(&run, &self.limits, begin, std::mem::take(&mut pending))
                     .await?;
-                k += done.len();
-                outcomes.extend(done);
+                item_outcomes.extend(done);
                 pending = next;
                 begin = false;
                 continue;
             }
-            let outcome = match &entry.payload {
-                EntryPayload::Normal(Command::Sql(cmd)) => {
+            let outcome = match items[k] {
+                Item::Write(index, cmd) => {
                     self.clock.observe(cmd.leader_ts_micros);
                     let (outcome, next) = applier
                         .apply_write(
-                            entry.log_id.index,
+                            index,
                             cmd,
                             &self.limits,
                             begin,
@@ -417,12 +426,12 @@ impl PgStateMachine {
                     pending = next;
                     outcome
                 }
-                other => {
+                Item::Other(entry) => {
                     if begin {
                         applier.client().batch_execute("BEGIN").await?;
                     }
                     applier.flush(std::mem::take(&mut pending), None).await?;
-                    match other {
+                    match &entry.payload {
                         EntryPayload::Normal(Command::Checksum) => {
                             let sums = checksums::compute(applier.client()).await?;
                             checksums::store(applier.client(), entry.log_id.index, &sums).await?;
@@ -437,8 +446,7 @@ impl PgStateMachine {
                 }
             };
             begin = false;
-            k += 1;
-            outcomes.push(outcome);
+            item_outcomes.push(outcome);
         }
         let end = BatchEnd {
             log_index: i64::try_from(last.index)
@@ -449,6 +457,18 @@ impl PgStateMachine {
         applier.flush(pending, Some(&end)).await?;
         self.applied = Some(last);
         self.membership = membership;
+        // One outcome per entry: a batch entry's are its writes', in order.
+        let mut each = item_outcomes.into_iter();
+        for e in &fresh {
+            outcomes.push(match &e.payload {
+                EntryPayload::Normal(Command::Batch(cmds)) => {
+                    ApplyOutcome::Batch(each.by_ref().take(cmds.len()).collect())
+                }
+                _ => each
+                    .next()
+                    .ok_or_else(|| EnvError("fewer outcomes than entries".into()))?,
+            });
+        }
         Ok(outcomes)
     }
 
@@ -532,7 +552,7 @@ impl RaftStateMachine<TypeConfig> for PgStateMachine {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let mut outcomes = Vec::with_capacity(entries.len());
-        for batch in entries.chunks(self.limits.batch_entries_max.max(1)) {
+        for batch in transactions(&entries, self.limits.batch_entries_max) {
             outcomes.extend(self.apply_batch_until_done(batch).await?);
         }
         Ok(outcomes)
@@ -601,6 +621,53 @@ impl RaftStateMachine<TypeConfig> for PgStateMachine {
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         self.snapshots.current().await
     }
+}
+
+/// One unit of applying inside a batch transaction: a write (of a `Sql` entry, or one of the
+/// writes of a `Batch` entry, which share the entry's log index) or a whole entry of another
+/// kind (checksum, membership, blank).
+#[derive(Clone, Copy)]
+enum Item<'a> {
+    Write(u64, &'a WriteCommand),
+    Other(&'a Entry),
+}
+
+/// Appends the items of `e` to `out`, in order.
+fn push_items<'a>(e: &'a Entry, out: &mut Vec<Item<'a>>) {
+    match &e.payload {
+        EntryPayload::Normal(Command::Sql(cmd)) => out.push(Item::Write(e.log_id.index, cmd)),
+        EntryPayload::Normal(Command::Batch(cmds)) => {
+            out.extend(cmds.iter().map(|c| Item::Write(e.log_id.index, c)))
+        }
+        _ => out.push(Item::Other(e)),
+    }
+}
+
+/// How many items an entry has.
+fn item_count(e: &Entry) -> usize {
+    match &e.payload {
+        EntryPayload::Normal(Command::Batch(cmds)) => cmds.len(),
+        _ => 1,
+    }
+}
+
+/// Splits entries into the batches applied in one transaction each: at most `items_max` items
+/// per transaction, but always at least one whole entry.
+fn transactions(entries: &[Entry], items_max: usize) -> Vec<&[Entry]> {
+    let mut out = Vec::new();
+    let (mut start, mut items) = (0, 0);
+    for (i, e) in entries.iter().enumerate() {
+        let n = item_count(e);
+        if i > start && items + n > items_max.max(1) {
+            out.push(&entries[start..i]);
+            (start, items) = (i, 0);
+        }
+        items += n;
+    }
+    if start < entries.len() {
+        out.push(&entries[start..]);
+    }
+    out
 }
 
 /// Builds snapshots in openraft's background task (see `snapshot`).

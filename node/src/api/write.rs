@@ -17,7 +17,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{debug, info_span, Instrument};
 
 use crate::api::{not_leader, params_from_proto, refused, sql_status};
-use crate::command::{ApplyOutcome, Command, RequestId, SqlStatement, WriteCommand};
+use crate::command::{ApplyOutcome, RequestId, SqlStatement};
 use crate::node::NodeContext;
 use crate::values;
 
@@ -128,44 +128,47 @@ impl WriteService {
         })
     }
 
-    /// Proposes the entry (this node leads) and waits for it to be committed and applied.
+    /// Proposes the write (this node leads; the proposer groups it with others into one entry)
+    /// and waits for it to be committed and applied.
     async fn propose(
         &self,
         statements: Vec<SqlStatement>,
         request_id: Option<RequestId>,
+        bytes: usize,
     ) -> Result<Response<ExecuteResponse>, Status> {
         let ctx = &self.ctx;
-        let cmd = WriteCommand {
-            statements,
-            leader_ts_micros: ctx.clock.next(),
-            seed: uuid::Uuid::new_v4().as_u64_pair().0,
-            request_id,
-        };
-        let result = tokio::time::timeout(
-            ctx.limits.write_timeout,
-            ctx.raft.client_write(Command::Sql(cmd)),
-        )
-        .await;
-        let resp = match result {
+        let answer = ctx
+            .proposer
+            .submit(statements, request_id, bytes)
+            .map_err(|e| {
+                refused(
+                    Code::ResourceExhausted,
+                    "53300",
+                    format!("{e}; retry with backoff"),
+                )
+            })?;
+        let result = tokio::time::timeout(ctx.limits.write_timeout, answer).await;
+        let (log_id, outcome) = match result {
             Err(_) => {
                 return Err(Status::deadline_exceeded(format!(
                     "the write was not confirmed within {:?}; its outcome is unknown (it may still commit)",
                     ctx.limits.write_timeout
                 )))
             }
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+            Ok(Err(_)) => return Err(Status::unavailable("the node is shutting down; retry")),
+            Ok(Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))))) => {
                 return Err(not_leader("this node is no longer the leader; retry", ctx.leader()));
             }
-            Ok(Err(RaftError::APIError(e))) => return Err(Status::failed_precondition(e.to_string())),
-            Ok(Err(RaftError::Fatal(e))) => return Err(Status::unavailable(format!("raft stopped on this node: {e}"))),
-            Ok(Ok(r)) => r,
+            Ok(Ok(Err(RaftError::APIError(e)))) => return Err(Status::failed_precondition(e.to_string())),
+            Ok(Ok(Err(RaftError::Fatal(e)))) => return Err(Status::unavailable(format!("raft stopped on this node: {e}"))),
+            Ok(Ok(Ok(r))) => r,
         };
-        let index = resp.log_id.index;
+        let index = log_id.index;
         tracing::Span::current().record("index", index);
-        match resp.data {
+        match outcome {
             ApplyOutcome::Applied(results) => Ok(Response::new(ExecuteResponse {
                 log_index: index,
-                term: resp.log_id.leader_id.term,
+                term: log_id.leader_id.term,
                 leader_id: ctx.id,
                 results: results
                     .into_iter()
@@ -200,7 +203,7 @@ impl WriteService {
                 );
                 Err(s)
             }
-            ApplyOutcome::Internal | ApplyOutcome::Checksums(_) => {
+            ApplyOutcome::Internal | ApplyOutcome::Checksums(_) | ApplyOutcome::Batch(_) => {
                 Err(Status::internal("unexpected internal outcome for a write"))
             }
         }
@@ -248,7 +251,10 @@ impl Write for WriteService {
                 client_id: r.client_id.clone(),
                 seq: r.seq,
             });
-            match self.propose(statements, request_id).await {
+            match self
+                .propose(statements, request_id, req.encoded_len())
+                .await
+            {
                 Err(s)
                     if s.code() == Code::Unavailable
                         && !forwarded

@@ -1,0 +1,211 @@
+//! Group commit at the proposal level: the leader's concurrent writes share one Raft entry.
+//!
+//! Owns the queue of writes waiting to be proposed on this node and the stamping of their
+//! deterministic inputs (timestamp, seed). openraft 0.9 appends — and fsyncs — each proposed
+//! entry on its own before it takes the next message, and the state machine applies what each
+//! commit step covers, so one entry per write would cap a leader at one write per fsync and one
+//! PostgreSQL transaction per write. Instead one task takes every write waiting (up to
+//! `batch_max` writes and `batch_bytes_max` bytes; always at least one) and proposes them as one
+//! entry: a lone write as [`Command::Sql`], several as [`Command::Batch`].
+//!
+//! Invariants:
+//! - Timestamps increase along the log: this task is the only one that stamps writes, and it
+//!   hands entries to openraft in the order it stamped them.
+//! - At most `in_flight_max` entries are proposed and not yet answered; writes arriving
+//!   meanwhile wait in the queue and join the next entry (that is what makes entries grow under
+//!   load). The queue is bounded by the node's write permits; a full queue is refused.
+//! - A write whose caller gave up (timeout, disconnect) before it was taken is not proposed.
+//! - Each write gets the outcome at its own position in the entry's outcomes, or the entry's
+//!   error.
+
+use std::sync::Arc;
+
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::{debug, warn};
+
+use crate::clock::EntryClock;
+use crate::command::{
+    ApplyOutcome, Command, LogId, NodeId, Raft, RequestId, SqlStatement, WriteCommand,
+};
+
+/// Why a proposed write has no outcome.
+pub type ProposeError = RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>;
+
+/// What a write's caller gets: the entry's log id and the write's own outcome.
+pub type ProposeResult = Result<(LogId, ApplyOutcome), ProposeError>;
+
+/// Limits of the proposer.
+#[derive(Clone, Debug)]
+pub struct ProposerLimits {
+    /// Most writes in one entry.
+    pub batch_max: usize,
+    /// Most bytes of writes in one entry (a larger single write still goes alone).
+    pub batch_bytes_max: usize,
+    /// Most entries proposed and not yet answered.
+    pub in_flight_max: usize,
+    /// Most writes waiting to be proposed.
+    pub queue_max: usize,
+}
+
+/// One write waiting to be proposed.
+struct Waiting {
+    statements: Vec<SqlStatement>,
+    request_id: Option<RequestId>,
+    bytes: usize,
+    reply: oneshot::Sender<ProposeResult>,
+}
+
+/// The queue is full (more writes wait than the limit).
+#[derive(Debug, thiserror::Error)]
+#[error("too many writes waiting to be proposed")]
+pub struct QueueFull;
+
+/// Handle to the proposer task.
+#[derive(Clone)]
+pub struct Proposer {
+    tx: mpsc::Sender<Waiting>,
+}
+
+impl Proposer {
+    /// Starts the proposer task for `raft`.
+    pub fn start(raft: Raft, clock: Arc<EntryClock>, limits: ProposerLimits) -> Self {
+        let (tx, rx) = mpsc::channel(limits.queue_max.max(1));
+        tokio::spawn(run(raft, clock, limits, rx));
+        Proposer { tx }
+    }
+
+    /// Queues a write; the receiver yields its outcome once the entry is applied here.
+    /// `bytes` is its size, for the entry size limit.
+    pub fn submit(
+        &self,
+        statements: Vec<SqlStatement>,
+        request_id: Option<RequestId>,
+        bytes: usize,
+    ) -> Result<oneshot::Receiver<ProposeResult>, QueueFull> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(Waiting {
+                statements,
+                request_id,
+                bytes,
+                reply,
+            })
+            .map_err(|_| QueueFull)?;
+        Ok(rx)
+    }
+}
+
+/// The proposer task: take what waits, propose it as one entry, repeat.
+async fn run(
+    raft: Raft,
+    clock: Arc<EntryClock>,
+    limits: ProposerLimits,
+    mut rx: mpsc::Receiver<Waiting>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.in_flight_max.max(1)));
+    // A write that did not fit into the previous entry: it opens the next one.
+    let mut held: Option<Waiting> = None;
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match held.take() {
+            Some(w) => w,
+            None => match rx.recv().await {
+                Some(w) => w,
+                None => return,
+            },
+        };
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        while batch.len() < limits.batch_max.max(1) {
+            match rx.try_recv() {
+                Ok(w) if bytes.saturating_add(w.bytes) > limits.batch_bytes_max => {
+                    held = Some(w);
+                    break;
+                }
+                Ok(w) => {
+                    bytes += w.bytes;
+                    batch.push(w);
+                }
+                Err(_) => break,
+            }
+        }
+        propose(&raft, &clock, batch, slot).await;
+    }
+}
+
+/// Stamps the writes whose callers still wait, hands them to openraft as one entry (in order),
+/// and answers each caller from a task of its own once the entry is applied.
+async fn propose(
+    raft: &Raft,
+    clock: &EntryClock,
+    batch: Vec<Waiting>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let (mut commands, mut replies) = (Vec::with_capacity(batch.len()), Vec::new());
+    for w in batch {
+        if w.reply.is_closed() {
+            continue;
+        }
+        commands.push(WriteCommand {
+            statements: w.statements,
+            leader_ts_micros: clock.next(),
+            seed: uuid::Uuid::new_v4().as_u64_pair().0,
+            request_id: w.request_id,
+        });
+        replies.push(w.reply);
+    }
+    let command = match commands.len() {
+        0 => return,
+        1 => Command::Sql(commands.pop().expect("one command")),
+        _ => Command::Batch(commands),
+    };
+    let writes = replies.len();
+    let answer = match raft.client_write_ff(command).await {
+        Ok(rx) => rx,
+        Err(fatal) => {
+            let e = RaftError::Fatal(fatal);
+            for r in replies {
+                let _ = r.send(Err(e.clone()));
+            }
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let _slot = slot;
+        let result = match answer.await {
+            Ok(r) => r.map_err(RaftError::APIError),
+            Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
+        };
+        match result {
+            Err(e) => {
+                for r in replies {
+                    let _ = r.send(Err(e.clone()));
+                }
+            }
+            Ok(resp) => {
+                let log_id = resp.log_id;
+                debug!(index = log_id.index, writes, "entry applied");
+                match resp.data {
+                    ApplyOutcome::Batch(outcomes) if outcomes.len() == replies.len() => {
+                        for (r, o) in replies.into_iter().zip(outcomes) {
+                            let _ = r.send(Ok((log_id, o)));
+                        }
+                    }
+                    single if replies.len() == 1 => {
+                        let r = replies.into_iter().next().expect("one reply");
+                        let _ = r.send(Ok((log_id, single)));
+                    }
+                    other => {
+                        warn!(index = log_id.index, writes, outcome = ?other, "an entry's outcomes do not match its writes");
+                        for r in replies {
+                            let _ = r.send(Ok((log_id, ApplyOutcome::Internal)));
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
