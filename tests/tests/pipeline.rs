@@ -132,3 +132,86 @@ async fn concurrent_mixed_entries_apply_as_if_one_at_a_time() {
     drop(pg);
     println!("{} rows, {} rounds, checksums {sums:?}", held.len(), rounds);
 }
+
+/// Concurrent writes share Raft entries (the proposer's group commit), and each still gets its
+/// own outcome: its RETURNING rows, its SQL error, and for a request id sent several times at
+/// once one application and the same answer for every copy. Every node ends identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_share_entries_each_with_its_own_outcome() {
+    let tc = Arc::new(start_cluster_with("batch", 72, 3, &[]).await.unwrap());
+    let c = &tc.client;
+    c.execute_one(
+        "CREATE TABLE b (id bigserial PRIMARY KEY, k int NOT NULL UNIQUE)",
+        vec![],
+    )
+    .await
+    .unwrap();
+    const INSERT: &str = "INSERT INTO b (k) VALUES ($1) RETURNING k";
+    let mut tasks = Vec::new();
+    for t in 0..48i64 {
+        let tc = tc.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = &tc.client;
+            let (mut kept, mut indexes, mut writes) = (Vec::new(), Vec::new(), 0);
+            for i in 0..20i64 {
+                let k = t * 1_000 + i;
+                let s = vec![stmt(INSERT, vec![values::int(k)])];
+                match i % 6 {
+                    // A key that exists: a SQL error for this write only.
+                    5 => {
+                        let e = c
+                            .execute(vec![stmt(INSERT, vec![values::int(k - 1)])])
+                            .await
+                            .unwrap_err();
+                        assert_eq!(e.sqlstate().as_deref(), Some("23505"), "{e}");
+                    }
+                    // The same request id three times at once: applied once, one answer.
+                    3 => {
+                        let id = RequestId {
+                            client_id: format!("batch-{t}"),
+                            seq: i as u64,
+                        };
+                        let (a, b, d) = tokio::join!(
+                            c.execute_with_id(s.clone(), id.clone()),
+                            c.execute_with_id(s.clone(), id.clone()),
+                            c.execute_with_id(s, id)
+                        );
+                        let (a, b, d) = (a.unwrap(), b.unwrap(), d.unwrap());
+                        assert_eq!(a.results, b.results);
+                        assert_eq!(a.results, d.results);
+                        kept.push(k);
+                        writes += 1;
+                        indexes.push(a.log_index);
+                    }
+                    _ => {
+                        let r = c.execute(s).await.unwrap();
+                        let returned = &r.results[0].rows[0].values[0];
+                        assert_eq!(returned, &values::int(k), "each write gets its own rows");
+                        kept.push(k);
+                        writes += 1;
+                        indexes.push(r.log_index);
+                    }
+                }
+            }
+            (kept, indexes, writes)
+        }));
+    }
+    let (mut expected, mut indexes, mut writes) = (BTreeSet::new(), BTreeSet::new(), 0);
+    for t in tasks {
+        let (k, i, w) = t.await.unwrap();
+        expected.extend(k);
+        indexes.extend(i);
+        writes += w;
+    }
+    assert!(
+        indexes.len() < writes,
+        "{writes} concurrent writes took {} log entries: none were proposed together",
+        indexes.len()
+    );
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+    let pg = tc.pg(3).await.unwrap();
+    let rows = pg.query("SELECT k FROM b", &[]).await.unwrap();
+    let held: BTreeSet<i64> = rows.iter().map(|r| r.get::<_, i32>(0) as i64).collect();
+    assert_eq!(held, expected, "exactly the acknowledged inserts are kept");
+    println!("{writes} writes in {} entries", indexes.len());
+}
