@@ -139,9 +139,14 @@ pub struct Applier {
     client: Client,
     fetch_live: Statement,
     entry_setup: Statement,
-    record: Statement,
+    record_many: Statement,
+    count_live: Statement,
+    fast_setup: Statement,
     record_applied: Statement,
     cache: HashMap<String, Statement>,
+    /// The open transaction ran DDL: statements cached since may refer to objects that a
+    /// rollback takes away.
+    ddl_in_transaction: bool,
 }
 
 /// The end of a batch transaction, pipelined with its last entry: record the applied log
@@ -177,10 +182,13 @@ impl Applier {
         Ok(Applier {
             fetch_live: client.prepare("SELECT 1").await?,
             entry_setup: client.prepare("SELECT 1").await?,
-            record: client.prepare("SELECT 1").await?,
+            record_many: client.prepare("SELECT 1").await?,
+            count_live: client.prepare("SELECT 1").await?,
+            fast_setup: client.prepare("SELECT 1").await?,
             record_applied: client.prepare("SELECT 1").await?,
             client,
             cache: HashMap::new(),
+            ddl_in_transaction: false,
         })
     }
 
@@ -188,7 +196,9 @@ impl Applier {
     pub async fn prepare_bookkeeping(&mut self) -> Result<(), EnvError> {
         self.fetch_live = self.client.prepare(request_log::FETCH_LIVE_SQL).await?;
         self.entry_setup = self.client.prepare(ENTRY_SETUP_SQL).await?;
-        self.record = self.client.prepare(request_log::RECORD_SQL).await?;
+        self.record_many = self.client.prepare(request_log::RECORD_MANY_SQL).await?;
+        self.count_live = self.client.prepare(request_log::COUNT_LIVE_SQL).await?;
+        self.fast_setup = self.client.prepare(FAST_SETUP_SQL).await?;
         self.record_applied = self.client.prepare(RECORD_APPLIED_SQL).await?;
         Ok(())
     }
@@ -241,26 +251,35 @@ impl Applier {
 
     /// Sends what is pending for the entries applied so far and, with `end`, records the
     /// batch's applied position and commits — in one round trip.
-    pub async fn flush(&self, pending: Pending, end: Option<&BatchEnd>) -> Result<(), EnvError> {
+    pub async fn flush(
+        &mut self,
+        pending: Pending,
+        end: Option<&BatchEnd>,
+    ) -> Result<(), EnvError> {
+        let this = &*self;
         let commit = async {
             match end {
                 Some(end) => {
                     let params: [&(dyn ToSql + Sync); 3] =
                         [&end.log_index, &end.log_id, &end.membership];
                     let (recorded, committed) = tokio::join!(
-                        self.client.execute(&self.record_applied, &params),
-                        self.client.batch_execute("COMMIT")
+                        this.client.execute(&this.record_applied, &params),
+                        this.client.batch_execute("COMMIT")
                     );
                     recorded?;
                     committed?;
-                    Ok(())
+                    Ok::<(), EnvError>(())
                 }
                 None => Ok(()),
             }
         };
-        let (finished, committed) = tokio::join!(self.finish(pending), commit);
+        let (finished, committed) = tokio::join!(this.finish(pending), commit);
         finished?;
-        committed
+        committed?;
+        if end.is_some() {
+            self.ddl_in_transaction = false;
+        }
+        Ok(())
     }
 
     /// Sends the end of the last entry's savepoint (if still open) and the outcomes to record.
@@ -271,20 +290,27 @@ impl Applier {
                 None => Ok(()),
             }
         };
-        let records = join_in_order(
-            pending
-                .records
-                .iter()
-                .map(|(c, s, i, o)| async move {
-                    self.client.execute(&self.record, &[c, s, i, o]).await
-                })
-                .collect(),
-        );
+        let records = async {
+            if pending.records.is_empty() {
+                return Ok(0);
+            }
+            let mut cids = Vec::with_capacity(pending.records.len());
+            let mut seqs = Vec::with_capacity(pending.records.len());
+            let mut indexes = Vec::with_capacity(pending.records.len());
+            let mut outcomes = Vec::with_capacity(pending.records.len());
+            for (c, s, i, o) in &pending.records {
+                cids.push(c.as_str());
+                seqs.push(*s);
+                indexes.push(*i);
+                outcomes.push(o);
+            }
+            self.client
+                .execute(&self.record_many, &[&cids, &seqs, &indexes, &outcomes])
+                .await
+        };
         let (ended, recorded) = tokio::join!(end, records);
         ended?;
-        for r in recorded {
-            r?;
-        }
+        recorded?;
         Ok(())
     }
 
@@ -433,6 +459,117 @@ impl Applier {
         Ok((outcomes, next))
     }
 
+    /// Applies a run of pipelineable writes the fast way, in one round trip after `pending`: no
+    /// savepoint, one check that none of the run's request ids has a live record, then per write
+    /// its deterministic inputs and its statements. Anything but success for every write — a SQL
+    /// error, a duplicate, a check failing on this side — gives up the whole batch transaction
+    /// ([`FAST_RUN_ABANDONED`]: the caller rolls it back and applies the batch again with a
+    /// savepoint per write, which finds each write's real outcome). Returns the outcomes and
+    /// what is still to be sent (the request records).
+    pub async fn apply_run_fast(
+        &mut self,
+        run: &[(u64, &WriteCommand, Vec<Statement>)],
+        limits: &ApplyLimits,
+        begin: bool,
+        pending: Pending,
+    ) -> Result<(Vec<ApplyOutcome>, Pending), EnvError> {
+        let inputs: Vec<EntryInputs> = run
+            .iter()
+            .map(|(index, cmd, _)| EntryInputs::new(*index, cmd, limits))
+            .collect();
+        let (mut cids, mut seqs, mut floors) = (Vec::new(), Vec::new(), Vec::new());
+        for input in &inputs {
+            if let (Some(c), Some(s)) = (&input.client_id, input.seq) {
+                cids.push(c.as_str());
+                seqs.push(s);
+                floors.push(input.floor);
+            }
+        }
+        let client = &self.client;
+        let mut steps: Vec<StepFuture<'_>> = Vec::new();
+        if begin {
+            steps.push(Box::pin(async move {
+                Step::Sql(client.batch_execute("BEGIN").await.map(|_| 0))
+            }));
+        }
+        if !cids.is_empty() {
+            let (count_live, cids, seqs, floors) = (&self.count_live, &cids, &seqs, &floors);
+            steps.push(Box::pin(async move {
+                Step::Sql(
+                    client
+                        .query_one(count_live, &[cids, seqs, floors])
+                        .await
+                        .map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(u64::MAX)),
+                )
+            }));
+        }
+        let fast_setup = &self.fast_setup;
+        for ((_, cmd, prepared), input) in run.iter().zip(&inputs) {
+            steps.push(Box::pin(async move {
+                Step::Sql(
+                    client
+                        .execute(fast_setup, &[&input.ts, &input.seed])
+                        .await
+                        .map(|_| 0),
+                )
+            }));
+            for (p, st) in prepared.iter().zip(&cmd.statements) {
+                steps.push(Box::pin(async move {
+                    Step::Stmt(execute_checked(client, p, st, limits).await)
+                }));
+            }
+        }
+        let (finished, results) = tokio::join!(self.finish(pending), join_in_order(steps));
+        finished?;
+
+        let abandoned = || EnvError(FAST_RUN_ABANDONED.into());
+        let mut results = results.into_iter();
+        if begin {
+            results.next().map(Step::sql).transpose()?;
+        }
+        if !cids.is_empty() {
+            match results.next().map(Step::sql) {
+                Some(Ok(0)) => {}
+                Some(Ok(_)) => return Err(abandoned()),
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(EnvError("pipeline ended early".into())),
+            }
+        }
+        let mut outcomes = Vec::with_capacity(run.len());
+        let mut next = Pending::default();
+        for (index, cmd, prepared) in run {
+            match results.next() {
+                Some(Step::Sql(Ok(_))) => {}
+                _ => return Err(abandoned()),
+            }
+            let mut stmt_outcomes = Vec::with_capacity(prepared.len());
+            for st in results.by_ref().take(prepared.len()) {
+                match st {
+                    Step::Stmt(Ok(o)) => stmt_outcomes.push(o),
+                    _ => return Err(abandoned()),
+                }
+            }
+            let outcome = ApplyOutcome::Applied(stmt_outcomes);
+            next.records.extend(record_of(*index, cmd, &outcome)?);
+            outcomes.push(outcome);
+        }
+        Ok((outcomes, next))
+    }
+
+    /// Rolls the batch transaction back and puts every sequence back where the last committed
+    /// batch left it (statements of the abandoned transaction may have consumed values).
+    pub async fn abandon_transaction(
+        &mut self,
+        restore_sequences_sql: &str,
+    ) -> Result<(), EnvError> {
+        if std::mem::take(&mut self.ddl_in_transaction) {
+            self.cache.clear();
+        }
+        self.client.batch_execute("ROLLBACK").await?;
+        self.client.query_one(restore_sequences_sql, &[]).await?;
+        Ok(())
+    }
+
     /// The recorded outcome of a live duplicate of `cmd` (its savepoint already rolled back).
     async fn duplicate_outcome(
         &self,
@@ -472,6 +609,7 @@ impl Applier {
             "SAVEPOINT raftpg_entry"
         };
         let ddl = cmd.statements.iter().any(|s| !is_dml(&s.sql));
+        self.ddl_in_transaction |= ddl;
         let cached: Vec<Statement> = if ddl {
             Vec::new()
         } else {
@@ -673,6 +811,15 @@ fn record_of(
 /// SQLSTATE raised by the entry setup for a live duplicate request id: the entry stops before
 /// any of its statements runs, on every node alike.
 pub const DUPLICATE_SQLSTATE: &str = "RP001";
+
+/// The message of the [`EnvError`] that makes a batch be rolled back and applied again with a
+/// savepoint per write (see [`Applier::apply_run_fast`]).
+pub const FAST_RUN_ABANDONED: &str =
+    "a write of a fast run did not succeed; applying the batch again with a savepoint per write";
+
+/// Sets a write's deterministic inputs on the fast path (what `raftpg.begin_entry` sets, without
+/// its duplicate check, which the fast path makes once per run).
+const FAST_SETUP_SQL: &str = "SELECT set_config('raftpg.ts_us', $1::text, true), set_config('raftpg.seed', $2::text, true), set_config('raftpg.rnd_n', '0', true)";
 
 /// The message of the [`EnvError`] that makes a batch be re-applied entry by entry.
 pub const PIPELINE_ABORTED: &str =

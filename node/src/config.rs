@@ -80,8 +80,9 @@ pub struct NodeConfig {
     pub proposal_batch_bytes_max: usize,
 
     /// Most Raft entries of writes proposed by this node and not yet applied; writes arriving
-    /// meanwhile wait and are proposed together.
-    #[arg(long, env = "RAFTPG_PROPOSALS_IN_FLIGHT", default_value_t = 4)]
+    /// meanwhile wait and are proposed together. 1 gives the largest entries (best when the
+    /// nodes share a few cores, as in `raftpg bench`); more overlaps replication and apply.
+    #[arg(long, env = "RAFTPG_PROPOSALS_IN_FLIGHT", default_value_t = 1)]
     pub proposals_in_flight: usize,
 
     /// Largest write or read request in bytes.

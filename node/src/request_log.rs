@@ -40,10 +40,20 @@ pub const BOOTSTRAP_SQL: &str = "
 pub const FETCH_LIVE_SQL: &str =
     "SELECT outcome FROM raftpg.requests WHERE client_id = $1 AND seq = $2 AND log_index >= $3";
 
-/// Records the outcome `$4` of `($1, $2)` applied at `$3` (replacing an expired record).
-pub const RECORD_SQL: &str = "
-    INSERT INTO raftpg.requests (client_id, seq, log_index, outcome) VALUES ($1, $2, $3, $4)
+/// Records several outcomes at once: arrays of client ids, seqs, log indexes and outcomes (no
+/// request id twice).
+pub const RECORD_MANY_SQL: &str = "
+    INSERT INTO raftpg.requests (client_id, seq, log_index, outcome)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::jsonb[])
     ON CONFLICT (client_id, seq) DO UPDATE SET log_index = EXCLUDED.log_index, outcome = EXCLUDED.outcome";
+
+/// How many of the request ids `($1[i], $2[i])` have a record still live for a write whose
+/// retention floor is `$3[i]`. One index probe per id: the LIMIT keeps the planner from turning
+/// the lookups into a join that reads the whole table.
+pub const COUNT_LIVE_SQL: &str = "
+    SELECT count(*) FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS q(cid, sq, floor)
+    CROSS JOIN LATERAL (SELECT 1 FROM raftpg.requests r
+        WHERE r.client_id = q.cid AND r.seq = q.sq AND r.log_index >= q.floor LIMIT 1) AS live";
 
 /// Deletes records expired before `$1`.
 pub const EXPIRE_SQL: &str = "DELETE FROM raftpg.requests WHERE log_index < $1";

@@ -24,9 +24,9 @@ use openraft::{
     EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
 };
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::applier::{Applier, BatchEnd, EnvError, Pending, PIPELINE_ABORTED};
+use crate::applier::{Applier, BatchEnd, EnvError, Pending, FAST_RUN_ABANDONED, PIPELINE_ABORTED};
 use crate::checksums;
 use crate::clock::EntryClock;
 use crate::command::{
@@ -165,7 +165,14 @@ pub struct PgStateMachine {
     /// Whether runs of entries are pipelined (off while re-applying a batch whose pipeline
     /// had to be abandoned; see `applier::PIPELINE_ABORTED`).
     pipeline: bool,
+    /// Batches still to apply with a savepoint per write before trying fast runs again (see
+    /// `applier::FAST_RUN_ABANDONED`): after a fast run fails, the next few batches are likely
+    /// to hold failing writes too.
+    careful_batches: u32,
 }
+
+/// Batches applied with a savepoint per write after a fast run had to be abandoned.
+const CAREFUL_BATCHES_AFTER_ABANDON: u32 = 16;
 
 /// What the state machine is built from.
 pub struct StateMachineParts {
@@ -203,6 +210,7 @@ impl PgStateMachine {
             clock: p.clock,
             shutdown: p.shutdown,
             pipeline: true,
+            careful_batches: 0,
         }
     }
 
@@ -376,6 +384,7 @@ impl PgStateMachine {
         }
         let mut pending = Pending::default();
         let mut begin = !expire;
+        let fast = self.pipeline && self.careful_batches == 0;
         let mut item_outcomes: Vec<ApplyOutcome> = Vec::with_capacity(items.len());
         while item_outcomes.len() < items.len() {
             let k = item_outcomes.len();
@@ -399,13 +408,18 @@ impl PgStateMachine {
                     run.push((index, cmd, prepared));
                 }
             }
-            if run.len() > 1 {
+            if run.len() > 1 || (fast && !run.is_empty()) {
                 for (_, cmd, _) in &run {
                     self.clock.observe(cmd.leader_ts_micros);
                 }
-                let (done, next) = applier
-                    .apply_run(&run, &self.limits, begin, std::mem::take(&mut pending))
-                    .await?;
+                let sent = std::mem::take(&mut pending);
+                let (done, next) = if fast {
+                    applier
+                        .apply_run_fast(&run, &self.limits, begin, sent)
+                        .await?
+                } else {
+                    applier.apply_run(&run, &self.limits, begin, sent).await?
+                };
                 item_outcomes.extend(done);
                 pending = next;
                 begin = false;
@@ -484,7 +498,28 @@ impl PgStateMachine {
                 Ok(outcomes) => {
                     self.status.set("applying");
                     self.pipeline = true;
+                    self.careful_batches = self.careful_batches.saturating_sub(1);
                     return Ok(outcomes);
+                }
+                Err(e) if e.0 == FAST_RUN_ABANDONED => {
+                    // Roll back, restore sequences, and apply the batch again with savepoints.
+                    debug!(
+                        node = self.node_id,
+                        first_index = batch.first().map(|e| e.log_id.index).unwrap_or(0),
+                        "{}",
+                        e.0
+                    );
+                    self.careful_batches = CAREFUL_BATCHES_AFTER_ABANDON;
+                    let abandoned = match self.applier.as_mut() {
+                        Some(a) => a.abandon_transaction(RESTORE_SEQUENCES_SQL).await,
+                        None => Err(EnvError("not connected".into())),
+                    };
+                    if let Err(e) = abandoned {
+                        // Dropping the connection aborts the transaction; reconnecting restores
+                        // the sequences.
+                        debug!(error = %e, "rolling back an abandoned batch failed; reconnecting");
+                        self.applier = None;
+                    }
                 }
                 Err(e) if e.0 == PIPELINE_ABORTED && self.pipeline => {
                     // Roll the whole batch back (dropping the connection restores sequences)
