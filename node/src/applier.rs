@@ -163,11 +163,19 @@ pub struct BatchEnd {
 /// Records the batch's end in the batch's own transaction (invariant 1), with the current
 /// position of every sequence (restored after a PostgreSQL crash or an aborted batch, either of
 /// which can make sequences skip values on one node only). A sequence never used is recorded
-/// as `null` and restored to its start.
+/// as `null` and restored to its start. Read from the small `pg_sequence` catalog with one index
+/// probe of `pg_class` per sequence (the `pg_sequences` view scans all of `pg_class`, once per
+/// batch).
 const RECORD_APPLIED_SQL: &str = "
     UPDATE raftpg.applied SET log_index = $1, log_id = $2, membership = $3,
-        sequences = (SELECT coalesce(jsonb_object_agg(format('%I.%I', schemaname, sequencename), last_value), '{}'::jsonb)
-                     FROM pg_sequences WHERE schemaname <> 'raftpg')";
+        sequences = (SELECT coalesce(jsonb_object_agg(format('%I.%I', n.nspname, c.relname),
+                         CASE WHEN has_sequence_privilege(s.seqrelid, 'SELECT,USAGE')
+                              THEN pg_sequence_last_value(s.seqrelid) END), '{}'::jsonb)
+                     FROM pg_sequence s
+                     CROSS JOIN LATERAL (SELECT relname, relnamespace FROM pg_class
+                                         WHERE oid = s.seqrelid LIMIT 1) c
+                     JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname <> 'raftpg')";
 
 impl Applier {
     /// Connects and sets the session up (bootstrap of raftpg's schema is the caller's).
@@ -504,15 +512,25 @@ impl Applier {
             }));
         }
         let fast_setup = &self.fast_setup;
+        let mut previous: Option<(i64, u64)> = None;
+        let mut setups = Vec::with_capacity(run.len());
         for ((_, cmd, prepared), input) in run.iter().zip(&inputs) {
-            steps.push(Box::pin(async move {
-                Step::Sql(
-                    client
-                        .execute(fast_setup, &[&input.ts, &input.seed])
-                        .await
-                        .map(|_| 0),
-                )
-            }));
+            // The writes of a batch entry share its inputs: set them once for the group (the
+            // setup would change nothing for the others).
+            let inputs_of = Some((cmd.leader_ts_micros, cmd.seed));
+            let setup = previous != inputs_of;
+            previous = inputs_of;
+            setups.push(setup);
+            if setup {
+                steps.push(Box::pin(async move {
+                    Step::Sql(
+                        client
+                            .execute(fast_setup, &[&input.ts, &input.seed])
+                            .await
+                            .map(|_| 0),
+                    )
+                }));
+            }
             for (p, st) in prepared.iter().zip(&cmd.statements) {
                 steps.push(Box::pin(async move {
                     Step::Stmt(execute_checked(client, p, st, limits).await)
@@ -537,10 +555,12 @@ impl Applier {
         }
         let mut outcomes = Vec::with_capacity(run.len());
         let mut next = Pending::default();
-        for (index, cmd, prepared) in run {
-            match results.next() {
-                Some(Step::Sql(Ok(_))) => {}
-                _ => return Err(abandoned()),
+        for ((index, cmd, prepared), setup) in run.iter().zip(setups) {
+            if setup {
+                match results.next() {
+                    Some(Step::Sql(Ok(_))) => {}
+                    _ => return Err(abandoned()),
+                }
             }
             let mut stmt_outcomes = Vec::with_capacity(prepared.len());
             for st in results.by_ref().take(prepared.len()) {
@@ -817,9 +837,13 @@ pub const DUPLICATE_SQLSTATE: &str = "RP001";
 pub const FAST_RUN_ABANDONED: &str =
     "a write of a fast run did not succeed; applying the batch again with a savepoint per write";
 
-/// Sets a write's deterministic inputs on the fast path (what `raftpg.begin_entry` sets, without
-/// its duplicate check, which the fast path makes once per run).
-const FAST_SETUP_SQL: &str = "SELECT set_config('raftpg.ts_us', $1::text, true), set_config('raftpg.seed', $2::text, true), set_config('raftpg.rnd_n', '0', true)";
+/// Sets a write's deterministic inputs on the fast path: what `raftpg.begin_entry` sets
+/// (the draw counter restarts only with a new seed), without its duplicate check, which the fast
+/// path makes once per run.
+const FAST_SETUP_SQL: &str = "
+    SELECT set_config('raftpg.ts_us', $1::text, true),
+           CASE WHEN current_setting('raftpg.seed', true) IS DISTINCT FROM $2::text
+                THEN set_config('raftpg.seed', $2::text, true) || set_config('raftpg.rnd_n', '0', true) END";
 
 /// The message of the [`EnvError`] that makes a batch be re-applied entry by entry.
 pub const PIPELINE_ABORTED: &str =

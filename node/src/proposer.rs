@@ -10,7 +10,8 @@
 //!
 //! Invariants:
 //! - Timestamps increase along the log: this task is the only one that stamps writes, and it
-//!   hands entries to openraft in the order it stamped them.
+//!   hands entries to openraft in the order it stamped them. The writes of one entry share its
+//!   timestamp and seed.
 //! - At most `in_flight_max` entries are proposed and not yet answered; writes arriving
 //!   meanwhile wait in the queue and join the next entry (that is what makes entries grow under
 //!   load). The queue is bounded by the node's write permits; a full queue is refused.
@@ -144,6 +145,11 @@ async fn propose(
     batch: Vec<Waiting>,
     slot: tokio::sync::OwnedSemaphorePermit,
 ) {
+    // The writes of one entry share its timestamp and seed (like statements of one PostgreSQL
+    // transaction share now()); they draw different random values (see
+    // `raftpg.begin_entry`).
+    let leader_ts_micros = clock.next();
+    let seed = uuid::Uuid::new_v4().as_u64_pair().0;
     let (mut commands, mut replies) = (Vec::with_capacity(batch.len()), Vec::new());
     for w in batch {
         if w.reply.is_closed() {
@@ -151,8 +157,8 @@ async fn propose(
         }
         commands.push(WriteCommand {
             statements: w.statements,
-            leader_ts_micros: clock.next(),
-            seed: uuid::Uuid::new_v4().as_u64_pair().0,
+            leader_ts_micros,
+            seed,
             request_id: w.request_id,
         });
         replies.push(w.reply);

@@ -21,14 +21,18 @@ pub const BOOTSTRAP_SQL: &str = "
         PRIMARY KEY (client_id, seq)
     );
     CREATE INDEX IF NOT EXISTS requests_by_log_index ON raftpg.requests (log_index);
-    -- Opens an entry: sets its deterministic inputs (transaction-local, like SET LOCAL) and
-    -- raises RP001 if its request id ($3, $4) has a live record (log index >= $5): the entry
-    -- then stops before any of its statements runs, on every node alike.
+    -- Opens a write: sets its deterministic inputs (transaction-local, like SET LOCAL) and
+    -- raises RP001 if its request id ($3, $4) has a live record (log index >= $5): the write
+    -- then stops before any of its statements runs, on every node alike. The writes of one
+    -- batch entry share its seed: the draw counter restarts only when the seed changes, so they
+    -- draw different values (a failed write's draws are rolled back with its savepoint).
     CREATE OR REPLACE FUNCTION raftpg.begin_entry(ts text, seed text, cid text, sq bigint, floor bigint)
     RETURNS void LANGUAGE plpgsql AS $fn$
     BEGIN
-        PERFORM set_config('raftpg.ts_us', ts, true), set_config('raftpg.seed', seed, true),
-                set_config('raftpg.rnd_n', '0', true);
+        PERFORM set_config('raftpg.ts_us', ts, true);
+        IF current_setting('raftpg.seed', true) IS DISTINCT FROM seed THEN
+            PERFORM set_config('raftpg.seed', seed, true), set_config('raftpg.rnd_n', '0', true);
+        END IF;
         IF cid IS NOT NULL AND EXISTS (SELECT 1 FROM raftpg.requests r
                 WHERE r.client_id = cid AND r.seq = sq AND r.log_index >= floor) THEN
             RAISE EXCEPTION 'duplicate request' USING ERRCODE = 'RP001';

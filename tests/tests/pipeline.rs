@@ -134,14 +134,19 @@ async fn concurrent_mixed_entries_apply_as_if_one_at_a_time() {
 }
 
 /// Concurrent writes share Raft entries (the proposer's group commit), and each still gets its
-/// own outcome: its RETURNING rows, its SQL error, and for a request id sent several times at
-/// once one application and the same answer for every copy. Every node ends identical.
+/// own outcome: its RETURNING rows, its SQL error, its own random draws, and for a request id
+/// sent several times at once one application and the same answer for every copy. Every node
+/// ends identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writes_share_entries_each_with_its_own_outcome() {
     let tc = Arc::new(start_cluster_with("batch", 72, 3, &[]).await.unwrap());
     let c = &tc.client;
+    // The writes of one entry share its seed: each must still draw its own uuid (a clash
+    // would fail the insert with 23505).
     c.execute_one(
-        "CREATE TABLE b (id bigserial PRIMARY KEY, k int NOT NULL UNIQUE)",
+        "CREATE TABLE b (id bigserial PRIMARY KEY, k int NOT NULL UNIQUE,
+                         u uuid NOT NULL UNIQUE DEFAULT gen_random_uuid(),
+                         r float8 NOT NULL DEFAULT random(), at timestamptz NOT NULL DEFAULT now())",
         vec![],
     )
     .await
@@ -213,5 +218,13 @@ async fn concurrent_writes_share_entries_each_with_its_own_outcome() {
     let rows = pg.query("SELECT k FROM b", &[]).await.unwrap();
     let held: BTreeSet<i64> = rows.iter().map(|r| r.get::<_, i32>(0) as i64).collect();
     assert_eq!(held, expected, "exactly the acknowledged inserts are kept");
+    let distinct = pg
+        .query_one(
+            "SELECT count(DISTINCT u) = count(*) AND count(DISTINCT r) = count(*) FROM b",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(distinct.get::<_, bool>(0), "random draws repeat within an entry");
     println!("{writes} writes in {} entries", indexes.len());
 }
