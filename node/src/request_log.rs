@@ -53,11 +53,14 @@ pub const RECORD_MANY_SQL: &str = "
 
 /// How many of the request ids `($1[i], $2[i])` have a record still live for a write whose
 /// retention floor is `$3[i]`. One index probe per id: the LIMIT keeps the planner from turning
-/// the lookups into a join that reads the whole table.
+/// the lookups into a join that reads the whole table, and `generate_subscripts` (unlike
+/// `unnest`, whose row estimate follows the array) lets PostgreSQL keep one generic plan
+/// instead of planning the statement again at every execution.
 pub const COUNT_LIVE_SQL: &str = "
-    SELECT count(*) FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS q(cid, sq, floor)
+    SELECT count(*) FROM generate_subscripts($1::text[], 1) AS i
     CROSS JOIN LATERAL (SELECT 1 FROM raftpg.requests r
-        WHERE r.client_id = q.cid AND r.seq = q.sq AND r.log_index >= q.floor LIMIT 1) AS live";
+        WHERE r.client_id = ($1::text[])[i] AND r.seq = ($2::bigint[])[i]
+          AND r.log_index >= ($3::bigint[])[i] LIMIT 1) AS live";
 
 /// Deletes records expired before `$1`.
 pub const EXPIRE_SQL: &str = "DELETE FROM raftpg.requests WHERE log_index < $1";
