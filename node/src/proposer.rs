@@ -57,10 +57,16 @@ struct Waiting {
     reply: oneshot::Sender<ProposeResult>,
 }
 
-/// The queue is full (more writes wait than the limit).
+/// Why a write could not be queued.
 #[derive(Debug, thiserror::Error)]
-#[error("too many writes waiting to be proposed")]
-pub struct QueueFull;
+pub enum SubmitError {
+    /// More writes wait than the limit.
+    #[error("too many writes waiting to be proposed")]
+    QueueFull,
+    /// The proposer task is gone (the node is shutting down).
+    #[error("the node is shutting down")]
+    Stopped,
+}
 
 /// Handle to the proposer task.
 #[derive(Clone)]
@@ -83,7 +89,7 @@ impl Proposer {
         statements: Vec<SqlStatement>,
         request_id: Option<RequestId>,
         bytes: usize,
-    ) -> Result<oneshot::Receiver<ProposeResult>, QueueFull> {
+    ) -> Result<oneshot::Receiver<ProposeResult>, SubmitError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .try_send(Waiting {
@@ -92,7 +98,10 @@ impl Proposer {
                 bytes,
                 reply,
             })
-            .map_err(|_| QueueFull)?;
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+            })?;
         Ok(rx)
     }
 }

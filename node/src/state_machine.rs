@@ -713,3 +713,61 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         self.0.build().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64, writes: usize) -> Entry {
+        let cmd = WriteCommand {
+            statements: Vec::new(),
+            leader_ts_micros: 0,
+            seed: 0,
+            request_id: None,
+        };
+        let payload = match writes {
+            0 => EntryPayload::Blank,
+            1 => EntryPayload::Normal(Command::Sql(cmd)),
+            n => EntryPayload::Normal(Command::Batch(vec![cmd; n])),
+        };
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload,
+        }
+    }
+
+    fn sizes(entries: &[Entry], max: usize) -> Vec<usize> {
+        transactions(entries, max).iter().map(|t| t.len()).collect()
+    }
+
+    #[test]
+    fn transactions_hold_at_most_max_writes_but_whole_entries() {
+        let entries: Vec<Entry> = [1, 3, 0, 4, 2, 10, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, w)| entry(i as u64 + 1, *w))
+            .collect();
+        // Items: 1, 3, 1 (blank), 4, 2, 10, 1.
+        assert_eq!(sizes(&entries, 5), vec![3, 1, 1, 1, 1]);
+        assert_eq!(sizes(&entries, 1000), vec![7]);
+        // An entry larger than the limit still goes, alone.
+        assert_eq!(sizes(&entries[5..6], 4), vec![1]);
+        assert_eq!(sizes(&[], 4), Vec::<usize>::new());
+        let total: usize = sizes(&entries, 5).iter().sum();
+        assert_eq!(total, entries.len());
+    }
+
+    #[test]
+    fn batch_items_share_the_entry_index() {
+        let e = entry(7, 3);
+        let mut items = Vec::new();
+        push_items(&e, &mut items);
+        assert_eq!(items.len(), 3);
+        assert!(items.iter().all(|i| matches!(i, Item::Write(7, _))));
+        let blank = entry(8, 0);
+        let mut items = Vec::new();
+        push_items(&blank, &mut items);
+        assert!(matches!(items[..], [Item::Other(_)]));
+    }
+}

@@ -225,6 +225,9 @@ async fn concurrent_writes_share_entries_each_with_its_own_outcome() {
         )
         .await
         .unwrap();
-    assert!(distinct.get::<_, bool>(0), "random draws repeat within an entry");
+    assert!(
+        distinct.get::<_, bool>(0),
+        "random draws repeat within an entry"
+    );
     println!("{writes} writes in {} entries", indexes.len());
 }

@@ -19,6 +19,7 @@ use tracing::{debug, info_span, Instrument};
 use crate::api::{not_leader, params_from_proto, refused, sql_status};
 use crate::command::{ApplyOutcome, RequestId, SqlStatement};
 use crate::node::NodeContext;
+use crate::proposer::SubmitError;
 use crate::values;
 
 /// The write service.
@@ -140,12 +141,13 @@ impl WriteService {
         let answer = ctx
             .proposer
             .submit(statements, request_id, bytes)
-            .map_err(|e| {
-                refused(
+            .map_err(|e| match e {
+                SubmitError::QueueFull => refused(
                     Code::ResourceExhausted,
                     "53300",
                     format!("{e}; retry with backoff"),
-                )
+                ),
+                SubmitError::Stopped => Status::unavailable(format!("{e}; retry")),
             })?;
         let result = tokio::time::timeout(ctx.limits.write_timeout, answer).await;
         let (log_id, outcome) = match result {
