@@ -178,6 +178,7 @@ async fn propose(
         _ => Command::Batch(commands),
     };
     let writes = replies.len();
+    let proposed = std::time::Instant::now();
     let answer = match raft.client_write_ff(command).await {
         Ok(rx) => rx,
         Err(fatal) => {
@@ -202,7 +203,12 @@ async fn propose(
             }
             Ok(resp) => {
                 let log_id = resp.log_id;
-                debug!(index = log_id.index, writes, "entry applied");
+                debug!(
+                    index = log_id.index,
+                    writes,
+                    micros = proposed.elapsed().as_micros() as u64,
+                    "entry committed and applied"
+                );
                 match resp.data {
                     ApplyOutcome::Batch(outcomes) if outcomes.len() == replies.len() => {
                         for (r, o) in replies.into_iter().zip(outcomes) {

@@ -289,7 +289,19 @@ impl PgStateMachine {
         if let Some(first) = batch.first() {
             self.replay_lost(first.log_id.index).await?;
         }
-        self.commit_entries(batch).await
+        let started = std::time::Instant::now();
+        let fast = self.pipeline && self.careful_batches == 0;
+        let outcomes = self.commit_entries(batch).await?;
+        debug!(
+            node = self.node_id,
+            first = batch.first().map(|e| e.log_id.index).unwrap_or(0),
+            entries = batch.len(),
+            writes = batch.iter().map(item_count).sum::<usize>(),
+            fast,
+            micros = started.elapsed().as_micros() as u64,
+            "batch applied"
+        );
+        Ok(outcomes)
     }
 
     /// PostgreSQL may lose its last commits in a crash (the applier commits with
