@@ -233,7 +233,7 @@ impl Client {
 
     /// Executes statements under a request id chosen by the caller: sending the same id again
     /// (from any client, after any failure) is answered with the first outcome and never
-    /// applied twice, as long as the cluster retains the id (`--request-retention-entries`).
+    /// applied twice, as long as the cluster retains the id (`--request-retention-writes`).
     pub async fn execute_with_id(
         &self,
         statements: Vec<Statement>,

@@ -154,6 +154,8 @@ pub struct Applier {
 pub struct BatchEnd {
     /// Last applied log index.
     pub log_index: i64,
+    /// Writes applied up to it.
+    pub writes: i64,
     /// Last applied log id (JSON).
     pub log_id: serde_json::Value,
     /// Last membership (JSON).
@@ -167,7 +169,7 @@ pub struct BatchEnd {
 /// probe of `pg_class` per sequence (the `pg_sequences` view scans all of `pg_class`, once per
 /// batch).
 const RECORD_APPLIED_SQL: &str = "
-    UPDATE raftpg.applied SET log_index = $1, log_id = $2, membership = $3,
+    UPDATE raftpg.applied SET log_index = $1, log_id = $2, membership = $3, writes = $4,
         sequences = (SELECT coalesce(jsonb_object_agg(format('%I.%I', n.nspname, c.relname),
                          CASE WHEN has_sequence_privilege(s.seqrelid, 'SELECT,USAGE')
                               THEN pg_sequence_last_value(s.seqrelid) END), '{}'::jsonb)
@@ -221,14 +223,14 @@ impl Applier {
         self.client.is_closed()
     }
 
-    /// The recorded outcome of `id` if it was applied within the retention before `index`.
+    /// The recorded outcome of `id` if it is still live for the write numbered `write_no`.
     pub async fn recorded_outcome(
         &self,
         id: &RequestId,
-        index: u64,
+        write_no: u64,
         retention: u64,
     ) -> Result<Option<ApplyOutcome>, EnvError> {
-        let floor = request_log::retention_floor(index, retention);
+        let floor = request_log::retention_floor(write_no, retention);
         let row = self
             .client
             .query_opt(
@@ -245,12 +247,12 @@ impl Applier {
     pub async fn outcome_applied_before(
         &self,
         cmd: &WriteCommand,
-        index: u64,
+        write_no: u64,
         retention: u64,
     ) -> Result<ApplyOutcome, EnvError> {
         Ok(match &cmd.request_id {
             Some(id) => self
-                .recorded_outcome(id, index, retention)
+                .recorded_outcome(id, write_no, retention)
                 .await?
                 .unwrap_or(ApplyOutcome::AppliedResultLost),
             None => ApplyOutcome::AppliedResultLost,
@@ -268,8 +270,8 @@ impl Applier {
         let commit = async {
             match end {
                 Some(end) => {
-                    let params: [&(dyn ToSql + Sync); 3] =
-                        [&end.log_index, &end.log_id, &end.membership];
+                    let params: [&(dyn ToSql + Sync); 4] =
+                        [&end.log_index, &end.log_id, &end.membership, &end.writes];
                     let (recorded, committed) = tokio::join!(
                         this.client.execute(&this.record_applied, &params),
                         this.client.batch_execute("COMMIT")
@@ -304,16 +306,16 @@ impl Applier {
             }
             let mut cids = Vec::with_capacity(pending.records.len());
             let mut seqs = Vec::with_capacity(pending.records.len());
-            let mut indexes = Vec::with_capacity(pending.records.len());
+            let mut write_nos = Vec::with_capacity(pending.records.len());
             let mut outcomes = Vec::with_capacity(pending.records.len());
             for (c, s, i, o) in &pending.records {
                 cids.push(c.as_str());
                 seqs.push(*s);
-                indexes.push(*i);
+                write_nos.push(*i);
                 outcomes.push(o);
             }
             self.client
-                .execute(&self.record_many, &[&cids, &seqs, &indexes, &outcomes])
+                .execute(&self.record_many, &[&cids, &seqs, &write_nos, &outcomes])
                 .await
         };
         let (ended, recorded) = tokio::join!(end, records);
@@ -345,7 +347,8 @@ impl Applier {
     /// setup (deterministic inputs; a live duplicate request raises [`DUPLICATE_SQLSTATE`]),
     /// its statements and the savepoint's release, all sent at once after `pending`.
     ///
-    /// No request id may appear twice in `run`. An entry whose statement fails (or which is a
+    /// Each write of `run` comes with its write number (see `request_log`) and its prepared
+    /// statements. No request id may appear twice in `run`. An entry whose statement fails (or which is a
     /// duplicate) ends the run: PostgreSQL aborted the subtransaction, so nothing after it ran
     /// (every later command failed with 25P02); its savepoint is rolled back with the next
     /// round trip. Returns the outcomes of the entries applied (at least one) and what is still
@@ -361,7 +364,7 @@ impl Applier {
     ) -> Result<(Vec<ApplyOutcome>, Pending), EnvError> {
         let inputs: Vec<EntryInputs> = run
             .iter()
-            .map(|(index, cmd, _)| EntryInputs::new(*index, cmd, limits))
+            .map(|(write_no, cmd, _)| EntryInputs::new(*write_no, cmd, limits))
             .collect();
         let client = &self.client;
         let entry_setup = &self.entry_setup;
@@ -394,7 +397,7 @@ impl Applier {
         let mut results = results.into_iter();
         let mut outcomes = Vec::with_capacity(run.len());
         let mut next = Pending::default();
-        for (index, cmd, prepared) in run {
+        for (write_no, cmd, prepared) in run {
             let opened = results.next().map(Step::sql);
             let setup = results.next().map(Step::sql);
             let stmts: Vec<Step> = results.by_ref().take(prepared.len()).collect();
@@ -430,7 +433,7 @@ impl Applier {
                         return Err(e.into());
                     }
                     let outcome = ApplyOutcome::Applied(stmt_outcomes);
-                    next.records.extend(record_of(*index, cmd, &outcome)?);
+                    next.records.extend(record_of(*write_no, cmd, &outcome)?);
                     outcomes.push(outcome);
                 }
                 (false, Some(f)) => {
@@ -440,7 +443,7 @@ impl Applier {
                         return Err(EnvError(PIPELINE_ABORTED.into()));
                     }
                     let outcome = ApplyOutcome::Failed(f);
-                    next.records.extend(record_of(*index, cmd, &outcome)?);
+                    next.records.extend(record_of(*write_no, cmd, &outcome)?);
                     next.end = Some(ROLLBACK_ENTRY);
                     outcomes.push(outcome);
                     break;
@@ -449,7 +452,7 @@ impl Applier {
                     // A live duplicate: nothing of it ran; answer with the recorded outcome.
                     next.end = Some(ROLLBACK_ENTRY);
                     self.finish(std::mem::take(&mut next)).await?;
-                    outcomes.push(self.duplicate_outcome(*index, cmd, limits).await?);
+                    outcomes.push(self.duplicate_outcome(*write_no, cmd, limits).await?);
                     break;
                 }
             }
@@ -483,7 +486,7 @@ impl Applier {
     ) -> Result<(Vec<ApplyOutcome>, Pending), EnvError> {
         let inputs: Vec<EntryInputs> = run
             .iter()
-            .map(|(index, cmd, _)| EntryInputs::new(*index, cmd, limits))
+            .map(|(write_no, cmd, _)| EntryInputs::new(*write_no, cmd, limits))
             .collect();
         let (mut cids, mut seqs, mut floors) = (Vec::new(), Vec::new(), Vec::new());
         for input in &inputs {
@@ -555,7 +558,7 @@ impl Applier {
         }
         let mut outcomes = Vec::with_capacity(run.len());
         let mut next = Pending::default();
-        for ((index, cmd, prepared), setup) in run.iter().zip(setups) {
+        for ((write_no, cmd, prepared), setup) in run.iter().zip(setups) {
             if setup {
                 match results.next() {
                     Some(Step::Sql(Ok(_))) => {}
@@ -570,7 +573,7 @@ impl Applier {
                 }
             }
             let outcome = ApplyOutcome::Applied(stmt_outcomes);
-            next.records.extend(record_of(*index, cmd, &outcome)?);
+            next.records.extend(record_of(*write_no, cmd, &outcome)?);
             outcomes.push(outcome);
         }
         Ok((outcomes, next))
@@ -593,7 +596,7 @@ impl Applier {
     /// The recorded outcome of a live duplicate of `cmd` (its savepoint already rolled back).
     async fn duplicate_outcome(
         &self,
-        index: u64,
+        write_no: u64,
         cmd: &WriteCommand,
         limits: &ApplyLimits,
     ) -> Result<ApplyOutcome, EnvError> {
@@ -602,9 +605,9 @@ impl Applier {
             .as_ref()
             .ok_or_else(|| EnvError("duplicate without a request id".into()))?;
         if let Some(id) = &cmd.request_id {
-            debug!(index, client_id = %id.client_id, seq = id.seq, "duplicate request: returning its recorded outcome");
+            debug!(write_no, client_id = %id.client_id, seq = id.seq, "duplicate request: returning its recorded outcome");
         }
-        self.recorded_outcome(id, index, limits.request_retention_entries)
+        self.recorded_outcome(id, write_no, limits.request_retention_writes)
             .await?
             .ok_or_else(|| EnvError("a duplicate's record vanished".into()))
     }
@@ -616,13 +619,13 @@ impl Applier {
     /// still to be sent. See the module doc.
     pub async fn apply_write(
         &mut self,
-        index: u64,
+        write_no: u64,
         cmd: &WriteCommand,
         limits: &ApplyLimits,
         begin: bool,
         pending: Pending,
     ) -> Result<(ApplyOutcome, Pending), EnvError> {
-        let input = EntryInputs::new(index, cmd, limits);
+        let input = EntryInputs::new(write_no, cmd, limits);
         let open = if begin {
             "BEGIN; SAVEPOINT raftpg_entry"
         } else {
@@ -672,7 +675,7 @@ impl Applier {
                 records: Vec::new(),
             };
             self.finish(std::mem::take(&mut next)).await?;
-            let outcome = self.duplicate_outcome(index, cmd, limits).await?;
+            let outcome = self.duplicate_outcome(write_no, cmd, limits).await?;
             return Ok((outcome, next));
         }
 
@@ -722,7 +725,7 @@ impl Applier {
         };
         let next = Pending {
             end: Some(end),
-            records: record_of(index, cmd, &outcome)?.into_iter().collect(),
+            records: record_of(write_no, cmd, &outcome)?.into_iter().collect(),
         };
         Ok((outcome, next))
     }
@@ -738,13 +741,13 @@ struct EntryInputs {
 }
 
 impl EntryInputs {
-    fn new(index: u64, cmd: &WriteCommand, limits: &ApplyLimits) -> Self {
+    fn new(write_no: u64, cmd: &WriteCommand, limits: &ApplyLimits) -> Self {
         EntryInputs {
             ts: cmd.leader_ts_micros.to_string(),
             seed: cmd.seed.to_string(),
             client_id: cmd.request_id.as_ref().map(|id| id.client_id.clone()),
             seq: cmd.request_id.as_ref().map(request_log::seq),
-            floor: request_log::retention_floor(index, limits.request_retention_entries),
+            floor: request_log::retention_floor(write_no, limits.request_retention_writes),
         }
     }
 
@@ -813,7 +816,7 @@ fn is_duplicate(e: &tokio_postgres::Error) -> bool {
 
 /// The record of an entry's outcome for its request id, if it has one.
 fn record_of(
-    index: u64,
+    write_no: u64,
     cmd: &WriteCommand,
     outcome: &ApplyOutcome,
 ) -> Result<Option<Record>, EnvError> {
@@ -821,7 +824,7 @@ fn record_of(
         Some(id) => Ok(Some((
             id.client_id.clone(),
             request_log::seq(id),
-            i64::try_from(index).unwrap_or(i64::MAX),
+            i64::try_from(write_no).unwrap_or(i64::MAX),
             request_log::encode(outcome).map_err(EnvError)?,
         ))),
         None => Ok(None),
@@ -857,7 +860,7 @@ const ENTRY_SETUP_SQL: &str =
 const RELEASE_ENTRY: &str = "RELEASE SAVEPOINT raftpg_entry";
 const ROLLBACK_ENTRY: &str = "ROLLBACK TO SAVEPOINT raftpg_entry; RELEASE SAVEPOINT raftpg_entry";
 
-/// A request's outcome to record: client id, seq, log index, outcome.
+/// A request's outcome to record: client id, seq, write number, outcome.
 type Record = (String, i64, i64, serde_json::Value);
 
 /// What is still to be sent for entries applied so far, at the start of the next round trip:

@@ -121,14 +121,15 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_WRITE_TIMEOUT_MS", default_value_t = 30_000)]
     pub write_timeout_ms: u64,
 
-    /// For how many log entries the result of a write with a request id is kept, so that a
-    /// retry is answered with it instead of being applied again.
+    /// For how many later writes the result of a write with a request id is kept, so that a
+    /// retry is answered with it instead of being applied again (one row each in
+    /// raftpg.requests).
     #[arg(
         long,
-        env = "RAFTPG_REQUEST_RETENTION_ENTRIES",
+        env = "RAFTPG_REQUEST_RETENTION_WRITES",
         default_value_t = 1_000_000
     )]
-    pub request_retention_entries: u64,
+    pub request_retention_writes: u64,
 
     /// Take a snapshot (and compact the log) after this many applied entries; 0 never.
     #[arg(long, env = "RAFTPG_SNAPSHOT_EVERY_ENTRIES", default_value_t = 20_000)]

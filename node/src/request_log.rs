@@ -5,9 +5,12 @@
 //! record makes it a duplicate, answered with the recorded outcome) and its outcome is recorded
 //! in the same transaction as its effects (design.md "Lost
 //! acknowledgements"), so a retry of a committed request — after a leader died before answering,
-//! or a connection broke — finds the original outcome and is not applied again. Expiry is by log
-//! index, never by a clock: a record counts for `retention` log entries after the entry that
-//! wrote it, the same on every node; older rows are deleted as garbage now and then.
+//! or a connection broke — finds the original outcome and is not applied again. Expiry is by
+//! write number, never by a clock: writes are numbered along the log (the count of writes
+//! applied before, kept in `raftpg.applied.writes`; the writes of a batch entry each have their
+//! own), and a record counts for `retention` writes after the one that wrote it, the same on
+//! every node; older rows are deleted as garbage now and then. Counting writes rather than log
+//! entries keeps the table's size bounded whatever the number of writes per entry.
 
 use crate::command::{ApplyOutcome, RequestId};
 
@@ -16,13 +19,21 @@ pub const BOOTSTRAP_SQL: &str = "
     CREATE TABLE IF NOT EXISTS raftpg.requests (
         client_id text   NOT NULL,
         seq       bigint NOT NULL,
-        log_index bigint NOT NULL,
+        write_no  bigint NOT NULL,
         outcome   jsonb  NOT NULL,
         PRIMARY KEY (client_id, seq)
     );
-    CREATE INDEX IF NOT EXISTS requests_by_log_index ON raftpg.requests (log_index);
+    -- Data directories of earlier versions numbered records by log index.
+    DO $mig$ BEGIN
+        IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'raftpg.requests'::regclass
+                   AND attname = 'log_index' AND NOT attisdropped) THEN
+            ALTER TABLE raftpg.requests RENAME COLUMN log_index TO write_no;
+            ALTER INDEX IF EXISTS raftpg.requests_by_log_index RENAME TO requests_by_write_no;
+        END IF;
+    END $mig$;
+    CREATE INDEX IF NOT EXISTS requests_by_write_no ON raftpg.requests (write_no);
     -- Opens a write: sets its deterministic inputs (transaction-local, like SET LOCAL) and
-    -- raises RP001 if its request id ($3, $4) has a live record (log index >= $5): the write
+    -- raises RP001 if its request id ($3, $4) has a live record (write number >= $5): the write
     -- then stops before any of its statements runs, on every node alike. The writes of one
     -- batch entry share its seed: the draw counter restarts only when the seed changes, so they
     -- draw different values (a failed write's draws are rolled back with its savepoint).
@@ -34,22 +45,22 @@ pub const BOOTSTRAP_SQL: &str = "
             PERFORM set_config('raftpg.seed', seed, true), set_config('raftpg.rnd_n', '0', true);
         END IF;
         IF cid IS NOT NULL AND EXISTS (SELECT 1 FROM raftpg.requests r
-                WHERE r.client_id = cid AND r.seq = sq AND r.log_index >= floor) THEN
+                WHERE r.client_id = cid AND r.seq = sq AND r.write_no >= floor) THEN
             RAISE EXCEPTION 'duplicate request' USING ERRCODE = 'RP001';
         END IF;
     END $fn$;
 ";
 
-/// The recorded outcome of `($1, $2)` if not expired before `$3`.
+/// The recorded outcome of `($1, $2)` if not expired before write number `$3`.
 pub const FETCH_LIVE_SQL: &str =
-    "SELECT outcome FROM raftpg.requests WHERE client_id = $1 AND seq = $2 AND log_index >= $3";
+    "SELECT outcome FROM raftpg.requests WHERE client_id = $1 AND seq = $2 AND write_no >= $3";
 
-/// Records several outcomes at once: arrays of client ids, seqs, log indexes and outcomes (no
-/// request id twice).
+/// Records several outcomes at once: arrays of client ids, seqs, write numbers and outcomes (no
+/// request id twice; an expired record of the same id is replaced).
 pub const RECORD_MANY_SQL: &str = "
-    INSERT INTO raftpg.requests (client_id, seq, log_index, outcome)
+    INSERT INTO raftpg.requests (client_id, seq, write_no, outcome)
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::jsonb[])
-    ON CONFLICT (client_id, seq) DO UPDATE SET log_index = EXCLUDED.log_index, outcome = EXCLUDED.outcome";
+    ON CONFLICT (client_id, seq) DO UPDATE SET write_no = EXCLUDED.write_no, outcome = EXCLUDED.outcome";
 
 /// How many of the request ids `($1[i], $2[i])` have a record still live for a write whose
 /// retention floor is `$3[i]`. One index probe per id: the LIMIT keeps the planner from turning
@@ -60,10 +71,10 @@ pub const COUNT_LIVE_SQL: &str = "
     SELECT count(*) FROM generate_subscripts($1::text[], 1) AS i
     CROSS JOIN LATERAL (SELECT 1 FROM raftpg.requests r
         WHERE r.client_id = ($1::text[])[i] AND r.seq = ($2::bigint[])[i]
-          AND r.log_index >= ($3::bigint[])[i] LIMIT 1) AS live";
+          AND r.write_no >= ($3::bigint[])[i] LIMIT 1) AS live";
 
-/// Deletes records expired before `$1`.
-pub const EXPIRE_SQL: &str = "DELETE FROM raftpg.requests WHERE log_index < $1";
+/// Deletes records expired before write number `$1`.
+pub const EXPIRE_SQL: &str = "DELETE FROM raftpg.requests WHERE write_no < $1";
 
 fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -74,15 +85,16 @@ pub fn seq(id: &RequestId) -> i64 {
     i64_of(id.seq)
 }
 
-/// Oldest log index whose records still count for an entry at `index`.
-pub fn retention_floor(index: u64, retention: u64) -> i64 {
-    i64_of(index.saturating_sub(retention))
+/// Oldest write number whose records still count for the write numbered `write_no`.
+pub fn retention_floor(write_no: u64, retention: u64) -> i64 {
+    i64_of(write_no.saturating_sub(retention))
 }
 
-/// Whether garbage collection of expired records is due when a batch moves the applied index
-/// from `previous` to `index` (every 1024 entries, to keep the cost off most batches).
-pub fn expiry_due(previous: u64, index: u64) -> bool {
-    previous / 1024 != index / 1024
+/// Whether garbage collection of expired records is due when a batch moves the count of
+/// applied writes from `previous` to `writes` (every 4096 writes, to keep the cost off most
+/// batches).
+pub fn expiry_due(previous: u64, writes: u64) -> bool {
+    previous / 4096 != writes / 4096
 }
 
 /// An outcome as stored.

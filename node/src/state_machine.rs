@@ -46,8 +46,8 @@ pub struct ApplyLimits {
     pub result_rows_max: usize,
     /// Longest pause between retries after an environmental error.
     pub retry_backoff_max: Duration,
-    /// For how many log entries a request id's result is kept for retries.
-    pub request_retention_entries: u64,
+    /// For how many later writes a request id's result is kept for retries.
+    pub request_retention_writes: u64,
 }
 
 impl Default for ApplyLimits {
@@ -56,7 +56,7 @@ impl Default for ApplyLimits {
             batch_entries_max: 256,
             result_rows_max: 10_000,
             retry_backoff_max: Duration::from_secs(2),
-            request_retention_entries: 1_000_000,
+            request_retention_writes: 1_000_000,
         }
     }
 }
@@ -90,6 +90,8 @@ const BOOTSTRAP_SQL: &str = "
         membership jsonb,
         sequences  jsonb NOT NULL DEFAULT '{}'::jsonb
     );
+    -- Writes applied up to log_index (they number the request records, see request_log).
+    ALTER TABLE raftpg.applied ADD COLUMN IF NOT EXISTS writes bigint NOT NULL DEFAULT 0;
     INSERT INTO raftpg.applied (singleton) VALUES (true) ON CONFLICT DO NOTHING;
 ";
 
@@ -157,6 +159,8 @@ pub struct PgStateMachine {
     applier: Option<Applier>,
     /// Last applied log id and membership as stored in PostgreSQL (valid while `applier` is).
     applied: Option<LogId>,
+    /// Writes applied up to `applied` (numbers the request records; see `request_log`).
+    applied_writes: u64,
     membership: StoredMembership,
     limits: ApplyLimits,
     status: Arc<ApplierStatus>,
@@ -204,6 +208,7 @@ impl PgStateMachine {
             conn_config: p.conn_config,
             applier: None,
             applied: None,
+            applied_writes: 0,
             membership: StoredMembership::default(),
             limits: p.limits,
             status: p.status,
@@ -229,10 +234,11 @@ impl PgStateMachine {
         client.batch_execute(checksums::BOOTSTRAP_SQL).await?;
         let restored: i64 = client.query_one(RESTORE_SEQUENCES_SQL, &[]).await?.get(0);
         let row = client
-            .query_one("SELECT log_id, membership FROM raftpg.applied", &[])
+            .query_one("SELECT log_id, membership, writes FROM raftpg.applied", &[])
             .await?;
         let log_id: Option<serde_json::Value> = row.get(0);
         let membership: Option<serde_json::Value> = row.get(1);
+        self.applied_writes = u64::try_from(row.get::<_, i64>(2)).unwrap_or(0);
         self.applied = match log_id {
             Some(v) => Some(
                 serde_json::from_value(v)
@@ -341,7 +347,8 @@ impl PgStateMachine {
     /// Commits `batch` in one transaction together with the new applied index (invariant 1).
     async fn commit_entries(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
         let applied_index = self.applied.map(|l| l.index);
-        let retention = self.limits.request_retention_entries;
+        let applied_writes = self.applied_writes;
+        let retention = self.limits.request_retention_writes;
         let applier = self
             .applier
             .as_mut()
@@ -351,8 +358,9 @@ impl PgStateMachine {
         for e in batch {
             if applied_index.is_some_and(|a| e.log_id.index <= a) {
                 // Committed to PostgreSQL before a connection loss hid the answer: never apply
-                // again; return the recorded result when the request has an id.
-                let index = e.log_id.index;
+                // again; return the recorded result when the request has an id (looked up as
+                // if numbered last: its own number is at most that).
+                let index = applied_writes;
                 outcomes.push(match &e.payload {
                     EntryPayload::Normal(Command::Sql(cmd)) => {
                         applier
@@ -380,14 +388,15 @@ impl PgStateMachine {
             return Ok(outcomes);
         };
         let mut items = Vec::with_capacity(fresh.len());
+        let mut writes = applied_writes;
         for e in &fresh {
-            push_items(e, &mut items);
+            push_items(e, &mut writes, &mut items);
         }
         let mut membership = self.membership.clone();
         // Garbage-collect expired request records now and then, at the batch's start.
-        let expire = request_log::expiry_due(applied_index.unwrap_or(0), last.index);
+        let expire = request_log::expiry_due(applied_writes, writes);
         if expire {
-            let floor = request_log::retention_floor(last.index, retention);
+            let floor = request_log::retention_floor(writes, retention);
             applier.client().batch_execute("BEGIN").await?;
             applier
                 .client()
@@ -477,11 +486,14 @@ impl PgStateMachine {
         let end = BatchEnd {
             log_index: i64::try_from(last.index)
                 .map_err(|_| EnvError("log index exceeds i64".into()))?,
+            writes: i64::try_from(writes)
+                .map_err(|_| EnvError("write count exceeds i64".into()))?,
             log_id: serde_json::to_value(last).map_err(|e| EnvError(e.to_string()))?,
             membership: serde_json::to_value(&membership).map_err(|e| EnvError(e.to_string()))?,
         };
         applier.flush(pending, Some(&end)).await?;
         self.applied = Some(last);
+        self.applied_writes = writes;
         self.membership = membership;
         // One outcome per entry: a batch entry's are its writes', in order.
         let mut each = item_outcomes.into_iter();
@@ -671,21 +683,24 @@ impl RaftStateMachine<TypeConfig> for PgStateMachine {
 }
 
 /// One unit of applying inside a batch transaction: a write (of a `Sql` entry, or one of the
-/// writes of a `Batch` entry, which share the entry's log index) or a whole entry of another
-/// kind (checksum, membership, blank).
+/// writes of a `Batch` entry) with its write number (see `request_log`), or a whole entry of
+/// another kind (checksum, membership, blank).
 #[derive(Clone, Copy)]
 enum Item<'a> {
     Write(u64, &'a WriteCommand),
     Other(&'a Entry),
 }
 
-/// Appends the items of `e` to `out`, in order.
-fn push_items<'a>(e: &'a Entry, out: &mut Vec<Item<'a>>) {
+/// Appends the items of `e` to `out`, in order, numbering its writes after `writes` (which it
+/// advances).
+fn push_items<'a>(e: &'a Entry, writes: &mut u64, out: &mut Vec<Item<'a>>) {
+    let mut number = |cmd: &'a WriteCommand| {
+        *writes += 1;
+        Item::Write(*writes, cmd)
+    };
     match &e.payload {
-        EntryPayload::Normal(Command::Sql(cmd)) => out.push(Item::Write(e.log_id.index, cmd)),
-        EntryPayload::Normal(Command::Batch(cmds)) => {
-            out.extend(cmds.iter().map(|c| Item::Write(e.log_id.index, c)))
-        }
+        EntryPayload::Normal(Command::Sql(cmd)) => out.push(number(cmd)),
+        EntryPayload::Normal(Command::Batch(cmds)) => out.extend(cmds.iter().map(number)),
         _ => out.push(Item::Other(e)),
     }
 }
@@ -771,15 +786,21 @@ mod tests {
     }
 
     #[test]
-    fn batch_items_share_the_entry_index() {
-        let e = entry(7, 3);
+    fn writes_are_numbered_along_the_log() {
+        let (batch, blank, single) = (entry(7, 3), entry(8, 0), entry(9, 1));
+        let mut writes = 40;
         let mut items = Vec::new();
-        push_items(&e, &mut items);
-        assert_eq!(items.len(), 3);
-        assert!(items.iter().all(|i| matches!(i, Item::Write(7, _))));
-        let blank = entry(8, 0);
-        let mut items = Vec::new();
-        push_items(&blank, &mut items);
-        assert!(matches!(items[..], [Item::Other(_)]));
+        for e in [&batch, &blank, &single] {
+            push_items(e, &mut writes, &mut items);
+        }
+        let numbers: Vec<Option<u64>> = items
+            .iter()
+            .map(|i| match i {
+                Item::Write(n, _) => Some(*n),
+                Item::Other(_) => None,
+            })
+            .collect();
+        assert_eq!(numbers, vec![Some(41), Some(42), Some(43), None, Some(44)]);
+        assert_eq!(writes, 44);
     }
 }

@@ -231,3 +231,68 @@ async fn concurrent_writes_share_entries_each_with_its_own_outcome() {
     );
     println!("{writes} writes in {} entries", indexes.len());
 }
+
+/// Request records expire by write count, not by log entries: writes proposed together share
+/// an entry, and the retention must bound the records kept whatever the batching. A retry
+/// within the retention is answered from the record; after more writes than the retention it
+/// is a new write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_records_expire_after_the_retention_counted_in_writes() {
+    let tc = Arc::new(
+        start_cluster_with("retention", 73, 3, &["--request-retention-writes", "40"])
+            .await
+            .unwrap(),
+    );
+    let c = &tc.client;
+    c.execute_one("CREATE TABLE r (id bigserial PRIMARY KEY, k int)", vec![])
+        .await
+        .unwrap();
+    let id = RequestId {
+        client_id: "retention-test".into(),
+        seq: 1,
+    };
+    let insert = vec![stmt("INSERT INTO r (k) VALUES (1)", vec![])];
+    c.execute_with_id(insert.clone(), id.clone()).await.unwrap();
+    c.execute_with_id(insert.clone(), id.clone()).await.unwrap();
+    let count = |tc: Arc<testkit::TestCluster>| async move {
+        let pg = tc.pg(1).await.unwrap();
+        let n: i64 = pg
+            .query_one("SELECT count(*) FROM r WHERE k = 1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    assert_eq!(
+        count(tc.clone()).await,
+        1,
+        "a retry within the retention is not applied"
+    );
+    // 64 concurrent writes: far fewer log entries than writes.
+    let mut tasks = Vec::new();
+    for i in 0..64i64 {
+        let tc = tc.clone();
+        tasks.push(tokio::spawn(async move {
+            tc.client
+                .execute(vec![stmt(
+                    "INSERT INTO r (k) VALUES ($1)",
+                    vec![values::int(100 + i)],
+                )])
+                .await
+                .unwrap()
+                .log_index
+        }));
+    }
+    let mut entries = BTreeSet::new();
+    for t in tasks {
+        entries.insert(t.await.unwrap());
+    }
+    c.execute_with_id(insert, id).await.unwrap();
+    assert_eq!(
+        count(tc.clone()).await,
+        2,
+        "after 64 writes in {} entries the record (retention 40 writes) has expired",
+        entries.len()
+    );
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}
