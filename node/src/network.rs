@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -134,21 +135,18 @@ impl PeerConnection {
             .ok_or_else(|| TransportError("no client".into()))
     }
 
-    async fn call<Req, Resp, E>(
+    async fn call<Resp, E>(
         &mut self,
         kind: RpcKind,
-        req: &Req,
+        payload: Vec<u8>,
         data: Vec<u8>,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
     where
-        Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
         let unreachable = |e: TransportError| RPCError::Unreachable(Unreachable::new(&e));
-        let payload =
-            serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut client = self.client().map_err(unreachable)?;
         let msg = RaftMessage { payload, data };
         let fut = async {
@@ -186,6 +184,27 @@ impl PeerConnection {
     }
 }
 
+/// A request encoded for the wire.
+fn encode<Req: Serialize, E: std::error::Error>(
+    req: &Req,
+) -> Result<Vec<u8>, RPCError<NodeId, BasicNode, E>> {
+    serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+}
+
+/// Largest encoded AppendEntries sent (room left for the rest of the gRPC message).
+pub const APPEND_BYTES_MAX: usize = RAFT_MESSAGE_BYTES_MAX - 1024 * 1024;
+
+/// When `entries` entries encode to `bytes`, more than `max`: how many to send instead (at
+/// least one, fewer than `entries`). `None` when they fit, or when a single entry is too large
+/// (it is sent as is and refused by the receiver).
+fn entries_that_fit(entries: usize, bytes: usize, max: usize) -> Option<u64> {
+    if bytes <= max || entries <= 1 {
+        return None;
+    }
+    let fit = (entries as u128 * max as u128 / bytes as u128) as u64;
+    Some(fit.clamp(1, entries as u64 - 1))
+}
+
 #[derive(Debug, Clone, Copy)]
 enum RpcKind {
     Append,
@@ -199,7 +218,16 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(RpcKind::Append, &rpc, Vec::new(), &option).await
+        let payload = encode(&rpc)?;
+        if let Some(fit) = entries_that_fit(rpc.entries.len(), payload.len(), APPEND_BYTES_MAX) {
+            // Too many large entries for one message: openraft sends fewer (the node refuses
+            // limits under which one entry alone would not fit, see node::check_entry_bytes_max).
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(fit),
+            ));
+        }
+        self.call(RpcKind::Append, payload, Vec::new(), &option)
+            .await
     }
 
     async fn install_snapshot(
@@ -211,7 +239,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
         let data = std::mem::take(&mut rpc.data);
-        self.call(RpcKind::Snapshot, &rpc, data, &option).await
+        let payload = encode(&rpc)?;
+        self.call(RpcKind::Snapshot, payload, data, &option).await
     }
 
     async fn vote(
@@ -219,6 +248,22 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(RpcKind::Vote, &rpc, Vec::new(), &option).await
+        let payload = encode(&rpc)?;
+        self.call(RpcKind::Vote, payload, Vec::new(), &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::entries_that_fit;
+
+    #[test]
+    fn oversized_appends_are_split() {
+        assert_eq!(entries_that_fit(100, 1000, 1000), None);
+        assert_eq!(entries_that_fit(100, 4000, 1000), Some(25));
+        // Always fewer than before, at least one.
+        assert_eq!(entries_that_fit(2, 1001, 1000), Some(1));
+        assert_eq!(entries_that_fit(512, 10_000_000, 10), Some(1));
+        assert_eq!(entries_that_fit(1, 5000, 1000), None);
     }
 }

@@ -205,6 +205,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let listen = cfg.listen_addr()?;
     let advertise = cfg.advertise_addr()?;
     let members = cfg.initial_members()?;
+    check_entry_bytes_max(&cfg)?;
     if cfg.pg_url.is_none() && cfg.data_dir.to_string_lossy().contains(',') {
         // libpq (pg_dump, pg_restore) reads a comma in a socket path as a list of hosts.
         anyhow::bail!(
@@ -331,6 +332,7 @@ async fn serve(
         // Snapshots travel in 4 MiB chunks; installing one restores a database.
         snapshot_max_chunk_size: 4 * 1024 * 1024,
         install_snapshot_timeout: 60_000,
+        // Fewer when the entries are large (network::PeerConnection::append_entries).
         max_payload_entries: 512,
         ..Default::default()
     }
@@ -447,6 +449,23 @@ async fn serve(
     if let Err(e) = raft.shutdown().await {
         warn!(error = %e, "raft shutdown");
     }
+    Ok(())
+}
+
+/// Refuses limits under which one log entry (a batch of writes, or one large write) might not
+/// fit in one Raft message once encoded (JSON can take up to 6 bytes for a byte of a
+/// parameter): replication of such an entry could never succeed. Several entries that do not
+/// fit together are sent in smaller AppendEntries (`network`).
+fn check_entry_bytes_max(cfg: &NodeConfig) -> anyhow::Result<()> {
+    let entry_bytes_max = cfg
+        .proposal_batch_bytes_max
+        .max(cfg.request_bytes_max)
+        .saturating_mul(6);
+    anyhow::ensure!(
+        entry_bytes_max <= network::APPEND_BYTES_MAX,
+        "--request-bytes-max and --proposal-batch-bytes-max must be at most {} bytes (an encoded log entry must fit in one Raft message)",
+        network::APPEND_BYTES_MAX / 6
+    );
     Ok(())
 }
 
