@@ -185,6 +185,7 @@ impl PeerConnection {
 }
 
 /// A request encoded for the wire.
+#[allow(clippy::result_large_err)] // openraft's error type
 fn encode<Req: Serialize, E: std::error::Error>(
     req: &Req,
 ) -> Result<Vec<u8>, RPCError<NodeId, BasicNode, E>> {
