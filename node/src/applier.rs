@@ -362,10 +362,7 @@ impl Applier {
         begin: bool,
         pending: Pending,
     ) -> Result<(Vec<ApplyOutcome>, Pending), EnvError> {
-        let inputs: Vec<EntryInputs> = run
-            .iter()
-            .map(|(write_no, cmd, _)| EntryInputs::new(*write_no, cmd, limits))
-            .collect();
+        let inputs = EntryInputs::of_run(run, limits);
         let client = &self.client;
         let entry_setup = &self.entry_setup;
         let mut steps: Vec<StepFuture<'_>> = Vec::new();
@@ -484,10 +481,7 @@ impl Applier {
         begin: bool,
         pending: Pending,
     ) -> Result<(Vec<ApplyOutcome>, Pending), EnvError> {
-        let inputs: Vec<EntryInputs> = run
-            .iter()
-            .map(|(write_no, cmd, _)| EntryInputs::new(*write_no, cmd, limits))
-            .collect();
+        let inputs = EntryInputs::of_run(run, limits);
         let (mut cids, mut seqs, mut floors) = (Vec::new(), Vec::new(), Vec::new());
         for input in &inputs {
             if let (Some(c), Some(s)) = (&input.client_id, input.seq) {
@@ -741,6 +735,12 @@ struct EntryInputs {
 }
 
 impl EntryInputs {
+    fn of_run(run: &[(u64, &WriteCommand, Vec<Statement>)], limits: &ApplyLimits) -> Vec<Self> {
+        run.iter()
+            .map(|(write_no, cmd, _)| EntryInputs::new(*write_no, cmd, limits))
+            .collect()
+    }
+
     fn new(write_no: u64, cmd: &WriteCommand, limits: &ApplyLimits) -> Self {
         EntryInputs {
             ts: cmd.leader_ts_micros.to_string(),

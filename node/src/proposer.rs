@@ -172,10 +172,13 @@ async fn propose(
         });
         replies.push(w.reply);
     }
-    let command = match commands.len() {
-        0 => return,
-        1 => Command::Sql(commands.pop().expect("one command")),
-        _ => Command::Batch(commands),
+    let command = if commands.len() > 1 {
+        Command::Batch(commands)
+    } else {
+        match commands.pop() {
+            Some(one) => Command::Sql(one),
+            None => return,
+        }
     };
     let writes = replies.len();
     let proposed = std::time::Instant::now();
@@ -216,8 +219,9 @@ async fn propose(
                         }
                     }
                     single if replies.len() == 1 => {
-                        let r = replies.into_iter().next().expect("one reply");
-                        let _ = r.send(Ok((log_id, single)));
+                        if let Some(r) = replies.into_iter().next() {
+                            let _ = r.send(Ok((log_id, single)));
+                        }
                     }
                     other => {
                         warn!(index = log_id.index, writes, outcome = ?other, "an entry's outcomes do not match its writes");

@@ -525,15 +525,20 @@ impl PgStateMachine {
                     self.careful_batches = self.careful_batches.saturating_sub(1);
                     return Ok(outcomes);
                 }
-                Err(e) if e.0 == FAST_RUN_ABANDONED => {
-                    // Roll back, restore sequences, and apply the batch again with savepoints.
-                    debug!(
-                        node = self.node_id,
-                        first_index = batch.first().map(|e| e.log_id.index).unwrap_or(0),
-                        "{}",
-                        e.0
-                    );
-                    self.careful_batches = CAREFUL_BATCHES_AFTER_ABANDON;
+                Err(e)
+                    if e.0 == FAST_RUN_ABANDONED || (e.0 == PIPELINE_ABORTED && self.pipeline) =>
+                {
+                    // Roll the whole batch back, put sequences back, and apply it again more
+                    // carefully: with a savepoint per write after a fast run, entry by entry
+                    // after a pipelined run.
+                    let first_index = batch.first().map(|e| e.log_id.index).unwrap_or(0);
+                    if e.0 == FAST_RUN_ABANDONED {
+                        debug!(node = self.node_id, first_index, "{}", e.0);
+                        self.careful_batches = CAREFUL_BATCHES_AFTER_ABANDON;
+                    } else {
+                        info!(node = self.node_id, first_index, "{}", e.0);
+                        self.pipeline = false;
+                    }
                     let abandoned = match self.applier.as_mut() {
                         Some(a) => a.abandon_transaction(RESTORE_SEQUENCES_SQL).await,
                         None => Err(EnvError("not connected".into())),
@@ -544,18 +549,6 @@ impl PgStateMachine {
                         debug!(error = %e, "rolling back an abandoned batch failed; reconnecting");
                         self.applier = None;
                     }
-                }
-                Err(e) if e.0 == PIPELINE_ABORTED && self.pipeline => {
-                    // Roll the whole batch back (dropping the connection restores sequences)
-                    // and apply it again, entry by entry.
-                    info!(
-                        node = self.node_id,
-                        first_index = batch.first().map(|e| e.log_id.index).unwrap_or(0),
-                        "{}",
-                        e.0
-                    );
-                    self.applier = None;
-                    self.pipeline = false;
                 }
                 Err(e) => {
                     // Drop the connection: its transaction (if any) is aborted by PostgreSQL, and
