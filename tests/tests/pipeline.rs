@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use raftpg_client::v1::{RequestId, Statement};
+use raftpg_client::v1::{Consistency, RequestId, Statement};
 use testkit::{start_cluster_with, values};
 use tonic::Code;
 
@@ -254,14 +254,19 @@ async fn request_records_expire_after_the_retention_counted_in_writes() {
     let insert = vec![stmt("INSERT INTO r (k) VALUES (1)", vec![])];
     c.execute_with_id(insert.clone(), id.clone()).await.unwrap();
     c.execute_with_id(insert.clone(), id.clone()).await.unwrap();
+    // Counted through the read API at LINEARIZABLE: it sees every acknowledged write, whichever
+    // node answers.
     let count = |tc: Arc<testkit::TestCluster>| async move {
-        let pg = tc.pg(1).await.unwrap();
-        let n: i64 = pg
-            .query_one("SELECT count(*) FROM r WHERE k = 1", &[])
+        let r = tc
+            .client
+            .query_sql(
+                "SELECT count(*) FROM r WHERE k = 1",
+                vec![],
+                Consistency::Linearizable,
+            )
             .await
-            .unwrap()
-            .get(0);
-        n
+            .unwrap();
+        values::as_i64(&r.rows[0].values[0]).unwrap()
     };
     assert_eq!(
         count(tc.clone()).await,
