@@ -149,6 +149,10 @@ pub struct Applier {
     ddl_in_transaction: bool,
 }
 
+/// One write of a run: its write number (see `request_log`), the write, and its statements
+/// prepared on the applier connection (see [`Applier::pipelineable`]).
+pub type RunWrite<'a> = (u64, &'a WriteCommand, Vec<Statement>);
+
 /// The end of a batch transaction, pipelined with its last entry: record the applied log
 /// position (invariant 1) and commit.
 pub struct BatchEnd {
@@ -357,7 +361,7 @@ impl Applier {
     /// the batch is re-applied entry by entry.
     pub async fn apply_run(
         &mut self,
-        run: &[(u64, &WriteCommand, Vec<Statement>)],
+        run: &[RunWrite<'_>],
         limits: &ApplyLimits,
         begin: bool,
         pending: Pending,
@@ -476,7 +480,7 @@ impl Applier {
     /// what is still to be sent (the request records).
     pub async fn apply_run_fast(
         &mut self,
-        run: &[(u64, &WriteCommand, Vec<Statement>)],
+        run: &[RunWrite<'_>],
         limits: &ApplyLimits,
         begin: bool,
         pending: Pending,
@@ -735,7 +739,7 @@ struct EntryInputs {
 }
 
 impl EntryInputs {
-    fn of_run(run: &[(u64, &WriteCommand, Vec<Statement>)], limits: &ApplyLimits) -> Vec<Self> {
+    fn of_run(run: &[RunWrite<'_>], limits: &ApplyLimits) -> Vec<Self> {
         run.iter()
             .map(|(write_no, cmd, _)| EntryInputs::new(*write_no, cmd, limits))
             .collect()

@@ -26,7 +26,9 @@ use openraft::{
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::applier::{Applier, BatchEnd, EnvError, Pending, FAST_RUN_ABANDONED, PIPELINE_ABORTED};
+use crate::applier::{
+    Applier, BatchEnd, EnvError, Pending, RunWrite, FAST_RUN_ABANDONED, PIPELINE_ABORTED,
+};
 use crate::checksums;
 use crate::clock::EntryClock;
 use crate::command::{
@@ -410,7 +412,7 @@ impl PgStateMachine {
         while item_outcomes.len() < items.len() {
             let k = item_outcomes.len();
             // A run of writes that can share one round trip (see applier::apply_run).
-            let mut run: Vec<(u64, &WriteCommand, Vec<tokio_postgres::Statement>)> = Vec::new();
+            let mut run: Vec<RunWrite<'_>> = Vec::new();
             if self.pipeline {
                 for item in &items[k..] {
                     let Item::Write(index, cmd) = *item else {
