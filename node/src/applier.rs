@@ -38,7 +38,9 @@ use tracing::debug;
 use crate::command::{
     ApplyOutcome, ColumnInfo, RequestId, SqlFailure, SqlStatement, StatementOutcome, WriteCommand,
 };
+use crate::determinism;
 use crate::request_log;
+use crate::session_rules;
 use crate::state_machine::ApplyLimits;
 use crate::values::{self, Cell};
 
@@ -71,7 +73,14 @@ pub fn is_deterministic(code: &str) -> bool {
     const CLASSES: [&str; 15] = [
         "0A", "21", "22", "23", "27", "2B", "2F", "38", "39", "3D", "3F", "42", "44", "54", "P0",
     ];
-    const CODES: [&str; 5] = ["55000", "25001", "0B000", "2D000", "3B001"];
+    const CODES: [&str; 6] = [
+        "55000",
+        "25001",
+        "0B000",
+        "2D000",
+        "3B001",
+        SESSION_CHANGED_SQLSTATE,
+    ];
     CLASSES.iter().any(|c| code.starts_with(c)) || CODES.contains(&code)
 }
 
@@ -104,22 +113,6 @@ fn classify(e: tokio_postgres::Error) -> StmtError {
     StmtError::Environmental(e.into())
 }
 
-/// Session settings of the applier; the same on every node.
-const SESSION_SQL: &str = "
-    SET statement_timeout = 0;
-    SET lock_timeout = 0;
-    SET idle_in_transaction_session_timeout = 0;
-    SET synchronous_commit = off;
-    SET TimeZone = 'UTC';
-    SET DateStyle = 'ISO, MDY';
-    SET IntervalStyle = 'postgres';
-    SET extra_float_digits = 1;
-    SET client_min_messages = warning;
-    SET default_transaction_isolation = 'read committed';
-    SET default_transaction_read_only = off;
-    SET search_path = public;
-";
-
 /// Whether a statement is plain DML (its prepared form stays valid until the next DDL).
 fn is_dml(sql: &str) -> bool {
     let word: String = sql
@@ -137,6 +130,10 @@ fn is_dml(sql: &str) -> bool {
 /// The applier's connection and what it keeps prepared.
 pub struct Applier {
     client: Client,
+    /// `raftpg.session_state()` as read when the session was set up (see session_rules).
+    session_state: String,
+    /// Ends every write: deferred constraints, the session check (see [`END_WRITE_SQL`]).
+    end_write: Statement,
     fetch_live: Statement,
     entry_setup: Statement,
     record_many: Statement,
@@ -166,34 +163,29 @@ pub struct BatchEnd {
     pub membership: serde_json::Value,
 }
 
-/// Records the batch's end in the batch's own transaction (invariant 1), with the current
-/// position of every sequence (restored after a PostgreSQL crash or an aborted batch, either of
-/// which can make sequences skip values on one node only). A sequence never used is recorded
-/// as `null` and restored to its start. Read from the small `pg_sequence` catalog with one index
-/// probe of `pg_class` per sequence (the `pg_sequences` view scans all of `pg_class`, once per
-/// batch).
+/// Records the batch's end in the batch's own transaction (invariant 1), with the exact
+/// position `(last_value, is_called)` of every sequence (restored after a PostgreSQL crash or an
+/// aborted batch, either of which can make sequences skip values on one node only).
 const RECORD_APPLIED_SQL: &str = "
     UPDATE raftpg.applied SET log_index = $1, log_id = $2, membership = $3, writes = $4,
-        sequences = (SELECT coalesce(jsonb_object_agg(format('%I.%I', n.nspname, c.relname),
-                         CASE WHEN has_sequence_privilege(s.seqrelid, 'SELECT,USAGE')
-                              THEN pg_sequence_last_value(s.seqrelid) END), '{}'::jsonb)
-                     FROM pg_sequence s
-                     CROSS JOIN LATERAL (SELECT relname, relnamespace FROM pg_class
-                                         WHERE oid = s.seqrelid LIMIT 1) c
-                     JOIN pg_namespace n ON n.oid = c.relnamespace
-                     WHERE n.nspname <> 'raftpg')";
+        sequences = raftpg.sequence_positions()";
 
 impl Applier {
     /// Connects and sets the session up (bootstrap of raftpg's schema is the caller's).
     pub async fn connect(config: &tokio_postgres::Config) -> Result<Self, EnvError> {
+        // The fixed settings are startup options, so they are also the values `SET LOCAL x TO
+        // DEFAULT` restores (see session_rules).
+        let mut config = config.clone();
+        config.options(session_rules::startup_options());
         let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(error = %e, "applier connection closed");
             }
         });
-        client.batch_execute(SESSION_SQL).await?;
         Ok(Applier {
+            session_state: String::new(),
+            end_write: client.prepare("SELECT 1").await?,
             fetch_live: client.prepare("SELECT 1").await?,
             entry_setup: client.prepare("SELECT 1").await?,
             record_many: client.prepare("SELECT 1").await?,
@@ -206,8 +198,15 @@ impl Applier {
         })
     }
 
-    /// Prepares raftpg's bookkeeping statements (after the schema exists).
+    /// Prepares raftpg's bookkeeping statements (after the schema exists) and reads the session
+    /// state every write must leave as it found it.
     pub async fn prepare_bookkeeping(&mut self) -> Result<(), EnvError> {
+        self.session_state = self
+            .client
+            .query_one("SELECT raftpg.session_state()", &[])
+            .await?
+            .get(0);
+        self.end_write = self.client.prepare(END_WRITE_SQL).await?;
         self.fetch_live = self.client.prepare(request_log::FETCH_LIVE_SQL).await?;
         self.entry_setup = self.client.prepare(ENTRY_SETUP_SQL).await?;
         self.record_many = self.client.prepare(request_log::RECORD_MANY_SQL).await?;
@@ -332,7 +331,10 @@ impl Applier {
     /// DML, every statement prepared already, and its parameters valid for them (so that no
     /// client-side check can stop it half-way).
     pub fn pipelineable(&self, cmd: &WriteCommand) -> Option<Vec<Statement>> {
-        if cmd.statements.is_empty() || cmd.statements.iter().any(|s| !is_dml(&s.sql)) {
+        if cmd.statements.is_empty()
+            || cmd.statements.iter().any(|s| !is_dml(&s.sql))
+            || reads_session_sequences(cmd)
+        {
             return None;
         }
         let prepared: Vec<Statement> = cmd
@@ -367,6 +369,7 @@ impl Applier {
         pending: Pending,
     ) -> Result<(Vec<ApplyOutcome>, Pending), EnvError> {
         let inputs = EntryInputs::of_run(run, limits);
+        let this = &*self;
         let client = &self.client;
         let entry_setup = &self.entry_setup;
         let mut steps: Vec<StepFuture<'_>> = Vec::new();
@@ -388,6 +391,7 @@ impl Applier {
                     Step::Stmt(execute_checked(client, p, st, limits).await)
                 }));
             }
+            steps.push(Box::pin(async move { Step::Stmt(this.end_write().await) }));
             steps.push(Box::pin(async move {
                 Step::Sql(client.batch_execute(RELEASE_ENTRY).await.map(|_| 0))
             }));
@@ -401,7 +405,8 @@ impl Applier {
         for (write_no, cmd, prepared) in run {
             let opened = results.next().map(Step::sql);
             let setup = results.next().map(Step::sql);
-            let stmts: Vec<Step> = results.by_ref().take(prepared.len()).collect();
+            // The statements, then the write's end (raftpg.end_write).
+            let stmts: Vec<Step> = results.by_ref().take(prepared.len() + 1).collect();
             let released = results.next().map(Step::sql);
             if let Some(Err(e)) = opened {
                 return Err(e.into());
@@ -419,7 +424,9 @@ impl Applier {
                     match st {
                         Step::Stmt(Ok(o)) => stmt_outcomes.push(o),
                         Step::Stmt(Err(StmtError::Deterministic(mut f))) => {
-                            f.statement_index = u32::try_from(i).unwrap_or(u32::MAX);
+                            // A failure at the write's end is reported on its last statement.
+                            f.statement_index =
+                                u32::try_from(i.min(prepared.len() - 1)).unwrap_or(u32::MAX);
                             failed = Some(f);
                             break;
                         }
@@ -433,6 +440,7 @@ impl Applier {
                     if let Some(Err(e)) = released {
                         return Err(e.into());
                     }
+                    stmt_outcomes.truncate(prepared.len()); // the write's end returns nothing
                     let outcome = ApplyOutcome::Applied(stmt_outcomes);
                     next.records.extend(record_of(*write_no, cmd, &outcome)?);
                     outcomes.push(outcome);
@@ -494,6 +502,7 @@ impl Applier {
                 floors.push(input.floor);
             }
         }
+        let this = &*self;
         let client = &self.client;
         let mut steps: Vec<StepFuture<'_>> = Vec::new();
         if begin {
@@ -537,6 +546,7 @@ impl Applier {
                     Step::Stmt(execute_checked(client, p, st, limits).await)
                 }));
             }
+            steps.push(Box::pin(async move { Step::Stmt(this.end_write().await) }));
         }
         let (finished, results) = tokio::join!(self.finish(pending), join_in_order(steps));
         finished?;
@@ -563,13 +573,15 @@ impl Applier {
                     _ => return Err(abandoned()),
                 }
             }
-            let mut stmt_outcomes = Vec::with_capacity(prepared.len());
-            for st in results.by_ref().take(prepared.len()) {
+            let mut stmt_outcomes = Vec::with_capacity(prepared.len() + 1);
+            // The statements, then the write's end (raftpg.end_write).
+            for st in results.by_ref().take(prepared.len() + 1) {
                 match st {
                     Step::Stmt(Ok(o)) => stmt_outcomes.push(o),
                     _ => return Err(abandoned()),
                 }
             }
+            stmt_outcomes.truncate(prepared.len());
             let outcome = ApplyOutcome::Applied(stmt_outcomes);
             next.records.extend(record_of(*write_no, cmd, &outcome)?);
             outcomes.push(outcome);
@@ -589,6 +601,19 @@ impl Applier {
         self.client.batch_execute("ROLLBACK").await?;
         self.client.query_one(restore_sequences_sql, &[]).await?;
         Ok(())
+    }
+
+    /// Ends a write (see [`END_WRITE_SQL`]); its failure is the write's, like a statement's.
+    async fn end_write(&self) -> Result<StatementOutcome, StmtError> {
+        self.client
+            .execute(&self.end_write, &[&self.session_state])
+            .await
+            .map_err(classify)?;
+        Ok(StatementOutcome {
+            rows_affected: 0,
+            columns: Vec::new(),
+            rows: Vec::new(),
+        })
     }
 
     /// The recorded outcome of a live duplicate of `cmd` (its savepoint already rolled back).
@@ -624,10 +649,13 @@ impl Applier {
         pending: Pending,
     ) -> Result<(ApplyOutcome, Pending), EnvError> {
         let input = EntryInputs::new(write_no, cmd, limits);
-        let open = if begin {
-            "BEGIN; SAVEPOINT raftpg_entry"
-        } else {
-            "SAVEPOINT raftpg_entry"
+        // currval()/lastval() read the session's sequence history, which differs between nodes
+        // (reconnects, batching): the write starts with none.
+        let open = match (begin, reads_session_sequences(cmd)) {
+            (true, false) => "BEGIN; SAVEPOINT raftpg_entry",
+            (false, false) => "SAVEPOINT raftpg_entry",
+            (true, true) => "BEGIN; SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
+            (false, true) => "SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
         };
         let ddl = cmd.statements.iter().any(|s| !is_dml(&s.sql));
         self.ddl_in_transaction |= ddl;
@@ -714,6 +742,28 @@ impl Applier {
                 }
             }
         }
+        if failed.is_none() {
+            // The write's end: settings it named with SET LOCAL back to the applier's, then
+            // its deferred constraints and the session check (see END_WRITE_SQL).
+            let resets = set_local_resets(cmd);
+            let reset = async {
+                match resets.is_empty() {
+                    true => Ok(()),
+                    false => client.batch_execute(&resets).await.map_err(classify),
+                }
+            };
+            let (reset, ended) = tokio::join!(reset, self.end_write());
+            if let Err(e) = reset.and(ended) {
+                match e {
+                    StmtError::Environmental(e) => return Err(e),
+                    StmtError::Deterministic(mut f) => {
+                        f.statement_index = u32::try_from(cmd.statements.len().saturating_sub(1))
+                            .unwrap_or(u32::MAX);
+                        failed = Some(f);
+                    }
+                }
+            }
+        }
         if ddl {
             self.cache.clear();
         }
@@ -727,6 +777,34 @@ impl Applier {
         };
         Ok((outcome, next))
     }
+}
+
+/// Whether a write calls `currval()`/`lastval()`, which read the session's sequence history
+/// (the gate allows them only in queries): such a write starts with `DISCARD SEQUENCES`.
+fn reads_session_sequences(cmd: &WriteCommand) -> bool {
+    cmd.statements.iter().any(|s| {
+        let lower = s.sql.to_ascii_lowercase();
+        lower.contains("currval") || lower.contains("lastval")
+    })
+}
+
+/// `SET LOCAL x TO DEFAULT` for every setting the write changed with `SET LOCAL` (the gate
+/// allowed only reviewed settings; the applier's values are its reset values, see
+/// session_rules), as one string; empty if it changed none.
+fn set_local_resets(cmd: &WriteCommand) -> String {
+    let mut names: Vec<String> = cmd
+        .statements
+        .iter()
+        .filter(|s| !is_dml(&s.sql))
+        .flat_map(|s| determinism::settings_set_by(&s.sql))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+        .iter()
+        .map(|n| format!("SET LOCAL {n} TO DEFAULT"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The deterministic inputs of an entry as parameters of [`ENTRY_SETUP_SQL`].
@@ -839,6 +917,16 @@ fn record_of(
 /// any of its statements runs, on every node alike.
 pub const DUPLICATE_SQLSTATE: &str = "RP001";
 
+/// SQLSTATE raised by `raftpg.end_write` when a write left the session changed (a setting, the
+/// role, a temporary table): the write's result, on every node alike.
+pub const SESSION_CHANGED_SQLSTATE: &str = "RP002";
+
+/// Ends every write, inside its savepoint (or, on the fast path, right after its statements):
+/// checks its deferred constraints now (`SET CONSTRAINTS ALL IMMEDIATE`: a violation becomes
+/// this write's error, never the batch's COMMIT's), fails it if it left the session changed,
+/// and puts the constraint modes back for the next write. See `raftpg.end_write`.
+const END_WRITE_SQL: &str = "SELECT raftpg.end_write($1::text)";
+
 /// The message of the [`EnvError`] that makes a batch be rolled back and applied again with a
 /// savepoint per write (see [`Applier::apply_run_fast`]).
 pub const FAST_RUN_ABANDONED: &str =
@@ -850,7 +938,8 @@ pub const FAST_RUN_ABANDONED: &str =
 const FAST_SETUP_SQL: &str = "
     SELECT set_config('raftpg.ts_us', $1::text, true),
            CASE WHEN current_setting('raftpg.seed', true) IS DISTINCT FROM $2::text
-                THEN set_config('raftpg.seed', $2::text, true) || set_config('raftpg.rnd_n', '0', true) END";
+                THEN set_config('raftpg.seed', $2::text, true) || set_config('raftpg.rnd_n', '0', true) END,
+           raftpg.reset_constraints()";
 
 /// The message of the [`EnvError`] that makes a batch be re-applied entry by entry.
 pub const PIPELINE_ABORTED: &str =

@@ -8,6 +8,8 @@
 
 use pg_query::NodeEnum;
 
+use crate::{session_rules, time_literals};
+
 /// Why a statement was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{message}")]
@@ -62,30 +64,188 @@ fn parse(sql: &str) -> Result<(pg_query::ParseResult, serde_json::Value), Refusa
             ),
         ));
     }
-    // Refuse any reference to raftpg's own bookkeeping (raftpg.applied must only change with
-    // the log position). Walks the complete tree (pg_query's table list misses some places).
+    // The complete tree in its serde form (pg_query's own iterators skip parts of it).
     let tree = serde_json::to_value(&parsed.protobuf).map_err(|e| {
         refuse(
             FEATURE_NOT_SUPPORTED,
             format!("cannot inspect the statement: {e}"),
         )
     })?;
-    let mut touches_raftpg = false;
-    walk(&tree, &mut |_, node| {
-        // A RangeVar, wherever it appears (also as the bare `relation` of INSERT/UPDATE/DDL).
-        if node.get("relname").is_some()
-            && node.get("schemaname").and_then(|s| s.as_str()) == Some("raftpg")
-        {
-            touches_raftpg = true;
-        }
-    });
-    if touches_raftpg {
-        return Err(refuse(
-            INSUFFICIENT_PRIVILEGE,
-            "the schema raftpg holds raftpg's own bookkeeping and cannot be used by statements",
-        ));
-    }
+    // Refuse any reference to raftpg's own bookkeeping (schema, tables, functions, roles):
+    // raftpg.applied must only change with the log position.
+    check_raftpg_names(&tree)?;
     Ok((parsed, tree))
+}
+
+/// raftpg's own schema and roles: no statement may name them (design.md "Errors outside a
+/// statement": raftpg's schema, tables, role and settings must be out of reach of writes).
+const RAFTPG_SCHEMA: &str = "raftpg";
+const RAFTPG_ROLES: &[&str] = &["raftpg", "raftpg_reader"];
+
+/// The functions of schema `raftpg` that statements may call: the deterministic clock and
+/// random generators (see `state_machine::DETERMINISTIC_FUNCTIONS_SQL`).
+const RAFTPG_CALLABLE: &[&str] = &[
+    "now",
+    "current_date",
+    "current_time",
+    "localtime",
+    "localtimestamp",
+    "random",
+    "gen_random_uuid",
+];
+
+fn raftpg_reference() -> Refusal {
+    refuse(
+        INSUFFICIENT_PRIVILEGE,
+        "the schema raftpg and the roles raftpg and raftpg_reader hold raftpg's own bookkeeping and cannot be used by statements (only raftpg.now(), raftpg.random(), raftpg.gen_random_uuid() and the raftpg.current_*/local* clock functions may be called)",
+    )
+}
+
+/// Refuses any name of raftpg's schema or roles anywhere in a statement: a relation
+/// (`raftpg.applied`), a schema (`DROP SCHEMA raftpg`, `SET SCHEMA raftpg`, `GRANT ... ON
+/// SCHEMA raftpg`), a qualified function/type/object name, a role (`GRANT ... TO raftpg`,
+/// `OWNER TO raftpg`), a `search_path` naming it, or a string naming an object in it
+/// (`'raftpg.applied'::regclass`). Calls of [`RAFTPG_CALLABLE`] functions are allowed.
+fn check_raftpg_names(tree: &serde_json::Value) -> Result<(), Refusal> {
+    fn visit(v: &serde_json::Value, inside_set: bool) -> Result<(), Refusal> {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, child) in m {
+                    match (k.as_str(), child) {
+                        (
+                            "schemaname" | "newschema" | "subname" | "newname",
+                            serde_json::Value::String(s),
+                        ) if s == RAFTPG_SCHEMA => return Err(raftpg_reference()),
+                        ("rolename", serde_json::Value::String(s))
+                            if RAFTPG_ROLES.contains(&s.as_str()) =>
+                        {
+                            return Err(raftpg_reference())
+                        }
+                        ("String", serde_json::Value::Object(s))
+                            if s.get("sval").and_then(|x| x.as_str()) == Some(RAFTPG_SCHEMA) =>
+                        {
+                            return Err(raftpg_reference())
+                        }
+                        ("sval", serde_json::Value::String(s)) => {
+                            let lower = s.to_ascii_lowercase();
+                            // A string naming an object in schema raftpg, or a search_path
+                            // that includes it.
+                            if lower.starts_with("raftpg.")
+                                || (inside_set
+                                    && lower.split([',', ' ', '"']).any(|p| p == RAFTPG_SCHEMA))
+                            {
+                                return Err(raftpg_reference());
+                            }
+                        }
+                        ("FuncCall", serde_json::Value::Object(call)) => {
+                            let (schema, name) = func_name(child);
+                            let callable = schema.as_deref() == Some(RAFTPG_SCHEMA)
+                                && RAFTPG_CALLABLE.contains(&name.as_str());
+                            for (ck, cv) in call {
+                                if callable && ck == "funcname" {
+                                    continue;
+                                }
+                                visit(cv, inside_set)?;
+                            }
+                            continue;
+                        }
+                        ("VariableSetStmt", _) => {
+                            visit(child, true)?;
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    visit(child, inside_set)?;
+                }
+                Ok(())
+            }
+            serde_json::Value::Array(a) => a.iter().try_for_each(|c| visit(c, inside_set)),
+            _ => Ok(()),
+        }
+    }
+    visit(tree, false)
+}
+
+/// Whether a statement is DML (its literals are typed by the statement itself, at each
+/// execution) rather than DDL or a utility command.
+fn is_dml_statement(stmt: &NodeEnum) -> bool {
+    matches!(
+        stmt,
+        NodeEnum::InsertStmt(_)
+            | NodeEnum::UpdateStmt(_)
+            | NodeEnum::DeleteStmt(_)
+            | NodeEnum::SelectStmt(_)
+            | NodeEnum::MergeStmt(_)
+    )
+}
+
+/// A string constant of the tree with its location, and the date/time cast it is the direct
+/// argument of, if any: `(value, location, cast)`, where `cast` is `(type name, is array,
+/// type location)`.
+type StringConst<'a> = (&'a str, usize, Option<(String, bool, usize)>);
+
+/// Collects every string constant of the tree (see [`StringConst`]).
+fn string_constants(tree: &serde_json::Value) -> Vec<StringConst<'_>> {
+    fn aconst(v: &serde_json::Value) -> Option<(&str, usize)> {
+        let c = v.pointer("/node/AConst")?;
+        let s = c.pointer("/val/Sval/sval")?.as_str()?;
+        Some((s, location(c)?))
+    }
+    fn visit<'a>(v: &'a serde_json::Value, out: &mut Vec<StringConst<'a>>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, child) in m {
+                    if k == "TypeCast" {
+                        if let Some((s, loc)) = child.get("arg").and_then(aconst) {
+                            let tn = child.get("type_name");
+                            let names: Vec<String> = tn
+                                .and_then(|t| t.get("names"))
+                                .and_then(|n| n.as_array())
+                                .map(|a| {
+                                    a.iter()
+                                        .filter_map(|n| n.pointer("/node/String/sval"))
+                                        .filter_map(|s| s.as_str())
+                                        .map(|s| s.to_ascii_lowercase())
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            let qualified_ok =
+                                names.len() == 1 || (names.len() == 2 && names[0] == "pg_catalog");
+                            let name = if qualified_ok {
+                                names.last().cloned().unwrap_or_default()
+                            } else {
+                                String::new()
+                            };
+                            let is_array = tn
+                                .and_then(|t| t.get("array_bounds"))
+                                .and_then(|a| a.as_array())
+                                .is_some_and(|a| !a.is_empty());
+                            let type_loc = tn.and_then(location).unwrap_or(usize::MAX);
+                            out.push((s, loc, Some((name, is_array, type_loc))));
+                            if let Some(t) = tn {
+                                visit(t, out);
+                            }
+                            continue;
+                        }
+                    }
+                    if k == "AConst" {
+                        if let (Some(s), Some(loc)) = (
+                            child.pointer("/val/Sval/sval").and_then(|s| s.as_str()),
+                            location(child),
+                        ) {
+                            out.push((s, loc, None));
+                        }
+                    }
+                    visit(child, out);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|c| visit(c, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    visit(tree, &mut out);
+    out
 }
 
 /// Functions rewritten at the leader to raftpg's deterministic versions (installed by the
@@ -230,7 +390,7 @@ fn func_name(node: &serde_json::Value) -> (Option<String>, String) {
 struct Edit {
     start: usize,
     end: usize,
-    text: &'static str,
+    text: String,
 }
 
 /// Checks one statement of a write entry and returns it rewritten for deterministic replay:
@@ -241,8 +401,18 @@ pub fn prepare_write(sql: &str) -> Result<String, Refusal> {
     // pg_query's own node iterator skips parts of the tree (e.g. VALUES lists), so walk the
     // complete tree through its serde form: every node of every statement is visited.
     let (parsed, tree) = parse(sql)?;
+    let stmt = parsed
+        .protobuf
+        .stmts
+        .first()
+        .and_then(|raw| raw.stmt.as_ref())
+        .and_then(|node| node.node.as_ref())
+        .ok_or_else(|| refuse(SYNTAX_ERROR, "empty statement"))?;
+    let dml = is_dml_statement(stmt);
     let mut func_edits: Vec<(usize, usize, &'static str)> = Vec::new(); // (location, name parts, replacement)
     let mut edits: Vec<Edit> = Vec::new();
+    // (literal location, its rewrite, the location of its type name when written before it)
+    let mut literal_edits: Vec<(usize, &'static str, Option<usize>)> = Vec::new();
     let mut per_row_calls = false;
     let mut refusal: Option<Refusal> = None;
     walk(&tree, &mut |kind, node| {
@@ -250,8 +420,21 @@ pub fn prepare_write(sql: &str) -> Result<String, Refusal> {
             return;
         }
         match kind {
+            "VariableSetStmt" => {
+                refusal = check_variable_set(node).err();
+            }
             "FuncCall" => {
                 let (schema, name) = func_name(node);
+                if matches!(name.as_str(), "currval" | "lastval")
+                    && schema.as_deref().is_none_or(|s| s == "pg_catalog")
+                    && !dml
+                {
+                    refusal = Some(refuse(
+                        FEATURE_NOT_SUPPORTED,
+                        format!("{name}() outside a query depends on the applier session's history, which differs between nodes; call it in INSERT/UPDATE/DELETE/SELECT after nextval() in the same request, or use RETURNING"),
+                    ));
+                    return;
+                }
                 if PER_ROW_FUNCTIONS.contains(&name.as_str())
                     && schema
                         .as_deref()
@@ -290,7 +473,11 @@ pub fn prepare_write(sql: &str) -> Result<String, Refusal> {
                 let op = node.get("op").and_then(|o| o.as_i64()).unwrap_or(0) as i32;
                 match sql_value_function_rewrite(op) {
                     Some(Some(to)) => match location(node) {
-                        Some(loc) => edits.push(Edit { start: loc, end: loc, text: to }),
+                        Some(loc) => edits.push(Edit {
+                            start: loc,
+                            end: loc,
+                            text: to.to_string(),
+                        }),
                         None => refusal = Some(cannot_rewrite("CURRENT_TIMESTAMP")),
                     },
                     Some(None) => {
@@ -334,18 +521,35 @@ pub fn prepare_write(sql: &str) -> Result<String, Refusal> {
     if let Some(r) = refusal {
         return Err(r);
     }
-    let stmt = parsed
-        .protobuf
-        .stmts
-        .first()
-        .and_then(|raw| raw.stmt.as_ref())
-        .and_then(|node| node.node.as_ref())
-        .ok_or_else(|| refuse(SYNTAX_ERROR, "empty statement"))?;
+    // Time hidden in strings ('now', 'today', ...): rewritten where cast explicitly to a
+    // date/time type in DML, refused anywhere else (see time_literals).
+    for (value, loc, cast) in string_constants(&tree) {
+        if !time_literals::is_time_string(value) {
+            continue;
+        }
+        let rewrite = cast
+            .as_ref()
+            .filter(|_| dml)
+            .and_then(|(ty, array, type_loc)| {
+                time_literals::rewrite(value, ty, *array).map(|e| (e, *type_loc))
+            });
+        match rewrite {
+            Some((expr, type_loc)) => {
+                literal_edits.push((loc, expr, (type_loc < loc).then_some(type_loc)))
+            }
+            None => {
+                return Err(refuse(
+                    FEATURE_NOT_SUPPORTED,
+                    time_literals::refusal_message(value),
+                ))
+            }
+        }
+    }
     check_statement_kind(stmt)?;
     check_row_order(stmt, per_row_calls)?;
     check_function_bodies(stmt)?;
 
-    if func_edits.is_empty() && edits.is_empty() {
+    if func_edits.is_empty() && edits.is_empty() && literal_edits.is_empty() {
         return Ok(sql.to_string());
     }
     let tokens = pg_query::scan(sql)
@@ -363,14 +567,39 @@ pub fn prepare_write(sql: &str) -> Result<String, Refusal> {
         edits.push(Edit {
             start: loc,
             end: last.end as usize,
-            text: to,
+            text: to.to_string(),
+        });
+    }
+    for (loc, expr, type_before) in literal_edits {
+        let literal = tokens
+            .iter()
+            .find(|t| t.start as usize == loc)
+            .ok_or_else(|| cannot_rewrite(expr))?;
+        let end = literal.end as usize;
+        edits.push(match type_before {
+            // `timestamptz 'now'`: the whole typed literal becomes a CAST.
+            Some(type_loc) => Edit {
+                start: type_loc,
+                end,
+                text: format!(
+                    "CAST(({expr}) AS {})",
+                    sql.get(type_loc..loc)
+                        .ok_or_else(|| cannot_rewrite(expr))?
+                        .trim()
+                ),
+            },
+            None => Edit {
+                start: loc,
+                end,
+                text: format!("({expr})"),
+            },
         });
     }
     for e in edits.iter_mut().filter(|e| e.start == e.end) {
         let tok = tokens
             .iter()
             .find(|t| t.start as usize == e.start)
-            .ok_or_else(|| cannot_rewrite(e.text))?;
+            .ok_or_else(|| cannot_rewrite(&e.text))?;
         e.end = tok.end as usize;
     }
     edits.sort_by_key(|e| std::cmp::Reverse(e.start));
@@ -381,9 +610,9 @@ pub fn prepare_write(sql: &str) -> Result<String, Refusal> {
             || !out.is_char_boundary(e.start)
             || !out.is_char_boundary(e.end)
         {
-            return Err(cannot_rewrite(e.text));
+            return Err(cannot_rewrite(&e.text));
         }
-        out.replace_range(e.start..e.end, e.text);
+        out.replace_range(e.start..e.end, &e.text);
     }
     Ok(out)
 }
@@ -426,6 +655,53 @@ fn cannot_rewrite(what: &str) -> Refusal {
     )
 }
 
+/// `VariableSetStmt` kinds (pg_query's protobuf numbering).
+const VAR_SET_VALUE: i64 = 1;
+const VAR_SET_DEFAULT: i64 = 2;
+const VAR_RESET: i64 = 5;
+const VAR_RESET_ALL: i64 = 6;
+
+/// Checks a `SET` (a statement's `SET LOCAL`, or a function's `SET` clause) against the
+/// settings a write may change (see `session_rules`). Whether a top-level `SET` is `LOCAL` is
+/// checked by [`check_statement_kind`].
+fn check_variable_set(node: &serde_json::Value) -> Result<(), Refusal> {
+    let kind = node.get("kind").and_then(|k| k.as_i64()).unwrap_or(0);
+    let name = node.get("name").and_then(|n| n.as_str()).unwrap_or("");
+    match kind {
+        VAR_SET_VALUE | VAR_SET_DEFAULT => match session_rules::set_local_refusal(name) {
+            None => Ok(()),
+            Some(why) => Err(refuse(FEATURE_NOT_SUPPORTED, why)),
+        },
+        // RESET is refused as session-level SET at the top level; in ALTER FUNCTION it only
+        // removes a function's own setting.
+        VAR_RESET | VAR_RESET_ALL => Ok(()),
+        _ => Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            "SET TRANSACTION, SET ... FROM CURRENT and similar forms are not allowed in a write: every write runs with the applier's fixed transaction settings",
+        )),
+    }
+}
+
+/// Procedural languages whose functions may read node-local state (files, environment,
+/// network) or load code from node-local files.
+fn node_local_language(lang: &str) -> bool {
+    let lang = lang.to_ascii_lowercase();
+    lang == "c" || lang == "internal" || (lang != "plpgsql" && lang.ends_with('u'))
+}
+
+/// The language named by `LANGUAGE x` among a CREATE FUNCTION's or DO's options.
+fn language_of(options: &[pg_query::protobuf::Node]) -> Option<String> {
+    options.iter().find_map(|o| match &o.node {
+        Some(NodeEnum::DefElem(d)) if d.defname == "language" => {
+            match d.arg.as_deref().and_then(|a| a.node.as_ref()) {
+                Some(NodeEnum::String(s)) => Some(s.sval.clone()),
+                _ => None,
+            }
+        }
+        _ => None,
+    })
+}
+
 /// Statement classes that cannot be replicated as statements.
 fn check_statement_kind(stmt: &NodeEnum) -> Result<(), Refusal> {
     let why: Option<&str> = match stmt {
@@ -439,6 +715,22 @@ fn check_statement_kind(stmt: &NodeEnum) -> Result<(), Refusal> {
             Some("session state (PREPARE/EXECUTE/DISCARD) is not replicated; send the statement itself with bound parameters")
         }
         NodeEnum::ListenStmt(_) | NodeEnum::UnlistenStmt(_) => Some("LISTEN/UNLISTEN are session state and are not replicated"),
+        NodeEnum::NotifyStmt(_) => Some("NOTIFY would signal listeners of every node's PostgreSQL at a different moment; notify from the application after the write is acknowledged"),
+        NodeEnum::CreateEventTrigStmt(_) | NodeEnum::AlterEventTrigStmt(_) => {
+            Some("event triggers run on raftpg's own maintenance of each node; they are not supported")
+        }
+        NodeEnum::CreateFdwStmt(_) | NodeEnum::AlterFdwStmt(_) | NodeEnum::CreateForeignServerStmt(_)
+        | NodeEnum::AlterForeignServerStmt(_) | NodeEnum::CreateForeignTableStmt(_) | NodeEnum::ImportForeignSchemaStmt(_)
+        | NodeEnum::CreateUserMappingStmt(_) | NodeEnum::AlterUserMappingStmt(_) => {
+            Some("foreign data wrappers read data outside the replicated database, which differs between nodes")
+        }
+        NodeEnum::CreatePlangStmt(_) => Some("procedural languages are installed per node, not replicated"),
+        NodeEnum::CreateFunctionStmt(f) if language_of(&f.options).is_some_and(|l| node_local_language(&l)) => {
+            Some("functions in C, internal or untrusted languages can read node-local state; write functions in SQL or PL/pgSQL")
+        }
+        NodeEnum::DoStmt(d) if language_of(&d.args).is_some_and(|l| node_local_language(&l)) => {
+            Some("DO blocks in untrusted languages can read node-local state; use PL/pgSQL")
+        }
         NodeEnum::DeclareCursorStmt(_) | NodeEnum::FetchStmt(_) | NodeEnum::ClosePortalStmt(_) => {
             Some("cursors are session state; use a query through the read API")
         }
@@ -568,8 +860,60 @@ fn check_body(body: &str) -> Result<(), Refusal> {
                 ),
             ));
         }
+        if matches!(word.as_str(), "currval" | "lastval") && call {
+            return Err(refuse(
+                FEATURE_NOT_SUPPORTED,
+                format!("the function body uses {word}(), which depends on the applier session's history; use the value nextval() returned"),
+            ));
+        }
+        let statement_start = i == 0
+            || matches!(
+                text(i - 1).as_str(),
+                ";" | "begin" | "then" | "else" | "loop" | "$$"
+            );
+        let next = text(i + 1);
+        if (word == "set" && matches!(next.as_str(), "local" | "session"))
+            || (word == "reset" && statement_start)
+        {
+            return Err(refuse(
+                FEATURE_NOT_SUPPORTED,
+                "SET LOCAL / SET SESSION / RESET inside a function body would change the applier's session for later writes; give the function a SET clause instead (CREATE FUNCTION ... SET work_mem = '64MB')",
+            ));
+        }
+        if word == RAFTPG_SCHEMA && next == "." && !RAFTPG_CALLABLE.contains(&text(i + 2).as_str())
+        {
+            return Err(raftpg_reference());
+        }
+        if let Some(inner) = word.strip_prefix('\'').and_then(|w| w.strip_suffix('\'')) {
+            let value = inner.replace("''", "'");
+            if time_literals::is_time_string(&value) {
+                return Err(refuse(
+                    FEATURE_NOT_SUPPORTED,
+                    time_literals::refusal_message(&value),
+                ));
+            }
+        }
     }
     Ok(())
+}
+
+/// The settings a write statement changes with `SET LOCAL`, as quoted identifiers ready for
+/// `SET LOCAL <name> TO DEFAULT` (used by the applier to undo them at the write's end; see
+/// session_rules). Empty for any other statement.
+pub fn settings_set_by(sql: &str) -> Vec<String> {
+    let Ok(NodeEnum::VariableSetStmt(s)) = parse_one(sql) else {
+        return Vec::new();
+    };
+    if !s.is_local || s.name.is_empty() {
+        return Vec::new();
+    }
+    let quoted = s
+        .name
+        .split('.')
+        .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".");
+    vec![quoted]
 }
 
 /// Checks the SQL of a read: only queries are allowed.
@@ -694,7 +1038,7 @@ mod tests {
             "CREATE FUNCTION g() RETURNS int LANGUAGE plpgsql AS $$ BEGIN RETURN pg_backend_pid(); END $$",
             "DO $$ BEGIN PERFORM random(); END $$",
         ] {
-            assert_eq!(check_write(sql).unwrap_err().sqlstate, FEATURE_NOT_SUPPORTED, "{sql}");
+            assert_eq!(check_write(sql).err().map(|r| r.sqlstate), Some(FEATURE_NOT_SUPPORTED), "{sql}");
         }
         assert!(check_write("INSERT INTO t VALUES (nextval('s'))").is_ok());
         assert!(check_write("INSERT INTO t SELECT * FROM u ORDER BY id").is_ok());
@@ -717,6 +1061,127 @@ mod tests {
                 .sqlstate,
             INSUFFICIENT_PRIVILEGE
         );
+    }
+
+    #[test]
+    fn raftpg_bookkeeping_is_out_of_reach() {
+        for sql in [
+            "DROP SCHEMA raftpg CASCADE",
+            "DROP SCHEMA public, raftpg",
+            "ALTER SCHEMA raftpg RENAME TO x",
+            "CREATE TABLE raftpg.x (a int)",
+            "ALTER TABLE t SET SCHEMA raftpg",
+            "GRANT ALL ON SCHEMA raftpg TO bob",
+            "GRANT SELECT ON t TO raftpg_reader",
+            "ALTER TABLE t OWNER TO raftpg",
+            "DROP OWNED BY raftpg_reader",
+            "REVOKE ALL ON ALL TABLES IN SCHEMA raftpg FROM PUBLIC",
+            "ALTER FUNCTION raftpg.now() RENAME TO x",
+            "DROP FUNCTION raftpg.random()",
+            "CREATE OR REPLACE FUNCTION raftpg.now() RETURNS timestamptz LANGUAGE sql AS $$ SELECT 'epoch'::timestamptz $$",
+            "SELECT raftpg.begin_entry('1', '1', NULL, NULL, 0)",
+            "SELECT pg_relation_size('raftpg.applied')",
+            "SET LOCAL search_path = app, raftpg",
+            "SET LOCAL search_path = 'raftpg'",
+            "TRUNCATE raftpg.requests",
+            "COMMENT ON SCHEMA raftpg IS 'x'",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $$ DELETE FROM raftpg.requests $$",
+        ] {
+            assert_eq!(check_write(sql).err().map(|r| r.sqlstate), Some(INSUFFICIENT_PRIVILEGE), "{sql}");
+        }
+        assert!(
+            check_write("INSERT INTO t VALUES (raftpg.now(), raftpg.gen_random_uuid())").is_ok()
+        );
+        assert!(check_write("CREATE TABLE t (at timestamptz DEFAULT raftpg.now())").is_ok());
+        assert!(check_write("INSERT INTO t (url) VALUES ('https://raftpg.io')").is_ok());
+    }
+
+    #[test]
+    fn set_local_only_for_reviewed_settings() {
+        for sql in [
+            "SET LOCAL work_mem = '64MB'",
+            "SET LOCAL enable_seqscan = off",
+            "SET LOCAL search_path = app, public",
+            "SET LOCAL TIME ZONE 'Europe/Paris'",
+            "SET LOCAL myapp.tenant = '7'",
+            "SET LOCAL work_mem TO DEFAULT",
+            "SET CONSTRAINTS ALL DEFERRED",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET work_mem = '8MB' AS $$ SELECT 1 $$",
+        ] {
+            assert!(check_write(sql).is_ok(), "{sql}");
+        }
+        for sql in [
+            "SET LOCAL statement_timeout = 1",
+            "SET LOCAL lock_timeout = '1ms'",
+            "SET LOCAL ROLE pg_read_all_data",
+            "SET LOCAL SESSION AUTHORIZATION bob",
+            "SET LOCAL transaction_read_only = on",
+            "SET LOCAL TRANSACTION READ ONLY",
+            "SET LOCAL session_replication_role = replica",
+            "SET LOCAL raftpg.seed = '1'",
+            "SET LOCAL lc_monetary = 'de_DE.UTF-8'",
+            "RESET work_mem",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET statement_timeout = 1 AS $$ SELECT 1 $$",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN SET LOCAL work_mem = '1MB'; END $$",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN RESET ALL; END $$",
+            "NOTIFY games",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE c AS 'lib', 'f'",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE plpython3u AS $$ return 1 $$",
+        ] {
+            assert_eq!(check_write(sql).err().map(|r| r.sqlstate), Some(FEATURE_NOT_SUPPORTED), "{sql}");
+        }
+    }
+
+    #[test]
+    fn time_strings() {
+        assert_eq!(
+            prepare_write("INSERT INTO ev (at, d) VALUES ('now'::timestamptz, CAST('today' AS date))").unwrap(),
+            "INSERT INTO ev (at, d) VALUES ((raftpg.now())::timestamptz, CAST((date_trunc('day', raftpg.now())) AS date))"
+        );
+        assert_eq!(
+            prepare_write("UPDATE ev SET at = timestamptz 'tomorrow' WHERE id = 1").unwrap(),
+            "UPDATE ev SET at = CAST(((date_trunc('day', raftpg.now()) + interval '1 day')) AS timestamptz) WHERE id = 1"
+        );
+        assert_eq!(
+            prepare_write("DELETE FROM ev WHERE at < 'yesterday'::timestamp(0)").unwrap(),
+            "DELETE FROM ev WHERE at < ((date_trunc('day', raftpg.now()) - interval '1 day'))::timestamp(0)"
+        );
+        for sql in [
+            "INSERT INTO ev (at, d) VALUES ('now', 'today')",
+            "INSERT INTO ev (at) VALUES ('tomorrow 10:00'::timestamptz)",
+            "UPDATE ev SET at = 'NOW' WHERE id = 1",
+            "INSERT INTO ev (ats) VALUES ('{now}'::timestamptz[])",
+            "INSERT INTO ev (at) VALUES ('now'::text::timestamptz)",
+            "CREATE TABLE ev (at timestamptz DEFAULT 'now')",
+            "CREATE TABLE ev (at timestamptz DEFAULT 'now'::timestamptz)",
+            "CREATE VIEW v AS SELECT 'today'::date AS d",
+            "CREATE FUNCTION f() RETURNS date LANGUAGE sql AS $$ SELECT 'today'::date $$",
+        ] {
+            assert_eq!(
+                check_write(sql).err().map(|r| r.sqlstate),
+                Some(FEATURE_NOT_SUPPORTED),
+                "{sql}"
+            );
+        }
+        assert!(check_write("INSERT INTO msg (body) VALUES ('see you tomorrow')").is_ok());
+        assert!(check_write("INSERT INTO ev (at) VALUES ('2026-01-01'::timestamptz)").is_ok());
+    }
+
+    #[test]
+    fn currval_only_in_queries() {
+        assert!(check_write("INSERT INTO t (parent) VALUES (currval('p_id_seq'))").is_ok());
+        assert!(check_write("SELECT lastval()").is_ok());
+        for sql in [
+            "CREATE TABLE t (a bigint DEFAULT currval('s'))",
+            "CREATE VIEW v AS SELECT lastval()",
+            "CREATE FUNCTION f() RETURNS bigint LANGUAGE sql AS $$ SELECT currval('s') $$",
+        ] {
+            assert_eq!(
+                check_write(sql).err().map(|r| r.sqlstate),
+                Some(FEATURE_NOT_SUPPORTED),
+                "{sql}"
+            );
+        }
     }
 
     #[test]

@@ -16,8 +16,10 @@ mod proposer;
 mod read_index;
 mod read_pool;
 mod request_log;
+mod session_rules;
 mod snapshot;
 mod state_machine;
+mod time_literals;
 mod values;
 
 use clap::Parser;

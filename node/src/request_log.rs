@@ -44,6 +44,8 @@ pub const BOOTSTRAP_SQL: &str = "
         IF current_setting('raftpg.seed', true) IS DISTINCT FROM seed THEN
             PERFORM set_config('raftpg.seed', seed, true), set_config('raftpg.rnd_n', '0', true);
         END IF;
+        -- Every write starts from the declared constraint modes (see session_rules).
+        PERFORM raftpg.reset_constraints();
         IF cid IS NOT NULL AND EXISTS (SELECT 1 FROM raftpg.requests r
                 WHERE r.client_id = cid AND r.seq = sq AND r.write_no >= floor) THEN
             RAISE EXCEPTION 'duplicate request' USING ERRCODE = 'RP001';

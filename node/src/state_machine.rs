@@ -36,6 +36,7 @@ use crate::command::{
 };
 use crate::log_store::LogStore;
 use crate::request_log;
+use crate::session_rules;
 use crate::snapshot::{SnapshotError, SnapshotStore};
 use openraft::storage::RaftLogReader;
 
@@ -95,6 +96,31 @@ const BOOTSTRAP_SQL: &str = "
     -- Writes applied up to log_index (they number the request records, see request_log).
     ALTER TABLE raftpg.applied ADD COLUMN IF NOT EXISTS writes bigint NOT NULL DEFAULT 0;
     INSERT INTO raftpg.applied (singleton) VALUES (true) ON CONFLICT DO NOTHING;
+    -- The position of every user sequence, {name: [last_value, is_called]}, recorded with each
+    -- batch (see applier::RECORD_APPLIED_SQL). pg_sequence_last_value() is null for a sequence
+    -- not called since its start or a RESTART, whose last_value (the value nextval() will
+    -- return) is then read from the sequence itself.
+    CREATE OR REPLACE FUNCTION raftpg.sequence_positions() RETURNS jsonb LANGUAGE plpgsql AS $$
+    DECLARE called jsonb; uncalled text; others jsonb;
+    BEGIN
+        SELECT coalesce(jsonb_object_agg(q.name, jsonb_build_array(q.v, true))
+                        FILTER (WHERE q.v IS NOT NULL), '{}'),
+               string_agg(format('SELECT %L AS k, last_value, is_called FROM %s', q.name, q.name),
+                          ' UNION ALL ') FILTER (WHERE q.v IS NULL)
+        INTO called, uncalled
+        FROM (SELECT format('%I.%I', n.nspname, c.relname) AS name,
+                     pg_sequence_last_value(s.seqrelid) AS v
+              FROM pg_sequence s
+              CROSS JOIN LATERAL (SELECT relname, relnamespace FROM pg_class
+                                  WHERE oid = s.seqrelid LIMIT 1) c
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname <> 'raftpg' AND has_sequence_privilege(s.seqrelid, 'SELECT')) q;
+        IF uncalled IS NOT NULL THEN
+            EXECUTE 'SELECT jsonb_object_agg(k, jsonb_build_array(last_value, is_called)) FROM ('
+                    || uncalled || ') u' INTO others;
+        END IF;
+        RETURN called || coalesce(others, '{}');
+    END $$;
 ";
 
 /// raftpg's deterministic replacements for time and randomness (design.md "Time, randomness,
@@ -142,12 +168,17 @@ const DETERMINISTIC_FUNCTIONS_SQL: &str = r#"
     END $$;
 "#;
 
-/// Puts every sequence back to the position recorded with the last applied batch.
+/// Puts every sequence back to the position recorded with the last applied batch: exactly
+/// `(last_value, is_called)` (see `raftpg.sequence_positions`). Records of earlier versions
+/// hold a number (called) or null (never called: back to its start).
 const RESTORE_SEQUENCES_SQL: &str = "
-    SELECT count(CASE WHEN s.value IS NULL
-                      THEN setval(to_regclass(s.key), q.seqstart, false)
-                      ELSE setval(to_regclass(s.key), s.value::bigint, true) END)
-    FROM raftpg.applied a, jsonb_each_text(a.sequences) s
+    SELECT count(setval(q.seqrelid,
+        CASE jsonb_typeof(s.value) WHEN 'array' THEN (s.value->>0)::bigint
+                                   WHEN 'number' THEN (s.value #>> '{}')::bigint
+                                   ELSE q.seqstart END,
+        CASE jsonb_typeof(s.value) WHEN 'array' THEN (s.value->>1)::boolean
+                                   ELSE jsonb_typeof(s.value) = 'number' END))
+    FROM raftpg.applied a, jsonb_each(a.sequences) s
     JOIN pg_sequence q ON q.seqrelid = to_regclass(s.key)";
 
 /// The PostgreSQL-backed state machine (one per node, owned by openraft).
@@ -234,6 +265,13 @@ impl PgStateMachine {
         client.batch_execute(DETERMINISTIC_FUNCTIONS_SQL).await?;
         client.batch_execute(request_log::BOOTSTRAP_SQL).await?;
         client.batch_execute(checksums::BOOTSTRAP_SQL).await?;
+        let raftpg_oid: u32 = client
+            .query_one("SELECT 'raftpg'::regnamespace::oid", &[])
+            .await?
+            .get(0);
+        client
+            .batch_execute(&session_rules::guard_functions_sql(raftpg_oid))
+            .await?;
         let restored: i64 = client.query_one(RESTORE_SEQUENCES_SQL, &[]).await?.get(0);
         let row = client
             .query_one("SELECT log_id, membership, writes FROM raftpg.applied", &[])
