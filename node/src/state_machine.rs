@@ -64,22 +64,73 @@ impl Default for ApplyLimits {
     }
 }
 
-/// What the applier is doing, for `Cluster.Status`.
+/// What the applier is doing, for `Cluster.Status`, and since when it has been stuck.
+///
+/// A stuck applier (PostgreSQL unreachable, an entry failing for an environmental reason) is
+/// reported with how long it has been stuck, and logged as one clear error a minute rather
+/// than a line per retry.
 #[derive(Default)]
 pub struct ApplierStatus {
-    state: Mutex<String>,
+    state: Mutex<StatusState>,
 }
 
+#[derive(Default)]
+struct StatusState {
+    text: String,
+    /// When the applier got stuck (None while it makes progress).
+    stuck_since: Option<std::time::Instant>,
+    /// When the stuck applier was last logged as an error.
+    logged_at: Option<std::time::Instant>,
+}
+
+/// How often a stuck applier logs its error.
+const STUCK_LOG_EVERY: Duration = Duration::from_secs(60);
+
 impl ApplierStatus {
+    /// The applier makes progress.
     fn set(&self, s: impl Into<String>) {
         if let Ok(mut g) = self.state.lock() {
-            *g = s.into();
+            g.text = s.into();
+            g.stuck_since = None;
+            g.logged_at = None;
         }
     }
 
-    /// Current state text, e.g. `applying` or `waiting for PostgreSQL: ...`.
+    /// The applier cannot make progress: `s` says why. Logs an error the first time and then
+    /// once every [`STUCK_LOG_EVERY`] (the rest at debug level).
+    fn stuck(&self, s: impl Into<String>) {
+        let s = s.into();
+        let Ok(mut g) = self.state.lock() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let since = *g.stuck_since.get_or_insert(now);
+        let log = g
+            .logged_at
+            .is_none_or(|t| now.duration_since(t) >= STUCK_LOG_EVERY);
+        if log {
+            g.logged_at = Some(now);
+            let secs = now.duration_since(since).as_secs();
+            if secs == 0 {
+                warn!("applier stuck: {s}");
+            } else {
+                tracing::error!(stuck_for_secs = secs, "applier stuck for {secs} s: {s}");
+            }
+        } else {
+            debug!("applier stuck: {s}");
+        }
+        g.text = s;
+    }
+
+    /// Current state text, e.g. `applying` or `waiting for PostgreSQL: ... (stuck for 75 s)`.
     pub fn get(&self) -> String {
-        self.state.lock().map(|g| g.clone()).unwrap_or_default()
+        let Ok(g) = self.state.lock() else {
+            return String::new();
+        };
+        match g.stuck_since {
+            Some(t) => format!("{} (stuck for {} s)", g.text, t.elapsed().as_secs()),
+            None => g.text.clone(),
+        }
     }
 }
 
@@ -181,9 +232,13 @@ const RESTORE_SEQUENCES_SQL: &str = "
     FROM raftpg.applied a, jsonb_each(a.sequences) s
     JOIN pg_sequence q ON q.seqrelid = to_regclass(s.key)";
 
-/// The PostgreSQL-backed state machine (one per node, owned by openraft).
-pub struct PgStateMachine {
+/// The state machine's state and logic, shared (behind a lock) by openraft's calls
+/// ([`PgStateMachine`]) and the task that replays what PostgreSQL lost as soon as it is back.
+struct StateMachineCore {
     node_id: NodeId,
+    /// Last log index openraft handed to this state machine and was told applied (PostgreSQL
+    /// may hold less after a crash: `applied` is what it holds).
+    log_applied: Option<u64>,
     /// The Raft log, to replay entries PostgreSQL lost in a crash.
     log: LogStore,
     /// Snapshots (build, receive, install).
@@ -231,11 +286,12 @@ pub struct StateMachineParts {
     pub shutdown: watch::Receiver<bool>,
 }
 
-impl PgStateMachine {
+impl StateMachineCore {
     /// Creates the state machine; it connects lazily.
-    pub fn new(p: StateMachineParts) -> Self {
-        PgStateMachine {
+    fn new(p: StateMachineParts) -> Self {
+        StateMachineCore {
             node_id: p.node_id,
+            log_applied: None,
             log: p.log,
             snapshots: p.snapshots,
             conn_config: p.conn_config,
@@ -305,8 +361,8 @@ impl PgStateMachine {
             match self.connect().await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    self.status.set(format!("waiting for PostgreSQL: {}", e.0));
-                    warn!(error = %e, "applier cannot reach PostgreSQL; retrying");
+                    self.status
+                        .stuck(format!("waiting for PostgreSQL: {}", e.0));
                     self.pause(&mut backoff).await?;
                 }
             }
@@ -561,6 +617,7 @@ impl PgStateMachine {
             match self.apply_batch(batch).await {
                 Ok(outcomes) => {
                     self.status.set("applying");
+                    self.log_applied = batch.last().map(|e| e.log_id.index).or(self.log_applied);
                     self.pipeline = true;
                     self.careful_batches = self.careful_batches.saturating_sub(1);
                     return Ok(outcomes);
@@ -595,8 +652,8 @@ impl PgStateMachine {
                     // the next attempt re-reads what is really applied.
                     self.applier = None;
                     let first = batch.first().map(|e| e.log_id.index).unwrap_or(0);
-                    self.status.set(format!("retrying entry {first}: {}", e.0));
-                    warn!(error = %e, first_index = first, "apply failed for an environmental reason; retrying");
+                    self.status
+                        .stuck(format!("retrying entry {first}: {}", e.0));
                     self.pause(&mut backoff).await?;
                 }
             }
@@ -604,16 +661,17 @@ impl PgStateMachine {
     }
 }
 
-impl RaftStateMachine<TypeConfig> for PgStateMachine {
-    type SnapshotBuilder = SnapshotBuilder;
-
+/// openraft's side of the state machine, delegating to the core (inherent methods of the
+/// same names, below).
+impl StateMachineCore {
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId>, StoredMembership), StorageError<NodeId>> {
         let mut backoff = Duration::from_millis(50);
         while let Err(e) = self.snapshots.recover().await {
-            self.status.set(format!("waiting for PostgreSQL: {e}"));
-            warn!(error = %e, "cannot check for an interrupted snapshot install; retrying");
+            self.status.stuck(format!(
+                "waiting for PostgreSQL (checking for an interrupted snapshot install): {e}"
+            ));
             self.pause(&mut backoff).await?;
         }
         self.connect_until_done().await?;
@@ -627,13 +685,13 @@ impl RaftStateMachine<TypeConfig> for PgStateMachine {
                 Err(e) => {
                     self.applier = None;
                     self.status
-                        .set(format!("restoring the current snapshot: {e}"));
-                    warn!(error = %e, "cannot restore the current snapshot; retrying");
+                        .stuck(format!("restoring the current snapshot: {e}"));
                     self.pause(&mut backoff).await?;
                     self.connect_until_done().await?;
                 }
             }
         }
+        self.log_applied = self.applied.map(|l| l.index);
         Ok((self.applied, self.membership.clone()))
     }
 
@@ -650,7 +708,7 @@ impl RaftStateMachine<TypeConfig> for PgStateMachine {
         Ok(outcomes)
     }
 
-    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+    fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         SnapshotBuilder(self.snapshots.clone())
     }
 
@@ -704,14 +762,137 @@ impl RaftStateMachine<TypeConfig> for PgStateMachine {
             )
             .into());
         }
+        self.log_applied = meta.last_log_id.map(|l| l.index);
         self.status.set("applying");
         Ok(())
+    }
+
+    /// Replays, right away, committed batches PostgreSQL lost in a crash (see `replay_lost`),
+    /// instead of waiting for the next entry to arrive: until then, reads waiting for an index
+    /// would find it missing. Does nothing while PostgreSQL holds everything applied.
+    async fn replay_if_behind(&mut self) {
+        let Some(target) = self.log_applied else {
+            return;
+        };
+        let connected = self.applier.as_ref().is_some_and(|a| !a.is_closed());
+        if connected && self.applied.map(|l| l.index) >= Some(target) {
+            return;
+        }
+        if let Err(e) = self.connect().await {
+            self.status
+                .stuck(format!("waiting for PostgreSQL: {}", e.0));
+            return;
+        }
+        let before = self.applied.map(|l| l.index);
+        match self.replay_lost(target + 1).await {
+            Ok(()) => {
+                if before != self.applied.map(|l| l.index) {
+                    info!(node = self.node_id, from = ?before, to = target, "replayed the batches PostgreSQL lost");
+                }
+                self.status.set("applying");
+            }
+            Err(e) => {
+                self.applier = None;
+                self.status
+                    .stuck(format!("replaying entries PostgreSQL lost: {}", e.0));
+            }
+        }
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         self.snapshots.current().await
+    }
+}
+
+/// The PostgreSQL-backed state machine (one per node, owned by openraft). A background task
+/// shares it to replay what PostgreSQL lost in a crash as soon as PostgreSQL is back.
+pub struct PgStateMachine {
+    core: Arc<tokio::sync::Mutex<StateMachineCore>>,
+}
+
+/// How often the replay task checks whether PostgreSQL lost applied batches.
+const REPLAY_CHECK_EVERY: Duration = Duration::from_millis(200);
+
+impl PgStateMachine {
+    /// Creates the state machine (it connects lazily) and starts its replay task.
+    pub fn new(p: StateMachineParts) -> Self {
+        let shutdown = p.shutdown.clone();
+        let core = Arc::new(tokio::sync::Mutex::new(StateMachineCore::new(p)));
+        tokio::spawn(replay_when_postgres_returns(
+            Arc::downgrade(&core),
+            shutdown,
+        ));
+        PgStateMachine { core }
+    }
+}
+
+/// Runs until shutdown: whenever the state machine is idle, replays what PostgreSQL lost (see
+/// [`StateMachineCore::replay_if_behind`]). Skips a round while openraft is using the state
+/// machine (which replays on its own before applying anything).
+async fn replay_when_postgres_returns(
+    core: std::sync::Weak<tokio::sync::Mutex<StateMachineCore>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(REPLAY_CHECK_EVERY) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let Some(core) = core.upgrade() else {
+            return;
+        };
+        let Ok(mut core) = core.try_lock() else {
+            continue;
+        };
+        core.replay_if_behind().await;
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for PgStateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership), StorageError<NodeId>> {
+        self.core.lock().await.applied_state().await
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyOutcome>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        self.core.lock().await.apply(entries).await
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.core.lock().await.get_snapshot_builder()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        self.core.lock().await.begin_receiving_snapshot().await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError<NodeId>> {
+        self.core
+            .lock()
+            .await
+            .install_snapshot(meta, snapshot)
+            .await
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        self.core.lock().await.get_current_snapshot().await
     }
 }
 
