@@ -295,6 +295,7 @@ async fn serve(
     let peer_channels =
         network::PeerChannels::new(Some(listen.ip()).filter(|ip| !ip.is_unspecified()));
     let log_store = LogStore::open(&cfg.data_dir.join("raft-log"))?;
+    let log_for_clock = log_store.clone();
     let applier = Arc::new(ApplierStatus::default());
     let clock = Arc::new(EntryClock::default());
     let snapshots = SnapshotStore::open(
@@ -389,6 +390,7 @@ async fn serve(
         write_permits: Arc::new(Semaphore::new(cfg.write_inflight_max.max(1))),
         proposer: crate::proposer::Proposer::start(
             raft.clone(),
+            log_for_clock,
             clock,
             crate::proposer::ProposerLimits {
                 batch_max: cfg.proposal_batch_max.max(1),

@@ -29,6 +29,9 @@ use crate::clock::EntryClock;
 use crate::command::{
     ApplyOutcome, Command, LogId, NodeId, Raft, RequestId, SqlStatement, WriteCommand,
 };
+use crate::log_store::LogStore;
+use openraft::storage::RaftLogReader;
+use openraft::EntryPayload;
 
 /// Why a proposed write has no outcome.
 pub type ProposeError = RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>;
@@ -76,9 +79,14 @@ pub struct Proposer {
 
 impl Proposer {
     /// Starts the proposer task for `raft`.
-    pub fn start(raft: Raft, clock: Arc<EntryClock>, limits: ProposerLimits) -> Self {
+    pub fn start(
+        raft: Raft,
+        log: LogStore,
+        clock: Arc<EntryClock>,
+        limits: ProposerLimits,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(limits.queue_max.max(1));
-        tokio::spawn(run(raft, clock, limits, rx));
+        tokio::spawn(run(raft, log, clock, limits, rx));
         Proposer { tx }
     }
 
@@ -109,11 +117,14 @@ impl Proposer {
 /// The proposer task: take what waits, propose it as one entry, repeat.
 async fn run(
     raft: Raft,
+    log: LogStore,
     clock: Arc<EntryClock>,
     limits: ProposerLimits,
     mut rx: mpsc::Receiver<Waiting>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.in_flight_max.max(1)));
+    // The term whose log tail the clock has seen (see `observe_log_tail`).
+    let mut clock_term: Option<u64> = None;
     // A write that did not fit into the previous entry: it opens the next one.
     let mut held: Option<Waiting> = None;
     loop {
@@ -142,7 +153,59 @@ async fn run(
                 Err(_) => break,
             }
         }
+        let (term, last_index) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (m.current_term, m.last_log_index)
+        };
+        if clock_term != Some(term) {
+            observe_log_tail(&log, &clock, last_index).await;
+            clock_term = Some(term);
+        }
         propose(&raft, &clock, batch, slot).await;
+    }
+}
+
+/// Most log entries read back to find the newest timestamp (entries without one — blank,
+/// membership, checksum — are rare).
+const CLOCK_SCAN_ENTRIES_MAX: u64 = 4096;
+
+/// Makes the clock see the newest timestamp in this node's log before it stamps anything in a
+/// new term: a new leader (or a restarted one) has applied only part of its log, and under
+/// clock skew its own clock may be behind timestamps already in the log (design.md invariant
+/// 2: timestamps never go backwards along the log). Timestamps increase along the log, so the
+/// newest write entry holds the largest.
+async fn observe_log_tail(log: &LogStore, clock: &EntryClock, last_index: Option<u64>) {
+    let Some(last) = last_index else {
+        return;
+    };
+    let floor = last.saturating_sub(CLOCK_SCAN_ENTRIES_MAX);
+    let mut to = last + 1;
+    while to > floor {
+        let from = to.saturating_sub(64).max(floor);
+        let mut reader = log.clone();
+        let entries = match reader.try_get_log_entries(from..to).await {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "cannot read the log tail for the entry clock");
+                return;
+            }
+        };
+        let newest = entries.iter().rev().find_map(|e| match &e.payload {
+            EntryPayload::Normal(Command::Sql(cmd)) => Some(cmd.leader_ts_micros),
+            EntryPayload::Normal(Command::Batch(cmds)) => {
+                cmds.iter().map(|c| c.leader_ts_micros).max()
+            }
+            _ => None,
+        });
+        if let Some(ts) = newest {
+            clock.observe(ts);
+            return;
+        }
+        if from == floor || entries.is_empty() {
+            return;
+        }
+        to = from;
     }
 }
 
