@@ -441,6 +441,11 @@ impl Applier {
                         return Err(e.into());
                     }
                     stmt_outcomes.truncate(prepared.len()); // the write's end returns nothing
+                    if result_too_large(&stmt_outcomes, limits).is_some() {
+                        // Found on this side after the write was released: redo entry by
+                        // entry, where the limit becomes the write's error.
+                        return Err(EnvError(PIPELINE_ABORTED.into()));
+                    }
                     let outcome = ApplyOutcome::Applied(stmt_outcomes);
                     next.records.extend(record_of(*write_no, cmd, &outcome)?);
                     outcomes.push(outcome);
@@ -582,6 +587,9 @@ impl Applier {
                 }
             }
             stmt_outcomes.truncate(prepared.len());
+            if result_too_large(&stmt_outcomes, limits).is_some() {
+                return Err(abandoned());
+            }
             let outcome = ApplyOutcome::Applied(stmt_outcomes);
             next.records.extend(record_of(*write_no, cmd, &outcome)?);
             outcomes.push(outcome);
@@ -743,6 +751,9 @@ impl Applier {
             }
         }
         if failed.is_none() {
+            failed = result_too_large(&outcomes, limits);
+        }
+        if failed.is_none() {
             // The write's end: settings it named with SET LOCAL back to the applier's, then
             // its deferred constraints and the session check (see END_WRITE_SQL).
             let resets = set_local_resets(cmd);
@@ -777,6 +788,27 @@ impl Applier {
         };
         Ok((outcome, next))
     }
+}
+
+/// The deterministic error of a write whose rows, all statements together, exceed
+/// `result_bytes_max` (its outcome is stored in `raftpg.requests` and sent in one response).
+fn result_too_large(outcomes: &[StatementOutcome], limits: &ApplyLimits) -> Option<SqlFailure> {
+    let bytes: usize = outcomes
+        .iter()
+        .flat_map(|o| o.rows.iter().flatten())
+        .map(values::approx_size)
+        .fold(0, usize::saturating_add);
+    (bytes > limits.result_bytes_max).then(|| {
+        let mut f = failure(
+            SqlState::PROGRAM_LIMIT_EXCEEDED.code(),
+            format!(
+                "a write may return at most {} bytes of rows (all its statements together); narrow the RETURNING or use the read API",
+                limits.result_bytes_max
+            ),
+        );
+        f.statement_index = u32::try_from(outcomes.len().saturating_sub(1)).unwrap_or(u32::MAX);
+        f
+    })
 }
 
 /// Whether a write calls `currval()`/`lastval()`, which read the session's sequence history
@@ -1037,6 +1069,7 @@ async fn execute_checked(
     let stream = client.query_raw(prepared, params).await.map_err(classify)?;
     futures::pin_mut!(stream);
     let mut rows = Vec::new();
+    let mut bytes = 0usize;
     while let Some(row) = stream.try_next().await.map_err(classify)? {
         if rows.len() >= limits.result_rows_max {
             return Err(StmtError::Deterministic(failure(
@@ -1055,7 +1088,17 @@ async fn execute_checked(
                     e.to_string(),
                 ))
             })?;
+            bytes = bytes.saturating_add(values::approx_size(&v));
             cells.push(v);
+        }
+        if bytes > limits.result_bytes_max {
+            return Err(StmtError::Deterministic(failure(
+                SqlState::PROGRAM_LIMIT_EXCEEDED.code(),
+                format!(
+                    "a write may return at most {} bytes of rows (all its statements together); narrow the RETURNING or use the read API",
+                    limits.result_bytes_max
+                ),
+            )));
         }
         rows.push(cells);
     }

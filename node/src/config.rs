@@ -97,6 +97,12 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_WRITE_RESULT_ROWS_MAX", default_value_t = 10_000)]
     pub write_result_rows_max: usize,
 
+    /// Most bytes (approximate, as encoded) of the rows one write may return, all statements
+    /// together; more is a deterministic error (54000). The outcome of a write is also stored
+    /// for retries, so it must stay well below PostgreSQL's 255 MiB jsonb limit.
+    #[arg(long, env = "RAFTPG_WRITE_RESULT_BYTES_MAX", default_value_t = 16 * 1024 * 1024)]
+    pub write_result_bytes_max: usize,
+
     /// Most rows a read may return (a request may ask for fewer).
     #[arg(long, env = "RAFTPG_READ_ROWS_MAX", default_value_t = 100_000)]
     pub read_rows_max: usize,

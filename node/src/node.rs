@@ -313,6 +313,7 @@ async fn serve(
         limits: ApplyLimits {
             batch_entries_max: cfg.apply_batch_max,
             result_rows_max: cfg.write_result_rows_max,
+            result_bytes_max: cfg.write_result_bytes_max,
             request_retention_writes: cfg.request_retention_writes,
             ..ApplyLimits::default()
         },

@@ -47,6 +47,10 @@ pub struct ApplyLimits {
     pub batch_entries_max: usize,
     /// Most rows a single statement may return (RETURNING); more is a deterministic error.
     pub result_rows_max: usize,
+    /// Most bytes (approximate) of the rows of one statement's result (RETURNING); more is a
+    /// deterministic error (a write's outcome is stored in `raftpg.requests`, whose jsonb must
+    /// never overflow).
+    pub result_bytes_max: usize,
     /// Longest pause between retries after an environmental error.
     pub retry_backoff_max: Duration,
     /// For how many later writes a request id's result is kept for retries.
@@ -58,6 +62,7 @@ impl Default for ApplyLimits {
         ApplyLimits {
             batch_entries_max: 256,
             result_rows_max: 10_000,
+            result_bytes_max: 16 * 1024 * 1024,
             retry_backoff_max: Duration::from_secs(2),
             request_retention_writes: 1_000_000,
         }
@@ -725,6 +730,7 @@ impl StateMachineCore {
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
+        info!(id = %meta.snapshot_id, "received snapshot");
         snapshot
             .sync_all()
             .await

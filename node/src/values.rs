@@ -83,6 +83,18 @@ pub fn to_proto(v: &SqlValue) -> PValue {
     PValue { kind: Some(kind) }
 }
 
+/// Approximate size of a value as stored and sent (for result size limits).
+pub fn approx_size(v: &SqlValue) -> usize {
+    8 + match v {
+        SqlValue::Numeric(s) | SqlValue::Text(s) | SqlValue::Json(s) | SqlValue::Jsonb(s) => {
+            s.len()
+        }
+        // Stored as a JSON array of numbers: up to 4 characters a byte.
+        SqlValue::Bytes(b) => 4 * b.len(),
+        _ => 16,
+    }
+}
+
 /// Name of a value's raftpg type, for error messages.
 pub fn kind_name(v: &SqlValue) -> &'static str {
     match v {

@@ -362,3 +362,73 @@ async fn currval_depends_only_on_its_write() {
     canary(c, 1).await;
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }
+
+/// A write whose rows would not fit in its stored outcome fails with `54000` (all its
+/// statements together), alone and among concurrent writes, and writes nothing anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_write_results_are_the_writes_error() {
+    let tc = testkit::start_cluster_with(
+        "result_bytes",
+        107,
+        3,
+        &["--write-result-bytes-max", "100000"],
+    )
+    .await
+    .unwrap();
+    let c = &tc.client;
+    ok(
+        c,
+        &[
+            "CREATE TABLE canary (k bigint PRIMARY KEY)",
+            "CREATE TABLE big (id int PRIMARY KEY, v text)",
+        ],
+    )
+    .await;
+    let huge = "INSERT INTO big SELECT g, repeat('x', 1000) FROM generate_series(1, 200) g ORDER BY g RETURNING *";
+    assert_eq!(fails_with(c, &[huge]).await, "54000");
+    // Two statements under the limit each, over it together.
+    assert_eq!(
+        fails_with(
+            c,
+            &[
+                "INSERT INTO big SELECT g, repeat('y', 1000) FROM generate_series(1, 60) g ORDER BY g RETURNING v",
+                "INSERT INTO big SELECT g, repeat('z', 1000) FROM generate_series(61, 120) g ORDER BY g RETURNING v",
+            ]
+        )
+        .await,
+        "54000"
+    );
+    let mut tasks = Vec::new();
+    for i in 0..20i64 {
+        let c = Client::new(&tc.cluster.addrs()).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let rows = if i % 4 == 0 { 150 } else { 10 };
+            c.execute_one(
+                "INSERT INTO big SELECT $1 * 1000 + g, repeat('w', 1000) FROM generate_series(1, $2) g ORDER BY g RETURNING v",
+                vec![values::int(i), values::int(rows)],
+            )
+            .await
+            .map_err(|e| e.sqlstate())
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap();
+        if i % 4 == 0 {
+            assert_eq!(r.err().flatten().as_deref(), Some("54000"), "write {i}");
+        } else {
+            assert!(r.is_ok(), "write {i}: {r:?}");
+        }
+    }
+    canary(c, 1).await;
+    let n: i64 = tc
+        .pg(2)
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM big", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 15 * 10);
+    appliers_healthy(&tc).await;
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}
