@@ -47,9 +47,9 @@ pub struct ApplyLimits {
     pub batch_entries_max: usize,
     /// Most rows a single statement may return (RETURNING); more is a deterministic error.
     pub result_rows_max: usize,
-    /// Most bytes (approximate) of the rows of one statement's result (RETURNING); more is a
-    /// deterministic error (a write's outcome is stored in `raftpg.requests`, whose jsonb must
-    /// never overflow).
+    /// Most bytes (approximate) of the rows one write returns, all its statements together
+    /// (RETURNING); more is a deterministic error (a write's outcome is stored in
+    /// `raftpg.requests`, whose jsonb must never overflow).
     pub result_bytes_max: usize,
     /// Longest pause between retries after an environmental error.
     pub retry_backoff_max: Duration,
