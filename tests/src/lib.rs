@@ -37,6 +37,18 @@ pub async fn start_cluster_with(
     nodes: usize,
     extra: &[&str],
 ) -> anyhow::Result<TestCluster> {
+    start_cluster_env(name, net, nodes, extra, Vec::new()).await
+}
+
+/// Like [`start_cluster_with`], with environment variables per node (node `i` gets
+/// `node_env[i - 1]`), e.g. libfaketime for a skewed clock.
+pub async fn start_cluster_env(
+    name: &str,
+    net: u8,
+    nodes: usize,
+    extra: &[&str],
+    node_env: Vec<Vec<(String, String)>>,
+) -> anyhow::Result<TestCluster> {
     let dir = PathBuf::from(
         std::env::var("RAFTPG_TEST_DIR").unwrap_or_else(|_| "/tmp/raftpg-tests".into()),
     )
@@ -51,6 +63,7 @@ pub async fn start_cluster_with(
         .collect();
     spec.extra_args = vec!["--pg-shared-buffers".into(), "16MB".into()];
     spec.extra_args.extend(extra.iter().map(|s| s.to_string()));
+    spec.node_env = node_env;
     let cluster = LocalCluster::start(spec).context("starting cluster")?;
     let client = Client::with_config(
         &cluster.addrs(),

@@ -209,3 +209,71 @@ async fn follower_postgres_frozen_under_load_catches_up() {
     let check = tc.client.check(Duration::from_secs(60)).await.unwrap();
     assert!(check.identical, "{:?}", check.differences);
 }
+
+/// Entry timestamps never go backwards along the log, even when a leader whose clock is an
+/// hour behind takes over from one whose clock is an hour ahead right after restarting (it
+/// applied nothing since its start, so it had observed no timestamp): `now()` of later writes
+/// is never earlier than that of earlier ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn timestamps_never_go_back_when_a_restarted_node_takes_over_from_a_skewed_leader() {
+    const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    assert!(
+        std::path::Path::new(FAKETIME_LIB).exists(),
+        "{FAKETIME_LIB} missing (apt-get install faketime)"
+    );
+    let ahead = vec![
+        ("LD_PRELOAD".to_string(), FAKETIME_LIB.to_string()),
+        ("FAKETIME".to_string(), "+1h".to_string()),
+    ];
+    let mut tc = testkit::start_cluster_env("clock_skew", 34, 3, &[], vec![ahead])
+        .await
+        .unwrap();
+    let c = &tc.client;
+    c.wait_for_leader(Duration::from_secs(60)).await.unwrap();
+    // Node 1 (an hour ahead) leads and writes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let _ = c.transfer_leader(1).await;
+        if c.status_of(0).await.is_ok_and(|s| s.leader_id == 1) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "node 1 never led");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    c.execute_one(
+        "CREATE TABLE ev (n int PRIMARY KEY, at timestamptz DEFAULT now())",
+        vec![],
+    )
+    .await
+    .unwrap();
+    for n in 1..=3 {
+        let r = c
+            .execute_one("INSERT INTO ev (n) VALUES ($1)", vec![values::int(n)])
+            .await
+            .unwrap();
+        assert_eq!(r.leader_id, 1);
+    }
+    // Nodes 2 and 3 restart (they observe nothing: everything is applied already), then the
+    // skewed leader dies and one of them takes over.
+    for id in [2, 3] {
+        tc.cluster.kill_node(id);
+        tc.cluster.start_node(id).unwrap();
+    }
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+    tc.cluster.kill_node(1);
+    let r = c
+        .execute_one("INSERT INTO ev (n) VALUES (4)", vec![])
+        .await
+        .unwrap();
+    assert_ne!(r.leader_id, 1);
+    let pg = tc.pg(r.leader_id).await.unwrap();
+    let rows = pg
+        .query("SELECT n, at FROM ev ORDER BY n", &[])
+        .await
+        .unwrap();
+    let ats: Vec<std::time::SystemTime> = rows.iter().map(|r| r.get(1)).collect();
+    assert!(
+        ats.windows(2).all(|w| w[0] <= w[1]),
+        "now() went backwards along the log: {ats:?}"
+    );
+}
