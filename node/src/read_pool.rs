@@ -3,11 +3,34 @@
 //!
 //! Owns up to `connections_max` PostgreSQL connections as the read-only role. A caller waits at
 //! most `wait_max` for a free connection. Connections found closed are dropped and replaced.
+//!
+//! **A connection goes back to the pool only when its borrower says it is clean**
+//! ([`PooledClient::release`]): no statement of it still running, no transaction left open
+//! except one whose `ROLLBACK` is already queued. A borrower that is dropped without releasing
+//! (deadline hit, client gone, rows left unread) closes the connection at once: its PostgreSQL
+//! session ends, so a read transaction never outlives its request and never holds locks that
+//! the applier's DDL waits for (the applier runs without `lock_timeout`, by design).
+//!
+//! Every read session also carries server-side time limits as a backstop
+//! ([`READ_DURATION_MAX`] plus slack), should a transaction escape the node's own deadline.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+
+/// Longest time one read (consistency wait, query and sending its rows) may take, however
+/// slowly its client reads. A request's `timeout_ms` can only shorten it.
+pub const READ_DURATION_MAX: Duration = Duration::from_secs(60);
+
+/// How much later than [`READ_DURATION_MAX`] PostgreSQL itself ends a read statement or an idle
+/// read transaction: the node's own deadline comes first; this only catches what escapes it.
+const BACKSTOP_SLACK: Duration = Duration::from_secs(10);
+
+/// How often PostgreSQL checks, while it runs a read, whether the node closed the connection
+/// (so a query abandoned by a discarded connection stops within this, not at its end).
+const CLIENT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why a read connection could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -20,19 +43,35 @@ pub enum PoolError {
     Connect(#[from] tokio_postgres::Error),
 }
 
+/// One open read session: the client half and the task driving its socket.
+struct Conn {
+    client: tokio_postgres::Client,
+    /// Aborting it closes the socket; PostgreSQL then ends the session (and its transaction).
+    io: JoinHandle<()>,
+}
+
+impl Conn {
+    /// Ends the session now, whatever it is doing.
+    fn close(self) {
+        self.io.abort();
+    }
+}
+
 /// A bounded pool of read connections.
 pub struct ReadPool {
     config: tokio_postgres::Config,
-    idle: Mutex<Vec<tokio_postgres::Client>>,
+    idle: Mutex<Vec<Conn>>,
     permits: std::sync::Arc<Semaphore>,
     connections_max: usize,
     wait_max: Duration,
 }
 
-/// A connection lent by the pool; returned to it when dropped (unless closed).
+/// A connection lent by the pool. Returned to it by [`PooledClient::release`]; dropped without
+/// it, the connection is closed (its state is unknown).
 pub struct PooledClient {
     pool: std::sync::Arc<ReadPool>,
-    client: Option<tokio_postgres::Client>,
+    conn: Option<Conn>,
+    clean: bool,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -55,56 +94,116 @@ impl ReadPool {
             .await
             .map_err(|_| PoolError::Busy(self.connections_max))?
             .map_err(|_| PoolError::Busy(self.connections_max))?;
-        let reused = {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let mut found = None;
-            while let Some(c) = idle.pop() {
-                if !c.is_closed() {
-                    found = Some(c);
-                    break;
-                }
-            }
-            found
-        };
-        let client = match reused {
+        let conn = match self.take_idle() {
             Some(c) => c,
-            None => {
-                let (client, conn) = self.config.connect(tokio_postgres::NoTls).await?;
-                tokio::spawn(conn);
-                client
-                    .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET search_path = public; SET default_transaction_read_only = on")
-                    .await?;
-                client
-            }
+            None => self.connect().await?,
         };
         Ok(PooledClient {
             pool: self.clone(),
-            client: Some(client),
+            conn: Some(conn),
+            clean: false,
             _permit: permit,
         })
     }
+
+    /// The most recently returned idle connection that is still open.
+    fn take_idle(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(c) = idle.pop() {
+            if !c.client.is_closed() {
+                return Some(c);
+            }
+            c.close();
+        }
+        None
+    }
+
+    /// Opens a read session with the fixed session settings and the backstop time limits.
+    async fn connect(&self) -> Result<Conn, PoolError> {
+        let (client, connection) = self.config.connect(tokio_postgres::NoTls).await?;
+        let io = tokio::spawn(async move {
+            // Errors surface to the client half as a closed connection.
+            let _ = connection.await;
+        });
+        let conn = Conn { client, io };
+        if let Err(e) = conn.client.batch_execute(&session_settings_sql()).await {
+            conn.close();
+            return Err(e.into());
+        }
+        // Best effort: PostgreSQL before 14 lacks this setting; the backstop above still holds.
+        let _ = conn
+            .client
+            .batch_execute(&format!(
+                "SET client_connection_check_interval = {}",
+                CLIENT_CHECK_INTERVAL.as_millis()
+            ))
+            .await;
+        Ok(conn)
+    }
+}
+
+/// The session settings of every read connection: fixed output formats, read-only, and the
+/// server-side backstop that ends any read statement or idle read transaction some time after
+/// the node's own deadline ([`READ_DURATION_MAX`]) should have ended it.
+fn session_settings_sql() -> String {
+    let backstop_ms = (READ_DURATION_MAX + BACKSTOP_SLACK).as_millis();
+    format!(
+        "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET search_path = public; \
+         SET default_transaction_read_only = on; \
+         SET statement_timeout = {backstop_ms}; \
+         SET idle_in_transaction_session_timeout = {backstop_ms}"
+    )
 }
 
 impl PooledClient {
     /// The connection.
     pub fn client(&mut self) -> &mut tokio_postgres::Client {
         // Set in `get` and only taken in `drop`.
-        self.client
+        &mut self
+            .conn
             .as_mut()
             .expect("a pooled client holds a connection until dropped")
+            .client
+    }
+
+    /// Returns the connection to the pool. Call only when every statement sent on it has
+    /// completed (its transaction committed, rolled back, or dropped with its `ROLLBACK`
+    /// queued); otherwise just drop the borrower and the connection is closed.
+    pub fn release(mut self) {
+        self.clean = true;
     }
 }
 
 impl Drop for PooledClient {
     fn drop(&mut self) {
-        if let Some(c) = self.client.take() {
-            if !c.is_closed() {
-                self.pool
-                    .idle
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(c);
-            }
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if self.clean && !conn.client.is_closed() {
+            self.pool
+                .idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(conn);
+        } else {
+            conn.close();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backstop_comes_after_the_node_deadline() {
+        let sql = session_settings_sql();
+        let backstop = (READ_DURATION_MAX + BACKSTOP_SLACK).as_millis();
+        assert!(backstop > READ_DURATION_MAX.as_millis());
+        assert!(sql.contains(&format!("SET statement_timeout = {backstop}")));
+        assert!(sql.contains(&format!(
+            "SET idle_in_transaction_session_timeout = {backstop}"
+        )));
+        assert!(sql.contains("default_transaction_read_only = on"));
     }
 }

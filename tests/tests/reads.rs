@@ -1,11 +1,13 @@
 //! Read consistency: read-your-writes on any node, linearizable reads on followers under load,
-//! a node cut off from the majority refusing linearizable reads, and streamed large results.
+//! a node cut off from the majority refusing linearizable reads, streamed large results, and
+//! reads bounded in time (a stalled stream does not hold DDL up).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use raftpg_client::v1::{Consistency, QueryRequest};
+use raftpg_client::v1::read_client::ReadClient;
+use raftpg_client::v1::{Consistency, QueryChunk, QueryRequest};
 use testkit::{start_cluster, values};
 use tonic::Code;
 
@@ -204,18 +206,17 @@ async fn large_results_stream_and_unary_reads_are_bounded() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
-    // ...the stream delivers all of it, in chunks.
-    let (cols, rows, applied) = c
-        .query_stream_node(
-            1,
-            q(
-                "SELECT * FROM big ORDER BY id",
-                Consistency::AtLeast,
-                w.log_index,
-            ),
-        )
-        .await
-        .unwrap();
+    // ...the stream delivers all of it, in chunks (timeout_ms bounds the whole read: room for
+    // 30 MB on a slow machine).
+    let mut all = q(
+        "SELECT * FROM big ORDER BY id",
+        Consistency::AtLeast,
+        w.log_index,
+    );
+    all.timeout_ms = 60_000;
+    let t = Instant::now();
+    let (cols, rows, applied) = c.query_stream_node(1, all).await.unwrap();
+    eprintln!("streamed 150,000 rows in {:?}", t.elapsed());
     assert_eq!(cols.len(), 2);
     assert_eq!(rows.len(), 150_000);
     assert!(applied >= w.log_index);
@@ -225,4 +226,206 @@ async fn large_results_stream_and_unary_reads_are_bounded() {
     limited.max_rows = 1000;
     let e = c.query_stream_node(2, limited).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+}
+
+/// The time bound of the stalled reads below (their `timeout_ms`).
+const STALL_BOUND: Duration = Duration::from_secs(4);
+
+/// Rows the stalled stream would produce if read to the end: far more than the chunk channel
+/// and the HTTP/2 windows hold, so the node is left with rows it cannot send.
+const STALL_SQL: &str =
+    "SELECT w.id, g, repeat('x', 100) FROM wide w, generate_series(1, 5000000) g";
+
+/// A QueryStream on node `node` (index into the addresses) that is read up to its first chunk
+/// and then left unread, holding its read transaction's lock on `wide`.
+async fn stalled_stream(
+    tc: &testkit::TestCluster,
+    node: u64,
+    min_index: u64,
+) -> tonic::Streaming<QueryChunk> {
+    let addr = format!("http://{}", tc.cluster.node(node).addr);
+    let mut client = ReadClient::connect(addr)
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 * 1024 * 1024);
+    let mut req = q(STALL_SQL, Consistency::AtLeast, min_index);
+    req.timeout_ms = STALL_BOUND.as_millis() as u32;
+    let mut stream = client.query_stream(req).await.unwrap().into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the stream's first chunk within 10 s")
+        .unwrap()
+        .expect("a first chunk");
+    assert_eq!(first.columns.len(), 3);
+    stream
+}
+
+/// Read sessions on node `id` holding a lock on table `wide`, read directly from PostgreSQL.
+async fn reader_locks_on_wide(tc: &testkit::TestCluster, id: u64) -> i64 {
+    let pg = tc.pg(id).await.unwrap();
+    pg.query_one(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+         WHERE l.relation = 'public.wide'::regclass AND l.granted
+           AND a.application_name = 'raftpg-reader'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Reads what is left of a stalled stream: it must end with DEADLINE_EXCEEDED before all rows.
+async fn drain_stalled(node: u64, mut stream: tonic::Streaming<QueryChunk>) {
+    let mut rows = 0usize;
+    let ending = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(chunk)) => rows += chunk.rows.len(),
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the rest of a stalled stream arrives within 30 s");
+    let status = ending.unwrap_or_else(|| {
+        panic!("node {node}: the stalled stream ended well after {rows} more rows")
+    });
+    assert_eq!(
+        status.code(),
+        Code::DeadlineExceeded,
+        "node {node}: {status}"
+    );
+    assert!(
+        rows < 5_000_000,
+        "node {node}: the whole result was produced"
+    );
+    eprintln!("node {node}: stalled stream ended after {rows} more rows: {status}");
+}
+
+/// A QueryStream client that stops reading does not keep its read transaction: DDL through the
+/// log (ALTER TABLE needs the lock every stalled stream holds, on every node, and the applier
+/// waits for locks without a timeout) commits soon after the reads' bound, a write using the
+/// new column commits and is applied on every node, and the stalled streams end with
+/// DEADLINE_EXCEEDED. A unary read that runs too long ends the same way, and its PostgreSQL
+/// statement stops with it. Read sessions carry server-side timeouts as a backstop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_stream_does_not_hold_ddl_beyond_the_read_bound() {
+    let tc = start_cluster("stalled_stream", 91, 3).await.unwrap();
+    let c = &tc.client;
+    c.execute_one("CREATE TABLE wide (id int PRIMARY KEY)", vec![])
+        .await
+        .unwrap();
+    let w = c
+        .execute_one("INSERT INTO wide VALUES (1)", vec![])
+        .await
+        .unwrap();
+
+    // The backstop: PostgreSQL itself ends read statements and idle read transactions.
+    let r = c
+        .query_node(
+            0,
+            q(
+                "SELECT current_setting('statement_timeout'), current_setting('idle_in_transaction_session_timeout')",
+                Consistency::Local,
+                0,
+            ),
+        )
+        .await
+        .unwrap();
+    for v in &r.rows[0].values {
+        assert_eq!(values::as_str(v), Some("70s"), "{r:?}");
+    }
+
+    // A stalled stream on every node, each holding its lock on `wide`.
+    let started = Instant::now();
+    let mut stalled = Vec::new();
+    for id in 1..=3u64 {
+        stalled.push((id, stalled_stream(&tc, id, w.log_index).await));
+    }
+    for id in 1..=3u64 {
+        assert!(
+            reader_locks_on_wide(&tc, id).await >= 1,
+            "node {id}: the stalled stream holds no lock on wide"
+        );
+    }
+
+    // DDL needs every one of those locks gone (the leader's for the acknowledgement).
+    let ddl = tokio::time::timeout(
+        STALL_BOUND + Duration::from_secs(20),
+        c.execute_one("ALTER TABLE wide ADD COLUMN extra int", vec![]),
+    )
+    .await
+    .expect("the DDL commits within the read bound plus 20 s")
+    .unwrap();
+    let ddl_at = started.elapsed();
+    eprintln!("DDL committed {ddl_at:?} after the streams started");
+    assert!(
+        ddl_at >= STALL_BOUND.saturating_sub(Duration::from_millis(200)),
+        "the DDL committed after {ddl_at:?}, before the reads' bound: the stalled reads held nothing"
+    );
+    let canary = tokio::time::timeout(
+        Duration::from_secs(15),
+        c.execute_one("INSERT INTO wide (id, extra) VALUES (2, 7)", vec![]),
+    )
+    .await
+    .expect("the canary write commits within 15 s")
+    .unwrap();
+    assert!(canary.log_index > ddl.log_index);
+    for node in 0..3usize {
+        let r = c
+            .query_node(
+                node,
+                q(
+                    "SELECT extra FROM wide WHERE id = 2",
+                    Consistency::AtLeast,
+                    canary.log_index,
+                ),
+            )
+            .await
+            .unwrap();
+        assert_eq!(values::as_i64(&r.rows[0].values[0]), Some(7), "node {node}");
+    }
+    for id in 1..=3u64 {
+        assert_eq!(reader_locks_on_wide(&tc, id).await, 0, "node {id}");
+    }
+    for (id, stream) in stalled {
+        drain_stalled(id, stream).await;
+    }
+
+    // A unary read running past its bound ends with DEADLINE_EXCEEDED, and so does its
+    // statement in PostgreSQL (the node closes the connection instead of reusing it).
+    let mut slow = q("SELECT pg_sleep(30)::text", Consistency::Local, 0);
+    slow.timeout_ms = 2_000;
+    let t = Instant::now();
+    let e = c.query_node(0, slow).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let pg = tc.pg(1).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let running: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = 'raftpg-reader' AND state = 'active' AND query LIKE '%pg_sleep(30)%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned pg_sleep still runs 10 s after its read ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The node still reads normally afterwards.
+    let r = c
+        .query_node(0, q("SELECT count(*) FROM wide", Consistency::Local, 0))
+        .await
+        .unwrap();
+    assert_eq!(values::as_i64(&r.rows[0].values[0]), Some(2));
 }
