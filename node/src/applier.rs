@@ -69,19 +69,35 @@ enum StmtError {
 
 /// Whether a SQLSTATE is raised the same way on every node for the same entry and state.
 /// Unknown classes are treated as environmental: retrying is safe, recording is not.
+///
+/// Deterministic: data (22), integrity (23), syntax and access (42), PL/pgSQL conditions (20
+/// case not found, 24/34 cursors, P0), invalid transaction state (25, e.g. `VACUUM` inside a
+/// function; except 25P02/25P03, which only follow another error or a timeout), and the
+/// other classes a statement raises from its own input. Environmental: connection (08),
+/// resources (53), operator intervention and cancels (57), system (58), configuration (F0),
+/// internal errors (XX), transaction rollbacks (40: deadlocks and serialization failures
+/// depend on concurrent readers).
 pub fn is_deterministic(code: &str) -> bool {
-    const CLASSES: [&str; 15] = [
-        "0A", "21", "22", "23", "27", "2B", "2F", "38", "39", "3D", "3F", "42", "44", "54", "P0",
+    const CLASSES: [&str; 25] = [
+        "09", "0A", "0B", "0F", "0L", "0P", "0Z", "20", "21", "22", "23", "24", "25", "26", "27",
+        "2B", "2D", "2F", "34", "38", "39", "3B", "3D", "3F", "42",
     ];
-    const CODES: [&str; 6] = [
-        "55000",
-        "25001",
-        "0B000",
-        "2D000",
-        "3B001",
-        SESSION_CHANGED_SQLSTATE,
-    ];
-    CLASSES.iter().any(|c| code.starts_with(c)) || CODES.contains(&code)
+    const MORE_CLASSES: [&str; 3] = ["44", "54", "P0"];
+    const CODES: [&str; 2] = ["55000", SESSION_CHANGED_SQLSTATE];
+    const NOT: [&str; 2] = ["25P02", "25P03"];
+    !NOT.contains(&code)
+        && (CLASSES
+            .iter()
+            .chain(&MORE_CLASSES)
+            .any(|c| code.starts_with(c))
+            || CODES.contains(&code))
+}
+
+/// Whether an error was raised by a PL/pgSQL `RAISE` or `ASSERT` — the write's own code,
+/// deterministic whatever SQLSTATE it chose (`RAISE ... USING ERRCODE = '57014'` must not
+/// look like a cancel and be retried forever).
+fn raised_by_plpgsql(db: &tokio_postgres::error::DbError) -> bool {
+    matches!(db.routine(), Some("exec_stmt_raise" | "exec_stmt_assert"))
 }
 
 fn failure(code: &str, message: impl Into<String>) -> SqlFailure {
@@ -100,7 +116,7 @@ fn classify(e: tokio_postgres::Error) -> StmtError {
         let stale_cache = db
             .message()
             .starts_with("cached plan must not change result type");
-        if is_deterministic(code) && !stale_cache {
+        if (is_deterministic(code) || raised_by_plpgsql(db)) && !stale_cache {
             return StmtError::Deterministic(SqlFailure {
                 sqlstate: code.to_string(),
                 message: db.message().to_string(),
@@ -1112,6 +1128,22 @@ async fn execute_checked(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn deterministic_classes() {
+        for code in [
+            "23503", "22012", "42P01", "P0001", "20000", "24000", "25001", "RP002", "55000",
+            "0A000",
+        ] {
+            assert!(super::is_deterministic(code), "{code}");
+        }
+        for code in [
+            "08006", "53100", "57014", "58030", "XX000", "40P01", "40001", "25P02", "25P03",
+            "55P03", "F0000",
+        ] {
+            assert!(!super::is_deterministic(code), "{code}");
+        }
+    }
+
     #[test]
     fn dml_detection() {
         assert!(super::is_dml("  insert into t values (1)"));

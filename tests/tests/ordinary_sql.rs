@@ -363,6 +363,40 @@ async fn currval_depends_only_on_its_write() {
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }
 
+/// Errors a write raises itself are its result whatever SQLSTATE they carry — also codes that
+/// would look environmental (a cancel, disk full) — and PL/pgSQL conditions such as a CASE
+/// without a match; none of them stops the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn errors_a_write_raises_itself_are_its_result() {
+    let tc = cluster("raised", 108).await;
+    let c = &tc.client;
+    for (sql, code) in [
+        (
+            "DO $$ BEGIN RAISE EXCEPTION 'stop' USING ERRCODE = '57014'; END $$",
+            "57014",
+        ),
+        (
+            "DO $$ BEGIN RAISE EXCEPTION 'full' USING ERRCODE = 'disk_full'; END $$",
+            "53100",
+        ),
+        (
+            "DO $$ BEGIN RAISE EXCEPTION 'gone' USING ERRCODE = '08006'; END $$",
+            "08006",
+        ),
+        (
+            "DO $$ BEGIN CASE 1 WHEN 2 THEN NULL; END CASE; END $$",
+            "20000",
+        ),
+        ("DO $$ BEGIN ASSERT 1 = 2; END $$", "P0004"),
+        ("DO $$ BEGIN EXECUTE 'VACUUM'; END $$", "25001"),
+    ] {
+        assert_eq!(fails_with(c, &[sql]).await, code, "{sql}");
+    }
+    canary(c, 1).await;
+    appliers_healthy(&tc).await;
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}
+
 /// A write whose rows would not fit in its stored outcome fails with `54000` (all its
 /// statements together), alone and among concurrent writes, and writes nothing anywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
