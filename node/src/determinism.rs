@@ -130,9 +130,12 @@ fn check_raftpg_names(tree: &serde_json::Value) -> Result<(), Refusal> {
                             let lower = s.to_ascii_lowercase();
                             // A string naming an object in schema raftpg, or a search_path
                             // that includes it.
+                            // ("$user" is the applier's role, raftpg: its schema.)
                             if lower.starts_with("raftpg.")
                                 || (inside_set
-                                    && lower.split([',', ' ', '"']).any(|p| p == RAFTPG_SCHEMA))
+                                    && lower
+                                        .split([',', ' ', '"'])
+                                        .any(|p| p == RAFTPG_SCHEMA || p == "$user"))
                             {
                                 return Err(raftpg_reference());
                             }
@@ -1083,6 +1086,8 @@ mod tests {
             "SELECT pg_relation_size('raftpg.applied')",
             "SET LOCAL search_path = app, raftpg",
             "SET LOCAL search_path = 'raftpg'",
+            "SET LOCAL search_path = \"$user\", public",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path = '$user' AS $$ SELECT 1 $$",
             "TRUNCATE raftpg.requests",
             "COMMENT ON SCHEMA raftpg IS 'x'",
             "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $$ DELETE FROM raftpg.requests $$",
