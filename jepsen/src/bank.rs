@@ -42,6 +42,7 @@ pub async fn client(env: Env, slot: u64) {
     let mut rng = Lcg::new(env.seed.wrapping_add(slot * 15_485_863));
     let nodes = env.addrs.len() as u64;
     while !env.stopped() {
+        let _op = env.op().await;
         if rng.chance(50) {
             env.history.push("invoke", p.id, "read", Json::Null);
             let node = rng.next(nodes) as usize;

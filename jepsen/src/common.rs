@@ -2,7 +2,7 @@
 //! retired after an unknown outcome, outcome classification, final per-node reads and the
 //! result row of a workload.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,12 +59,20 @@ pub struct Env {
     pub clients: u64,
     /// Seed of this run.
     pub seed: u64,
+    /// Lets the nemesis hold every workload of the run still (shared by all workloads).
+    pub quiet: Arc<Quiet>,
 }
 
 impl Env {
     /// Whether the load phase is over.
     pub fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Starts one operation (with all its retries): waits while the nemesis holds the run
+    /// quiet, then counts the operation as in flight until the guard is dropped.
+    pub async fn op(&self) -> OpGuard {
+        self.quiet.enter(&self.stop).await
     }
 
     /// A client whose first choice is node `slot % n` (so that writes enter through every
@@ -77,6 +85,59 @@ impl Env {
             .map(|i| self.addrs[(first + i) % n].clone())
             .collect();
         Client::with_config(&rotated, client_config()).expect("valid addresses")
+    }
+}
+
+/// A gate that lets the nemesis make a whole run idle: while it is held no workload starts an
+/// operation, and [`Quiet::hold`] returns once every operation in flight has completed.
+#[derive(Default)]
+pub struct Quiet {
+    held: AtomicBool,
+    in_flight: AtomicU64,
+}
+
+/// One operation in flight (see [`Env::op`]).
+pub struct OpGuard(Arc<Quiet>);
+
+impl Drop for OpGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Quiet {
+    async fn enter(self: &Arc<Self>, stop: &AtomicBool) -> OpGuard {
+        loop {
+            // Announce first, then look at the gate: `hold` sets the gate first, then looks at
+            // the count, so one of the two always sees the other (SeqCst).
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            if !self.held.load(Ordering::SeqCst) || stop.load(Ordering::Relaxed) {
+                return OpGuard(self.clone());
+            }
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            while self.held.load(Ordering::SeqCst) && !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    /// Stops new operations and waits (at most `timeout`) until none is in flight. Returns
+    /// whether the run is idle.
+    pub async fn hold(&self, timeout: Duration) -> bool {
+        self.held.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        while self.in_flight.load(Ordering::SeqCst) > 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    /// Lets operations start again.
+    pub fn release(&self) {
+        self.held.store(false, Ordering::SeqCst);
     }
 }
 

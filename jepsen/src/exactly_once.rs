@@ -30,6 +30,7 @@ pub async fn client(env: Env, slot: u64) {
     let client_id = format!("jepsen-eo-{}-{slot}", env.seed);
     let mut seq = 0u64;
     while !env.stopped() {
+        let _op = env.op().await;
         seq += 1;
         let rid = format!("{slot}-{seq}");
         let statement = Statement {
@@ -80,6 +81,14 @@ pub async fn client(env: Env, slot: u64) {
             }
         }
     }
+}
+
+/// Acknowledged request ids (for the idle reads of the pg-kill-idle nemesis).
+pub fn acked(ops: &[Op]) -> BTreeSet<String> {
+    ops.iter()
+        .filter(|o| o.f == "insert" && o.kind == "ok")
+        .filter_map(|o| o.value.as_str().map(str::to_string))
+        .collect()
 }
 
 /// Checks a history against each node's final copy (rid → number of rows).

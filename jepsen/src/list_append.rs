@@ -47,6 +47,7 @@ pub async fn client(env: Env, slot: u64, counter: Arc<AtomicU64>) {
     let mut rng = Lcg::new(env.seed.wrapping_add(slot * 104_729));
     let nodes = env.addrs.len() as u64;
     while !env.stopped() {
+        let _op = env.op().await;
         let t = counter.fetch_add(1, Ordering::Relaxed);
         let base = t / TXNS_PER_SLIDE;
         let read_only = rng.chance(30);

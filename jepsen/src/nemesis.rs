@@ -1,7 +1,9 @@
 //! Nemeses: the faults injected during a run, and the healing after each one.
 //!
 //! - `kill` (SIGKILL a node process, restart it), `pg-kill` (SIGKILL a node's postmaster; the
-//!   node restarts it);
+//!   node restarts it), `pg-kill-idle` (the workloads are held still, the nemesis writes a few
+//!   rows, SIGKILLs one node's postmaster and at once reads every acknowledged write back at
+//!   `LINEARIZABLE` from that node; see [`crate::idle`]);
 //! - `pause` / `pg-pause` (SIGSTOP, later SIGCONT, of a node process or of its whole
 //!   PostgreSQL);
 //! - `partition-halves`, `partition-leader` (the leader alone), `partition-ring` (every node
@@ -17,21 +19,24 @@
 //! - `membership`: a node is removed from the cluster, wiped, started empty, added back as a
 //!   learner (snapshot install) and promoted.
 //!
-//! Families for `--nemesis`: `kill` = kill + pg-kill, `pause` = pause + pg-pause,
+//! Families for `--nemesis`: `kill` = kill + pg-kill + pg-kill-idle, `pause` = pause + pg-pause,
 //! `partition` = the four partitions + loss, `clock`, `membership`, `all`, `none`.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use raftpg_client::{Client, LocalCluster};
+use raftpg_client::v1::{Consistency, QueryRequest};
+use raftpg_client::{values, Client, LocalCluster};
 
-use crate::common::Lcg;
+use crate::common::{Lcg, Quiet};
 use crate::history::History;
+use crate::idle::{self, Probe};
 
 /// Process id of nemesis events in histories.
 pub const NEMESIS: u64 = u64::MAX;
@@ -41,6 +46,7 @@ pub const NEMESIS: u64 = u64::MAX;
 pub enum Fault {
     Kill,
     PgKill,
+    PgKillIdle,
     Pause,
     PgPause,
     PartitionHalves,
@@ -58,6 +64,7 @@ impl Fault {
         match self {
             Fault::Kill => "kill",
             Fault::PgKill => "pg-kill",
+            Fault::PgKillIdle => "pg-kill-idle",
             Fault::Pause => "pause",
             Fault::PgPause => "pg-pause",
             Fault::PartitionHalves => "partition-halves",
@@ -82,9 +89,10 @@ impl Fault {
     }
 }
 
-const ALL: [Fault; 11] = [
+const ALL: [Fault; 12] = [
     Fault::Kill,
     Fault::PgKill,
+    Fault::PgKillIdle,
     Fault::Pause,
     Fault::PgPause,
     Fault::PartitionHalves,
@@ -103,7 +111,7 @@ pub fn parse(names: &[String]) -> anyhow::Result<Vec<Fault>> {
         let add: Vec<Fault> = match name.as_str() {
             "none" | "" => vec![],
             "all" => ALL.to_vec(),
-            "kill" => vec![Fault::Kill, Fault::PgKill],
+            "kill" => vec![Fault::Kill, Fault::PgKill, Fault::PgKillIdle],
             "pause" => vec![Fault::Pause, Fault::PgPause],
             "partition" => vec![
                 Fault::PartitionHalves,
@@ -129,6 +137,11 @@ pub fn parse(names: &[String]) -> anyhow::Result<Vec<Fault>> {
 /// Whether any fault needs iptables.
 pub fn needs_network(faults: &[Fault]) -> bool {
     faults.iter().any(|f| f.is_network())
+}
+
+/// Whether any fault reads back acknowledged writes on an idle cluster (it needs its table).
+pub fn needs_idle(faults: &[Fault]) -> bool {
+    faults.contains(&Fault::PgKillIdle)
 }
 
 /// Whether any fault needs libfaketime.
@@ -263,6 +276,9 @@ impl Drop for Net {
 /// libfaketime as Debian installs it.
 const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
+/// Environment variables of each node (node `i` gets entry `i - 1`).
+pub type NodeEnvs = Vec<Vec<(String, String)>>;
+
 /// Per-node clock offsets through libfaketime offset files.
 pub struct Clocks {
     dir: PathBuf,
@@ -271,7 +287,7 @@ pub struct Clocks {
 impl Clocks {
     /// Creates one offset file per node (offset 0) and returns the environment each node must
     /// start with.
-    pub fn new(dir: &Path, nodes: usize) -> anyhow::Result<(Clocks, Vec<Vec<(String, String)>>)> {
+    pub fn new(dir: &Path, nodes: usize) -> anyhow::Result<(Clocks, NodeEnvs)> {
         if !Path::new(FAKETIME_LIB).exists() {
             bail!("{FAKETIME_LIB} is missing (install it: apt-get install faketime)");
         }
@@ -331,6 +347,15 @@ pub struct Nemesis {
     pub history: Arc<History>,
     /// Draws fault kinds and targets.
     pub rng: Lcg,
+    /// Holds every workload of the run still (`pg-kill-idle`).
+    pub quiet: Arc<Quiet>,
+    /// What `pg-kill-idle` reads back after a kill.
+    pub probes: Vec<Probe>,
+    /// `pg-kill-idle`'s reads.
+    pub idle_history: Arc<History>,
+    /// Rows of `jepsen_idle` written so far, and those acknowledged.
+    pub idle_rounds: i64,
+    pub idle_acked: BTreeSet<String>,
 }
 
 /// A fault in force and what healing it needs.
@@ -402,6 +427,15 @@ impl Nemesis {
                 let v = self.random_node();
                 self.cluster.signal_node(v, libc::SIGSTOP);
                 nodes.push(v);
+            }
+            Fault::PgKillIdle => {
+                let v = self.random_node();
+                let idle = self.quiet.hold(Duration::from_secs(20)).await;
+                let r = self.kill_idle(v, idle).await;
+                self.quiet.release();
+                if r? {
+                    nodes.push(v);
+                }
             }
             Fault::PgPause => {
                 let v = self.random_node();
@@ -489,6 +523,128 @@ impl Nemesis {
         Ok(Active { fault, nodes })
     }
 
+    /// `pg-kill-idle` on node `v` while the workloads are held still (`idle`: nothing was in
+    /// flight): a few writes of our own, SIGKILL of `v`'s postmaster once `v` applied them, and
+    /// at once a LINEARIZABLE read on `v` of our rows and of each workload's acknowledged writes.
+    /// Returns whether it killed.
+    async fn kill_idle(&mut self, v: u64, idle: bool) -> anyhow::Result<bool> {
+        let pos = (v - 1) as usize;
+        let mut checks: Vec<(String, String, BTreeSet<String>)> = self
+            .probes
+            .iter()
+            .map(|p| {
+                (
+                    p.workload.to_string(),
+                    p.sql.to_string(),
+                    (p.acked)(&p.history.ops()),
+                )
+            })
+            .collect();
+        // The last commits before the kill: rows of our own (those PostgreSQL is likeliest to
+        // lose, being committed a moment before it dies).
+        let mut probe_index = 0;
+        for _ in 0..3 {
+            self.idle_rounds += 1;
+            let round = self.idle_rounds;
+            let w = self.admin.execute_one(
+                "INSERT INTO jepsen_idle (round) VALUES ($1)",
+                vec![values::int(round)],
+            );
+            match tokio::time::timeout(Duration::from_secs(5), w).await {
+                Ok(Ok(r)) => {
+                    self.idle_acked.insert(round.to_string());
+                    probe_index = r.log_index;
+                }
+                other => {
+                    // A cluster that takes no write now has other trouble (the workloads'
+                    // histories show it): no kill this time.
+                    eprintln!("nemesis: pg-kill-idle write {round}: {other:?}; no kill this round");
+                    return Ok(false);
+                }
+            }
+        }
+        checks.insert(
+            0,
+            (
+                "nemesis".into(),
+                idle::OWN_SQL.into(),
+                self.idle_acked.clone(),
+            ),
+        );
+        // Kill once `v`'s PostgreSQL committed them (asynchronously: it may lose them).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut applied = 0;
+        loop {
+            if let Ok(s) = self.admin.status_of(pos).await {
+                applied = s.applied_index;
+            }
+            if applied >= probe_index || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let killed = Instant::now();
+        if !self.cluster.kill_postgres(v) {
+            eprintln!("nemesis: pg-kill-idle: node {v} has no PostgreSQL to kill");
+            return Ok(false);
+        }
+        let mut first = true;
+        for (workload, sql, acked) in checks {
+            let invoke = serde_json::json!({"node": v, "workload": workload, "acked": acked.len()});
+            self.idle_history
+                .push("invoke", NEMESIS, "idle-read", invoke.clone());
+            let req = QueryRequest {
+                sql: sql.clone(),
+                consistency: Consistency::Linearizable as i32,
+                timeout_ms: 5_000,
+                ..Default::default()
+            };
+            // The node answers once its PostgreSQL is back (the supervisor restarts it).
+            let deadline = Instant::now() + Duration::from_secs(if first { 60 } else { 15 });
+            first = false;
+            let mut failed_attempts = 0u32;
+            let r = loop {
+                match self.admin.query_node(pos, req.clone()).await {
+                    Ok(r) => break Ok(r),
+                    Err(e) if Instant::now() < deadline => {
+                        failed_attempts += 1;
+                        if failed_attempts == 1 || failed_attempts.is_multiple_of(50) {
+                            eprintln!("nemesis: idle read on node {v}: {e}; retrying");
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            match r {
+                Ok(r) => {
+                    let seen = idle::first_column(&r.rows);
+                    let value = idle::read_value(
+                        v,
+                        &workload,
+                        &acked,
+                        &seen,
+                        r.applied_index,
+                        probe_index,
+                        applied,
+                        killed.elapsed().as_millis() as u64,
+                        failed_attempts,
+                        idle,
+                    );
+                    self.idle_history.push("ok", NEMESIS, "idle-read", value);
+                }
+                Err(e) => self.idle_history.push_error(
+                    "fail",
+                    NEMESIS,
+                    "idle-read",
+                    invoke,
+                    Some(e.to_string()),
+                ),
+            }
+        }
+        Ok(true)
+    }
+
     fn net(&self) -> anyhow::Result<&Net> {
         self.net
             .as_ref()
@@ -502,7 +658,7 @@ impl Nemesis {
                     self.cluster.start_node(*v)?;
                 }
             }
-            Fault::PgKill => {}
+            Fault::PgKill | Fault::PgKillIdle => {}
             Fault::Pause => {
                 for v in &a.nodes {
                     self.cluster.signal_node(*v, libc::SIGCONT);
@@ -579,6 +735,7 @@ impl Nemesis {
     /// Ends every fault: network healed, clocks reset, every process running and resumed,
     /// every node a voter.
     pub async fn heal_all(&mut self) -> anyhow::Result<()> {
+        self.quiet.release();
         if let Some(net) = &self.net {
             net.heal()?;
         }

@@ -30,6 +30,7 @@ pub async fn client(env: Env, slot: u64, ops: Arc<AtomicU64>) {
     let mut rng = Lcg::new(env.seed.wrapping_add(slot * 7919));
     let nodes = env.addrs.len() as u64;
     while !env.stopped() {
+        let _op = env.op().await;
         let k = (ops.fetch_add(1, Ordering::Relaxed) / OPS_PER_KEY) as i64;
         match rng.next(4) {
             0 | 1 => {

@@ -27,6 +27,7 @@ pub async fn client(env: Env, slot: u64) {
     let mut client = env.client(slot);
     let mut n: i64 = 0;
     while !env.stopped() {
+        let _op = env.op().await;
         n += 1;
         let v = (slot as i64) * 1_000_000_000 + n;
         env.history.push("invoke", p.id, "add", v.into());
@@ -48,6 +49,15 @@ pub async fn client(env: Env, slot: u64) {
             client = env.client(slot);
         }
     }
+}
+
+/// Values of acknowledged adds (for the idle reads of the pg-kill-idle nemesis).
+pub fn acked(ops: &[Op]) -> BTreeSet<String> {
+    ops.iter()
+        .filter(|o| o.f == "add" && o.kind == "ok")
+        .filter_map(|o| o.value.get(0).and_then(|v| v.as_i64()))
+        .map(|v| v.to_string())
+        .collect()
 }
 
 /// Reads every node's copy and checks the history against them.
