@@ -875,7 +875,7 @@ fn check_body(body: &str) -> Result<(), Refusal> {
                 ";" | "begin" | "then" | "else" | "loop" | "$$"
             );
         let next = text(i + 1);
-        if (word == "set" && matches!(next.as_str(), "local" | "session"))
+        if (word == "set" && (statement_start || matches!(next.as_str(), "local" | "session")))
             || (word == "reset" && statement_start)
         {
             return Err(refuse(
@@ -889,6 +889,13 @@ fn check_body(body: &str) -> Result<(), Refusal> {
         }
         if let Some(inner) = word.strip_prefix('\'').and_then(|w| w.strip_suffix('\'')) {
             let value = inner.replace("''", "'");
+            // Dynamic SQL that changes the session: EXECUTE 'SET ...', format('SET %s ...').
+            if looks_like_set_statement(&value) || value.contains("set_config") {
+                return Err(refuse(
+                    FEATURE_NOT_SUPPORTED,
+                    "dynamic SQL that changes settings (EXECUTE 'SET ...') inside a function body would change the applier's session for later writes; give the function a SET clause instead",
+                ));
+            }
             if time_literals::is_time_string(&value) {
                 return Err(refuse(
                     FEATURE_NOT_SUPPORTED,
@@ -917,6 +924,29 @@ pub fn settings_set_by(sql: &str) -> Vec<String> {
         .collect::<Vec<_>>()
         .join(".");
     vec![quoted]
+}
+
+/// Whether a string (lower case) reads as a `SET`/`RESET` command: `set [local|session] <name>
+/// =|to ...` or `reset <name>` — dynamic SQL built from it would change the applier's session.
+fn looks_like_set_statement(s: &str) -> bool {
+    let mut words = s.split_whitespace();
+    match words.next() {
+        Some("reset") => words.next().is_some(),
+        Some("set") => {
+            let mut name = words.next();
+            if matches!(name, Some("local" | "session")) {
+                name = words.next();
+            }
+            match name {
+                Some(n) if n.contains('=') => true,
+                Some(_) => words
+                    .next()
+                    .is_some_and(|w| w.starts_with('=') || w == "to"),
+                None => false,
+            }
+        }
+        _ => false,
+    }
 }
 
 /// Checks the SQL of a read: only queries are allowed.
@@ -1111,6 +1141,7 @@ mod tests {
             "SET LOCAL myapp.tenant = '7'",
             "SET LOCAL work_mem TO DEFAULT",
             "SET CONSTRAINTS ALL DEFERRED",
+            "CREATE FUNCTION g() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN UPDATE t SET a = 1; NEW.b := 'set me'; RETURN NEW; END $$",
             "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET work_mem = '8MB' AS $$ SELECT 1 $$",
         ] {
             assert!(check_write(sql).is_ok(), "{sql}");
@@ -1129,6 +1160,9 @@ mod tests {
             "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET statement_timeout = 1 AS $$ SELECT 1 $$",
             "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN SET LOCAL work_mem = '1MB'; END $$",
             "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN RESET ALL; END $$",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN SET search_path = x; END $$",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'SET TimeZone = ' || quote_literal('UTC'); END $$",
+            "DO $$ BEGIN EXECUTE format('SET LOCAL %s = %L', 'work_mem', '1MB'); END $$",
             "NOTIFY games",
             "CREATE FUNCTION f() RETURNS int LANGUAGE c AS 'lib', 'f'",
             "CREATE FUNCTION f() RETURNS int LANGUAGE plpython3u AS $$ return 1 $$",

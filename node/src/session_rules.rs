@@ -121,26 +121,35 @@ pub fn set_local_refusal(name: &str) -> Option<String> {
     ))
 }
 
-/// An SQL expression giving the session state a write must leave as it found it: the settings
-/// above that matter for later writes, the current role, and session objects (temporary
-/// tables, LISTEN channels) that only dynamic SQL could have created. Compared by
-/// `raftpg.end_write` against the value the applier read when it connected.
-pub const GUARDED_STATE_SQL: &str = "concat_ws('|', current_user, session_user,
+/// An SQL expression giving the session state a write must leave as it found it: the role and
+/// the settings that change what later writes do or that raftpg's bookkeeping relies on
+/// (session-level changes made by dynamic SQL would even outlive the batch), and whether a
+/// temporary schema exists (only dynamic SQL could have created one). Compared by
+/// `raftpg.end_write` against the value the applier read when it connected. A plain
+/// expression — no subquery, no function of ours — so PL/pgSQL evaluates it in a few
+/// microseconds (it runs after every write on every node).
+pub const GUARDED_STATE_SQL: &str = "concat_ws('|', current_user,
     current_setting('search_path'), current_setting('TimeZone'), current_setting('DateStyle'),
     current_setting('IntervalStyle'), current_setting('extra_float_digits'),
-    current_setting('bytea_output'), current_setting('xmlbinary'), current_setting('xmloption'),
+    current_setting('bytea_output'), current_setting('xmloption'),
     current_setting('statement_timeout'), current_setting('lock_timeout'),
     current_setting('idle_in_transaction_session_timeout'), current_setting('transaction_read_only'),
-    current_setting('transaction_isolation'), current_setting('default_transaction_read_only'),
+    current_setting('default_transaction_read_only'), current_setting('default_transaction_isolation'),
     current_setting('session_replication_role'), current_setting('row_security'),
-    current_setting('standard_conforming_strings'), current_setting('check_function_bodies'),
-    current_setting('synchronous_commit'), current_setting('client_encoding'),
+    current_setting('standard_conforming_strings'), current_setting('client_encoding'),
     current_setting('lc_monetary'), current_setting('lc_numeric'), current_setting('lc_time'),
     current_setting('default_text_search_config'), current_setting('array_nulls'),
     current_setting('transform_null_equals'), current_setting('gin_fuzzy_search_limit'),
-    (pg_catalog.pg_my_temp_schema() = 0 OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class
-        WHERE relnamespace = pg_catalog.pg_my_temp_schema()))::text,
-    (NOT EXISTS (SELECT 1 FROM pg_catalog.pg_listening_channels()))::text)";
+    pg_catalog.pg_my_temp_schema())";
+
+/// PL/pgSQL statements that name the `INITIALLY DEFERRED` constraints (the text[] in the
+/// session setting `raftpg.deferred`) `DEFERRED`, after `SET CONSTRAINTS ALL IMMEDIATE`.
+/// Written inline (not as a function call: a nested PL/pgSQL call costs more than the rest).
+const DEFER_LISTED: &str = "
+        deferred := current_setting('raftpg.deferred', true);
+        IF deferred IS NOT NULL AND deferred <> '' AND deferred <> '{}' THEN
+            EXECUTE 'SET CONSTRAINTS ' || array_to_string(deferred::text[], ', ') || ' DEFERRED';
+        END IF;";
 
 /// raftpg's functions and event triggers that keep writes from leaving anything behind or
 /// reaching raftpg's schema (created by the applier at every connection, in schema `raftpg`
@@ -180,20 +189,18 @@ pub fn guard_functions_sql(raftpg_oid: u32) -> String {
         END IF;
     END $$;
     CREATE OR REPLACE FUNCTION raftpg.reset_constraints() RETURNS void LANGUAGE plpgsql AS $$
+    DECLARE deferred text;
     BEGIN
-        SET CONSTRAINTS ALL IMMEDIATE;
-        PERFORM raftpg.defer(coalesce(nullif(current_setting('raftpg.deferred', true), ''), '{{}}')::text[]);
+        SET CONSTRAINTS ALL IMMEDIATE;{DEFER_LISTED}
     END $$;
     CREATE OR REPLACE FUNCTION raftpg.end_write(expected text) RETURNS void LANGUAGE plpgsql AS $$
-    DECLARE now_state text;
+    DECLARE deferred text;
     BEGIN
         SET CONSTRAINTS ALL IMMEDIATE;
-        now_state := raftpg.session_state();
-        IF now_state IS DISTINCT FROM expected THEN
-            RAISE EXCEPTION 'a write must leave the session as it found it (settings other than SET LOCAL of an allowed setting, the role, temporary tables, LISTEN)'
-                USING ERRCODE = 'RP002', DETAIL = format('expected %s, found %s', expected, now_state);
-        END IF;
-        PERFORM raftpg.reset_constraints();
+        IF {GUARDED_STATE_SQL} IS DISTINCT FROM expected THEN
+            RAISE EXCEPTION 'a write must leave the session as it found it (settings other than SET LOCAL of an allowed setting, the role, temporary tables)'
+                USING ERRCODE = 'RP002', DETAIL = format('expected %s, found %s', expected, {GUARDED_STATE_SQL});
+        END IF;{DEFER_LISTED}
     END $$;
     CREATE OR REPLACE FUNCTION raftpg.on_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$
     DECLARE

@@ -190,15 +190,26 @@ async fn set_local_never_outlives_its_write() {
             ok(c, &["INSERT INTO t VALUES ('public')"]).await;
         }
     }
+    // Dynamic SQL that visibly sets something is refused when the function is created; what
+    // the gate cannot read fails the write that runs it.
+    assert_eq!(
+        fails_with(
+            c,
+            &["CREATE FUNCTION visible() RETURNS int LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'SET LOCAL search_path = ' || 'other'; RETURN 1; END $$"],
+        )
+        .await,
+        "0A000"
+    );
     ok(
         c,
-        &["CREATE FUNCTION sneaky() RETURNS int LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'SET LOCAL search_path = ' || 'other'; RETURN 1; END $$"],
+        &["CREATE FUNCTION sneaky() RETURNS int LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'SE' || 'T LOCAL search_path = other'; RETURN 1; END $$"],
     )
     .await;
     assert_eq!(fails_with(c, &["SELECT sneaky()"]).await, "RP002");
     ok(c, &["INSERT INTO t VALUES ('public')"]).await;
     tc.cluster.start_node(3).unwrap();
     canary(c, 1).await;
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
     let pg = tc.pg(1).await.unwrap();
     let n: i64 = pg
         .query_one("SELECT count(*) FROM other.t", &[])
@@ -274,6 +285,8 @@ async fn time_strings_never_diverge() {
         &["INSERT INTO ev (at, d, note) VALUES ('now'::timestamptz, date 'tomorrow', 'see you tomorrow')"],
     )
     .await;
+    // (Compared first: a follower's copy may lag the acknowledgement.)
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
     let pg = tc.pg(1).await.unwrap();
     let row = pg
         .query_one(
@@ -283,7 +296,6 @@ async fn time_strings_never_diverge() {
         .await
         .unwrap();
     assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1));
-    tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }
 
 /// A sequence restarted with `ALTER SEQUENCE ... RESTART` (not called since) is restored to
@@ -454,6 +466,7 @@ async fn oversized_write_results_are_the_writes_error() {
         }
     }
     canary(c, 1).await;
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
     let n: i64 = tc
         .pg(2)
         .await
