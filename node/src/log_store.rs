@@ -6,18 +6,25 @@
 //!   entries are written at once and reported flushed only after the flusher thread fsynced the
 //!   write-ahead log (one fsync for all appends queued meanwhile: group commit);
 //! - entries are contiguous: a truncate removes a suffix, a purge removes a prefix and records the
-//!   purged log id first, so there is never a hole.
+//!   purged log id first, so there is never a hole;
+//! - **no entry is purged before a durable snapshot covers it** ([`PurgeLimit`]): openraft 0.9
+//!   persists the purge that follows a snapshot install right after handing the snapshot to the
+//!   state machine, without waiting for it, so a purge waits here until the snapshot store
+//!   reports the snapshot published (file and metadata fsynced). Otherwise a crash in between
+//!   leaves a node whose database is behind its log's first entry, with nothing to fill the gap.
 //!
 //! RocksDB is reached only through this module.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{OptionalSend, StorageError, StorageIOError, Vote};
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use tokio::sync::watch;
 
 use crate::command::{Entry, LogId, NodeId, TypeConfig};
 
@@ -43,12 +50,41 @@ pub enum LogStoreError {
     Thread(std::io::Error),
 }
 
+/// How far the log may be purged: what the durable (published) snapshot covers. Reported by
+/// the snapshot store (`snapshot::SnapshotStore::purge_limit`), read by [`LogStore`]'s purges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PurgeLimit {
+    /// Last log id of the published snapshot: its file and metadata are fsynced, so after any
+    /// crash the node can restore it (`restore_if_ahead`) instead of reading purged entries.
+    pub covered: Option<LogId>,
+    /// Last log id of a snapshot install that failed for good (the node stops): a purge waiting
+    /// for it fails instead of waiting forever.
+    pub failed: Option<LogId>,
+}
+
+impl PurgeLimit {
+    /// Whether entries up to `upto` may be purged.
+    pub fn covers(&self, upto: &LogId) -> bool {
+        self.covered.is_some_and(|c| c.index >= upto.index)
+    }
+
+    /// Whether the install that was to cover `upto` failed.
+    fn failed_for(&self, upto: &LogId) -> bool {
+        self.failed.is_some_and(|f| f.index >= upto.index)
+    }
+}
+
+/// How often a purge still waiting for its snapshot says so.
+const PURGE_WAIT_REPORT: Duration = Duration::from_secs(10);
+
 /// The RocksDB-backed Raft log. Cheap to clone: clones share one RocksDB handle.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
     /// Appends waiting for the next fsync of the write-ahead log.
     flusher: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+    /// What purges wait for (set once, by the state machine, before openraft can purge).
+    purge_limit: Arc<OnceLock<watch::Receiver<PurgeLimit>>>,
 }
 
 /// Fsyncs the write-ahead log for every batch of waiting appends, then reports them flushed,
@@ -112,7 +148,56 @@ impl LogStore {
             .name("raft-log-flusher".into())
             .spawn(move || run_flusher(flush_db, queue))
             .map_err(LogStoreError::Thread)?;
-        Ok(LogStore { db, flusher })
+        Ok(LogStore {
+            db,
+            flusher,
+            purge_limit: Arc::new(OnceLock::new()),
+        })
+    }
+
+    /// Makes every later purge (of every clone) wait until `limit` covers it. The state machine
+    /// calls this with its snapshot store's limit before openraft's first purge (openraft reads
+    /// the state machine's applied state before anything else). A second call is ignored.
+    pub fn limit_purges(&self, limit: watch::Receiver<PurgeLimit>) {
+        let _ = self.purge_limit.set(limit);
+    }
+
+    /// Waits until a durable snapshot covers `upto` (see [`PurgeLimit`]). Immediate for every
+    /// purge except the one openraft issues while the state machine is still publishing a
+    /// received snapshot; fails if that install failed for good.
+    async fn wait_until_covered(&self, upto: &LogId) -> StoreResult<()> {
+        let Some(limit) = self.purge_limit.get() else {
+            return Ok(());
+        };
+        let mut limit = limit.clone();
+        let refused = |why: String| -> StorageError<NodeId> {
+            StorageIOError::write_logs(&io_err(format!(
+                "not purging the log up to {}: {why}",
+                upto.index
+            )))
+            .into()
+        };
+        loop {
+            let wait = limit.wait_for(|l| l.covers(upto) || l.failed_for(upto));
+            let outcome = tokio::time::timeout(PURGE_WAIT_REPORT, wait)
+                .await
+                .map(|r| r.map(|l| *l));
+            match outcome {
+                Ok(Ok(l)) if l.covers(upto) => return Ok(()),
+                Ok(Ok(l)) => {
+                    return Err(refused(format!(
+                        "installing the snapshot up to {:?} failed",
+                        l.failed.map(|f| f.index)
+                    )))
+                }
+                Ok(Err(_)) => return Err(refused("the snapshot store is gone".into())),
+                Err(_) => tracing::warn!(
+                    upto = upto.index,
+                    covered = ?limit.borrow().covered.map(|c| c.index),
+                    "purging the log waits for a durable snapshot covering it"
+                ),
+            }
+        }
     }
 
     fn cf_logs(&self) -> &rocksdb::ColumnFamily {
@@ -282,6 +367,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> StoreResult<()> {
+        // Never purge what no durable snapshot covers (see `PurgeLimit`).
+        self.wait_until_covered(&log_id).await?;
         // Record the purge point first so that a crash in between leaves no hole.
         self.put_meta(KEY_PURGED, &log_id)
             .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
@@ -310,5 +397,88 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .compact_range_cf(store.cf_logs(), None::<&[u8]>, Some(&end[..]));
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn log_id(index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(1, 1), index)
+    }
+
+    /// A log store in a directory removed at the end of the test, after RocksDB is closed.
+    struct TempLog {
+        dir: std::path::PathBuf,
+        store: LogStore,
+    }
+
+    impl TempLog {
+        fn open() -> Self {
+            let dir = std::env::temp_dir().join(format!("raftpg-log-{}", uuid::Uuid::new_v4()));
+            let store = LogStore::open(&dir).expect("open a log store in a temp dir");
+            TempLog { dir, store }
+        }
+
+        /// Closes RocksDB: ends the flusher thread (it stops when the last sender is gone) and
+        /// waits for the background compaction of a purge, which hold the other handles.
+        async fn close(self) {
+            let dir = self.dir.clone();
+            let LogStore { db, flusher, .. } = self.store.clone();
+            drop(self);
+            drop(flusher);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while Arc::strong_count(&db) > 1 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            drop(db);
+            let _ = std::fs::remove_dir_all(dir);
+        }
+
+        async fn purged(&mut self) -> Option<u64> {
+            let state = self.store.get_log_state().await.expect("log state");
+            state.last_purged_log_id.map(|l| l.index)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_purge_waits_until_a_durable_snapshot_covers_it() {
+        let mut log = TempLog::open();
+        let limit = watch::Sender::new(PurgeLimit {
+            covered: Some(log_id(2)),
+            failed: None,
+        });
+        log.store.limit_purges(limit.subscribe());
+        // Covered: at once.
+        log.store.purge(log_id(2)).await.expect("purge up to 2");
+        assert_eq!(log.purged().await, Some(2));
+        // Not covered yet: waits, and nothing is purged meanwhile.
+        let mut store = log.store.clone();
+        let purge = tokio::spawn(async move { store.purge(log_id(5)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!purge.is_finished(), "purged past the durable snapshot");
+        assert_eq!(log.purged().await, Some(2));
+        // Published: the purge goes ahead.
+        limit.send_modify(|l| l.covered = Some(log_id(5)));
+        purge.await.expect("join").expect("purge up to 5");
+        assert_eq!(log.purged().await, Some(5));
+        log.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_purge_fails_when_the_install_covering_it_failed() {
+        let mut log = TempLog::open();
+        let limit = watch::Sender::new(PurgeLimit::default());
+        log.store.limit_purges(limit.subscribe());
+        let mut store = log.store.clone();
+        let purge = tokio::spawn(async move { store.purge(log_id(7)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        limit.send_modify(|l| l.failed = Some(log_id(7)));
+        let result = purge.await.expect("join");
+        assert!(result.is_err(), "a purge no snapshot covers went ahead");
+        assert_eq!(log.purged().await, None);
+        log.close().await;
     }
 }

@@ -2,7 +2,8 @@
 //! (new or wiped members).
 //!
 //! Owns `<data-dir>/snapshots`: the current snapshot (`snap-<id>.dump`, a `pg_dump` custom-format
-//! archive, and `current.json`, its Raft metadata), a file being built and a file being received.
+//! archive, and `current.json`, its Raft metadata), a file being built and a file being received,
+//! and the [`PurgeLimit`] it reports to the Raft log.
 //!
 //! - **Build**: a `REPEATABLE READ READ ONLY` transaction exports its snapshot and reads
 //!   `raftpg.applied` in it, so the dump (`pg_dump --snapshot`) and its log id agree. Writes go on
@@ -11,11 +12,40 @@
 //!   the log entries it covers (design.md, `synchronous_commit` trap).
 //! - **Transfer**: openraft sends the file in chunks; its id carries a CRC-32 of the whole file,
 //!   checked before installing.
-//! - **Install**: restore into a fresh database, check its applied log id, then swap it in with
-//!   two renames in one transaction; the old database is dropped afterwards. A failure before
-//!   the swap leaves the node's database untouched; the install is retried.
+//! - **Install**: verify, publish, restore into a fresh database, check its applied log id, then
+//!   swap it in with two renames in one transaction; the old database is dropped afterwards. A
+//!   failure before the swap leaves the node's database untouched; the install is retried.
+//!
+//! ## Crash safety of an install (issue 14)
+//!
+//! The invariant: **after any crash, the database's applied log id, the current snapshot and
+//! the Raft log together hold every committed entry** — each entry is either in PostgreSQL, in
+//! the current snapshot (restored at restart when it is ahead of the database), or still in the
+//! log. openraft 0.9 persists the purge of the log up to a received snapshot right after it
+//! hands the snapshot to the state machine, without waiting for the install. Before this module
+//! gated purges, a crash between that purge and [`SnapshotStore::publish`] left a node whose
+//! database was behind the first entry of its log and whose current snapshot did not cover the
+//! gap: it could not start (openraft's state check panics; a release build would stop applying).
+//! Each crash point, and what makes it safe:
+//!
+//! | crash while / after | on restart |
+//! |---|---|
+//! | receiving chunks (`incoming.dump` partial) | openraft recorded nothing; the file is removed at open, the leader sends the snapshot again |
+//! | the file is complete, not yet published | the log purge is still waiting for [`PurgeLimit::covered`] (log_store), so the log is intact and the leader sends the snapshot again |
+//! | publishing (`snap-*` renamed, `current.json` not yet) | same as above; the stray `snap-*` file is removed at open |
+//! | published, before or during `pg_restore` | [`SnapshotStore::recover`] drops the half-restored database, [`SnapshotStore::restore_if_ahead`] restores the current snapshot before openraft reads the applied state |
+//! | between `ALLOW_CONNECTIONS false` and the swap | `recover` allows connections again; the restore is redone |
+//! | after the swap (one transaction), before the old database is dropped | `recover` drops it; the database is at the snapshot's log id, nothing to restore |
+//! | after the install, openraft's purge done or not | the database is at the snapshot; entries after it are in the log (openraft appends them after the purge, and applies them only after the install) |
+//!
+//! A crash of PostgreSQL during an install makes the install fail and retry: every attempt
+//! first repairs what an interrupted attempt left ([`SnapshotStore::recover`]) and skips the
+//! restore if the swap already happened. Publishing is serialized and never goes back: a build
+//! that finishes after a newer snapshot was published (a follower building while it installs)
+//! returns the newer one instead of replacing it.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::storage::Snapshot;
@@ -25,6 +55,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::command::{LogId, NodeId, StoredMembership, TypeConfig};
+use crate::log_store::PurgeLimit;
 
 /// Errors of building or installing a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -46,21 +77,65 @@ pub enum SnapshotError {
         /// What does not match.
         why: String,
     },
+    /// `current.json` cannot be read.
+    #[error("snapshot metadata {path}: {why}")]
+    Metadata {
+        /// Path of the file.
+        path: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// An install would take the current snapshot back (never happens: openraft installs only
+    /// snapshots newer than its own, and a build never gets ahead of the database).
+    #[error("snapshot {id} is older than the current snapshot {current}")]
+    Stale {
+        /// The snapshot to install.
+        id: String,
+        /// The current snapshot.
+        current: String,
+    },
 }
 
+/// `current.json`: the published snapshot.
 #[derive(Serialize, Deserialize)]
 struct CurrentSnapshot {
     meta: SnapshotMeta<NodeId, BasicNode>,
     file: String,
 }
 
-/// Where snapshots live and how to reach PostgreSQL for them.
+/// Name of the file a snapshot is received into.
+const INCOMING: &str = "incoming.dump";
+/// Name of the current snapshot's metadata.
+const CURRENT: &str = "current.json";
+
+/// Reads `current.json` in `dir` (`None` if there is none).
+fn load_current(dir: &Path) -> Result<Option<CurrentSnapshot>, SnapshotError> {
+    let path = dir.join(CURRENT);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|e| SnapshotError::Metadata {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })
+}
+
+/// Where snapshots live and how to reach PostgreSQL for them. Clones share the purge limit and
+/// the publish lock.
 #[derive(Clone)]
 pub struct SnapshotStore {
     dir: PathBuf,
     bin_dir: PathBuf,
     db: tokio_postgres::Config,
     shutdown: watch::Receiver<bool>,
+    /// What the published snapshot covers; the Raft log purges no further (see [`PurgeLimit`]).
+    limit: Arc<watch::Sender<PurgeLimit>>,
+    /// Serializes [`SnapshotStore::publish`] (a build and an install can finish together).
+    publishing: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn storage_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
@@ -86,7 +161,9 @@ async fn crc_of(path: &Path) -> std::io::Result<(u32, u64)> {
 }
 
 impl SnapshotStore {
-    /// Opens the snapshot directory, removing leftovers of interrupted builds and receives.
+    /// Opens the snapshot directory, removing leftovers of interrupted builds, receives and
+    /// publishes (a receive never survives a restart: openraft starts a transfer over), and
+    /// reads what the current snapshot covers.
     pub fn open(
         dir: PathBuf,
         bin_dir: PathBuf,
@@ -94,18 +171,42 @@ impl SnapshotStore {
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
+        let current = load_current(&dir).map_err(std::io::Error::other)?;
+        let current_file = current.as_ref().map(|c| c.file.as_str());
         for e in std::fs::read_dir(&dir)?.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with("building-") || name.ends_with(".tmp") {
+            let stray_snapshot = name.starts_with("snap-") && Some(name.as_str()) != current_file;
+            if name.starts_with("building-")
+                || name.ends_with(".tmp")
+                || name == INCOMING
+                || stray_snapshot
+            {
                 let _ = std::fs::remove_file(e.path());
             }
         }
+        let limit = PurgeLimit {
+            covered: current.and_then(|c| c.meta.last_log_id),
+            failed: None,
+        };
         Ok(SnapshotStore {
             dir,
             bin_dir,
             db,
             shutdown,
+            limit: Arc::new(watch::Sender::new(limit)),
+            publishing: Arc::new(tokio::sync::Mutex::new(())),
         })
+    }
+
+    /// What the published snapshot covers, for [`crate::log_store::LogStore::limit_purges`].
+    pub fn purge_limit(&self) -> watch::Receiver<PurgeLimit> {
+        self.limit.subscribe()
+    }
+
+    /// Records that installing the snapshot up to `last` failed for good, so that a purge
+    /// waiting for it fails (and the node stops) instead of waiting forever.
+    pub fn install_failed(&self, last: Option<LogId>) {
+        self.limit.send_modify(|l| l.failed = last.max(l.failed));
     }
 
     fn dbname(&self) -> String {
@@ -184,7 +285,9 @@ impl SnapshotStore {
 
     /// The current snapshot, if any.
     pub async fn current(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let path = self.dir.join("current.json");
+        // A publish meanwhile would remove the file between reading its name and opening it.
+        let _publishing = self.publishing.lock().await;
+        let path = self.dir.join(CURRENT);
         let text = match tokio::fs::read(&path).await {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -202,19 +305,21 @@ impl SnapshotStore {
 
     /// A file to receive a snapshot into (one receive at a time).
     pub async fn begin_receiving(&self) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        info!("receiving a snapshot");
         let f = tokio::fs::OpenOptions::new()
             .create(true)
             .truncate(true)
             .read(true)
             .write(true)
-            .open(self.dir.join("incoming.dump"))
+            .open(self.dir.join(INCOMING))
             .await
             .map_err(storage_err)?;
         Ok(Box::new(f))
     }
 
-    /// Makes `file` (in the snapshot directory) the current snapshot, atomically, and removes
-    /// older snapshot files.
+    /// Makes `file` (in the snapshot directory) the current snapshot, durably (file, metadata and
+    /// directory fsynced), removes older snapshot files, and raises the purge limit to it.
+    /// Callers hold the publish lock.
     async fn publish(
         &self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
@@ -222,6 +327,7 @@ impl SnapshotStore {
     ) -> Result<PathBuf, SnapshotError> {
         let name = format!("snap-{}.dump", meta.snapshot_id);
         let dest = self.dir.join(&name);
+        tokio::fs::File::open(file).await?.sync_all().await?;
         tokio::fs::rename(file, &dest).await?;
         let cur = CurrentSnapshot {
             meta: meta.clone(),
@@ -234,8 +340,11 @@ impl SnapshotStore {
             std::io::Write::write_all(&mut &f, &bytes)?;
             f.sync_all()?;
         }
-        std::fs::rename(&tmp, self.dir.join("current.json"))?;
+        std::fs::rename(&tmp, self.dir.join(CURRENT))?;
         std::fs::File::open(&self.dir)?.sync_all()?;
+        // Durable from here on: the log may be purged up to the snapshot.
+        self.limit
+            .send_modify(|l| l.covered = meta.last_log_id.max(l.covered));
         for e in std::fs::read_dir(&self.dir)?.flatten() {
             let n = e.file_name().to_string_lossy().to_string();
             if n.starts_with("snap-") && n != name {
@@ -243,6 +352,35 @@ impl SnapshotStore {
             }
         }
         Ok(dest)
+    }
+
+    /// Publishes a snapshot this node built, unless a newer one was published meanwhile (an
+    /// install finished during the build): then the built file is dropped and the newer
+    /// snapshot returned. The current snapshot never goes back.
+    async fn publish_built(
+        &self,
+        meta: SnapshotMeta<NodeId, BasicNode>,
+        building: &Path,
+    ) -> Result<Snapshot<TypeConfig>, SnapshotError> {
+        let _publishing = self.publishing.lock().await;
+        if let Some(cur) = load_current(&self.dir)? {
+            if cur.meta.last_log_id > meta.last_log_id {
+                let _ = tokio::fs::remove_file(building).await;
+                info!(built = %meta.snapshot_id, current = %cur.meta.snapshot_id,
+                      "a newer snapshot was published during the build; keeping it");
+                let file = tokio::fs::File::open(self.dir.join(&cur.file)).await?;
+                return Ok(Snapshot {
+                    meta: cur.meta,
+                    snapshot: Box::new(file),
+                });
+            }
+        }
+        let path = self.publish(&meta, building).await?;
+        let file = tokio::fs::File::open(path).await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        })
     }
 
     /// Builds a snapshot, retrying environmental failures until it succeeds or the node stops
@@ -330,46 +468,69 @@ impl SnapshotStore {
             last_membership: membership,
             snapshot_id: format!("{term}-{index}-{crc:08x}-{len}"),
         };
-        let path = self.publish(&meta, &building).await?;
-        info!(id = %meta.snapshot_id, bytes = len, ms = started.elapsed().as_millis() as u64, "built snapshot");
-        let file = tokio::fs::File::open(path).await?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(file),
-        })
+        let id = meta.snapshot_id.clone();
+        let snapshot = self.publish_built(meta, &building).await?;
+        info!(id = %id, bytes = len, ms = started.elapsed().as_millis() as u64, "built snapshot");
+        Ok(snapshot)
     }
 
-    /// Installs the received snapshot (`incoming.dump`): verify it, make it the current snapshot
-    /// (so that a crash from here on restores it at restart, see [`Self::restore_if_ahead`]),
-    /// then restore it into the database.
+    /// Installs the received snapshot (`incoming.dump`): verify it, publish it (durable, and the
+    /// log may be purged up to it from then on; a crash from here on restores it at restart, see
+    /// [`Self::restore_if_ahead`]), then restore it into the database — unless an earlier attempt
+    /// already swapped it in. Safe to call again after any failure.
     pub async fn install(
         &self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
     ) -> Result<(), SnapshotError> {
-        let incoming = self.dir.join("incoming.dump");
-        if tokio::fs::try_exists(&incoming).await? {
-            let (crc, len) = crc_of(&incoming).await?;
-            let want = format!("{:08x}-{len}", crc);
-            if !meta.snapshot_id.ends_with(&want) {
-                return Err(SnapshotError::Corrupt {
+        let current = self.publish_received(meta).await?;
+        // Leftovers of an attempt interrupted by a PostgreSQL crash: the database refusing
+        // connections, a half-restored or a replaced database.
+        self.recover().await?;
+        if self.database_log_id(&self.dbname()).await? == meta.last_log_id {
+            info!(id = %meta.snapshot_id, "the database already holds the snapshot (an earlier attempt swapped it in)");
+            return Ok(());
+        }
+        self.restore(meta, &current).await
+    }
+
+    /// Verifies `incoming.dump` against the snapshot id (CRC-32 and length) and publishes it.
+    /// Returns the published file (on a retry, `incoming.dump` is gone: an earlier attempt
+    /// published it).
+    async fn publish_received(
+        &self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+    ) -> Result<PathBuf, SnapshotError> {
+        let _publishing = self.publishing.lock().await;
+        let current = self.dir.join(format!("snap-{}.dump", meta.snapshot_id));
+        let incoming = self.dir.join(INCOMING);
+        if !tokio::fs::try_exists(&incoming).await? {
+            return Ok(current);
+        }
+        if let Some(cur) = load_current(&self.dir)? {
+            if cur.meta.last_log_id > meta.last_log_id {
+                return Err(SnapshotError::Stale {
                     id: meta.snapshot_id.clone(),
-                    why: format!("received file has crc-len {want}"),
+                    current: cur.meta.snapshot_id,
                 });
             }
-            self.publish(meta, &incoming).await?;
         }
-        let current = self.dir.join(format!("snap-{}.dump", meta.snapshot_id));
-        self.restore(meta, &current).await
+        let (crc, len) = crc_of(&incoming).await?;
+        let want = format!("{:08x}-{len}", crc);
+        if !meta.snapshot_id.ends_with(&want) {
+            return Err(SnapshotError::Corrupt {
+                id: meta.snapshot_id.clone(),
+                why: format!("received file has crc-len {want}"),
+            });
+        }
+        self.publish(meta, &incoming).await
     }
 
     /// At start-up: if the current snapshot is ahead of what the database has applied (the node
     /// stopped while installing it), restore it. Returns whether it did.
     pub async fn restore_if_ahead(&self, applied: Option<LogId>) -> Result<bool, SnapshotError> {
-        let Ok(text) = tokio::fs::read(self.dir.join("current.json")).await else {
+        let Some(cur) = load_current(&self.dir)? else {
             return Ok(false);
         };
-        let cur: CurrentSnapshot =
-            serde_json::from_slice(&text).map_err(|e| SnapshotError::Tool(e.to_string()))?;
         if cur.meta.last_log_id <= applied {
             return Ok(false);
         }
@@ -379,7 +540,23 @@ impl SnapshotStore {
         Ok(true)
     }
 
-    /// Restores the archive `file` into a fresh database and swaps it in.
+    /// The applied log id stored in database `dbname`.
+    async fn database_log_id(&self, dbname: &str) -> Result<Option<LogId>, SnapshotError> {
+        let mut cfg = self.db.clone();
+        cfg.dbname(dbname);
+        let client = Self::connect(&cfg).await?;
+        let got: Option<serde_json::Value> = client
+            .query_one("SELECT log_id FROM raftpg.applied", &[])
+            .await?
+            .get(0);
+        got.map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| SnapshotError::Tool(format!("{dbname}: raftpg.applied.log_id: {e}")))
+    }
+
+    /// Restores the archive `file` into a fresh database, checks it is at the snapshot's log id,
+    /// and swaps it in. Starts by repairing what an interrupted attempt left behind, so it can
+    /// be called again after any failure.
     async fn restore(
         &self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
@@ -387,10 +564,42 @@ impl SnapshotStore {
     ) -> Result<(), SnapshotError> {
         let started = std::time::Instant::now();
         info!(id = %meta.snapshot_id, "installing snapshot");
+        self.recover().await?;
+        let admin = Self::connect(&self.admin()).await?;
+        let restore_db = self.restore_into_fresh_database(&admin, file).await?;
+        // The restored database must be at exactly the snapshot's log position.
+        let got = self.database_log_id(&restore_db).await?;
+        if got != meta.last_log_id {
+            return Err(SnapshotError::Corrupt {
+                id: meta.snapshot_id.clone(),
+                why: format!(
+                    "restored database is at {got:?}, expected {:?}",
+                    meta.last_log_id
+                ),
+            });
+        }
+        self.swap_in(&admin, &restore_db).await?;
+        info!(id = %meta.snapshot_id, "swapped the restored database in");
+        let replaced_db = format!("{}_replaced", self.dbname());
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {replaced_db} WITH (FORCE)"
+            ))
+            .await?;
+        info!(id = %meta.snapshot_id, ms = started.elapsed().as_millis() as u64, "installed snapshot");
+        Ok(())
+    }
+
+    /// Creates `<db>_restore` (same locale as the node's database; [`Self::recover`] dropped
+    /// any earlier one) and restores `file` into it in one transaction. Returns its name. The
+    /// node's database is not touched.
+    async fn restore_into_fresh_database(
+        &self,
+        admin: &tokio_postgres::Client,
+        file: &Path,
+    ) -> Result<String, SnapshotError> {
         let db = self.dbname();
         let restore_db = format!("{db}_restore");
-        let replaced_db = format!("{db}_replaced");
-        let admin = Self::connect(&self.admin()).await?;
         let locale = admin
             .query_one(
                 "SELECT datcollate, datctype FROM pg_database WHERE datname = $1",
@@ -398,11 +607,6 @@ impl SnapshotStore {
             )
             .await?;
         let (collate, ctype): (String, String) = (locale.get(0), locale.get(1));
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {restore_db} WITH (FORCE)"
-            ))
-            .await?;
         admin
             .batch_execute(&format!(
                 "CREATE DATABASE {restore_db} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE '{collate}' LC_CTYPE '{ctype}'"
@@ -418,29 +622,19 @@ impl SnapshotStore {
             ],
         )
         .await?;
-        // The restored database must be at exactly the snapshot's log position.
-        let mut restored_cfg = self.db.clone();
-        restored_cfg.dbname(&restore_db);
-        let restored = Self::connect(&restored_cfg).await?;
-        let got: Option<serde_json::Value> = restored
-            .query_one("SELECT log_id FROM raftpg.applied", &[])
-            .await?
-            .get(0);
-        drop(restored);
-        let got: Option<LogId> = got
-            .map(serde_json::from_value)
-            .transpose()
-            .map_err(|e| SnapshotError::Tool(e.to_string()))?;
-        if got != meta.last_log_id {
-            return Err(SnapshotError::Corrupt {
-                id: meta.snapshot_id.clone(),
-                why: format!(
-                    "restored database is at {got:?}, expected {:?}",
-                    meta.last_log_id
-                ),
-            });
-        }
-        // Swap: no connections to either database, then both renames in one transaction.
+        Ok(restore_db)
+    }
+
+    /// Swaps `restore_db` in as the node's database: no connections to either, then both
+    /// renames in one transaction (the node's database becomes `<db>_replaced`). Atomic: a
+    /// crash leaves either the old or the new database under the node's database name.
+    async fn swap_in(
+        &self,
+        admin: &tokio_postgres::Client,
+        restore_db: &str,
+    ) -> Result<(), SnapshotError> {
+        let db = self.dbname();
+        let replaced_db = format!("{db}_replaced");
         admin
             .batch_execute(&format!("ALTER DATABASE {db} WITH ALLOW_CONNECTIONS false"))
             .await?;
@@ -449,7 +643,7 @@ impl SnapshotStore {
             admin
                 .execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ANY($1) AND pid <> pg_backend_pid()",
-                    &[&vec![db.clone(), restore_db.clone()]],
+                    &[&vec![db.clone(), restore_db.to_string()]],
                 )
                 .await?;
             let swap = admin
@@ -458,7 +652,7 @@ impl SnapshotStore {
                 ))
                 .await;
             match swap {
-                Ok(()) => break,
+                Ok(()) => return Ok(()),
                 Err(e) if attempt < 50 => {
                     let _ = admin.batch_execute("ROLLBACK").await;
                     attempt += 1;
@@ -474,13 +668,6 @@ impl SnapshotStore {
                 }
             }
         }
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {replaced_db} WITH (FORCE)"
-            ))
-            .await?;
-        info!(id = %meta.snapshot_id, ms = started.elapsed().as_millis() as u64, "installed snapshot");
-        Ok(())
     }
 
     /// Repairs what an interrupted install can leave behind: the node's database refusing
@@ -519,11 +706,12 @@ impl SnapshotStore {
 }
 
 /// The cause of a PostgreSQL error (tokio-postgres does not print it: "error connecting to
-/// server" alone hides whether the socket was missing, refused, ...).
+/// server" alone hides whether the socket was missing, refused, ...; "db error" hides the
+/// server's message, e.g. that it is still starting up).
 fn source_text(e: &tokio_postgres::Error) -> String {
     use std::error::Error;
     match e.source() {
-        Some(s) if e.as_db_error().is_none() => format!(": {s}"),
-        _ => String::new(),
+        Some(s) => format!(": {s}"),
+        None => String::new(),
     }
 }

@@ -669,9 +669,14 @@ impl StateMachineCore {
 /// openraft's side of the state machine, delegating to the core (inherent methods of the
 /// same names, below).
 impl StateMachineCore {
+    /// The applied state openraft starts from (it calls this first, before reading or purging
+    /// the log): repairs an interrupted install, restores the current snapshot if the database
+    /// is behind it, and from now on limits log purges to what the published snapshot covers
+    /// (see `snapshot`, "Crash safety of an install").
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId>, StoredMembership), StorageError<NodeId>> {
+        self.log.limit_purges(self.snapshots.purge_limit());
         let mut backoff = Duration::from_millis(50);
         while let Err(e) = self.snapshots.recover().await {
             self.status.stuck(format!(
@@ -724,13 +729,28 @@ impl StateMachineCore {
     }
 
     /// Replaces the database with the snapshot's. Environmental failures are retried (the old
-    /// database stays in place until the swap); a corrupt snapshot stops the node.
+    /// database stays in place until the swap); a corrupt snapshot stops the node. Any failure
+    /// is reported to the purge limit, so that openraft's purge up to the snapshot (waiting for
+    /// it to be published) fails instead of waiting forever.
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
         info!(id = %meta.snapshot_id, "received snapshot");
+        let installed = self.install_received(meta, snapshot).await;
+        if installed.is_err() {
+            self.snapshots.install_failed(meta.last_log_id);
+        }
+        installed
+    }
+
+    /// [`Self::install_snapshot`] without the failure report.
+    async fn install_received(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError<NodeId>> {
         snapshot
             .sync_all()
             .await
@@ -744,7 +764,7 @@ impl StateMachineCore {
                 .set(format!("installing snapshot {}", meta.snapshot_id));
             match self.snapshots.install(meta).await {
                 Ok(()) => break,
-                Err(e @ SnapshotError::Corrupt { .. }) => {
+                Err(e @ (SnapshotError::Corrupt { .. } | SnapshotError::Stale { .. })) => {
                     return Err(StorageIOError::write_snapshot(
                         Some(meta.signature()),
                         &std::io::Error::other(e.to_string()),
