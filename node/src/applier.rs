@@ -100,6 +100,14 @@ fn raised_by_plpgsql(db: &tokio_postgres::error::DbError) -> bool {
     matches!(db.routine(), Some("exec_stmt_raise" | "exec_stmt_assert"))
 }
 
+/// Whether an error says this node's PostgreSQL lacks an extension's files (`0A000` from
+/// `parse_extension_control_file`): the environment of this node, not the write (the leader
+/// refused the write if *it* lacked them), so the node waits until it is installed instead of
+/// recording a failure the other nodes did not have.
+fn extension_missing_here(db: &tokio_postgres::error::DbError) -> bool {
+    db.routine() == Some("parse_extension_control_file")
+}
+
 fn failure(code: &str, message: impl Into<String>) -> SqlFailure {
     SqlFailure {
         sqlstate: code.to_string(),
@@ -116,7 +124,10 @@ fn classify(e: tokio_postgres::Error) -> StmtError {
         let stale_cache = db
             .message()
             .starts_with("cached plan must not change result type");
-        if (is_deterministic(code) || raised_by_plpgsql(db)) && !stale_cache {
+        if (is_deterministic(code) || raised_by_plpgsql(db))
+            && !stale_cache
+            && !extension_missing_here(db)
+        {
             return StmtError::Deterministic(SqlFailure {
                 sqlstate: code.to_string(),
                 message: db.message().to_string(),

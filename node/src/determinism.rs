@@ -926,6 +926,27 @@ pub fn settings_set_by(sql: &str) -> Vec<String> {
     vec![quoted]
 }
 
+/// The extension (and version, if named) a `CREATE EXTENSION` or `ALTER EXTENSION ... UPDATE`
+/// statement needs installed: the leader refuses the write if its own PostgreSQL lacks it (a
+/// node that lacks it while applying waits, see `applier::classify`).
+pub fn extension_required(sql: &str) -> Option<(String, Option<String>)> {
+    let (name, options) = match parse_one(sql).ok()? {
+        NodeEnum::CreateExtensionStmt(s) => (s.extname, s.options),
+        NodeEnum::AlterExtensionStmt(s) => (s.extname, s.options),
+        _ => return None,
+    };
+    let version = options.iter().find_map(|o| match &o.node {
+        Some(NodeEnum::DefElem(d)) if d.defname == "new_version" => {
+            match d.arg.as_deref().and_then(|a| a.node.as_ref()) {
+                Some(NodeEnum::String(v)) => Some(v.sval.clone()),
+                _ => None,
+            }
+        }
+        _ => None,
+    });
+    Some((name, version))
+}
+
 /// Whether a string (lower case) reads as a `SET`/`RESET` command: `set [local|session] <name>
 /// =|to ...` or `reset <name>` — dynamic SQL built from it would change the applier's session.
 fn looks_like_set_statement(s: &str) -> bool {
@@ -1204,6 +1225,19 @@ mod tests {
         }
         assert!(check_write("INSERT INTO msg (body) VALUES ('see you tomorrow')").is_ok());
         assert!(check_write("INSERT INTO ev (at) VALUES ('2026-01-01'::timestamptz)").is_ok());
+    }
+
+    #[test]
+    fn extensions_named() {
+        assert_eq!(
+            extension_required("CREATE EXTENSION IF NOT EXISTS pgcrypto"),
+            Some(("pgcrypto".into(), None))
+        );
+        assert_eq!(
+            extension_required("ALTER EXTENSION hstore UPDATE TO '1.8'"),
+            Some(("hstore".into(), Some("1.8".into())))
+        );
+        assert_eq!(extension_required("CREATE TABLE t (a int)"), None);
     }
 
     #[test]

@@ -404,6 +404,17 @@ async fn errors_a_write_raises_itself_are_its_result() {
     ] {
         assert_eq!(fails_with(c, &[sql]).await, code, "{sql}");
     }
+    // An extension the leader lacks is refused before the log (a node lacking one that the
+    // leader has waits for it instead of recording a failure the others did not have).
+    assert_eq!(
+        fails_with(c, &["CREATE EXTENSION no_such_extension"]).await,
+        "0A000"
+    );
+    assert_eq!(
+        fails_with(c, &["CREATE EXTENSION pgcrypto VERSION '0.0'"]).await,
+        "0A000"
+    );
+    ok(c, &["CREATE EXTENSION IF NOT EXISTS pgcrypto"]).await;
     canary(c, 1).await;
     appliers_healthy(&tc).await;
     tc.assert_identical(&[1, 2, 3]).await.unwrap();

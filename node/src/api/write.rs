@@ -80,6 +80,45 @@ impl WriteService {
         Ok(out)
     }
 
+    /// Refuses (on the leader, before the log) a `CREATE/ALTER EXTENSION` whose extension or
+    /// version this node's PostgreSQL does not have: applied, it would fail on every node
+    /// lacking it, which the applier treats as that node's environment (it waits) — so it must
+    /// never enter the log when even the leader lacks it.
+    async fn check_extensions(&self, statements: &[SqlStatement]) -> Result<(), Status> {
+        for (i, s) in statements.iter().enumerate() {
+            let Some((name, version)) = crate::determinism::extension_required(&s.sql) else {
+                continue;
+            };
+            let mut pooled = self
+                .ctx
+                .reads
+                .get()
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let found = pooled
+                .client()
+                .query_opt(
+                    "SELECT 1 FROM pg_available_extension_versions
+                     WHERE name = $1 AND ($2::text IS NULL OR version = $2)",
+                    &[&name, &version],
+                )
+                .await
+                .map_err(|e| Status::unavailable(format!("checking extension {name}: {e}")))?;
+            pooled.release();
+            if found.is_none() {
+                return Err(refused(
+                    Code::FailedPrecondition,
+                    "0A000",
+                    format!(
+                        "statement {i}: extension \"{name}\"{} is not installed on this node's PostgreSQL; install it on every node first",
+                        version.map(|v| format!(" version {v}")).unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Sends the request to the leader and relays its answer.
     async fn forward(&self, req: ExecuteRequest) -> Result<Response<ExecuteResponse>, Status> {
         let Some((leader_id, addr)) = self
@@ -249,6 +288,7 @@ impl Write for WriteService {
                 }
                 return self.forward(req).await;
             }
+            self.check_extensions(&statements).await?;
             let request_id = req.request_id.as_ref().map(|r| RequestId {
                 client_id: r.client_id.clone(),
                 seq: r.seq,
