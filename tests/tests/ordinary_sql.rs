@@ -490,3 +490,41 @@ async fn oversized_write_results_are_the_writes_error() {
     appliers_healthy(&tc).await;
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }
+
+/// A node whose applier cannot make progress for an environmental reason (here a constraint
+/// added behind its back to raftpg's own table on one node) says so in `status`, with for how long, logs one
+/// error rather than a line per retry, and catches up once the environment is repaired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_applier_says_for_how_long_and_recovers() {
+    let tc = cluster("stuck", 109).await;
+    let c = &tc.client;
+    let leader = c.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let victim = (1..=3u64).find(|id| *id != leader).unwrap();
+    let pg = tc.pg(victim).await.unwrap();
+    pg.batch_execute("ALTER TABLE raftpg.requests ADD CONSTRAINT sabotage CHECK (false) NOT VALID")
+        .await
+        .unwrap();
+    for k in 1..=3 {
+        canary(c, k).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let s = c.status_of(victim as usize - 1).await.unwrap();
+    assert!(
+        s.applier_state.contains("retrying entry") && s.applier_state.contains("stuck for"),
+        "{:?}",
+        s.applier_state
+    );
+    let log =
+        std::fs::read_to_string(tc.cluster.data_dir().join(format!("node{victim}.log"))).unwrap();
+    let errors = log.lines().filter(|l| l.contains("applier stuck")).count();
+    assert!(
+        (1..=2).contains(&errors),
+        "{errors} 'applier stuck' lines in the log (one warning, then one error a minute)"
+    );
+    pg.batch_execute("ALTER TABLE raftpg.requests DROP CONSTRAINT sabotage")
+        .await
+        .unwrap();
+    canary(c, 4).await;
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+    appliers_healthy(&tc).await;
+}
