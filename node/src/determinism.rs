@@ -505,6 +505,12 @@ pub fn prepare_write(sql: &str) -> Result<String, Refusal> {
                     ));
                 }
             }
+            "RangeTableSample" => {
+                refusal = Some(refuse(
+                    FEATURE_NOT_SUPPORTED,
+                    "TABLESAMPLE picks rows by physical page (SYSTEM) or at random (BERNOULLI), which differs between nodes, also with REPEATABLE; select the rows by a key instead (e.g. WHERE hashtext(id::text) % 20 = 0)",
+                ));
+            }
             "SelectStmt" | "larg" | "rarg" => {
                 let has = |k: &str| node.get(k).is_some_and(|v| !v.is_null());
                 let unsorted = node
@@ -1086,6 +1092,8 @@ mod tests {
             "INSERT INTO t VALUES (CURRENT_TIMESTAMP(3))",
             "INSERT INTO t SELECT * FROM u",
             "DELETE FROM t WHERE id IN (SELECT id FROM t LIMIT 3)",
+            "DELETE FROM a USING a AS a2 TABLESAMPLE BERNOULLI (50) WHERE a.id = a2.id",
+            "INSERT INTO t SELECT * FROM u TABLESAMPLE SYSTEM (10) REPEATABLE (1) ORDER BY id",
             "CREATE SEQUENCE s CACHE 20",
             "CREATE TABLE i (id int GENERATED ALWAYS AS IDENTITY (CACHE 5))",
             "CREATE FUNCTION f() RETURNS timestamptz LANGUAGE sql AS $$ SELECT now() $$",
