@@ -226,6 +226,20 @@ impl TestCluster {
         }
     }
 
+    /// The current leader (waiting up to 30 s for one) and the lowest-numbered other node.
+    pub async fn leader_and_follower(&self) -> (u64, u64) {
+        let leader = self
+            .client
+            .wait_for_leader(Duration::from_secs(30))
+            .await
+            .expect("a leader within 30 s");
+        let nodes = self.cluster.nodes().len() as u64;
+        let follower = (1..=nodes)
+            .find(|id| *id != leader)
+            .expect("a cluster of at least two nodes");
+        (leader, follower)
+    }
+
     /// Sorted `k` values of table `table` on node `id`, read directly.
     pub async fn keys(&self, id: u64, table: &str) -> anyhow::Result<Vec<i64>> {
         let pg = self.pg(id).await?;

@@ -453,12 +453,7 @@ async fn postgres_killed_mid_load_resumes_exactly() {
     let tc = start_cluster("pg_kill", 15, 3).await.unwrap();
     tc.client.execute_one(LOAD_TABLE_DDL, vec![]).await.unwrap();
     let load = LoadRun::start(tc.cluster.addrs(), "load", 6);
-    let leader = tc
-        .client
-        .wait_for_leader(Duration::from_secs(30))
-        .await
-        .unwrap();
-    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let (leader, follower) = tc.leader_and_follower().await;
     for victim in [follower, follower, leader] {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let pid = tc.cluster.node(victim).postgres_pid();

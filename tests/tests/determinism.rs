@@ -188,12 +188,7 @@ async fn follower_postgres_frozen_under_load_catches_up() {
         .await
         .unwrap();
     let load = LoadRun::start(tc.cluster.addrs(), "load", 4);
-    let leader = tc
-        .client
-        .wait_for_leader(Duration::from_secs(30))
-        .await
-        .unwrap();
-    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let (leader, follower) = tc.leader_and_follower().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(tc.cluster.signal_postgres(follower, libc::SIGSTOP));
     tokio::time::sleep(Duration::from_secs(6)).await;

@@ -56,6 +56,49 @@ async fn appliers_healthy(tc: &TestCluster) {
     }
 }
 
+/// Sends `n` single-statement writes at once, each through its own client (so that they
+/// share entries and batches: fast runs, pipelined runs), and returns each one's outcome: `Ok`
+/// or its SQLSTATE.
+async fn concurrent_writes(
+    tc: &TestCluster,
+    n: i64,
+    write: impl Fn(i64) -> (&'static str, Vec<raftpg_client::v1::Value>),
+) -> Vec<Result<(), Option<String>>> {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let c = Client::new(&tc.cluster.addrs()).unwrap();
+        let (sql, params) = write(i);
+        tasks.push(tokio::spawn(async move {
+            c.execute_one(sql, params)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.sqlstate())
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// Each outcome is success or the SQLSTATE `expected(i)` says.
+fn expect_outcomes(
+    outcomes: &[Result<(), Option<String>>],
+    expected: impl Fn(i64) -> Option<&'static str>,
+) {
+    for (i, r) in outcomes.iter().enumerate() {
+        match expected(i as i64) {
+            Some(code) => assert_eq!(
+                r.clone().err().flatten().as_deref(),
+                Some(code),
+                "write {i}"
+            ),
+            None => assert!(r.is_ok(), "write {i}: {r:?}"),
+        }
+    }
+}
+
 async fn cluster(name: &str, net: u8) -> TestCluster {
     let tc = start_cluster(name, net, 3).await.unwrap();
     ok(&tc.client, &["CREATE TABLE canary (k bigint PRIMARY KEY)"]).await;
@@ -91,27 +134,15 @@ async fn deferred_constraint_violation_is_the_writes_result() {
     .await;
     // Concurrent writes share entries and batches (fast runs, pipelined runs): each gets its
     // own outcome; the violating ones fail alone.
-    let mut tasks = Vec::new();
-    for i in 0..40i64 {
-        let c = Client::new(&tc.cluster.addrs()).unwrap();
-        tasks.push(tokio::spawn(async move {
-            let pid = if i % 5 == 0 { 100_000 + i } else { 7 };
-            c.execute_one(
-                "INSERT INTO child VALUES ($1, $2)",
-                vec![values::int(100 + i), values::int(pid)],
-            )
-            .await
-            .map_err(|e| e.sqlstate())
-        }));
-    }
-    for (i, t) in tasks.into_iter().enumerate() {
-        let r = t.await.unwrap();
-        if i % 5 == 0 {
-            assert_eq!(r.err().flatten().as_deref(), Some("23503"), "write {i}");
-        } else {
-            assert!(r.is_ok(), "write {i}: {r:?}");
-        }
-    }
+    let outcomes = concurrent_writes(&tc, 40, |i| {
+        let pid = if i % 5 == 0 { 100_000 + i } else { 7 };
+        (
+            "INSERT INTO child VALUES ($1, $2)",
+            vec![values::int(100 + i), values::int(pid)],
+        )
+    })
+    .await;
+    expect_outcomes(&outcomes, |i| (i % 5 == 0).then_some("23503"));
     // A deferred constraint created inside the write that exercises it, and SET CONSTRAINTS.
     ok(
         c,
@@ -465,27 +496,15 @@ async fn oversized_write_results_are_the_writes_error() {
         .await,
         "54000"
     );
-    let mut tasks = Vec::new();
-    for i in 0..20i64 {
-        let c = Client::new(&tc.cluster.addrs()).unwrap();
-        tasks.push(tokio::spawn(async move {
-            let rows = if i % 4 == 0 { 150 } else { 10 };
-            c.execute_one(
-                "INSERT INTO big SELECT $1 * 1000 + g, repeat('w', 1000) FROM generate_series(1, $2) g ORDER BY g RETURNING v",
-                vec![values::int(i), values::int(rows)],
-            )
-            .await
-            .map_err(|e| e.sqlstate())
-        }));
-    }
-    for (i, t) in tasks.into_iter().enumerate() {
-        let r = t.await.unwrap();
-        if i % 4 == 0 {
-            assert_eq!(r.err().flatten().as_deref(), Some("54000"), "write {i}");
-        } else {
-            assert!(r.is_ok(), "write {i}: {r:?}");
-        }
-    }
+    let outcomes = concurrent_writes(&tc, 20, |i| {
+        let rows = if i % 4 == 0 { 150 } else { 10 };
+        (
+            "INSERT INTO big SELECT $1 * 1000 + g, repeat('w', 1000) FROM generate_series(1, $2) g ORDER BY g RETURNING v",
+            vec![values::int(i), values::int(rows)],
+        )
+    })
+    .await;
+    expect_outcomes(&outcomes, |i| (i % 4 == 0).then_some("54000"));
     canary(c, 1).await;
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
     let n: i64 = tc
@@ -508,8 +527,7 @@ async fn oversized_write_results_are_the_writes_error() {
 async fn a_stuck_applier_says_for_how_long_and_recovers() {
     let tc = cluster("stuck", 109).await;
     let c = &tc.client;
-    let leader = c.wait_for_leader(Duration::from_secs(30)).await.unwrap();
-    let victim = (1..=3u64).find(|id| *id != leader).unwrap();
+    let (_, victim) = tc.leader_and_follower().await;
     let pg = tc.pg(victim).await.unwrap();
     pg.batch_execute("ALTER TABLE raftpg.requests ADD CONSTRAINT sabotage CHECK (false) NOT VALID")
         .await

@@ -407,12 +407,7 @@ async fn follower_killed_while_installing_a_snapshot_recovers() {
         )
         .await
         .unwrap();
-    let leader = tc
-        .client
-        .wait_for_leader(Duration::from_secs(30))
-        .await
-        .unwrap();
-    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let (leader, follower) = tc.leader_and_follower().await;
     let mut log = NodeLog::new(tc.cluster.data_dir().join(format!("node{follower}.log")));
 
     let target = leave_behind(&mut tc, leader, follower, true).await;
