@@ -843,9 +843,12 @@ fn result_too_large(outcomes: &[StatementOutcome], limits: &ApplyLimits) -> Opti
 /// Whether a write calls `currval()`/`lastval()`, which read the session's sequence history
 /// (the gate allows them only in queries): such a write starts with `DISCARD SEQUENCES`.
 fn reads_session_sequences(cmd: &WriteCommand) -> bool {
+    // Checked for every write on the fast path: no allocation.
     cmd.statements.iter().any(|s| {
-        let lower = s.sql.to_ascii_lowercase();
-        lower.contains("currval") || lower.contains("lastval")
+        s.sql
+            .as_bytes()
+            .windows(7)
+            .any(|w| w.eq_ignore_ascii_case(b"currval") || w.eq_ignore_ascii_case(b"lastval"))
     })
 }
 
