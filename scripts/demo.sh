@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 export ROCKSDB_LIB_DIR=/usr/lib/x86_64-linux-gnu
 cargo build --release -p raftpg-node -p raftpg-client --bins
-exec ./target/release/raftpg demo "$@"
+# Cargo builds into $CARGO_TARGET_DIR when it is set (relative paths are taken from here, the
+# workspace root); `raftpg demo` finds raftpg-node next to itself.
+exec "${CARGO_TARGET_DIR:-target}/release/raftpg" demo "$@"

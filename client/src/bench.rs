@@ -200,7 +200,7 @@ async fn bench_raftpg(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Resu
     let mut cs = LocalClusterSpec::new(spec.nodes, &dir, spec.base_port);
     cs.extra_args = vec!["--pg-shared-buffers".into(), "256MB".into()];
     let mut cluster = LocalCluster::start(cs)?;
-    let admin = Client::new(&cluster.addrs())?;
+    let admin = cluster.client()?;
     admin.wait_for_leader(Duration::from_secs(120)).await?;
     admin
         .execute_one(
@@ -213,6 +213,7 @@ async fn bench_raftpg(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Resu
         .iter()
         .filter_map(|n| n.pid().map(|p| p as i32))
         .collect();
+    let cluster_config = cluster.client_config()?;
     for &c in &spec.clients {
         admin
             .execute_one("TRUNCATE bench_ins RESTART IDENTITY", vec![])
@@ -223,7 +224,7 @@ async fn bench_raftpg(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Resu
                     &cluster.addrs(),
                     ClientConfig {
                         attempt_timeout: Duration::from_secs(10),
-                        ..Default::default()
+                        ..cluster_config.clone()
                     },
                 )
                 .map(Arc::new)
@@ -270,7 +271,7 @@ async fn bench_raftpg(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Resu
             ("linearizable", Consistency::Linearizable),
         ] {
             let clients: Vec<Arc<Client>> = (0..c)
-                .map(|_| Client::new(&cluster.addrs()).map(Arc::new))
+                .map(|_| cluster.client().map(Arc::new))
                 .collect::<Result<_, _>>()?;
             let nodes = cluster.addrs().len();
             let p = drive(
@@ -331,7 +332,7 @@ async fn catch_up(
     let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     for w in 0..writers {
-        let c = Client::new(&cluster.addrs())?;
+        let c = cluster.client()?;
         let written = written.clone();
         tasks.push(tokio::spawn(async move {
             for _ in 0..entries.div_ceil(writers) {
@@ -366,7 +367,7 @@ async fn catch_up(
         .applied_index;
     // Rows the follower holds, read from its own copy: concurrent writes share log entries,
     // so the catch-up rate is counted in writes.
-    let on_follower = Client::new(&[cluster.addrs()[(follower - 1) as usize].clone()])?;
+    let on_follower = cluster.client_of(&[cluster.addrs()[(follower - 1) as usize].clone()])?;
     let rows_now = || async {
         let r = on_follower
             .query_sql("SELECT count(*) FROM bench_ins", vec![], Consistency::Local)

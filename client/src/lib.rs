@@ -8,6 +8,7 @@
 //! - [`values`] builds and prints typed values.
 
 pub mod bench;
+pub mod cert;
 pub mod local_cluster;
 pub mod values;
 
@@ -106,6 +107,42 @@ pub struct ClientConfig {
     pub attempts_max: u32,
     /// Pause between attempts (doubles, up to 1 s).
     pub retry_backoff: Duration,
+    /// TLS to the nodes (`None`: plaintext, for nodes started without `--tls-dir`).
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS settings of a client: the cluster CA, and optionally a client certificate.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    /// The cluster CA (PEM), which must have signed the nodes' certificates.
+    pub ca_pem: String,
+    /// A client certificate and its key (PEM), presented to the nodes.
+    pub identity: Option<(String, String)>,
+}
+
+impl ClientTls {
+    /// Reads the CA, and the client certificate `name` when given, from a `raftpg cert`
+    /// directory.
+    pub fn from_dir(dir: &std::path::Path, name: Option<&str>) -> std::io::Result<Self> {
+        let ca_pem = std::fs::read_to_string(dir.join(cert::CA_CERT))?;
+        let identity = match name {
+            Some(n) => Some((
+                std::fs::read_to_string(dir.join(cert::client_cert_file(n)))?,
+                std::fs::read_to_string(dir.join(cert::client_key_file(n)))?,
+            )),
+            None => None,
+        };
+        Ok(ClientTls { ca_pem, identity })
+    }
+
+    fn config(&self) -> tonic::transport::ClientTlsConfig {
+        let mut c = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem));
+        if let Some((cert, key)) = &self.identity {
+            c = c.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        c
+    }
 }
 
 impl Default for ClientConfig {
@@ -114,6 +151,7 @@ impl Default for ClientConfig {
             attempt_timeout: Duration::from_secs(10),
             attempts_max: 20,
             retry_backoff: Duration::from_millis(50),
+            tls: None,
         }
     }
 }
@@ -128,9 +166,16 @@ pub struct Client {
     next_seq: AtomicU64,
 }
 
-fn channel(addr: &str) -> Result<Channel, ClientError> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|_| ClientError::BadAddress(addr.to_string()))?
+/// A lazily connecting channel to the node at `addr` (`host:port`), over TLS when `tls` is
+/// given (for raw gRPC clients of the generated API).
+pub fn channel(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, ClientError> {
+    let bad = |_| ClientError::BadAddress(addr.to_string());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(bad)?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.config()).map_err(bad)?;
+    }
+    Ok(endpoint
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .connect_lazy())
@@ -156,7 +201,7 @@ impl Client {
             .collect();
         let channels = addrs
             .iter()
-            .map(|a| channel(a))
+            .map(|a| channel(a, config.tls.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Client {
             addrs,

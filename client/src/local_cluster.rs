@@ -4,6 +4,11 @@
 //! (SIGKILL, for fault tests), stops them (SIGTERM), restarts them, and on drop stops every node
 //! and any PostgreSQL a killed node left behind. Node `i` (1-based) listens on
 //! `<host_i>:<port_i>` and keeps its data in `<data_dir>/node<i>`; its log is `node<i>.log`.
+//!
+//! Secure by default: the cluster's certificates (`raftpg cert`: a CA, a certificate per node,
+//! a client certificate `admin`) are made in `<data_dir>/certs` and every node gets
+//! `--tls-dir`; [`LocalCluster::client_config`] gives clients that verify the nodes and
+//! present `admin`. `LocalClusterSpec::tls = false` starts plaintext nodes (`--insecure`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,6 +29,9 @@ pub struct LocalClusterSpec {
     pub extra_args: Vec<String>,
     /// Environment variables per node: node `i` gets `node_env[i-1]` (if present).
     pub node_env: Vec<Vec<(String, String)>>,
+    /// TLS between nodes and to clients (certificates in `<data_dir>/certs`); `false` starts
+    /// the nodes with `--insecure`.
+    pub tls: bool,
 }
 
 impl LocalClusterSpec {
@@ -39,8 +47,20 @@ impl LocalClusterSpec {
             node_bin: default_node_bin(),
             extra_args: Vec::new(),
             node_env: Vec::new(),
+            tls: true,
         }
     }
+}
+
+/// Where a cluster's certificates live.
+fn certs_dir(spec: &LocalClusterSpec) -> PathBuf {
+    spec.data_dir.join("certs")
+}
+
+/// The host part of `host:port` (brackets of an IPv6 literal removed).
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// Finds `raftpg-node`: `$RAFTPG_NODE_BIN`, next to the running executable (or its parent, for
@@ -146,6 +166,11 @@ impl LocalCluster {
         }
         std::fs::create_dir_all(&spec.data_dir)?;
         make_searchable(&spec.data_dir)?;
+        if spec.tls {
+            let hosts: Vec<String> = spec.addrs.iter().map(|a| host_of(a).to_string()).collect();
+            crate::cert::ensure_cluster(&certs_dir(&spec), spec.nodes as u64, &hosts, "raftpg")
+                .map_err(std::io::Error::other)?;
+        }
         let nodes = (1..=spec.nodes)
             .map(|i| LocalNode {
                 id: i as u64,
@@ -162,6 +187,34 @@ impl LocalCluster {
             cluster.start_node(id)?;
         }
         Ok(cluster)
+    }
+
+    /// The directory of the cluster's certificates (`None` for a plaintext cluster).
+    pub fn certs(&self) -> Option<PathBuf> {
+        self.spec.tls.then(|| certs_dir(&self.spec))
+    }
+
+    /// Client settings for this cluster: default timeouts, and TLS as the nodes run it
+    /// (verifying them with the cluster CA, presenting the client certificate `admin`).
+    pub fn client_config(&self) -> std::io::Result<crate::ClientConfig> {
+        let tls = match self.certs() {
+            Some(dir) => Some(crate::ClientTls::from_dir(&dir, Some("admin"))?),
+            None => None,
+        };
+        Ok(crate::ClientConfig {
+            tls,
+            ..Default::default()
+        })
+    }
+
+    /// A client of the nodes at `addrs` with [`LocalCluster::client_config`].
+    pub fn client_of<S: AsRef<str>>(&self, addrs: &[S]) -> std::io::Result<crate::Client> {
+        crate::Client::with_config(addrs, self.client_config()?).map_err(std::io::Error::other)
+    }
+
+    /// A client of every node of the cluster.
+    pub fn client(&self) -> std::io::Result<crate::Client> {
+        self.client_of(&self.addrs())
     }
 
     /// The `--peers` value (the founding members).
@@ -201,6 +254,14 @@ impl LocalCluster {
         self.kill_orphan_postgres(id);
         if data_dir.exists() {
             std::fs::remove_dir_all(&data_dir)?;
+        }
+        if let Some(certs) = self.certs() {
+            let hosts = [host_of(addr).to_string()];
+            let exists = certs.join(crate::cert::node_cert_file(id)).exists();
+            if !exists {
+                crate::cert::issue_node(&certs, id, &hosts, 825, false)
+                    .map_err(std::io::Error::other)?;
+            }
         }
         let node = self.node_mut(id);
         node.addr = addr.to_string();
@@ -261,7 +322,11 @@ impl LocalCluster {
     pub fn start_node(&mut self, id: u64) -> std::io::Result<()> {
         let peers = self.peers_arg();
         let bin = self.spec.node_bin.clone();
-        let mut extra = self.spec.extra_args.clone();
+        let mut extra = match self.certs() {
+            Some(dir) => vec!["--tls-dir".to_string(), dir.display().to_string()],
+            None => vec!["--insecure".to_string()],
+        };
+        extra.extend(self.spec.extra_args.iter().cloned());
         extra.extend(self.node(id).extra_args.iter().cloned());
         let log_path = self.spec.data_dir.join(format!("node{id}.log"));
         let node = self.node_mut(id);

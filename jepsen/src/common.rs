@@ -51,6 +51,8 @@ pub fn time_seed() -> u64 {
 pub struct Env {
     /// Node addresses; node `i` (1-based) is `addrs[i - 1]`.
     pub addrs: Vec<String>,
+    /// Client settings of the cluster (its TLS).
+    pub client_config: ClientConfig,
     /// The workload's history.
     pub history: Arc<History>,
     /// Set when the load phase ends.
@@ -84,7 +86,11 @@ impl Env {
         let rotated: Vec<String> = (0..n)
             .map(|i| self.addrs[(first + i) % n].clone())
             .collect();
-        Client::with_config(&rotated, client_config()).expect("valid addresses")
+        let config = ClientConfig {
+            tls: self.client_config.tls.clone(),
+            ..client_config()
+        };
+        Client::with_config(&rotated, config).expect("valid addresses")
     }
 }
 
@@ -147,6 +153,7 @@ pub fn client_config() -> ClientConfig {
         attempt_timeout: Duration::from_secs(2),
         attempts_max: 8,
         retry_backoff: Duration::from_millis(50),
+        ..ClientConfig::default()
     }
 }
 

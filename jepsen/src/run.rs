@@ -178,7 +178,8 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Vec<Row>> {
     cspec.node_env = clock_envs;
     let mut cluster = LocalCluster::start(cspec)?;
     let addrs = cluster.addrs();
-    let admin = Client::new(&addrs)?;
+    let cluster_config = cluster.client_config()?;
+    let admin = Client::with_config(&addrs, cluster_config.clone())?;
     if let Err(e) = admin.wait_for_leader(Duration::from_secs(90)).await {
         cluster.shutdown();
         bail!("no leader: {e}");
@@ -211,6 +212,7 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Vec<Row>> {
     for (wi, w) in spec.workloads.iter().enumerate() {
         let env = Env {
             addrs: addrs.clone(),
+            client_config: cluster_config.clone(),
             history: Arc::new(History::default()),
             stop: stop.clone(),
             clients: spec.clients,
@@ -236,7 +238,7 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Vec<Row>> {
     let idle_history = Arc::new(History::default());
     let nem = Nemesis {
         cluster,
-        admin: Client::new(&addrs)?,
+        admin: Client::with_config(&addrs, cluster_config.clone())?,
         net,
         clocks,
         faults: spec.faults.clone(),
@@ -272,6 +274,7 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Vec<Row>> {
         &addrs,
         raftpg_client::ClientConfig {
             attempts_max: 3,
+            tls: cluster_config.tls.clone(),
             ..crate::common::client_config()
         },
     )?;

@@ -39,8 +39,8 @@ pub enum SqlValue {
     Bool(bool),
     /// int2/int4/int8/oid.
     Int64(i64),
-    /// float4/float8.
-    Float64(f64),
+    /// float4/float8 (NaN and ±Infinity included: see [`float8`]).
+    Float64(#[serde(with = "float8")] f64),
     /// numeric, as decimal text.
     Numeric(String),
     /// text/varchar/char/name.
@@ -59,6 +59,62 @@ pub enum SqlValue {
     Json(String),
     /// jsonb, as text.
     Jsonb(String),
+}
+
+/// How a float8 travels in the log's JSON (entries, recorded outcomes): a finite value as a
+/// JSON number (exactly, with serde_json's `float_roundtrip`), `NaN`, `Infinity` and
+/// `-Infinity` — valid float8 values that JSON numbers cannot carry — as those strings, the
+/// way PostgreSQL writes them. (serde_json alone writes them as `null`, which does not decode:
+/// one such parameter would make its entry unreadable on every node.)
+pub mod float8 {
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    /// Writes `v` (a number, or one of the three strings).
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        match *v {
+            v if v.is_finite() => s.serialize_f64(v),
+            v if v.is_nan() => s.serialize_str("NaN"),
+            v if v > 0.0 => s.serialize_str("Infinity"),
+            _ => s.serialize_str("-Infinity"),
+        }
+    }
+
+    /// Reads a number, or one of the three strings.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        d.deserialize_any(Float8)
+    }
+
+    struct Float8;
+
+    impl Visitor<'_> for Float8 {
+        type Value = f64;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a number, \"NaN\", \"Infinity\" or \"-Infinity\"")
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<f64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<f64, E> {
+            Ok(v as f64)
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<f64, E> {
+            Ok(v as f64)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<f64, E> {
+            match v {
+                "NaN" => Ok(f64::NAN),
+                "Infinity" => Ok(f64::INFINITY),
+                "-Infinity" => Ok(f64::NEG_INFINITY),
+                other => Err(E::invalid_value(de::Unexpected::Str(other), &self)),
+            }
+        }
+    }
 }
 
 /// One SQL statement with its bound parameters.
@@ -84,7 +140,7 @@ pub struct RequestId {
 pub enum Command {
     /// SQL statements applied as one atomic unit.
     Sql(WriteCommand),
-    /// Several writes proposed together (see `proposer`): applied in order, each atomic on its
+    /// Several writes proposed together (see `raft::proposer`): applied in order, each atomic on its
     /// own, each with its own outcome ([`ApplyOutcome::Batch`]).
     Batch(Vec<WriteCommand>),
     /// Compute per-table checksums of the user database at exactly this log position on every
@@ -184,4 +240,43 @@ pub struct TableChecksum {
     pub rows: i64,
     /// Order-independent hash of the rows (for sequences: `last_value/is_called`).
     pub hash: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SqlValue;
+
+    #[test]
+    fn every_float8_survives_the_log() {
+        for f in [
+            0.0,
+            -0.0,
+            1.5,
+            f64::MIN_POSITIVE,
+            f64::MAX,
+            0.1 + 0.2,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
+            let json = serde_json::to_vec(&SqlValue::Float64(f)).expect("encodes");
+            let back: SqlValue = serde_json::from_slice(&json).expect("decodes");
+            let SqlValue::Float64(g) = back else {
+                panic!("{back:?}")
+            };
+            assert!(
+                g.to_bits() == f.to_bits() || (g.is_nan() && f.is_nan()),
+                "{f}: {g}"
+            );
+        }
+        // Finite values are written as before (numbers), so existing logs read the same.
+        assert_eq!(
+            serde_json::to_string(&SqlValue::Float64(1.5)).unwrap(),
+            r#"{"Float64":1.5}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&SqlValue::Float64(f64::NAN)).unwrap(),
+            r#"{"Float64":"NaN"}"#
+        );
+    }
 }

@@ -28,6 +28,19 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_ADVERTISE")]
     pub advertise: Option<String>,
 
+    /// Directory with the cluster's certificates (`raftpg cert`): `ca.crt`, `node-<id>.crt`,
+    /// `node-<id>.key`. With it the node serves TLS, accepts peer RPCs (Raft, snapshots, read
+    /// index, retire) only from a node certificate of the cluster CA naming a current member
+    /// and the node the message claims to come from, and presents its own to peers. Without
+    /// it the node refuses to start, unless `--insecure`.
+    #[arg(long, env = "RAFTPG_TLS_DIR", conflicts_with = "insecure")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// Run without TLS: plaintext, and anyone who reaches the port can call every RPC,
+    /// including the nodes' own (Raft). Only for a network nobody else can reach.
+    #[arg(long, env = "RAFTPG_INSECURE")]
+    pub insecure: bool,
+
     /// Initial voters, `id=host:port` comma-separated, including this node. Used once, when
     /// the node starts with an empty log. Without it the node starts a single-node cluster.
     #[arg(long, env = "RAFTPG_PEERS", value_delimiter = ',')]

@@ -1,28 +1,8 @@
-//! raftpg-node: one member of a raftpg cluster. See `node` for how the parts fit together and
-//! `../shared/design.md` for the data flow and invariants.
-
-mod api;
-mod applier;
-mod checksums;
-mod clock;
-mod command;
-mod config;
-mod determinism;
-mod log_store;
-mod network;
-mod node;
-mod postgres;
-mod proposer;
-mod read_index;
-mod read_pool;
-mod request_log;
-mod session_rules;
-mod snapshot;
-mod state_machine;
-mod time_literals;
-mod values;
+//! raftpg-node: one member of a raftpg cluster. The library (`lib.rs`) says how the parts fit
+//! together; `../shared/design.md` has the data flow and invariants.
 
 use clap::Parser;
+use raftpg_node::{config, server};
 
 fn main() -> anyhow::Result<()> {
     let cfg = config::NodeConfig::parse();
@@ -45,5 +25,5 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let runtime = builder.enable_all().build()?;
-    runtime.block_on(node::run(cfg))
+    runtime.block_on(server::run(cfg))
 }

@@ -1,6 +1,9 @@
 //! The `raftpg.v1` wire protocol: the public `Write`, `Read` and `Cluster` services and the
 //! internal `Raft` service between nodes. Generated from `raftpg/v1/raftpg.proto`.
 
+pub mod codec;
+pub mod identity;
+
 /// Generated code for package `raftpg.v1`.
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {

@@ -20,12 +20,18 @@ pub struct TestCluster {
     pub cluster: LocalCluster,
     /// A client knowing every node.
     pub client: Client,
+    /// The settings of `client` (TLS included), for clients of single nodes.
+    client_config: ClientConfig,
+    /// The certificates' directory of a cluster started with TLS.
+    certs: Option<PathBuf>,
     dir: PathBuf,
     net: u8,
 }
 
 /// Starts `nodes` nodes for test `name`; `net` (1..=250) must be unique per test: node `i`
-/// listens on `127.0.<net>.<10+i>:<17000+net>` (loopback only).
+/// listens on `127.0.<net>.<10+i>:<17000+net>` (loopback only). The nodes run with TLS (the
+/// cluster's certificates in `<test dir>/certs`, see `LocalCluster`); the clients verify them
+/// and present the client certificate `admin`.
 pub async fn start_cluster(name: &str, net: u8, nodes: usize) -> anyhow::Result<TestCluster> {
     start_cluster_with(name, net, nodes, &[]).await
 }
@@ -40,6 +46,15 @@ pub async fn start_cluster_with(
     start_cluster_env(name, net, nodes, extra, Vec::new()).await
 }
 
+/// Like [`start_cluster`], with the nodes in plaintext (`--insecure`).
+pub async fn start_cluster_insecure(
+    name: &str,
+    net: u8,
+    nodes: usize,
+) -> anyhow::Result<TestCluster> {
+    start(name, net, nodes, &[], Vec::new(), false).await
+}
+
 /// Like [`start_cluster_with`], with environment variables per node (node `i` gets
 /// `node_env[i - 1]`), e.g. libfaketime for a skewed clock.
 pub async fn start_cluster_env(
@@ -48,6 +63,17 @@ pub async fn start_cluster_env(
     nodes: usize,
     extra: &[&str],
     node_env: Vec<Vec<(String, String)>>,
+) -> anyhow::Result<TestCluster> {
+    start(name, net, nodes, extra, node_env, true).await
+}
+
+async fn start(
+    name: &str,
+    net: u8,
+    nodes: usize,
+    extra: &[&str],
+    node_env: Vec<Vec<(String, String)>>,
+    tls: bool,
 ) -> anyhow::Result<TestCluster> {
     let dir = PathBuf::from(
         std::env::var("RAFTPG_TEST_DIR").unwrap_or_else(|_| "/tmp/raftpg-tests".into()),
@@ -64,17 +90,19 @@ pub async fn start_cluster_env(
     spec.extra_args = vec!["--pg-shared-buffers".into(), "16MB".into()];
     spec.extra_args.extend(extra.iter().map(|s| s.to_string()));
     spec.node_env = node_env;
+    spec.tls = tls;
     let cluster = LocalCluster::start(spec).context("starting cluster")?;
-    let client = Client::with_config(
-        &cluster.addrs(),
-        ClientConfig {
-            attempt_timeout: Duration::from_secs(15),
-            ..Default::default()
-        },
-    )?;
+    let client_config = ClientConfig {
+        attempt_timeout: Duration::from_secs(15),
+        ..cluster.client_config()?
+    };
+    let certs = cluster.certs();
+    let client = Client::with_config(&cluster.addrs(), client_config.clone())?;
     let tc = TestCluster {
         cluster,
         client,
+        client_config,
+        certs,
         dir,
         net,
     };
@@ -124,7 +152,32 @@ impl TestCluster {
 
     /// A client for node `id` only.
     pub fn node_client(&self, id: u64) -> Client {
-        Client::new(&[self.cluster.node(id).addr.clone()]).expect("valid address")
+        Client::with_config(
+            &[self.cluster.node(id).addr.clone()],
+            self.client_config.clone(),
+        )
+        .expect("valid address")
+    }
+
+    /// The certificates' directory (`None` for [`start_cluster_insecure`]).
+    pub fn certs(&self) -> Option<&std::path::Path> {
+        self.certs.as_deref()
+    }
+
+    /// A channel to node `id` with this cluster's TLS, for raw clients of the generated API.
+    pub fn channel(&self, id: u64) -> tonic::transport::Channel {
+        raftpg_client::channel(&self.cluster.node(id).addr, self.client_config.tls.as_ref())
+            .expect("valid address")
+    }
+
+    /// This cluster's client settings (TLS included).
+    pub fn client_config(&self) -> ClientConfig {
+        self.client_config.clone()
+    }
+
+    /// A client of the nodes at `addrs`, with this cluster's settings (TLS included).
+    pub fn client_of(&self, addrs: &[String]) -> Client {
+        Client::with_config(addrs, self.client_config.clone()).expect("valid addresses")
     }
 
     /// A direct connection to node `id`'s PostgreSQL (as the superuser, bypassing raftpg).
@@ -265,6 +318,7 @@ pub struct LoadReport {
 /// w int, id serial ...)` through clients of `addrs` until `stop` is set.
 pub async fn write_load(
     addrs: Vec<String>,
+    config: ClientConfig,
     table: &str,
     workers: usize,
     stop: Arc<AtomicBool>,
@@ -273,6 +327,7 @@ pub async fn write_load(
     let mut tasks = Vec::new();
     for w in 0..workers {
         let addrs = addrs.clone();
+        let config = config.clone();
         let stop = stop.clone();
         let report = report.clone();
         let sql = format!("INSERT INTO {table} (k, w) VALUES ($1, $2) RETURNING id");
@@ -284,7 +339,7 @@ pub async fn write_load(
                 ClientConfig {
                     attempt_timeout: Duration::from_secs(10),
                     attempts_max: 50,
-                    ..Default::default()
+                    ..config
                 },
             )
             .expect("valid addresses");
@@ -320,11 +375,13 @@ pub struct LoadRun {
 }
 
 impl LoadRun {
-    /// Starts `workers` writers on `table` through clients of `addrs`.
-    pub fn start(addrs: Vec<String>, table: &str, workers: usize) -> Self {
+    /// Starts `workers` writers on `table` through clients of every node of `tc`.
+    pub fn start(tc: &TestCluster, table: &str, workers: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (name, flag) = (table.to_string(), stop.clone());
-        let task = tokio::spawn(async move { write_load(addrs, &name, workers, flag).await });
+        let (addrs, config) = (tc.cluster.addrs(), tc.client_config());
+        let task =
+            tokio::spawn(async move { write_load(addrs, config, &name, workers, flag).await });
         LoadRun {
             stop,
             task,

@@ -352,6 +352,42 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
         "{e}"
     );
 
+    // A write through a follower gets the leader's result as the leader sent it: a numeric of
+    // 1001 digits is a valid result, though too long for a parameter.
+    let (_, follower) = tc.leader_and_follower().await;
+    let r = tc
+        .node_client(follower)
+        .execute_one(
+            "INSERT INTO t (id, v) VALUES (40, repeat('9', 1001)) RETURNING v::numeric",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let value = &r.results[0].rows[0].values[0];
+    assert!(
+        matches!(&value.kind, Some(raftpg_client::v1::value::Kind::Numeric(n)) if n.len() == 1001),
+        "{value:?}"
+    );
+
+    // float8 NaN and ±Infinity are values like any other: through the log (and the request
+    // log) and back, the same on every node.
+    c.execute_one("CREATE TABLE f (id int PRIMARY KEY, x float8)", vec![])
+        .await
+        .unwrap();
+    for (id, x) in [(1, f64::NAN), (2, f64::INFINITY), (3, f64::NEG_INFINITY)] {
+        let r = c
+            .execute_one(
+                "INSERT INTO f VALUES ($1, $2) RETURNING x",
+                vec![values::int(id), values::float(x)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            format!("{:?}", r.results[0].rows[0].values[0].kind),
+            format!("{:?}", Some(raftpg_client::v1::value::Kind::Float64(x))),
+        );
+    }
+
     // Oversized requests.
     let big = "x".repeat(5 * 1024 * 1024);
     let e = c
@@ -362,6 +398,33 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    // The request's limits come first: an oversized write with a bad parameter is refused as
+    // oversized, and bad SQL is reported before a bad parameter of a later statement.
+    let e = c
+        .execute(vec![
+            stmt(
+                "INSERT INTO t (id, v) VALUES (2, $1)",
+                vec![values::text(big.clone())],
+            ),
+            stmt(
+                "INSERT INTO t (id, v) VALUES (3, $1)",
+                vec![values::numeric("12x")],
+            ),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    let e = c
+        .execute(vec![
+            stmt("SELEC 1", vec![]),
+            stmt(
+                "INSERT INTO t (id, v) VALUES (3, $1)",
+                vec![values::numeric("12x")],
+            ),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(e.sqlstate().as_deref(), Some("42601"), "{e}");
     let e = c
         .query_sql(
             "SELECT $1::text",
@@ -400,6 +463,23 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
         .unwrap_err();
     assert_eq!(e.sqlstate().as_deref(), Some("42P01"), "{e}");
 
+    // A membership change naming a bad address, and a request that is not protobuf at all,
+    // are the sender's errors.
+    let e = c.add_learner(4, "not an address", false).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    let addr = tc.addr_of(1);
+    for path in [
+        "/raftpg.v1.Write/Execute",
+        "/raftpg.v1.Read/Query",
+        "/raftpg.v1.Cluster/AddLearner",
+    ] {
+        let e = raw_call(&tc, &addr, path, vec![0xff, 0xff, 0xff, 0x0f])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{path}: {e}");
+        assert!(e.message().starts_with("malformed message"), "{path}: {e}");
+    }
+
     // A call naming an unknown node.
     let e = c.member_status(0, 42).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e}");
@@ -413,7 +493,8 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
     .await
     .unwrap();
     let sums = tc.assert_identical(&[1, 2, 3]).await.unwrap();
-    assert!(sums["public.t"].starts_with("1 rows"), "{sums:?}");
+    // Rows 40 (written through a follower) and 9.
+    assert!(sums["public.t"].starts_with("2 rows"), "{sums:?}");
 }
 
 /// kill -9 the leader under load: a new leader, writes continue, nothing acknowledged lost,
@@ -422,7 +503,7 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
 async fn leader_killed_under_load_loses_no_acknowledged_write() {
     let mut tc = start_cluster("leader_kill", 14, 3).await.unwrap();
     tc.client.execute_one(LOAD_TABLE_DDL, vec![]).await.unwrap();
-    let load = LoadRun::start(tc.cluster.addrs(), "load", 6);
+    let load = LoadRun::start(&tc, "load", 6);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let old = tc
         .client
@@ -437,7 +518,7 @@ async fn leader_killed_under_load_loses_no_acknowledged_write() {
         .filter(|n| n.id != old)
         .map(|n| n.addr.clone())
         .collect();
-    let c2 = raftpg_client::Client::new(&survivors).unwrap();
+    let c2 = tc.client_of(&survivors);
     let new = c2.wait_for_leader(Duration::from_secs(30)).await.unwrap();
     assert_ne!(new, old);
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -452,7 +533,7 @@ async fn leader_killed_under_load_loses_no_acknowledged_write() {
 async fn postgres_killed_mid_load_resumes_exactly() {
     let tc = start_cluster("pg_kill", 15, 3).await.unwrap();
     tc.client.execute_one(LOAD_TABLE_DDL, vec![]).await.unwrap();
-    let load = LoadRun::start(tc.cluster.addrs(), "load", 6);
+    let load = LoadRun::start(&tc, "load", 6);
     let (leader, follower) = tc.leader_and_follower().await;
     for victim in [follower, follower, leader] {
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -489,7 +570,7 @@ async fn postgres_killed_mid_load_resumes_exactly() {
 async fn node_killed_between_commit_and_apply_applies_everything_once() {
     let mut tc = start_cluster("node_kill", 16, 3).await.unwrap();
     tc.client.execute_one(LOAD_TABLE_DDL, vec![]).await.unwrap();
-    let load = LoadRun::start(tc.cluster.addrs(), "load", 6);
+    let load = LoadRun::start(&tc, "load", 6);
     for round in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let leader = tc
@@ -516,4 +597,80 @@ async fn node_killed_between_commit_and_apply_applies_everything_once() {
     tc.cluster.start_node(2).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     load.finish(&tc, &[1, 2, 3]).await;
+}
+
+/// Sends `body` as the request message of the gRPC method `path` on `addr` of `tc` (over its
+/// TLS), as it is (no protobuf encoding), and returns the raw answer.
+async fn raw_call(
+    tc: &testkit::TestCluster,
+    addr: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let certs = tc.certs().expect("a TLS cluster");
+    let ca = std::fs::read_to_string(certs.join("ca.crt")).expect("the CA");
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .expect("an address")
+        .tls_config(tls)
+        .expect("TLS settings")
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::try_from(path).expect("a path");
+    grpc.unary(tonic::Request::new(body), path, RawCodec)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// A codec that sends and receives message bytes as they are.
+#[derive(Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
 }

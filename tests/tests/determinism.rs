@@ -187,7 +187,7 @@ async fn follower_postgres_frozen_under_load_catches_up() {
         )
         .await
         .unwrap();
-    let load = LoadRun::start(tc.cluster.addrs(), "load", 4);
+    let load = LoadRun::start(&tc, "load", 4);
     let (leader, follower) = tc.leader_and_follower().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(tc.cluster.signal_postgres(follower, libc::SIGSTOP));

@@ -69,6 +69,8 @@ async fn check_finds_a_divergence_and_names_table_and_node() {
     let bin = raftpg_client::local_cluster::default_node_bin().with_file_name("raftpg");
     let out = std::process::Command::new(bin)
         .args(["--nodes", &tc.cluster.addrs().join(","), "check"])
+        .arg("--certs")
+        .arg(tc.certs().expect("a TLS cluster"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -93,9 +95,7 @@ async fn retried_requests_apply_exactly_once_across_leader_kills() {
         .unwrap();
 
     // The same request id sent twice is applied once and answered with the first result.
-    let mut raw = WriteClient::connect(format!("http://{}", tc.cluster.node(1).addr))
-        .await
-        .unwrap();
+    let mut raw = WriteClient::new(tc.channel(1));
     let req = ExecuteRequest {
         statements: vec![Statement {
             sql: "INSERT INTO once (token, w) VALUES ('dup', -1) RETURNING ctid::text".into(),
@@ -119,6 +119,7 @@ async fn retried_requests_apply_exactly_once_across_leader_kills() {
     let mut tasks = Vec::new();
     for w in 0..6 {
         let addrs = tc.cluster.addrs();
+        let config = tc.client_config();
         let stop = stop.clone();
         let outcomes = outcomes.clone();
         tasks.push(tokio::spawn(async move {
@@ -127,7 +128,7 @@ async fn retried_requests_apply_exactly_once_across_leader_kills() {
                 ClientConfig {
                     attempt_timeout: Duration::from_secs(3),
                     attempts_max: 100,
-                    ..Default::default()
+                    ..config
                 },
             )
             .unwrap();

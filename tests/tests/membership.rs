@@ -34,7 +34,13 @@ async fn grow_to_five_and_shrink_to_three_under_load() {
     tc.client.execute_one(LOAD_DDL, vec![]).await.unwrap();
     let all_addrs: Vec<String> = (1..=5).map(|id| tc.addr_of(id)).collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(write_load(all_addrs.clone(), "load", 4, stop.clone()));
+    let load = tokio::spawn(write_load(
+        all_addrs.clone(),
+        tc.client_config(),
+        "load",
+        4,
+        stop.clone(),
+    ));
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     // Grow: nodes 4 and 5 join empty; the log has been compacted, so they need a snapshot.
@@ -112,7 +118,7 @@ async fn grow_to_five_and_shrink_to_three_under_load() {
         &[tc.cluster.node(old_leader).addr.clone()],
         raftpg_client::ClientConfig {
             attempts_max: 1,
-            ..Default::default()
+            ..tc.client_config()
         },
     )
     .unwrap();

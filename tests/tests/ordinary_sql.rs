@@ -66,7 +66,7 @@ async fn concurrent_writes(
 ) -> Vec<Result<(), Option<String>>> {
     let mut tasks = Vec::new();
     for i in 0..n {
-        let c = Client::new(&tc.cluster.addrs()).unwrap();
+        let c = tc.client_of(&tc.cluster.addrs());
         let (sql, params) = write(i);
         tasks.push(tokio::spawn(async move {
             c.execute_one(sql, params)
@@ -334,7 +334,7 @@ async fn time_strings_never_diverge() {
 /// node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarted_sequence_survives_a_postgres_crash() {
-    let mut tc = cluster("seq_restart", 105).await;
+    let tc = cluster("seq_restart", 105).await;
     let c = &tc.client;
     ok(c, &["CREATE TABLE s (id serial PRIMARY KEY, v int)"]).await;
     for i in 0..5 {

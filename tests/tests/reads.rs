@@ -76,9 +76,9 @@ async fn read_your_writes_and_linearizable_reads_on_followers() {
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(std::sync::atomic::AtomicI64::new(30));
     let writer = {
-        let (stop, acked, addrs) = (stop.clone(), acked.clone(), tc.cluster.addrs());
+        let (stop, acked) = (stop.clone(), acked.clone());
+        let w = tc.client_of(&tc.cluster.addrs());
         tokio::spawn(async move {
-            let w = raftpg_client::Client::new(&addrs).unwrap();
             let mut n = 30;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
@@ -243,11 +243,7 @@ async fn stalled_stream(
     node: u64,
     min_index: u64,
 ) -> tonic::Streaming<QueryChunk> {
-    let addr = format!("http://{}", tc.cluster.node(node).addr);
-    let mut client = ReadClient::connect(addr)
-        .await
-        .unwrap()
-        .max_decoding_message_size(64 * 1024 * 1024);
+    let mut client = ReadClient::new(tc.channel(node)).max_decoding_message_size(64 * 1024 * 1024);
     let mut req = q(STALL_SQL, Consistency::AtLeast, min_index);
     req.timeout_ms = STALL_BOUND.as_millis() as u32;
     let mut stream = client.query_stream(req).await.unwrap().into_inner();

@@ -523,7 +523,7 @@ async fn run(spec: RunSpec) {
             ClientConfig {
                 attempt_timeout: Duration::from_secs(4),
                 attempts_max: 30,
-                ..Default::default()
+                ..tc.client_config()
             },
         )
         .unwrap()

@@ -2,13 +2,15 @@
 //!
 //! `raftpg exec` writes, `raftpg query` reads, `raftpg status` shows every node, `raftpg cluster`
 //! runs a local N-node cluster until Ctrl-C, and `raftpg demo` does that and walks through
-//! replication, a node failure and its recovery.
+//! replication, a node failure and its recovery. `raftpg cert` creates the TLS certificates
+//! (cluster CA, nodes, clients) into a directory.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use raftpg_client::cert;
 use raftpg_client::v1::{Consistency, QueryResponse, Statement};
 use raftpg_client::{values, Client, LocalCluster, LocalClusterSpec};
 
@@ -28,8 +30,47 @@ struct Cli {
         default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
     )]
     nodes: Vec<String>,
+    /// Directory of the cluster's certificates (`raftpg cert`; a local cluster's is
+    /// `<data-dir>/certs`): the client verifies the nodes with its `ca.crt` and presents the
+    /// client certificate `--cert-name`. Without it the client speaks plaintext, which only
+    /// nodes started with `--insecure` accept.
+    #[arg(long, env = "RAFTPG_CERTS", global = true)]
+    certs: Option<PathBuf>,
+    /// The client certificate to present (`client-<name>.crt` in `--certs`).
+    #[arg(long, env = "RAFTPG_CERT_NAME", global = true, default_value = "admin")]
+    cert_name: String,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// After a failed call in plaintext: nodes with TLS (the default) answer a plaintext client
+/// only with a transport error, so say what is likely missing.
+fn tls_hint(e: &raftpg_client::ClientError, certs: Option<&std::path::Path>) {
+    if certs.is_none() && e.code() == tonic::Code::Internal {
+        eprintln!(
+            "hint: nodes run with TLS unless started with --insecure; pass the cluster's certificates with --certs DIR (RAFTPG_CERTS)"
+        );
+    }
+}
+
+/// A client of `nodes`, with TLS when `certs` (`--certs`) is given.
+fn cli_client(
+    nodes: &[String],
+    certs: Option<&std::path::Path>,
+    cert_name: &str,
+) -> anyhow::Result<Client> {
+    let tls = match certs {
+        Some(dir) => Some(
+            raftpg_client::ClientTls::from_dir(dir, Some(cert_name))
+                .with_context(|| format!("reading the certificates in {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let config = raftpg_client::ClientConfig {
+        tls,
+        ..Default::default()
+    };
+    Ok(Client::with_config(nodes, config)?)
 }
 
 #[derive(Subcommand)]
@@ -108,6 +149,89 @@ enum Cmd {
         /// Stop the cluster when the demo is done.
         #[arg(long)]
         exit: bool,
+    },
+    /// Create TLS certificates into a directory: the cluster CA (ca.crt, ca.key), node
+    /// certificates (node-N.crt/.key) and client certificates (client-NAME.crt/.key).
+    /// Keys are ECDSA P-256, PEM, mode 0600. A node is identified by the URI SAN
+    /// raftpg://node/N of its certificate, a client by raftpg://client/NAME.
+    #[command(subcommand)]
+    Cert(CertCmd),
+}
+
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Create the cluster CA: DIR/ca.crt (the trust anchor every node and client is given) and
+    /// DIR/ca.key (keep it secret; only `cert node`/`cert client` need it).
+    Init {
+        /// Certificate directory (created with mode 0700 if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Cluster name, in the CA's name "raftpg cluster CA NAME".
+        #[arg(long, default_value = cert::DEFAULT_CLUSTER_NAME)]
+        cluster_name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = cert::DEFAULT_CA_DAYS)]
+        days: u32,
+        /// Replace an existing CA (certificates it signed are then no longer trusted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue node N's certificate from the CA in DIR: DIR/node-N.crt, DIR/node-N.key. Server
+    /// and client authentication (peer port), SANs: each host (IP address or DNS name) and
+    /// raftpg://node/N.
+    Node {
+        /// Certificate directory holding the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node id (> 0).
+        #[arg(long)]
+        id: u64,
+        /// Hosts the node is reached at (IP addresses or DNS names), comma-separated.
+        #[arg(long = "host", value_delimiter = ',', required = true)]
+        hosts: Vec<String>,
+        /// Validity in days (never past the CA's end).
+        #[arg(long, default_value_t = cert::DEFAULT_LEAF_DAYS)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a client certificate from the CA in DIR: DIR/client-NAME.crt/.key. Client
+    /// authentication only; CN NAME, SAN raftpg://client/NAME.
+    Client {
+        /// Certificate directory holding the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Client name: 1 to 64 of A-Z a-z 0-9 . _ -
+        #[arg(long)]
+        name: String,
+        /// Validity in days (never past the CA's end).
+        #[arg(long, default_value_t = cert::DEFAULT_LEAF_DAYS)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Everything a local cluster needs: the CA if missing, node-1..N for the hosts and the
+    /// client "admin". Keeps files that are still good (signed by this CA, right identity and
+    /// hosts, valid for another day) and issues the rest again.
+    Cluster {
+        /// Certificate directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Number of nodes (as `raftpg cluster --size`).
+        #[arg(long = "size", default_value_t = 3)]
+        size: u64,
+        /// Hosts of every node, comma-separated.
+        #[arg(
+            long = "host",
+            value_delimiter = ',',
+            default_value = "127.0.0.1,localhost"
+        )]
+        hosts: Vec<String>,
+        /// Cluster name, for a new CA.
+        #[arg(long, default_value = cert::DEFAULT_CLUSTER_NAME)]
+        cluster_name: String,
     },
 }
 
@@ -368,8 +492,11 @@ fn connect_hint(cluster: &LocalCluster) {
     let me = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "raftpg".into());
-    println!("\nThe cluster is running. Connect with:");
-    let nodes = cluster.addrs().join(",");
+    println!("\nThe cluster is running (TLS; certificates in its data directory). Connect with:");
+    let nodes = match cluster.certs() {
+        Some(certs) => format!("{} --certs {}", cluster.addrs().join(","), certs.display()),
+        None => cluster.addrs().join(","),
+    };
     println!(
         "  {me} --nodes {nodes} exec \"INSERT INTO players (name) VALUES ('you') RETURNING id\""
     );
@@ -430,7 +557,7 @@ async fn node_copy(client: &Client, node: usize, at_least: u64) -> anyhow::Resul
 }
 
 async fn demo(cluster: &mut LocalCluster) -> anyhow::Result<()> {
-    let client = Client::new(&cluster.addrs())?;
+    let client = cluster.client()?;
     let leader = client.wait_for_leader(Duration::from_secs(60)).await?;
     println!("\n1. A leader is elected: node {leader}.");
     client
@@ -441,7 +568,7 @@ async fn demo(cluster: &mut LocalCluster) -> anyhow::Result<()> {
     let mut last_index = 0;
     for (i, name) in names.iter().enumerate() {
         let node = i % cluster.addrs().len();
-        let one = Client::new(&[cluster.addrs()[node].clone()])?;
+        let one = cluster.client_of(&[cluster.addrs()[node].clone()])?;
         let r = one
             .execute_one(
                 "INSERT INTO players (name, via_node) VALUES ($1, $2) RETURNING id",
@@ -482,7 +609,7 @@ async fn demo(cluster: &mut LocalCluster) -> anyhow::Result<()> {
         .filter(|n| n.id != victim)
         .map(|n| n.addr.clone())
         .collect();
-    let client2 = Client::new(&survivors)?;
+    let client2 = cluster.client_of(&survivors)?;
     let new_leader = client2.wait_for_leader(Duration::from_secs(60)).await?;
     println!("   node {new_leader} took over; writing on without node {victim}:");
     for name in ["dennis", "frances", "edsger"] {
@@ -521,12 +648,55 @@ async fn demo(cluster: &mut LocalCluster) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_cert(cmd: CertCmd) -> anyhow::Result<()> {
+    let wrote = |(c, k): (PathBuf, PathBuf)| println!("wrote {} and {}", c.display(), k.display());
+    match cmd {
+        CertCmd::Init {
+            dir,
+            cluster_name,
+            days,
+            force,
+        } => wrote(cert::init_ca(&dir, &cluster_name, days, force)?),
+        CertCmd::Node {
+            dir,
+            id,
+            hosts,
+            days,
+            force,
+        } => wrote(cert::issue_node(&dir, id, &hosts, days, force)?),
+        CertCmd::Client {
+            dir,
+            name,
+            days,
+            force,
+        } => wrote(cert::issue_client(&dir, &name, days, force)?),
+        CertCmd::Cluster {
+            dir,
+            size,
+            hosts,
+            cluster_name,
+        } => {
+            let r = cert::ensure_cluster(&dir, size, &hosts, &cluster_name)?;
+            if r.created_ca {
+                println!("created CA {}", dir.join(cert::CA_CERT).display());
+            }
+            for p in &r.issued {
+                println!("issued {}", p.display());
+            }
+            for p in &r.kept {
+                println!("kept {}", p.display());
+            }
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Exec { sql, params } => {
-            let client = Client::new(&cli.nodes)?;
+            let client = cli_client(&cli.nodes, cli.certs.as_deref(), &cli.cert_name)?;
             let params = parse_params(&params)?;
             if !params.is_empty() && sql.len() > 1 {
                 bail!("--param applies to a single statement");
@@ -552,6 +722,8 @@ async fn main() -> anyhow::Result<()> {
                 }
                 Err(e) => {
                     eprintln!("error: {e}");
+                    tls_hint(&e, cli.certs.as_deref());
+                    tls_hint(&e, cli.certs.as_deref());
                     if let Some(s) = e.sqlstate() {
                         eprintln!("SQLSTATE {s}");
                     }
@@ -564,7 +736,7 @@ async fn main() -> anyhow::Result<()> {
             params,
             consistency,
         } => {
-            let client = Client::new(&cli.nodes)?;
+            let client = cli_client(&cli.nodes, cli.certs.as_deref(), &cli.cert_name)?;
             let (level, min_index) = match consistency.as_str() {
                 "local" => (Consistency::Local, 0),
                 "linearizable" => (Consistency::Linearizable, 0),
@@ -586,11 +758,20 @@ async fn main() -> anyhow::Result<()> {
                 Ok(r) => print_query(&r),
                 Err(e) => {
                     eprintln!("error: {e}");
+                    tls_hint(&e, cli.certs.as_deref());
+                    tls_hint(&e, cli.certs.as_deref());
                     std::process::exit(1);
                 }
             }
         }
-        Cmd::Status => print_status(&Client::new(&cli.nodes)?).await,
+        Cmd::Status => {
+            print_status(&cli_client(
+                &cli.nodes,
+                cli.certs.as_deref(),
+                &cli.cert_name,
+            )?)
+            .await
+        }
         Cmd::Bench {
             size,
             clients,
@@ -616,7 +797,7 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         }
         Cmd::Member(m) => {
-            let client = Client::new(&cli.nodes)?;
+            let client = cli_client(&cli.nodes, cli.certs.as_deref(), &cli.cert_name)?;
             let r = match m {
                 MemberCmd::Add { id, addr, no_wait } => {
                     client.add_learner(id, &addr, !no_wait).await
@@ -647,18 +828,20 @@ async fn main() -> anyhow::Result<()> {
                 }
                 Err(e) => {
                     eprintln!("error: {e}");
+                    tls_hint(&e, cli.certs.as_deref());
+                    tls_hint(&e, cli.certs.as_deref());
                     std::process::exit(1);
                 }
             }
         }
         Cmd::Check { timeout } => {
-            let client = Client::new(&cli.nodes)?;
+            let client = cli_client(&cli.nodes, cli.certs.as_deref(), &cli.cert_name)?;
             let r = client.check(Duration::from_secs(timeout)).await?;
             std::process::exit(print_check(&r));
         }
         Cmd::Cluster(args) => {
             let cluster = start_cluster(&args)?;
-            let client = Client::new(&cluster.addrs())?;
+            let client = cluster.client()?;
             let leader = client.wait_for_leader(Duration::from_secs(60)).await?;
             println!("leader: node {leader}");
             connect_hint(&cluster);
@@ -682,6 +865,66 @@ async fn main() -> anyhow::Result<()> {
             }
             println!("stopping ...");
         }
+        Cmd::Cert(c) => {
+            if let Err(e) = run_cert(c) {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// `raftpg cert ...` as typed, on a scratch directory.
+    #[test]
+    fn cert_commands() {
+        let dir = std::env::temp_dir().join(format!("raftpg-cli-cert-{}", std::process::id()));
+        let d = dir.to_str().unwrap();
+        let run = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["raftpg", "cert"].iter().chain(args)).unwrap();
+            let Cmd::Cert(c) = cli.command else {
+                panic!("not a cert command")
+            };
+            run_cert(c)
+        };
+        run(&["init", "--dir", d, "--cluster-name", "t", "--days", "30"]).unwrap();
+        let again = run(&["init", "--dir", d]).unwrap_err().to_string();
+        assert!(again.contains("already exists"), "{again}");
+        run(&["init", "--dir", d, "--force"]).unwrap();
+        run(&[
+            "node",
+            "--dir",
+            d,
+            "--id",
+            "4",
+            "--host",
+            "10.0.0.4,db4.example",
+        ])
+        .unwrap();
+        run(&["client", "--dir", d, "--name", "app", "--days", "10"]).unwrap();
+        run(&["cluster", "--dir", d, "--size", "2"]).unwrap();
+        let pem = std::fs::read_to_string(dir.join("node-4.crt")).unwrap();
+        let der = cert::pem_to_der(&pem).unwrap();
+        assert_eq!(cert::node_id_of(&der), Some(4));
+        for f in [
+            "node-1.key",
+            "node-2.key",
+            "client-admin.key",
+            "client-app.key",
+        ] {
+            assert!(dir.join(f).exists(), "{f}");
+        }
+        assert!(Cli::try_parse_from(["raftpg", "cert", "node", "--dir", d, "--id", "1"]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

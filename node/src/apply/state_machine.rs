@@ -1,0 +1,1101 @@
+//! The state machine: applies committed log entries, in log order, to the node's PostgreSQL.
+//!
+//! Owns the single applier connection and the bookkeeping table `raftpg.applied`. Invariants
+//! (design.md):
+//! 1. **Applied index in the same transaction.** Every batch of entries runs in one PostgreSQL
+//!    transaction that also stores the last applied log id, the last membership and the sequence
+//!    positions. After any crash the node resumes exactly after the last committed batch; entries
+//!    at or below the stored index are never applied again.
+//! 2. **Same result everywhere.** Entries are applied strictly in log order on one session whose
+//!    settings are fixed (UTC, ISO dates, no timeouts).
+//! 3. **Deterministic vs environmental errors.** A SQL error of a deterministic class rolls the
+//!    entry back to its savepoint and becomes the entry's result. Any other error (connection
+//!    lost, disk full, cancel, internal) is never a result: the batch is abandoned, the applier
+//!    reconnects with backoff and retries, and never advances past the entry.
+//!
+//! Never: record an environmental error as a result; advance without committing; write outside
+//! the batch transaction.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
+};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+pub use super::limits::ApplyLimits;
+use crate::apply::applier::{Applier, BatchEnd, EnvError, Pending, RunWrite};
+use crate::apply::checksums;
+use crate::apply::request_log;
+use crate::apply::snapshot::{SnapshotError, SnapshotStore};
+use crate::command::{
+    ApplyOutcome, Command, Entry, LogId, NodeId, StoredMembership, TypeConfig, WriteCommand,
+};
+use crate::raft::clock::EntryClock;
+use crate::raft::log_store::LogStore;
+use crate::sql::session_rules;
+use openraft::storage::RaftLogReader;
+
+/// What the applier is doing, for `Cluster.Status`, and since when it has been stuck.
+///
+/// A stuck applier (PostgreSQL unreachable, an entry failing for an environmental reason) is
+/// reported with how long it has been stuck, and logged as one clear error a minute rather
+/// than a line per retry.
+#[derive(Default)]
+pub struct ApplierStatus {
+    state: Mutex<StatusState>,
+}
+
+#[derive(Default)]
+struct StatusState {
+    text: String,
+    /// When the applier got stuck (None while it makes progress).
+    stuck_since: Option<std::time::Instant>,
+    /// When the stuck applier was last logged as an error.
+    logged_at: Option<std::time::Instant>,
+}
+
+/// How often a stuck applier logs its error.
+const STUCK_LOG_EVERY: Duration = Duration::from_secs(60);
+
+impl ApplierStatus {
+    /// The applier makes progress.
+    fn set(&self, s: impl Into<String>) {
+        if let Ok(mut g) = self.state.lock() {
+            g.text = s.into();
+            g.stuck_since = None;
+            g.logged_at = None;
+        }
+    }
+
+    /// The applier cannot make progress: `s` says why. Logs an error the first time and then
+    /// once every [`STUCK_LOG_EVERY`] (the rest at debug level).
+    fn stuck(&self, s: impl Into<String>) {
+        let s = s.into();
+        let Ok(mut g) = self.state.lock() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let since = *g.stuck_since.get_or_insert(now);
+        let log = g
+            .logged_at
+            .is_none_or(|t| now.duration_since(t) >= STUCK_LOG_EVERY);
+        if log {
+            g.logged_at = Some(now);
+            let secs = now.duration_since(since).as_secs();
+            if secs == 0 {
+                warn!("applier stuck: {s}");
+            } else {
+                tracing::error!(stuck_for_secs = secs, "applier stuck for {secs} s: {s}");
+            }
+        } else {
+            debug!("applier stuck: {s}");
+        }
+        g.text = s;
+    }
+
+    /// Current state text, e.g. `applying` or `waiting for PostgreSQL: ... (stuck for 75 s)`.
+    pub fn get(&self) -> String {
+        let Ok(g) = self.state.lock() else {
+            return String::new();
+        };
+        match g.stuck_since {
+            Some(t) => format!("{} (stuck for {} s)", g.text, t.elapsed().as_secs()),
+            None => g.text.clone(),
+        }
+    }
+}
+
+/// raftpg's bookkeeping schema, created idempotently by the applier.
+const BOOTSTRAP_SQL: &str = "
+    CREATE SCHEMA IF NOT EXISTS raftpg;
+    CREATE TABLE IF NOT EXISTS raftpg.applied (
+        singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+        log_index  bigint NOT NULL DEFAULT 0,
+        log_id     jsonb,
+        membership jsonb,
+        sequences  jsonb NOT NULL DEFAULT '{}'::jsonb
+    );
+    -- Writes applied up to log_index (they number the request records, see request_log).
+    ALTER TABLE raftpg.applied ADD COLUMN IF NOT EXISTS writes bigint NOT NULL DEFAULT 0;
+    INSERT INTO raftpg.applied (singleton) VALUES (true) ON CONFLICT DO NOTHING;
+    -- The position of every user sequence, {name: [last_value, is_called]}, recorded with each
+    -- batch (see applier::RECORD_APPLIED_SQL). pg_sequence_last_value() is null for a sequence
+    -- not called since its start or a RESTART, whose last_value (the value nextval() will
+    -- return) is then read from the sequence itself.
+    CREATE OR REPLACE FUNCTION raftpg.sequence_positions() RETURNS jsonb LANGUAGE plpgsql AS $$
+    DECLARE called jsonb; uncalled text; others jsonb;
+    BEGIN
+        SELECT coalesce(jsonb_object_agg(q.name, jsonb_build_array(q.v, true))
+                        FILTER (WHERE q.v IS NOT NULL), '{}'),
+               string_agg(format('SELECT %L AS k, last_value, is_called FROM %s', q.name, q.name),
+                          ' UNION ALL ') FILTER (WHERE q.v IS NULL)
+        INTO called, uncalled
+        FROM (SELECT format('%I.%I', n.nspname, c.relname) AS name,
+                     pg_sequence_last_value(s.seqrelid) AS v
+              FROM pg_sequence s
+              CROSS JOIN LATERAL (SELECT relname, relnamespace FROM pg_class
+                                  WHERE oid = s.seqrelid LIMIT 1) c
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname <> 'raftpg' AND has_sequence_privilege(s.seqrelid, 'SELECT')) q;
+        IF uncalled IS NOT NULL THEN
+            EXECUTE 'SELECT jsonb_object_agg(k, jsonb_build_array(last_value, is_called)) FROM ('
+                    || uncalled || ') u' INTO others;
+        END IF;
+        RETURN called || coalesce(others, '{}');
+    END $$;
+";
+
+/// raftpg's deterministic replacements for time and randomness (design.md "Time, randomness,
+/// identity"). The leader rewrites `now()`, `CURRENT_TIMESTAMP`, `random()`,
+/// `gen_random_uuid()`, ... into these, also inside DDL, so column DEFAULTs bind to them. During
+/// an entry they read the entry's timestamp (`raftpg.ts_us`) and seed (`raftpg.seed`, with a
+/// per-entry call counter `raftpg.rnd_n`), set with SET LOCAL at the start of every entry;
+/// outside an entry (e.g. a read through a view) they behave like PostgreSQL's own.
+const DETERMINISTIC_FUNCTIONS_SQL: &str = r#"
+    CREATE OR REPLACE FUNCTION raftpg.now() RETURNS timestamptz LANGUAGE plpgsql STABLE AS $$
+    DECLARE us text := current_setting('raftpg.ts_us', true);
+    BEGIN
+        IF us IS NULL OR us = '' THEN RETURN pg_catalog.now(); END IF;
+        RETURN timestamptz 'epoch' + us::bigint * interval '1 microsecond';
+    END $$;
+    CREATE OR REPLACE FUNCTION raftpg."current_date"() RETURNS date LANGUAGE sql STABLE
+        AS $$ SELECT raftpg.now()::date $$;
+    CREATE OR REPLACE FUNCTION raftpg."current_time"() RETURNS timetz LANGUAGE sql STABLE
+        AS $$ SELECT raftpg.now()::timetz $$;
+    CREATE OR REPLACE FUNCTION raftpg."localtime"() RETURNS time LANGUAGE sql STABLE
+        AS $$ SELECT raftpg.now()::time $$;
+    CREATE OR REPLACE FUNCTION raftpg."localtimestamp"() RETURNS timestamp LANGUAGE sql STABLE
+        AS $$ SELECT raftpg.now()::timestamp $$;
+    CREATE OR REPLACE FUNCTION raftpg.next_draw() RETURNS text LANGUAGE plpgsql VOLATILE AS $$
+    DECLARE seed text := current_setting('raftpg.seed', true); n bigint;
+    BEGIN
+        IF seed IS NULL OR seed = '' THEN RETURN NULL; END IF;
+        n := coalesce(nullif(current_setting('raftpg.rnd_n', true), ''), '0')::bigint + 1;
+        PERFORM pg_catalog.set_config('raftpg.rnd_n', n::text, true);
+        RETURN md5(seed || ':' || n::text);
+    END $$;
+    CREATE OR REPLACE FUNCTION raftpg.random() RETURNS double precision LANGUAGE plpgsql VOLATILE AS $$
+    DECLARE h text := raftpg.next_draw();
+    BEGIN
+        IF h IS NULL THEN RETURN pg_catalog.random(); END IF;
+        RETURN ('x' || substr(h, 1, 13))::bit(52)::bigint / 4503599627370496.0;
+    END $$;
+    CREATE OR REPLACE FUNCTION raftpg.gen_random_uuid() RETURNS uuid LANGUAGE plpgsql VOLATILE AS $$
+    DECLARE h text := raftpg.next_draw();
+    BEGIN
+        IF h IS NULL THEN RETURN pg_catalog.gen_random_uuid(); END IF;
+        RETURN (substr(h, 1, 12) || '4' || substr(h, 14, 3)
+                || substr('89ab', get_byte(decode(substr(h, 17, 2), 'hex'), 0) % 4 + 1, 1)
+                || substr(h, 18, 15))::uuid;
+    END $$;
+"#;
+
+/// Puts every sequence back to the position recorded with the last applied batch: exactly
+/// `(last_value, is_called)` (see `raftpg.sequence_positions`). Records of earlier versions
+/// hold a number (called) or null (never called: back to its start).
+const RESTORE_SEQUENCES_SQL: &str = "
+    SELECT count(setval(q.seqrelid,
+        CASE jsonb_typeof(s.value) WHEN 'array' THEN (s.value->>0)::bigint
+                                   WHEN 'number' THEN (s.value #>> '{}')::bigint
+                                   ELSE q.seqstart END,
+        CASE jsonb_typeof(s.value) WHEN 'array' THEN (s.value->>1)::boolean
+                                   ELSE jsonb_typeof(s.value) = 'number' END))
+    FROM raftpg.applied a, jsonb_each(a.sequences) s
+    JOIN pg_sequence q ON q.seqrelid = to_regclass(s.key)";
+
+/// The state machine's state and logic, shared (behind a lock) by openraft's calls
+/// ([`PgStateMachine`]) and the task that replays what PostgreSQL lost as soon as it is back.
+struct StateMachineCore {
+    node_id: NodeId,
+    /// Last log index openraft handed to this state machine and was told applied (PostgreSQL
+    /// may hold less after a crash: `applied` is what it holds).
+    log_applied: Option<u64>,
+    /// The Raft log, to replay entries PostgreSQL lost in a crash.
+    log: LogStore,
+    /// Snapshots (build, receive, install).
+    snapshots: SnapshotStore,
+    conn_config: tokio_postgres::Config,
+    applier: Option<Applier>,
+    /// Last applied log id and membership as stored in PostgreSQL (valid while `applier` is).
+    applied: Option<LogId>,
+    /// Writes applied up to `applied` (numbers the request records; see `request_log`).
+    applied_writes: u64,
+    membership: StoredMembership,
+    limits: ApplyLimits,
+    status: Arc<ApplierStatus>,
+    clock: Arc<EntryClock>,
+    shutdown: watch::Receiver<bool>,
+    /// Whether runs of entries are pipelined (off while re-applying a batch whose pipeline
+    /// had to be abandoned; see `EnvError::PipelineAborted`).
+    pipeline: bool,
+    /// Batches still to apply with a savepoint per write before trying fast runs again (see
+    /// `EnvError::FastRunAbandoned`): after a fast run fails, the next few batches are likely
+    /// to hold failing writes too.
+    careful_batches: u32,
+}
+
+/// Batches applied with a savepoint per write after a fast run had to be abandoned.
+const CAREFUL_BATCHES_AFTER_ABANDON: u32 = 16;
+
+/// What the state machine is built from.
+pub struct StateMachineParts {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// The Raft log (for replays).
+    pub log: LogStore,
+    /// Snapshot storage.
+    pub snapshots: SnapshotStore,
+    /// The applier's PostgreSQL connection settings.
+    pub conn_config: tokio_postgres::Config,
+    /// Limits of the apply path.
+    pub limits: ApplyLimits,
+    /// Where the applier reports what it does.
+    pub status: Arc<ApplierStatus>,
+    /// The entry clock, told about every applied entry's timestamp.
+    pub clock: Arc<EntryClock>,
+    /// Node shutdown signal.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl StateMachineCore {
+    /// Creates the state machine; it connects lazily.
+    fn new(p: StateMachineParts) -> Self {
+        StateMachineCore {
+            node_id: p.node_id,
+            log_applied: None,
+            log: p.log,
+            snapshots: p.snapshots,
+            conn_config: p.conn_config,
+            applier: None,
+            applied: None,
+            applied_writes: 0,
+            membership: StoredMembership::default(),
+            limits: p.limits,
+            status: p.status,
+            clock: p.clock,
+            shutdown: p.shutdown,
+            pipeline: true,
+            careful_batches: 0,
+        }
+    }
+
+    /// Connects (if not connected), sets the session up, and reloads the applied state from
+    /// PostgreSQL, restoring sequence positions. Called after every connection loss.
+    async fn connect(&mut self) -> Result<(), EnvError> {
+        if self.applier.as_ref().is_some_and(|a| !a.is_closed()) {
+            return Ok(());
+        }
+        self.applier = None;
+        let mut applier = Applier::connect(&self.conn_config).await?;
+        let client = applier.client();
+        client.batch_execute(BOOTSTRAP_SQL).await?;
+        client.batch_execute(DETERMINISTIC_FUNCTIONS_SQL).await?;
+        client.batch_execute(request_log::BOOTSTRAP_SQL).await?;
+        client.batch_execute(checksums::BOOTSTRAP_SQL).await?;
+        let raftpg_oid: u32 = client
+            .query_one("SELECT 'raftpg'::regnamespace::oid", &[])
+            .await?
+            .get(0);
+        client
+            .batch_execute(&session_rules::guard_functions_sql(raftpg_oid))
+            .await?;
+        let restored: i64 = client.query_one(RESTORE_SEQUENCES_SQL, &[]).await?.get(0);
+        let row = client
+            .query_one("SELECT log_id, membership, writes FROM raftpg.applied", &[])
+            .await?;
+        let log_id: Option<serde_json::Value> = row.get(0);
+        let membership: Option<serde_json::Value> = row.get(1);
+        self.applied_writes = u64::try_from(row.get::<_, i64>(2)).unwrap_or(0);
+        self.applied = match log_id {
+            Some(v) => Some(
+                serde_json::from_value(v).map_err(|e| EnvError::Bookkeeping {
+                    what: "raftpg.applied.log_id",
+                    detail: e.to_string(),
+                })?,
+            ),
+            None => None,
+        };
+        self.membership = match membership {
+            Some(v) => serde_json::from_value(v).map_err(|e| EnvError::Bookkeeping {
+                what: "raftpg.applied.membership",
+                detail: e.to_string(),
+            })?,
+            None => StoredMembership::default(),
+        };
+        info!(node = self.node_id, applied = ?self.applied.map(|l| l.index), restored_sequences = restored,
+              "applier connected to PostgreSQL");
+        applier.prepare_bookkeeping().await?;
+        self.applier = Some(applier);
+        Ok(())
+    }
+
+    /// Retries `connect` with backoff until it works or the node shuts down.
+    async fn connect_until_done(&mut self) -> Result<(), StorageError<NodeId>> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.connect().await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.status.stuck(format!("waiting for PostgreSQL: {e}"));
+                    self.pause(&mut backoff).await?;
+                }
+            }
+        }
+    }
+
+    async fn pause(&mut self, backoff: &mut Duration) -> Result<(), StorageError<NodeId>> {
+        tokio::select! {
+            _ = tokio::time::sleep(*backoff) => {}
+            _ = self.shutdown.wait_for(|s| *s) => {}
+        }
+        if *self.shutdown.borrow() {
+            return Err(StorageIOError::write_state_machine(&std::io::Error::other(
+                "node is shutting down",
+            ))
+            .into());
+        }
+        *backoff = (*backoff * 2).min(self.limits.retry_backoff_max);
+        Ok(())
+    }
+
+    /// Applies one batch in one transaction. Entries already in PostgreSQL (a commit whose
+    /// acknowledgement was lost) are skipped, never applied twice.
+    async fn apply_batch(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
+        self.connect().await?;
+        if let Some(first) = batch.first() {
+            self.replay_lost(first.log_id.index).await?;
+        }
+        let started = std::time::Instant::now();
+        let fast = self.pipeline && self.careful_batches == 0;
+        let outcomes = self.commit_entries(batch).await?;
+        debug!(
+            node = self.node_id,
+            first = batch.first().map(|e| e.log_id.index).unwrap_or(0),
+            entries = batch.len(),
+            writes = batch.iter().map(item_count).sum::<usize>(),
+            fast,
+            micros = started.elapsed().as_micros() as u64,
+            "batch applied"
+        );
+        Ok(outcomes)
+    }
+
+    /// PostgreSQL may lose its last commits in a crash (the applier commits with
+    /// `synchronous_commit = off`; the Raft log is the durable copy). openraft believes those
+    /// entries applied and will not send them again, so re-apply them from the log: every entry
+    /// after PostgreSQL's applied index and before `next_index`.
+    async fn replay_lost(&mut self, next_index: u64) -> Result<(), EnvError> {
+        loop {
+            let from = self.applied.map(|l| l.index + 1).unwrap_or(0);
+            if from >= next_index {
+                return Ok(());
+            }
+            let to = next_index.min(from + self.limits.batch_entries_max.max(1) as u64);
+            let entries =
+                self.log
+                    .try_get_log_entries(from..to)
+                    .await
+                    .map_err(|e| EnvError::ReplayRead {
+                        from,
+                        to,
+                        detail: e.to_string(),
+                    })?;
+            if entries.len() as u64 != to - from
+                || entries.first().map(|e| e.log_id.index) != Some(from)
+            {
+                return Err(EnvError::ReplayPurged { from, to });
+            }
+            warn!(
+                node = self.node_id,
+                from,
+                to,
+                "PostgreSQL lost committed batches in a crash; replaying them from the log"
+            );
+            for batch in transactions(&entries, self.limits.batch_entries_max) {
+                self.commit_entries(batch).await?;
+            }
+        }
+    }
+
+    /// Commits `batch` in one transaction together with the new applied index (invariant 1).
+    async fn commit_entries(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
+        let (mut outcomes, fresh) = self.split_applied_before(batch).await?;
+        let Some(last) = fresh.last().map(|e| e.log_id) else {
+            return Ok(outcomes);
+        };
+        let mut items = Vec::with_capacity(fresh.len());
+        let mut writes = self.applied_writes;
+        for e in &fresh {
+            push_items(e, &mut writes, &mut items);
+        }
+        let expired = self.expire_requests(writes).await?;
+        let mut membership = self.membership.clone();
+        let (item_outcomes, pending) = self.apply_items(&items, !expired, &mut membership).await?;
+        let end = batch_end(last, writes, &membership)?;
+        self.applier
+            .as_mut()
+            .ok_or(EnvError::NotConnected)?
+            .flush(pending, Some(&end))
+            .await?;
+        self.applied = Some(last);
+        self.applied_writes = writes;
+        self.membership = membership;
+        outcomes.extend(entry_outcomes(&fresh, item_outcomes)?);
+        Ok(outcomes)
+    }
+
+    /// Splits `batch` into the outcomes of its entries PostgreSQL committed before (a
+    /// connection loss hid the answer) and the entries still to apply. Those are never applied
+    /// again: their outcome is the recorded one when the request has an id (looked up as if
+    /// numbered last: its own number is at most that).
+    async fn split_applied_before<'b>(
+        &self,
+        batch: &'b [Entry],
+    ) -> Result<(Vec<ApplyOutcome>, Vec<&'b Entry>), EnvError> {
+        let applied_index = self.applied.map(|l| l.index);
+        let retention = self.limits.request_retention_writes;
+        let applier = self.applier.as_ref().ok_or(EnvError::NotConnected)?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut fresh = Vec::with_capacity(batch.len());
+        for e in batch {
+            if applied_index.is_none_or(|a| e.log_id.index > a) {
+                fresh.push(e);
+                continue;
+            }
+            let index = self.applied_writes;
+            outcomes.push(match &e.payload {
+                EntryPayload::Normal(Command::Sql(cmd)) => {
+                    applier
+                        .outcome_applied_before(cmd, index, retention)
+                        .await?
+                }
+                EntryPayload::Normal(Command::Batch(cmds)) => {
+                    let mut each = Vec::with_capacity(cmds.len());
+                    for cmd in cmds {
+                        each.push(
+                            applier
+                                .outcome_applied_before(cmd, index, retention)
+                                .await?,
+                        );
+                    }
+                    ApplyOutcome::Batch(each)
+                }
+                _ => ApplyOutcome::Internal,
+            });
+        }
+        Ok((outcomes, fresh))
+    }
+
+    /// Garbage-collects expired request records now and then, at a batch's start (the batch
+    /// will number writes up to `writes`). Returns whether it did, which opened the batch
+    /// transaction.
+    async fn expire_requests(&mut self, writes: u64) -> Result<bool, EnvError> {
+        if !request_log::expiry_due(self.applied_writes, writes) {
+            return Ok(false);
+        }
+        let floor = request_log::retention_floor(writes, self.limits.request_retention_writes);
+        let client = self
+            .applier
+            .as_ref()
+            .ok_or(EnvError::NotConnected)?
+            .client();
+        client.batch_execute("BEGIN").await?;
+        client.execute(request_log::EXPIRE_SQL, &[&floor]).await?;
+        Ok(true)
+    }
+
+    /// Applies a batch's items in order inside its transaction (opened by the first round trip
+    /// when `begin`): runs of writes that can share a round trip together (see
+    /// `applier::Applier::apply_run`), every other item on its own. A membership entry updates
+    /// `membership`. Returns one outcome per item and what is still to be sent.
+    async fn apply_items(
+        &mut self,
+        items: &[Item<'_>],
+        mut begin: bool,
+        membership: &mut StoredMembership,
+    ) -> Result<(Vec<ApplyOutcome>, Pending), EnvError> {
+        let fast = self.pipeline && self.careful_batches == 0;
+        let mut pending = Pending::default();
+        let mut outcomes: Vec<ApplyOutcome> = Vec::with_capacity(items.len());
+        while outcomes.len() < items.len() {
+            let rest = &items[outcomes.len()..];
+            let run = match (self.pipeline, self.applier.as_ref()) {
+                (true, Some(applier)) => next_run(applier, rest),
+                _ => Vec::new(),
+            };
+            let sent = std::mem::take(&mut pending);
+            if run.len() > 1 || (fast && !run.is_empty()) {
+                let (done, next) = self.apply_run(&run, fast, begin, sent).await?;
+                outcomes.extend(done);
+                pending = next;
+            } else {
+                let (outcome, next) = self.apply_item(rest[0], begin, sent, membership).await?;
+                outcomes.push(outcome);
+                pending = next;
+            }
+            begin = false;
+        }
+        Ok((outcomes, pending))
+    }
+
+    /// Applies a run of writes in one round trip: the fast way (`fast`), or with a savepoint
+    /// per write.
+    async fn apply_run(
+        &mut self,
+        run: &[RunWrite<'_>],
+        fast: bool,
+        begin: bool,
+        pending: Pending,
+    ) -> Result<(Vec<ApplyOutcome>, Pending), EnvError> {
+        for (_, cmd, _) in run {
+            self.clock.observe(cmd.leader_ts_micros);
+        }
+        let applier = self.applier.as_mut().ok_or(EnvError::NotConnected)?;
+        if fast {
+            applier
+                .apply_run_fast(run, &self.limits, begin, pending)
+                .await
+        } else {
+            applier.apply_run(run, &self.limits, begin, pending).await
+        }
+    }
+
+    /// Applies one item on its own: a write with its savepoint, or a checksum, membership or
+    /// blank entry (after sending what is pending). A membership entry updates `membership`.
+    async fn apply_item(
+        &mut self,
+        item: Item<'_>,
+        begin: bool,
+        pending: Pending,
+        membership: &mut StoredMembership,
+    ) -> Result<(ApplyOutcome, Pending), EnvError> {
+        let applier = self.applier.as_mut().ok_or(EnvError::NotConnected)?;
+        let entry = match item {
+            Item::Write(index, cmd) => {
+                self.clock.observe(cmd.leader_ts_micros);
+                return applier
+                    .apply_write(index, cmd, &self.limits, begin, pending)
+                    .await;
+            }
+            Item::Other(entry) => entry,
+        };
+        if begin {
+            applier.client().batch_execute("BEGIN").await?;
+        }
+        applier.flush(pending, None).await?;
+        let outcome = match &entry.payload {
+            EntryPayload::Normal(Command::Checksum) => {
+                let sums = checksums::compute(applier.client()).await?;
+                checksums::store(applier.client(), entry.log_id.index, &sums).await?;
+                ApplyOutcome::Checksums(sums)
+            }
+            EntryPayload::Membership(m) => {
+                *membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                ApplyOutcome::Internal
+            }
+            _ => ApplyOutcome::Internal,
+        };
+        Ok((outcome, Pending::default()))
+    }
+
+    /// Applies a batch, retrying environmental errors with backoff until it succeeds or the node
+    /// shuts down (invariant 3: never skip, never record an environmental error).
+    async fn apply_batch_until_done(
+        &mut self,
+        batch: &[Entry],
+    ) -> Result<Vec<ApplyOutcome>, StorageError<NodeId>> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.apply_batch(batch).await {
+                Ok(outcomes) => {
+                    self.status.set("applying");
+                    self.log_applied = batch.last().map(|e| e.log_id.index).or(self.log_applied);
+                    self.pipeline = true;
+                    self.careful_batches = self.careful_batches.saturating_sub(1);
+                    return Ok(outcomes);
+                }
+                Err(e)
+                    if matches!(e, EnvError::FastRunAbandoned)
+                        || (matches!(e, EnvError::PipelineAborted) && self.pipeline) =>
+                {
+                    // Roll the whole batch back, put sequences back, and apply it again more
+                    // carefully: with a savepoint per write after a fast run, entry by entry
+                    // after a pipelined run.
+                    let first_index = batch.first().map(|e| e.log_id.index).unwrap_or(0);
+                    if matches!(e, EnvError::FastRunAbandoned) {
+                        debug!(node = self.node_id, first_index, "{e}");
+                        self.careful_batches = CAREFUL_BATCHES_AFTER_ABANDON;
+                    } else {
+                        info!(node = self.node_id, first_index, "{e}");
+                        self.pipeline = false;
+                    }
+                    let abandoned = match self.applier.as_mut() {
+                        Some(a) => a.abandon_transaction(RESTORE_SEQUENCES_SQL).await,
+                        None => Err(EnvError::NotConnected),
+                    };
+                    if let Err(e) = abandoned {
+                        // Dropping the connection aborts the transaction; reconnecting restores
+                        // the sequences.
+                        debug!(error = %e, "rolling back an abandoned batch failed; reconnecting");
+                        self.applier = None;
+                    }
+                }
+                Err(e) => {
+                    // Drop the connection: its transaction (if any) is aborted by PostgreSQL, and
+                    // the next attempt re-reads what is really applied.
+                    self.applier = None;
+                    let first = batch.first().map(|e| e.log_id.index).unwrap_or(0);
+                    self.status.stuck(format!("retrying entry {first}: {e}"));
+                    self.pause(&mut backoff).await?;
+                }
+            }
+        }
+    }
+}
+
+/// openraft's side of the state machine, delegating to the core (inherent methods of the
+/// same names, below).
+impl StateMachineCore {
+    /// The applied state openraft starts from (it calls this first, before reading or purging
+    /// the log): repairs an interrupted install, restores the current snapshot if the database
+    /// is behind it, and from now on limits log purges to what the published snapshot covers
+    /// (see `snapshot`, "Crash safety of an install").
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership), StorageError<NodeId>> {
+        self.log.limit_purges(self.snapshots.purge_limit());
+        let mut backoff = Duration::from_millis(50);
+        while let Err(e) = self.snapshots.recover().await {
+            self.status.stuck(format!(
+                "waiting for PostgreSQL (checking for an interrupted snapshot install): {e}"
+            ));
+            self.pause(&mut backoff).await?;
+        }
+        self.connect_until_done().await?;
+        loop {
+            match self.snapshots.restore_if_ahead(self.applied).await {
+                Ok(false) => break,
+                Ok(true) => {
+                    self.applier = None;
+                    self.connect_until_done().await?;
+                }
+                Err(e) => {
+                    self.applier = None;
+                    self.status
+                        .stuck(format!("restoring the current snapshot: {e}"));
+                    self.pause(&mut backoff).await?;
+                    self.connect_until_done().await?;
+                }
+            }
+        }
+        self.log_applied = self.applied.map(|l| l.index);
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyOutcome>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let mut outcomes = Vec::with_capacity(entries.len());
+        for batch in transactions(&entries, self.limits.batch_entries_max) {
+            outcomes.extend(self.apply_batch_until_done(batch).await?);
+        }
+        Ok(outcomes)
+    }
+
+    fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        SnapshotBuilder(self.snapshots.clone())
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        self.snapshots.begin_receiving().await
+    }
+
+    /// Replaces the database with the snapshot's. Environmental failures are retried (the old
+    /// database stays in place until the swap); a corrupt snapshot stops the node. Any failure
+    /// is reported to the purge limit, so that openraft's purge up to the snapshot (waiting for
+    /// it to be published) fails instead of waiting forever.
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError<NodeId>> {
+        info!(id = %meta.snapshot_id, "received snapshot");
+        let installed = self.install_received(meta, snapshot).await;
+        if installed.is_err() {
+            self.snapshots.install_failed(meta.last_log_id);
+        }
+        installed
+    }
+
+    /// [`Self::install_snapshot`] without the failure report.
+    async fn install_received(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError<NodeId>> {
+        snapshot
+            .sync_all()
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        drop(snapshot);
+        // The applier's connection would block the swap; it reconnects to the new database.
+        self.applier = None;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            self.status
+                .set(format!("installing snapshot {}", meta.snapshot_id));
+            match self.snapshots.install(meta).await {
+                Ok(()) => break,
+                Err(e @ (SnapshotError::Corrupt { .. } | SnapshotError::Stale { .. })) => {
+                    return Err(StorageIOError::write_snapshot(
+                        Some(meta.signature()),
+                        &std::io::Error::other(e.to_string()),
+                    )
+                    .into());
+                }
+                Err(e) => {
+                    warn!(error = %e, id = %meta.snapshot_id, "installing the snapshot failed; retrying");
+                    self.pause(&mut backoff).await?;
+                }
+            }
+        }
+        self.connect_until_done().await?;
+        if self.applied != meta.last_log_id {
+            return Err(StorageIOError::write_snapshot(
+                Some(meta.signature()),
+                &std::io::Error::other(format!(
+                    "after install the database is at {:?}, not {:?}",
+                    self.applied, meta.last_log_id
+                )),
+            )
+            .into());
+        }
+        self.log_applied = meta.last_log_id.map(|l| l.index);
+        self.status.set("applying");
+        Ok(())
+    }
+
+    /// Replays, right away, committed batches PostgreSQL lost in a crash (see `replay_lost`),
+    /// instead of waiting for the next entry to arrive: until then, reads waiting for an index
+    /// would find it missing. Does nothing while PostgreSQL holds everything applied.
+    async fn replay_if_behind(&mut self) {
+        let Some(target) = self.log_applied else {
+            return;
+        };
+        let connected = self.applier.as_ref().is_some_and(|a| !a.is_closed());
+        if connected && self.applied.map(|l| l.index) >= Some(target) {
+            return;
+        }
+        if let Err(e) = self.connect().await {
+            self.status.stuck(format!("waiting for PostgreSQL: {e}"));
+            return;
+        }
+        let before = self.applied.map(|l| l.index);
+        match self.replay_lost(target + 1).await {
+            Ok(()) => {
+                if before != self.applied.map(|l| l.index) {
+                    info!(node = self.node_id, from = ?before, to = target, "replayed the batches PostgreSQL lost");
+                }
+                self.status.set("applying");
+            }
+            Err(e) => {
+                self.applier = None;
+                self.status
+                    .stuck(format!("replaying entries PostgreSQL lost: {e}"));
+            }
+        }
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        self.snapshots.current().await
+    }
+}
+
+/// The PostgreSQL-backed state machine (one per node, owned by openraft). A background task
+/// shares it to replay what PostgreSQL lost in a crash as soon as PostgreSQL is back.
+pub struct PgStateMachine {
+    core: Arc<tokio::sync::Mutex<StateMachineCore>>,
+}
+
+/// How often the replay task checks whether PostgreSQL lost applied batches.
+const REPLAY_CHECK_EVERY: Duration = Duration::from_millis(200);
+
+impl PgStateMachine {
+    /// Creates the state machine (it connects lazily) and starts its replay task.
+    pub fn new(p: StateMachineParts) -> Self {
+        let shutdown = p.shutdown.clone();
+        let core = Arc::new(tokio::sync::Mutex::new(StateMachineCore::new(p)));
+        tokio::spawn(replay_when_postgres_returns(
+            Arc::downgrade(&core),
+            shutdown,
+        ));
+        PgStateMachine { core }
+    }
+}
+
+/// Runs until shutdown: whenever the state machine is idle, replays what PostgreSQL lost (see
+/// [`StateMachineCore::replay_if_behind`]). Skips a round while openraft is using the state
+/// machine (which replays on its own before applying anything).
+async fn replay_when_postgres_returns(
+    core: std::sync::Weak<tokio::sync::Mutex<StateMachineCore>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(REPLAY_CHECK_EVERY) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let Some(core) = core.upgrade() else {
+            return;
+        };
+        let Ok(mut core) = core.try_lock() else {
+            continue;
+        };
+        core.replay_if_behind().await;
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for PgStateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership), StorageError<NodeId>> {
+        self.core.lock().await.applied_state().await
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyOutcome>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        self.core.lock().await.apply(entries).await
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.core.lock().await.get_snapshot_builder()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        self.core.lock().await.begin_receiving_snapshot().await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError<NodeId>> {
+        self.core
+            .lock()
+            .await
+            .install_snapshot(meta, snapshot)
+            .await
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        self.core.lock().await.get_current_snapshot().await
+    }
+}
+
+/// One unit of applying inside a batch transaction: a write (of a `Sql` entry, or one of the
+/// writes of a `Batch` entry) with its write number (see `request_log`), or a whole entry of
+/// another kind (checksum, membership, blank).
+#[derive(Clone, Copy)]
+enum Item<'a> {
+    Write(u64, &'a WriteCommand),
+    Other(&'a Entry),
+}
+
+/// Appends the items of `e` to `out`, in order, numbering its writes after `writes` (which it
+/// advances).
+fn push_items<'a>(e: &'a Entry, writes: &mut u64, out: &mut Vec<Item<'a>>) {
+    let mut number = |cmd: &'a WriteCommand| {
+        *writes += 1;
+        Item::Write(*writes, cmd)
+    };
+    match &e.payload {
+        EntryPayload::Normal(Command::Sql(cmd)) => out.push(number(cmd)),
+        EntryPayload::Normal(Command::Batch(cmds)) => out.extend(cmds.iter().map(number)),
+        _ => out.push(Item::Other(e)),
+    }
+}
+
+/// The run of writes at the start of `items` that can share one round trip (see
+/// `applier::Applier::apply_run`): consecutive writes, each pipelineable, no request id twice.
+/// Empty if the first item is not such a write.
+fn next_run<'a>(applier: &Applier, items: &[Item<'a>]) -> Vec<RunWrite<'a>> {
+    let mut run: Vec<RunWrite<'a>> = Vec::new();
+    for item in items {
+        let Item::Write(index, cmd) = *item else {
+            break;
+        };
+        let repeated = cmd.request_id.as_ref().is_some_and(|id| {
+            run.iter()
+                .any(|(_, c, _)| c.request_id.as_ref() == Some(id))
+        });
+        if repeated {
+            break;
+        }
+        let Some(prepared) = applier.pipelineable(cmd) else {
+            break;
+        };
+        run.push((index, cmd, prepared));
+    }
+    run
+}
+
+/// The applied position a batch records with its commit (invariant 1): its last log id, the
+/// writes numbered up to it and the last membership.
+fn batch_end(
+    last: LogId,
+    writes: u64,
+    membership: &StoredMembership,
+) -> Result<BatchEnd, EnvError> {
+    let bookkeeping = |what: &'static str, detail: String| EnvError::Bookkeeping { what, detail };
+    Ok(BatchEnd {
+        log_index: i64::try_from(last.index)
+            .map_err(|_| bookkeeping("the applied log index", "exceeds i64".into()))?,
+        writes: i64::try_from(writes)
+            .map_err(|_| bookkeeping("the applied write count", "exceeds i64".into()))?,
+        log_id: serde_json::to_value(last)
+            .map_err(|e| bookkeeping("the applied log id", e.to_string()))?,
+        membership: serde_json::to_value(membership)
+            .map_err(|e| bookkeeping("the applied membership", e.to_string()))?,
+    })
+}
+
+/// One outcome per entry of `fresh` from the outcomes of its items: a batch entry's are its
+/// writes', in order.
+fn entry_outcomes(
+    fresh: &[&Entry],
+    item_outcomes: Vec<ApplyOutcome>,
+) -> Result<Vec<ApplyOutcome>, EnvError> {
+    let mut each = item_outcomes.into_iter();
+    let mut outcomes = Vec::with_capacity(fresh.len());
+    for e in fresh {
+        outcomes.push(match &e.payload {
+            EntryPayload::Normal(Command::Batch(cmds)) => {
+                ApplyOutcome::Batch(each.by_ref().take(cmds.len()).collect())
+            }
+            _ => each
+                .next()
+                .ok_or(EnvError::Inconsistent("fewer outcomes than entries"))?,
+        });
+    }
+    Ok(outcomes)
+}
+
+/// How many items an entry has.
+fn item_count(e: &Entry) -> usize {
+    match &e.payload {
+        EntryPayload::Normal(Command::Batch(cmds)) => cmds.len(),
+        _ => 1,
+    }
+}
+
+/// Splits entries into the batches applied in one transaction each: at most `items_max` items
+/// per transaction, but always at least one whole entry.
+fn transactions(entries: &[Entry], items_max: usize) -> Vec<&[Entry]> {
+    let mut out = Vec::new();
+    let (mut start, mut items) = (0, 0);
+    for (i, e) in entries.iter().enumerate() {
+        let n = item_count(e);
+        if i > start && items + n > items_max.max(1) {
+            out.push(&entries[start..i]);
+            (start, items) = (i, 0);
+        }
+        items += n;
+    }
+    if start < entries.len() {
+        out.push(&entries[start..]);
+    }
+    out
+}
+
+/// Builds snapshots in openraft's background task (see `snapshot`).
+pub struct SnapshotBuilder(SnapshotStore);
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        self.0.build().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64, writes: usize) -> Entry {
+        let cmd = WriteCommand {
+            statements: Vec::new(),
+            leader_ts_micros: 0,
+            seed: 0,
+            request_id: None,
+        };
+        let payload = match writes {
+            0 => EntryPayload::Blank,
+            1 => EntryPayload::Normal(Command::Sql(cmd)),
+            n => EntryPayload::Normal(Command::Batch(vec![cmd; n])),
+        };
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload,
+        }
+    }
+
+    fn sizes(entries: &[Entry], max: usize) -> Vec<usize> {
+        transactions(entries, max).iter().map(|t| t.len()).collect()
+    }
+
+    #[test]
+    fn transactions_hold_at_most_max_writes_but_whole_entries() {
+        let entries: Vec<Entry> = [1, 3, 0, 4, 2, 10, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, w)| entry(i as u64 + 1, *w))
+            .collect();
+        // Items: 1, 3, 1 (blank), 4, 2, 10, 1.
+        assert_eq!(sizes(&entries, 5), vec![3, 1, 1, 1, 1]);
+        assert_eq!(sizes(&entries, 1000), vec![7]);
+        // An entry larger than the limit still goes, alone.
+        assert_eq!(sizes(&entries[5..6], 4), vec![1]);
+        assert_eq!(sizes(&[], 4), Vec::<usize>::new());
+        let total: usize = sizes(&entries, 5).iter().sum();
+        assert_eq!(total, entries.len());
+    }
+
+    #[test]
+    fn writes_are_numbered_along_the_log() {
+        let (batch, blank, single) = (entry(7, 3), entry(8, 0), entry(9, 1));
+        let mut writes = 40;
+        let mut items = Vec::new();
+        for e in [&batch, &blank, &single] {
+            push_items(e, &mut writes, &mut items);
+        }
+        let numbers: Vec<Option<u64>> = items
+            .iter()
+            .map(|i| match i {
+                Item::Write(n, _) => Some(*n),
+                Item::Other(_) => None,
+            })
+            .collect();
+        assert_eq!(numbers, vec![Some(41), Some(42), Some(43), None, Some(44)]);
+        assert_eq!(writes, 44);
+    }
+}

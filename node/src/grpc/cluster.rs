@@ -1,0 +1,131 @@
+//! The `Cluster` service: membership changes, status, divergence checks — each handler
+//! decodes, calls [`Service`], encodes.
+
+use std::sync::Arc;
+
+use raftpg_proto::v1::cluster_server::Cluster;
+use raftpg_proto::v1::{
+    AddLearnerRequest, CheckRequest, CheckResponse, MembershipResponse, PromoteRequest,
+    RemoveRequest, RetireRequest, RetireResponse, StatusRequest, StatusResponse,
+    TableChecksumsRequest, TableChecksumsResponse, TransferLeaderRequest,
+};
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::peer_auth::PeerAuth;
+use super::status::to_status;
+use super::write::origin_of;
+use crate::service::check::wait_of;
+use crate::service::{MembershipChange, Service};
+
+/// The cluster service.
+pub struct ClusterService {
+    svc: Arc<Service>,
+    /// Who may call the peer-only RPCs (Retire, TableChecksums).
+    auth: PeerAuth,
+}
+
+impl ClusterService {
+    /// Creates the service.
+    pub fn new(svc: Arc<Service>, auth: PeerAuth) -> Self {
+        ClusterService { svc, auth }
+    }
+
+    async fn change<T>(
+        &self,
+        req: &Request<T>,
+        change: MembershipChange,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        self.svc
+            .change_membership(origin_of(req), change)
+            .await
+            .map(|o| Response::new(convert::membership_response(o)))
+            .map_err(to_status)
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn add_learner(
+        &self,
+        req: Request<AddLearnerRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let m = req.get_ref().clone();
+        let change = MembershipChange::AddLearner {
+            node_id: m.node_id,
+            addr: m.addr,
+            wait_caught_up: m.wait_caught_up,
+        };
+        self.change(&req, change).await
+    }
+
+    async fn promote(
+        &self,
+        req: Request<PromoteRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let change = MembershipChange::Promote(req.get_ref().node_ids.clone());
+        self.change(&req, change).await
+    }
+
+    async fn remove(
+        &self,
+        req: Request<RemoveRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let change = MembershipChange::Remove(req.get_ref().node_ids.clone());
+        self.change(&req, change).await
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let change = MembershipChange::TransferLeader(req.get_ref().node_id);
+        self.change(&req, change).await
+    }
+
+    async fn retire(
+        &self,
+        req: Request<RetireRequest>,
+    ) -> Result<Response<RetireResponse>, Status> {
+        self.auth.caller(&self.svc, &req)?;
+        self.svc.retire(req.get_ref().log_index);
+        Ok(Response::new(RetireResponse {}))
+    }
+
+    async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let wait = wait_of(req.get_ref().timeout_ms);
+        self.svc
+            .check(origin_of(&req), wait)
+            .await
+            .map(|r| Response::new(convert::check_response(r)))
+            .map_err(to_status)
+    }
+
+    async fn table_checksums(
+        &self,
+        req: Request<TableChecksumsRequest>,
+    ) -> Result<Response<TableChecksumsResponse>, Status> {
+        self.auth.caller(&self.svc, &req)?;
+        let req = req.into_inner();
+        let tables = self
+            .svc
+            .table_checksums(req.log_index, wait_of(req.timeout_ms))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(TableChecksumsResponse {
+            node_id: self.svc.id(),
+            tables: tables.into_iter().map(convert::table_checksum).collect(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        self.svc
+            .status(req.get_ref().node_id)
+            .await
+            .map(|s| Response::new(convert::status_response(s)))
+            .map_err(to_status)
+    }
+}

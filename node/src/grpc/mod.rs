@@ -1,0 +1,18 @@
+//! The gRPC frontend: the public `Write`, `Read` and `Cluster` services, the internal `Raft`
+//! service, and the client side this node uses to reach the others ([`peers`]). Peer RPCs
+//! are authorized by [`peer_auth`].
+//!
+//! Thin by rule: a handler decodes its request ([`convert`]), calls the [`crate::service`]
+//! layer, and encodes the answer; every [`crate::service::ServiceError`] becomes a status in
+//! one place ([`status`]): SQL errors carry their SQLSTATE (metadata `raftpg-sqlstate` and a
+//! `SqlError` in the status details); a node that cannot serve says who leads
+//! (`raftpg-leader-id`/`-addr`). No decision about a request is taken here.
+
+pub mod cluster;
+pub mod convert;
+pub mod peer_auth;
+pub mod peers;
+pub mod raft;
+pub mod read;
+pub mod status;
+pub mod write;

@@ -1,0 +1,227 @@
+//! [`GrpcPeers`]: the service layer's calls to other nodes ([`PeerLink`]), carried over gRPC on
+//! the channels the Raft transport shares. Requests forwarded to the leader are marked
+//! (`raftpg-forwarded`) so the leader never forwards them again; a peer's error status comes
+//! back as the [`ServiceError`] it stands for ([`super::status::from_status`]).
+
+use std::time::Duration;
+
+use raftpg_proto::v1 as pb;
+use raftpg_proto::v1::cluster_client::ClusterClient;
+use raftpg_proto::v1::raft_client::RaftClient;
+use raftpg_proto::v1::write_client::WriteClient;
+use raftpg_proto::FORWARDED_METADATA;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::Request;
+
+use super::convert;
+use super::status::from_status;
+use crate::command::{NodeId, TableChecksum};
+use crate::raft::network::PeerChannels;
+use crate::service::peers::PeerResult;
+use crate::service::{
+    CheckReport, LeaderHint, MembershipChange, MembershipOutcome, NodeStatus, PeerLink,
+    ServiceError, WriteOutcome, WriteRequest,
+};
+
+/// Largest answer accepted from a peer's Cluster service.
+const CLUSTER_ANSWER_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Calls to other nodes over gRPC.
+pub struct GrpcPeers {
+    /// This node's id (the value of the forwarded mark).
+    id: NodeId,
+    channels: PeerChannels,
+}
+
+impl GrpcPeers {
+    /// Calls from node `id` over `channels`.
+    pub fn new(id: NodeId, channels: PeerChannels) -> Self {
+        GrpcPeers { id, channels }
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, ServiceError> {
+        self.channels
+            .get(addr)
+            .map_err(|e| ServiceError::internal(format!("bad peer address {addr}: {e}")))
+    }
+
+    fn cluster(&self, addr: &str) -> Result<ClusterClient<Channel>, ServiceError> {
+        Ok(ClusterClient::new(self.channel(addr)?)
+            .max_decoding_message_size(CLUSTER_ANSWER_BYTES_MAX))
+    }
+
+    /// A request bounded by `timeout`.
+    fn request<T>(msg: T, timeout: Duration) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.set_timeout(timeout);
+        r
+    }
+
+    /// A request bounded by `timeout` and marked as forwarded by this node.
+    fn forwarded<T>(&self, msg: T, timeout: Duration) -> Request<T> {
+        let mut r = Self::request(msg, timeout);
+        r.metadata_mut()
+            .insert(FORWARDED_METADATA, MetadataValue::from(self.id));
+        r
+    }
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+impl PeerLink for GrpcPeers {
+    fn execute<'a>(
+        &'a self,
+        leader: &'a LeaderHint,
+        req: &'a WriteRequest,
+        timeout: Duration,
+    ) -> PeerResult<'a, WriteOutcome> {
+        Box::pin(async move {
+            let mut client = WriteClient::new(self.channel(&leader.addr)?)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX);
+            let r = self.forwarded(convert::execute_request(req), timeout);
+            let answer = client.execute(r).await.map_err(|s| from_status(&s))?;
+            convert::write_outcome(answer.into_inner())
+        })
+    }
+
+    fn read_index<'a>(&'a self, leader: &'a LeaderHint, timeout: Duration) -> PeerResult<'a, u64> {
+        Box::pin(async move {
+            let mut client = RaftClient::new(self.channel(&leader.addr)?);
+            let r = Self::request(pb::ReadIndexRequest {}, timeout);
+            match tokio::time::timeout(timeout, client.read_index(r)).await {
+                Err(_) => Err(ServiceError::deadline(format!(
+                    "no answer within {timeout:?}"
+                ))),
+                Ok(answer) => Ok(answer.map_err(|s| from_status(&s))?.into_inner().index),
+            }
+        })
+    }
+
+    fn change_membership<'a>(
+        &'a self,
+        leader: &'a LeaderHint,
+        change: &'a MembershipChange,
+        timeout: Duration,
+    ) -> PeerResult<'a, MembershipOutcome> {
+        Box::pin(async move {
+            let mut client = self.cluster(&leader.addr)?;
+            let answer = match change.clone() {
+                MembershipChange::AddLearner {
+                    node_id,
+                    addr,
+                    wait_caught_up,
+                } => {
+                    let m = pb::AddLearnerRequest {
+                        node_id,
+                        addr,
+                        wait_caught_up,
+                    };
+                    client.add_learner(self.forwarded(m, timeout)).await
+                }
+                MembershipChange::Promote(node_ids) => {
+                    let m = pb::PromoteRequest { node_ids };
+                    client.promote(self.forwarded(m, timeout)).await
+                }
+                MembershipChange::Remove(node_ids) => {
+                    let m = pb::RemoveRequest { node_ids };
+                    client.remove(self.forwarded(m, timeout)).await
+                }
+                MembershipChange::TransferLeader(node_id) => {
+                    let m = pb::TransferLeaderRequest { node_id };
+                    client.transfer_leader(self.forwarded(m, timeout)).await
+                }
+            };
+            Ok(convert::membership_outcome(
+                answer.map_err(|s| from_status(&s))?.into_inner(),
+            ))
+        })
+    }
+
+    fn check<'a>(
+        &'a self,
+        leader: &'a LeaderHint,
+        wait: Duration,
+        timeout: Duration,
+    ) -> PeerResult<'a, CheckReport> {
+        Box::pin(async move {
+            let mut client = self.cluster(&leader.addr)?;
+            let m = pb::CheckRequest {
+                timeout_ms: millis(wait),
+            };
+            let answer = client.check(self.forwarded(m, timeout)).await;
+            Ok(convert::check_report(
+                answer.map_err(|s| from_status(&s))?.into_inner(),
+            ))
+        })
+    }
+
+    fn table_checksums<'a>(
+        &'a self,
+        addr: &'a str,
+        log_index: u64,
+        wait: Duration,
+        timeout: Duration,
+    ) -> PeerResult<'a, Vec<TableChecksum>> {
+        Box::pin(async move {
+            let mut client = self.cluster(addr)?;
+            let m = pb::TableChecksumsRequest {
+                log_index,
+                timeout_ms: millis(wait),
+            };
+            let answer = client.table_checksums(Self::request(m, timeout)).await;
+            let tables = answer.map_err(|s| from_status(&s))?.into_inner().tables;
+            Ok(tables
+                .into_iter()
+                .map(convert::table_checksum_from)
+                .collect())
+        })
+    }
+
+    fn status<'a>(
+        &'a self,
+        addr: &'a str,
+        node_id: NodeId,
+        timeout: Duration,
+    ) -> PeerResult<'a, NodeStatus> {
+        Box::pin(async move {
+            let mut client = self.cluster(addr)?;
+            let m = pb::StatusRequest { node_id };
+            let answer = client.status(Self::request(m, timeout)).await;
+            Ok(convert::node_status(
+                answer.map_err(|s| from_status(&s))?.into_inner(),
+            ))
+        })
+    }
+
+    fn retire<'a>(
+        &'a self,
+        addr: &'a str,
+        log_index: u64,
+        timeout: Duration,
+    ) -> PeerResult<'a, ()> {
+        Box::pin(async move {
+            let mut client = self.cluster(addr)?;
+            let m = pb::RetireRequest { log_index };
+            client
+                .retire(Self::request(m, timeout))
+                .await
+                .map_err(|s| from_status(&s))?;
+            Ok(())
+        })
+    }
+
+    fn start_election<'a>(&'a self, addr: &'a str, timeout: Duration) -> PeerResult<'a, ()> {
+        Box::pin(async move {
+            let mut client = RaftClient::new(self.channel(addr)?);
+            client
+                .start_election(Self::request(pb::ReadIndexRequest {}, timeout))
+                .await
+                .map_err(|s| from_status(&s))?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,304 @@
+//! The Raft transport: openraft RPCs to other nodes over gRPC (`raftpg.v1.Raft`).
+//!
+//! Owns one lazily connected tonic channel per target node. Each RPC is bounded by openraft's
+//! `hard_ttl`. Payloads are openraft's own serde types encoded as JSON; the receiving side is
+//! `grpc::raft`. Transport failures are reported as `Unreachable` (openraft backs off) and the
+//! remote's Raft errors as `RemoteError`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use raftpg_proto::v1::raft_client::RaftClient;
+use raftpg_proto::v1::RaftMessage;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use crate::command::{NodeId, TypeConfig};
+
+/// Largest Raft message accepted or sent (entries are bounded by the write request limit).
+pub const RAFT_MESSAGE_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+/// Builds connections to peers.
+#[derive(Clone, Default)]
+pub struct Network {
+    /// The node's channels to its peers.
+    pub channels: PeerChannels,
+}
+
+/// One HTTP/2 channel per peer address, shared by everything that talks to peers (replication,
+/// heartbeats, openraft's leadership checks for linearizable reads — which ask for a new
+/// client each time —, forwarding, read index). A channel that hit a transport error is
+/// forgotten, so the next call reconnects.
+#[derive(Clone, Default)]
+pub struct PeerChannels {
+    /// Local address connections are bound to (see [`channel`]).
+    source: Option<IpAddr>,
+    /// TLS settings of connections to peers (`None`: plaintext).
+    tls: Option<ClientTlsConfig>,
+    cache: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl PeerChannels {
+    /// Channels whose connections leave from `source`, over TLS with `tls` when given.
+    pub fn new(source: Option<IpAddr>, tls: Option<ClientTlsConfig>) -> Self {
+        PeerChannels {
+            source,
+            tls,
+            cache: Default::default(),
+        }
+    }
+
+    /// The channel to `addr` (created lazily, then shared).
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = channel(addr, self.source, self.tls.clone())?;
+        cache.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// Drops the channel to `addr` after transport trouble.
+    pub fn forget(&self, addr: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(addr);
+    }
+}
+
+/// A connection to one peer.
+pub struct PeerConnection {
+    target: NodeId,
+    addr: String,
+    channels: PeerChannels,
+    client: Option<RaftClient<Channel>>,
+}
+
+/// Opens a lazy channel to a node's gRPC address. With `source`, the connection's local end is
+/// bound to that address (the node's own listen address), so that traffic between two nodes
+/// carries both nodes' addresses — which is what lets network faults be injected between
+/// nodes that share one host (see jepsen/).
+pub fn channel(
+    addr: &str,
+    source: Option<IpAddr>,
+    tls: Option<ClientTlsConfig>,
+) -> Result<Channel, tonic::transport::Error> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    Ok(endpoint
+        .local_address(source)
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
+        PeerConnection {
+            target,
+            addr: node.addr.clone(),
+            channels: self.channels.clone(),
+            client: None,
+        }
+    }
+}
+
+/// Why an RPC to a peer did not get an answer.
+#[derive(Debug, thiserror::Error)]
+enum TransportError {
+    /// The peer's address is not a valid endpoint.
+    #[error("bad address {addr}: {source}")]
+    BadAddress {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    /// The RPC took longer than openraft's `hard_ttl`.
+    #[error("{kind:?} to node {target} timed out after {after:?}")]
+    TimedOut {
+        kind: RpcKind,
+        target: NodeId,
+        after: Duration,
+    },
+    /// The call failed (connection refused or lost, or an error status from the peer).
+    #[error("node {target} at {addr}: {status}")]
+    Status {
+        target: NodeId,
+        addr: String,
+        status: tonic::Status,
+    },
+}
+
+impl PeerConnection {
+    fn client(&mut self) -> Result<RaftClient<Channel>, TransportError> {
+        if let Some(client) = &self.client {
+            return Ok(client.clone());
+        }
+        let ch = self
+            .channels
+            .get(&self.addr)
+            .map_err(|source| TransportError::BadAddress {
+                addr: self.addr.clone(),
+                source,
+            })?;
+        let client = RaftClient::new(ch)
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+        self.client = Some(client.clone());
+        Ok(client)
+    }
+
+    async fn call<Resp, E>(
+        &mut self,
+        kind: RpcKind,
+        payload: Vec<u8>,
+        data: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let unreachable = |e: TransportError| RPCError::Unreachable(Unreachable::new(&e));
+        let mut client = self.client().map_err(unreachable)?;
+        let msg = RaftMessage { payload, data };
+        let fut = async {
+            match kind {
+                RpcKind::Append => client.append_entries(msg).await,
+                RpcKind::Vote => client.vote(msg).await,
+                RpcKind::Snapshot => client.install_snapshot(msg).await,
+            }
+        };
+        let reply = match tokio::time::timeout(option.hard_ttl(), fut).await {
+            Err(_) => {
+                return Err(RPCError::Network(NetworkError::new(
+                    &TransportError::TimedOut {
+                        kind,
+                        target: self.target,
+                        after: option.hard_ttl(),
+                    },
+                )))
+            }
+            Ok(Err(status)) => {
+                // Drop the channel on transport trouble so that the next call reconnects.
+                self.client = None;
+                self.channels.forget(&self.addr);
+                return Err(unreachable(TransportError::Status {
+                    target: self.target,
+                    addr: self.addr.clone(),
+                    status,
+                }));
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let result: Result<Resp, E> = serde_json::from_slice(&reply.payload)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+/// A request encoded for the wire.
+#[allow(clippy::result_large_err)] // openraft's error type
+fn encode<Req: Serialize, E: std::error::Error>(
+    req: &Req,
+) -> Result<Vec<u8>, RPCError<NodeId, BasicNode, E>> {
+    serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+}
+
+/// Largest encoded AppendEntries sent (room left for the rest of the gRPC message).
+pub const APPEND_BYTES_MAX: usize = RAFT_MESSAGE_BYTES_MAX - 1024 * 1024;
+
+/// When `entries` entries encode to `bytes`, more than `max`: how many to send instead (at
+/// least one, fewer than `entries`). `None` when they fit, or when a single entry is too large
+/// (it is sent as is and refused by the receiver).
+fn entries_that_fit(entries: usize, bytes: usize, max: usize) -> Option<u64> {
+    if bytes <= max || entries <= 1 {
+        return None;
+    }
+    let fit = (entries as u128 * max as u128 / bytes as u128) as u64;
+    Some(fit.clamp(1, entries as u64 - 1))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum RpcKind {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let payload = encode(&rpc)?;
+        if let Some(fit) = entries_that_fit(rpc.entries.len(), payload.len(), APPEND_BYTES_MAX) {
+            // Too many large entries for one message: openraft sends fewer (the node refuses
+            // limits under which one entry alone would not fit, see node::check_entry_bytes_max).
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(fit),
+            ));
+        }
+        self.call(RpcKind::Append, payload, Vec::new(), &option)
+            .await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        mut rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        let data = std::mem::take(&mut rpc.data);
+        let payload = encode(&rpc)?;
+        self.call(RpcKind::Snapshot, payload, data, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let payload = encode(&rpc)?;
+        self.call(RpcKind::Vote, payload, Vec::new(), &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::entries_that_fit;
+
+    #[test]
+    fn oversized_appends_are_split() {
+        assert_eq!(entries_that_fit(100, 1000, 1000), None);
+        assert_eq!(entries_that_fit(100, 4000, 1000), Some(25));
+        // Always fewer than before, at least one.
+        assert_eq!(entries_that_fit(2, 1001, 1000), Some(1));
+        assert_eq!(entries_that_fit(512, 10_000_000, 10), Some(1));
+        assert_eq!(entries_that_fit(1, 5000, 1000), None);
+    }
+}

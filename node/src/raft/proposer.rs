@@ -1,0 +1,299 @@
+//! Group commit at the proposal level: the leader's concurrent writes share one Raft entry.
+//!
+//! Owns the queue of writes waiting to be proposed on this node and the stamping of their
+//! deterministic inputs (timestamp, seed). openraft 0.9 appends — and fsyncs — each proposed
+//! entry on its own before it takes the next message, and the state machine applies what each
+//! commit step covers, so one entry per write would cap a leader at one write per fsync and one
+//! PostgreSQL transaction per write. Instead one task takes every write waiting (up to
+//! `batch_max` writes and `batch_bytes_max` bytes; always at least one) and proposes them as one
+//! entry: a lone write as [`Command::Sql`], several as [`Command::Batch`].
+//!
+//! Invariants:
+//! - Timestamps increase along the log: this task is the only one that stamps writes, and it
+//!   hands entries to openraft in the order it stamped them. The writes of one entry share its
+//!   timestamp and seed.
+//! - At most `in_flight_max` entries are proposed and not yet answered; writes arriving
+//!   meanwhile wait in the queue and join the next entry (that is what makes entries grow under
+//!   load). The queue is bounded by the node's write permits; a full queue is refused.
+//! - A write whose caller gave up (timeout, disconnect) before it was taken is not proposed.
+//! - Each write gets the outcome at its own position in the entry's outcomes, or the entry's
+//!   error.
+
+use std::sync::Arc;
+
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::{debug, warn};
+
+use crate::command::{
+    ApplyOutcome, Command, LogId, NodeId, Raft, RequestId, SqlStatement, WriteCommand,
+};
+use crate::raft::clock::EntryClock;
+use crate::raft::log_store::LogStore;
+use openraft::storage::RaftLogReader;
+use openraft::EntryPayload;
+
+/// Why a proposed write has no outcome.
+pub type ProposeError = RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>;
+
+/// What a write's caller gets: the entry's log id and the write's own outcome.
+pub type ProposeResult = Result<(LogId, ApplyOutcome), ProposeError>;
+
+/// Limits of the proposer.
+#[derive(Clone, Debug)]
+pub struct ProposerLimits {
+    /// Most writes in one entry.
+    pub batch_max: usize,
+    /// Most bytes of writes in one entry (a larger single write still goes alone).
+    pub batch_bytes_max: usize,
+    /// Most entries proposed and not yet answered.
+    pub in_flight_max: usize,
+    /// Most writes waiting to be proposed.
+    pub queue_max: usize,
+}
+
+/// One write waiting to be proposed.
+struct Waiting {
+    statements: Vec<SqlStatement>,
+    request_id: Option<RequestId>,
+    bytes: usize,
+    reply: oneshot::Sender<ProposeResult>,
+}
+
+/// Why a write could not be queued.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// More writes wait than the limit.
+    #[error("too many writes waiting to be proposed")]
+    QueueFull,
+    /// The proposer task is gone (the node is shutting down).
+    #[error("the node is shutting down")]
+    Stopped,
+}
+
+/// Handle to the proposer task.
+#[derive(Clone)]
+pub struct Proposer {
+    tx: mpsc::Sender<Waiting>,
+}
+
+impl Proposer {
+    /// Starts the proposer task for `raft`.
+    pub fn start(
+        raft: Raft,
+        log: LogStore,
+        clock: Arc<EntryClock>,
+        limits: ProposerLimits,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(limits.queue_max.max(1));
+        tokio::spawn(run(raft, log, clock, limits, rx));
+        Proposer { tx }
+    }
+
+    /// Queues a write; the receiver yields its outcome once the entry is applied here.
+    /// `bytes` is its size, for the entry size limit.
+    pub fn submit(
+        &self,
+        statements: Vec<SqlStatement>,
+        request_id: Option<RequestId>,
+        bytes: usize,
+    ) -> Result<oneshot::Receiver<ProposeResult>, SubmitError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(Waiting {
+                statements,
+                request_id,
+                bytes,
+                reply,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+            })?;
+        Ok(rx)
+    }
+}
+
+/// The proposer task: take what waits, propose it as one entry, repeat.
+async fn run(
+    raft: Raft,
+    log: LogStore,
+    clock: Arc<EntryClock>,
+    limits: ProposerLimits,
+    mut rx: mpsc::Receiver<Waiting>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.in_flight_max.max(1)));
+    // The term whose log tail the clock has seen (see `observe_log_tail`).
+    let mut clock_term: Option<u64> = None;
+    // A write that did not fit into the previous entry: it opens the next one.
+    let mut held: Option<Waiting> = None;
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match held.take() {
+            Some(w) => w,
+            None => match rx.recv().await {
+                Some(w) => w,
+                None => return,
+            },
+        };
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        while batch.len() < limits.batch_max.max(1) {
+            match rx.try_recv() {
+                Ok(w) if bytes.saturating_add(w.bytes) > limits.batch_bytes_max => {
+                    held = Some(w);
+                    break;
+                }
+                Ok(w) => {
+                    bytes += w.bytes;
+                    batch.push(w);
+                }
+                Err(_) => break,
+            }
+        }
+        let (term, last_index) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (m.current_term, m.last_log_index)
+        };
+        if clock_term != Some(term) {
+            observe_log_tail(&log, &clock, last_index).await;
+            clock_term = Some(term);
+        }
+        propose(&raft, &clock, batch, slot).await;
+    }
+}
+
+/// Most log entries read back to find the newest timestamp (entries without one — blank,
+/// membership, checksum — are rare).
+const CLOCK_SCAN_ENTRIES_MAX: u64 = 4096;
+
+/// Makes the clock see the newest timestamp in this node's log before it stamps anything in a
+/// new term: a new leader (or a restarted one) has applied only part of its log, and under
+/// clock skew its own clock may be behind timestamps already in the log (design.md invariant
+/// 2: timestamps never go backwards along the log). Timestamps increase along the log, so the
+/// newest write entry holds the largest.
+async fn observe_log_tail(log: &LogStore, clock: &EntryClock, last_index: Option<u64>) {
+    let Some(last) = last_index else {
+        return;
+    };
+    let floor = last.saturating_sub(CLOCK_SCAN_ENTRIES_MAX);
+    let mut to = last + 1;
+    while to > floor {
+        let from = to.saturating_sub(64).max(floor);
+        let mut reader = log.clone();
+        let entries = match reader.try_get_log_entries(from..to).await {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "cannot read the log tail for the entry clock");
+                return;
+            }
+        };
+        let newest = entries.iter().rev().find_map(|e| match &e.payload {
+            EntryPayload::Normal(Command::Sql(cmd)) => Some(cmd.leader_ts_micros),
+            EntryPayload::Normal(Command::Batch(cmds)) => {
+                cmds.iter().map(|c| c.leader_ts_micros).max()
+            }
+            _ => None,
+        });
+        if let Some(ts) = newest {
+            clock.observe(ts);
+            return;
+        }
+        if from == floor || entries.is_empty() {
+            return;
+        }
+        to = from;
+    }
+}
+
+/// Stamps the writes whose callers still wait, hands them to openraft as one entry (in order),
+/// and answers each caller from a task of its own once the entry is applied.
+async fn propose(
+    raft: &Raft,
+    clock: &EntryClock,
+    batch: Vec<Waiting>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    // The writes of one entry share its timestamp and seed (like statements of one PostgreSQL
+    // transaction share now()); they draw different random values (see
+    // `raftpg.begin_entry`).
+    let leader_ts_micros = clock.next();
+    let seed = uuid::Uuid::new_v4().as_u64_pair().0;
+    let (mut commands, mut replies) = (Vec::with_capacity(batch.len()), Vec::new());
+    for w in batch {
+        if w.reply.is_closed() {
+            continue;
+        }
+        commands.push(WriteCommand {
+            statements: w.statements,
+            leader_ts_micros,
+            seed,
+            request_id: w.request_id,
+        });
+        replies.push(w.reply);
+    }
+    let command = if commands.len() > 1 {
+        Command::Batch(commands)
+    } else {
+        match commands.pop() {
+            Some(one) => Command::Sql(one),
+            None => return,
+        }
+    };
+    let writes = replies.len();
+    let proposed = std::time::Instant::now();
+    let answer = match raft.client_write_ff(command).await {
+        Ok(rx) => rx,
+        Err(fatal) => {
+            let e = RaftError::Fatal(fatal);
+            for r in replies {
+                let _ = r.send(Err(e.clone()));
+            }
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let _slot = slot;
+        let result = match answer.await {
+            Ok(r) => r.map_err(RaftError::APIError),
+            Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
+        };
+        match result {
+            Err(e) => {
+                for r in replies {
+                    let _ = r.send(Err(e.clone()));
+                }
+            }
+            Ok(resp) => {
+                let log_id = resp.log_id;
+                debug!(
+                    index = log_id.index,
+                    writes,
+                    micros = proposed.elapsed().as_micros() as u64,
+                    "entry committed and applied"
+                );
+                match resp.data {
+                    ApplyOutcome::Batch(outcomes) if outcomes.len() == replies.len() => {
+                        for (r, o) in replies.into_iter().zip(outcomes) {
+                            let _ = r.send(Ok((log_id, o)));
+                        }
+                    }
+                    single if replies.len() == 1 => {
+                        if let Some(r) = replies.into_iter().next() {
+                            let _ = r.send(Ok((log_id, single)));
+                        }
+                    }
+                    other => {
+                        warn!(index = log_id.index, writes, outcome = ?other, "an entry's outcomes do not match its writes");
+                        for r in replies {
+                            let _ = r.send(Ok((log_id, ApplyOutcome::Internal)));
+                        }
+                    }
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,232 @@
+//! Divergence detection across the cluster (`raftpg check`).
+//!
+//! The leader appends a `Command::Checksum` entry; every node computes its checksums while
+//! applying that entry (so all of them hash the same log position, even under load); the
+//! leader then collects every member's stored result and names the tables and nodes that differ
+//! from the majority.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+
+use super::error::{ErrorKind, ServiceError};
+use super::node::{Route, Service};
+use super::types::{CheckReport, NodeChecksums, Origin};
+use crate::apply::checksums;
+use crate::command::{ApplyOutcome, Command, NodeId, TableChecksum};
+
+/// How long a check waits when the request does not say.
+const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+
+/// Longest wait a request may ask for.
+const WAIT_MAX: Duration = Duration::from_secs(600);
+
+/// The wait of a request's `timeout_ms` (0: the default).
+pub fn wait_of(timeout_ms: u32) -> Duration {
+    match timeout_ms {
+        0 => DEFAULT_WAIT,
+        ms => Duration::from_millis(ms.into()).min(WAIT_MAX),
+    }
+}
+
+impl Service {
+    /// Runs a check (on the leader; other nodes forward it), each node waiting up to `wait`.
+    pub async fn check(&self, origin: Origin, wait: Duration) -> Result<CheckReport, ServiceError> {
+        if let Route::Leader(leader) = self.route(origin, Duration::from_secs(5)).await? {
+            return self
+                .peers
+                .check(&leader, wait, wait + Duration::from_secs(5))
+                .await;
+        }
+        let written = tokio::time::timeout(wait, self.raft.client_write(Command::Checksum))
+            .await
+            .map_err(|_| ServiceError::deadline("the checksum entry was not applied in time"))?;
+        let resp = match written {
+            Ok(r) => r,
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                return Err(ServiceError::unavailable(
+                    "leadership changed; retry",
+                    self.leader(),
+                ))
+            }
+            Err(e) => return Err(ServiceError::unavailable(e.to_string(), None)),
+        };
+        let index = resp.log_id.index;
+        let ApplyOutcome::Checksums(own) = resp.data else {
+            return Err(ServiceError::internal(
+                "unexpected outcome of a checksum entry",
+            ));
+        };
+        let members: Vec<(NodeId, String)> = {
+            let m = self.raft.metrics().borrow().membership_config.clone();
+            m.membership()
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect()
+        };
+        let mut nodes = Vec::with_capacity(members.len());
+        for (id, addr) in members {
+            let tables = if id == self.id {
+                Ok(own.clone())
+            } else {
+                self.member_checksums(&addr, index, wait).await
+            };
+            nodes.push(NodeChecksums {
+                node_id: id,
+                addr,
+                tables,
+            });
+        }
+        let differences = compare(&nodes);
+        let missing_nodes: Vec<NodeId> = nodes
+            .iter()
+            .filter(|n| n.tables.is_err())
+            .map(|n| n.node_id)
+            .collect();
+        Ok(CheckReport {
+            log_index: index,
+            identical: differences.is_empty() && missing_nodes.is_empty(),
+            differences,
+            missing_nodes,
+            nodes,
+        })
+    }
+
+    /// A member's checksums at `index`; a member that is restarting or catching up gets until
+    /// the deadline to answer.
+    async fn member_checksums(
+        &self,
+        addr: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<Vec<TableChecksum>, String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let attempt = self
+                .peers
+                .table_checksums(addr, index, left, left + Duration::from_secs(2))
+                .await;
+            match attempt {
+                Err(e)
+                    if e.kind == ErrorKind::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other.map_err(|e| e.message),
+            }
+        }
+    }
+
+    /// This node's checksums from the check entry at `log_index` (waiting up to `wait` for
+    /// this node to apply it).
+    pub async fn table_checksums(
+        &self,
+        log_index: u64,
+        wait: Duration,
+    ) -> Result<Vec<TableChecksum>, ServiceError> {
+        self.raft
+            .wait(Some(wait))
+            .applied_index_at_least(Some(log_index), "checksums")
+            .await
+            .map_err(|e| {
+                ServiceError::deadline(format!(
+                    "node {} did not apply index {log_index} in time: {e}",
+                    self.id
+                ))
+            })?;
+        let mut pooled = self
+            .reads
+            .get()
+            .await
+            .map_err(|e| ServiceError::unavailable(e.to_string(), None))?;
+        checksums::read(pooled.client(), log_index)
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("reading checksums: {e}"), None))?
+            .ok_or_else(|| {
+                ServiceError::new(
+                    ErrorKind::NotFound,
+                    format!("node {} has no checksums for index {log_index}", self.id),
+                )
+            })
+    }
+}
+
+/// One line per table whose checksum is not the same on every answering node, naming the nodes
+/// that differ from the most common value.
+fn compare(nodes: &[NodeChecksums]) -> Vec<String> {
+    let answered: Vec<(NodeId, &Vec<TableChecksum>)> = nodes
+        .iter()
+        .filter_map(|n| n.tables.as_ref().ok().map(|t| (n.node_id, t)))
+        .collect();
+    let mut names: Vec<&str> = answered
+        .iter()
+        .flat_map(|(_, tables)| tables.iter().map(|t| t.name.as_str()))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut out = Vec::new();
+    for name in names {
+        let value_of = |tables: &[TableChecksum]| {
+            tables
+                .iter()
+                .find(|t| t.name == name)
+                .map(|t| format!("{} rows, {}", t.rows, t.hash))
+                .unwrap_or_else(|| "absent".to_string())
+        };
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for (_, tables) in &answered {
+            *counts.entry(value_of(tables)).or_default() += 1;
+        }
+        if counts.len() <= 1 {
+            continue;
+        }
+        let majority = counts
+            .iter()
+            .max_by_key(|(_, c)| **c)
+            .map(|(v, _)| v.clone())
+            .unwrap_or_default();
+        let odd: Vec<String> = answered
+            .iter()
+            .filter(|(_, tables)| value_of(tables) != majority)
+            .map(|(id, tables)| format!("node {id} has {}", value_of(tables)))
+            .collect();
+        out.push(format!("{name}: {} (majority: {majority})", odd.join("; ")));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: u64, tables: &[(&str, i64, &str)]) -> NodeChecksums {
+        NodeChecksums {
+            node_id: id,
+            addr: String::new(),
+            tables: Ok(tables
+                .iter()
+                .map(|(n, r, h)| TableChecksum {
+                    name: n.to_string(),
+                    rows: *r,
+                    hash: h.to_string(),
+                })
+                .collect()),
+        }
+    }
+
+    #[test]
+    fn names_the_odd_node_and_table() {
+        let nodes = vec![
+            node(1, &[("public.a", 3, "x"), ("public.b", 1, "y")]),
+            node(2, &[("public.a", 4, "z"), ("public.b", 1, "y")]),
+            node(3, &[("public.a", 3, "x"), ("public.b", 1, "y")]),
+        ];
+        let d = compare(&nodes);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].starts_with("public.a: node 2 has 4 rows, z"), "{d:?}");
+        assert!(compare(&nodes[..1]).is_empty());
+    }
+}

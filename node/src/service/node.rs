@@ -1,0 +1,250 @@
+//! [`Service`]: the shared handles of a running node that every operation uses, its limits,
+//! and the routing of requests to the leader ([`Service::route`]).
+//!
+//! Owns the removed marker (`<data-dir>/removed`): a removed node serves no reads or writes.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+use tokio::sync::{watch, Semaphore};
+use tracing::warn;
+
+use super::error::{LeaderHint, ServiceError};
+use super::peers::PeerLink;
+use super::types::{Origin, PgIdentity};
+use crate::apply::state_machine::ApplierStatus;
+use crate::command::{NodeId, Raft};
+use crate::pg::read_pool::ReadPool;
+use crate::pg::supervisor::PgHealth;
+use crate::raft::proposer::Proposer;
+use crate::raft::read_index::ReadIndexBatcher;
+use crate::sql::gate::PreparedWrites;
+
+/// Limits the services enforce on requests.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest request in bytes.
+    pub request_bytes_max: usize,
+    /// Most statements per write.
+    pub statements_max: usize,
+    /// Most rows a read returns.
+    pub read_rows_max: usize,
+    /// Most rows a streamed read returns.
+    pub read_stream_rows_max: usize,
+    /// Longest wait of a read for its consistency level.
+    pub read_wait_max: Duration,
+    /// Longest wait of a write for commit and apply.
+    pub write_timeout: Duration,
+}
+
+/// Where a request that must run on the leader runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// This node leads: run it here.
+    Here,
+    /// Forward it to this leader.
+    Leader(LeaderHint),
+}
+
+/// What a [`Service`] is built from.
+pub struct ServiceParts {
+    /// This node's id.
+    pub id: NodeId,
+    /// The Raft core.
+    pub raft: Raft,
+    /// Request limits.
+    pub limits: Limits,
+    /// Read connections.
+    pub reads: Arc<ReadPool>,
+    /// PostgreSQL health (embedded mode: from the supervisor).
+    pub pg_health: watch::Receiver<PgHealth>,
+    /// What the applier is doing.
+    pub applier: Arc<ApplierStatus>,
+    /// Most writes in flight on this node.
+    pub write_inflight_max: usize,
+    /// Groups this node's writes into Raft entries (when it leads).
+    pub proposer: Proposer,
+    /// How this node reaches the others.
+    pub peers: Arc<dyn PeerLink>,
+    /// Self-test only (hidden flag): LINEARIZABLE reads skip the read index.
+    pub unsafe_local_linearizable_reads: bool,
+    /// This node's data directory (holds the removed marker).
+    pub data_dir: PathBuf,
+    /// The node runs without TLS (`--insecure`), reported in its status.
+    pub insecure: bool,
+}
+
+/// A node's services: the shared handles every operation uses. See the module doc.
+pub struct Service {
+    pub(super) id: NodeId,
+    pub(super) raft: Raft,
+    pub(super) limits: Limits,
+    pub(super) reads: Arc<ReadPool>,
+    pub(super) pg_health: watch::Receiver<PgHealth>,
+    pub(super) applier: Arc<ApplierStatus>,
+    /// Bounds writes in flight on this node.
+    pub(super) write_permits: Arc<Semaphore>,
+    pub(super) proposer: Proposer,
+    /// Coalesced leadership confirmations for linearizable reads.
+    pub(super) read_index: Arc<ReadIndexBatcher>,
+    pub(super) peers: Arc<dyn PeerLink>,
+    pub(super) unsafe_local_linearizable_reads: bool,
+    pub(super) data_dir: PathBuf,
+    /// The node runs without TLS (`--insecure`).
+    pub(super) insecure: bool,
+    /// Set when the cluster removed this node: it serves no more reads or writes.
+    pub(super) removed: AtomicBool,
+    /// Memo of the leader-side SQL check and rewrite.
+    pub(super) prepared_writes: PreparedWrites,
+    /// PostgreSQL version, encoding and collation (read once).
+    pub(super) pg_identity: tokio::sync::OnceCell<PgIdentity>,
+}
+
+/// The file in the data directory that marks a removed node.
+const REMOVED_MARKER: &str = "removed";
+
+impl Service {
+    /// Builds the services of a node; a node removed earlier (its marker exists) stays removed.
+    pub fn new(parts: ServiceParts) -> Arc<Self> {
+        let removed = parts.data_dir.join(REMOVED_MARKER).exists();
+        Arc::new(Service {
+            id: parts.id,
+            raft: parts.raft,
+            limits: parts.limits,
+            reads: parts.reads,
+            pg_health: parts.pg_health,
+            applier: parts.applier,
+            write_permits: Arc::new(Semaphore::new(parts.write_inflight_max.max(1))),
+            proposer: parts.proposer,
+            read_index: Default::default(),
+            peers: parts.peers,
+            unsafe_local_linearizable_reads: parts.unsafe_local_linearizable_reads,
+            data_dir: parts.data_dir,
+            insecure: parts.insecure,
+            removed: AtomicBool::new(removed),
+            prepared_writes: Default::default(),
+            pg_identity: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The Raft core (for the Raft transport's receiving side).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The request limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The current term (for request spans).
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
+    /// The current leader, if known.
+    pub fn leader(&self) -> Option<LeaderHint> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+        Some(LeaderHint { id, addr })
+    }
+
+    /// Whether this node currently leads.
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+
+    /// Waits (at most `wait_max`) until some node is known to lead.
+    pub async fn wait_for_leader(&self, wait_max: Duration) -> Option<LeaderHint> {
+        let deadline = tokio::time::Instant::now() + wait_max;
+        let mut rx = self.raft.metrics();
+        loop {
+            if let Some(l) = self.leader() {
+                return Some(l);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        }
+    }
+
+    /// Where a request that must run on the leader runs: here when this node leads; else on
+    /// the leader, once one is known (waiting at most `wait`). A forwarded request is refused
+    /// rather than forwarded again.
+    pub async fn route(&self, origin: Origin, wait: Duration) -> Result<Route, ServiceError> {
+        if self.is_leader() {
+            return Ok(Route::Here);
+        }
+        if origin == Origin::Forwarded {
+            return Err(ServiceError::unavailable(
+                "this node is not the leader",
+                self.leader(),
+            ));
+        }
+        match self.wait_for_leader(wait).await {
+            None => Err(ServiceError::unavailable(
+                "no leader is known (election in progress or no quorum); retry",
+                None,
+            )),
+            Some(l) if l.id == self.id => Ok(Route::Here),
+            Some(l) => Ok(Route::Leader(l)),
+        }
+    }
+
+    /// A leader hint naming another node (for refusals that send the client elsewhere).
+    fn other_leader(&self) -> Option<LeaderHint> {
+        self.leader().filter(|l| l.id != self.id)
+    }
+
+    /// Whether the cluster removed this node.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    /// Refuses reads and writes on a removed node.
+    pub fn refuse_if_removed(&self) -> Result<(), ServiceError> {
+        if self.is_removed() {
+            // Unavailable: nothing was done, and clients should use another node.
+            return Err(ServiceError::unavailable(
+                format!(
+                    "node {} was removed from the cluster and no longer serves reads or writes; use another node",
+                    self.id
+                ),
+                self.other_leader(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Marks this node removed (persistently) and stops it from starting elections.
+    pub fn retire(&self, log_index: u64) {
+        self.removed.store(true, Ordering::Relaxed);
+        if let Err(e) = std::fs::write(
+            self.data_dir.join(REMOVED_MARKER),
+            format!("removed at log index {log_index}\n"),
+        ) {
+            warn!(error = %e, "cannot persist the removed marker");
+        }
+        self.raft.runtime_config().elect(false);
+        self.raft.runtime_config().heartbeat(false);
+        warn!(
+            node = self.id,
+            log_index, "this node was removed from the cluster; it stops serving"
+        );
+    }
+}

@@ -1,0 +1,653 @@
+//! Reads: one query in a `REPEATABLE READ READ ONLY` transaction on this node, after waiting
+//! (bounded) for the requested consistency level.
+//!
+//! Levels: `Local` (now), `AtLeast(i)` (this node applied `i`), `Linearizable` (a read index
+//! confirmed by the leader's quorum, then applied here; works on followers). The applied index
+//! is read inside the query's own snapshot, so the answer says exactly what state it saw, and
+//! `AtLeast`/`Linearizable` reads require their index *there* (PostgreSQL may have lost commits
+//! openraft counts as applied; see [`read_in_snapshot`]).
+//!
+//! Every read is bounded in time ([`ReadBounds`]): its transaction ends by the request's
+//! `timeout_ms` (at most [`READ_DURATION_MAX`]) even when a streaming client stops reading,
+//! so DDL applied through the log never waits without limit behind a read's locks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use postgres_types::ToSql;
+use tokio::sync::mpsc;
+use tracing::{debug, info_span, Instrument, Span};
+
+use super::error::{ErrorKind, ServiceError};
+use super::node::{Route, Service};
+use super::types::{Consistency, Origin, ReadChunk, ReadRequest};
+use crate::command::{ColumnInfo, SqlFailure, SqlValue};
+use crate::pg::read_pool::READ_DURATION_MAX;
+use crate::pg::sqlstate::is_deterministic;
+use crate::pg::values::{self, Cell};
+use crate::raft::read_index::ReadIndexError;
+use crate::sql::gate;
+
+/// A read that passed admission: it may now run ([`AdmittedRead::run`]).
+pub struct AdmittedRead {
+    svc: Arc<Service>,
+    req: ReadRequest,
+    admission: Admission,
+    /// Most rows it may return.
+    limit: usize,
+    span: Span,
+}
+
+impl Service {
+    /// Checks a read and waits (within its bounds) until openraft applied the index its
+    /// consistency level requires; the read then also requires that index of PostgreSQL,
+    /// inside its own snapshot ([`read_in_snapshot`]).
+    pub async fn admit_read(
+        self: &Arc<Self>,
+        req: ReadRequest,
+    ) -> Result<AdmittedRead, ServiceError> {
+        let span = info_span!(
+            "read",
+            node = self.id,
+            term = self.term(),
+            consistency = ?req.consistency,
+        );
+        let admission = self.admit(&req).instrument(span.clone()).await?;
+        let (limit_max, asked) = match req.streamed {
+            false => (self.limits.read_rows_max, req.max_rows),
+            true => (self.limits.read_stream_rows_max, req.max_rows),
+        };
+        let limit = match asked {
+            0 => limit_max,
+            n => (n as usize).min(limit_max),
+        };
+        Ok(AdmittedRead {
+            svc: self.clone(),
+            req,
+            admission,
+            limit,
+            span,
+        })
+    }
+
+    /// Admits and runs a read, and answers its whole result as one chunk.
+    pub async fn read(self: &Arc<Self>, req: ReadRequest) -> Result<ReadChunk, ServiceError> {
+        let read = self.admit_read(req).await?;
+        let (tx, mut rx) = mpsc::channel::<ReadChunk>(4);
+        let collect = async {
+            let mut whole = ReadChunk::default();
+            let mut first = true;
+            while let Some(chunk) = rx.recv().await {
+                if first {
+                    whole.columns = chunk.columns;
+                    whole.applied_index = chunk.applied_index;
+                    whole.node_id = chunk.node_id;
+                    first = false;
+                }
+                whole.rows.extend(chunk.rows);
+            }
+            whole
+        };
+        let (outcome, whole) = tokio::join!(read.run(tx), collect);
+        outcome.map(|()| whole)
+    }
+
+    async fn admit(&self, req: &ReadRequest) -> Result<Admission, ServiceError> {
+        let bounds = ReadBounds::new(req.timeout_ms, self.limits.read_wait_max, Instant::now());
+        self.refuse_if_removed()?;
+        if req.encoded_bytes > self.limits.request_bytes_max {
+            return Err(ServiceError::refused(
+                ErrorKind::ResourceExhausted,
+                "54000",
+                format!(
+                    "request of {} bytes exceeds the limit of {} bytes",
+                    req.encoded_bytes, self.limits.request_bytes_max
+                ),
+            ));
+        }
+        gate::check_read(&req.sql).map_err(|r| {
+            ServiceError::refused(ErrorKind::InvalidArgument, r.sqlstate, r.message)
+        })?;
+        let required_index = match req.consistency.clone()? {
+            Consistency::Local => None,
+            Consistency::AtLeast(min_index) => {
+                self.wait_applied(min_index, bounds.catch_up_left()).await?;
+                Some(min_index)
+            }
+            Consistency::Linearizable if self.unsafe_local_linearizable_reads => None,
+            Consistency::Linearizable => {
+                let index = self.read_index(bounds.catch_up_left()).await?;
+                self.wait_applied(index, bounds.catch_up_left()).await?;
+                Some(index)
+            }
+        };
+        Ok(Admission {
+            required_index,
+            bounds,
+        })
+    }
+
+    /// The index a linearizable read must see: from our own quorum check when leading, else
+    /// from the leader's (also when this node finds it no longer leads).
+    async fn read_index(&self, wait: Duration) -> Result<u64, ServiceError> {
+        if self.is_leader() {
+            match self.local_read_index(wait).await? {
+                Err(ReadIndexError::NotLeader) => {}
+                confirmed => return confirmed.map_err(|e| self.read_index_error(e)),
+            }
+        }
+        match self.route(Origin::Client, wait).await? {
+            Route::Here => self.confirm_read_index(wait).await,
+            Route::Leader(leader) => self.peers.read_index(&leader, wait).await.map_err(|e| {
+                ServiceError::unavailable(
+                    format!(
+                        "leader {} could not confirm a read index within {wait:?}: {}",
+                        leader.id, e.message
+                    ),
+                    None,
+                )
+            }),
+        }
+    }
+
+    /// A read index confirmed by this leader's quorum after this call began (waiting at most
+    /// `wait`: a leader cut off from its quorum cannot confirm and must not answer).
+    pub async fn confirm_read_index(&self, wait: Duration) -> Result<u64, ServiceError> {
+        self.local_read_index(wait)
+            .await?
+            .map_err(|e| self.read_index_error(e))
+    }
+
+    /// One round of [`raft::read_index`](crate::raft::read_index), bounded by `wait`.
+    async fn local_read_index(
+        &self,
+        wait: Duration,
+    ) -> Result<Result<u64, ReadIndexError>, ServiceError> {
+        tokio::time::timeout(wait, self.read_index.read_index(&self.raft))
+            .await
+            .map_err(|_| {
+                ServiceError::unavailable(
+                    format!("leadership not confirmed by a quorum within {wait:?}"),
+                    None,
+                )
+            })
+    }
+
+    fn read_index_error(&self, e: ReadIndexError) -> ServiceError {
+        match e {
+            ReadIndexError::NotLeader => {
+                ServiceError::unavailable("this node is not the leader", self.leader())
+            }
+            e @ (ReadIndexError::Unconfirmed(_) | ReadIndexError::RoundLost) => {
+                ServiceError::unavailable(format!("cannot confirm a linearizable read: {e}"), None)
+            }
+        }
+    }
+
+    async fn wait_applied(&self, index: u64, wait: Duration) -> Result<(), ServiceError> {
+        self.raft
+            .wait(Some(wait))
+            .applied_index_at_least(Some(index), "read")
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                ServiceError::deadline(format!(
+                    "this node did not apply index {index} within {wait:?} ({e}); retry or read from another node"
+                ))
+            })
+    }
+}
+
+impl AdmittedRead {
+    /// Runs the read and sends its result in chunks to `out` (the first chunk carries the
+    /// columns and the applied index of the snapshot the query read). Ends by the read's time
+    /// bound, also when `out` is full because the client stopped reading.
+    pub async fn run(self, out: mpsc::Sender<ReadChunk>) -> Result<(), ServiceError> {
+        let AdmittedRead {
+            svc,
+            req,
+            admission,
+            limit,
+            span,
+        } = self;
+        run_read(&svc, &req, admission, limit, out)
+            .instrument(span)
+            .await
+    }
+}
+
+/// Largest chunk of a streamed result, in encoded bytes (approximate).
+const CHUNK_BYTES_MAX: usize = 1 << 20;
+
+/// First pause before looking again whether PostgreSQL holds the index a read needs.
+const SNAPSHOT_RETRY_FIRST: Duration = Duration::from_millis(5);
+
+/// Longest pause between two such looks (the pause doubles from [`SNAPSHOT_RETRY_FIRST`]).
+const SNAPSHOT_RETRY_MAX: Duration = Duration::from_millis(100);
+
+/// Time bounds of one read, fixed when it arrives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ReadBounds {
+    /// Until when the read may wait for its consistency level: the request's `timeout_ms`
+    /// (0: the node's `read_wait_max`), capped by `read_wait_max` and by `end_by`.
+    catch_up_by: Instant,
+    /// Until when the read may run at all, sending of its rows included: the request's
+    /// `timeout_ms` (0: [`READ_DURATION_MAX`]), capped by [`READ_DURATION_MAX`]. Its
+    /// PostgreSQL transaction ends by then however slowly the client reads, so DDL arriving
+    /// through the log never waits longer than this behind a read's locks.
+    end_by: Instant,
+}
+
+impl ReadBounds {
+    /// The bounds of a read arriving at `now` with the request's `timeout_ms`.
+    fn new(timeout_ms: u32, read_wait_max: Duration, now: Instant) -> Self {
+        let asked = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms.into()));
+        let run = asked.unwrap_or(READ_DURATION_MAX).min(READ_DURATION_MAX);
+        let wait = asked.unwrap_or(read_wait_max).min(read_wait_max).min(run);
+        ReadBounds {
+            catch_up_by: now + wait,
+            end_by: now + run,
+        }
+    }
+
+    /// What is left of the consistency wait.
+    fn catch_up_left(&self) -> Duration {
+        self.catch_up_by.saturating_duration_since(Instant::now())
+    }
+}
+
+/// What an admitted read must see and until when it may run.
+#[derive(Clone, Copy, Debug)]
+struct Admission {
+    /// The log index PostgreSQL must hold in the read's own snapshot (`AT_LEAST`,
+    /// `LINEARIZABLE`); `None` for `LOCAL`.
+    required_index: Option<u64>,
+    /// The read's time bounds.
+    bounds: ReadBounds,
+}
+
+/// Why a read ended before it had sent all of its rows.
+enum ReadStop {
+    /// Answer this status. The connection is clean: nothing of the read still runs on it (its
+    /// transaction was rolled back, or dropped with the `ROLLBACK` already queued).
+    Failed(ServiceError),
+    /// Rows were left unread (the client went away, the row limit was hit) or the connection
+    /// failed outside SQL: it must be closed, not reused. The status, if anyone is left to
+    /// tell.
+    Abandoned(Option<ServiceError>),
+}
+
+impl From<ServiceError> for ReadStop {
+    fn from(s: ServiceError) -> Self {
+        ReadStop::Failed(s)
+    }
+}
+
+/// A PostgreSQL error during a read. An error PostgreSQL reported ended its statement (the
+/// connection stays in step); any other (I/O, protocol) leaves the connection in doubt.
+fn pg_stop(e: tokio_postgres::Error) -> ReadStop {
+    let in_step = e.as_db_error().is_some();
+    let status = pg_status(e);
+    if in_step {
+        ReadStop::Failed(status)
+    } else {
+        ReadStop::Abandoned(Some(status))
+    }
+}
+
+/// One read being run: what it asks, what it must see, and where its chunks go.
+struct ReadJob<'a> {
+    svc: &'a Service,
+    req: &'a ReadRequest,
+    /// The read's parameters.
+    params: &'a [SqlValue],
+    admission: Admission,
+    /// Most rows it may return.
+    limit: usize,
+    /// All chunks but the last go here as they fill; the caller sends the last one.
+    out: &'a mpsc::Sender<ReadChunk>,
+    /// What it waits for PostgreSQL to hold, for the message of its deadline.
+    waiting: Waiting,
+}
+
+/// Runs the query within the read's time bound and sends its result in chunks to `out`; the
+/// first chunk carries the columns and the applied index of the snapshot the query read.
+/// Returns the status that ends the read (`Ok` after the last chunk; nothing is reported if
+/// the receiver went away). When the bound hits, the read's PostgreSQL transaction is ended
+/// by closing its connection and the read ends with `DEADLINE_EXCEEDED`, whether the query was
+/// still running or a full `out` (a client not reading) held it up.
+async fn run_read(
+    svc: &Service,
+    req: &ReadRequest,
+    admission: Admission,
+    limit: usize,
+    out: mpsc::Sender<ReadChunk>,
+) -> Result<(), ServiceError> {
+    let started = Instant::now();
+    // A parameter the frontend could not decode fails the read here, after admission.
+    let params = req.params.as_ref().map_err(Clone::clone)?;
+    let job = ReadJob {
+        svc,
+        req,
+        params,
+        admission,
+        limit,
+        out: &out,
+        waiting: Waiting::default(),
+    };
+    let bounded = tokio::time::timeout_at(admission.bounds.end_by.into(), read_on_connection(&job));
+    match bounded.await {
+        Ok(r) => r,
+        Err(_) => Err(match job.waiting.get() {
+            Some((applied, required)) => not_held_status(applied, required),
+            None => ServiceError::deadline(format!(
+                "the read did not finish within its time bound ({:?}; the request's timeout_ms, \
+                 at most {READ_DURATION_MAX:?}): it was ended and its transaction rolled back; \
+                 read a stream as fast as it arrives, or narrow the query",
+                admission.bounds.end_by.saturating_duration_since(started)
+            )),
+        }),
+    }
+}
+
+/// Borrows a read connection and runs the read on it. The connection goes back to the pool
+/// only when the read left it clean; otherwise (and when the caller's deadline drops this
+/// future) it is closed, which ends the read's PostgreSQL transaction.
+async fn read_on_connection(job: &ReadJob<'_>) -> Result<(), ServiceError> {
+    let mut pooled = job
+        .svc
+        .reads
+        .get()
+        .await
+        .map_err(|e| ServiceError::unavailable(e.to_string(), None))?;
+    match read_in_snapshot(job, pooled.client()).await {
+        Ok(last) => {
+            pooled.release();
+            // The client went away if this fails: nobody to tell.
+            let _ = job.out.send(last).await;
+            Ok(())
+        }
+        Err(ReadStop::Failed(status)) => {
+            pooled.release();
+            Err(status)
+        }
+        Err(ReadStop::Abandoned(status)) => status.map_or(Ok(()), Err),
+    }
+}
+
+/// Opens the read's `REPEATABLE READ READ ONLY` snapshot and runs the query in it once
+/// PostgreSQL holds the index the read requires, looking again (rolled back, short backoff)
+/// until the consistency wait is over.
+///
+/// The index is checked against `raftpg.applied` *inside the snapshot*, not against openraft's
+/// applied index: PostgreSQL commits with `synchronous_commit = off` and can lose its last
+/// commits in a crash until the node replays them from the log, so openraft's index can be
+/// ahead of what PostgreSQL holds (design.md, "Commits lost with `synchronous_commit = off`").
+/// The common case costs nothing extra: the first snapshot already holds the index.
+///
+/// Returns the last chunk, to be sent after the connection is released.
+async fn read_in_snapshot(
+    job: &ReadJob<'_>,
+    client: &mut tokio_postgres::Client,
+) -> Result<ReadChunk, ReadStop> {
+    let mut pause = SNAPSHOT_RETRY_FIRST;
+    loop {
+        let (tx, applied) = open_snapshot(client).await?;
+        let Some(required) = job.admission.required_index.filter(|r| applied < *r) else {
+            job.waiting.clear();
+            return run_in_snapshot(job, tx, applied).await;
+        };
+        job.waiting.set(applied, required);
+        tx.rollback().await.map_err(pg_stop)?;
+        let left = job.admission.bounds.catch_up_left();
+        if left.is_zero() {
+            return Err(ReadStop::Failed(not_held_status(applied, required)));
+        }
+        debug!(
+            applied,
+            required, "PostgreSQL does not hold the read's index yet; looking again"
+        );
+        tokio::time::sleep(pause.min(left)).await;
+        pause = (pause * 2).min(SNAPSHOT_RETRY_MAX);
+    }
+}
+
+/// What a read is waiting for PostgreSQL to hold, visible to the read's deadline so that a read
+/// cut off while waiting says why.
+#[derive(Debug, Default)]
+struct Waiting {
+    applied: AtomicU64,
+    /// 0 while not waiting (index 0 is held by every snapshot).
+    required: AtomicU64,
+}
+
+impl Waiting {
+    /// Records that the snapshot held `applied` but the read needs `required`.
+    fn set(&self, applied: u64, required: u64) {
+        self.applied.store(applied, Ordering::Relaxed);
+        self.required.store(required, Ordering::Relaxed);
+    }
+
+    /// Records that the read no longer waits.
+    fn clear(&self) {
+        self.required.store(0, Ordering::Relaxed);
+    }
+
+    /// `(applied, required)` while the read waits.
+    fn get(&self) -> Option<(u64, u64)> {
+        let required = self.required.load(Ordering::Relaxed);
+        (required > 0).then(|| (self.applied.load(Ordering::Relaxed), required))
+    }
+}
+
+/// Opens a `REPEATABLE READ READ ONLY` transaction and reads the applied index its snapshot
+/// holds.
+async fn open_snapshot(
+    client: &mut tokio_postgres::Client,
+) -> Result<(tokio_postgres::Transaction<'_>, u64), ReadStop> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(pg_stop)?;
+    let applied: i64 = tx
+        .query_one("SELECT log_index FROM raftpg.applied", &[])
+        .await
+        .map_err(pg_stop)?
+        .get(0);
+    Ok((tx, u64::try_from(applied).unwrap_or(0)))
+}
+
+/// The status of a read whose consistency wait ended before PostgreSQL held its index.
+fn not_held_status(applied: u64, required: u64) -> ServiceError {
+    ServiceError::deadline(format!(
+        "this node's PostgreSQL holds log index {applied} but the read needs {required}, and it \
+         did not get there within the read's wait (entries PostgreSQL lost in a crash are \
+         replayed from the Raft log); retry or read from another node"
+    ))
+}
+
+/// Runs the query in the open snapshot `tx` (which read `applied`) and sends all chunks but
+/// the last, which it returns after committing.
+async fn run_in_snapshot(
+    job: &ReadJob<'_>,
+    tx: tokio_postgres::Transaction<'_>,
+    applied: u64,
+) -> Result<ReadChunk, ReadStop> {
+    let stmt = tx.prepare(&job.req.sql).await.map_err(pg_stop)?;
+    check_statement(&stmt, job.params)?;
+    let mut chunk = ReadChunk {
+        columns: stmt
+            .columns()
+            .iter()
+            .map(|c| ColumnInfo {
+                name: c.name().to_string(),
+                type_name: c.type_().name().to_string(),
+            })
+            .collect(),
+        rows: Vec::new(),
+        applied_index: applied,
+        node_id: job.svc.id,
+    };
+    let width = chunk.columns.len();
+    let params = job.params.iter().map(|v| v as &(dyn ToSql + Sync));
+    let stream = tx.query_raw(&stmt, params).await.map_err(pg_stop)?;
+    futures::pin_mut!(stream);
+    let (mut total, mut chunk_bytes) = (0usize, 0usize);
+    // A PostgreSQL error ends the statement (the connection stays clean); anything else that
+    // stops this loop leaves rows unread.
+    while let Some(row) = stream.try_next().await.map_err(pg_stop)? {
+        if total >= job.limit {
+            return Err(ReadStop::Abandoned(Some(too_many_rows(job.limit))));
+        }
+        let r = encode_row(&row, width).map_err(|s| ReadStop::Abandoned(Some(s)))?;
+        chunk_bytes += 3 + r.iter().map(values::wire_size).sum::<usize>();
+        chunk.rows.push(r);
+        total += 1;
+        if chunk_bytes >= CHUNK_BYTES_MAX {
+            let next = ReadChunk {
+                node_id: job.svc.id,
+                ..Default::default()
+            };
+            if job
+                .out
+                .send(std::mem::replace(&mut chunk, next))
+                .await
+                .is_err()
+            {
+                return Err(ReadStop::Abandoned(None)); // the client went away
+            }
+            chunk_bytes = 0;
+        }
+    }
+    tx.commit().await.map_err(pg_stop)?;
+    Ok(chunk)
+}
+
+/// The refusal of a read returning more than `limit` rows.
+fn too_many_rows(limit: usize) -> ServiceError {
+    ServiceError::refused(
+        ErrorKind::ResourceExhausted,
+        "54000",
+        format!(
+            "the query returns more than {limit} rows; add LIMIT/OFFSET or a narrower WHERE, or \
+             stream it"
+        ),
+    )
+}
+
+/// Refuses a prepared query whose parameters do not match the bound values or whose result
+/// has a column type the API cannot carry.
+fn check_statement(
+    stmt: &tokio_postgres::Statement,
+    params: &[SqlValue],
+) -> Result<(), ServiceError> {
+    if stmt.params().len() != params.len() {
+        return Err(ServiceError::refused(
+            ErrorKind::InvalidArgument,
+            "08P01",
+            format!(
+                "the query has {} parameter(s) but {} value(s) were bound",
+                stmt.params().len(),
+                params.len()
+            ),
+        ));
+    }
+    for (i, (v, ty)) in params.iter().zip(stmt.params()).enumerate() {
+        values::check_bind(v, ty).map_err(|e| {
+            ServiceError::refused(
+                ErrorKind::InvalidArgument,
+                "42804",
+                format!("parameter ${}: {e}", i + 1),
+            )
+        })?;
+    }
+    for c in stmt.columns() {
+        values::check_result_type(c.type_()).map_err(|e| {
+            ServiceError::refused(
+                ErrorKind::Unsupported,
+                "0A000",
+                format!("column {:?}: {e}", c.name()),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// One result row.
+fn encode_row(row: &tokio_postgres::Row, width: usize) -> Result<Vec<SqlValue>, ServiceError> {
+    let mut values_out = Vec::with_capacity(width);
+    for i in 0..width {
+        let Cell(v) = row
+            .try_get::<_, Cell>(i)
+            .map_err(|e| ServiceError::refused(ErrorKind::Unsupported, "0A000", e.to_string()))?;
+        values_out.push(v);
+    }
+    Ok(values_out)
+}
+
+/// A PostgreSQL error of a read: SQL errors with their SQLSTATE, the rest as
+/// [`ErrorKind::Unavailable`] (the node's PostgreSQL is down or restarting).
+fn pg_status(e: tokio_postgres::Error) -> ServiceError {
+    match e.as_db_error() {
+        Some(db) if is_deterministic(db.code().code()) || db.code().code() == "25006" => {
+            let mut f = SqlFailure {
+                sqlstate: db.code().code().to_string(),
+                message: db.message().to_string(),
+                detail: db.detail().unwrap_or_default().to_string(),
+                hint: db.hint().unwrap_or_default().to_string(),
+                statement_index: 0,
+            };
+            if f.sqlstate == "25006" {
+                f.hint = "reads run in READ ONLY transactions; send writes to Write.Execute".into();
+            }
+            ServiceError::sql(&f, 0)
+        }
+        Some(db) => ServiceError::unavailable(
+            format!("PostgreSQL: {} ({})", db.message(), db.code().code()),
+            None,
+        ),
+        None => {
+            ServiceError::unavailable(format!("PostgreSQL unavailable on this node: {e}"), None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAIT_MAX: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_read_without_timeout_gets_the_node_defaults() {
+        let now = Instant::now();
+        let b = ReadBounds::new(0, WAIT_MAX, now);
+        assert_eq!(b.catch_up_by, now + WAIT_MAX);
+        assert_eq!(b.end_by, now + READ_DURATION_MAX);
+    }
+
+    #[test]
+    fn the_request_timeout_bounds_the_whole_read() {
+        let now = Instant::now();
+        let b = ReadBounds::new(3_000, WAIT_MAX, now);
+        assert_eq!(b.catch_up_by, now + Duration::from_secs(3));
+        assert_eq!(b.end_by, now + Duration::from_secs(3));
+    }
+
+    #[test]
+    fn no_request_outlives_the_node_maximum() {
+        let now = Instant::now();
+        let b = ReadBounds::new(u32::MAX, WAIT_MAX, now);
+        assert_eq!(b.catch_up_by, now + WAIT_MAX);
+        assert_eq!(b.end_by, now + READ_DURATION_MAX);
+        // A node configured to wait longer than any read may run still ends reads in time.
+        let b = ReadBounds::new(0, Duration::from_secs(3600), now);
+        assert_eq!(b.catch_up_by, now + READ_DURATION_MAX);
+        assert_eq!(b.end_by, now + READ_DURATION_MAX);
+    }
+}

@@ -1,0 +1,220 @@
+//! The requests and answers of the service operations, with no protocol in them: frontends
+//! build the requests from what they decoded and encode the answers.
+
+use super::error::ServiceError;
+use crate::command::{ColumnInfo, NodeId, RequestId, SqlValue, StatementOutcome, TableChecksum};
+
+/// Where a request comes from: a client, or another node that forwarded it to this one
+/// (believing it leads). A forwarded request is never forwarded again, so a request cannot
+/// travel in circles while leadership changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A client's request.
+    Client,
+    /// Forwarded by another node.
+    Forwarded,
+}
+
+/// One statement of a write, as the frontend decoded it.
+#[derive(Clone, Debug)]
+pub struct WriteStatement {
+    /// The SQL, as sent.
+    pub sql: String,
+    /// Its parameters, or why the frontend could not decode one. A decoding failure is
+    /// reported in its turn (after the request's limits and the statement's SQL check), so
+    /// a request's first problem is reported whatever the frontend.
+    pub params: Result<Vec<SqlValue>, ServiceError>,
+}
+
+/// A write as the client sent it: statements run in one transaction, in order.
+#[derive(Clone, Debug)]
+pub struct WriteRequest {
+    /// The statements, as sent (the gate checks and rewrites them on every node that sees the
+    /// request; a forwarded write carries them as sent).
+    pub statements: Vec<WriteStatement>,
+    /// Set for exactly-once retries.
+    pub request_id: Option<RequestId>,
+    /// The request's size as received, in bytes (checked against the limit, and counted in
+    /// the proposal batch's size).
+    pub encoded_bytes: usize,
+    /// Who sent it.
+    pub origin: Origin,
+}
+
+/// A write's applied result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WriteOutcome {
+    /// The log index of the write's entry.
+    pub log_index: u64,
+    /// The term it was committed in.
+    pub term: u64,
+    /// The node that led (and answered).
+    pub leader_id: NodeId,
+    /// One result per statement.
+    pub results: Vec<StatementOutcome>,
+}
+
+/// How fresh a read must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    /// Whatever this node holds now.
+    Local,
+    /// At least this log index applied on this node.
+    AtLeast(u64),
+    /// Everything committed before the read arrived (read index confirmed by the leader's
+    /// quorum).
+    Linearizable,
+}
+
+/// A read: one query in a `REPEATABLE READ READ ONLY` transaction.
+#[derive(Clone, Debug)]
+pub struct ReadRequest {
+    /// The query.
+    pub sql: String,
+    /// Its parameters, or why the frontend could not decode one (reported when the read
+    /// runs, after admission).
+    pub params: Result<Vec<SqlValue>, ServiceError>,
+    /// How fresh it must be, or why the frontend could not tell (reported after the
+    /// request's limits and SQL check).
+    pub consistency: Result<Consistency, ServiceError>,
+    /// The client's bound on the whole read, in milliseconds (0: the node's defaults).
+    pub timeout_ms: u32,
+    /// Most rows the client wants (0: the node's limit).
+    pub max_rows: u32,
+    /// Whether the rows are streamed (a higher row limit applies).
+    pub streamed: bool,
+    /// The request's size as received, in bytes.
+    pub encoded_bytes: usize,
+}
+
+/// Part of a read's result. The first chunk carries the columns and the applied index of the
+/// snapshot the query read.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReadChunk {
+    /// The result's columns (first chunk only).
+    pub columns: Vec<ColumnInfo>,
+    /// Rows.
+    pub rows: Vec<Vec<SqlValue>>,
+    /// The log index the read's snapshot held (first chunk only).
+    pub applied_index: u64,
+    /// The node that ran the read.
+    pub node_id: NodeId,
+}
+
+/// A change of the cluster's membership.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add a running node (started with `--join`) as a learner.
+    AddLearner {
+        /// Its id.
+        node_id: NodeId,
+        /// Its client address.
+        addr: String,
+        /// Answer only once it caught up with the log.
+        wait_caught_up: bool,
+    },
+    /// Make learners voters.
+    Promote(Vec<NodeId>),
+    /// Remove members (they are told to stop serving).
+    Remove(Vec<NodeId>),
+    /// Hand leadership to a caught-up voter.
+    TransferLeader(NodeId),
+}
+
+/// A member as the cluster reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberInfo {
+    /// Its id.
+    pub node_id: NodeId,
+    /// Its client address.
+    pub addr: String,
+    /// Voter (or learner).
+    pub voter: bool,
+    /// The last log index the leader knows it holds (leader only; `None` when unknown).
+    pub matched_index: Option<u64>,
+}
+
+/// The answer to a membership change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MembershipOutcome {
+    /// Log index of the change (0: nothing had to change).
+    pub log_index: u64,
+    /// The members after the change.
+    pub members: Vec<MemberInfo>,
+    /// What was done.
+    pub message: String,
+}
+
+/// One node's checksums in a check, or why it gave none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeChecksums {
+    /// The node.
+    pub node_id: NodeId,
+    /// Its address.
+    pub addr: String,
+    /// Its table checksums, or the error it answered with.
+    pub tables: Result<Vec<TableChecksum>, String>,
+}
+
+/// The result of a divergence check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckReport {
+    /// The log index every node hashed at.
+    pub log_index: u64,
+    /// Every member answered and all agree.
+    pub identical: bool,
+    /// One line per table that differs, naming the odd nodes.
+    pub differences: Vec<String>,
+    /// Members that did not answer.
+    pub missing_nodes: Vec<NodeId>,
+    /// Every member's answer.
+    pub nodes: Vec<NodeChecksums>,
+}
+
+/// What must match between members' PostgreSQL servers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PgIdentity {
+    /// server_version_num.
+    pub version: String,
+    /// Database encoding.
+    pub encoding: String,
+    /// Database collation.
+    pub collation: String,
+}
+
+/// A node's view of the cluster and its own health.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// The node.
+    pub node_id: NodeId,
+    /// "leader", "follower", "candidate", "learner" or "shutdown".
+    pub role: String,
+    /// Its current term.
+    pub term: u64,
+    /// The leader it knows of.
+    pub leader_id: Option<NodeId>,
+    /// The leader's address (empty when unknown).
+    pub leader_addr: String,
+    /// Last index in its log.
+    pub last_log_index: u64,
+    /// Last index it knows committed.
+    pub committed_index: u64,
+    /// Last index it applied.
+    pub applied_index: u64,
+    /// The members.
+    pub members: Vec<MemberInfo>,
+    /// Whether its PostgreSQL is up.
+    pub postgres_up: bool,
+    /// What its applier is doing.
+    pub applier_state: String,
+    /// Its PostgreSQL's version, encoding and collation.
+    pub identity: PgIdentity,
+    /// Whether the cluster removed it.
+    pub removed: bool,
+    /// Entries up to this index were compacted away.
+    pub purged_index: u64,
+    /// Index covered by its current snapshot.
+    pub snapshot_index: u64,
+    /// It runs without TLS (`--insecure`).
+    pub insecure: bool,
+}

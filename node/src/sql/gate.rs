@@ -1,0 +1,1398 @@
+//! The leader-side SQL gate: parses each statement with PostgreSQL's own grammar (libpg_query)
+//! and refuses, before anything enters the log, what cannot be replicated as a statement.
+//!
+//! Owns the rules of what SQL a log entry may carry (design.md invariant 2 and "Traps we know
+//! about") and what SQL a read may run (invariant 4). Every refusal says why and what to do
+//! instead. This is the first layer; `docs/determinism.md` lists the classes. Runs only on the
+//! leader (and on the receiving node for reads); followers apply what the log says.
+
+use pg_query::NodeEnum;
+
+use crate::sql::{session_rules, time_literals};
+
+/// Why a statement was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    /// SQLSTATE reported with the refusal.
+    pub sqlstate: &'static str,
+    /// What is wrong and what to do instead.
+    pub message: String,
+}
+
+fn refuse(sqlstate: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        sqlstate,
+        message: message.into(),
+    }
+}
+
+const SYNTAX_ERROR: &str = "42601";
+const FEATURE_NOT_SUPPORTED: &str = "0A000";
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+const READ_ONLY: &str = "25006";
+
+/// Parses `sql` and returns its single statement.
+fn parse_one(sql: &str) -> Result<NodeEnum, Refusal> {
+    first_statement(parse(sql)?.0)
+}
+
+fn first_statement(parsed: pg_query::ParseResult) -> Result<NodeEnum, Refusal> {
+    parsed
+        .protobuf
+        .stmts
+        .into_iter()
+        .next()
+        .and_then(|raw| raw.stmt)
+        .and_then(|node| node.node)
+        .ok_or_else(|| refuse(SYNTAX_ERROR, "empty statement"))
+}
+
+/// Parses `sql`, requiring exactly one statement that does not touch raftpg's own schema.
+/// Also returns the complete tree in its serde form (see [`walk`]), computed once per statement.
+fn parse(sql: &str) -> Result<(pg_query::ParseResult, serde_json::Value), Refusal> {
+    let parsed = pg_query::parse(sql, 0).map_err(|e| match e {
+        pg_query::Error::Parse(m) => refuse(SYNTAX_ERROR, m),
+        other => refuse(SYNTAX_ERROR, other.to_string()),
+    })?;
+    if parsed.protobuf.stmts.len() != 1 {
+        return Err(refuse(
+            SYNTAX_ERROR,
+            format!(
+                "each statement must hold exactly one SQL command (found {}); send several statements in one request to run them atomically",
+                parsed.protobuf.stmts.len()
+            ),
+        ));
+    }
+    // The complete tree in its serde form (pg_query's own iterators skip parts of it).
+    let tree = serde_json::to_value(&parsed.protobuf).map_err(|e| {
+        refuse(
+            FEATURE_NOT_SUPPORTED,
+            format!("cannot inspect the statement: {e}"),
+        )
+    })?;
+    // Refuse any reference to raftpg's own bookkeeping (schema, tables, functions, roles):
+    // raftpg.applied must only change with the log position.
+    check_raftpg_names(&tree)?;
+    Ok((parsed, tree))
+}
+
+/// raftpg's own schema and roles: no statement may name them (design.md "Errors outside a
+/// statement": raftpg's schema, tables, role and settings must be out of reach of writes).
+const RAFTPG_SCHEMA: &str = "raftpg";
+const RAFTPG_ROLES: &[&str] = &["raftpg", "raftpg_reader"];
+
+/// The functions of schema `raftpg` that statements may call: the deterministic clock and
+/// random generators (see `apply::state_machine::DETERMINISTIC_FUNCTIONS_SQL`).
+const RAFTPG_CALLABLE: &[&str] = &[
+    "now",
+    "current_date",
+    "current_time",
+    "localtime",
+    "localtimestamp",
+    "random",
+    "gen_random_uuid",
+];
+
+fn raftpg_reference() -> Refusal {
+    refuse(
+        INSUFFICIENT_PRIVILEGE,
+        "the schema raftpg and the roles raftpg and raftpg_reader hold raftpg's own bookkeeping and cannot be used by statements (only raftpg.now(), raftpg.random(), raftpg.gen_random_uuid() and the raftpg.current_*/local* clock functions may be called)",
+    )
+}
+
+/// Refuses any name of raftpg's schema or roles anywhere in a statement: a relation
+/// (`raftpg.applied`), a schema (`DROP SCHEMA raftpg`, `SET SCHEMA raftpg`, `GRANT ... ON
+/// SCHEMA raftpg`), a qualified function/type/object name, a role (`GRANT ... TO raftpg`,
+/// `OWNER TO raftpg`), a `search_path` naming it, or a string naming an object in it
+/// (`'raftpg.applied'::regclass`). Calls of [`RAFTPG_CALLABLE`] functions are allowed.
+fn check_raftpg_names(tree: &serde_json::Value) -> Result<(), Refusal> {
+    fn visit(v: &serde_json::Value, inside_set: bool) -> Result<(), Refusal> {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, child) in m {
+                    match (k.as_str(), child) {
+                        (
+                            "schemaname" | "newschema" | "subname" | "newname",
+                            serde_json::Value::String(s),
+                        ) if s == RAFTPG_SCHEMA => return Err(raftpg_reference()),
+                        ("rolename", serde_json::Value::String(s))
+                            if RAFTPG_ROLES.contains(&s.as_str()) =>
+                        {
+                            return Err(raftpg_reference())
+                        }
+                        ("String", serde_json::Value::Object(s))
+                            if s.get("sval").and_then(|x| x.as_str()) == Some(RAFTPG_SCHEMA) =>
+                        {
+                            return Err(raftpg_reference())
+                        }
+                        ("sval", serde_json::Value::String(s)) => {
+                            let lower = s.to_ascii_lowercase();
+                            // A string naming an object in schema raftpg, or a search_path
+                            // that includes it.
+                            // ("$user" is the applier's role, raftpg: its schema.)
+                            if lower.starts_with("raftpg.")
+                                || (inside_set
+                                    && lower
+                                        .split([',', ' ', '"'])
+                                        .any(|p| p == RAFTPG_SCHEMA || p == "$user"))
+                            {
+                                return Err(raftpg_reference());
+                            }
+                        }
+                        ("FuncCall", serde_json::Value::Object(call)) => {
+                            let (schema, name) = func_name(child);
+                            let callable = schema.as_deref() == Some(RAFTPG_SCHEMA)
+                                && RAFTPG_CALLABLE.contains(&name.as_str());
+                            for (ck, cv) in call {
+                                if callable && ck == "funcname" {
+                                    continue;
+                                }
+                                visit(cv, inside_set)?;
+                            }
+                            continue;
+                        }
+                        ("VariableSetStmt", _) => {
+                            visit(child, true)?;
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    visit(child, inside_set)?;
+                }
+                Ok(())
+            }
+            serde_json::Value::Array(a) => a.iter().try_for_each(|c| visit(c, inside_set)),
+            _ => Ok(()),
+        }
+    }
+    visit(tree, false)
+}
+
+/// Whether a statement is DML (its literals are typed by the statement itself, at each
+/// execution) rather than DDL or a utility command.
+fn is_dml_statement(stmt: &NodeEnum) -> bool {
+    matches!(
+        stmt,
+        NodeEnum::InsertStmt(_)
+            | NodeEnum::UpdateStmt(_)
+            | NodeEnum::DeleteStmt(_)
+            | NodeEnum::SelectStmt(_)
+            | NodeEnum::MergeStmt(_)
+    )
+}
+
+/// A string constant of the tree with its location, and the date/time cast it is the direct
+/// argument of, if any: `(value, location, cast)`, where `cast` is `(type name, is array,
+/// type location)`.
+type StringConst<'a> = (&'a str, usize, Option<(String, bool, usize)>);
+
+/// Collects every string constant of the tree (see [`StringConst`]).
+fn string_constants(tree: &serde_json::Value) -> Vec<StringConst<'_>> {
+    fn aconst(v: &serde_json::Value) -> Option<(&str, usize)> {
+        let c = v.pointer("/node/AConst")?;
+        let s = c.pointer("/val/Sval/sval")?.as_str()?;
+        Some((s, location(c)?))
+    }
+    fn visit<'a>(v: &'a serde_json::Value, out: &mut Vec<StringConst<'a>>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, child) in m {
+                    if k == "TypeCast" {
+                        if let Some((s, loc)) = child.get("arg").and_then(aconst) {
+                            let tn = child.get("type_name");
+                            let names: Vec<String> = tn
+                                .and_then(|t| t.get("names"))
+                                .and_then(|n| n.as_array())
+                                .map(|a| {
+                                    a.iter()
+                                        .filter_map(|n| n.pointer("/node/String/sval"))
+                                        .filter_map(|s| s.as_str())
+                                        .map(|s| s.to_ascii_lowercase())
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            let qualified_ok =
+                                names.len() == 1 || (names.len() == 2 && names[0] == "pg_catalog");
+                            let name = if qualified_ok {
+                                names.last().cloned().unwrap_or_default()
+                            } else {
+                                String::new()
+                            };
+                            let is_array = tn
+                                .and_then(|t| t.get("array_bounds"))
+                                .and_then(|a| a.as_array())
+                                .is_some_and(|a| !a.is_empty());
+                            let type_loc = tn.and_then(location).unwrap_or(usize::MAX);
+                            out.push((s, loc, Some((name, is_array, type_loc))));
+                            if let Some(t) = tn {
+                                visit(t, out);
+                            }
+                            continue;
+                        }
+                    }
+                    if k == "AConst" {
+                        if let (Some(s), Some(loc)) = (
+                            child.pointer("/val/Sval/sval").and_then(|s| s.as_str()),
+                            location(child),
+                        ) {
+                            out.push((s, loc, None));
+                        }
+                    }
+                    visit(child, out);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|c| visit(c, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    visit(tree, &mut out);
+    out
+}
+
+/// Functions rewritten at the leader to raftpg's deterministic versions (installed by the
+/// applier in schema `raftpg`; they read the entry's timestamp and seed).
+const REWRITTEN_FUNCTIONS: &[(&str, &str)] = &[
+    ("now", "raftpg.now"),
+    ("transaction_timestamp", "raftpg.now"),
+    ("statement_timestamp", "raftpg.now"),
+    ("clock_timestamp", "raftpg.now"),
+    ("random", "raftpg.random"),
+    ("gen_random_uuid", "raftpg.gen_random_uuid"),
+    ("uuid_generate_v4", "raftpg.gen_random_uuid"),
+];
+
+/// Functions that give each row a different value: where rows are visited in physical order
+/// (UPDATE, DELETE, INSERT ... SELECT without ORDER BY), nodes would disagree on which row got
+/// which value.
+const PER_ROW_FUNCTIONS: &[&str] = &["random", "gen_random_uuid", "uuid_generate_v4", "nextval"];
+
+/// Functions whose result differs between nodes or runs and that raftpg cannot make
+/// deterministic: refused, directly or in a column DEFAULT.
+const NON_DETERMINISTIC_FUNCTIONS: &[&str] = &[
+    "timeofday",
+    "setseed",
+    "random_normal",
+    "uuid_generate_v1",
+    "uuid_generate_v1mc",
+    "pg_backend_pid",
+    "txid_current",
+    "txid_current_if_assigned",
+    "pg_current_xact_id",
+    "pg_current_xact_id_if_assigned",
+    "inet_server_addr",
+    "inet_server_port",
+    "inet_client_addr",
+    "inet_client_port",
+    "pg_postmaster_start_time",
+    "pg_conf_load_time",
+    "pg_current_wal_lsn",
+    "pg_current_wal_insert_lsn",
+    "pg_advisory_lock",
+    "pg_advisory_xact_lock",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_xact_lock",
+    "pg_advisory_lock_shared",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_all",
+    "pg_sleep",
+    "pg_sleep_for",
+    "pg_sleep_until",
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_dir",
+    "pg_stat_file",
+    "lo_import",
+    "lo_export",
+    "dblink",
+    "dblink_exec",
+    "pg_notify",
+    "set_config",
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_reload_conf",
+    "version",
+    "current_setting",
+    "pg_stat_get_activity",
+    "txid_snapshot_xmax",
+    "pg_current_snapshot",
+    "txid_current_snapshot",
+    "pg_export_snapshot",
+    "pg_switch_wal",
+    "pg_create_restore_point",
+    "pg_rotate_logfile",
+];
+
+/// `CURRENT_TIMESTAMP`-style keywords (SQLValueFunction ops) and their replacement; `None`
+/// marks the precision variants, which are refused.
+fn sql_value_function_rewrite(op: i32) -> Option<Option<&'static str>> {
+    use pg_query::protobuf::SqlValueFunctionOp as Op;
+    match Op::try_from(op).ok()? {
+        Op::SvfopCurrentTimestamp => Some(Some("raftpg.now()")),
+        Op::SvfopCurrentDate => Some(Some("raftpg.current_date()")),
+        Op::SvfopCurrentTime => Some(Some("raftpg.current_time()")),
+        Op::SvfopLocaltime => Some(Some("raftpg.localtime()")),
+        Op::SvfopLocaltimestamp => Some(Some("raftpg.localtimestamp()")),
+        Op::SvfopCurrentTimeN
+        | Op::SvfopCurrentTimestampN
+        | Op::SvfopLocaltimeN
+        | Op::SvfopLocaltimestampN => Some(None),
+        _ => None,
+    }
+}
+
+/// Visits every object of a serialized parse tree with the key it appears under (node kinds
+/// appear as keys, e.g. `"FuncCall": {...}`).
+fn walk<'a>(v: &'a serde_json::Value, f: &mut impl FnMut(&'a str, &'a serde_json::Value)) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, child) in m {
+                if child.is_object() {
+                    f(k, child);
+                }
+                walk(child, f);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|c| walk(c, f)),
+        _ => {}
+    }
+}
+
+fn location(node: &serde_json::Value) -> Option<usize> {
+    node.get("location")
+        .and_then(|l| l.as_i64())
+        .and_then(|l| usize::try_from(l).ok())
+}
+
+/// (schema, name) of a serialized FuncCall, lowercased.
+fn func_name(node: &serde_json::Value) -> (Option<String>, String) {
+    let parts: Vec<String> = node
+        .get("funcname")
+        .and_then(|f| f.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n.pointer("/node/String/sval").and_then(|s| s.as_str()))
+                .map(|s| s.to_ascii_lowercase())
+                .collect()
+        })
+        .unwrap_or_default();
+    let last = parts.last().cloned().unwrap_or_default();
+    let schema = if parts.len() > 1 {
+        Some(parts[0].clone())
+    } else {
+        None
+    };
+    (schema, last)
+}
+
+/// A text edit: replace bytes `start..end` of the statement.
+struct Edit {
+    start: usize,
+    end: usize,
+    text: String,
+}
+
+/// A call of one of [`REWRITTEN_FUNCTIONS`] found in the tree.
+struct FuncRewrite {
+    /// Where the (possibly schema-qualified) function name starts.
+    loc: usize,
+    /// How many dotted identifiers the name spans (`now` 1, `pg_catalog.now` 2).
+    parts: usize,
+    /// The replacement name.
+    to: &'static str,
+}
+
+/// A time string (`'now'`, `'today'`, ...) cast to a date/time type in DML.
+struct LiteralRewrite {
+    /// Where the string literal starts.
+    loc: usize,
+    /// The deterministic expression that replaces it.
+    expr: &'static str,
+    /// Where its type name starts when written before it (`timestamptz 'now'`).
+    type_before: Option<usize>,
+}
+
+/// What one walk over a write's parse tree found: the rewrites it needs and whether it calls a
+/// function that gives each row a different value.
+#[derive(Default)]
+struct TreeScan {
+    /// Calls to rename (see [`REWRITTEN_FUNCTIONS`]).
+    funcs: Vec<FuncRewrite>,
+    /// `CURRENT_TIMESTAMP`-style keywords to replace; zero-length edits at the keyword's
+    /// location, widened to the keyword's token once the statement is scanned.
+    keywords: Vec<Edit>,
+    /// A [`PER_ROW_FUNCTIONS`] call appears somewhere.
+    per_row_calls: bool,
+}
+
+/// Checks one statement of a write entry and returns it rewritten for deterministic replay:
+/// time and randomness functions (also in DEFAULT expressions and SQL function bodies parsed
+/// by PostgreSQL) become raftpg's versions, driven by the entry's timestamp and seed.
+/// Everything else in the text is left byte for byte as the client sent it.
+pub fn prepare_write(sql: &str) -> Result<String, Refusal> {
+    // pg_query's own node iterator skips parts of the tree (e.g. VALUES lists), so walk the
+    // complete tree through its serde form: every node of every statement is visited.
+    let (parsed, tree) = parse(sql)?;
+    let stmt = statement_of(&parsed)?;
+    let dml = is_dml_statement(stmt);
+    let scan = scan_write_tree(&tree, dml)?;
+    let literals = time_literal_rewrites(&tree, dml)?;
+    check_statement_kind(stmt)?;
+    check_row_order(stmt, scan.per_row_calls)?;
+    check_function_bodies(stmt)?;
+    if scan.funcs.is_empty() && scan.keywords.is_empty() && literals.is_empty() {
+        return Ok(sql.to_string());
+    }
+    apply_rewrites(sql, scan, literals)
+}
+
+/// The single statement of a parse result, borrowed (see [`first_statement`]).
+fn statement_of(parsed: &pg_query::ParseResult) -> Result<&NodeEnum, Refusal> {
+    parsed
+        .protobuf
+        .stmts
+        .first()
+        .and_then(|raw| raw.stmt.as_ref())
+        .and_then(|node| node.node.as_ref())
+        .ok_or_else(|| refuse(SYNTAX_ERROR, "empty statement"))
+}
+
+/// Walks every node of a write's tree (see [`walk`]): refuses, at the first node that needs
+/// it, what would diverge between nodes, and collects the rewrites of time and randomness
+/// calls.
+fn scan_write_tree(tree: &serde_json::Value, dml: bool) -> Result<TreeScan, Refusal> {
+    let mut scan = TreeScan::default();
+    let mut refusal: Option<Refusal> = None;
+    walk(tree, &mut |kind, node| {
+        if refusal.is_none() {
+            refusal = scan_node(kind, node, dml, &mut scan).err();
+        }
+    });
+    match refusal {
+        Some(r) => Err(r),
+        None => Ok(scan),
+    }
+}
+
+/// One node of [`scan_write_tree`], by its kind.
+fn scan_node(
+    kind: &str,
+    node: &serde_json::Value,
+    dml: bool,
+    scan: &mut TreeScan,
+) -> Result<(), Refusal> {
+    match kind {
+        "VariableSetStmt" => check_variable_set(node),
+        "FuncCall" => scan_func_call(node, dml, scan),
+        "SqlvalueFunction" => scan_sql_value_function(node, scan),
+        "DefElem" if node.get("defname").and_then(|d| d.as_str()) == Some("cache") => {
+            check_sequence_cache(node)
+        }
+        "RangeTableSample" => Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            "TABLESAMPLE picks rows by physical page (SYSTEM) or at random (BERNOULLI), which differs between nodes, also with REPEATABLE; select the rows by a key instead (e.g. WHERE hashtext(id::text) % 20 = 0)",
+        )),
+        "SelectStmt" | "larg" | "rarg" => check_limit_is_ordered(node),
+        _ => Ok(()),
+    }
+}
+
+/// A function call: `currval()`/`lastval()` outside a query and [`NON_DETERMINISTIC_FUNCTIONS`]
+/// are refused, [`PER_ROW_FUNCTIONS`] noted, [`REWRITTEN_FUNCTIONS`] collected for renaming.
+/// Functions of other schemas (e.g. `raftpg.now()` or a user's own) are left alone.
+fn scan_func_call(node: &serde_json::Value, dml: bool, scan: &mut TreeScan) -> Result<(), Refusal> {
+    let (schema, name) = func_name(node);
+    if matches!(name.as_str(), "currval" | "lastval")
+        && schema.as_deref().is_none_or(|s| s == "pg_catalog")
+        && !dml
+    {
+        return Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            format!("{name}() outside a query depends on the applier session's history, which differs between nodes; call it in INSERT/UPDATE/DELETE/SELECT after nextval() in the same request, or use RETURNING"),
+        ));
+    }
+    if PER_ROW_FUNCTIONS.contains(&name.as_str())
+        && schema
+            .as_deref()
+            .is_none_or(|s| matches!(s, "pg_catalog" | "public" | "raftpg"))
+    {
+        scan.per_row_calls = true;
+    }
+    if schema
+        .as_deref()
+        .is_some_and(|s| s != "pg_catalog" && s != "public")
+    {
+        return Ok(()); // e.g. raftpg.now(), or a user schema's own function
+    }
+    if NON_DETERMINISTIC_FUNCTIONS.contains(&name.as_str()) {
+        return Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            format!(
+                "{name}() gives a different result on each node, so it cannot be replicated; compute the value in the client and bind it as a parameter"
+            ),
+        ));
+    }
+    if let Some((_, to)) = REWRITTEN_FUNCTIONS.iter().find(|(from, _)| *from == name) {
+        let parts = node
+            .get("funcname")
+            .and_then(|f| f.as_array())
+            .map(|a| a.len())
+            .unwrap_or(1);
+        let loc = location(node).ok_or_else(|| cannot_rewrite(&name))?;
+        scan.funcs.push(FuncRewrite { loc, parts, to });
+    }
+    Ok(())
+}
+
+/// A `CURRENT_TIMESTAMP`-style keyword: collected for replacement, or refused when written
+/// with a precision.
+fn scan_sql_value_function(node: &serde_json::Value, scan: &mut TreeScan) -> Result<(), Refusal> {
+    let op = node.get("op").and_then(|o| o.as_i64()).unwrap_or(0) as i32;
+    match sql_value_function_rewrite(op) {
+        Some(Some(to)) => {
+            let loc = location(node).ok_or_else(|| cannot_rewrite("CURRENT_TIMESTAMP"))?;
+            scan.keywords.push(Edit {
+                start: loc,
+                end: loc,
+                text: to.to_string(),
+            });
+            Ok(())
+        }
+        Some(None) => Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            "CURRENT_TIMESTAMP(p)/LOCALTIMESTAMP(p)/CURRENT_TIME(p)/LOCALTIME(p) with a precision are not supported; use date_trunc(..., raftpg.now()) or the keyword without precision",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A sequence's `CACHE` option: only 1 (or none) is allowed.
+fn check_sequence_cache(node: &serde_json::Value) -> Result<(), Refusal> {
+    let arg = node.pointer("/arg/node");
+    let small = arg
+        .and_then(|a| a.pointer("/Integer/ival"))
+        .map(|v| v.as_i64().unwrap_or(0) <= 1)
+        .unwrap_or(false);
+    if arg.is_some() && !small {
+        return Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            "sequences with CACHE > 1 hand out different values on each node after a restart; use CACHE 1 (the default)",
+        ));
+    }
+    Ok(())
+}
+
+/// A SELECT (or a branch of a set operation): LIMIT/OFFSET needs an ORDER BY.
+fn check_limit_is_ordered(node: &serde_json::Value) -> Result<(), Refusal> {
+    let has = |k: &str| node.get(k).is_some_and(|v| !v.is_null());
+    let unsorted = node
+        .get("sort_clause")
+        .and_then(|v| v.as_array())
+        .is_none_or(|a| a.is_empty());
+    if (has("limit_count") || has("limit_offset")) && unsorted {
+        return Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            "LIMIT/OFFSET without ORDER BY picks rows in physical order, which differs between nodes; add an ORDER BY on a unique key",
+        ));
+    }
+    Ok(())
+}
+
+/// Time hidden in strings (`'now'`, `'today'`, ...): rewritten where cast explicitly to a
+/// date/time type in DML, refused anywhere else (see [`time_literals`]).
+fn time_literal_rewrites(
+    tree: &serde_json::Value,
+    dml: bool,
+) -> Result<Vec<LiteralRewrite>, Refusal> {
+    let mut out = Vec::new();
+    for (value, loc, cast) in string_constants(tree) {
+        if !time_literals::is_time_string(value) {
+            continue;
+        }
+        let rewrite = cast
+            .as_ref()
+            .filter(|_| dml)
+            .and_then(|(ty, array, type_loc)| {
+                time_literals::rewrite(value, ty, *array).map(|e| (e, *type_loc))
+            });
+        match rewrite {
+            Some((expr, type_loc)) => out.push(LiteralRewrite {
+                loc,
+                expr,
+                type_before: (type_loc < loc).then_some(type_loc),
+            }),
+            None => {
+                return Err(refuse(
+                    FEATURE_NOT_SUPPORTED,
+                    time_literals::refusal_message(value),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Turns the collected rewrites into byte ranges of `sql` (located with PostgreSQL's own
+/// scanner) and applies them.
+fn apply_rewrites(
+    sql: &str,
+    scan: TreeScan,
+    literals: Vec<LiteralRewrite>,
+) -> Result<String, Refusal> {
+    let tokens = pg_query::scan(sql)
+        .map_err(|e| refuse(SYNTAX_ERROR, e.to_string()))?
+        .tokens;
+    let mut edits = scan.keywords;
+    for f in scan.funcs {
+        edits.push(func_edit(&tokens, f)?);
+    }
+    for l in literals {
+        edits.push(literal_edit(sql, &tokens, l)?);
+    }
+    for e in edits.iter_mut().filter(|e| e.start == e.end) {
+        let tok = tokens
+            .iter()
+            .find(|t| t.start as usize == e.start)
+            .ok_or_else(|| cannot_rewrite(&e.text))?;
+        e.end = tok.end as usize;
+    }
+    splice(sql, edits)
+}
+
+/// The edit that renames a call: the name spans `parts` identifiers separated by dots.
+fn func_edit(tokens: &[pg_query::protobuf::ScanToken], f: FuncRewrite) -> Result<Edit, Refusal> {
+    let first = tokens
+        .iter()
+        .position(|t| t.start as usize == f.loc)
+        .ok_or_else(|| cannot_rewrite(f.to))?;
+    let last = tokens
+        .get(first + 2 * (f.parts - 1))
+        .ok_or_else(|| cannot_rewrite(f.to))?;
+    Ok(Edit {
+        start: f.loc,
+        end: last.end as usize,
+        text: f.to.to_string(),
+    })
+}
+
+/// The edit that replaces a time string by its expression.
+fn literal_edit(
+    sql: &str,
+    tokens: &[pg_query::protobuf::ScanToken],
+    l: LiteralRewrite,
+) -> Result<Edit, Refusal> {
+    let literal = tokens
+        .iter()
+        .find(|t| t.start as usize == l.loc)
+        .ok_or_else(|| cannot_rewrite(l.expr))?;
+    let end = literal.end as usize;
+    Ok(match l.type_before {
+        // `timestamptz 'now'`: the whole typed literal becomes a CAST.
+        Some(type_loc) => Edit {
+            start: type_loc,
+            end,
+            text: format!(
+                "CAST(({}) AS {})",
+                l.expr,
+                sql.get(type_loc..l.loc)
+                    .ok_or_else(|| cannot_rewrite(l.expr))?
+                    .trim()
+            ),
+        },
+        None => Edit {
+            start: l.loc,
+            end,
+            text: format!("({})", l.expr),
+        },
+    })
+}
+
+/// Applies non-overlapping edits to `sql`, last first so earlier offsets stay valid.
+fn splice(sql: &str, mut edits: Vec<Edit>) -> Result<String, Refusal> {
+    edits.sort_by_key(|e| std::cmp::Reverse(e.start));
+    let mut out = sql.to_string();
+    for e in edits {
+        if e.end > out.len()
+            || e.start > e.end
+            || !out.is_char_boundary(e.start)
+            || !out.is_char_boundary(e.end)
+        {
+            return Err(cannot_rewrite(&e.text));
+        }
+        out.replace_range(e.start..e.end, &e.text);
+    }
+    Ok(out)
+}
+
+/// A bounded memo of [`prepare_write`] (a pure function of the SQL text): parsing is the most
+/// expensive part of accepting a write, and applications send the same statements again and
+/// again. Holds at most `PREPARED_MAX` statements of at most `PREPARED_SQL_BYTES_MAX` bytes;
+/// emptied when full.
+#[derive(Default)]
+pub struct PreparedWrites {
+    memo: std::sync::Mutex<std::collections::HashMap<String, Result<String, Refusal>>>,
+}
+
+const PREPARED_MAX: usize = 1024;
+const PREPARED_SQL_BYTES_MAX: usize = 4096;
+
+impl PreparedWrites {
+    /// [`prepare_write`], memoized.
+    pub fn prepare(&self, sql: &str) -> Result<String, Refusal> {
+        if sql.len() > PREPARED_SQL_BYTES_MAX {
+            return prepare_write(sql);
+        }
+        if let Some(hit) = self.memo.lock().unwrap_or_else(|p| p.into_inner()).get(sql) {
+            return hit.clone();
+        }
+        let result = prepare_write(sql);
+        let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        if memo.len() >= PREPARED_MAX {
+            memo.clear();
+        }
+        memo.insert(sql.to_string(), result.clone());
+        result
+    }
+}
+
+fn cannot_rewrite(what: &str) -> Refusal {
+    refuse(
+        FEATURE_NOT_SUPPORTED,
+        format!("raftpg could not rewrite {what} in this statement for deterministic replay; bind the value as a parameter"),
+    )
+}
+
+/// `VariableSetStmt` kinds (pg_query's protobuf numbering).
+const VAR_SET_VALUE: i64 = 1;
+const VAR_SET_DEFAULT: i64 = 2;
+const VAR_RESET: i64 = 5;
+const VAR_RESET_ALL: i64 = 6;
+
+/// Checks a `SET` (a statement's `SET LOCAL`, or a function's `SET` clause) against the
+/// settings a write may change (see `session_rules`). Whether a top-level `SET` is `LOCAL` is
+/// checked by [`check_statement_kind`].
+fn check_variable_set(node: &serde_json::Value) -> Result<(), Refusal> {
+    let kind = node.get("kind").and_then(|k| k.as_i64()).unwrap_or(0);
+    let name = node.get("name").and_then(|n| n.as_str()).unwrap_or("");
+    match kind {
+        VAR_SET_VALUE | VAR_SET_DEFAULT => match session_rules::set_local_refusal(name) {
+            None => Ok(()),
+            Some(why) => Err(refuse(FEATURE_NOT_SUPPORTED, why)),
+        },
+        // RESET is refused as session-level SET at the top level; in ALTER FUNCTION it only
+        // removes a function's own setting.
+        VAR_RESET | VAR_RESET_ALL => Ok(()),
+        _ => Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            "SET TRANSACTION, SET ... FROM CURRENT and similar forms are not allowed in a write: every write runs with the applier's fixed transaction settings",
+        )),
+    }
+}
+
+/// Procedural languages whose functions may read node-local state (files, environment,
+/// network) or load code from node-local files.
+fn node_local_language(lang: &str) -> bool {
+    let lang = lang.to_ascii_lowercase();
+    lang == "c" || lang == "internal" || (lang != "plpgsql" && lang.ends_with('u'))
+}
+
+/// The language named by `LANGUAGE x` among a CREATE FUNCTION's or DO's options.
+fn language_of(options: &[pg_query::protobuf::Node]) -> Option<String> {
+    options.iter().find_map(|o| match &o.node {
+        Some(NodeEnum::DefElem(d)) if d.defname == "language" => {
+            match d.arg.as_deref().and_then(|a| a.node.as_ref()) {
+                Some(NodeEnum::String(s)) => Some(s.sval.clone()),
+                _ => None,
+            }
+        }
+        _ => None,
+    })
+}
+
+/// Statement classes that cannot be replicated as statements.
+fn check_statement_kind(stmt: &NodeEnum) -> Result<(), Refusal> {
+    let why: Option<&str> = match stmt {
+        NodeEnum::TransactionStmt(_) => Some(
+            "explicit transaction control (BEGIN/COMMIT/ROLLBACK/SAVEPOINT) is not allowed: every request already runs as one atomic transaction",
+        ),
+        NodeEnum::VariableSetStmt(s) if !s.is_local => {
+            Some("session-level SET would leak into the shared applier session; use SET LOCAL inside the request")
+        }
+        NodeEnum::DiscardStmt(_) | NodeEnum::PrepareStmt(_) | NodeEnum::ExecuteStmt(_) | NodeEnum::DeallocateStmt(_) => {
+            Some("session state (PREPARE/EXECUTE/DISCARD) is not replicated; send the statement itself with bound parameters")
+        }
+        NodeEnum::ListenStmt(_) | NodeEnum::UnlistenStmt(_) => Some("LISTEN/UNLISTEN are session state and are not replicated"),
+        NodeEnum::NotifyStmt(_) => Some("NOTIFY would signal listeners of every node's PostgreSQL at a different moment; notify from the application after the write is acknowledged"),
+        NodeEnum::CreateEventTrigStmt(_) | NodeEnum::AlterEventTrigStmt(_) => {
+            Some("event triggers run on raftpg's own maintenance of each node; they are not supported")
+        }
+        NodeEnum::CreateFdwStmt(_) | NodeEnum::AlterFdwStmt(_) | NodeEnum::CreateForeignServerStmt(_)
+        | NodeEnum::AlterForeignServerStmt(_) | NodeEnum::CreateForeignTableStmt(_) | NodeEnum::ImportForeignSchemaStmt(_)
+        | NodeEnum::CreateUserMappingStmt(_) | NodeEnum::AlterUserMappingStmt(_) => {
+            Some("foreign data wrappers read data outside the replicated database, which differs between nodes")
+        }
+        NodeEnum::CreatePlangStmt(_) => Some("procedural languages are installed per node, not replicated"),
+        NodeEnum::CreateFunctionStmt(f) if language_of(&f.options).is_some_and(|l| node_local_language(&l)) => {
+            Some("functions in C, internal or untrusted languages can read node-local state; write functions in SQL or PL/pgSQL")
+        }
+        NodeEnum::DoStmt(d) if language_of(&d.args).is_some_and(|l| node_local_language(&l)) => {
+            Some("DO blocks in untrusted languages can read node-local state; use PL/pgSQL")
+        }
+        NodeEnum::DeclareCursorStmt(_) | NodeEnum::FetchStmt(_) | NodeEnum::ClosePortalStmt(_) => {
+            Some("cursors are session state; use a query through the read API")
+        }
+        NodeEnum::VacuumStmt(_) | NodeEnum::CheckPointStmt(_) => {
+            Some("VACUUM/ANALYZE/CHECKPOINT are maintenance each node runs on its own, not replicated writes")
+        }
+        NodeEnum::CreatedbStmt(_) | NodeEnum::DropdbStmt(_) | NodeEnum::AlterDatabaseStmt(_) | NodeEnum::AlterDatabaseSetStmt(_) => {
+            Some("databases are managed by raftpg; create schemas instead of databases")
+        }
+        NodeEnum::AlterSystemStmt(_) | NodeEnum::LoadStmt(_) => Some("node configuration is not replicated through SQL"),
+        NodeEnum::CreateTableSpaceStmt(_) | NodeEnum::DropTableSpaceStmt(_) => {
+            Some("tablespaces name node-local directories and are not supported")
+        }
+        NodeEnum::CopyStmt(_) => Some("COPY is not supported: send INSERT statements (several per request) instead"),
+        NodeEnum::IndexStmt(s) if s.concurrent => Some("CREATE INDEX CONCURRENTLY cannot run in a transaction; use CREATE INDEX"),
+        NodeEnum::ReindexStmt(_) => Some("REINDEX is node-local maintenance and is not replicated"),
+        NodeEnum::ClusterStmt(_) => Some("CLUSTER is node-local maintenance and is not replicated"),
+        NodeEnum::CreateStmt(s) if s.relation.as_ref().is_some_and(|r| r.relpersistence == "t") => {
+            Some("temporary tables are session state; use a regular table")
+        }
+        NodeEnum::CreateTableAsStmt(s) if s.into.as_ref().and_then(|i| i.rel.as_ref()).is_some_and(|r| r.relpersistence == "t") => {
+            Some("temporary tables are session state; use a regular table")
+        }
+        NodeEnum::SelectStmt(s) if s.into_clause.as_ref().and_then(|i| i.rel.as_ref()).is_some_and(|r| r.relpersistence == "t") => {
+            Some("temporary tables are session state; use a regular table")
+        }
+        NodeEnum::CreateSubscriptionStmt(_) | NodeEnum::CreatePublicationStmt(_) | NodeEnum::AlterSubscriptionStmt(_) => {
+            Some("logical replication objects are node-local")
+        }
+        NodeEnum::CreateRoleStmt(_) | NodeEnum::AlterRoleStmt(_) | NodeEnum::DropRoleStmt(_) | NodeEnum::AlterRoleSetStmt(_) => {
+            Some("roles are cluster-wide objects of each node's PostgreSQL, outside the replicated database")
+        }
+        _ => None,
+    };
+    match why {
+        Some(m) => Err(refuse(FEATURE_NOT_SUPPORTED, m)),
+        None => Ok(()),
+    }
+}
+
+/// Writes whose result depends on the physical order of rows (which differs between nodes).
+fn check_row_order(stmt: &NodeEnum, per_row_calls: bool) -> Result<(), Refusal> {
+    match stmt {
+        NodeEnum::InsertStmt(ins) => {
+            if let Some(NodeEnum::SelectStmt(sel)) = ins.select_stmt.as_deref().and_then(|n| n.node.as_ref()) {
+                let reads_rows = !sel.from_clause.is_empty() || sel.larg.is_some();
+                if reads_rows && sel.sort_clause.is_empty() {
+                    return Err(refuse(
+                        FEATURE_NOT_SUPPORTED,
+                        "INSERT ... SELECT without ORDER BY inserts rows in physical order, which differs between nodes (serial ids and defaults would differ); add an ORDER BY on a unique key",
+                    ));
+                }
+            }
+            Ok(())
+        }
+        NodeEnum::UpdateStmt(_) | NodeEnum::DeleteStmt(_) | NodeEnum::MergeStmt(_) if per_row_calls => Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            "random()/gen_random_uuid()/nextval() in UPDATE, DELETE or MERGE are evaluated per row in physical order, which differs between nodes; compute the values in the client or derive them from the row (e.g. md5(id::text))",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Function bodies and DO blocks are strings PostgreSQL parses later: refuse bodies that call
+/// per-node functions (raftpg's deterministic versions, `raftpg.now()` etc., are allowed).
+fn check_function_bodies(stmt: &NodeEnum) -> Result<(), Refusal> {
+    let options = match stmt {
+        NodeEnum::CreateFunctionStmt(f) => &f.options,
+        NodeEnum::DoStmt(d) => &d.args,
+        _ => return Ok(()),
+    };
+    for opt in options {
+        let Some(NodeEnum::DefElem(d)) = &opt.node else {
+            continue;
+        };
+        if d.defname != "as" {
+            continue;
+        }
+        let mut bodies = Vec::new();
+        match d.arg.as_deref().and_then(|a| a.node.as_ref()) {
+            Some(NodeEnum::String(s)) => bodies.push(s.sval.clone()),
+            Some(NodeEnum::List(l)) => {
+                bodies.extend(l.items.iter().filter_map(|i| match &i.node {
+                    Some(NodeEnum::String(s)) => Some(s.sval.clone()),
+                    _ => None,
+                }))
+            }
+            _ => {}
+        }
+        for body in bodies {
+            check_body(&body)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_body(body: &str) -> Result<(), Refusal> {
+    let Ok(scanned) = pg_query::scan(body) else {
+        return Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            "raftpg cannot read this function body to check that it is deterministic",
+        ));
+    };
+    let tokens = scanned.tokens;
+    let text = |i: usize| -> String {
+        tokens
+            .get(i)
+            .and_then(|t| body.get(t.start as usize..t.end as usize))
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    };
+    for i in 0..tokens.len() {
+        let word = text(i);
+        let keyword_time = matches!(
+            word.as_str(),
+            "current_timestamp" | "current_date" | "current_time" | "localtime" | "localtimestamp"
+        );
+        let call = text(i + 1) == "(";
+        let qualified_by_raftpg = i >= 2 && text(i - 1) == "." && text(i - 2) == "raftpg";
+        let named = NON_DETERMINISTIC_FUNCTIONS.contains(&word.as_str())
+            || REWRITTEN_FUNCTIONS.iter().any(|(f, _)| *f == word);
+        if keyword_time || (named && call && !qualified_by_raftpg) {
+            return Err(refuse(
+                FEATURE_NOT_SUPPORTED,
+                format!(
+                    "the function body uses {word}, which differs between nodes; functions must be deterministic: use raftpg.now(), raftpg.random() or raftpg.gen_random_uuid() inside function bodies"
+                ),
+            ));
+        }
+        if matches!(word.as_str(), "currval" | "lastval") && call {
+            return Err(refuse(
+                FEATURE_NOT_SUPPORTED,
+                format!("the function body uses {word}(), which depends on the applier session's history; use the value nextval() returned"),
+            ));
+        }
+        let statement_start = i == 0
+            || matches!(
+                text(i - 1).as_str(),
+                ";" | "begin" | "then" | "else" | "loop" | "$$"
+            );
+        let next = text(i + 1);
+        if (word == "set" && (statement_start || matches!(next.as_str(), "local" | "session")))
+            || (word == "reset" && statement_start)
+        {
+            return Err(refuse(
+                FEATURE_NOT_SUPPORTED,
+                "SET LOCAL / SET SESSION / RESET inside a function body would change the applier's session for later writes; give the function a SET clause instead (CREATE FUNCTION ... SET work_mem = '64MB')",
+            ));
+        }
+        if word == RAFTPG_SCHEMA && next == "." && !RAFTPG_CALLABLE.contains(&text(i + 2).as_str())
+        {
+            return Err(raftpg_reference());
+        }
+        if let Some(inner) = word.strip_prefix('\'').and_then(|w| w.strip_suffix('\'')) {
+            let value = inner.replace("''", "'");
+            // Dynamic SQL that changes the session: EXECUTE 'SET ...', format('SET %s ...').
+            if looks_like_set_statement(&value) || value.contains("set_config") {
+                return Err(refuse(
+                    FEATURE_NOT_SUPPORTED,
+                    "dynamic SQL that changes settings (EXECUTE 'SET ...') inside a function body would change the applier's session for later writes; give the function a SET clause instead",
+                ));
+            }
+            if time_literals::is_time_string(&value) {
+                return Err(refuse(
+                    FEATURE_NOT_SUPPORTED,
+                    time_literals::refusal_message(&value),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The settings a write statement changes with `SET LOCAL`, as quoted identifiers ready for
+/// `SET LOCAL <name> TO DEFAULT` (used by the applier to undo them at the write's end; see
+/// session_rules). Empty for any other statement.
+pub fn settings_set_by(sql: &str) -> Vec<String> {
+    let Ok(NodeEnum::VariableSetStmt(s)) = parse_one(sql) else {
+        return Vec::new();
+    };
+    if !s.is_local || s.name.is_empty() {
+        return Vec::new();
+    }
+    let quoted = s
+        .name
+        .split('.')
+        .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".");
+    vec![quoted]
+}
+
+/// The extension (and version, if named) a `CREATE EXTENSION` or `ALTER EXTENSION ... UPDATE`
+/// statement needs installed: the leader refuses the write if its own PostgreSQL lacks it (a
+/// node that lacks it while applying waits, see `apply::applier::classify`).
+pub fn extension_required(sql: &str) -> Option<(String, Option<String>)> {
+    let (name, options) = match parse_one(sql).ok()? {
+        NodeEnum::CreateExtensionStmt(s) => (s.extname, s.options),
+        NodeEnum::AlterExtensionStmt(s) => (s.extname, s.options),
+        _ => return None,
+    };
+    let version = options.iter().find_map(|o| match &o.node {
+        Some(NodeEnum::DefElem(d)) if d.defname == "new_version" => {
+            match d.arg.as_deref().and_then(|a| a.node.as_ref()) {
+                Some(NodeEnum::String(v)) => Some(v.sval.clone()),
+                _ => None,
+            }
+        }
+        _ => None,
+    });
+    Some((name, version))
+}
+
+/// Whether a string (lower case) reads as a `SET`/`RESET` command: `set [local|session] <name>
+/// =|to ...` or `reset <name>` — dynamic SQL built from it would change the applier's session.
+fn looks_like_set_statement(s: &str) -> bool {
+    let mut words = s.split_whitespace();
+    match words.next() {
+        Some("reset") => words.next().is_some(),
+        Some("set") => {
+            let mut name = words.next();
+            if matches!(name, Some("local" | "session")) {
+                name = words.next();
+            }
+            match name {
+                Some(n) if n.contains('=') => true,
+                Some(_) => words
+                    .next()
+                    .is_some_and(|w| w.starts_with('=') || w == "to"),
+                None => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// Checks the SQL of a read: only queries are allowed.
+pub fn check_read(sql: &str) -> Result<(), Refusal> {
+    let stmt = parse_one(sql)?;
+    let ok = match &stmt {
+        NodeEnum::SelectStmt(s) => s.into_clause.is_none() && s.locking_clause.is_empty(),
+        NodeEnum::ExplainStmt(s) => !s.options.iter().any(|o| {
+            matches!(&o.node, Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case("analyze"))
+        }),
+        NodeEnum::VariableShowStmt(_) => true,
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(refuse(
+            READ_ONLY,
+            "the read API runs queries only (SELECT, VALUES, TABLE, WITH ... SELECT, EXPLAIN, SHOW) without FOR UPDATE/SHARE or INTO; send writes to Write.Execute",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_write(sql: &str) -> Result<(), Refusal> {
+        prepare_write(sql).map(|_| ())
+    }
+
+    #[test]
+    fn rewrites_time_and_randomness() {
+        assert_eq!(
+            prepare_write("INSERT INTO t VALUES (now())").unwrap(),
+            "INSERT INTO t VALUES (raftpg.now())"
+        );
+        assert_eq!(
+            prepare_write(
+                "INSERT INTO t VALUES (pg_catalog.NOW(), CURRENT_TIMESTAMP, current_date, 'now()')"
+            )
+            .unwrap(),
+            "INSERT INTO t VALUES (raftpg.now(), raftpg.now(), raftpg.current_date(), 'now()')"
+        );
+        assert_eq!(
+            prepare_write("CREATE TABLE e (at timestamptz DEFAULT clock_timestamp(), id uuid DEFAULT gen_random_uuid())").unwrap(),
+            "CREATE TABLE e (at timestamptz DEFAULT raftpg.now(), id uuid DEFAULT raftpg.gen_random_uuid())"
+        );
+        assert_eq!(
+            prepare_write("SELECT raftpg.random()").unwrap(),
+            "SELECT raftpg.random()"
+        );
+        assert_eq!(
+            prepare_write("INSERT INTO t SELECT random() FROM generate_series(1, 3) g ORDER BY g")
+                .unwrap(),
+            "INSERT INTO t SELECT raftpg.random() FROM generate_series(1, 3) g ORDER BY g"
+        );
+    }
+
+    #[test]
+    fn writes() {
+        assert!(check_write("INSERT INTO t VALUES (1)").is_ok());
+        assert!(check_write("CREATE TABLE t (id serial primary key)").is_ok());
+        assert!(check_write("SET LOCAL work_mem = '64MB'").is_ok());
+        assert_eq!(
+            check_write("INSRT INTO t").unwrap_err().sqlstate,
+            SYNTAX_ERROR
+        );
+        assert_eq!(
+            check_write("BEGIN").unwrap_err().sqlstate,
+            FEATURE_NOT_SUPPORTED
+        );
+        assert_eq!(
+            check_write("COMMIT").unwrap_err().sqlstate,
+            FEATURE_NOT_SUPPORTED
+        );
+        assert_eq!(
+            check_write("SET work_mem = '1MB'").unwrap_err().sqlstate,
+            FEATURE_NOT_SUPPORTED
+        );
+        assert_eq!(
+            check_write("VACUUM t").unwrap_err().sqlstate,
+            FEATURE_NOT_SUPPORTED
+        );
+        assert_eq!(
+            check_write("CREATE TEMP TABLE x (a int)")
+                .unwrap_err()
+                .sqlstate,
+            FEATURE_NOT_SUPPORTED
+        );
+        assert_eq!(
+            check_write("CREATE INDEX CONCURRENTLY i ON t (a)")
+                .unwrap_err()
+                .sqlstate,
+            FEATURE_NOT_SUPPORTED
+        );
+        assert_eq!(
+            check_write("SELECT 1; SELECT 2").unwrap_err().sqlstate,
+            SYNTAX_ERROR
+        );
+        assert_eq!(
+            check_write("UPDATE raftpg.applied SET log_index = 0")
+                .unwrap_err()
+                .sqlstate,
+            INSUFFICIENT_PRIVILEGE
+        );
+    }
+
+    #[test]
+    fn refuses_what_would_diverge() {
+        for sql in [
+            "SELECT pg_advisory_lock(1)",
+            "INSERT INTO t VALUES (txid_current())",
+            "UPDATE t SET r = random()",
+            "UPDATE t SET id = nextval('s') WHERE id < 0",
+            "INSERT INTO t VALUES (CURRENT_TIMESTAMP(3))",
+            "INSERT INTO t SELECT * FROM u",
+            "DELETE FROM t WHERE id IN (SELECT id FROM t LIMIT 3)",
+            "DELETE FROM a USING a AS a2 TABLESAMPLE BERNOULLI (50) WHERE a.id = a2.id",
+            "INSERT INTO t SELECT * FROM u TABLESAMPLE SYSTEM (10) REPEATABLE (1) ORDER BY id",
+            "CREATE SEQUENCE s CACHE 20",
+            "CREATE TABLE i (id int GENERATED ALWAYS AS IDENTITY (CACHE 5))",
+            "CREATE FUNCTION f() RETURNS timestamptz LANGUAGE sql AS $$ SELECT now() $$",
+            "CREATE FUNCTION g() RETURNS int LANGUAGE plpgsql AS $$ BEGIN RETURN pg_backend_pid(); END $$",
+            "DO $$ BEGIN PERFORM random(); END $$",
+        ] {
+            assert_eq!(check_write(sql).err().map(|r| r.sqlstate), Some(FEATURE_NOT_SUPPORTED), "{sql}");
+        }
+        assert!(check_write("INSERT INTO t VALUES (nextval('s'))").is_ok());
+        assert!(check_write("INSERT INTO t SELECT * FROM u ORDER BY id").is_ok());
+        assert!(check_write("INSERT INTO t SELECT 1, 2").is_ok());
+        assert!(check_write("UPDATE t SET v = v + 1 WHERE id = $1").is_ok());
+        assert!(check_write(
+            "CREATE FUNCTION f() RETURNS timestamptz LANGUAGE sql AS $$ SELECT raftpg.now() $$"
+        )
+        .is_ok());
+        assert!(check_write("CREATE SEQUENCE s CACHE 1").is_ok());
+        assert_eq!(
+            check_write("UPDATE t SET r = raftpg.random()")
+                .unwrap_err()
+                .sqlstate,
+            FEATURE_NOT_SUPPORTED
+        );
+        assert_eq!(
+            check_write("INSERT INTO t VALUES ((SELECT log_index FROM raftpg.applied))")
+                .unwrap_err()
+                .sqlstate,
+            INSUFFICIENT_PRIVILEGE
+        );
+    }
+
+    #[test]
+    fn raftpg_bookkeeping_is_out_of_reach() {
+        for sql in [
+            "DROP SCHEMA raftpg CASCADE",
+            "DROP SCHEMA public, raftpg",
+            "ALTER SCHEMA raftpg RENAME TO x",
+            "CREATE TABLE raftpg.x (a int)",
+            "ALTER TABLE t SET SCHEMA raftpg",
+            "GRANT ALL ON SCHEMA raftpg TO bob",
+            "GRANT SELECT ON t TO raftpg_reader",
+            "ALTER TABLE t OWNER TO raftpg",
+            "DROP OWNED BY raftpg_reader",
+            "REVOKE ALL ON ALL TABLES IN SCHEMA raftpg FROM PUBLIC",
+            "ALTER FUNCTION raftpg.now() RENAME TO x",
+            "DROP FUNCTION raftpg.random()",
+            "CREATE OR REPLACE FUNCTION raftpg.now() RETURNS timestamptz LANGUAGE sql AS $$ SELECT 'epoch'::timestamptz $$",
+            "SELECT raftpg.begin_entry('1', '1', NULL, NULL, 0)",
+            "SELECT pg_relation_size('raftpg.applied')",
+            "SET LOCAL search_path = app, raftpg",
+            "SET LOCAL search_path = 'raftpg'",
+            "SET LOCAL search_path = \"$user\", public",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path = '$user' AS $$ SELECT 1 $$",
+            "TRUNCATE raftpg.requests",
+            "COMMENT ON SCHEMA raftpg IS 'x'",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $$ DELETE FROM raftpg.requests $$",
+        ] {
+            assert_eq!(check_write(sql).err().map(|r| r.sqlstate), Some(INSUFFICIENT_PRIVILEGE), "{sql}");
+        }
+        assert!(
+            check_write("INSERT INTO t VALUES (raftpg.now(), raftpg.gen_random_uuid())").is_ok()
+        );
+        assert!(check_write("CREATE TABLE t (at timestamptz DEFAULT raftpg.now())").is_ok());
+        assert!(check_write("INSERT INTO t (url) VALUES ('https://raftpg.io')").is_ok());
+    }
+
+    #[test]
+    fn set_local_only_for_reviewed_settings() {
+        for sql in [
+            "SET LOCAL work_mem = '64MB'",
+            "SET LOCAL enable_seqscan = off",
+            "SET LOCAL search_path = app, public",
+            "SET LOCAL TIME ZONE 'Europe/Paris'",
+            "SET LOCAL myapp.tenant = '7'",
+            "SET LOCAL work_mem TO DEFAULT",
+            "SET CONSTRAINTS ALL DEFERRED",
+            "CREATE FUNCTION g() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN UPDATE t SET a = 1; NEW.b := 'set me'; RETURN NEW; END $$",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET work_mem = '8MB' AS $$ SELECT 1 $$",
+        ] {
+            assert!(check_write(sql).is_ok(), "{sql}");
+        }
+        for sql in [
+            "SET LOCAL statement_timeout = 1",
+            "SET LOCAL lock_timeout = '1ms'",
+            "SET LOCAL ROLE pg_read_all_data",
+            "SET LOCAL SESSION AUTHORIZATION bob",
+            "SET LOCAL transaction_read_only = on",
+            "SET LOCAL TRANSACTION READ ONLY",
+            "SET LOCAL session_replication_role = replica",
+            "SET LOCAL raftpg.seed = '1'",
+            "SET LOCAL lc_monetary = 'de_DE.UTF-8'",
+            "RESET work_mem",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET statement_timeout = 1 AS $$ SELECT 1 $$",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN SET LOCAL work_mem = '1MB'; END $$",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN RESET ALL; END $$",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN SET search_path = x; END $$",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'SET TimeZone = ' || quote_literal('UTC'); END $$",
+            "DO $$ BEGIN EXECUTE format('SET LOCAL %s = %L', 'work_mem', '1MB'); END $$",
+            "NOTIFY games",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE c AS 'lib', 'f'",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE plpython3u AS $$ return 1 $$",
+        ] {
+            assert_eq!(check_write(sql).err().map(|r| r.sqlstate), Some(FEATURE_NOT_SUPPORTED), "{sql}");
+        }
+    }
+
+    #[test]
+    fn time_strings() {
+        assert_eq!(
+            prepare_write("INSERT INTO ev (at, d) VALUES ('now'::timestamptz, CAST('today' AS date))").unwrap(),
+            "INSERT INTO ev (at, d) VALUES ((raftpg.now())::timestamptz, CAST((date_trunc('day', raftpg.now())) AS date))"
+        );
+        assert_eq!(
+            prepare_write("UPDATE ev SET at = timestamptz 'tomorrow' WHERE id = 1").unwrap(),
+            "UPDATE ev SET at = CAST(((date_trunc('day', raftpg.now()) + interval '1 day')) AS timestamptz) WHERE id = 1"
+        );
+        assert_eq!(
+            prepare_write("DELETE FROM ev WHERE at < 'yesterday'::timestamp(0)").unwrap(),
+            "DELETE FROM ev WHERE at < ((date_trunc('day', raftpg.now()) - interval '1 day'))::timestamp(0)"
+        );
+        for sql in [
+            "INSERT INTO ev (at, d) VALUES ('now', 'today')",
+            "INSERT INTO ev (at) VALUES ('tomorrow 10:00'::timestamptz)",
+            "UPDATE ev SET at = 'NOW' WHERE id = 1",
+            "INSERT INTO ev (ats) VALUES ('{now}'::timestamptz[])",
+            "INSERT INTO ev (at) VALUES ('now'::text::timestamptz)",
+            "CREATE TABLE ev (at timestamptz DEFAULT 'now')",
+            "CREATE TABLE ev (at timestamptz DEFAULT 'now'::timestamptz)",
+            "CREATE VIEW v AS SELECT 'today'::date AS d",
+            "CREATE FUNCTION f() RETURNS date LANGUAGE sql AS $$ SELECT 'today'::date $$",
+        ] {
+            assert_eq!(
+                check_write(sql).err().map(|r| r.sqlstate),
+                Some(FEATURE_NOT_SUPPORTED),
+                "{sql}"
+            );
+        }
+        assert!(check_write("INSERT INTO msg (body) VALUES ('see you tomorrow')").is_ok());
+        assert!(check_write("INSERT INTO ev (at) VALUES ('2026-01-01'::timestamptz)").is_ok());
+    }
+
+    #[test]
+    fn extensions_named() {
+        assert_eq!(
+            extension_required("CREATE EXTENSION IF NOT EXISTS pgcrypto"),
+            Some(("pgcrypto".into(), None))
+        );
+        assert_eq!(
+            extension_required("ALTER EXTENSION hstore UPDATE TO '1.8'"),
+            Some(("hstore".into(), Some("1.8".into())))
+        );
+        assert_eq!(extension_required("CREATE TABLE t (a int)"), None);
+    }
+
+    #[test]
+    fn currval_only_in_queries() {
+        assert!(check_write("INSERT INTO t (parent) VALUES (currval('p_id_seq'))").is_ok());
+        assert!(check_write("SELECT lastval()").is_ok());
+        for sql in [
+            "CREATE TABLE t (a bigint DEFAULT currval('s'))",
+            "CREATE VIEW v AS SELECT lastval()",
+            "CREATE FUNCTION f() RETURNS bigint LANGUAGE sql AS $$ SELECT currval('s') $$",
+        ] {
+            assert_eq!(
+                check_write(sql).err().map(|r| r.sqlstate),
+                Some(FEATURE_NOT_SUPPORTED),
+                "{sql}"
+            );
+        }
+    }
+
+    #[test]
+    fn reads() {
+        assert!(check_read("SELECT * FROM t WHERE id = $1").is_ok());
+        assert!(check_read("WITH x AS (SELECT 1) SELECT * FROM x").is_ok());
+        assert!(check_read("SHOW server_version").is_ok());
+        assert_eq!(
+            check_read("INSERT INTO t VALUES (1)").unwrap_err().sqlstate,
+            READ_ONLY
+        );
+        assert_eq!(
+            check_read("SELECT * FROM t FOR UPDATE")
+                .unwrap_err()
+                .sqlstate,
+            READ_ONLY
+        );
+        assert_eq!(
+            check_read("SET statement_timeout = 1")
+                .unwrap_err()
+                .sqlstate,
+            READ_ONLY
+        );
+        assert_eq!(
+            check_read("EXPLAIN ANALYZE DELETE FROM t")
+                .unwrap_err()
+                .sqlstate,
+            READ_ONLY
+        );
+    }
+}

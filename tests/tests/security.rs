@@ -1,0 +1,216 @@
+//! The trust boundary between nodes (issue 16). With `--tls-dir`, a node accepts peer RPCs
+//! (Raft's AppendEntries/Vote/InstallSnapshot, StartElection, ReadIndex, Retire,
+//! TableChecksums) only from a node certificate of the cluster CA that names a current member
+//! and the node the message claims to come from. The attack from the issue — a hand-made
+//! AppendEntries at term 1000 from an invented leader, carrying `DELETE FROM players` — is
+//! refused whatever certificate the stranger holds, and no node changes: no term, no entry, no
+//! row. A removed node's certificate is refused from then on.
+
+use std::time::Duration;
+
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::{CommittedLeaderId, EntryPayload, Vote};
+use raftpg_client::v1::raft_client::RaftClient;
+use raftpg_client::v1::{Consistency, RaftMessage};
+use raftpg_node::command::{Command, SqlStatement, TypeConfig, WriteCommand};
+use testkit::start_cluster;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::Code;
+
+/// A certificate file and its key file, in the certificates' directory.
+type KeyPair<'a> = (&'a str, &'a str);
+
+/// A Raft client of node `addr` over TLS that trusts the cluster CA in `certs` and presents
+/// `identity` (certificate and key file names in `certs`), or nothing.
+async fn raft_client(
+    certs: &std::path::Path,
+    addr: &str,
+    identity: Option<KeyPair<'_>>,
+) -> RaftClient<tonic::transport::Channel> {
+    let read = |f: &str| std::fs::read_to_string(certs.join(f)).expect("a certificate file");
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca.crt")));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(read(cert), read(key)));
+    }
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .expect("an address")
+        .tls_config(tls)
+        .expect("TLS settings")
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .expect("a TLS connection (the certificate is checked per RPC)");
+    RaftClient::new(channel)
+}
+
+/// The attack: AppendEntries at term 1000 from "node 99", with one entry deleting every row.
+fn attack() -> RaftMessage {
+    append_entries_from(99)
+}
+
+/// AppendEntries at term 1000 from `node`, with one entry (`DELETE FROM players`) at index 1
+/// after no previous entry: malformed (a correct leader would send index 0).
+fn append_entries_from(node: u64) -> RaftMessage {
+    let leader = CommittedLeaderId::new(1000, node);
+    let entry = openraft::Entry::<TypeConfig> {
+        log_id: openraft::LogId::new(leader, 1),
+        payload: EntryPayload::Normal(Command::Sql(WriteCommand {
+            statements: vec![SqlStatement {
+                sql: "DELETE FROM players".into(),
+                params: vec![],
+            }],
+            leader_ts_micros: 1,
+            seed: 1,
+            request_id: None,
+        })),
+    };
+    let rpc = AppendEntriesRequest::<TypeConfig> {
+        vote: Vote::new_committed(1000, node),
+        prev_log_id: None,
+        entries: vec![entry],
+        leader_commit: Some(openraft::LogId::new(leader, 1)),
+    };
+    RaftMessage {
+        payload: serde_json::to_vec(&rpc).expect("json"),
+        data: Vec::new(),
+    }
+}
+
+/// A vote request from candidate `id` at term 1000.
+fn vote_from(id: u64) -> RaftMessage {
+    let rpc = VoteRequest::<u64> {
+        vote: Vote::new(1000, id),
+        last_log_id: None,
+    };
+    RaftMessage {
+        payload: serde_json::to_vec(&rpc).expect("json"),
+        data: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_member_nodes_speak_for_themselves() {
+    let tc = start_cluster("peer_tls", 112, 3).await.unwrap();
+    let c = &tc.client;
+    c.execute_one("CREATE TABLE players (id int PRIMARY KEY)", vec![])
+        .await
+        .unwrap();
+    c.execute_one("INSERT INTO players SELECT generate_series(1, 9)", vec![])
+        .await
+        .unwrap();
+    // A write through a follower travels to the leader over the nodes' mutual TLS.
+    let (_, follower) = tc.leader_and_follower().await;
+    tc.node_client(follower)
+        .execute_one("INSERT INTO players VALUES (10)", vec![])
+        .await
+        .unwrap();
+    let terms = |statuses: Vec<Result<raftpg_client::v1::StatusResponse, _>>| -> Vec<u64> {
+        statuses.into_iter().map(|s| s.unwrap().term).collect()
+    };
+    let terms_before = terms(c.status_all().await);
+
+    let certs = tc.certs().unwrap().to_path_buf();
+    raftpg_client::cert::issue_node(&certs, 9, &["127.0.112.19".to_string()], 825, false).unwrap();
+    let strangers: [(&str, Option<KeyPair>, Code); 4] = [
+        ("no certificate", None, Code::Unauthenticated),
+        (
+            "a client certificate",
+            Some(("client-admin.crt", "client-admin.key")),
+            Code::Unauthenticated,
+        ),
+        (
+            "node 2's certificate claiming node 99",
+            Some(("node-2.crt", "node-2.key")),
+            Code::PermissionDenied,
+        ),
+        (
+            "the certificate of node 9, not a member",
+            Some(("node-9.crt", "node-9.key")),
+            Code::PermissionDenied,
+        ),
+    ];
+    for (who, identity, code) in strangers {
+        for id in 1..=3 {
+            let mut raft = raft_client(&certs, &tc.addr_of(id), identity).await;
+            let e = raft.append_entries(attack()).await.unwrap_err();
+            assert_eq!(e.code(), code, "{who} to node {id}: {e}");
+            let e = raft.vote(vote_from(99)).await.unwrap_err();
+            assert_eq!(e.code(), code, "{who}, a vote, to node {id}: {e}");
+        }
+    }
+    // A member's malformed message is refused before it reaches Raft (openraft 0.9 would stop
+    // on it).
+    let mut raft = raft_client(&certs, &tc.addr_of(1), Some(("node-2.crt", "node-2.key"))).await;
+    let e = raft
+        .append_entries(append_entries_from(2))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    // A member cannot vote in another's name.
+    let mut raft = raft_client(&certs, &tc.addr_of(1), Some(("node-2.crt", "node-2.key"))).await;
+    let e = raft.vote(vote_from(3)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    // Plaintext does not even reach the RPCs.
+    let plain = Endpoint::from_shared(format!("http://{}", tc.addr_of(1)))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await;
+    if let Ok(channel) = plain {
+        let e = RaftClient::new(channel)
+            .append_entries(attack())
+            .await
+            .unwrap_err();
+        assert_ne!(e.code(), Code::Ok, "{e}");
+    }
+
+    // Nothing changed: same terms, every row on every node.
+    assert_eq!(terms(c.status_all().await), terms_before);
+    for id in 1..=3 {
+        let r = tc
+            .node_client(id)
+            .query_sql(
+                "SELECT count(*) FROM players",
+                vec![],
+                Consistency::Linearizable,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            format!("{:?}", r.rows[0].values[0].kind),
+            "Some(Int64(10))",
+            "node {id}"
+        );
+    }
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+
+    // A removed node's certificate is refused from then on.
+    c.remove(&[3]).await.unwrap();
+    let mut raft = raft_client(&certs, &tc.addr_of(1), Some(("node-3.crt", "node-3.key"))).await;
+    let e = raft.vote(vote_from(3)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    c.execute_one("INSERT INTO players VALUES (11)", vec![])
+        .await
+        .unwrap();
+}
+
+/// Secure by default: a node given neither `--tls-dir` nor `--insecure` refuses to start, and
+/// says how to make the certificates.
+#[test]
+fn a_node_without_certificates_refuses_to_start() {
+    let dir = std::env::temp_dir().join("raftpg-no-certs");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = std::process::Command::new(raftpg_client::local_cluster::default_node_bin())
+        .args(["--id", "1", "--data-dir"])
+        .arg(&dir)
+        .args(["--listen", "127.0.112.30:17112"])
+        .env_remove("RAFTPG_TLS_DIR")
+        .env_remove("RAFTPG_INSECURE")
+        .output()
+        .expect("the node binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("no --tls-dir"), "{stderr}");
+    assert!(stderr.contains("raftpg cert cluster"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
