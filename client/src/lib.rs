@@ -218,13 +218,26 @@ impl Client {
         &self.addrs
     }
 
-    fn learn_leader(&self, s: &Status, tried: usize) {
+    /// Picks the node for the next attempt of a call after node `tried` failed with `s`: the
+    /// leader it names if this call has not tried that node yet, else the next node this call
+    /// has not tried (all tried: start over). Two nodes that name each other (removed nodes
+    /// with a stale view, say) cannot keep the call away from the others.
+    fn next_node(&self, s: Option<&Status>, tried: usize, visited: &mut [bool]) {
+        let n = self.addrs.len();
         let hinted = s
-            .metadata()
-            .get(raftpg_proto::LEADER_ADDR_METADATA)
+            .and_then(|s| s.metadata().get(raftpg_proto::LEADER_ADDR_METADATA))
             .and_then(|v| v.to_str().ok())
-            .and_then(|addr| self.addrs.iter().position(|a| a == addr));
-        let next = hinted.unwrap_or((tried + 1) % self.addrs.len());
+            .and_then(|addr| self.addrs.iter().position(|a| a == addr))
+            .filter(|h| !visited[*h]);
+        let next = hinted.unwrap_or_else(|| {
+            (1..=n)
+                .map(|k| (tried + k) % n)
+                .find(|j| !visited[*j])
+                .unwrap_or_else(|| {
+                    visited.fill(false);
+                    (tried + 1) % n
+                })
+        });
         self.preferred.store(next, Ordering::Relaxed);
     }
 
@@ -245,8 +258,10 @@ impl Client {
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
         let mut attempt = 0;
+        let mut visited = vec![false; self.channels.len()];
         loop {
             let i = self.preferred.load(Ordering::Relaxed) % self.channels.len();
+            visited[i] = true;
             match call(i).await {
                 Ok(r) => return Ok(r),
                 Err(e) => {
@@ -254,9 +269,7 @@ impl Client {
                     if !retry(&e) || attempt >= self.config.attempts_max {
                         return Err(e);
                     }
-                    if let Some(s) = e.status() {
-                        self.learn_leader(s, i);
-                    }
+                    self.next_node(e.status(), i, &mut visited);
                     self.backoff(attempt).await;
                 }
             }

@@ -2,8 +2,9 @@
 //!
 //! Owns the node child processes: starts them with the same `--peers` list, kills them
 //! (SIGKILL, for fault tests), stops them (SIGTERM), restarts them, and on drop stops every node
-//! and any PostgreSQL a killed node left behind. Node `i` (1-based) listens on
-//! `<host_i>:<port_i>` and keeps its data in `<data_dir>/node<i>`; its log is `node<i>.log`.
+//! and any PostgreSQL a killed node left behind. Node `i` (1-based) serves clients on
+//! `<host_i>:<port_i>` and its peers on `<host_i>:<port_i + 1000>` ([`peer_addr_of`]), and
+//! keeps its data in `<data_dir>/node<i>`; its log is `node<i>.log`.
 //!
 //! Secure by default: the cluster's certificates (`raftpg cert`: a CA, a certificate per node,
 //! a client certificate `admin`) are made in `<data_dir>/certs` and every node gets
@@ -57,6 +58,21 @@ fn certs_dir(spec: &LocalClusterSpec) -> PathBuf {
     spec.data_dir.join("certs")
 }
 
+/// How far above a node's client port its peer port is (the node's own default).
+pub const PEER_PORT_OFFSET: u16 = 1000;
+
+/// The peer address of the node whose client address is `addr` (same host, port +
+/// [`PEER_PORT_OFFSET`]).
+pub fn peer_addr_of(addr: &str) -> String {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => match port.parse::<u16>() {
+            Ok(p) => format!("{host}:{}", p.saturating_add(PEER_PORT_OFFSET)),
+            Err(_) => addr.to_string(),
+        },
+        None => addr.to_string(),
+    }
+}
+
 /// The host part of `host:port` (brackets of an IPv6 literal removed).
 fn host_of(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
@@ -96,7 +112,7 @@ pub fn postgres_bin_dir() -> Option<PathBuf> {
 pub struct LocalNode {
     /// Node id (1-based).
     pub id: u64,
-    /// gRPC address.
+    /// Client address.
     pub addr: String,
     /// Data directory.
     pub data_dir: PathBuf,
@@ -110,6 +126,11 @@ pub struct LocalNode {
 }
 
 impl LocalNode {
+    /// Peer address.
+    pub fn peer_addr(&self) -> String {
+        peer_addr_of(&self.addr)
+    }
+
     /// Directory of the node's PostgreSQL Unix socket.
     pub fn pg_socket_dir(&self) -> PathBuf {
         self.data_dir.join("postgres").join("run")
@@ -217,12 +238,12 @@ impl LocalCluster {
         self.client_of(&self.addrs())
     }
 
-    /// The `--peers` value (the founding members).
+    /// The `--peers` value (the founding members' peer addresses).
     pub fn peers_arg(&self) -> String {
         self.nodes
             .iter()
             .take(self.spec.nodes)
-            .map(|n| format!("{}={}", n.id, n.addr))
+            .map(|n| format!("{}={}", n.id, n.peer_addr()))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -246,8 +267,9 @@ impl LocalCluster {
         &mut self.nodes[(id - 1) as usize]
     }
 
-    /// Adds node `id` at `addr` to this process set and starts it with `--join` (it waits to
-    /// be added to the cluster with `Cluster.AddLearner`). Its data directory is wiped first.
+    /// Adds node `id` at client address `addr` to this process set and starts it with `--join`
+    /// (it waits to be added to the cluster with `Cluster.AddLearner` at its peer address,
+    /// [`peer_addr_of`]). Its data directory is wiped first.
     pub fn start_joining_node(&mut self, id: u64, addr: &str) -> std::io::Result<()> {
         let data_dir = self.spec.data_dir.join(format!("node{id}"));
         self.ensure_slot(id);
@@ -343,6 +365,8 @@ impl LocalCluster {
             .arg(&node.data_dir)
             .arg("--listen")
             .arg(&node.addr)
+            .arg("--peer-listen")
+            .arg(peer_addr_of(&node.addr))
             .args(if node.joining {
                 vec!["--join".to_string()]
             } else {

@@ -719,7 +719,8 @@ impl Nemesis {
                         self.cluster.kill_node(*id);
                         self.cluster.start_joining_node(*id, &addr)?;
                     }
-                    if let Err(e) = self.admin.add_learner(*id, &addr, true).await {
+                    let peer = raftpg_client::local_cluster::peer_addr_of(&addr);
+                    if let Err(e) = self.admin.add_learner(*id, &peer, true).await {
                         eprintln!("nemesis: add learner {id} (attempt {attempt}): {e}");
                         continue;
                     }

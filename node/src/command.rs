@@ -13,7 +13,7 @@ openraft::declare_raft_types!(
         D = Command,
         R = ApplyOutcome,
         NodeId = u64,
-        Node = openraft::BasicNode,
+        Node = NodeAddr,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
@@ -28,7 +28,41 @@ pub type Raft = openraft::Raft<TypeConfig>;
 /// Raft log entry type.
 pub type Entry = openraft::Entry<TypeConfig>;
 /// Stored membership type.
-pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, NodeAddr>;
+
+/// How a member is reached: what the membership stores for each node.
+///
+/// `peer` is the address of the node's peer port (Raft, snapshots, forwarded requests; only
+/// for other nodes) and is what Raft replicates to. `client` is the address of its client
+/// port (what leader hints send clients to); empty until the node published it (a node
+/// publishes its `--advertise` address once it is a member, see `service::publish`).
+/// Membership written before the peer port existed (`{"addr": …}`) reads as `peer`, with the
+/// client address unknown until published.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeAddr {
+    /// The peer port's address, `host:port`.
+    #[serde(alias = "addr")]
+    pub peer: String,
+    /// The client port's address, `host:port`, or empty while unknown.
+    #[serde(default)]
+    pub client: String,
+}
+
+impl NodeAddr {
+    /// A node reached at `peer`, its client address not known yet.
+    pub fn peer_only(peer: impl Into<String>) -> Self {
+        NodeAddr {
+            peer: peer.into(),
+            client: String::new(),
+        }
+    }
+}
+
+impl std::fmt::Display for NodeAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "peer {} client {}", self.peer, self.client)
+    }
+}
 
 /// One typed SQL value, as bound into a statement or read from a result.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -20,13 +20,27 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_DATA_DIR")]
     pub data_dir: PathBuf,
 
-    /// Address the gRPC server listens on (public API and Raft). Default: 127.0.0.1:(7000 + id).
+    /// Address of the client port: the Write, Read and Cluster APIs for applications and
+    /// operators. Default: 127.0.0.1:(7000 + id).
     #[arg(long, env = "RAFTPG_LISTEN")]
     pub listen: Option<SocketAddr>,
 
-    /// Address other nodes and clients use to reach this node. Default: the listen address.
+    /// Address clients use to reach the client port (what leader hints name). Default: the
+    /// listen address.
     #[arg(long, env = "RAFTPG_ADVERTISE")]
     pub advertise: Option<String>,
+
+    /// Address of the peer port: everything node-to-node (Raft, snapshots, read index,
+    /// forwarded requests). Only other nodes need to reach it; with TLS it accepts only node
+    /// certificates of the cluster's members. Default: the listen address's IP, port + 1000
+    /// (127.0.0.1:(8000 + id) by default).
+    #[arg(long, env = "RAFTPG_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+
+    /// Address other nodes use to reach the peer port (what the membership stores). Default:
+    /// the host of --advertise with the peer port's port.
+    #[arg(long, env = "RAFTPG_PEER_ADVERTISE")]
+    pub peer_advertise: Option<String>,
 
     /// Directory with the cluster's certificates (`raftpg cert`): `ca.crt`, `node-<id>.crt`,
     /// `node-<id>.key`. With it the node serves TLS, accepts peer RPCs (Raft, snapshots, read
@@ -41,8 +55,10 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_INSECURE")]
     pub insecure: bool,
 
-    /// Initial voters, `id=host:port` comma-separated, including this node. Used once, when
-    /// the node starts with an empty log. Without it the node starts a single-node cluster.
+    /// Initial voters, `id=host:port` comma-separated, including this node, where `host:port`
+    /// is each node's *peer* address (--peer-advertise). Used once, when the node starts with
+    /// an empty log. Without it the node starts a single-node cluster. Each node publishes its
+    /// own client address into the membership once it is a member.
     #[arg(long, env = "RAFTPG_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
 
@@ -204,7 +220,36 @@ impl NodeConfig {
         })
     }
 
-    /// Parses `--peers` into id → address, checking that this node is listed.
+    /// The peer port's listen address, defaulting to the listen address's IP with port + 1000.
+    pub fn peer_listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        if let Some(a) = self.peer_listen {
+            return Ok(a);
+        }
+        let listen = self.listen_addr()?;
+        let port = listen.port().checked_add(1000).ok_or_else(|| {
+            ConfigError(format!(
+                "no default peer port for --listen {listen}; pass --peer-listen"
+            ))
+        })?;
+        Ok(SocketAddr::new(listen.ip(), port))
+    }
+
+    /// The peer address advertised to other nodes: --peer-advertise, or the host of
+    /// --advertise with the peer port's port.
+    pub fn peer_advertise_addr(&self) -> Result<String, ConfigError> {
+        if let Some(a) = &self.peer_advertise {
+            return Ok(a.clone());
+        }
+        let port = self.peer_listen_addr()?.port();
+        let advertise = self.advertise_addr()?;
+        let host = advertise
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .ok_or_else(|| ConfigError(format!("--advertise {advertise:?} is not host:port")))?;
+        Ok(format!("{host}:{port}"))
+    }
+
+    /// Parses `--peers` into id → peer address, checking that this node is listed.
     pub fn initial_members(&self) -> Result<BTreeMap<u64, String>, ConfigError> {
         let mut out = BTreeMap::new();
         for p in self.peers.iter().filter(|p| !p.trim().is_empty()) {
@@ -220,7 +265,7 @@ impl NodeConfig {
             }
         }
         if out.is_empty() {
-            out.insert(self.id, self.advertise_addr()?);
+            out.insert(self.id, self.peer_advertise_addr()?);
         }
         if !out.contains_key(&self.id) {
             return Err(ConfigError(format!(

@@ -1,5 +1,10 @@
 //! A running raftpg node: wires the log store, the state machine, the Raft core, the
-//! PostgreSQL supervisor and the gRPC server, and shuts them down in order.
+//! PostgreSQL supervisor and the gRPC servers of its two ports, and shuts them down in order.
+//!
+//! The client port (`--listen`) serves Write, Read and Cluster to applications and operators;
+//! the peer port (`--peer-listen`) serves the node-to-node Peer service, plus Write, Read and
+//! Cluster for requests other nodes forward, and with TLS requires a member's node
+//! certificate for all of it (`grpc::peer_auth`). A firewall can expose the client port alone.
 //!
 //! Builds the [`Service`] every frontend calls. Start-up order: PostgreSQL
 //! (so the state machine can read its applied index), then Raft, then the gRPC server; the
@@ -12,9 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use openraft::{BasicNode, SnapshotPolicy};
+use openraft::SnapshotPolicy;
 use raftpg_proto::v1::cluster_server::ClusterServer;
-use raftpg_proto::v1::raft_server::RaftServer;
+use raftpg_proto::v1::peer_server::PeerServer;
 use raftpg_proto::v1::read_server::ReadServer;
 use raftpg_proto::v1::write_server::WriteServer;
 use tokio::sync::watch;
@@ -22,10 +27,10 @@ use tracing::{info, warn};
 
 use crate::apply::snapshot::SnapshotStore;
 use crate::apply::state_machine::{ApplierStatus, ApplyLimits, PgStateMachine, StateMachineParts};
-use crate::command::{NodeId, Raft};
+use crate::command::{NodeAddr, NodeId, Raft};
 use crate::config::NodeConfig;
 use crate::grpc;
-use crate::grpc::peer_auth::PeerAuth;
+use crate::grpc::peer_auth::{client_port_gate, PeerAuth, PeerPortGate};
 use crate::grpc::peers::GrpcPeers;
 use crate::pg::read_pool::ReadPool;
 use crate::pg::supervisor::{self as postgres, EmbeddedPostgres, EmbeddedSettings, PgHealth};
@@ -40,6 +45,12 @@ use crate::tls::NodeTls;
 pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let listen = cfg.listen_addr()?;
     let advertise = cfg.advertise_addr()?;
+    let peer_listen = cfg.peer_listen_addr()?;
+    let peer_advertise = cfg.peer_advertise_addr()?;
+    anyhow::ensure!(
+        peer_listen != listen,
+        "--peer-listen and --listen are both {listen}; the peer port needs its own"
+    );
     let members = cfg.initial_members()?;
     check_entry_bytes_max(&cfg)?;
     if cfg.pg_url.is_none() && cfg.data_dir.to_string_lossy().contains(',') {
@@ -113,7 +124,11 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         health_rx,
         shutdown_rx,
         listen,
-        advertise,
+        peer_listen,
+        addrs: NodeAddr {
+            peer: peer_advertise,
+            client: advertise,
+        },
         members,
     };
     let served = serve(&cfg, started).await;
@@ -134,8 +149,13 @@ struct Started {
     bin_dir: PathBuf,
     health_rx: watch::Receiver<PgHealth>,
     shutdown_rx: watch::Receiver<bool>,
+    /// The client port.
     listen: std::net::SocketAddr,
-    advertise: String,
+    /// The peer port.
+    peer_listen: std::net::SocketAddr,
+    /// This node's advertised addresses.
+    addrs: NodeAddr,
+    /// The founding members' peer addresses (`--peers`).
     members: BTreeMap<NodeId, String>,
 }
 
@@ -160,18 +180,14 @@ async fn serve(cfg: &NodeConfig, started: Started) -> anyhow::Result<()> {
         warn!(node = cfg.id, "this node was removed from its cluster; it serves status only (wipe the data directory to reuse it)");
         raft.runtime_config().elect(false);
     }
-    let server = tokio::spawn(grpc_server(
-        cfg,
-        svc,
-        started.tls.as_ref(),
-        started.listen,
-        &started.advertise,
-        started.shutdown_rx.clone(),
-    )?);
+    let servers = grpc_servers(cfg, svc.clone(), &started)?;
+    tokio::spawn(svc.publish_own_address(started.shutdown_rx.clone()));
     let mut stop = started.shutdown_rx.clone();
     let _ = stop.wait_for(|s| *s).await;
     info!(node = cfg.id, "shutting down");
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    for server in servers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    }
     if let Err(e) = raft.shutdown().await {
         warn!(error = %e, "raft shutdown");
     }
@@ -180,9 +196,9 @@ async fn serve(cfg: &NodeConfig, started: Started) -> anyhow::Result<()> {
 
 /// Opens the log store and the snapshot store, builds the state machine, starts Raft, and
 /// initializes the cluster when this node's log is empty and it was not told to join.
-/// Connections to peers leave from the listen address when it names one.
+/// Connections to peers leave from the peer listen address when it names one.
 async fn start_raft(cfg: &NodeConfig, started: &Started) -> anyhow::Result<RaftParts> {
-    let listen_ip = Some(started.listen.ip()).filter(|ip| !ip.is_unspecified());
+    let listen_ip = Some(started.peer_listen.ip()).filter(|ip| !ip.is_unspecified());
     let peer_channels = PeerChannels::new(listen_ip, started.tls.as_ref().map(NodeTls::client));
     let log_store = LogStore::open(&cfg.data_dir.join("raft-log"))?;
     let applier = Arc::new(ApplierStatus::default());
@@ -265,9 +281,12 @@ async fn initialize_if_new(cfg: &NodeConfig, raft: &Raft, members: &BTreeMap<Nod
             "empty log: waiting to be added to a cluster (Cluster.AddLearner)"
         );
     } else {
-        let nodes: BTreeMap<NodeId, BasicNode> = members
+        // Every founding member writes this membership at log index 0 itself, so it must be
+        // the same on every node: peer addresses only (from `--peers`). Client addresses are
+        // published afterwards, through the log.
+        let nodes: BTreeMap<NodeId, NodeAddr> = members
             .iter()
-            .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
+            .map(|(id, addr)| (*id, NodeAddr::peer_only(addr.clone())))
             .collect();
         info!(node = cfg.id, members = ?members, "empty log: initializing the cluster");
         if let Err(e) = raft.initialize(nodes).await {
@@ -313,20 +332,20 @@ fn build_service(cfg: &NodeConfig, started: &Started, parts: RaftParts) -> Arc<S
         unsafe_local_linearizable_reads: cfg.unsafe_local_linearizable_reads,
         data_dir: cfg.data_dir.clone(),
         insecure: started.tls.is_none(),
+        addrs: started.addrs.clone(),
     })
 }
 
-/// The gRPC server of the node's services on `listen`, serving until shutdown.
-fn grpc_server(
+/// A running gRPC server.
+type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// Starts the gRPC servers of the client port and the peer port; they serve until shutdown.
+fn grpc_servers(
     cfg: &NodeConfig,
     svc: Arc<Service>,
-    tls: Option<&NodeTls>,
-    listen: std::net::SocketAddr,
-    advertise: &str,
-    shutdown_rx: watch::Receiver<bool>,
-) -> anyhow::Result<
-    impl std::future::Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
-> {
+    started: &Started,
+) -> anyhow::Result<Vec<ServerTask>> {
+    let tls = started.tls.as_ref();
     let auth = match tls {
         Some(_) => PeerAuth::NodeCertificate,
         None => PeerAuth::Open,
@@ -341,15 +360,44 @@ fn grpc_server(
         .max_decoding_message_size(decode_max);
     let read = ReadServer::new(grpc::read::ReadService::new(svc.clone()))
         .max_decoding_message_size(decode_max);
-    let cluster = ClusterServer::new(grpc::cluster::ClusterService::new(svc.clone(), auth));
-    let raft_svc = RaftServer::new(grpc::raft::RaftService::new(svc, auth))
+    let cluster = ClusterServer::new(grpc::cluster::ClusterService::new(svc.clone()));
+    let peer = PeerServer::new(grpc::peer::PeerService::new(svc.clone(), auth))
         .max_decoding_message_size(network::RAFT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(network::RAFT_MESSAGE_BYTES_MAX);
-    info!(node = cfg.id, %listen, %advertise, tls = tls.is_some(), "serving gRPC");
-    let mut stop = shutdown_rx;
+    info!(
+        node = cfg.id,
+        listen = %started.listen,
+        advertise = %started.addrs.client,
+        peer_listen = %started.peer_listen,
+        peer_advertise = %started.addrs.peer,
+        tls = tls.is_some(),
+        "serving gRPC"
+    );
+    let client_port = server_builder(tls.map(NodeTls::server))?
+        .layer(tonic::service::InterceptorLayer::new(client_port_gate))
+        .add_service(write.clone())
+        .add_service(read.clone())
+        .add_service(cluster.clone())
+        .serve_with_shutdown(started.listen, stopped(started.shutdown_rx.clone()));
+    let peer_port = server_builder(tls.map(NodeTls::peer_server))?
+        .layer(tonic::service::InterceptorLayer::new(PeerPortGate::new(
+            svc, auth,
+        )))
+        .add_service(write)
+        .add_service(read)
+        .add_service(cluster)
+        .add_service(peer)
+        .serve_with_shutdown(started.peer_listen, stopped(started.shutdown_rx.clone()));
+    Ok(vec![tokio::spawn(client_port), tokio::spawn(peer_port)])
+}
+
+/// A server builder with the node's transport settings and `tls`.
+fn server_builder(
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> anyhow::Result<tonic::transport::Server> {
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
-        builder = builder.tls_config(tls.server()).context("TLS settings")?;
+        builder = builder.tls_config(tls).context("TLS settings")?;
     }
     Ok(builder
         .tcp_nodelay(true)
@@ -357,14 +405,12 @@ fn grpc_server(
         // Peers share one connection for replication, heartbeats and leadership checks, and
         // cancel calls that time out (partitions, pauses). h2's default of 20 cancelled streams
         // before GOAWAY would then drop the connection replication also runs on.
-        .http2_max_pending_accept_reset_streams(Some(1024))
-        .add_service(write)
-        .add_service(read)
-        .add_service(cluster)
-        .add_service(raft_svc)
-        .serve_with_shutdown(listen, async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }))
+        .http2_max_pending_accept_reset_streams(Some(1024)))
+}
+
+/// Resolves at shutdown.
+async fn stopped(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
 }
 
 /// Refuses limits under which one log entry (a batch of writes, or one large write) might not

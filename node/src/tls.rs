@@ -3,8 +3,8 @@
 //!
 //! Layout of `--tls-dir`: `ca.crt` (the cluster CA), `node-<id>.crt` and `node-<id>.key` (this
 //! node's certificate, naming it in the URI SAN `raftpg://node/<id>`). The server presents the
-//! node certificate and asks every caller for a certificate of the cluster CA — optional for
-//! clients, required for peer RPCs (`grpc::peer_auth`). Connections to peers present the node
+//! node certificate and asks every caller for a certificate of the cluster CA — optional on
+//! the client port, required on the peer port (`grpc::peer_auth` checks which node it names). Connections to peers present the node
 //! certificate and accept only servers whose certificate the cluster CA signed.
 
 use std::path::{Path, PathBuf};
@@ -67,13 +67,21 @@ impl NodeTls {
         Ok(tls)
     }
 
-    /// The server's settings: present the node certificate; ask callers for a certificate of
-    /// the cluster CA (clients may have none; peer RPCs check for a node certificate).
+    /// The client port's settings: present the node certificate; ask callers for a
+    /// certificate of the cluster CA (clients may have none).
     pub fn server(&self) -> ServerTlsConfig {
         ServerTlsConfig::new()
             .identity(Identity::from_pem(&self.cert, &self.key))
             .client_ca_root(Certificate::from_pem(&self.ca))
             .client_auth_optional(true)
+    }
+
+    /// The peer port's settings: present the node certificate; require a certificate of the
+    /// cluster CA from every caller (which one is checked per request, `grpc::peer_auth`).
+    pub fn peer_server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .client_ca_root(Certificate::from_pem(&self.ca))
     }
 
     /// The settings of connections to other nodes: present the node certificate; accept only

@@ -44,11 +44,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::storage::{RaftLogStorageExt, RaftStateMachine};
-use openraft::{BasicNode, CommittedLeaderId, EntryPayload, Membership};
+use openraft::{CommittedLeaderId, EntryPayload, Membership};
 use raftpg_node::apply::snapshot::SnapshotStore;
 use raftpg_node::apply::state_machine::{
     ApplierStatus, ApplyLimits, PgStateMachine, StateMachineParts,
 };
+use raftpg_node::command::NodeAddr;
 use raftpg_node::command::{
     ApplyOutcome, Command, Entry, LogId, RequestId, SqlFailure, SqlStatement, SqlValue,
     StatementOutcome, WriteCommand,
@@ -217,7 +218,7 @@ fn log_id(index: u64) -> LogId {
 
 /// The first entry of a log, as `Raft::initialize` writes it: a one-voter membership.
 fn membership_entry() -> Entry {
-    let nodes = BTreeMap::from([(1u64, BasicNode::new("127.0.0.1:1"))]);
+    let nodes = BTreeMap::from([(1u64, NodeAddr::peer_only("127.0.0.1:1"))]);
     Entry {
         log_id: log_id(0),
         payload: EntryPayload::Membership(Membership::new(vec![[1u64].into()], nodes)),

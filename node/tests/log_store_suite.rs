@@ -41,7 +41,7 @@ struct MemState {
 /// The published snapshot: its metadata and the file holding its data.
 #[derive(Clone)]
 struct CurrentSnapshot {
-    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    meta: SnapshotMeta<NodeId, raftpg_node::command::NodeAddr>,
     path: PathBuf,
 }
 
@@ -79,7 +79,7 @@ impl MemStateMachine {
     /// Writes `state` into a new snapshot file and makes it the current snapshot.
     fn publish(
         &self,
-        meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+        meta: SnapshotMeta<NodeId, raftpg_node::command::NodeAddr>,
         state: &MemState,
     ) -> std::io::Result<()> {
         let path = self.next_path("snapshot");
@@ -170,7 +170,7 @@ impl RaftStateMachine<TypeConfig> for MemStateMachine {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        meta: &SnapshotMeta<NodeId, raftpg_node::command::NodeAddr>,
         mut snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
         let read_err =

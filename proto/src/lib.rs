@@ -1,5 +1,5 @@
 //! The `raftpg.v1` wire protocol: the public `Write`, `Read` and `Cluster` services and the
-//! internal `Raft` service between nodes. Generated from `raftpg/v1/raftpg.proto`.
+//! node-to-node `Peer` service. Generated from `raftpg/v1/raftpg.proto`.
 
 pub mod codec;
 pub mod identity;
@@ -18,5 +18,6 @@ pub const LOG_INDEX_METADATA: &str = "raftpg-log-index";
 pub const LEADER_ID_METADATA: &str = "raftpg-leader-id";
 /// gRPC metadata key carrying the public address of the node believed to lead.
 pub const LEADER_ADDR_METADATA: &str = "raftpg-leader-addr";
-/// gRPC metadata key set on a write that a follower forwarded to the leader (prevents loops).
+/// gRPC metadata key set on a request that a follower forwarded to the leader (prevents
+/// loops); honoured only on the peer port.
 pub const FORWARDED_METADATA: &str = "raftpg-forwarded";

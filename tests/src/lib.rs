@@ -110,11 +110,20 @@ async fn start(
         .wait_for_leader(Duration::from_secs(90))
         .await
         .context("waiting for a leader")?;
-    // Every node serving, not only a majority.
+    // Every node serving, not only a majority, and every member's client address published
+    // (leader hints name it).
     let deadline = Instant::now() + Duration::from_secs(90);
-    while tc.client.status_all().await.iter().any(|s| s.is_err()) {
+    loop {
+        let statuses = tc.client.status_all().await;
+        let published = statuses
+            .iter()
+            .flatten()
+            .all(|s| s.members.len() == nodes && s.members.iter().all(|m| !m.addr.is_empty()));
+        if statuses.iter().all(|s| s.is_ok()) && published {
+            break;
+        }
         if Instant::now() > deadline {
-            bail!("not every node came up within 90 s");
+            bail!("not every node came up and published its address within 90 s");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -145,9 +154,15 @@ impl Drop for TestCluster {
 pub type Checksums = BTreeMap<String, String>;
 
 impl TestCluster {
-    /// The address node `id` has (or would have) in this cluster.
+    /// The client address node `id` has (or would have) in this cluster.
     pub fn addr_of(&self, id: u64) -> String {
         node_addr(self.net, id)
+    }
+
+    /// The peer address node `id` has (or would have) in this cluster (what `add_learner`
+    /// takes).
+    pub fn peer_addr_of(&self, id: u64) -> String {
+        raftpg_client::local_cluster::peer_addr_of(&node_addr(self.net, id))
     }
 
     /// A client for node `id` only.

@@ -49,7 +49,7 @@ async fn grow_to_five_and_shrink_to_three_under_load() {
         tc.cluster.start_joining_node(id, &tc.addr_of(id)).unwrap();
         let r = tc
             .client
-            .add_learner(id, &tc.addr_of(id), true)
+            .add_learner(id, &tc.peer_addr_of(id), true)
             .await
             .unwrap();
         assert!(
@@ -59,7 +59,7 @@ async fn grow_to_five_and_shrink_to_three_under_load() {
         // Idempotent: adding again is a no-op.
         assert_eq!(
             tc.client
-                .add_learner(id, &tc.addr_of(id), true)
+                .add_learner(id, &tc.peer_addr_of(id), true)
                 .await
                 .unwrap()
                 .log_index,
@@ -189,7 +189,7 @@ async fn wiped_node_is_replaced_and_leadership_transfers() {
     tc.cluster
         .start_joining_node(victim, &tc.addr_of(victim))
         .unwrap();
-    c.add_learner(victim, &tc.addr_of(victim), true)
+    c.add_learner(victim, &tc.peer_addr_of(victim), true)
         .await
         .unwrap();
     c.promote(&[victim]).await.unwrap();
@@ -234,7 +234,7 @@ async fn a_node_with_a_different_collation_is_refused() {
     tc.cluster.start_joining_node(4, &tc.addr_of(4)).unwrap();
     let e = tc
         .client
-        .add_learner(4, &tc.addr_of(4), true)
+        .add_learner(4, &tc.peer_addr_of(4), true)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");

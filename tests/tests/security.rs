@@ -1,7 +1,9 @@
-//! The trust boundary between nodes (issue 16). With `--tls-dir`, a node accepts peer RPCs
-//! (Raft's AppendEntries/Vote/InstallSnapshot, StartElection, ReadIndex, Retire,
-//! TableChecksums) only from a node certificate of the cluster CA that names a current member
-//! and the node the message claims to come from. The attack from the issue — a hand-made
+//! The trust boundary between nodes (issue 16). Peer RPCs (Raft's AppendEntries/Vote/
+//! InstallSnapshot, StartElection, ReadIndex, Retire, TableChecksums, PublishAddress) are
+//! served only on the peer port, and with `--tls-dir` only to a node certificate of the
+//! cluster CA that names a current member and the node the message claims to come from; the
+//! peer port refuses callers without a certificate at the TLS handshake, and clients' requests
+//! with a client certificate. The attack from the issue — a hand-made
 //! AppendEntries at term 1000 from an invented leader, carrying `DELETE FROM players` — is
 //! refused whatever certificate the stranger holds, and no node changes: no term, no entry, no
 //! row. A removed node's certificate is refused from then on.
@@ -10,7 +12,8 @@ use std::time::Duration;
 
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::{CommittedLeaderId, EntryPayload, Vote};
-use raftpg_client::v1::raft_client::RaftClient;
+use raftpg_client::v1::peer_client::PeerClient as RaftClient;
+use raftpg_client::v1::write_client::WriteClient;
 use raftpg_client::v1::{Consistency, RaftMessage};
 use raftpg_node::command::{Command, SqlStatement, TypeConfig, WriteCommand};
 use testkit::start_cluster;
@@ -20,27 +23,38 @@ use tonic::Code;
 /// A certificate file and its key file, in the certificates' directory.
 type KeyPair<'a> = (&'a str, &'a str);
 
-/// A Raft client of node `addr` over TLS that trusts the cluster CA in `certs` and presents
-/// `identity` (certificate and key file names in `certs`), or nothing.
-async fn raft_client(
+/// A channel to `addr` over TLS that trusts the cluster CA in `certs` and presents `identity`
+/// (certificate and key file names in `certs`), or nothing.
+async fn tls_channel(
     certs: &std::path::Path,
     addr: &str,
     identity: Option<KeyPair<'_>>,
-) -> RaftClient<tonic::transport::Channel> {
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let read = |f: &str| std::fs::read_to_string(certs.join(f)).expect("a certificate file");
     let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca.crt")));
     if let Some((cert, key)) = identity {
         tls = tls.identity(Identity::from_pem(read(cert), read(key)));
     }
-    let channel = Endpoint::from_shared(format!("https://{addr}"))
+    Endpoint::from_shared(format!("https://{addr}"))
         .expect("an address")
         .tls_config(tls)
         .expect("TLS settings")
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await
-        .expect("a TLS connection (the certificate is checked per RPC)");
-    RaftClient::new(channel)
+}
+
+/// A Peer client of the node at `addr` (see [`tls_channel`]).
+async fn raft_client(
+    certs: &std::path::Path,
+    addr: &str,
+    identity: Option<KeyPair<'_>>,
+) -> RaftClient<tonic::transport::Channel> {
+    RaftClient::new(
+        tls_channel(certs, addr, identity)
+            .await
+            .expect("a TLS connection"),
+    )
 }
 
 /// The attack: AppendEntries at term 1000 from "node 99", with one entry deleting every row.
@@ -111,8 +125,23 @@ async fn only_member_nodes_speak_for_themselves() {
 
     let certs = tc.certs().unwrap().to_path_buf();
     raftpg_client::cert::issue_node(&certs, 9, &["127.0.112.19".to_string()], 825, false).unwrap();
-    let strangers: [(&str, Option<KeyPair>, Code); 4] = [
-        ("no certificate", None, Code::Unauthenticated),
+    // Without a certificate the peer port's TLS handshake fails: no RPC is reached.
+    for id in 1..=3 {
+        if let Ok(channel) = tls_channel(&certs, &tc.peer_addr_of(id), None).await {
+            let e = RaftClient::new(channel)
+                .append_entries(attack())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(
+                    e.code(),
+                    Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+                ),
+                "no certificate to node {id}: {e}"
+            );
+        }
+    }
+    let strangers: [(&str, Option<KeyPair>, Code); 3] = [
         (
             "a client certificate",
             Some(("client-admin.crt", "client-admin.key")),
@@ -131,7 +160,7 @@ async fn only_member_nodes_speak_for_themselves() {
     ];
     for (who, identity, code) in strangers {
         for id in 1..=3 {
-            let mut raft = raft_client(&certs, &tc.addr_of(id), identity).await;
+            let mut raft = raft_client(&certs, &tc.peer_addr_of(id), identity).await;
             let e = raft.append_entries(attack()).await.unwrap_err();
             assert_eq!(e.code(), code, "{who} to node {id}: {e}");
             let e = raft.vote(vote_from(99)).await.unwrap_err();
@@ -140,18 +169,28 @@ async fn only_member_nodes_speak_for_themselves() {
     }
     // A member's malformed message is refused before it reaches Raft (openraft 0.9 would stop
     // on it).
-    let mut raft = raft_client(&certs, &tc.addr_of(1), Some(("node-2.crt", "node-2.key"))).await;
+    let mut raft = raft_client(
+        &certs,
+        &tc.peer_addr_of(1),
+        Some(("node-2.crt", "node-2.key")),
+    )
+    .await;
     let e = raft
         .append_entries(append_entries_from(2))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     // A member cannot vote in another's name.
-    let mut raft = raft_client(&certs, &tc.addr_of(1), Some(("node-2.crt", "node-2.key"))).await;
+    let mut raft = raft_client(
+        &certs,
+        &tc.peer_addr_of(1),
+        Some(("node-2.crt", "node-2.key")),
+    )
+    .await;
     let e = raft.vote(vote_from(3)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
     // Plaintext does not even reach the RPCs.
-    let plain = Endpoint::from_shared(format!("http://{}", tc.addr_of(1)))
+    let plain = Endpoint::from_shared(format!("http://{}", tc.peer_addr_of(1)))
         .unwrap()
         .connect_timeout(Duration::from_secs(2))
         .connect()
@@ -186,7 +225,12 @@ async fn only_member_nodes_speak_for_themselves() {
 
     // A removed node's certificate is refused from then on.
     c.remove(&[3]).await.unwrap();
-    let mut raft = raft_client(&certs, &tc.addr_of(1), Some(("node-3.crt", "node-3.key"))).await;
+    let mut raft = raft_client(
+        &certs,
+        &tc.peer_addr_of(1),
+        Some(("node-3.crt", "node-3.key")),
+    )
+    .await;
     let e = raft.vote(vote_from(3)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
     c.execute_one("INSERT INTO players VALUES (11)", vec![])
@@ -213,4 +257,68 @@ fn a_node_without_certificates_refuses_to_start() {
     assert!(stderr.contains("no --tls-dir"), "{stderr}");
     assert!(stderr.contains("raftpg cert cluster"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The two ports: each node reports its client and peer addresses and the membership holds
+/// both; the client port serves no peer RPC; the peer port serves no client (a client
+/// certificate is refused there); a client cannot pass its request off as forwarded by a
+/// node (the client port drops the mark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_client_port_and_the_peer_port_are_apart() {
+    let tc = start_cluster("ports", 113, 3).await.unwrap();
+    let c = &tc.client;
+    c.execute_one("CREATE TABLE t (id int PRIMARY KEY)", vec![])
+        .await
+        .unwrap();
+    for st in c.status_all().await {
+        let st = st.unwrap();
+        let id = st.node_id;
+        assert_eq!(st.client_addr, tc.addr_of(id));
+        assert_eq!(st.peer_addr, tc.peer_addr_of(id));
+        for m in &st.members {
+            assert_eq!(m.addr, tc.addr_of(m.node_id), "node {id}'s view");
+            assert_eq!(m.peer_addr, tc.peer_addr_of(m.node_id), "node {id}'s view");
+        }
+    }
+    let certs = tc.certs().unwrap().to_path_buf();
+    let node2 = Some(("node-2.crt", "node-2.key"));
+    let admin = Some(("client-admin.crt", "client-admin.key"));
+    for id in 1..=3 {
+        // No peer RPC on the client port, even with a member's certificate.
+        let mut raft = raft_client(&certs, &tc.addr_of(id), node2).await;
+        let e = raft.vote(vote_from(2)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unimplemented, "node {id}: {e}");
+        // No client on the peer port.
+        let channel = tls_channel(&certs, &tc.peer_addr_of(id), admin)
+            .await
+            .unwrap();
+        let e = WriteClient::new(channel)
+            .execute(insert(100 + id as i32))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "node {id}: {e}");
+    }
+    // A follower given a request marked as forwarded on its client port forwards it to the
+    // leader as any client request (were the mark believed, it would refuse: "not the
+    // leader").
+    let (_, follower) = tc.leader_and_follower().await;
+    let channel = tls_channel(&certs, &tc.addr_of(follower), admin)
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(insert(1));
+    req.metadata_mut()
+        .insert(raftpg_proto::FORWARDED_METADATA, "2".parse().unwrap());
+    WriteClient::new(channel).execute(req).await.unwrap();
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}
+
+/// `INSERT INTO t VALUES (id)` as a raw Write request.
+fn insert(id: i32) -> raftpg_client::v1::ExecuteRequest {
+    raftpg_client::v1::ExecuteRequest {
+        statements: vec![raftpg_client::v1::Statement {
+            sql: format!("INSERT INTO t VALUES ({id})"),
+            params: vec![],
+        }],
+        request_id: None,
+    }
 }

@@ -241,7 +241,8 @@ enum MemberCmd {
     Add {
         /// The new node's id.
         id: u64,
-        /// Its gRPC address (host:port).
+        /// Its peer address (host:port, its --peer-advertise: by default its client port +
+        /// 1000). Its client address is taken from the node itself.
         addr: String,
         /// Return at once instead of waiting for it to catch up.
         #[arg(long)]
@@ -390,12 +391,21 @@ fn print_check(r: &raftpg_client::v1::CheckResponse) -> i32 {
     }
 }
 
+/// A member's client address, or why there is none.
+fn shown(addr: &str) -> String {
+    match addr {
+        "" => "(not published yet)".into(),
+        a => a.to_string(),
+    }
+}
+
 /// Prints every member's status (asked through the first node that answers), with its
 /// replication lag as the leader sees it.
 async fn print_status(client: &Client) {
     let header = [
         "node",
         "addr",
+        "peer addr",
         "role",
         "term",
         "leader",
@@ -438,7 +448,8 @@ async fn print_status(client: &Client) {
                 });
                 vec![
                     format!("{}{}", s.node_id, if m.voter { "" } else { " (learner)" }),
-                    m.addr.clone(),
+                    shown(&m.addr),
+                    m.peer_addr.clone(),
                     if s.removed { "removed".into() } else { s.role },
                     s.term.to_string(),
                     if s.has_leader {
@@ -461,7 +472,8 @@ async fn print_status(client: &Client) {
             Err(e) => {
                 let mut row = vec![
                     m.node_id.to_string(),
-                    m.addr.clone(),
+                    shown(&m.addr),
+                    m.peer_addr.clone(),
                     format!("unreachable ({:?})", e.code()),
                 ];
                 row.resize(header.len(), String::new());
@@ -819,9 +831,10 @@ async fn main() -> anyhow::Result<()> {
                     );
                     for m in &r.members {
                         println!(
-                            "  node {} {} {}",
+                            "  node {} {} (peer {}) {}",
                             m.node_id,
-                            m.addr,
+                            shown(&m.addr),
+                            m.peer_addr,
                             if m.voter { "voter" } else { "learner" }
                         );
                     }

@@ -17,6 +17,7 @@ use prost::Message;
 use raftpg_node::command::{ApplyOutcome, Command, Entry, NodeId, SqlValue, TypeConfig};
 use raftpg_node::grpc::convert;
 use raftpg_node::pg::values::{self, Cell};
+use raftpg_node::raft::append_check::check_append_entries;
 use raftpg_node::service::Origin;
 use raftpg_node::sql::{gate, session_rules, time_literals};
 use raftpg_proto::v1 as pb;
@@ -131,7 +132,7 @@ pub fn proto_decode(data: &[u8]) {
                 let _ = convert::read_request(req, len, flag);
             }
         }
-        // Cluster service.
+        // Cluster and Peer services.
         2 => drop(decode::<pb::AddLearnerRequest>(body)),
         3 => drop(decode::<pb::PromoteRequest>(body)),
         4 => drop(decode::<pb::RemoveRequest>(body)),
@@ -140,7 +141,6 @@ pub fn proto_decode(data: &[u8]) {
         7 => drop(decode::<pb::CheckRequest>(body)),
         8 => drop(decode::<pb::TableChecksumsRequest>(body)),
         9 => drop(decode::<pb::RetireRequest>(body)),
-        // Raft service.
         10 => drop(decode::<pb::RaftMessage>(body)),
         11 => drop(decode::<pb::ReadIndexRequest>(body)),
         // Answers of other nodes, which a node decodes and converts too (a forwarded write's
@@ -177,6 +177,8 @@ pub fn proto_decode(data: &[u8]) {
         17 => drop(decode::<pb::ReadIndexResponse>(body)),
         18 => drop(decode::<pb::QueryResponse>(body)),
         19 => drop(decode::<pb::QueryChunk>(body)),
+        20 => drop(decode::<pb::PublishAddressRequest>(body)),
+        21 => drop(decode::<pb::PublishAddressResponse>(body)),
         _ => {}
     }
 }
@@ -192,7 +194,8 @@ fn decode<M: Message + Default>(body: &[u8]) -> Option<M> {
 
 // ------------------------------------------------------------------ raft_decode
 
-/// The JSON decode of the Raft messages a node receives (`grpc::raft`: AppendEntries, Vote,
+/// The JSON decode of the Raft messages a node receives (`grpc::peer`: AppendEntries (and its
+/// `raft::append_check`), Vote,
 /// InstallSnapshot), of the answers it receives (`raft::network`), of a log entry and of the
 /// entry's data (`command::Command`) and of a recorded outcome, chosen by the first byte.
 /// Property: serializing what decoded, decoding and serializing again gives the same JSON.
@@ -201,7 +204,13 @@ pub fn raft_decode(data: &[u8]) {
         return;
     };
     match selector % 10 {
-        0 => json::<AppendEntriesRequest<TypeConfig>>(body),
+        0 => {
+            // What the peer service does with an AppendEntries before openraft sees it.
+            json::<AppendEntriesRequest<TypeConfig>>(body);
+            if let Ok(rpc) = serde_json::from_slice::<AppendEntriesRequest<TypeConfig>>(body) {
+                let _ = check_append_entries(&rpc);
+            }
+        }
         1 => json::<VoteRequest<NodeId>>(body),
         2 => json::<InstallSnapshotRequest<TypeConfig>>(body),
         3 => json::<Command>(body),

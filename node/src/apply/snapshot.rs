@@ -48,8 +48,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::command::NodeAddr;
 use openraft::storage::Snapshot;
-use openraft::{BasicNode, SnapshotMeta, StorageError, StorageIOError};
+use openraft::{SnapshotMeta, StorageError, StorageIOError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -99,7 +100,7 @@ pub enum SnapshotError {
 /// `current.json`: the published snapshot.
 #[derive(Serialize, Deserialize)]
 struct CurrentSnapshot {
-    meta: SnapshotMeta<NodeId, BasicNode>,
+    meta: SnapshotMeta<NodeId, NodeAddr>,
     file: String,
 }
 
@@ -322,7 +323,7 @@ impl SnapshotStore {
     /// Callers hold the publish lock.
     async fn publish(
         &self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
+        meta: &SnapshotMeta<NodeId, NodeAddr>,
         file: &Path,
     ) -> Result<PathBuf, SnapshotError> {
         let name = format!("snap-{}.dump", meta.snapshot_id);
@@ -359,7 +360,7 @@ impl SnapshotStore {
     /// snapshot returned. The current snapshot never goes back.
     async fn publish_built(
         &self,
-        meta: SnapshotMeta<NodeId, BasicNode>,
+        meta: SnapshotMeta<NodeId, NodeAddr>,
         building: &Path,
     ) -> Result<Snapshot<TypeConfig>, SnapshotError> {
         let _publishing = self.publishing.lock().await;
@@ -480,7 +481,7 @@ impl SnapshotStore {
     /// already swapped it in. Safe to call again after any failure.
     pub async fn install(
         &self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
+        meta: &SnapshotMeta<NodeId, NodeAddr>,
     ) -> Result<(), SnapshotError> {
         let current = self.publish_received(meta).await?;
         // Leftovers of an attempt interrupted by a PostgreSQL crash: the database refusing
@@ -498,7 +499,7 @@ impl SnapshotStore {
     /// published it).
     async fn publish_received(
         &self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
+        meta: &SnapshotMeta<NodeId, NodeAddr>,
     ) -> Result<PathBuf, SnapshotError> {
         let _publishing = self.publishing.lock().await;
         let current = self.dir.join(format!("snap-{}.dump", meta.snapshot_id));
@@ -559,7 +560,7 @@ impl SnapshotStore {
     /// be called again after any failure.
     async fn restore(
         &self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
+        meta: &SnapshotMeta<NodeId, NodeAddr>,
         file: &Path,
     ) -> Result<(), SnapshotError> {
         let started = std::time::Instant::now();

@@ -39,7 +39,8 @@ use crate::raft::log_store::LogStore;
 use crate::sql::session_rules;
 use openraft::storage::RaftLogReader;
 
-/// What the applier is doing, for `Cluster.Status`, and since when it has been stuck.
+/// What the applier is doing, for `Cluster.Status`, and since when it has been stuck; and the
+/// members of the membership it applied last (for peer authorization).
 ///
 /// A stuck applier (PostgreSQL unreachable, an entry failing for an environmental reason) is
 /// reported with how long it has been stuck, and logged as one clear error a minute rather
@@ -47,6 +48,8 @@ use openraft::storage::RaftLogReader;
 #[derive(Default)]
 pub struct ApplierStatus {
     state: Mutex<StatusState>,
+    /// The nodes of the last membership this node applied (see [`ApplierStatus::applied_members`]).
+    members: Mutex<std::collections::BTreeSet<NodeId>>,
 }
 
 #[derive(Default)]
@@ -62,6 +65,19 @@ struct StatusState {
 const STUCK_LOG_EVERY: Duration = Duration::from_secs(60);
 
 impl ApplierStatus {
+    /// The nodes of the last membership this node applied: a node leaving the cluster is still
+    /// in it until its removal is applied here, while Raft's effective membership (the last in
+    /// the log) drops it as soon as the removal is appended. Peer authorization accepts both.
+    pub fn applied_members(&self) -> std::collections::BTreeSet<NodeId> {
+        self.members.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    fn set_members(&self, m: &StoredMembership) {
+        if let Ok(mut g) = self.members.lock() {
+            *g = m.membership().nodes().map(|(id, _)| *id).collect();
+        }
+    }
+
     /// The applier makes progress.
     fn set(&self, s: impl Into<String>) {
         if let Ok(mut g) = self.state.lock() {
@@ -326,6 +342,7 @@ impl StateMachineCore {
             })?,
             None => StoredMembership::default(),
         };
+        self.status.set_members(&self.membership);
         info!(node = self.node_id, applied = ?self.applied.map(|l| l.index), restored_sequences = restored,
               "applier connected to PostgreSQL");
         applier.prepare_bookkeeping().await?;
@@ -443,6 +460,7 @@ impl StateMachineCore {
             .await?;
         self.applied = Some(last);
         self.applied_writes = writes;
+        self.status.set_members(&membership);
         self.membership = membership;
         outcomes.extend(entry_outcomes(&fresh, item_outcomes)?);
         Ok(outcomes)
@@ -725,7 +743,7 @@ impl StateMachineCore {
     /// it to be published) fails instead of waiting forever.
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        meta: &SnapshotMeta<NodeId, crate::command::NodeAddr>,
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
         info!(id = %meta.snapshot_id, "received snapshot");
@@ -739,7 +757,7 @@ impl StateMachineCore {
     /// [`Self::install_snapshot`] without the failure report.
     async fn install_received(
         &mut self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        meta: &SnapshotMeta<NodeId, crate::command::NodeAddr>,
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
         snapshot
@@ -895,7 +913,7 @@ impl RaftStateMachine<TypeConfig> for PgStateMachine {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        meta: &SnapshotMeta<NodeId, crate::command::NodeAddr>,
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
         self.core

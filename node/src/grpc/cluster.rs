@@ -6,13 +6,11 @@ use std::sync::Arc;
 use raftpg_proto::v1::cluster_server::Cluster;
 use raftpg_proto::v1::{
     AddLearnerRequest, CheckRequest, CheckResponse, MembershipResponse, PromoteRequest,
-    RemoveRequest, RetireRequest, RetireResponse, StatusRequest, StatusResponse,
-    TableChecksumsRequest, TableChecksumsResponse, TransferLeaderRequest,
+    RemoveRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
 };
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::peer_auth::PeerAuth;
 use super::status::to_status;
 use super::write::origin_of;
 use crate::service::check::wait_of;
@@ -21,14 +19,12 @@ use crate::service::{MembershipChange, Service};
 /// The cluster service.
 pub struct ClusterService {
     svc: Arc<Service>,
-    /// Who may call the peer-only RPCs (Retire, TableChecksums).
-    auth: PeerAuth,
 }
 
 impl ClusterService {
     /// Creates the service.
-    pub fn new(svc: Arc<Service>, auth: PeerAuth) -> Self {
-        ClusterService { svc, auth }
+    pub fn new(svc: Arc<Service>) -> Self {
+        ClusterService { svc }
     }
 
     async fn change<T>(
@@ -83,15 +79,6 @@ impl Cluster for ClusterService {
         self.change(&req, change).await
     }
 
-    async fn retire(
-        &self,
-        req: Request<RetireRequest>,
-    ) -> Result<Response<RetireResponse>, Status> {
-        self.auth.caller(&self.svc, &req)?;
-        self.svc.retire(req.get_ref().log_index);
-        Ok(Response::new(RetireResponse {}))
-    }
-
     async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         let wait = wait_of(req.get_ref().timeout_ms);
         self.svc
@@ -99,23 +86,6 @@ impl Cluster for ClusterService {
             .await
             .map(|r| Response::new(convert::check_response(r)))
             .map_err(to_status)
-    }
-
-    async fn table_checksums(
-        &self,
-        req: Request<TableChecksumsRequest>,
-    ) -> Result<Response<TableChecksumsResponse>, Status> {
-        self.auth.caller(&self.svc, &req)?;
-        let req = req.into_inner();
-        let tables = self
-            .svc
-            .table_checksums(req.log_index, wait_of(req.timeout_ms))
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(TableChecksumsResponse {
-            node_id: self.svc.id(),
-            tables: tables.into_iter().map(convert::table_checksum).collect(),
-        }))
     }
 
     async fn status(

@@ -199,6 +199,7 @@ fn member(m: MemberInfo) -> pb::Member {
         voter: m.voter,
         matched_index: m.matched_index.unwrap_or(0),
         has_matched: m.matched_index.is_some(),
+        peer_addr: m.peer_addr,
     }
 }
 
@@ -206,6 +207,7 @@ fn member_info(m: pb::Member) -> MemberInfo {
     MemberInfo {
         node_id: m.node_id,
         addr: m.addr,
+        peer_addr: m.peer_addr,
         voter: m.voter,
         matched_index: m.has_matched.then_some(m.matched_index),
     }
@@ -322,6 +324,8 @@ pub fn status_response(s: NodeStatus) -> pb::StatusResponse {
         purged_index: s.purged_index,
         snapshot_index: s.snapshot_index,
         insecure: s.insecure,
+        client_addr: s.client_addr,
+        peer_addr: s.peer_addr,
     }
 }
 
@@ -348,5 +352,7 @@ pub fn node_status(s: pb::StatusResponse) -> NodeStatus {
         purged_index: s.purged_index,
         snapshot_index: s.snapshot_index,
         insecure: s.insecure,
+        client_addr: s.client_addr,
+        peer_addr: s.peer_addr,
     }
 }

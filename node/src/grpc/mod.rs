@@ -1,6 +1,7 @@
-//! The gRPC frontend: the public `Write`, `Read` and `Cluster` services, the internal `Raft`
-//! service, and the client side this node uses to reach the others ([`peers`]). Peer RPCs
-//! are authorized by [`peer_auth`].
+//! The gRPC frontend: the public `Write`, `Read` and `Cluster` services (client port), the
+//! node-to-node `Peer` service (peer port, which also serves the public services for requests
+//! other nodes forward), and the client side this node uses to reach the others ([`peers`]).
+//! Everything on the peer port is authorized by [`peer_auth`].
 //!
 //! Thin by rule: a handler decodes its request ([`convert`]), calls the [`crate::service`]
 //! layer, and encodes the answer; every [`crate::service::ServiceError`] becomes a status in
@@ -10,9 +11,9 @@
 
 pub mod cluster;
 pub mod convert;
+pub mod peer;
 pub mod peer_auth;
 pub mod peers;
-pub mod raft;
 pub mod read;
 pub mod status;
 pub mod write;

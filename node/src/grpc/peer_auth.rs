@@ -1,13 +1,25 @@
-//! Who may call the peer RPCs (Raft's AppendEntries, Vote and InstallSnapshot, StartElection,
-//! ReadIndex, Retire, TableChecksums): with TLS on (`--tls-dir`), only a node certificate of
-//! the cluster CA (TLS verified the chain) that names a current member — or any node while
-//! this node has no membership yet (it waits to be added) — and, for a message that claims a
-//! sender (the leader of an AppendEntries or InstallSnapshot, the candidate of a Vote), the
-//! node the certificate names. A removed node's certificate names a node that is no longer a
-//! member and is refused from then on. Without TLS every caller is accepted (`--tls-dir` not
+//! Who may call what on which port.
+//!
+//! The peer port serves the `Peer` service (Raft's AppendEntries, Vote and InstallSnapshot,
+//! StartElection, ReadIndex, Retire, TableChecksums, PublishAddress) and the public services
+//! for requests other nodes forward. [`PeerPortGate`] admits a request there only from a
+//! caller [`PeerAuth::caller`] accepts. The client port serves only the public services and
+//! drops the forwarded mark ([`client_port_gate`]): only nodes may say a request was forwarded.
+//!
+//! [`PeerAuth::caller`]: with TLS on (`--tls-dir`), only a node certificate of
+//! the cluster CA (TLS verified the chain) that names a current member
+//! ([`Service::is_peer`]: in the membership last appended or last applied here, or any node
+//! while this node has no membership yet and waits to be added) — and, for a message that
+//! claims a sender (the leader of an AppendEntries or InstallSnapshot, the candidate of a
+//! Vote, the node publishing its address), the node the certificate names. A removed node's
+//! certificate is refused once its removal is applied. Without TLS every caller is accepted (`--tls-dir` not
 //! given: plaintext, for trusted networks only).
 
+use std::sync::Arc;
+
 use raftpg_proto::identity::node_id_of;
+use raftpg_proto::FORWARDED_METADATA;
+use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 use crate::command::NodeId;
@@ -37,14 +49,7 @@ impl PeerAuth {
                     "peer RPCs need a node certificate of this cluster's CA (raftpg cert node)",
                 )
             })?;
-        let is_member = {
-            let m = svc.raft().metrics();
-            let m = m.borrow();
-            let membership = m.membership_config.membership();
-            let no_membership_yet = membership.nodes().next().is_none();
-            no_membership_yet || membership.get_node(&node).is_some()
-        };
-        if !is_member {
+        if !svc.is_peer(node) {
             return Err(Status::permission_denied(format!(
                 "node {node} is not a member of this cluster"
             )));
@@ -61,4 +66,31 @@ pub fn speaks_for(caller: Option<NodeId>, claimed: Option<NodeId>) -> Result<(),
         ))),
         _ => Ok(()),
     }
+}
+
+/// The peer port's gate: every request needs a caller [`PeerAuth::caller`] accepts.
+#[derive(Clone)]
+pub struct PeerPortGate {
+    svc: Arc<Service>,
+    auth: PeerAuth,
+}
+
+impl PeerPortGate {
+    /// The gate of `svc`'s peer port.
+    pub fn new(svc: Arc<Service>, auth: PeerAuth) -> Self {
+        PeerPortGate { svc, auth }
+    }
+}
+
+impl Interceptor for PeerPortGate {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        self.auth.caller(&self.svc, &req)?;
+        Ok(req)
+    }
+}
+
+/// The client port's gate: drops the forwarded mark, which only nodes may set.
+pub fn client_port_gate(mut req: Request<()>) -> Result<Request<()>, Status> {
+    req.metadata_mut().remove(FORWARDED_METADATA);
+    Ok(req)
 }

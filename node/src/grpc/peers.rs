@@ -1,5 +1,5 @@
-//! [`GrpcPeers`]: the service layer's calls to other nodes ([`PeerLink`]), carried over gRPC on
-//! the channels the Raft transport shares. Requests forwarded to the leader are marked
+//! [`GrpcPeers`]: the service layer's calls to other nodes ([`PeerLink`]), carried over gRPC to
+//! their peer ports on the channels the Raft transport shares. Requests forwarded to the leader are marked
 //! (`raftpg-forwarded`) so the leader never forwards them again; a peer's error status comes
 //! back as the [`ServiceError`] it stands for ([`super::status::from_status`]).
 
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use raftpg_proto::v1 as pb;
 use raftpg_proto::v1::cluster_client::ClusterClient;
-use raftpg_proto::v1::raft_client::RaftClient;
+use raftpg_proto::v1::peer_client::PeerClient;
 use raftpg_proto::v1::write_client::WriteClient;
 use raftpg_proto::FORWARDED_METADATA;
 use tonic::metadata::MetadataValue;
@@ -51,6 +51,13 @@ impl GrpcPeers {
             .max_decoding_message_size(CLUSTER_ANSWER_BYTES_MAX))
     }
 
+    fn peer(&self, addr: &str) -> Result<PeerClient<Channel>, ServiceError> {
+        Ok(
+            PeerClient::new(self.channel(addr)?)
+                .max_decoding_message_size(CLUSTER_ANSWER_BYTES_MAX),
+        )
+    }
+
     /// A request bounded by `timeout`.
     fn request<T>(msg: T, timeout: Duration) -> Request<T> {
         let mut r = Request::new(msg);
@@ -79,7 +86,7 @@ impl PeerLink for GrpcPeers {
         timeout: Duration,
     ) -> PeerResult<'a, WriteOutcome> {
         Box::pin(async move {
-            let mut client = WriteClient::new(self.channel(&leader.addr)?)
+            let mut client = WriteClient::new(self.channel(&leader.peer_addr)?)
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX);
             let r = self.forwarded(convert::execute_request(req), timeout);
@@ -90,7 +97,7 @@ impl PeerLink for GrpcPeers {
 
     fn read_index<'a>(&'a self, leader: &'a LeaderHint, timeout: Duration) -> PeerResult<'a, u64> {
         Box::pin(async move {
-            let mut client = RaftClient::new(self.channel(&leader.addr)?);
+            let mut client = PeerClient::new(self.channel(&leader.peer_addr)?);
             let r = Self::request(pb::ReadIndexRequest {}, timeout);
             match tokio::time::timeout(timeout, client.read_index(r)).await {
                 Err(_) => Err(ServiceError::deadline(format!(
@@ -108,7 +115,7 @@ impl PeerLink for GrpcPeers {
         timeout: Duration,
     ) -> PeerResult<'a, MembershipOutcome> {
         Box::pin(async move {
-            let mut client = self.cluster(&leader.addr)?;
+            let mut client = self.cluster(&leader.peer_addr)?;
             let answer = match change.clone() {
                 MembershipChange::AddLearner {
                     node_id,
@@ -148,7 +155,7 @@ impl PeerLink for GrpcPeers {
         timeout: Duration,
     ) -> PeerResult<'a, CheckReport> {
         Box::pin(async move {
-            let mut client = self.cluster(&leader.addr)?;
+            let mut client = self.cluster(&leader.peer_addr)?;
             let m = pb::CheckRequest {
                 timeout_ms: millis(wait),
             };
@@ -167,7 +174,7 @@ impl PeerLink for GrpcPeers {
         timeout: Duration,
     ) -> PeerResult<'a, Vec<TableChecksum>> {
         Box::pin(async move {
-            let mut client = self.cluster(addr)?;
+            let mut client = self.peer(addr)?;
             let m = pb::TableChecksumsRequest {
                 log_index,
                 timeout_ms: millis(wait),
@@ -204,7 +211,7 @@ impl PeerLink for GrpcPeers {
         timeout: Duration,
     ) -> PeerResult<'a, ()> {
         Box::pin(async move {
-            let mut client = self.cluster(addr)?;
+            let mut client = self.peer(addr)?;
             let m = pb::RetireRequest { log_index };
             client
                 .retire(Self::request(m, timeout))
@@ -216,12 +223,33 @@ impl PeerLink for GrpcPeers {
 
     fn start_election<'a>(&'a self, addr: &'a str, timeout: Duration) -> PeerResult<'a, ()> {
         Box::pin(async move {
-            let mut client = RaftClient::new(self.channel(addr)?);
+            let mut client = PeerClient::new(self.channel(addr)?);
             client
                 .start_election(Self::request(pb::ReadIndexRequest {}, timeout))
                 .await
                 .map_err(|s| from_status(&s))?;
             Ok(())
+        })
+    }
+
+    fn publish_address<'a>(
+        &'a self,
+        leader: &'a LeaderHint,
+        node_id: NodeId,
+        client_addr: &'a str,
+        timeout: Duration,
+    ) -> PeerResult<'a, u64> {
+        Box::pin(async move {
+            let mut client = self.peer(&leader.peer_addr)?;
+            let m = pb::PublishAddressRequest {
+                node_id,
+                client_addr: client_addr.to_string(),
+            };
+            let answer = client
+                .publish_address(Self::request(m, timeout))
+                .await
+                .map_err(|s| from_status(&s))?;
+            Ok(answer.into_inner().log_index)
         })
     }
 }

@@ -85,8 +85,12 @@ pub fn to_status(e: ServiceError) -> Status {
         status
             .metadata_mut()
             .insert(LEADER_ID_METADATA, MetadataValue::from(leader.id));
-        if let Ok(v) = MetadataValue::try_from(leader.addr.as_str()) {
-            status.metadata_mut().insert(LEADER_ADDR_METADATA, v);
+        // Empty while the leader has not published its client address.
+        match MetadataValue::try_from(leader.addr.as_str()) {
+            Ok(v) if !leader.addr.is_empty() => {
+                status.metadata_mut().insert(LEADER_ADDR_METADATA, v);
+            }
+            _ => {}
         }
     }
     status
@@ -113,6 +117,7 @@ pub fn from_status(s: &Status) -> ServiceError {
         Box::new(LeaderHint {
             id,
             addr: text(meta, LEADER_ADDR_METADATA).unwrap_or_default(),
+            peer_addr: String::new(),
         })
     });
     e
@@ -144,6 +149,7 @@ mod tests {
             Some(LeaderHint {
                 id: 3,
                 addr: "127.0.0.1:7003".into(),
+                peer_addr: String::new(),
             }),
         ));
         round_trip(ServiceError {

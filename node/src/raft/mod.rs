@@ -4,6 +4,7 @@
 //! - [`log_store`]: the Raft log in RocksDB (vote, entries, purge point); durable before
 //!   acknowledged, and never purged ahead of a durable snapshot.
 //! - [`network`]: openraft's RPCs to peers over gRPC.
+//! - [`append_check`]: what an incoming AppendEntries must satisfy before openraft sees it.
 //! - [`proposer`]: group commit — the leader's concurrent writes share one entry, stamped with
 //!   the entry's deterministic time and seed.
 //! - [`clock`]: the entry clock; timestamps never go backwards along the log.
@@ -11,6 +12,7 @@
 //!
 //! Never touches PostgreSQL: what an entry means is the business of [`crate::apply`].
 
+pub mod append_check;
 pub mod clock;
 pub mod log_store;
 pub mod network;

@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::command::NodeAddr;
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
     Unreachable,
@@ -19,8 +20,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
-use raftpg_proto::v1::raft_client::RaftClient;
+use raftpg_proto::v1::peer_client::PeerClient;
 use raftpg_proto::v1::RaftMessage;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -86,7 +86,7 @@ pub struct PeerConnection {
     target: NodeId,
     addr: String,
     channels: PeerChannels,
-    client: Option<RaftClient<Channel>>,
+    client: Option<PeerClient<Channel>>,
 }
 
 /// Opens a lazy channel to a node's gRPC address. With `source`, the connection's local end is
@@ -115,10 +115,10 @@ pub fn channel(
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConnection;
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
+    async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> PeerConnection {
         PeerConnection {
             target,
-            addr: node.addr.clone(),
+            addr: node.peer.clone(),
             channels: self.channels.clone(),
             client: None,
         }
@@ -151,7 +151,7 @@ enum TransportError {
 }
 
 impl PeerConnection {
-    fn client(&mut self) -> Result<RaftClient<Channel>, TransportError> {
+    fn client(&mut self) -> Result<PeerClient<Channel>, TransportError> {
         if let Some(client) = &self.client {
             return Ok(client.clone());
         }
@@ -162,7 +162,7 @@ impl PeerConnection {
                 addr: self.addr.clone(),
                 source,
             })?;
-        let client = RaftClient::new(ch)
+        let client = PeerClient::new(ch)
             .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
         self.client = Some(client.clone());
@@ -175,7 +175,7 @@ impl PeerConnection {
         payload: Vec<u8>,
         data: Vec<u8>,
         option: &RPCOption,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+    ) -> Result<Resp, RPCError<NodeId, NodeAddr, E>>
     where
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
@@ -222,7 +222,7 @@ impl PeerConnection {
 #[allow(clippy::result_large_err)] // openraft's error type
 fn encode<Req: Serialize, E: std::error::Error>(
     req: &Req,
-) -> Result<Vec<u8>, RPCError<NodeId, BasicNode, E>> {
+) -> Result<Vec<u8>, RPCError<NodeId, NodeAddr, E>> {
     serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))
 }
 
@@ -252,7 +252,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeAddr, RaftError<NodeId>>> {
         let payload = encode(&rpc)?;
         if let Some(fit) = entries_that_fit(rpc.entries.len(), payload.len(), APPEND_BYTES_MAX) {
             // Too many large entries for one message: openraft sends fewer (the node refuses
@@ -271,7 +271,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+        RPCError<NodeId, NodeAddr, RaftError<NodeId, InstallSnapshotError>>,
     > {
         let data = std::mem::take(&mut rpc.data);
         let payload = encode(&rpc)?;
@@ -282,7 +282,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         &mut self,
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, NodeAddr, RaftError<NodeId>>> {
         let payload = encode(&rpc)?;
         self.call(RpcKind::Vote, payload, Vec::new(), &option).await
     }

@@ -34,7 +34,7 @@ use openraft::storage::RaftLogReader;
 use openraft::EntryPayload;
 
 /// Why a proposed write has no outcome.
-pub type ProposeError = RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>;
+pub type ProposeError = RaftError<NodeId, ClientWriteError<NodeId, crate::command::NodeAddr>>;
 
 /// What a write's caller gets: the entry's log id and the write's own outcome.
 pub type ProposeResult = Result<(LogId, ApplyOutcome), ProposeError>;

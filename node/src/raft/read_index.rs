@@ -21,7 +21,7 @@ pub enum ReadIndexError {
     NotLeader,
     /// A quorum did not confirm this node's leadership (openraft's reason).
     #[error("{0}")]
-    Unconfirmed(Arc<RaftError<NodeId, CheckIsLeaderError<NodeId, openraft::BasicNode>>>),
+    Unconfirmed(Arc<RaftError<NodeId, CheckIsLeaderError<NodeId, crate::command::NodeAddr>>>),
     /// The confirmation round ended without an answer (the node is shutting down).
     #[error("the read index round ended without an answer")]
     RoundLost,

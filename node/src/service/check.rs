@@ -62,7 +62,7 @@ impl Service {
             let m = self.raft.metrics().borrow().membership_config.clone();
             m.membership()
                 .nodes()
-                .map(|(id, n)| (*id, n.addr.clone()))
+                .map(|(id, n)| (*id, n.peer.clone()))
                 .collect()
         };
         let mut nodes = Vec::with_capacity(members.len());

@@ -93,8 +93,11 @@ impl ErrorKind {
 pub struct LeaderHint {
     /// The leader's node id.
     pub id: NodeId,
-    /// The leader's client address.
+    /// The leader's client address (what clients are sent to; empty while unknown).
     pub addr: String,
+    /// The leader's peer address (where other nodes forward to; empty when the hint came
+    /// from another node's answer).
+    pub peer_addr: String,
 }
 
 /// A failed service operation. See the module doc.

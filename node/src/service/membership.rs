@@ -1,23 +1,30 @@
 //! Cluster membership: add a learner, promote learners to voters, remove members, transfer
-//! leadership, and retire a removed node.
+//! leadership, retire a removed node, and record members' client addresses.
 //!
 //! Changes run on the leader (other nodes forward them, [`Service::route`]) through openraft's
 //! joint consensus. Every change is idempotent: asking for a state the cluster is already in
 //! succeeds with `log_index = 0`. A node is added only if its PostgreSQL matches the leader's
 //! (major version, encoding, collation); a node that was removed is told so (retire) and stops
 //! serving.
+//!
+//! The membership stores each node's peer address (what Raft replicates to) and its client
+//! address (what leader hints name). A learner's client address comes from its answer to the
+//! leader's probe; the founding members publish theirs once they are members
+//! ([`Service::publish_own_address`]), each only its own.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, ChangeMembers};
-use tracing::{info, warn};
+use openraft::ChangeMembers;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
 
 use super::error::{ErrorKind, ServiceError};
 use super::node::{Route, Service};
 use super::types::{MemberInfo, MembershipChange, MembershipOutcome, NodeStatus, Origin};
-use crate::command::{NodeId, TypeConfig};
+use crate::command::{NodeAddr, NodeId, TypeConfig};
 
 /// Longest wait for a membership change (a learner catching up may take a snapshot install).
 const CHANGE_WAIT: Duration = Duration::from_secs(300);
@@ -73,7 +80,8 @@ pub fn members(svc: &Service) -> Vec<MemberInfo> {
                 .flatten();
             MemberInfo {
                 node_id: *id,
-                addr: node.addr.clone(),
+                addr: node.client.clone(),
+                peer_addr: node.peer.clone(),
                 voter: voters.contains(id),
                 matched_index: matched.map(|l| l.index),
             }
@@ -90,7 +98,7 @@ fn done(svc: &Service, log_index: u64, message: impl Into<String>) -> Membership
 }
 
 fn change_error(
-    e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+    e: RaftError<NodeId, ClientWriteError<NodeId, NodeAddr>>,
     svc: &Service,
 ) -> ServiceError {
     match e {
@@ -108,7 +116,7 @@ fn change_error(
 
 async fn change(
     svc: &Service,
-    changes: ChangeMembers<NodeId, BasicNode>,
+    changes: ChangeMembers<NodeId, NodeAddr>,
 ) -> Result<openraft::raft::ClientWriteResponse<TypeConfig>, ServiceError> {
     tokio::time::timeout(CHANGE_WAIT, svc.raft.change_membership(changes, false))
         .await
@@ -132,7 +140,7 @@ async fn add_learner(
     check_addr(&addr)?;
     let existing = {
         let m = svc.raft.metrics().borrow().membership_config.clone();
-        m.membership().get_node(&node_id).map(|n| n.addr.clone())
+        m.membership().get_node(&node_id).map(|n| n.peer.clone())
     };
     match existing {
         Some(a) if a == addr => {
@@ -152,12 +160,12 @@ async fn add_learner(
         }
         None => {}
     }
-    check_joining_node(svc, node_id, &addr).await?;
-    info!(node_id, %addr, "adding learner");
+    let client = check_joining_node(svc, node_id, &addr).await?;
+    info!(node_id, peer = %addr, %client, "adding learner");
+    let node = NodeAddr { peer: addr, client };
     let resp = tokio::time::timeout(
         CHANGE_WAIT,
-        svc.raft
-            .add_learner(node_id, BasicNode::new(addr), wait_caught_up),
+        svc.raft.add_learner(node_id, node, wait_caught_up),
     )
     .await
     .map_err(|_| {
@@ -197,14 +205,14 @@ fn check_addr(addr: &str) -> Result<(), ServiceError> {
     }
 }
 
-/// Checks that the node at `addr` runs, is `node_id`, was never removed, and runs a
-/// PostgreSQL like ours. A node that was just started may take a few seconds to initialize
-/// its PostgreSQL: it gets a minute to answer.
+/// Checks that the node at peer address `addr` runs, is `node_id`, was never removed, and runs
+/// a PostgreSQL like ours, and returns its client address. A node that was just started may
+/// take a few seconds to initialize its PostgreSQL: it gets a minute to answer.
 async fn check_joining_node(
     svc: &Service,
     node_id: NodeId,
     addr: &str,
-) -> Result<(), ServiceError> {
+) -> Result<String, ServiceError> {
     let probe_deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let theirs: NodeStatus = loop {
         match svc.peers.status(addr, 0, Duration::from_secs(5)).await {
@@ -234,6 +242,8 @@ async fn check_joining_node(
             "node {node_id} was removed from a cluster; wipe its data directory to add it again"
         )));
     }
+    let client = theirs.client_addr.clone();
+    check_addr(&client)?;
     let ours = svc.pg_identity().await?;
     let theirs = theirs.identity;
     let major = |v: &str| v.parse::<u64>().map(|n| n / 10_000).unwrap_or(0);
@@ -246,7 +256,7 @@ async fn check_joining_node(
             theirs.version, theirs.encoding, theirs.collation, ours.version, ours.encoding, ours.collation
         )));
     }
-    Ok(())
+    Ok(client)
 }
 
 /// Makes learners voters.
@@ -287,7 +297,7 @@ async fn remove(svc: &Service, ids: Vec<NodeId>) -> Result<MembershipOutcome, Se
             m.membership().voter_ids().collect(),
             m.membership()
                 .nodes()
-                .map(|(id, n)| (*id, n.addr.clone()))
+                .map(|(id, n)| (*id, n.peer.clone()))
                 .collect(),
         )
     };
@@ -350,7 +360,7 @@ async fn transfer_leader(svc: &Service, target: NodeId) -> Result<MembershipOutc
     let (addr, is_voter, matched, last) = {
         let m = svc.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
-        let addr = membership.get_node(&target).map(|n| n.addr.clone());
+        let addr = membership.get_node(&target).map(|n| n.peer.clone());
         let is_voter = membership.voter_ids().any(|v| v == target);
         let matched = m
             .replication
@@ -402,6 +412,92 @@ async fn transfer_leader(svc: &Service, target: NodeId) -> Result<MembershipOutc
     }
     svc.raft.runtime_config().heartbeat(true);
     outcome
+}
+
+/// How often a member checks that the membership holds its client address.
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+
+/// Longest wait for the leader to record a published address.
+const PUBLISH_WAIT: Duration = Duration::from_secs(10);
+
+impl Service {
+    /// Records `client` as member `node_id`'s client address (on the leader). The frontend has
+    /// checked that the caller is node `node_id`. Answers the log index of the change (0: it
+    /// was recorded already).
+    pub async fn publish_address(
+        &self,
+        node_id: NodeId,
+        client: String,
+    ) -> Result<u64, ServiceError> {
+        check_addr(&client)?;
+        if !self.is_leader() {
+            return Err(ServiceError::unavailable(
+                "this node is not the leader",
+                self.leader(),
+            ));
+        }
+        let node = {
+            let m = self.raft.metrics().borrow().membership_config.clone();
+            m.membership().get_node(&node_id).cloned()
+        };
+        let Some(node) = node else {
+            return Err(ServiceError::new(
+                ErrorKind::NotFound,
+                format!("node {node_id} is not a member"),
+            ));
+        };
+        if node.client == client {
+            return Ok(0);
+        }
+        let node = NodeAddr {
+            peer: node.peer,
+            client,
+        };
+        // SetNodes replaces the node's entry; only the client address changes, which Raft
+        // does not use, so this cannot split the cluster.
+        let resp = change(
+            self,
+            ChangeMembers::SetNodes(BTreeMap::from([(node_id, node.clone())])),
+        )
+        .await?;
+        info!(node_id, client = %node.client, index = resp.log_id.index, "recorded a member's client address");
+        Ok(resp.log_id.index)
+    }
+
+    /// Keeps this node's client address (`--advertise`) in the membership: once a second,
+    /// while this node is a member whose recorded address differs, asks the leader to record
+    /// it. Runs until shutdown or removal.
+    pub async fn publish_own_address(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(PUBLISH_EVERY) => {}
+            }
+            if self.is_removed() {
+                return;
+            }
+            let recorded = {
+                let m = self.raft.metrics().borrow().membership_config.clone();
+                m.membership().get_node(&self.id).map(|n| n.client.clone())
+            };
+            let client = self.addrs.client.clone();
+            if recorded.is_none_or(|c| c == client) {
+                continue;
+            }
+            let result = if self.is_leader() {
+                self.publish_address(self.id, client).await
+            } else if let Some(leader) = self.leader().filter(|l| l.id != self.id) {
+                self.peers
+                    .publish_address(&leader, self.id, &client, PUBLISH_WAIT)
+                    .await
+            } else {
+                continue;
+            };
+            if let Err(e) = result {
+                debug!(error = %e.message, "publishing this node's client address; will retry");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

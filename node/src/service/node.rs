@@ -16,7 +16,7 @@ use super::error::{LeaderHint, ServiceError};
 use super::peers::PeerLink;
 use super::types::{Origin, PgIdentity};
 use crate::apply::state_machine::ApplierStatus;
-use crate::command::{NodeId, Raft};
+use crate::command::{NodeAddr, NodeId, Raft};
 use crate::pg::read_pool::ReadPool;
 use crate::pg::supervisor::PgHealth;
 use crate::raft::proposer::Proposer;
@@ -75,6 +75,8 @@ pub struct ServiceParts {
     pub data_dir: PathBuf,
     /// The node runs without TLS (`--insecure`), reported in its status.
     pub insecure: bool,
+    /// This node's advertised client and peer addresses.
+    pub addrs: NodeAddr,
 }
 
 /// A node's services: the shared handles every operation uses. See the module doc.
@@ -95,6 +97,8 @@ pub struct Service {
     pub(super) data_dir: PathBuf,
     /// The node runs without TLS (`--insecure`).
     pub(super) insecure: bool,
+    /// This node's advertised client and peer addresses.
+    pub(super) addrs: NodeAddr,
     /// Set when the cluster removed this node: it serves no more reads or writes.
     pub(super) removed: AtomicBool,
     /// Memo of the leader-side SQL check and rewrite.
@@ -124,6 +128,7 @@ impl Service {
             unsafe_local_linearizable_reads: parts.unsafe_local_linearizable_reads,
             data_dir: parts.data_dir,
             insecure: parts.insecure,
+            addrs: parts.addrs,
             removed: AtomicBool::new(removed),
             prepared_writes: Default::default(),
             pg_identity: tokio::sync::OnceCell::new(),
@@ -155,8 +160,28 @@ impl Service {
         let m = self.raft.metrics();
         let m = m.borrow();
         let id = m.current_leader?;
-        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
-        Some(LeaderHint { id, addr })
+        let node = m.membership_config.membership().get_node(&id)?;
+        Some(LeaderHint {
+            id,
+            addr: node.client.clone(),
+            peer_addr: node.peer.clone(),
+        })
+    }
+
+    /// Whether node `node` may talk to this one as a peer: while this node has no membership
+    /// yet (it waits to be added), any node; then a node of the effective membership (the last
+    /// in the log) or of the last membership applied here — a node being removed stays a peer
+    /// until its removal is applied, so the outgoing leader can finish the change.
+    pub fn is_peer(&self, node: NodeId) -> bool {
+        {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            if membership.nodes().next().is_none() || membership.get_node(&node).is_some() {
+                return true;
+            }
+        }
+        self.applier.applied_members().contains(&node)
     }
 
     /// Whether this node currently leads.
@@ -185,8 +210,10 @@ impl Service {
 
     /// Where a request that must run on the leader runs: here when this node leads; else on
     /// the leader, once one is known (waiting at most `wait`). A forwarded request is refused
-    /// rather than forwarded again.
+    /// rather than forwarded again. A removed node routes nothing (its certificate no longer
+    /// opens the members' peer ports): it answers UNAVAILABLE, so clients go elsewhere.
     pub async fn route(&self, origin: Origin, wait: Duration) -> Result<Route, ServiceError> {
+        self.refuse_if_removed()?;
         if self.is_leader() {
             return Ok(Route::Here);
         }
@@ -222,7 +249,7 @@ impl Service {
             // Unavailable: nothing was done, and clients should use another node.
             return Err(ServiceError::unavailable(
                 format!(
-                    "node {} was removed from the cluster and no longer serves reads or writes; use another node",
+                    "node {} was removed from the cluster and no longer serves reads, writes or cluster changes; use another node",
                     self.id
                 ),
                 self.other_leader(),

@@ -1,4 +1,4 @@
-//! How this node reaches the other nodes: forwarding a request to the leader, asking the leader
+//! How this node reaches the other nodes (at their peer addresses): forwarding a request to the leader, asking the leader
 //! for a read index, probing, telling and asking members. The service layer decides *when* to
 //! call another node ([`super::node::Service::route`]); a [`PeerLink`] only carries the call.
 //! The implementation lives with a frontend's client side (`grpc::peers`), so this layer stays
@@ -76,4 +76,14 @@ pub trait PeerLink: Send + Sync {
 
     /// Asks the node at `addr` to start an election now (leadership transfer).
     fn start_election<'a>(&'a self, addr: &'a str, timeout: Duration) -> PeerResult<'a, ()>;
+
+    /// Asks the leader to record `client_addr` as this node's (`node_id`) client address;
+    /// answers the log index of the change.
+    fn publish_address<'a>(
+        &'a self,
+        leader: &'a LeaderHint,
+        node_id: NodeId,
+        client_addr: &'a str,
+        timeout: Duration,
+    ) -> PeerResult<'a, u64>;
 }

@@ -38,7 +38,7 @@ impl Service {
         };
         let leader_addr = m
             .current_leader
-            .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()))
+            .and_then(|l| membership.get_node(&l).map(|n| n.client.clone()))
             .unwrap_or_default();
         let health = self.pg_health.borrow().clone();
         Ok(NodeStatus {
@@ -61,6 +61,8 @@ impl Service {
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             insecure: self.insecure,
+            client_addr: self.addrs.client.clone(),
+            peer_addr: self.addrs.peer.clone(),
         })
     }
 
@@ -70,7 +72,7 @@ impl Service {
             let m = self.raft.metrics().borrow().clone();
             let membership = m.membership_config.membership();
             match membership.get_node(&node_id) {
-                Some(node) => node.addr.clone(),
+                Some(node) => node.peer.clone(),
                 None => {
                     let ids: Vec<String> =
                         membership.nodes().map(|(id, _)| id.to_string()).collect();

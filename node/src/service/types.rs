@@ -108,7 +108,7 @@ pub enum MembershipChange {
     AddLearner {
         /// Its id.
         node_id: NodeId,
-        /// Its client address.
+        /// Its peer address (its client address comes from its answer to the probe).
         addr: String,
         /// Answer only once it caught up with the log.
         wait_caught_up: bool,
@@ -126,8 +126,10 @@ pub enum MembershipChange {
 pub struct MemberInfo {
     /// Its id.
     pub node_id: NodeId,
-    /// Its client address.
+    /// Its client address (empty until the node published it).
     pub addr: String,
+    /// Its peer address.
+    pub peer_addr: String,
     /// Voter (or learner).
     pub voter: bool,
     /// The last log index the leader knows it holds (leader only; `None` when unknown).
@@ -150,7 +152,7 @@ pub struct MembershipOutcome {
 pub struct NodeChecksums {
     /// The node.
     pub node_id: NodeId,
-    /// Its address.
+    /// Its peer address.
     pub addr: String,
     /// Its table checksums, or the error it answered with.
     pub tables: Result<Vec<TableChecksum>, String>,
@@ -193,7 +195,7 @@ pub struct NodeStatus {
     pub term: u64,
     /// The leader it knows of.
     pub leader_id: Option<NodeId>,
-    /// The leader's address (empty when unknown).
+    /// The leader's client address (empty when unknown).
     pub leader_addr: String,
     /// Last index in its log.
     pub last_log_index: u64,
@@ -217,4 +219,8 @@ pub struct NodeStatus {
     pub snapshot_index: u64,
     /// It runs without TLS (`--insecure`).
     pub insecure: bool,
+    /// Its advertised client address.
+    pub client_addr: String,
+    /// Its advertised peer address.
+    pub peer_addr: String,
 }

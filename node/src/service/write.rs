@@ -163,7 +163,7 @@ impl Service {
         leader: &LeaderHint,
         req: &WriteRequest,
     ) -> Result<WriteOutcome, ServiceError> {
-        debug!(leader_id = leader.id, addr = %leader.addr, "forwarding write to the leader");
+        debug!(leader_id = leader.id, addr = %leader.peer_addr, "forwarding write to the leader");
         self.peers
             .execute(leader, req, self.limits.write_timeout)
             .await
@@ -172,7 +172,7 @@ impl Service {
                     ServiceError::unavailable(
                         format!(
                             "forwarding to leader {} at {} failed: {}",
-                            leader.id, leader.addr, e.message
+                            leader.id, leader.peer_addr, e.message
                         ),
                         Some(leader.clone()),
                     )

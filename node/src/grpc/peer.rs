@@ -1,33 +1,42 @@
-//! The internal `Raft` gRPC service: receives openraft RPCs from other nodes (see `raft::network`)
-//! and answers read-index requests for linearizable reads served by followers.
+//! The node-to-node `Peer` gRPC service, served only on the peer port: openraft's RPCs from
+//! other nodes (see `raft::network`), read-index requests for linearizable reads served by
+//! followers, leadership hand-off, divergence-check checksums, retirement, and members
+//! publishing their client addresses. Every RPC is authorized by [`PeerAuth`].
 
 use std::sync::Arc;
 
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
-use raftpg_proto::v1::raft_server::Raft as RaftApi;
-use raftpg_proto::v1::{RaftMessage, ReadIndexRequest, ReadIndexResponse};
+use raftpg_proto::v1::peer_server::Peer as PeerApi;
+use raftpg_proto::v1::{
+    PublishAddressRequest, PublishAddressResponse, RaftMessage, ReadIndexRequest,
+    ReadIndexResponse, RetireRequest, RetireResponse, TableChecksumsRequest,
+    TableChecksumsResponse,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
+use super::convert;
 use super::peer_auth::{speaks_for, PeerAuth};
 use super::status::to_status;
 use crate::command::{NodeId, TypeConfig};
+use crate::raft::append_check::check_append_entries;
+use crate::service::check::wait_of;
 use crate::service::Service;
 
 /// Longest wait for a quorum to confirm a read index asked by a follower.
 const READ_INDEX_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Serves openraft's RPCs.
-pub struct RaftService {
+/// Serves the peer RPCs.
+pub struct PeerService {
     svc: Arc<Service>,
     auth: PeerAuth,
 }
 
-impl RaftService {
+impl PeerService {
     /// Creates the service; `auth` says who may call it.
     pub fn new(svc: Arc<Service>, auth: PeerAuth) -> Self {
-        RaftService { svc, auth }
+        PeerService { svc, auth }
     }
 }
 
@@ -45,33 +54,8 @@ fn encode<T: Serialize>(v: &T) -> Result<Response<RaftMessage>, Status> {
     }))
 }
 
-/// Refuses an AppendEntries that no correct leader sends and that openraft 0.9 does not check
-/// itself (it asserts them, and its core stops when the assertion fails): entries that do not
-/// follow `prev_log_id` one index after another, or whose terms go backwards or beyond the
-/// sender's vote.
-fn check_append_entries(rpc: &AppendEntriesRequest<TypeConfig>) -> Result<(), Status> {
-    let malformed = |why: &str| Status::invalid_argument(format!("malformed AppendEntries: {why}"));
-    let first_index = rpc.prev_log_id.map_or(0, |l| l.index + 1);
-    let mut last_term = rpc.prev_log_id.map_or(0, |l| l.leader_id.term);
-    for (index, e) in (first_index..).zip(&rpc.entries) {
-        if e.log_id.index != index {
-            return Err(malformed(
-                "entries do not follow prev_log_id one index after another",
-            ));
-        }
-        let term = e.log_id.leader_id.term;
-        if term < last_term || term > rpc.vote.leader_id().term {
-            return Err(malformed(
-                "entry terms go backwards or beyond the sender's vote",
-            ));
-        }
-        last_term = term;
-    }
-    Ok(())
-}
-
 #[tonic::async_trait]
-impl RaftApi for RaftService {
+impl PeerApi for PeerService {
     async fn append_entries(
         &self,
         req: Request<RaftMessage>,
@@ -79,7 +63,7 @@ impl RaftApi for RaftService {
         let caller = self.auth.caller(&self.svc, &req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
         speaks_for(caller, rpc.vote.leader_id().voted_for())?;
-        check_append_entries(&rpc)?;
+        check_append_entries(&rpc).map_err(|e| Status::invalid_argument(e.to_string()))?;
         encode(&self.svc.raft().append_entries(rpc).await)
     }
 
@@ -124,6 +108,46 @@ impl RaftApi for RaftService {
             .confirm_read_index(READ_INDEX_WAIT)
             .await
             .map(|index| Response::new(ReadIndexResponse { index }))
+            .map_err(to_status)
+    }
+
+    async fn table_checksums(
+        &self,
+        req: Request<TableChecksumsRequest>,
+    ) -> Result<Response<TableChecksumsResponse>, Status> {
+        self.auth.caller(&self.svc, &req)?;
+        let req = req.into_inner();
+        let tables = self
+            .svc
+            .table_checksums(req.log_index, wait_of(req.timeout_ms))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(TableChecksumsResponse {
+            node_id: self.svc.id(),
+            tables: tables.into_iter().map(convert::table_checksum).collect(),
+        }))
+    }
+
+    async fn retire(
+        &self,
+        req: Request<RetireRequest>,
+    ) -> Result<Response<RetireResponse>, Status> {
+        self.auth.caller(&self.svc, &req)?;
+        self.svc.retire(req.get_ref().log_index);
+        Ok(Response::new(RetireResponse {}))
+    }
+
+    async fn publish_address(
+        &self,
+        req: Request<PublishAddressRequest>,
+    ) -> Result<Response<PublishAddressResponse>, Status> {
+        let caller = self.auth.caller(&self.svc, &req)?;
+        let req = req.into_inner();
+        speaks_for(caller, Some(req.node_id))?;
+        self.svc
+            .publish_address(req.node_id, req.client_addr)
+            .await
+            .map(|log_index| Response::new(PublishAddressResponse { log_index }))
             .map_err(to_status)
     }
 }
