@@ -24,6 +24,7 @@
 //! Modules, in the order a write meets them:
 //!
 //! - [`grpc`]: the gRPC frontend (decode, call the service layer, encode).
+//! - [`auth`]: who a request comes from (PostgreSQL roles, SCRAM-SHA-256 verifiers).
 //! - [`service`]: what a client can do, with no protocol in it: limits, routing to the
 //!   leader, proposing and waiting, the consistency levels of reads.
 //! - [`sql`]: the leader-side SQL gate and rewrite.
@@ -37,6 +38,7 @@
 //! Dependencies go one way (no cycles between files or folders; `tests/module_graph.rs`).
 
 pub mod apply;
+pub mod auth;
 pub mod command;
 pub mod config;
 pub mod grpc;

@@ -215,10 +215,11 @@ pub struct BatchEnd {
 
 /// Records the batch's end in the batch's own transaction (invariant 1), with the exact
 /// position `(last_value, is_called)` of every sequence (restored after a PostgreSQL crash or an
-/// aborted batch, either of which can make sequences skip values on one node only).
+/// aborted batch, either of which can make sequences skip values on one node only) and the
+/// state of the user roles (see `apply::roles`: it travels with snapshots).
 const RECORD_APPLIED_SQL: &str = "
     UPDATE raftpg.applied SET log_index = $1, log_id = $2, membership = $3, writes = $4,
-        sequences = raftpg.sequence_positions()";
+        sequences = raftpg.sequence_positions(), roles = raftpg.role_state()";
 
 impl Applier {
     /// Connects and sets the session up (bootstrap of raftpg's schema is the caller's).

@@ -7,6 +7,8 @@
 //!   deterministic inputs, exactly-once check, `raftpg.end_write`).
 //! - [`request_log`]: outcomes of requests with a request id (exactly-once retries).
 //! - [`checksums`]: per-table checksums at one log position (`raftpg check`).
+//! - [`roles`]: the user roles' state, recorded with every batch so that it travels with
+//!   snapshots, and made this node's roles after an install.
 //! - [`limits`]: the apply path's limits.
 //! - [`snapshot`]: `pg_dump` snapshots, their transfer and restore, and the purge limit.
 //!
@@ -20,5 +22,6 @@ pub mod applier;
 pub mod checksums;
 pub mod limits;
 pub mod request_log;
+pub mod roles;
 pub mod snapshot;
 pub mod state_machine;

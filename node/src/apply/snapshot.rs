@@ -214,6 +214,12 @@ impl SnapshotStore {
         self.db.get_dbname().unwrap_or("raftpg").to_string()
     }
 
+    fn on_database(&self, name: &str) -> tokio_postgres::Config {
+        let mut c = self.db.clone();
+        c.dbname(name);
+        c
+    }
+
     fn admin(&self) -> tokio_postgres::Config {
         let mut c = self.db.clone();
         c.dbname("postgres");
@@ -567,6 +573,7 @@ impl SnapshotStore {
         info!(id = %meta.snapshot_id, "installing snapshot");
         self.recover().await?;
         let admin = Self::connect(&self.admin()).await?;
+        self.create_roles_of(&admin, file).await?;
         let restore_db = self.restore_into_fresh_database(&admin, file).await?;
         // The restored database must be at exactly the snapshot's log position.
         let got = self.database_log_id(&restore_db).await?;
@@ -588,6 +595,62 @@ impl SnapshotStore {
             ))
             .await?;
         info!(id = %meta.snapshot_id, ms = started.elapsed().as_millis() as u64, "installed snapshot");
+        Ok(())
+    }
+
+    /// Creates and updates the roles the archive `file` recorded (`raftpg.applied.roles`, see
+    /// `apply::roles`), so that its owners and grants exist when it is restored: restores that
+    /// one table into a scratch database `<db>_roles`, reads the state, drops the scratch
+    /// database. Roles the archive does not have are dropped later, when the applier connects
+    /// to the restored database.
+    async fn create_roles_of(
+        &self,
+        admin: &tokio_postgres::Client,
+        file: &Path,
+    ) -> Result<(), SnapshotError> {
+        let scratch = format!("{}_roles", self.dbname());
+        // Two commands: DROP/CREATE DATABASE cannot run in the implicit transaction of one.
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {scratch} WITH (FORCE)"))
+            .await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {scratch} TEMPLATE template0"))
+            .await?;
+        let state = async {
+            {
+                let db = Self::connect(&self.on_database(&scratch)).await?;
+                db.batch_execute("CREATE SCHEMA raftpg").await?;
+            }
+            self.run_tool(
+                "pg_restore",
+                &scratch,
+                &[
+                    "--schema=raftpg".into(),
+                    "--table=applied".into(),
+                    "--exit-on-error".into(),
+                    file.display().to_string(),
+                ],
+            )
+            .await?;
+            let db = Self::connect(&self.on_database(&scratch)).await?;
+            let row = db
+                .query_opt(
+                    "SELECT roles FROM raftpg.applied WHERE roles IS NOT NULL",
+                    &[],
+                )
+                .await?;
+            Ok::<_, SnapshotError>(row.map(|r| r.get::<_, serde_json::Value>(0)))
+        }
+        .await;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {scratch} WITH (FORCE)"))
+            .await?;
+        if let Some(state) = state? {
+            // raftpg's functions live in the node's database (the applier created them).
+            let db = Self::connect(&self.db).await?;
+            db.execute("SELECT raftpg.apply_roles($1, false)", &[&state])
+                .await?;
+        }
         Ok(())
     }
 
@@ -697,7 +760,11 @@ impl SnapshotStore {
                 .batch_execute(&format!("ALTER DATABASE {db} WITH ALLOW_CONNECTIONS true"))
                 .await?;
         }
-        for leftover in [format!("{db}_restore"), format!("{db}_replaced")] {
+        for leftover in [
+            format!("{db}_restore"),
+            format!("{db}_replaced"),
+            format!("{db}_roles"),
+        ] {
             admin
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {leftover} WITH (FORCE)"))
                 .await?;

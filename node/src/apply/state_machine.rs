@@ -30,6 +30,7 @@ pub use super::limits::ApplyLimits;
 use crate::apply::applier::{Applier, BatchEnd, EnvError, Pending, RunWrite};
 use crate::apply::checksums;
 use crate::apply::request_log;
+use crate::apply::roles;
 use crate::apply::snapshot::{SnapshotError, SnapshotStore};
 use crate::command::{
     ApplyOutcome, Command, Entry, LogId, NodeId, StoredMembership, TypeConfig, WriteCommand,
@@ -312,6 +313,9 @@ impl StateMachineCore {
         client.batch_execute(DETERMINISTIC_FUNCTIONS_SQL).await?;
         client.batch_execute(request_log::BOOTSTRAP_SQL).await?;
         client.batch_execute(checksums::BOOTSTRAP_SQL).await?;
+        client.batch_execute(roles::BOOTSTRAP_SQL).await?;
+        // After a snapshot install the roles become the snapshot's (apply::roles).
+        client.batch_execute(roles::APPLY_RECORDED_SQL).await?;
         let raftpg_oid: u32 = client
             .query_one("SELECT 'raftpg'::regnamespace::oid", &[])
             .await?

@@ -444,6 +444,9 @@ pub fn prepare_write(sql: &str) -> Result<String, Refusal> {
     check_statement_kind(stmt)?;
     check_row_order(stmt, scan.per_row_calls)?;
     check_function_bodies(stmt)?;
+    if let Some(rewritten) = super::roles::prepare(sql, stmt)? {
+        return Ok(rewritten);
+    }
     if scan.funcs.is_empty() && scan.keywords.is_empty() && literals.is_empty() {
         return Ok(sql.to_string());
     }
@@ -741,9 +744,10 @@ const PREPARED_MAX: usize = 1024;
 const PREPARED_SQL_BYTES_MAX: usize = 4096;
 
 impl PreparedWrites {
-    /// [`prepare_write`], memoized.
+    /// [`prepare_write`], memoized — except statements that may hold a password (the memo
+    /// would keep it, and every `CREATE ROLE` with it would get the same salt).
     pub fn prepare(&self, sql: &str) -> Result<String, Refusal> {
-        if sql.len() > PREPARED_SQL_BYTES_MAX {
+        if sql.len() > PREPARED_SQL_BYTES_MAX || contains_ignore_case(sql, "password") {
             return prepare_write(sql);
         }
         if let Some(hit) = self.memo.lock().unwrap_or_else(|p| p.into_inner()).get(sql) {
@@ -757,6 +761,13 @@ impl PreparedWrites {
         memo.insert(sql.to_string(), result.clone());
         result
     }
+}
+
+fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 fn cannot_rewrite(what: &str) -> Refusal {
@@ -870,9 +881,6 @@ fn check_statement_kind(stmt: &NodeEnum) -> Result<(), Refusal> {
         }
         NodeEnum::CreateSubscriptionStmt(_) | NodeEnum::CreatePublicationStmt(_) | NodeEnum::AlterSubscriptionStmt(_) => {
             Some("logical replication objects are node-local")
-        }
-        NodeEnum::CreateRoleStmt(_) | NodeEnum::AlterRoleStmt(_) | NodeEnum::DropRoleStmt(_) | NodeEnum::AlterRoleSetStmt(_) => {
-            Some("roles are cluster-wide objects of each node's PostgreSQL, outside the replicated database")
         }
         _ => None,
     };

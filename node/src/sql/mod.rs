@@ -4,6 +4,8 @@
 //! - [`gate`]: parses each write, refuses what could diverge or escape (per-node state,
 //!   session settings, raftpg's own schema), and rewrites non-deterministic calls into the
 //!   entry's deterministic inputs.
+//! - [`roles`]: role statements — passwords become SCRAM-SHA-256 verifiers here; no
+//!   superusers; raftpg's own and PostgreSQL's predefined roles are out of reach.
 //! - [`time_literals`]: `'now'`, `'today'`, … become explicit casts of the entry's time.
 //! - [`session_rules`]: the settings a write may change and the guard functions the applier
 //!   installs to check, at each write's end, that nothing else changed.
@@ -12,5 +14,6 @@
 //! connection.
 
 pub mod gate;
+pub mod roles;
 pub mod session_rules;
 pub mod time_literals;

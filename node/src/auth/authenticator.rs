@@ -1,0 +1,241 @@
+//! [`Authenticator`]: who a request comes from. Checks a user name and password against the
+//! role's SCRAM-SHA-256 verifier in this node's `pg_authid` — the roles are replicated through
+//! the log, so every node holds the same verifiers — and says whether the role may administer
+//! the cluster (a superuser, or a member of `raftpg_admin`).
+//!
+//! Owns a small cache so that a request does not cost a catalog lookup and 4096 HMACs: for
+//! each user, the `pg_authid` row it read and a keyed digest of the last password that
+//! matched it, both trusted for [`CACHE_TTL`]. A password change, `NOLOGIN`, `VALID UNTIL` or
+//! `DROP ROLE` therefore takes effect on every node within that time. The cache holds at most
+//! [`CACHE_USERS_MAX`] users (it is emptied when full) and never a password.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+
+use super::scram::Verifier;
+use crate::pg::read_pool::ReadPool;
+
+/// How long a looked-up role (and a password that matched it) is trusted.
+pub const CACHE_TTL: Duration = Duration::from_secs(2);
+
+/// Most users in the cache.
+const CACHE_USERS_MAX: usize = 10_000;
+
+/// Longest user name or password accepted (PostgreSQL's names are at most 63 bytes).
+pub const CREDENTIAL_BYTES_MAX: usize = 1024;
+
+/// The role a request runs as, once authenticated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// The role's name.
+    pub user: String,
+    /// A superuser or a member of `raftpg_admin`: may change membership, run checks, see
+    /// every node's status.
+    pub admin: bool,
+}
+
+/// A user name and password as a client sent them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The role's name.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"<hidden>")
+            .finish()
+    }
+}
+
+/// Why a request was not authenticated.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No credentials where they are required.
+    #[error(
+        "authentication required: send a user name and password (raftpg-user, raftpg-password)"
+    )]
+    Missing,
+    /// No such role (SQLSTATE 28000).
+    #[error("role \"{0}\" does not exist")]
+    UnknownUser(String),
+    /// The role may not log in (NOLOGIN), or has no SCRAM-SHA-256 password (28000).
+    #[error("role \"{0}\" is not permitted to log in")]
+    CannotLogin(String),
+    /// Wrong password, or the password expired (VALID UNTIL) (28P01).
+    #[error("password authentication failed for user \"{0}\"")]
+    WrongPassword(String),
+    /// The roles could not be read (PostgreSQL down or busy); nothing was decided.
+    #[error("cannot check credentials now: {0}")]
+    Unavailable(String),
+}
+
+impl AuthError {
+    /// The SQLSTATE PostgreSQL reports for this failure.
+    pub fn sqlstate(&self) -> Option<&'static str> {
+        match self {
+            AuthError::Missing | AuthError::UnknownUser(_) | AuthError::CannotLogin(_) => {
+                Some("28000")
+            }
+            AuthError::WrongPassword(_) => Some("28P01"),
+            AuthError::Unavailable(_) => None,
+        }
+    }
+}
+
+/// A role as `pg_authid` describes it.
+#[derive(Clone, Debug)]
+struct Role {
+    verifier: Option<Verifier>,
+    can_login: bool,
+    expired: bool,
+    admin: bool,
+}
+
+struct Cached {
+    role: Option<Role>,
+    read_at: Instant,
+    /// Keyed digest of the last password that matched `role`'s verifier.
+    matched: Option<[u8; 32]>,
+}
+
+/// Checks credentials against this node's roles. See the module doc.
+pub struct Authenticator {
+    pool: Arc<ReadPool>,
+    cache: Mutex<HashMap<String, Cached>>,
+    /// Key of the password digests in the cache (random per process).
+    key: [u8; 32],
+}
+
+/// The role named `$1`: its verifier, whether it may log in, whether its password expired,
+/// whether it administers the cluster.
+const ROLE_SQL: &str = "
+    SELECT r.rolpassword, r.rolcanlogin,
+           coalesce(r.rolvaliduntil < now(), false),
+           r.rolsuper OR CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'raftpg_admin')
+                              THEN pg_catalog.pg_has_role(r.oid, 'raftpg_admin', 'MEMBER') ELSE false END
+    FROM pg_catalog.pg_authid r WHERE r.rolname = $1";
+
+impl Authenticator {
+    /// An authenticator reading roles through `pool`.
+    pub fn new(pool: Arc<ReadPool>) -> Self {
+        let mut key = [0u8; 32];
+        for (i, b) in uuid::Uuid::new_v4()
+            .as_bytes()
+            .iter()
+            .chain(uuid::Uuid::new_v4().as_bytes())
+            .enumerate()
+        {
+            key[i] = *b;
+        }
+        Authenticator {
+            pool,
+            cache: Mutex::new(HashMap::new()),
+            key,
+        }
+    }
+
+    /// The principal `credentials` name, if the password is right.
+    pub async fn authenticate(&self, credentials: &Credentials) -> Result<Principal, AuthError> {
+        let user = &credentials.user;
+        let digest = self.digest(&credentials.password);
+        let cached = self.cached(user);
+        let (role, matched) = match cached {
+            Some((role, matched)) => (role, matched == Some(digest)),
+            None => (self.read_role(user).await?, false),
+        };
+        let Some(role) = role else {
+            self.remember(user, None, None);
+            return Err(AuthError::UnknownUser(user.clone()));
+        };
+        let principal = Principal {
+            user: user.clone(),
+            admin: role.admin,
+        };
+        if !role.can_login {
+            self.remember(user, Some(role), None);
+            return Err(AuthError::CannotLogin(user.clone()));
+        }
+        if matched {
+            return Ok(principal);
+        }
+        let Some(verifier) = role.verifier.clone() else {
+            self.remember(user, Some(role), None);
+            return Err(AuthError::CannotLogin(user.clone()));
+        };
+        let password = credentials.password.clone();
+        // 4096 HMACs: off the async workers.
+        let ok = tokio::task::spawn_blocking(move || verifier.matches(&password))
+            .await
+            .unwrap_or(false);
+        if !ok || role.expired {
+            self.remember(user, Some(role), None);
+            return Err(AuthError::WrongPassword(user.clone()));
+        }
+        self.remember(user, Some(role), Some(digest));
+        Ok(principal)
+    }
+
+    fn digest(&self, password: &str) -> [u8; 32] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key");
+        mac.update(password.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The cached role of `user` (and the digest that matched it) while fresh.
+    #[allow(clippy::type_complexity)]
+    fn cached(&self, user: &str) -> Option<(Option<Role>, Option<[u8; 32]>)> {
+        let cache = self.cache.lock().ok()?;
+        let c = cache.get(user)?;
+        (c.read_at.elapsed() < CACHE_TTL).then(|| (c.role.clone(), c.matched))
+    }
+
+    fn remember(&self, user: &str, role: Option<Role>, matched: Option<[u8; 32]>) {
+        let Ok(mut cache) = self.cache.lock() else {
+            return;
+        };
+        let read_at = match cache.get(user) {
+            Some(c) if c.read_at.elapsed() < CACHE_TTL => c.read_at,
+            _ => Instant::now(),
+        };
+        if cache.len() >= CACHE_USERS_MAX && !cache.contains_key(user) {
+            cache.clear();
+        }
+        cache.insert(
+            user.to_string(),
+            Cached {
+                role,
+                read_at,
+                matched,
+            },
+        );
+    }
+
+    async fn read_role(&self, user: &str) -> Result<Option<Role>, AuthError> {
+        let unavailable = |e: &dyn std::fmt::Display| AuthError::Unavailable(e.to_string());
+        let mut pooled = self.pool.get().await.map_err(|e| unavailable(&e))?;
+        let row = pooled
+            .client()
+            .query_opt(ROLE_SQL, &[&user])
+            .await
+            .map_err(|e| unavailable(&e))?;
+        pooled.release();
+        Ok(row.map(|r| {
+            let password: Option<String> = r.get(0);
+            Role {
+                verifier: password.as_deref().and_then(Verifier::parse),
+                can_login: r.get(1),
+                expired: r.get(2),
+                admin: r.get(3),
+            }
+        }))
+    }
+}
