@@ -40,6 +40,9 @@ pub enum ClientError {
     /// No node list was given.
     #[error("no node addresses given")]
     NoNodes,
+    /// The user name or password cannot be sent (gRPC metadata carries printable ASCII only).
+    #[error("the user name and password must be printable ASCII")]
+    BadCredentials,
 }
 
 fn describe_status(s: &Status) -> String {
@@ -109,6 +112,27 @@ pub struct ClientConfig {
     pub retry_backoff: Duration,
     /// TLS to the nodes (`None`: plaintext, for nodes started without `--tls-dir`).
     pub tls: Option<ClientTls>,
+    /// The role to authenticate as (sent with every request as `raftpg-user` and
+    /// `raftpg-password` metadata; `None`: anonymous, for nodes that allow it).
+    pub credentials: Option<Credentials>,
+}
+
+/// A role's name and password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The role.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"<hidden>")
+            .finish()
+    }
 }
 
 /// TLS settings of a client: the cluster CA, and optionally a client certificate.
@@ -152,6 +176,7 @@ impl Default for ClientConfig {
             attempts_max: 20,
             retry_backoff: Duration::from_millis(50),
             tls: None,
+            credentials: None,
         }
     }
 }
@@ -195,6 +220,12 @@ impl Client {
         if addrs.is_empty() {
             return Err(ClientError::NoNodes);
         }
+        if let Some(c) = &config.credentials {
+            let sendable = |s: &str| !s.is_empty() && s.bytes().all(|b| (0x20..0x7f).contains(&b));
+            if !sendable(&c.user) || !sendable(&c.password) {
+                return Err(ClientError::BadCredentials);
+            }
+        }
         let addrs: Vec<String> = addrs
             .iter()
             .map(|a| a.as_ref().trim().to_string())
@@ -211,6 +242,19 @@ impl Client {
             client_id: uuid::Uuid::new_v4().to_string(),
             next_seq: AtomicU64::new(1),
         })
+    }
+
+    /// A request carrying this client's credentials.
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(c) = &self.config.credentials {
+            let meta = r.metadata_mut();
+            if let (Ok(user), Ok(password)) = (c.user.parse(), c.password.parse()) {
+                meta.insert(raftpg_proto::USER_METADATA, user);
+                meta.insert(raftpg_proto::PASSWORD_METADATA, password);
+            }
+        }
+        r
     }
 
     /// The node addresses this client knows.
@@ -305,7 +349,7 @@ impl Client {
         self.with_retries(ClientError::retry_safe, |i| async move {
             let mut c =
                 WriteClient::new(self.channels[i].clone()).max_decoding_message_size(usize::MAX);
-            let mut req = tonic::Request::new(request.clone());
+            let mut req = self.request(request.clone());
             req.set_timeout(self.config.attempt_timeout);
             c.execute(req)
                 .await
@@ -345,7 +389,7 @@ impl Client {
     ) -> Result<QueryResponse, ClientError> {
         let ch = self.channels.get(node).ok_or(ClientError::NoNodes)?.clone();
         let mut c = ReadClient::new(ch).max_decoding_message_size(usize::MAX);
-        let mut req = tonic::Request::new(request);
+        let mut req = self.request(request);
         req.set_timeout(self.config.attempt_timeout);
         c.query(req)
             .await
@@ -397,7 +441,7 @@ impl Client {
     pub async fn status_of(&self, node: usize) -> Result<StatusResponse, ClientError> {
         let ch = self.channels.get(node).ok_or(ClientError::NoNodes)?.clone();
         let mut c = ClusterClient::new(ch);
-        let mut req = tonic::Request::new(StatusRequest { node_id: 0 });
+        let mut req = self.request(StatusRequest { node_id: 0 });
         req.set_timeout(Duration::from_secs(2));
         c.status(req)
             .await
@@ -437,7 +481,7 @@ impl Client {
             |i| async move {
                 let c = ClusterClient::new(self.channels[i].clone())
                     .max_decoding_message_size(usize::MAX);
-                let mut request = tonic::Request::new(msg.clone());
+                let mut request = self.request(msg.clone());
                 request.set_timeout(timeout);
                 call(c, request)
                     .await
@@ -509,7 +553,7 @@ impl Client {
     ) -> Result<StatusResponse, ClientError> {
         let ch = self.channels.get(via).ok_or(ClientError::NoNodes)?.clone();
         let mut c = ClusterClient::new(ch);
-        let mut req = tonic::Request::new(StatusRequest { node_id: member });
+        let mut req = self.request(StatusRequest { node_id: member });
         req.set_timeout(Duration::from_secs(3));
         c.status(req)
             .await

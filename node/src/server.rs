@@ -27,6 +27,7 @@ use tracing::{info, warn};
 
 use crate::apply::snapshot::SnapshotStore;
 use crate::apply::state_machine::{ApplierStatus, ApplyLimits, PgStateMachine, StateMachineParts};
+use crate::auth::authenticator::Authenticator;
 use crate::command::{NodeAddr, NodeId, Raft};
 use crate::config::NodeConfig;
 use crate::grpc;
@@ -298,6 +299,11 @@ async fn initialize_if_new(cfg: &NodeConfig, raft: &Raft, members: &BTreeMap<Nod
 /// The node's services over its Raft core, read pool and proposer.
 fn build_service(cfg: &NodeConfig, started: &Started, parts: RaftParts) -> Arc<Service> {
     let raft = parts.raft;
+    let reads = Arc::new(ReadPool::new(
+        started.endpoints.reader.clone(),
+        cfg.read_connections_max,
+        Duration::from_millis(cfg.read_wait_ms),
+    ));
     Service::new(ServiceParts {
         id: cfg.id,
         raft: raft.clone(),
@@ -309,11 +315,11 @@ fn build_service(cfg: &NodeConfig, started: &Started, parts: RaftParts) -> Arc<S
             read_wait_max: Duration::from_millis(cfg.read_wait_ms),
             write_timeout: Duration::from_millis(cfg.write_timeout_ms),
         },
-        reads: Arc::new(ReadPool::new(
-            started.endpoints.reader.clone(),
-            cfg.read_connections_max,
-            Duration::from_millis(cfg.read_wait_ms),
-        )),
+        reads: reads.clone(),
+        authenticator: Authenticator::new(reads),
+        // Issue 16, in progress: credentials are checked when sent; they become required with
+        // TLS once the cluster creates its first administrator.
+        auth_required: false,
         pg_health: started.health_rx.clone(),
         applier: parts.applier,
         write_inflight_max: cfg.write_inflight_max,

@@ -21,3 +21,15 @@ pub const LEADER_ADDR_METADATA: &str = "raftpg-leader-addr";
 /// gRPC metadata key set on a request that a follower forwarded to the leader (prevents
 /// loops); honoured only on the peer port.
 pub const FORWARDED_METADATA: &str = "raftpg-forwarded";
+
+/// gRPC metadata key carrying the name of the role a client authenticates as.
+pub const USER_METADATA: &str = "raftpg-user";
+/// gRPC metadata key carrying that role's password (only over TLS: the client refuses to send
+/// it in plaintext unless told to).
+pub const PASSWORD_METADATA: &str = "raftpg-password";
+/// gRPC metadata key with which a node forwarding a request names the role it authenticated
+/// (honoured only on the peer port, from a member's certificate).
+pub const PRINCIPAL_METADATA: &str = "raftpg-principal";
+/// gRPC metadata key set to `1` with [`PRINCIPAL_METADATA`] when that role administers the
+/// cluster.
+pub const PRINCIPAL_ADMIN_METADATA: &str = "raftpg-principal-admin";

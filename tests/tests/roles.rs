@@ -138,3 +138,133 @@ async fn roles_are_replicated_and_travel_with_snapshots() {
     }
     tc.assert_identical(&[1, 2, 3, 4]).await.unwrap();
 }
+
+/// A client authenticating as `user` with `password` to every node of `tc`.
+fn client_as(tc: &testkit::TestCluster, user: &str, password: &str) -> raftpg_client::Client {
+    let config = raftpg_client::ClientConfig {
+        credentials: Some(raftpg_client::Credentials {
+            user: user.into(),
+            password: password.into(),
+        }),
+        attempts_max: 3,
+        ..tc.client_config()
+    };
+    raftpg_client::Client::with_config(&tc.cluster.addrs(), config).unwrap()
+}
+
+/// Credentials are checked against the replicated roles on whichever node a request reaches:
+/// a wrong password is 28P01, an unknown role or one that may not log in 28000 (gRPC
+/// UNAUTHENTICATED); a password change takes effect on every node within the cache's 2 s; a
+/// role that is not a member of raftpg_admin cannot change the membership, run a check or ask
+/// for another node's status (42501), and one that is can, also through a follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credentials_are_checked_and_only_administrators_run_the_cluster() {
+    let tc = start_cluster_with("auth", 115, 3, &[]).await.unwrap();
+    let c = &tc.client;
+    for sql in [
+        "CREATE ROLE bob LOGIN PASSWORD 'bob-pw'",
+        "CREATE ROLE carol NOLOGIN PASSWORD 'carol-pw'",
+        "CREATE ROLE dave LOGIN PASSWORD 'dave-pw'",
+        "GRANT raftpg_admin TO dave",
+        "CREATE TABLE t (id int PRIMARY KEY)",
+    ] {
+        c.execute_one(sql, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let refused = |e: raftpg_client::ClientError, state: &str, who: &str| {
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{who}: {e}");
+        assert_eq!(e.sqlstate().as_deref(), Some(state), "{who}: {e}");
+    };
+    for (user, password, state) in [
+        ("bob", "wrong", "28P01"),
+        ("nobody", "bob-pw", "28000"),
+        ("carol", "carol-pw", "28000"),
+    ] {
+        let e = client_as(&tc, user, password)
+            .execute_one("INSERT INTO t VALUES (1)", vec![])
+            .await
+            .unwrap_err();
+        refused(e, state, user);
+        let e = client_as(&tc, user, password)
+            .query_sql("SELECT 1", vec![], raftpg_client::v1::Consistency::Local)
+            .await
+            .unwrap_err();
+        refused(e, state, user);
+    }
+    // Nothing was written by the refused requests, on any node.
+    for id in 1..=3 {
+        let n: i64 = tc
+            .pg(id)
+            .await
+            .unwrap()
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "node {id}");
+    }
+
+    // The right password works on every node, also through a follower (the follower forwards
+    // the write with the role it authenticated).
+    let (_, follower) = tc.leader_and_follower().await;
+    let bob = client_as(&tc, "bob", "bob-pw");
+    for id in 1..=3u64 {
+        let one = raftpg_client::Client::with_config(
+            &[tc.addr_of(id)],
+            raftpg_client::ClientConfig {
+                credentials: Some(raftpg_client::Credentials {
+                    user: "bob".into(),
+                    password: "bob-pw".into(),
+                }),
+                ..tc.client_config()
+            },
+        )
+        .unwrap();
+        one.execute_one(&format!("INSERT INTO t VALUES ({id})"), vec![])
+            .await
+            .unwrap_or_else(|e| panic!("bob through node {id} (follower {follower}): {e}"));
+    }
+    // Not an administrator: no membership change, check or other node's status.
+    let e = bob.promote(&[1]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert_eq!(e.sqlstate().as_deref(), Some("42501"), "{e}");
+    let e = bob.check(Duration::from_secs(30)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    let e = bob.member_status(0, 2).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    // An administrator can, through any node.
+    let dave = client_as(&tc, "dave", "dave-pw");
+    assert_eq!(dave.promote(&[1]).await.unwrap().log_index, 0);
+    assert!(dave.check(Duration::from_secs(30)).await.unwrap().identical);
+    dave.member_status(0, 2).await.unwrap();
+
+    // A new password: the old one stops working on every node within the cache's lifetime.
+    c.execute_one("ALTER ROLE bob PASSWORD 'bob-new'", vec![])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for id in 1..=3u64 {
+        let e = raftpg_client::Client::with_config(
+            &[tc.addr_of(id)],
+            raftpg_client::ClientConfig {
+                credentials: Some(raftpg_client::Credentials {
+                    user: "bob".into(),
+                    password: "bob-pw".into(),
+                }),
+                attempts_max: 1,
+                ..tc.client_config()
+            },
+        )
+        .unwrap()
+        .query_sql("SELECT 1", vec![], raftpg_client::v1::Consistency::Local)
+        .await
+        .unwrap_err();
+        refused(e, "28P01", "bob's old password");
+    }
+    client_as(&tc, "bob", "bob-new")
+        .execute_one("INSERT INTO t VALUES (10)", vec![])
+        .await
+        .unwrap();
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}

@@ -39,6 +39,10 @@ struct Cli {
     /// The client certificate to present (`client-<name>.crt` in `--certs`).
     #[arg(long, env = "RAFTPG_CERT_NAME", global = true, default_value = "admin")]
     cert_name: String,
+    /// The PostgreSQL role to authenticate as; its password comes from RAFTPG_PASSWORD, or is
+    /// asked for on the terminal.
+    #[arg(long, env = "RAFTPG_USER", global = true)]
+    user: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -53,11 +57,13 @@ fn tls_hint(e: &raftpg_client::ClientError, certs: Option<&std::path::Path>) {
     }
 }
 
-/// A client of `nodes`, with TLS when `certs` (`--certs`) is given.
+/// A client of `nodes`, with TLS when `certs` (`--certs`) is given, authenticating as `user`
+/// when given.
 fn cli_client(
     nodes: &[String],
     certs: Option<&std::path::Path>,
     cert_name: &str,
+    user: Option<&str>,
 ) -> anyhow::Result<Client> {
     let tls = match certs {
         Some(dir) => Some(
@@ -68,9 +74,26 @@ fn cli_client(
     };
     let config = raftpg_client::ClientConfig {
         tls,
+        credentials: credentials(user)?,
         ..Default::default()
     };
     Ok(Client::with_config(nodes, config)?)
+}
+
+/// `--user`'s credentials: the password from RAFTPG_PASSWORD, else asked for on the terminal.
+fn credentials(user: Option<&str>) -> anyhow::Result<Option<raftpg_client::Credentials>> {
+    let Some(user) = user else {
+        return Ok(None);
+    };
+    let password = match std::env::var("RAFTPG_PASSWORD") {
+        Ok(p) => p,
+        Err(_) => rpassword::prompt_password(format!("password for {user}: "))
+            .context("reading the password (or set RAFTPG_PASSWORD)")?,
+    };
+    Ok(Some(raftpg_client::Credentials {
+        user: user.to_string(),
+        password,
+    }))
 }
 
 #[derive(Subcommand)]
@@ -708,7 +731,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Exec { sql, params } => {
-            let client = cli_client(&cli.nodes, cli.certs.as_deref(), &cli.cert_name)?;
+            let client = cli_client(
+                &cli.nodes,
+                cli.certs.as_deref(),
+                &cli.cert_name,
+                cli.user.as_deref(),
+            )?;
             let params = parse_params(&params)?;
             if !params.is_empty() && sql.len() > 1 {
                 bail!("--param applies to a single statement");
@@ -748,7 +776,12 @@ async fn main() -> anyhow::Result<()> {
             params,
             consistency,
         } => {
-            let client = cli_client(&cli.nodes, cli.certs.as_deref(), &cli.cert_name)?;
+            let client = cli_client(
+                &cli.nodes,
+                cli.certs.as_deref(),
+                &cli.cert_name,
+                cli.user.as_deref(),
+            )?;
             let (level, min_index) = match consistency.as_str() {
                 "local" => (Consistency::Local, 0),
                 "linearizable" => (Consistency::Linearizable, 0),
@@ -781,6 +814,7 @@ async fn main() -> anyhow::Result<()> {
                 &cli.nodes,
                 cli.certs.as_deref(),
                 &cli.cert_name,
+                cli.user.as_deref(),
             )?)
             .await
         }
@@ -809,7 +843,12 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         }
         Cmd::Member(m) => {
-            let client = cli_client(&cli.nodes, cli.certs.as_deref(), &cli.cert_name)?;
+            let client = cli_client(
+                &cli.nodes,
+                cli.certs.as_deref(),
+                &cli.cert_name,
+                cli.user.as_deref(),
+            )?;
             let r = match m {
                 MemberCmd::Add { id, addr, no_wait } => {
                     client.add_learner(id, &addr, !no_wait).await
@@ -848,7 +887,12 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Check { timeout } => {
-            let client = cli_client(&cli.nodes, cli.certs.as_deref(), &cli.cert_name)?;
+            let client = cli_client(
+                &cli.nodes,
+                cli.certs.as_deref(),
+                &cli.cert_name,
+                cli.user.as_deref(),
+            )?;
             let r = client.check(Duration::from_secs(timeout)).await?;
             std::process::exit(print_check(&r));
         }

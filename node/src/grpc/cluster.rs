@@ -10,6 +10,7 @@ use raftpg_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use super::auth;
 use super::convert;
 use super::status::to_status;
 use super::write::origin_of;
@@ -32,8 +33,9 @@ impl ClusterService {
         req: &Request<T>,
         change: MembershipChange,
     ) -> Result<Response<MembershipResponse>, Status> {
+        let principal = auth::principal(&self.svc, req).await?;
         self.svc
-            .change_membership(origin_of(req), change)
+            .change_membership(origin_of(req), principal, change)
             .await
             .map(|o| Response::new(convert::membership_response(o)))
             .map_err(to_status)
@@ -81,8 +83,9 @@ impl Cluster for ClusterService {
 
     async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         let wait = wait_of(req.get_ref().timeout_ms);
+        let principal = auth::principal(&self.svc, &req).await?;
         self.svc
-            .check(origin_of(&req), wait)
+            .check(origin_of(&req), principal, wait)
             .await
             .map(|r| Response::new(convert::check_response(r)))
             .map_err(to_status)
@@ -92,8 +95,9 @@ impl Cluster for ClusterService {
         &self,
         req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        let principal = auth::principal(&self.svc, &req).await?;
         self.svc
-            .status(req.get_ref().node_id)
+            .status(principal.as_ref(), req.get_ref().node_id)
             .await
             .map(|s| Response::new(convert::status_response(s)))
             .map_err(to_status)

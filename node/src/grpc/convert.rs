@@ -53,6 +53,7 @@ pub fn write_request(
         }),
         encoded_bytes,
         origin,
+        principal: None,
     }
 }
 

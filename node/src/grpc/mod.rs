@@ -9,6 +9,7 @@
 //! `SqlError` in the status details); a node that cannot serve says who leads
 //! (`raftpg-leader-id`/`-addr`). No decision about a request is taken here.
 
+pub mod auth;
 pub mod cluster;
 pub mod convert;
 pub mod peer;

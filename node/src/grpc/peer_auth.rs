@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use raftpg_proto::identity::node_id_of;
-use raftpg_proto::FORWARDED_METADATA;
+use raftpg_proto::{FORWARDED_METADATA, PRINCIPAL_ADMIN_METADATA, PRINCIPAL_METADATA};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
@@ -82,15 +82,24 @@ impl PeerPortGate {
     }
 }
 
+/// Marks a request that came in through the peer port's gate: a member node sent it.
+#[derive(Clone, Copy, Debug)]
+pub struct FromPeer;
+
 impl Interceptor for PeerPortGate {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         self.auth.caller(&self.svc, &req)?;
+        req.extensions_mut().insert(FromPeer);
         Ok(req)
     }
 }
 
-/// The client port's gate: drops the forwarded mark, which only nodes may set.
+/// The client port's gate: drops the forwarded mark and the forwarded role, which only nodes
+/// may set.
 pub fn client_port_gate(mut req: Request<()>) -> Result<Request<()>, Status> {
-    req.metadata_mut().remove(FORWARDED_METADATA);
+    let meta = req.metadata_mut();
+    meta.remove(FORWARDED_METADATA);
+    meta.remove(PRINCIPAL_METADATA);
+    meta.remove(PRINCIPAL_ADMIN_METADATA);
     Ok(req)
 }

@@ -14,8 +14,10 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::Request;
 
+use super::auth::forward_principal;
 use super::convert;
 use super::status::from_status;
+use crate::auth::authenticator::Principal;
 use crate::command::{NodeId, TableChecksum};
 use crate::raft::network::PeerChannels;
 use crate::service::peers::PeerResult;
@@ -65,11 +67,13 @@ impl GrpcPeers {
         r
     }
 
-    /// A request bounded by `timeout` and marked as forwarded by this node.
-    fn forwarded<T>(&self, msg: T, timeout: Duration) -> Request<T> {
+    /// A request bounded by `timeout`, marked as forwarded by this node, running as
+    /// `principal`.
+    fn forwarded<T>(&self, msg: T, principal: Option<&Principal>, timeout: Duration) -> Request<T> {
         let mut r = Self::request(msg, timeout);
         r.metadata_mut()
             .insert(FORWARDED_METADATA, MetadataValue::from(self.id));
+        forward_principal(r.metadata_mut(), principal);
         r
     }
 }
@@ -89,7 +93,11 @@ impl PeerLink for GrpcPeers {
             let mut client = WriteClient::new(self.channel(&leader.peer_addr)?)
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX);
-            let r = self.forwarded(convert::execute_request(req), timeout);
+            let r = self.forwarded(
+                convert::execute_request(req),
+                req.principal.as_ref(),
+                timeout,
+            );
             let answer = client.execute(r).await.map_err(|s| from_status(&s))?;
             convert::write_outcome(answer.into_inner())
         })
@@ -111,6 +119,7 @@ impl PeerLink for GrpcPeers {
     fn change_membership<'a>(
         &'a self,
         leader: &'a LeaderHint,
+        principal: Option<&'a Principal>,
         change: &'a MembershipChange,
         timeout: Duration,
     ) -> PeerResult<'a, MembershipOutcome> {
@@ -127,19 +136,23 @@ impl PeerLink for GrpcPeers {
                         addr,
                         wait_caught_up,
                     };
-                    client.add_learner(self.forwarded(m, timeout)).await
+                    client
+                        .add_learner(self.forwarded(m, principal, timeout))
+                        .await
                 }
                 MembershipChange::Promote(node_ids) => {
                     let m = pb::PromoteRequest { node_ids };
-                    client.promote(self.forwarded(m, timeout)).await
+                    client.promote(self.forwarded(m, principal, timeout)).await
                 }
                 MembershipChange::Remove(node_ids) => {
                     let m = pb::RemoveRequest { node_ids };
-                    client.remove(self.forwarded(m, timeout)).await
+                    client.remove(self.forwarded(m, principal, timeout)).await
                 }
                 MembershipChange::TransferLeader(node_id) => {
                     let m = pb::TransferLeaderRequest { node_id };
-                    client.transfer_leader(self.forwarded(m, timeout)).await
+                    client
+                        .transfer_leader(self.forwarded(m, principal, timeout))
+                        .await
                 }
             };
             Ok(convert::membership_outcome(
@@ -151,6 +164,7 @@ impl PeerLink for GrpcPeers {
     fn check<'a>(
         &'a self,
         leader: &'a LeaderHint,
+        principal: Option<&'a Principal>,
         wait: Duration,
         timeout: Duration,
     ) -> PeerResult<'a, CheckReport> {
@@ -159,7 +173,7 @@ impl PeerLink for GrpcPeers {
             let m = pb::CheckRequest {
                 timeout_ms: millis(wait),
             };
-            let answer = client.check(self.forwarded(m, timeout)).await;
+            let answer = client.check(self.forwarded(m, principal, timeout)).await;
             Ok(convert::check_report(
                 answer.map_err(|s| from_status(&s))?.into_inner(),
             ))

@@ -10,6 +10,7 @@ use raftpg_proto::v1::{QueryChunk, QueryRequest, QueryResponse};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
+use super::auth;
 use super::convert;
 use super::status::to_status;
 use crate::service::{ReadChunk, Service, ServiceError};
@@ -35,6 +36,8 @@ impl Read for ReadService {
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
+        // Reads run as raftpg_reader for now (issue 16: as the role, next).
+        auth::principal(&self.svc, &request).await?;
         let req = request.into_inner();
         let bytes = req.encoded_len();
         let req = convert::read_request(req, bytes, false);
@@ -48,6 +51,7 @@ impl Read for ReadService {
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        auth::principal(&self.svc, &request).await?;
         let req = request.into_inner();
         let bytes = req.encoded_len();
         let req = convert::read_request(req, bytes, true);

@@ -9,6 +9,7 @@ use raftpg_proto::v1::{ExecuteRequest, ExecuteResponse};
 use raftpg_proto::FORWARDED_METADATA;
 use tonic::{Request, Response, Status};
 
+use super::auth;
 use super::convert;
 use super::status::to_status;
 use crate::service::{Origin, Service};
@@ -40,9 +41,11 @@ impl Write for WriteService {
         request: Request<ExecuteRequest>,
     ) -> Result<Response<ExecuteResponse>, Status> {
         let origin = origin_of(&request);
+        let principal = auth::principal(&self.svc, &request).await?;
         let req = request.into_inner();
         let bytes = req.encoded_len();
-        let req = convert::write_request(req, bytes, origin);
+        let mut req = convert::write_request(req, bytes, origin);
+        req.principal = principal;
         let outcome = self.svc.write(req).await.map_err(to_status)?;
         Ok(Response::new(convert::execute_response(outcome)))
     }

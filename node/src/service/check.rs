@@ -14,6 +14,7 @@ use super::error::{ErrorKind, ServiceError};
 use super::node::{Route, Service};
 use super::types::{CheckReport, NodeChecksums, Origin};
 use crate::apply::checksums;
+use crate::auth::authenticator::Principal;
 use crate::command::{ApplyOutcome, Command, NodeId, TableChecksum};
 
 /// How long a check waits when the request does not say.
@@ -32,11 +33,22 @@ pub fn wait_of(timeout_ms: u32) -> Duration {
 
 impl Service {
     /// Runs a check (on the leader; other nodes forward it), each node waiting up to `wait`.
-    pub async fn check(&self, origin: Origin, wait: Duration) -> Result<CheckReport, ServiceError> {
+    pub async fn check(
+        &self,
+        origin: Origin,
+        principal: Option<Principal>,
+        wait: Duration,
+    ) -> Result<CheckReport, ServiceError> {
+        self.require_admin(principal.as_ref(), "run a divergence check")?;
         if let Route::Leader(leader) = self.route(origin, Duration::from_secs(5)).await? {
             return self
                 .peers
-                .check(&leader, wait, wait + Duration::from_secs(5))
+                .check(
+                    &leader,
+                    principal.as_ref(),
+                    wait,
+                    wait + Duration::from_secs(5),
+                )
                 .await;
         }
         let written = tokio::time::timeout(wait, self.raft.client_write(Command::Checksum))

@@ -32,6 +32,9 @@ pub enum ErrorKind {
     AlreadyExists,
     /// The role may not do this.
     PermissionDenied,
+    /// Who sent the request is not known: no credentials where they are required, an unknown
+    /// role, one that may not log in, a wrong password.
+    Unauthenticated,
     /// The statement was cancelled.
     Cancelled,
     /// This node cannot serve it now (no leader known, not the leader, PostgreSQL down,
@@ -54,6 +57,7 @@ impl ErrorKind {
             "23505" => ErrorKind::AlreadyExists,
             "0A000" => ErrorKind::Unsupported,
             "42501" => ErrorKind::PermissionDenied,
+            "28000" | "28P01" => ErrorKind::Unauthenticated,
             "25006" | "08P01" => ErrorKind::InvalidArgument,
             "57014" => ErrorKind::Cancelled,
             s if s.starts_with("23") || s.starts_with("P0") || s.starts_with("2B") => {
@@ -78,6 +82,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "42704",
             ErrorKind::AlreadyExists => "42710",
             ErrorKind::PermissionDenied => "42501",
+            ErrorKind::Unauthenticated => "28000",
             ErrorKind::Cancelled => "57014",
             ErrorKind::Unavailable => "57P03",
             ErrorKind::DeadlineExceeded => "57014",

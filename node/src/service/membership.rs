@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use super::error::{ErrorKind, ServiceError};
 use super::node::{Route, Service};
 use super::types::{MemberInfo, MembershipChange, MembershipOutcome, NodeStatus, Origin};
+use crate::auth::authenticator::Principal;
 use crate::command::{NodeAddr, NodeId, TypeConfig};
 
 /// Longest wait for a membership change (a learner catching up may take a snapshot install).
@@ -40,8 +41,10 @@ impl Service {
     pub async fn change_membership(
         &self,
         origin: Origin,
+        principal: Option<Principal>,
         change: MembershipChange,
     ) -> Result<MembershipOutcome, ServiceError> {
+        self.require_admin(principal.as_ref(), "change the cluster's membership")?;
         let timeout = match change {
             MembershipChange::TransferLeader(_) => TRANSFER_WAIT,
             _ => CHANGE_WAIT,
@@ -49,7 +52,7 @@ impl Service {
         if let Route::Leader(leader) = self.route(origin, LEADER_WAIT_MAX).await? {
             return self
                 .peers
-                .change_membership(&leader, &change, timeout)
+                .change_membership(&leader, principal.as_ref(), &change, timeout)
                 .await;
         }
         match change {

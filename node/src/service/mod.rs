@@ -8,6 +8,7 @@
 //!
 //! - [`write`]: a write becomes a log entry (on the leader) and its applied result.
 //! - [`read`]: a read waits for its consistency level, then runs in one snapshot.
+//! - [`auth`]: who a request comes from ([`auth::Caller`] → a role) and who may administer.
 //! - [`membership`], [`check`], [`status`]: the cluster operations.
 //! - [`peers`]: how this node reaches the others ([`PeerLink`], implemented by a frontend's
 //!   client side); [`Service::route`] is the one way a request finds the leader.
@@ -21,6 +22,7 @@
 //! invariant 5 (bad input is refused before it enters the log) and never touches the applier's
 //! PostgreSQL session: a write reaches PostgreSQL only through the log.
 
+pub mod auth;
 pub mod check;
 pub mod error;
 pub mod membership;
@@ -31,6 +33,7 @@ pub mod status;
 pub mod types;
 pub mod write;
 
+pub use auth::Caller;
 pub use error::{ErrorKind, LeaderHint, ServiceError};
 pub use node::{Limits, Route, Service, ServiceParts};
 pub use peers::PeerLink;

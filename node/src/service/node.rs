@@ -16,6 +16,7 @@ use super::error::{LeaderHint, ServiceError};
 use super::peers::PeerLink;
 use super::types::{Origin, PgIdentity};
 use crate::apply::state_machine::ApplierStatus;
+use crate::auth::authenticator::Authenticator;
 use crate::command::{NodeAddr, NodeId, Raft};
 use crate::pg::read_pool::ReadPool;
 use crate::pg::supervisor::PgHealth;
@@ -77,6 +78,10 @@ pub struct ServiceParts {
     pub insecure: bool,
     /// This node's advertised client and peer addresses.
     pub addrs: NodeAddr,
+    /// Checks credentials against this node's roles.
+    pub authenticator: Authenticator,
+    /// Refuse requests without credentials (see `service::auth`).
+    pub auth_required: bool,
 }
 
 /// A node's services: the shared handles every operation uses. See the module doc.
@@ -99,6 +104,9 @@ pub struct Service {
     pub(super) insecure: bool,
     /// This node's advertised client and peer addresses.
     pub(super) addrs: NodeAddr,
+    pub(super) authenticator: Authenticator,
+    /// Refuse requests without credentials.
+    pub(super) auth_required: bool,
     /// Set when the cluster removed this node: it serves no more reads or writes.
     pub(super) removed: AtomicBool,
     /// Memo of the leader-side SQL check and rewrite.
@@ -129,6 +137,8 @@ impl Service {
             data_dir: parts.data_dir,
             insecure: parts.insecure,
             addrs: parts.addrs,
+            authenticator: parts.authenticator,
+            auth_required: parts.auth_required,
             removed: AtomicBool::new(removed),
             prepared_writes: Default::default(),
             pg_identity: tokio::sync::OnceCell::new(),

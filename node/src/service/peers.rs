@@ -17,6 +17,7 @@ use super::error::{LeaderHint, ServiceError};
 use super::types::{
     CheckReport, MembershipChange, MembershipOutcome, NodeStatus, WriteOutcome, WriteRequest,
 };
+use crate::auth::authenticator::Principal;
 use crate::command::{NodeId, TableChecksum};
 
 /// A peer call's answer.
@@ -24,7 +25,8 @@ pub type PeerResult<'a, T> = BoxFuture<'a, Result<T, ServiceError>>;
 
 /// Calls to other nodes. See the module doc.
 pub trait PeerLink: Send + Sync {
-    /// Runs a write on the leader (marked as forwarded: the leader will not forward it again).
+    /// Runs a write on the leader (marked as forwarded: the leader will not forward it again;
+    /// as the request's principal).
     fn execute<'a>(
         &'a self,
         leader: &'a LeaderHint,
@@ -35,19 +37,21 @@ pub trait PeerLink: Send + Sync {
     /// Asks the leader for a read index confirmed by its quorum.
     fn read_index<'a>(&'a self, leader: &'a LeaderHint, timeout: Duration) -> PeerResult<'a, u64>;
 
-    /// Runs a membership change on the leader (marked as forwarded).
+    /// Runs a membership change on the leader (marked as forwarded, as `principal`).
     fn change_membership<'a>(
         &'a self,
         leader: &'a LeaderHint,
+        principal: Option<&'a Principal>,
         change: &'a MembershipChange,
         timeout: Duration,
     ) -> PeerResult<'a, MembershipOutcome>;
 
-    /// Runs a divergence check on the leader (marked as forwarded); `wait` is the check's own
-    /// bound.
+    /// Runs a divergence check on the leader (marked as forwarded, as `principal`); `wait` is
+    /// the check's own bound.
     fn check<'a>(
         &'a self,
         leader: &'a LeaderHint,
+        principal: Option<&'a Principal>,
         wait: Duration,
         timeout: Duration,
     ) -> PeerResult<'a, CheckReport>;

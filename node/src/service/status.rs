@@ -10,6 +10,7 @@ use super::error::{ErrorKind, ServiceError};
 use super::membership::members;
 use super::node::Service;
 use super::types::{NodeStatus, PgIdentity};
+use crate::auth::authenticator::Principal;
 use crate::command::NodeId;
 use crate::pg::supervisor::PgHealth;
 
@@ -17,9 +18,15 @@ use crate::pg::supervisor::PgHealth;
 const PEER_STATUS_WAIT: Duration = Duration::from_secs(2);
 
 impl Service {
-    /// The status of node `node_id` (0 or this node's id: this node; another member: asked).
-    pub async fn status(&self, node_id: NodeId) -> Result<NodeStatus, ServiceError> {
+    /// The status of node `node_id` (0 or this node's id: this node; another member: asked,
+    /// which needs an administrator).
+    pub async fn status(
+        &self,
+        principal: Option<&Principal>,
+        node_id: NodeId,
+    ) -> Result<NodeStatus, ServiceError> {
         if node_id != 0 && node_id != self.id {
+            self.require_admin(principal, "ask for another node's status")?;
             return self.peer_status(node_id).await;
         }
         let committed = self

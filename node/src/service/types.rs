@@ -2,6 +2,7 @@
 //! build the requests from what they decoded and encode the answers.
 
 use super::error::ServiceError;
+use crate::auth::authenticator::Principal;
 use crate::command::{ColumnInfo, NodeId, RequestId, SqlValue, StatementOutcome, TableChecksum};
 
 /// Where a request comes from: a client, or another node that forwarded it to this one
@@ -39,6 +40,8 @@ pub struct WriteRequest {
     pub encoded_bytes: usize,
     /// Who sent it.
     pub origin: Origin,
+    /// The role it runs as (`None`: raftpg itself; see `service::auth`).
+    pub principal: Option<Principal>,
 }
 
 /// A write's applied result.
