@@ -10,22 +10,8 @@ use pg_query::NodeEnum;
 
 use crate::sql::{session_rules, time_literals};
 
-/// Why a statement was refused.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{message}")]
-pub struct Refusal {
-    /// SQLSTATE reported with the refusal.
-    pub sqlstate: &'static str,
-    /// What is wrong and what to do instead.
-    pub message: String,
-}
-
-fn refuse(sqlstate: &'static str, message: impl Into<String>) -> Refusal {
-    Refusal {
-        sqlstate,
-        message: message.into(),
-    }
-}
+use super::refusal::refuse;
+pub use super::refusal::Refusal;
 
 const SYNTAX_ERROR: &str = "42601";
 const FEATURE_NOT_SUPPORTED: &str = "0A000";

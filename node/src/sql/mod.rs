@@ -4,6 +4,7 @@
 //! - [`gate`]: parses each write, refuses what could diverge or escape (per-node state,
 //!   session settings, raftpg's own schema), and rewrites non-deterministic calls into the
 //!   entry's deterministic inputs.
+//! - [`refusal`]: why a statement was refused (SQLSTATE and message).
 //! - [`roles`]: role statements — passwords become SCRAM-SHA-256 verifiers here; no
 //!   superusers; raftpg's own and PostgreSQL's predefined roles are out of reach.
 //! - [`time_literals`]: `'now'`, `'today'`, … become explicit casts of the entry's time.
@@ -14,6 +15,7 @@
 //! connection.
 
 pub mod gate;
+pub mod refusal;
 pub mod roles;
 pub mod session_rules;
 pub mod time_literals;

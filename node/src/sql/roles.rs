@@ -18,7 +18,7 @@
 use pg_query::protobuf::node::Node as NodeEnum;
 use pg_query::protobuf::{DefElem, Node};
 
-use super::gate::Refusal;
+use super::refusal::{refuse, Refusal};
 use crate::auth::scram;
 
 /// The role that administers the cluster (membership, checks, every node's status).
@@ -30,13 +30,6 @@ const OWN_ROLES: &[&str] = &["raftpg", "raftpg_reader", ADMIN_ROLE];
 const FEATURE_NOT_SUPPORTED: &str = "0A000";
 const INSUFFICIENT_PRIVILEGE: &str = "42501";
 const INVALID_PASSWORD: &str = "28P01";
-
-fn refuse(sqlstate: &'static str, message: impl Into<String>) -> Refusal {
-    Refusal {
-        sqlstate,
-        message: message.into(),
-    }
-}
 
 /// Checks a role statement (see the module doc) and returns it with its password replaced by
 /// a verifier, when it has one; `Ok(None)` for any other statement or when nothing changes.
