@@ -117,23 +117,7 @@ pub struct ClientConfig {
     pub credentials: Option<Credentials>,
 }
 
-/// A role's name and password.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    /// The role.
-    pub user: String,
-    /// Its password.
-    pub password: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("user", &self.user)
-            .field("password", &"<hidden>")
-            .finish()
-    }
-}
+pub use raftpg_proto::identity::Credentials;
 
 /// TLS settings of a client: the cluster CA, and optionally a client certificate.
 #[derive(Clone, Debug)]
@@ -406,7 +390,7 @@ impl Client {
         let ch = self.channels.get(node).ok_or(ClientError::NoNodes)?.clone();
         let mut c = ReadClient::new(ch).max_decoding_message_size(64 * 1024 * 1024);
         let mut stream = c
-            .query_stream(request)
+            .query_stream(self.request(request))
             .await
             .map_err(ClientError::Status)?
             .into_inner();

@@ -8,8 +8,11 @@
 //!
 //! Secure by default: the cluster's certificates (`raftpg cert`: a CA, a certificate per node,
 //! a client certificate `admin`) are made in `<data_dir>/certs` and every node gets
-//! `--tls-dir`; [`LocalCluster::client_config`] gives clients that verify the nodes and
-//! present `admin`. `LocalClusterSpec::tls = false` starts plaintext nodes (`--insecure`).
+//! `--tls-dir`, and the first administrator's password (role `admin`, random) is kept in
+//! `<data_dir>/certs/admin.password` and given to every node (`--admin-password-file`);
+//! [`LocalCluster::client_config`] gives clients that verify the nodes, present the client
+//! certificate and authenticate as `admin`. `LocalClusterSpec::tls = false` starts plaintext
+//! nodes (`--insecure`) that take anonymous requests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -56,6 +59,30 @@ impl LocalClusterSpec {
 /// Where a cluster's certificates live.
 fn certs_dir(spec: &LocalClusterSpec) -> PathBuf {
     spec.data_dir.join("certs")
+}
+
+/// The file with the first administrator's password, in the certificates' directory.
+pub const ADMIN_PASSWORD_FILE: &str = "admin.password";
+
+/// The first administrator of a local cluster.
+pub const ADMIN_USER: &str = "admin";
+
+/// The password in `dir`'s [`ADMIN_PASSWORD_FILE`], made (random, readable by the owner only)
+/// when missing.
+fn ensure_admin_password(dir: &Path) -> std::io::Result<String> {
+    let path = dir.join(ADMIN_PASSWORD_FILE);
+    if let Ok(p) = std::fs::read_to_string(&path) {
+        return Ok(p.trim().to_string());
+    }
+    let password = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    std::fs::write(&path, format!("{password}\n"))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(password)
 }
 
 /// How far above a node's client port its peer port is (the node's own default).
@@ -191,6 +218,7 @@ impl LocalCluster {
             let hosts: Vec<String> = spec.addrs.iter().map(|a| host_of(a).to_string()).collect();
             crate::cert::ensure_cluster(&certs_dir(&spec), spec.nodes as u64, &hosts, "raftpg")
                 .map_err(std::io::Error::other)?;
+            ensure_admin_password(&certs_dir(&spec))?;
         }
         let nodes = (1..=spec.nodes)
             .map(|i| LocalNode {
@@ -215,15 +243,23 @@ impl LocalCluster {
         self.spec.tls.then(|| certs_dir(&self.spec))
     }
 
-    /// Client settings for this cluster: default timeouts, and TLS as the nodes run it
-    /// (verifying them with the cluster CA, presenting the client certificate `admin`).
+    /// Client settings for this cluster: default timeouts, and TLS and authentication as the
+    /// nodes run them (verifying them with the cluster CA, presenting the client certificate
+    /// `admin`, authenticating as the first administrator).
     pub fn client_config(&self) -> std::io::Result<crate::ClientConfig> {
-        let tls = match self.certs() {
-            Some(dir) => Some(crate::ClientTls::from_dir(&dir, Some("admin"))?),
-            None => None,
+        let (tls, credentials) = match self.certs() {
+            Some(dir) => (
+                Some(crate::ClientTls::from_dir(&dir, Some("admin"))?),
+                Some(crate::Credentials {
+                    user: ADMIN_USER.into(),
+                    password: ensure_admin_password(&dir)?,
+                }),
+            ),
+            None => (None, None),
         };
         Ok(crate::ClientConfig {
             tls,
+            credentials,
             ..Default::default()
         })
     }
@@ -345,7 +381,12 @@ impl LocalCluster {
         let peers = self.peers_arg();
         let bin = self.spec.node_bin.clone();
         let mut extra = match self.certs() {
-            Some(dir) => vec!["--tls-dir".to_string(), dir.display().to_string()],
+            Some(dir) => vec![
+                "--tls-dir".to_string(),
+                dir.display().to_string(),
+                "--admin-password-file".to_string(),
+                dir.join(ADMIN_PASSWORD_FILE).display().to_string(),
+            ],
             None => vec!["--insecure".to_string()],
         };
         extra.extend(self.spec.extra_args.iter().cloned());
@@ -408,6 +449,13 @@ impl LocalCluster {
     /// SIGTERMs node `id` and waits (up to 60 s) for it to stop.
     pub fn stop_node(&mut self, id: u64) {
         if let Some(mut c) = self.node_mut(id).child.take() {
+            // A node that already failed (it should not have) says how, for the logs.
+            if let Ok(Some(status)) = c.try_wait() {
+                if !status.success() {
+                    eprintln!("node {id} had exited before it was stopped: {status}");
+                }
+                return;
+            }
             send(c.id() as i32, libc::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline {

@@ -88,6 +88,7 @@ impl Env {
             .collect();
         let config = ClientConfig {
             tls: self.client_config.tls.clone(),
+            credentials: self.client_config.credentials.clone(),
             ..client_config()
         };
         Client::with_config(&rotated, config).expect("valid addresses")

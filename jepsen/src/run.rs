@@ -275,6 +275,7 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Vec<Row>> {
         raftpg_client::ClientConfig {
             attempts_max: 3,
             tls: cluster_config.tls.clone(),
+            credentials: cluster_config.credentials.clone(),
             ..crate::common::client_config()
         },
     )?;

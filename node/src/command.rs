@@ -204,6 +204,11 @@ pub struct WriteCommand {
     pub seed: u64,
     /// Optional request id for exactly-once retries.
     pub request_id: Option<RequestId>,
+    /// The role the write runs as (`SET LOCAL SESSION AUTHORIZATION`, see `apply::applier`);
+    /// `None`: raftpg itself (anonymous writes on a node that allows them, entries written
+    /// before roles existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 impl std::fmt::Display for WriteCommand {

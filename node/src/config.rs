@@ -50,8 +50,22 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_TLS_DIR", conflicts_with = "insecure")]
     pub tls_dir: Option<PathBuf>,
 
-    /// Run without TLS: plaintext, and anyone who reaches the port can call every RPC,
-    /// including the nodes' own (Raft). Only for a network nobody else can reach.
+    /// File holding the password of the cluster's first administrator (`--admin-user`: a role
+    /// that may log in, create roles and administer the cluster as a member of raftpg_admin).
+    /// The first leader creates the role when it does not exist yet; give every founding node
+    /// the same file. With TLS every client must authenticate, so this is how the first role
+    /// comes to be; change its password afterwards with ALTER ROLE. The password itself never
+    /// enters the log (only its SCRAM-SHA-256 verifier).
+    #[arg(long, env = "RAFTPG_ADMIN_PASSWORD_FILE")]
+    pub admin_password_file: Option<PathBuf>,
+
+    /// Name of the first administrator (see --admin-password-file).
+    #[arg(long, env = "RAFTPG_ADMIN_USER", default_value = "admin")]
+    pub admin_user: String,
+
+    /// Run without TLS: plaintext, anyone who reaches the ports can call every RPC, including
+    /// the nodes' own (Raft), and requests without credentials run as raftpg itself. Only for
+    /// a network nobody else can reach.
     #[arg(long, env = "RAFTPG_INSECURE")]
     pub insecure: bool,
 

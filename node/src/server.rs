@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::apply::snapshot::SnapshotStore;
 use crate::apply::state_machine::{ApplierStatus, ApplyLimits, PgStateMachine, StateMachineParts};
-use crate::auth::authenticator::Authenticator;
+use crate::auth::authenticator::{Authenticator, Credentials};
 use crate::command::{NodeAddr, NodeId, Raft};
 use crate::config::NodeConfig;
 use crate::grpc;
@@ -182,7 +182,10 @@ async fn serve(cfg: &NodeConfig, started: Started) -> anyhow::Result<()> {
         raft.runtime_config().elect(false);
     }
     let servers = grpc_servers(cfg, svc.clone(), &started)?;
-    tokio::spawn(svc.publish_own_address(started.shutdown_rx.clone()));
+    tokio::spawn(svc.clone().publish_own_address(started.shutdown_rx.clone()));
+    if let Some(admin) = first_admin(cfg)? {
+        tokio::spawn(svc.create_first_admin(admin, started.shutdown_rx.clone()));
+    }
     let mut stop = started.shutdown_rx.clone();
     let _ = stop.wait_for(|s| *s).await;
     info!(node = cfg.id, "shutting down");
@@ -317,9 +320,9 @@ fn build_service(cfg: &NodeConfig, started: &Started, parts: RaftParts) -> Arc<S
         },
         reads: reads.clone(),
         authenticator: Authenticator::new(reads),
-        // Issue 16, in progress: credentials are checked when sent; they become required with
-        // TLS once the cluster creates its first administrator.
-        auth_required: false,
+        // With TLS every request authenticates; --insecure lets anonymous requests run as
+        // raftpg.
+        auth_required: started.tls.is_some(),
         pg_health: started.health_rx.clone(),
         applier: parts.applier,
         write_inflight_max: cfg.write_inflight_max,
@@ -417,6 +420,25 @@ fn server_builder(
 /// Resolves at shutdown.
 async fn stopped(mut shutdown: watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// The first administrator's credentials (`--admin-user`, `--admin-password-file`).
+fn first_admin(cfg: &NodeConfig) -> anyhow::Result<Option<Credentials>> {
+    let Some(path) = &cfg.admin_password_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --admin-password-file {}", path.display()))?;
+    let password = text.trim_end_matches(['\n', '\r']).to_string();
+    anyhow::ensure!(
+        !password.is_empty(),
+        "--admin-password-file {} is empty",
+        path.display()
+    );
+    Ok(Some(Credentials {
+        user: cfg.admin_user.clone(),
+        password,
+    }))
 }
 
 /// Refuses limits under which one log entry (a batch of writes, or one large write) might not

@@ -246,6 +246,7 @@ fn write(
             client_id: c.into(),
             seq: s,
         }),
+        user: None,
     }
 }
 

@@ -2,7 +2,8 @@
 //! nodes (which read it from a peer's verified certificate). A node certificate carries the
 //! URI SAN `raftpg://node/<id>`, a client certificate `raftpg://client/<name>`; exactly one
 //! `raftpg:` URI per certificate. Nothing here verifies a certificate: read the identity only
-//! after TLS verified the certificate against the cluster CA.
+//! after TLS verified the certificate against the cluster CA. Also the other half of who a
+//! client is: the role it authenticates as ([`Credentials`]).
 
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
@@ -103,4 +104,23 @@ pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
         rest = next;
     }
     None
+}
+
+/// A PostgreSQL role's name and password, as a client sends them (`raftpg-user`,
+/// `raftpg-password`) and a node checks them. `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The role.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"<hidden>")
+            .finish()
+    }
 }

@@ -185,6 +185,21 @@ impl TestCluster {
             .expect("valid address")
     }
 
+    /// `msg` as a raw gRPC request authenticated as this cluster's client (see
+    /// [`TestCluster::client_config`]).
+    pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(c) = &self.client_config.credentials {
+            let meta = r.metadata_mut();
+            meta.insert(raftpg_proto::USER_METADATA, c.user.parse().expect("ASCII"));
+            meta.insert(
+                raftpg_proto::PASSWORD_METADATA,
+                c.password.parse().expect("ASCII"),
+            );
+        }
+        r
+    }
+
     /// This cluster's client settings (TLS included).
     pub fn client_config(&self) -> ClientConfig {
         self.client_config.clone()

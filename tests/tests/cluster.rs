@@ -623,7 +623,7 @@ async fn raw_call(
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let path = tonic::codegen::http::uri::PathAndQuery::try_from(path).expect("a path");
-    grpc.unary(tonic::Request::new(body), path, RawCodec)
+    grpc.unary(tc.request(body), path, RawCodec)
         .await
         .map(|r| r.into_inner())
 }

@@ -66,11 +66,17 @@ async fn check_finds_a_divergence_and_names_table_and_node() {
     );
 
     // The CLI prints the report and exits 1.
+    let credentials = tc
+        .client_config()
+        .credentials
+        .expect("an authenticated cluster");
     let bin = raftpg_client::local_cluster::default_node_bin().with_file_name("raftpg");
     let out = std::process::Command::new(bin)
         .args(["--nodes", &tc.cluster.addrs().join(","), "check"])
         .arg("--certs")
         .arg(tc.certs().expect("a TLS cluster"))
+        .env("RAFTPG_USER", &credentials.user)
+        .env("RAFTPG_PASSWORD", &credentials.password)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -106,8 +112,12 @@ async fn retried_requests_apply_exactly_once_across_leader_kills() {
             seq: 1,
         }),
     };
-    let first = raw.execute(req.clone()).await.unwrap().into_inner();
-    let second = raw.execute(req).await.unwrap().into_inner();
+    let first = raw
+        .execute(tc.request(req.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = raw.execute(tc.request(req)).await.unwrap().into_inner();
     assert_eq!(first.results, second.results);
     assert!(
         second.log_index > first.log_index,

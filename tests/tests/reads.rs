@@ -246,7 +246,11 @@ async fn stalled_stream(
     let mut client = ReadClient::new(tc.channel(node)).max_decoding_message_size(64 * 1024 * 1024);
     let mut req = q(STALL_SQL, Consistency::AtLeast, min_index);
     req.timeout_ms = STALL_BOUND.as_millis() as u32;
-    let mut stream = client.query_stream(req).await.unwrap().into_inner();
+    let mut stream = client
+        .query_stream(tc.request(req))
+        .await
+        .unwrap()
+        .into_inner();
     let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
         .await
         .expect("the stream's first chunk within 10 s")

@@ -76,6 +76,7 @@ fn append_entries_from(node: u64) -> RaftMessage {
             leader_ts_micros: 1,
             seed: 1,
             request_id: None,
+            user: None,
         })),
     };
     let rpc = AppendEntriesRequest::<TypeConfig> {
@@ -305,11 +306,40 @@ async fn the_client_port_and_the_peer_port_are_apart() {
     let channel = tls_channel(&certs, &tc.addr_of(follower), admin)
         .await
         .unwrap();
+    let credentials = tc.client_config().credentials.unwrap();
     let mut req = tonic::Request::new(insert(1));
-    req.metadata_mut()
-        .insert(raftpg_proto::FORWARDED_METADATA, "2".parse().unwrap());
-    WriteClient::new(channel).execute(req).await.unwrap();
+    let meta = req.metadata_mut();
+    meta.insert(raftpg_proto::FORWARDED_METADATA, "2".parse().unwrap());
+    meta.insert(
+        raftpg_proto::USER_METADATA,
+        credentials.user.parse().unwrap(),
+    );
+    meta.insert(
+        raftpg_proto::PASSWORD_METADATA,
+        credentials.password.parse().unwrap(),
+    );
+    WriteClient::new(channel.clone())
+        .execute(req)
+        .await
+        .unwrap();
+    // Nor can a client claim a role a node authenticated (that is for the peer port): without
+    // credentials the request is refused.
+    let mut req = tonic::Request::new(insert(2));
+    let meta = req.metadata_mut();
+    meta.insert(raftpg_proto::PRINCIPAL_METADATA, "admin".parse().unwrap());
+    meta.insert(raftpg_proto::PRINCIPAL_ADMIN_METADATA, "1".parse().unwrap());
+    let e = WriteClient::new(channel).execute(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
+    let n: i64 = tc
+        .pg(1)
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
 }
 
 /// `INSERT INTO t VALUES (id)` as a raw Write request.

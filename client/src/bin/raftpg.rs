@@ -527,10 +527,26 @@ fn connect_hint(cluster: &LocalCluster) {
     let me = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "raftpg".into());
-    println!("\nThe cluster is running (TLS; certificates in its data directory). Connect with:");
     let nodes = match cluster.certs() {
-        Some(certs) => format!("{} --certs {}", cluster.addrs().join(","), certs.display()),
-        None => cluster.addrs().join(","),
+        Some(certs) => {
+            println!(
+                "\nThe cluster is running (TLS, authentication as role {}; certificates and its password in {}). Connect with:",
+                raftpg_client::local_cluster::ADMIN_USER,
+                certs.display()
+            );
+            println!(
+                "  export RAFTPG_USER={} RAFTPG_PASSWORD=$(cat {})",
+                raftpg_client::local_cluster::ADMIN_USER,
+                certs
+                    .join(raftpg_client::local_cluster::ADMIN_PASSWORD_FILE)
+                    .display()
+            );
+            format!("{} --certs {}", cluster.addrs().join(","), certs.display())
+        }
+        None => {
+            println!("\nThe cluster is running (plaintext, --insecure). Connect with:");
+            cluster.addrs().join(",")
+        }
     };
     println!(
         "  {me} --nodes {nodes} exec \"INSERT INTO players (name) VALUES ('you') RETURNING id\""
@@ -729,14 +745,19 @@ fn run_cert(cmd: CertCmd) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // A client of --nodes with this invocation's certificates and role.
+    let connect = {
+        let (nodes, certs, cert_name, user) = (
+            cli.nodes.clone(),
+            cli.certs.clone(),
+            cli.cert_name.clone(),
+            cli.user.clone(),
+        );
+        move || cli_client(&nodes, certs.as_deref(), &cert_name, user.as_deref())
+    };
     match cli.command {
         Cmd::Exec { sql, params } => {
-            let client = cli_client(
-                &cli.nodes,
-                cli.certs.as_deref(),
-                &cli.cert_name,
-                cli.user.as_deref(),
-            )?;
+            let client = connect()?;
             let params = parse_params(&params)?;
             if !params.is_empty() && sql.len() > 1 {
                 bail!("--param applies to a single statement");
@@ -776,12 +797,7 @@ async fn main() -> anyhow::Result<()> {
             params,
             consistency,
         } => {
-            let client = cli_client(
-                &cli.nodes,
-                cli.certs.as_deref(),
-                &cli.cert_name,
-                cli.user.as_deref(),
-            )?;
+            let client = connect()?;
             let (level, min_index) = match consistency.as_str() {
                 "local" => (Consistency::Local, 0),
                 "linearizable" => (Consistency::Linearizable, 0),
@@ -809,15 +825,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Status => {
-            print_status(&cli_client(
-                &cli.nodes,
-                cli.certs.as_deref(),
-                &cli.cert_name,
-                cli.user.as_deref(),
-            )?)
-            .await
-        }
+        Cmd::Status => print_status(&connect()?).await,
         Cmd::Bench {
             size,
             clients,
@@ -843,12 +851,7 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         }
         Cmd::Member(m) => {
-            let client = cli_client(
-                &cli.nodes,
-                cli.certs.as_deref(),
-                &cli.cert_name,
-                cli.user.as_deref(),
-            )?;
+            let client = connect()?;
             let r = match m {
                 MemberCmd::Add { id, addr, no_wait } => {
                     client.add_learner(id, &addr, !no_wait).await
@@ -887,12 +890,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Check { timeout } => {
-            let client = cli_client(
-                &cli.nodes,
-                cli.certs.as_deref(),
-                &cli.cert_name,
-                cli.user.as_deref(),
-            )?;
+            let client = connect()?;
             let r = client.check(Duration::from_secs(timeout)).await?;
             std::process::exit(print_check(&r));
         }

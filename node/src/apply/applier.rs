@@ -21,6 +21,16 @@
 //! end (applied position, COMMIT). A duplicate never runs any statement, on any node, whichever
 //! path it takes: nodes must consume the same sequence values.
 //!
+//! **Roles** (issue 16): a write with a role ([`WriteCommand::user`]) runs its statements as
+//! that role — after the setup (as raftpg), `set_config('session_authorization', role, true)`;
+//! after its statements, `SET CONSTRAINTS ALL IMMEDIATE` (its deferred triggers and checks fire
+//! as the role) and `RESET SESSION AUTHORIZATION`, then `raftpg.end_write` as raftpg. Both are
+//! steps of the write like its statements: a role that no longer exists fails the write on
+//! every node alike (22023), and a rollback of the savepoint takes the switch back with the
+//! rest. Session authorization (not `SET ROLE`) makes the role the session user, so `SET ROLE`
+//! inside the write reaches only the role's own memberships; the one way back to raftpg,
+//! setting `session_authorization` again, is refused by the SQL gate in every form.
+//!
 //! Cache rule: only DML statements are cached, and an entry that contains any other statement
 //! (DDL can change what a prepared statement means) empties the cache when it ends, whether it
 //! succeeded or not. A "cached plan must not change result type" error is treated as
@@ -190,6 +200,8 @@ pub struct Applier {
     count_live: Statement,
     fast_setup: Statement,
     record_applied: Statement,
+    /// Makes the rest of a write run as its role (see the module doc, "Roles").
+    switch_user: Statement,
     cache: HashMap<String, Statement>,
     /// The open transaction ran DDL: statements cached since may refer to objects that a
     /// rollback takes away.
@@ -219,7 +231,7 @@ pub struct BatchEnd {
 /// state of the user roles (see `apply::roles`: it travels with snapshots).
 const RECORD_APPLIED_SQL: &str = "
     UPDATE raftpg.applied SET log_index = $1, log_id = $2, membership = $3, writes = $4,
-        sequences = raftpg.sequence_positions(), roles = raftpg.role_state()";
+        sequences = raftpg.sequence_positions(), roles = raftpg.record_roles()";
 
 impl Applier {
     /// Connects and sets the session up (bootstrap of raftpg's schema is the caller's).
@@ -242,6 +254,7 @@ impl Applier {
             record_many: client.prepare("SELECT 1").await?,
             count_live: client.prepare("SELECT 1").await?,
             fast_setup: client.prepare("SELECT 1").await?,
+            switch_user: client.prepare("SELECT 1").await?,
             record_applied: client.prepare("SELECT 1").await?,
             client,
             cache: HashMap::new(),
@@ -264,6 +277,7 @@ impl Applier {
         self.count_live = self.client.prepare(request_log::COUNT_LIVE_SQL).await?;
         self.fast_setup = self.client.prepare(FAST_SETUP_SQL).await?;
         self.record_applied = self.client.prepare(RECORD_APPLIED_SQL).await?;
+        self.switch_user = self.client.prepare(SWITCH_USER_SQL).await?;
         Ok(())
     }
 
@@ -433,7 +447,7 @@ impl Applier {
         let mut outcomes = Vec::with_capacity(run.len());
         let mut next = Pending::default();
         for (write_no, cmd, prepared) in run {
-            match run_write_result(&mut results, prepared.len(), limits)? {
+            match run_write_result(&mut results, prepared.len(), cmd.user.is_some(), limits)? {
                 RunWriteResult::Applied(stmt_outcomes) => {
                     let outcome = ApplyOutcome::Applied(stmt_outcomes);
                     next.records.extend(record_of(*write_no, cmd, &outcome)?);
@@ -488,13 +502,7 @@ impl Applier {
             steps.push(Box::pin(async move {
                 Step::Sql(client.execute(entry_setup, &input.params()).await)
             }));
-            for (p, st) in prepared.iter().zip(&cmd.statements) {
-                steps.push(Box::pin(async move {
-                    // `pipelineable` checked the parameters when it built the run.
-                    Step::Stmt(execute_checked(client, p, st, limits).await)
-                }));
-            }
-            steps.push(Box::pin(async move { Step::Stmt(self.end_write().await) }));
+            self.push_write_steps(&mut steps, cmd, prepared, limits);
             steps.push(Box::pin(async move {
                 Step::Sql(client.batch_execute(RELEASE_ENTRY).await.map(|_| 0))
             }));
@@ -551,7 +559,13 @@ impl Applier {
         let mut outcomes = Vec::with_capacity(run.len());
         let mut next = Pending::default();
         for ((write_no, cmd, prepared), setup) in run.iter().zip(setups) {
-            let stmt_outcomes = fast_write_result(&mut results, setup, prepared.len(), limits)?;
+            let stmt_outcomes = fast_write_result(
+                &mut results,
+                setup,
+                prepared.len(),
+                cmd.user.is_some(),
+                limits,
+            )?;
             let outcome = ApplyOutcome::Applied(stmt_outcomes);
             next.records.extend(record_of(*write_no, cmd, &outcome)?);
             outcomes.push(outcome);
@@ -609,12 +623,7 @@ impl Applier {
                     )
                 }));
             }
-            for (p, st) in prepared.iter().zip(&cmd.statements) {
-                steps.push(Box::pin(async move {
-                    Step::Stmt(execute_checked(client, p, st, limits).await)
-                }));
-            }
-            steps.push(Box::pin(async move { Step::Stmt(self.end_write().await) }));
+            self.push_write_steps(&mut steps, cmd, prepared, limits);
         }
         (steps, setups)
     }
@@ -631,6 +640,55 @@ impl Applier {
         self.client.batch_execute("ROLLBACK").await?;
         self.client.query_one(restore_sequences_sql, &[]).await?;
         Ok(())
+    }
+
+    /// Adds a write's statements to `steps` — between its role's switches when it has a role
+    /// — and its end (see the module doc). `pipelineable` checked the parameters when it built
+    /// the run.
+    fn push_write_steps<'s>(
+        &'s self,
+        steps: &mut Vec<StepFuture<'s>>,
+        cmd: &'s WriteCommand,
+        prepared: &'s [Statement],
+        limits: &'s ApplyLimits,
+    ) {
+        let client = &self.client;
+        if let Some(user) = &cmd.user {
+            steps.push(Box::pin(
+                async move { Step::Stmt(self.switch_user(user).await) },
+            ));
+        }
+        for (p, st) in prepared.iter().zip(&cmd.statements) {
+            steps.push(Box::pin(async move {
+                Step::Stmt(execute_checked(client, p, st, limits).await)
+            }));
+        }
+        if cmd.user.is_some() {
+            steps.push(Box::pin(
+                async move { Step::Stmt(self.unswitch_user().await) },
+            ));
+        }
+        steps.push(Box::pin(async move { Step::Stmt(self.end_write().await) }));
+    }
+
+    /// Switches the session to `user` for the write's statements (see the module doc,
+    /// "Roles"); its failure is the write's, like a statement's.
+    async fn switch_user(&self, user: &str) -> Result<StatementOutcome, StmtError> {
+        self.client
+            .execute(&self.switch_user, &[&user])
+            .await
+            .map_err(classify)?;
+        Ok(no_rows())
+    }
+
+    /// Ends the write's run as its role (see [`UNSWITCH_USER`]); its failure (a deferred
+    /// constraint) is the write's.
+    async fn unswitch_user(&self) -> Result<StatementOutcome, StmtError> {
+        self.client
+            .batch_execute(UNSWITCH_USER)
+            .await
+            .map_err(classify)?;
+        Ok(no_rows())
     }
 
     /// Ends a write (see [`END_WRITE_SQL`]); its failure is the write's, like a statement's.
@@ -750,18 +808,32 @@ impl Applier {
                 .collect(),
         );
         let params = input.params();
-        let (finished, opened, setup, results) = tokio::join!(
+        let switch = async {
+            match &cmd.user {
+                Some(user) => self.switch_user(user).await.map(|_| ()),
+                None => Ok(()),
+            }
+        };
+        let (finished, opened, setup, switched, results) = tokio::join!(
             self.finish(pending),
             client.batch_execute(open),
             client.execute(&self.entry_setup, &params),
+            switch,
             execs
         );
         finished?;
         opened?;
         match setup {
-            Ok(_) => Ok(Some(results)),
-            Err(e) if is_duplicate(&e) => Ok(None),
-            Err(e) => Err(e.into()),
+            Ok(_) => {}
+            Err(e) if is_duplicate(&e) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        match switched {
+            Ok(()) => Ok(Some(results)),
+            // The role is gone: the write's failure, on its first statement (the statements
+            // sent after the switch were refused, 25P02).
+            Err(StmtError::Deterministic(f)) => Ok(Some(vec![Err(StmtError::Deterministic(f))])),
+            Err(StmtError::Environmental(e)) => Err(e),
         }
     }
 
@@ -830,8 +902,14 @@ impl Applier {
                 false => self.client.batch_execute(&resets).await.map_err(classify),
             }
         };
-        let (reset, ended) = tokio::join!(reset, self.end_write());
-        match reset.and(ended) {
+        let unswitch = async {
+            match cmd.user {
+                Some(_) => self.unswitch_user().await.map(|_| ()),
+                None => Ok(()),
+            }
+        };
+        let (reset, unswitched, ended) = tokio::join!(reset, unswitch, self.end_write());
+        match reset.and(unswitched).and(ended) {
             Ok(_) => Ok(Ok(outcomes)),
             Err(StmtError::Environmental(e)) => Err(e),
             Err(StmtError::Deterministic(mut f)) => {
@@ -846,6 +924,15 @@ impl Applier {
 /// What a write run on its own produced: its statements' outcomes, or its deterministic
 /// failure.
 type WriteResult = Result<Vec<StatementOutcome>, SqlFailure>;
+
+/// The outcome of a step that returns nothing.
+fn no_rows() -> StatementOutcome {
+    StatementOutcome {
+        rows_affected: 0,
+        columns: Vec::new(),
+        rows: Vec::new(),
+    }
+}
 
 /// The deterministic error of a write whose rows, all statements together, exceed
 /// `result_bytes_max` (its outcome is stored in `raftpg.requests` and sent in one response).
@@ -980,12 +1067,16 @@ enum RunWriteResult {
 fn run_write_result(
     results: &mut impl Iterator<Item = Step>,
     statements: usize,
+    as_role: bool,
     limits: &ApplyLimits,
 ) -> Result<RunWriteResult, EnvError> {
     let opened = results.next().map(Step::sql);
     let setup = results.next().map(Step::sql);
-    // The statements, then the write's end (raftpg.end_write).
-    let stmts: Vec<Step> = results.by_ref().take(statements + 1).collect();
+    // The statements (between the role's switch and switch back, if it has one), then the
+    // write's end (raftpg.end_write).
+    let before = usize::from(as_role);
+    let steps = statements + 1 + 2 * usize::from(as_role);
+    let stmts: Vec<Step> = results.by_ref().take(steps).collect();
     let released = results.next().map(Step::sql);
     if let Some(Err(e)) = opened {
         return Err(e.into());
@@ -1006,9 +1097,11 @@ fn run_write_result(
                     // and released the savepoint: it cannot be undone alone.
                     return Err(EnvError::PipelineAborted);
                 }
-                // A failure at the write's end is reported on its last statement.
+                // A failure of the switch is reported on the first statement, one at the
+                // write's end on its last.
                 f.statement_index =
-                    u32::try_from(i.min(statements.saturating_sub(1))).unwrap_or(u32::MAX);
+                    u32::try_from(i.saturating_sub(before).min(statements.saturating_sub(1)))
+                        .unwrap_or(u32::MAX);
                 return Ok(RunWriteResult::Failed(f));
             }
             Step::Stmt(Err(StmtError::Environmental(e))) => return Err(e),
@@ -1018,7 +1111,9 @@ fn run_write_result(
     if let Some(Err(e)) = released {
         return Err(e.into());
     }
-    stmt_outcomes.truncate(statements); // the write's end returns nothing
+    // The switches and the write's end return nothing.
+    stmt_outcomes.drain(..before);
+    stmt_outcomes.truncate(statements);
     if result_too_large(&stmt_outcomes, limits).is_some() {
         // Found on this side after the write was released: redo entry by entry, where the
         // limit becomes the write's error.
@@ -1034,19 +1129,23 @@ fn fast_write_result(
     results: &mut impl Iterator<Item = Step>,
     setup: bool,
     statements: usize,
+    as_role: bool,
     limits: &ApplyLimits,
 ) -> Result<Vec<StatementOutcome>, EnvError> {
     if setup && !matches!(results.next(), Some(Step::Sql(Ok(_)))) {
         return Err(EnvError::FastRunAbandoned);
     }
-    let mut stmt_outcomes = Vec::with_capacity(statements + 1);
-    // The statements, then the write's end (raftpg.end_write).
-    for st in results.by_ref().take(statements + 1) {
+    let before = usize::from(as_role);
+    let steps = statements + 1 + 2 * usize::from(as_role);
+    let mut stmt_outcomes = Vec::with_capacity(steps);
+    // The statements (between the role's switches), then the write's end (raftpg.end_write).
+    for st in results.by_ref().take(steps) {
         match st {
             Step::Stmt(Ok(o)) => stmt_outcomes.push(o),
             _ => return Err(EnvError::FastRunAbandoned),
         }
     }
+    stmt_outcomes.drain(..before);
     stmt_outcomes.truncate(statements);
     if result_too_large(&stmt_outcomes, limits).is_some() {
         return Err(EnvError::FastRunAbandoned);
@@ -1151,6 +1250,13 @@ const FAST_SETUP_SQL: &str = "
 /// created with `request_log::BOOTSTRAP_SQL`).
 const ENTRY_SETUP_SQL: &str =
     "SELECT raftpg.begin_entry($1::text, $2::text, $3::text, $4::bigint, $5::bigint)";
+
+/// Runs the rest of a write as its role (see the module doc, "Roles").
+const SWITCH_USER_SQL: &str = "SELECT pg_catalog.set_config('session_authorization', $1, true)";
+
+/// Ends a write's run as its role: its deferred constraints fire as the role, then the session
+/// is raftpg's again (see the module doc, "Roles").
+const UNSWITCH_USER: &str = "SET CONSTRAINTS ALL IMMEDIATE; RESET SESSION AUTHORIZATION";
 
 const RELEASE_ENTRY: &str = "RELEASE SAVEPOINT raftpg_entry";
 const ROLLBACK_ENTRY: &str = "ROLLBACK TO SAVEPOINT raftpg_entry; RELEASE SAVEPOINT raftpg_entry";

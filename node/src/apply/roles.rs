@@ -105,7 +105,44 @@ pub const BOOTSTRAP_SQL: &str = r#"
             EXECUTE format('DROP ROLE %I', x.rolname);
         END LOOP;
     END $$;
-    REVOKE ALL ON FUNCTION raftpg.apply_roles(jsonb, boolean) FROM PUBLIC;
+    -- Every user role is granted to raftpg_reader, so that a read can run as it (SET LOCAL
+    -- ROLE in the read's transaction). Called with every batch (RECORD_APPLIED_SQL).
+    CREATE OR REPLACE FUNCTION raftpg.record_roles() RETURNS jsonb LANGUAGE plpgsql AS $$
+    DECLARE x record;
+    BEGIN
+        FOR x IN SELECT a.rolname FROM pg_catalog.pg_authid a
+                 WHERE raftpg.is_user_role(a.rolname)
+                   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m
+                                   JOIN pg_catalog.pg_authid r ON r.oid = m.member
+                                   WHERE m.roleid = a.oid AND r.rolname = 'raftpg_reader') LOOP
+            EXECUTE format('GRANT %I TO raftpg_reader', x.rolname);
+        END LOOP;
+        RETURN raftpg.role_state();
+    END $$;
+"#;
+
+/// What the roles may use of schema raftpg (and what raftpg_admin may do in the database), set
+/// when the applier connects, after every raftpg function exists: a write running as a role calls the deterministic clock and random
+/// functions the gate rewrote its SQL to, and its DDL fires raftpg's event triggers; nothing
+/// else of raftpg is theirs (begin_entry, for one, could change the session authorization).
+pub const PRIVILEGES_SQL: &str = r#"
+    GRANT USAGE ON SCHEMA raftpg TO PUBLIC;
+    REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA raftpg FROM PUBLIC;
+    GRANT EXECUTE ON FUNCTION raftpg.now(), raftpg."current_date"(), raftpg."current_time"(),
+        raftpg."localtime"(), raftpg."localtimestamp"(), raftpg.random(),
+        raftpg.gen_random_uuid(), raftpg.next_draw() TO PUBLIC;
+    -- The event triggers fire for the roles' DDL and call raftpg's own functions.
+    ALTER FUNCTION raftpg.on_ddl() SECURITY DEFINER;
+    ALTER FUNCTION raftpg.on_drop() SECURITY DEFINER;
+    -- Administrators may create schemas and (trusted) extensions, and objects in public, and
+    -- pass that on. The same on every node, set again on every connection (a restored
+    -- database is a new one).
+    DO $$ BEGIN
+        EXECUTE format('GRANT CREATE ON DATABASE %I TO raftpg_admin', current_database());
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = 'public') THEN
+            GRANT USAGE, CREATE ON SCHEMA public TO raftpg_admin WITH GRANT OPTION;
+        END IF;
+    END $$;
 "#;
 
 /// Makes this node's roles exactly the ones its database recorded (after a snapshot install,

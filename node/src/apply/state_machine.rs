@@ -323,6 +323,7 @@ impl StateMachineCore {
         client
             .batch_execute(&session_rules::guard_functions_sql(raftpg_oid))
             .await?;
+        client.batch_execute(roles::PRIVILEGES_SQL).await?;
         let restored: i64 = client.query_one(RESTORE_SEQUENCES_SQL, &[]).await?.get(0);
         let row = client
             .query_one("SELECT log_id, membership, writes FROM raftpg.applied", &[])
@@ -1069,6 +1070,7 @@ mod tests {
             leader_ts_micros: 0,
             seed: 0,
             request_id: None,
+            user: None,
         };
         let payload = match writes {
             0 => EntryPayload::Blank,

@@ -8,6 +8,11 @@
 //! matched it, both trusted for [`CACHE_TTL`]. A password change, `NOLOGIN`, `VALID UNTIL` or
 //! `DROP ROLE` therefore takes effect on every node within that time. The cache holds at most
 //! [`CACHE_USERS_MAX`] users (it is emptied when full) and never a password.
+//!
+//! A status request may use a password that matched within [`STALE_MAX`] without looking again
+//! (`allow_stale`), so that a node whose PostgreSQL is down or frozen can still tell its status
+//! to the clients that were using it; everything else needs a fresh lookup, which gives up
+//! after [`LOOKUP_WAIT`] (the node then answers UNAVAILABLE and the client goes elsewhere).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +26,12 @@ use crate::pg::read_pool::ReadPool;
 
 /// How long a looked-up role (and a password that matched it) is trusted.
 pub const CACHE_TTL: Duration = Duration::from_secs(2);
+
+/// Longest wait for the roles to be read.
+pub const LOOKUP_WAIT: Duration = Duration::from_secs(2);
+
+/// How old a matched password may be to be accepted while the roles cannot be read.
+pub const STALE_MAX: Duration = Duration::from_secs(600);
 
 /// Most users in the cache.
 const CACHE_USERS_MAX: usize = 10_000;
@@ -38,23 +49,7 @@ pub struct Principal {
     pub admin: bool,
 }
 
-/// A user name and password as a client sent them.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    /// The role's name.
-    pub user: String,
-    /// Its password.
-    pub password: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("user", &self.user)
-            .field("password", &"<hidden>")
-            .finish()
-    }
-}
+pub use raftpg_proto::identity::Credentials;
 
 /// Why a request was not authenticated.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -143,14 +138,28 @@ impl Authenticator {
         }
     }
 
-    /// The principal `credentials` name, if the password is right.
-    pub async fn authenticate(&self, credentials: &Credentials) -> Result<Principal, AuthError> {
+    /// The principal `credentials` name, if the password is right; with `allow_stale`, a
+    /// match within [`STALE_MAX`] will do (see the module doc).
+    pub async fn authenticate(
+        &self,
+        credentials: &Credentials,
+        allow_stale: bool,
+    ) -> Result<Principal, AuthError> {
         let user = &credentials.user;
         let digest = self.digest(&credentials.password);
+        if allow_stale {
+            if let Some(p) = self.stale(user, digest) {
+                return Ok(p);
+            }
+        }
         let cached = self.cached(user);
         let (role, matched) = match cached {
             Some((role, matched)) => (role, matched == Some(digest)),
-            None => (self.read_role(user).await?, false),
+            None => match tokio::time::timeout(LOOKUP_WAIT, self.read_role(user)).await {
+                Ok(Ok(role)) => (role, false),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(AuthError::Unavailable("reading the roles timed out".into())),
+            },
         };
         let Some(role) = role else {
             self.remember(user, None, None);
@@ -182,6 +191,20 @@ impl Authenticator {
         }
         self.remember(user, Some(role), Some(digest));
         Ok(principal)
+    }
+
+    /// The principal of `user` if `digest` matched its role within [`STALE_MAX`] (for status
+    /// requests only).
+    fn stale(&self, user: &str, digest: [u8; 32]) -> Option<Principal> {
+        let cache = self.cache.lock().ok()?;
+        let c = cache.get(user)?;
+        let role = c.role.as_ref()?;
+        (c.matched == Some(digest) && c.read_at.elapsed() < STALE_MAX && role.can_login).then(
+            || Principal {
+                user: user.to_string(),
+                admin: role.admin,
+            },
+        )
     }
 
     fn digest(&self, password: &str) -> [u8; 32] {

@@ -20,11 +20,29 @@ pub async fn principal<T>(
     svc: &Service,
     request: &Request<T>,
 ) -> Result<Option<Principal>, Status> {
+    principal_of(svc, request, false).await
+}
+
+/// [`principal`] for a status request (see `Service::authenticate`).
+pub async fn status_principal<T>(
+    svc: &Service,
+    request: &Request<T>,
+) -> Result<Option<Principal>, Status> {
+    principal_of(svc, request, true).await
+}
+
+async fn principal_of<T>(
+    svc: &Service,
+    request: &Request<T>,
+    for_status: bool,
+) -> Result<Option<Principal>, Status> {
     let caller = caller_of(request.metadata())?;
     if matches!(caller, Caller::Anonymous) && request.extensions().get::<FromPeer>().is_some() {
         return Ok(None);
     }
-    svc.authenticate(caller).await.map_err(to_status)
+    svc.authenticate(caller, for_status)
+        .await
+        .map_err(to_status)
 }
 
 /// The caller named by `meta`.

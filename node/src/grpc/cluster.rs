@@ -95,7 +95,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        let principal = auth::principal(&self.svc, &req).await?;
+        let principal = auth::status_principal(&self.svc, &req).await?;
         self.svc
             .status(principal.as_ref(), req.get_ref().node_id)
             .await

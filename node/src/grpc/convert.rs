@@ -170,6 +170,7 @@ pub fn read_request(req: pb::QueryRequest, encoded_bytes: usize, streamed: bool)
         max_rows: req.max_rows,
         streamed,
         encoded_bytes,
+        principal: None,
     }
 }
 

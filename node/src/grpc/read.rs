@@ -36,11 +36,11 @@ impl Read for ReadService {
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
-        // Reads run as raftpg_reader for now (issue 16: as the role, next).
-        auth::principal(&self.svc, &request).await?;
+        let principal = auth::principal(&self.svc, &request).await?;
         let req = request.into_inner();
         let bytes = req.encoded_len();
-        let req = convert::read_request(req, bytes, false);
+        let mut req = convert::read_request(req, bytes, false);
+        req.principal = principal;
         let whole = self.svc.read(req).await.map_err(to_status)?;
         Ok(Response::new(convert::query_response(whole)))
     }
@@ -51,10 +51,11 @@ impl Read for ReadService {
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        auth::principal(&self.svc, &request).await?;
+        let principal = auth::principal(&self.svc, &request).await?;
         let req = request.into_inner();
         let bytes = req.encoded_len();
-        let req = convert::read_request(req, bytes, true);
+        let mut req = convert::read_request(req, bytes, true);
+        req.principal = principal;
         let read = self.svc.admit_read(req).await.map_err(to_status)?;
         // Two chunks in flight at most: the query runs as fast as the client reads, and no
         // longer than the read's bound, even when the client stops reading.

@@ -56,6 +56,8 @@ pub struct ProposerLimits {
 struct Waiting {
     statements: Vec<SqlStatement>,
     request_id: Option<RequestId>,
+    /// The role the write runs as.
+    user: Option<String>,
     bytes: usize,
     reply: oneshot::Sender<ProposeResult>,
 }
@@ -96,6 +98,7 @@ impl Proposer {
         &self,
         statements: Vec<SqlStatement>,
         request_id: Option<RequestId>,
+        user: Option<String>,
         bytes: usize,
     ) -> Result<oneshot::Receiver<ProposeResult>, SubmitError> {
         let (reply, rx) = oneshot::channel();
@@ -103,6 +106,7 @@ impl Proposer {
             .try_send(Waiting {
                 statements,
                 request_id,
+                user,
                 bytes,
                 reply,
             })
@@ -232,6 +236,7 @@ async fn propose(
             leader_ts_micros,
             seed,
             request_id: w.request_id,
+            user: w.user,
         });
         replies.push(w.reply);
     }

@@ -8,9 +8,17 @@
 //! Membership changes, divergence checks and other nodes' status need an administrator
 //! ([`Service::require_admin`]): a superuser or a member of `raftpg_admin`.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{debug, info};
+
 use super::error::{ErrorKind, ServiceError};
 use super::node::Service;
+use super::types::{Origin, WriteRequest, WriteStatement};
 use crate::auth::authenticator::{AuthError, Credentials, Principal};
+use crate::command::RequestId;
 
 /// The caller of a request, as its frontend saw it.
 #[derive(Clone, Debug)]
@@ -25,13 +33,19 @@ pub enum Caller {
 
 impl Service {
     /// The role a request runs as (`None`: raftpg itself, for an anonymous request on a node
-    /// that does not require authentication).
-    pub async fn authenticate(&self, caller: Caller) -> Result<Option<Principal>, ServiceError> {
+    /// that does not require authentication). `for_status`: a status request, which a recent
+    /// match of the password may authenticate without reading the roles again (so that a node
+    /// whose PostgreSQL is out can still say so).
+    pub async fn authenticate(
+        &self,
+        caller: Caller,
+        for_status: bool,
+    ) -> Result<Option<Principal>, ServiceError> {
         match caller {
             Caller::Node(p) => Ok(Some(p)),
             Caller::Credentials(c) => self
                 .authenticator
-                .authenticate(&c)
+                .authenticate(&c, for_status)
                 .await
                 .map(Some)
                 .map_err(auth_error),
@@ -59,6 +73,88 @@ impl Service {
             }),
             _ => Ok(()),
         }
+    }
+}
+
+/// How often the leader looks whether the first administrator exists.
+const FIRST_ADMIN_EVERY: Duration = Duration::from_secs(1);
+
+impl Service {
+    /// Creates the cluster's first administrator (see `--admin-password-file`) once: while
+    /// this node leads and the role does not exist, writes `CREATE ROLE … LOGIN CREATEROLE
+    /// PASSWORD …` and `GRANT raftpg_admin TO …` as one write (the gate turns the password into
+    /// its verifier), with a fixed request id so that two leaders in a row create it once.
+    /// Returns when the role exists or at shutdown.
+    pub async fn create_first_admin(
+        self: Arc<Self>,
+        credentials: Credentials,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let ident = format!("\"{}\"", credentials.user.replace('"', "\"\""));
+        let literal = format!("'{}'", credentials.password.replace('\'', "''"));
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(FIRST_ADMIN_EVERY) => {}
+            }
+            if !self.is_leader() {
+                continue;
+            }
+            match self.role_exists(&credentials.user).await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => {
+                    debug!(error = %e.message, "looking for the first administrator");
+                    continue;
+                }
+            }
+            let statement = |sql: String| WriteStatement {
+                sql,
+                params: Ok(Vec::new()),
+            };
+            let req = WriteRequest {
+                statements: vec![
+                    statement(format!(
+                        "CREATE ROLE {ident} LOGIN CREATEROLE PASSWORD {literal}"
+                    )),
+                    statement(format!("GRANT raftpg_admin TO {ident}")),
+                ],
+                request_id: Some(RequestId {
+                    client_id: "raftpg-first-admin".into(),
+                    seq: 1,
+                }),
+                encoded_bytes: 0,
+                origin: Origin::Client,
+                principal: None,
+            };
+            match self.write(req).await {
+                Ok(o) => {
+                    info!(user = %credentials.user, log_index = o.log_index, "created the first administrator");
+                    return;
+                }
+                Err(e) if e.sqlstate.as_deref() == Some("42710") => return,
+                Err(e) => {
+                    debug!(error = %e.message, "creating the first administrator; will retry")
+                }
+            }
+        }
+    }
+
+    /// Whether role `name` exists on this node.
+    async fn role_exists(&self, name: &str) -> Result<bool, ServiceError> {
+        let unavailable =
+            |e: &dyn std::fmt::Display| ServiceError::unavailable(e.to_string(), None);
+        let mut pooled = self.reads.get().await.map_err(|e| unavailable(&e))?;
+        let row = pooled
+            .client()
+            .query_opt(
+                "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1",
+                &[&name],
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        pooled.release();
+        Ok(row.is_some())
     }
 }
 

@@ -478,6 +478,14 @@ async fn run_in_snapshot(
     tx: tokio_postgres::Transaction<'_>,
     applied: u64,
 ) -> Result<ReadChunk, ReadStop> {
+    if let Some(p) = &job.req.principal {
+        // The query runs as the role (raftpg_reader is a member of every role, see
+        // apply::roles): its privileges and row-level security decide what it sees. The read
+        // gate refuses set_config, so the query cannot switch back.
+        tx.execute("SELECT pg_catalog.set_config('role', $1, true)", &[&p.user])
+            .await
+            .map_err(pg_stop)?;
+    }
     let stmt = tx.prepare(&job.req.sql).await.map_err(pg_stop)?;
     check_statement(&stmt, job.params)?;
     let mut chunk = ReadChunk {

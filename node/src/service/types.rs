@@ -88,6 +88,8 @@ pub struct ReadRequest {
     pub streamed: bool,
     /// The request's size as received, in bytes.
     pub encoded_bytes: usize,
+    /// The role it runs as (`None`: raftpg_reader; see `service::auth`).
+    pub principal: Option<Principal>,
 }
 
 /// Part of a read's result. The first chunk carries the columns and the applied index of the

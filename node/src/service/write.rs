@@ -168,7 +168,9 @@ impl Service {
             .execute(leader, req, self.limits.write_timeout)
             .await
             .map_err(|e| {
-                if e.kind == ErrorKind::Unavailable && e.leader.is_none() {
+                // A SQL error is the leader's answer (a write may raise a class 08 or 57
+                // SQLSTATE itself), not a failure to reach it.
+                if e.kind == ErrorKind::Unavailable && e.leader.is_none() && e.sqlstate.is_none() {
                     ServiceError::unavailable(
                         format!(
                             "forwarding to leader {} at {} failed: {}",
@@ -191,7 +193,12 @@ impl Service {
     ) -> Result<WriteOutcome, ServiceError> {
         let answer = self
             .proposer
-            .submit(statements, req.request_id.clone(), req.encoded_bytes)
+            .submit(
+                statements,
+                req.request_id.clone(),
+                req.principal.as_ref().map(|p| p.user.clone()),
+                req.encoded_bytes,
+            )
             .map_err(|e| match e {
                 SubmitError::QueueFull => ServiceError::refused(
                     ErrorKind::ResourceExhausted,

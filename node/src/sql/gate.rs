@@ -36,6 +36,18 @@ fn first_statement(parsed: pg_query::ParseResult) -> Result<NodeEnum, Refusal> {
 
 /// Parses `sql`, requiring exactly one statement that does not touch raftpg's own schema.
 /// Also returns the complete tree in its serde form (see [`walk`]), computed once per statement.
+/// Parses `sql` (any number of statements) into its tree and the tree's serde form.
+fn parse_any(sql: &str) -> Result<(pg_query::ParseResult, serde_json::Value), Refusal> {
+    let parsed = pg_query::parse(sql, 0).map_err(|e| refuse(SYNTAX_ERROR, e.to_string()))?;
+    let tree = serde_json::to_value(&parsed.protobuf).map_err(|e| {
+        refuse(
+            FEATURE_NOT_SUPPORTED,
+            format!("cannot inspect the statement: {e}"),
+        )
+    })?;
+    Ok((parsed, tree))
+}
+
 fn parse(sql: &str) -> Result<(pg_query::ParseResult, serde_json::Value), Refusal> {
     let parsed = pg_query::parse(sql, 0).map_err(|e| match e {
         pg_query::Error::Parse(m) => refuse(SYNTAX_ERROR, m),
@@ -375,6 +387,46 @@ fn func_name(node: &serde_json::Value) -> (Option<String>, String) {
     (schema, last)
 }
 
+/// Functions a statement running as a role must not call: `set_config` can set
+/// `session_authorization` or `role` (back to raftpg's, see `apply::applier`, "Roles"), and the
+/// others run SQL given as text, which no check here can see.
+pub const ROLE_ESCAPES: &[&str] = &[
+    "set_config",
+    "query_to_xml",
+    "query_to_xml_and_xmlschema",
+    "query_to_xmlschema",
+    "ts_stat",
+    "ts_rewrite",
+    "dblink",
+    "dblink_exec",
+];
+
+/// Refuses calls of [`ROLE_ESCAPES`] anywhere in a statement (reads and writes).
+fn check_role_escapes(tree: &serde_json::Value) -> Result<(), Refusal> {
+    fn visit(v: &serde_json::Value) -> Result<(), Refusal> {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, child) in m {
+                    if k == "FuncCall" {
+                        let (_, name) = func_name(child);
+                        if ROLE_ESCAPES.contains(&name.as_str()) {
+                            return Err(refuse(
+                                INSUFFICIENT_PRIVILEGE,
+                                format!("{name}() is not allowed: a statement runs as its role, and {name}() could change the role or run SQL given as text, which raftpg cannot check"),
+                            ));
+                        }
+                    }
+                    visit(child)?;
+                }
+                Ok(())
+            }
+            serde_json::Value::Array(a) => a.iter().try_for_each(visit),
+            _ => Ok(()),
+        }
+    }
+    visit(tree)
+}
+
 /// A text edit: replace bytes `start..end` of the statement.
 struct Edit {
     start: usize,
@@ -423,6 +475,7 @@ pub fn prepare_write(sql: &str) -> Result<String, Refusal> {
     // pg_query's own node iterator skips parts of the tree (e.g. VALUES lists), so walk the
     // complete tree through its serde form: every node of every statement is visited.
     let (parsed, tree) = parse(sql)?;
+    check_role_escapes(&tree)?;
     let stmt = statement_of(&parsed)?;
     let dml = is_dml_statement(stmt);
     let scan = scan_write_tree(&tree, dml)?;
@@ -989,6 +1042,33 @@ fn check_body(body: &str) -> Result<(), Refusal> {
         {
             return Err(raftpg_reference());
         }
+        if ROLE_ESCAPES.contains(&word.as_str()) && call {
+            return Err(refuse(
+                INSUFFICIENT_PRIVILEGE,
+                format!("the function body calls {word}(), which could change the role it runs as or run SQL given as text"),
+            ));
+        }
+        let squeezed: String = word.split_whitespace().collect::<Vec<_>>().join(" ");
+        if squeezed.contains("session_authorization")
+            || squeezed.contains("session authorization")
+            || (word == "authorization" && i > 0 && text(i - 1) == "session")
+        {
+            return Err(refuse(
+                INSUFFICIENT_PRIVILEGE,
+                "a function body may not change the session authorization: writes run as their role",
+            ));
+        }
+        if word == "execute" && statement_start {
+            match constant_dynamic_sql(&text, i + 1) {
+                Some(sql) => check_dynamic_sql(&sql)?,
+                None => {
+                    return Err(refuse(
+                        FEATURE_NOT_SUPPORTED,
+                        "dynamic SQL in a function body must be a constant string, or format() of a constant string with only %I and %L placeholders (EXECUTE format('INSERT INTO %I VALUES (%L)', t, v)): SQL put together at run time could escape the role the write runs as",
+                    ))
+                }
+            }
+        }
         if let Some(inner) = word.strip_prefix('\'').and_then(|w| w.strip_suffix('\'')) {
             let value = inner.replace("''", "'");
             // Dynamic SQL that changes the session: EXECUTE 'SET ...', format('SET %s ...').
@@ -1004,6 +1084,96 @@ fn check_body(body: &str) -> Result<(), Refusal> {
                     time_literals::refusal_message(&value),
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+/// The SQL a PL/pgSQL `EXECUTE` whose argument starts at token `at` runs, if it is constant: a
+/// single string literal, or `format(` a string literal with only `%I`, `%L` and `%%`
+/// placeholders `, ...)`, followed by the end of the statement, `USING` or `INTO`. The
+/// placeholders are filled with a dummy identifier and literal, so the result can be checked
+/// like a statement ([`check_dynamic_sql`]). `None` for SQL put together at run time.
+fn constant_dynamic_sql(text: &dyn Fn(usize) -> String, at: usize) -> Option<String> {
+    let first = text(at);
+    if let Some(sql) = literal_value(&first) {
+        return matches!(text(at + 1).as_str(), ";" | "using" | "into" | "").then_some(sql);
+    }
+    if first != "format" || text(at + 1) != "(" || !matches!(text(at + 3).as_str(), "," | ")") {
+        return None;
+    }
+    let fmt = literal_value(&text(at + 2))?;
+    let mut out = String::new();
+    let mut parts = fmt.split('%');
+    out.push_str(parts.next().unwrap_or(""));
+    let mut escaped = false;
+    for part in parts {
+        if escaped {
+            escaped = false;
+            out.push_str(part);
+            continue;
+        }
+        match part.chars().next() {
+            Some('i') => out.push_str("raftpg_dynamic_name"),
+            Some('l') => out.push_str("'0'"),
+            None => {
+                out.push('%');
+                escaped = true;
+                continue;
+            }
+            Some(_) => return None,
+        }
+        out.push_str(&part[1..]);
+    }
+    Some(out)
+}
+
+/// The value of a string literal token (quoted, E-quoted or dollar-quoted), or `None`.
+fn literal_value(token: &str) -> Option<String> {
+    if let Some(inner) = token
+        .strip_prefix("e'")
+        .or_else(|| token.strip_prefix('\''))
+        .and_then(|t| t.strip_suffix('\''))
+    {
+        return Some(inner.replace("''", "'"));
+    }
+    let rest = token.strip_prefix('$')?;
+    let tag_end = rest.find('$')?;
+    let tag = &rest[..tag_end];
+    let body = rest[tag_end + 1..].strip_suffix(&format!("${tag}$"))?;
+    Some(body.to_string())
+}
+
+/// Checks the constant SQL of a function body's `EXECUTE` as the gate checks a statement for
+/// what could escape: raftpg's own objects and roles, the role escapes, role statements and
+/// settings (which must be sent as statements of their own, where the gate sees them whole).
+fn check_dynamic_sql(sql: &str) -> Result<(), Refusal> {
+    let (parsed, tree) = parse_any(sql).map_err(|_| {
+        refuse(
+            FEATURE_NOT_SUPPORTED,
+            "raftpg cannot read the SQL of an EXECUTE in this function body to check it",
+        )
+    })?;
+    check_raftpg_names(&tree)?;
+    check_role_escapes(&tree)?;
+    for raw in &parsed.protobuf.stmts {
+        let stmt = raw.stmt.as_ref().and_then(|n| n.node.as_ref());
+        if matches!(
+            stmt,
+            Some(
+                NodeEnum::CreateRoleStmt(_)
+                    | NodeEnum::AlterRoleStmt(_)
+                    | NodeEnum::AlterRoleSetStmt(_)
+                    | NodeEnum::DropRoleStmt(_)
+                    | NodeEnum::GrantRoleStmt(_)
+                    | NodeEnum::VariableSetStmt(_)
+                    | NodeEnum::RenameStmt(_)
+            )
+        ) {
+            return Err(refuse(
+                FEATURE_NOT_SUPPORTED,
+                "roles, settings and renames cannot change through dynamic SQL in a function body; send them as statements",
+            ));
         }
     }
     Ok(())
@@ -1074,7 +1244,9 @@ fn looks_like_set_statement(s: &str) -> bool {
 
 /// Checks the SQL of a read: only queries are allowed.
 pub fn check_read(sql: &str) -> Result<(), Refusal> {
-    let stmt = parse_one(sql)?;
+    let (parsed, tree) = parse(sql)?;
+    check_role_escapes(&tree)?;
+    let stmt = first_statement(parsed)?;
     let ok = match &stmt {
         NodeEnum::SelectStmt(s) => s.into_clause.is_none() && s.locking_clause.is_empty(),
         NodeEnum::ExplainStmt(s) => !s.options.iter().any(|o| {
