@@ -200,6 +200,20 @@ impl TestCluster {
         r
     }
 
+    /// Reads the cluster's client settings again (after its certificates changed) and makes
+    /// [`TestCluster::client`] use them.
+    pub fn reload_client_config(&mut self) {
+        self.client_config = ClientConfig {
+            attempt_timeout: self.client_config.attempt_timeout,
+            ..self
+                .cluster
+                .client_config()
+                .expect("the cluster's client settings")
+        };
+        self.client = Client::with_config(&self.cluster.addrs(), self.client_config.clone())
+            .expect("valid addresses");
+    }
+
     /// This cluster's client settings (TLS included).
     pub fn client_config(&self) -> ClientConfig {
         self.client_config.clone()
