@@ -93,16 +93,16 @@ async fn roles_are_replicated_and_travel_with_snapshots() {
 
     // Node 3 misses the roles' later changes and enough entries to need a snapshot.
     tc.cluster.kill_node(3);
-    c.execute_one("DROP ROLE dave", vec![]).await.unwrap();
-    c.execute_one("CREATE ROLE frank LOGIN PASSWORD 'frank-pw'", vec![])
-        .await
-        .unwrap();
-    c.execute_one("REVOKE carol FROM bob", vec![])
-        .await
-        .unwrap();
-    c.execute_one("CREATE TABLE filler (id int PRIMARY KEY)", vec![])
-        .await
-        .unwrap();
+    run_all(
+        c,
+        &[
+            "DROP ROLE dave",
+            "CREATE ROLE frank LOGIN PASSWORD 'frank-pw'",
+            "REVOKE carol FROM bob",
+            "CREATE TABLE filler (id int PRIMARY KEY)",
+        ],
+    )
+    .await;
     for i in 0..150 {
         c.execute_one(&format!("INSERT INTO filler VALUES ({i})"), vec![])
             .await
@@ -156,15 +156,37 @@ async fn roles_are_replicated_and_travel_with_snapshots() {
 
 /// A client authenticating as `user` with `password` to every node of `tc`.
 fn client_as(tc: &testkit::TestCluster, user: &str, password: &str) -> raftpg_client::Client {
+    client_of(tc, &tc.cluster.addrs(), user, password, 3)
+}
+
+/// A client authenticating as `user` with `password` to node `id` only, with at most
+/// `attempts` attempts per call.
+fn node_client_as(
+    tc: &testkit::TestCluster,
+    id: u64,
+    user: &str,
+    password: &str,
+    attempts: u32,
+) -> raftpg_client::Client {
+    client_of(tc, &[tc.addr_of(id)], user, password, attempts)
+}
+
+fn client_of(
+    tc: &testkit::TestCluster,
+    addrs: &[String],
+    user: &str,
+    password: &str,
+    attempts_max: u32,
+) -> raftpg_client::Client {
     let config = raftpg_client::ClientConfig {
         credentials: Some(raftpg_client::Credentials {
             user: user.into(),
             password: password.into(),
         }),
-        attempts_max: 3,
+        attempts_max,
         ..tc.client_config()
     };
-    raftpg_client::Client::with_config(&tc.cluster.addrs(), config).unwrap()
+    raftpg_client::Client::with_config(addrs, config).unwrap()
 }
 
 /// Credentials are checked against the replicated roles on whichever node a request reaches:
@@ -209,34 +231,14 @@ async fn credentials_are_checked_and_only_administrators_run_the_cluster() {
         refused(e, state, user);
     }
     // Nothing was written by the refused requests, on any node.
-    for id in 1..=3 {
-        let n: i64 = tc
-            .pg(id)
-            .await
-            .unwrap()
-            .query_one("SELECT count(*) FROM t", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n, 0, "node {id}");
-    }
+    assert_eq!(counts(&tc, "t").await, vec![0, 0, 0]);
 
     // The right password works on every node, also through a follower (the follower forwards
     // the write with the role it authenticated).
     let (_, follower) = tc.leader_and_follower().await;
     let bob = client_as(&tc, "bob", "bob-pw");
     for id in 1..=3u64 {
-        let one = raftpg_client::Client::with_config(
-            &[tc.addr_of(id)],
-            raftpg_client::ClientConfig {
-                credentials: Some(raftpg_client::Credentials {
-                    user: "bob".into(),
-                    password: "bob-pw".into(),
-                }),
-                ..tc.client_config()
-            },
-        )
-        .unwrap();
+        let one = node_client_as(&tc, id, "bob", "bob-pw", 20);
         one.execute_one(&format!("INSERT INTO t VALUES ({id})"), vec![])
             .await
             .unwrap_or_else(|e| panic!("bob through node {id} (follower {follower}): {e}"));
@@ -261,21 +263,10 @@ async fn credentials_are_checked_and_only_administrators_run_the_cluster() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     for id in 1..=3u64 {
-        let e = raftpg_client::Client::with_config(
-            &[tc.addr_of(id)],
-            raftpg_client::ClientConfig {
-                credentials: Some(raftpg_client::Credentials {
-                    user: "bob".into(),
-                    password: "bob-pw".into(),
-                }),
-                attempts_max: 1,
-                ..tc.client_config()
-            },
-        )
-        .unwrap()
-        .query_sql("SELECT 1", vec![], raftpg_client::v1::Consistency::Local)
-        .await
-        .unwrap_err();
+        let e = node_client_as(&tc, id, "bob", "bob-pw", 1)
+            .query_sql("SELECT 1", vec![], raftpg_client::v1::Consistency::Local)
+            .await
+            .unwrap_err();
         refused(e, "28P01", "bob's old password");
     }
     client_as(&tc, "bob", "bob-new")
@@ -365,18 +356,7 @@ async fn privileges_and_row_level_security_decide_on_every_node() {
     // Each role sees its own rows only, through every node.
     for id in 1..=3u64 {
         for (who, password) in [("bob", "bob-pw"), ("mallory", "mallory-pw")] {
-            let one = raftpg_client::Client::with_config(
-                &[tc.addr_of(id)],
-                raftpg_client::ClientConfig {
-                    credentials: Some(raftpg_client::Credentials {
-                        user: who.into(),
-                        password: password.into(),
-                    }),
-                    ..tc.client_config()
-                },
-            )
-            .unwrap();
-            let r = one
+            let r = node_client_as(&tc, id, who, password, 20)
                 .query_sql(
                     "SELECT owner FROM notes",
                     vec![],
