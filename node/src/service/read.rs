@@ -394,7 +394,8 @@ async fn read_in_snapshot(
 ) -> Result<ReadChunk, ReadStop> {
     let mut pause = SNAPSHOT_RETRY_FIRST;
     loop {
-        let (tx, applied) = open_snapshot(client).await?;
+        let role = job.req.principal.as_ref().map(|p| p.user.as_str());
+        let (tx, applied) = open_snapshot(client, role).await?;
         let Some(required) = job.admission.required_index.filter(|r| applied < *r) else {
             job.waiting.clear();
             return run_in_snapshot(job, tx, applied).await;
@@ -443,10 +444,15 @@ impl Waiting {
 }
 
 /// Opens a `REPEATABLE READ READ ONLY` transaction and reads the applied index its snapshot
-/// holds.
-async fn open_snapshot(
-    client: &mut tokio_postgres::Client,
-) -> Result<(tokio_postgres::Transaction<'_>, u64), ReadStop> {
+/// holds; with `role`, the rest of the transaction runs as that role (raftpg_reader is a
+/// member of every role, see apply::roles: the role's privileges and row-level security decide
+/// what the query sees; the read gate refuses set_config, so it cannot switch back). Both in
+/// one round trip: `raftpg.applied` is read with raftpg_reader's rights, checked before the
+/// switch runs.
+async fn open_snapshot<'c>(
+    client: &'c mut tokio_postgres::Client,
+    role: Option<&str>,
+) -> Result<(tokio_postgres::Transaction<'c>, u64), ReadStop> {
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -454,11 +460,20 @@ async fn open_snapshot(
         .start()
         .await
         .map_err(pg_stop)?;
-    let applied: i64 = tx
-        .query_one("SELECT log_index FROM raftpg.applied", &[])
-        .await
-        .map_err(pg_stop)?
-        .get(0);
+    let row = match role {
+        None => {
+            tx.query_one("SELECT log_index FROM raftpg.applied", &[])
+                .await
+        }
+        Some(role) => {
+            tx.query_one(
+                "SELECT log_index, pg_catalog.set_config('role', $1, true) FROM raftpg.applied",
+                &[&role],
+            )
+            .await
+        }
+    };
+    let applied: i64 = row.map_err(pg_stop)?.get(0);
     Ok((tx, u64::try_from(applied).unwrap_or(0)))
 }
 
@@ -478,14 +493,6 @@ async fn run_in_snapshot(
     tx: tokio_postgres::Transaction<'_>,
     applied: u64,
 ) -> Result<ReadChunk, ReadStop> {
-    if let Some(p) = &job.req.principal {
-        // The query runs as the role (raftpg_reader is a member of every role, see
-        // apply::roles): its privileges and row-level security decide what it sees. The read
-        // gate refuses set_config, so the query cannot switch back.
-        tx.execute("SELECT pg_catalog.set_config('role', $1, true)", &[&p.user])
-            .await
-            .map_err(pg_stop)?;
-    }
     let stmt = tx.prepare(&job.req.sql).await.map_err(pg_stop)?;
     check_statement(&stmt, job.params)?;
     let mut chunk = ReadChunk {

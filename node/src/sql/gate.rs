@@ -1058,6 +1058,22 @@ fn check_body(body: &str) -> Result<(), Refusal> {
                 "a function body may not change the session authorization: writes run as their role",
             ));
         }
+        // Role statements inside a body would bypass the password's turning into a verifier
+        // and the rules of sql::roles (and change the roles' state where the applier does not
+        // look for it): they must be statements of their own.
+        let role_ddl = matches!(word.as_str(), "create" | "alter" | "drop")
+            && matches!(next.as_str(), "role" | "user" | "group");
+        let membership = matches!(word.as_str(), "grant" | "revoke")
+            && !(i + 1..tokens.len())
+                .map(&text)
+                .take_while(|t| !matches!(t.as_str(), "to" | "from" | ";"))
+                .any(|t| t == "on");
+        if role_ddl || membership {
+            return Err(refuse(
+                FEATURE_NOT_SUPPORTED,
+                "roles and role memberships cannot change inside a function body or DO block; send CREATE/ALTER/DROP ROLE, GRANT role TO ... and REVOKE role FROM ... as statements of their own",
+            ));
+        }
         if word == "execute" && statement_start {
             match constant_dynamic_sql(&text, i + 1) {
                 Some(sql) => check_dynamic_sql(&sql)?,
@@ -1306,6 +1322,28 @@ mod tests {
         assert!(check_write("INSERT INTO t VALUES (1)").is_ok());
         assert!(check_write("CREATE TABLE t (id serial primary key)").is_ok());
         assert!(check_write("SET LOCAL work_mem = '64MB'").is_ok());
+        // Bodies: table privileges and constant dynamic SQL are fine; role escapes are not.
+        assert!(check_write("DO $$ BEGIN GRANT SELECT ON t TO bob; END $$").is_ok());
+        assert!(check_write(
+            "CREATE FUNCTION f(n text) RETURNS void LANGUAGE plpgsql AS $$ BEGIN EXECUTE format('INSERT INTO %I VALUES (%L)', n, 'x'); END $$"
+        )
+        .is_ok());
+        for escape in [
+            "SELECT query_to_xml('select 1', true, true, '')",
+            "DO $$ BEGIN PERFORM ts_stat('select 1'); END $$",
+        ] {
+            assert_eq!(
+                check_write(escape).unwrap_err().sqlstate,
+                INSUFFICIENT_PRIVILEGE,
+                "{escape}"
+            );
+        }
+        assert_eq!(
+            check_read("SELECT set_config('role', 'raftpg_reader', true)")
+                .unwrap_err()
+                .sqlstate,
+            INSUFFICIENT_PRIVILEGE
+        );
         assert_eq!(
             check_write("INSRT INTO t").unwrap_err().sqlstate,
             SYNTAX_ERROR
@@ -1460,6 +1498,11 @@ mod tests {
             "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN SET search_path = x; END $$",
             "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'SET TimeZone = ' || quote_literal('UTC'); END $$",
             "DO $$ BEGIN EXECUTE format('SET LOCAL %s = %L', 'work_mem', '1MB'); END $$",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS 'CREATE ROLE x LOGIN PASSWORD ''p'''",
+            "DO $$ BEGIN ALTER ROLE bob PASSWORD 'p'; END $$",
+            "DO $$ BEGIN GRANT raftpg_admin TO bob; END $$",
+            "DO $$ BEGIN EXECUTE 'DROP ROLE bob'; END $$",
+            "DO $$ BEGIN EXECUTE 'SE' || 'T work_mem = 1'; END $$",
             "NOTIFY games",
             "CREATE FUNCTION f() RETURNS int LANGUAGE c AS 'lib', 'f'",
             "CREATE FUNCTION f() RETURNS int LANGUAGE plpython3u AS $$ return 1 $$",
