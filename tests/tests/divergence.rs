@@ -12,7 +12,8 @@ use raftpg_client::{Client, ClientConfig};
 use testkit::{start_cluster, values};
 
 /// `raftpg check` reports identical copies, then names the table and node of a divergence
-/// created by writing directly to one node's PostgreSQL; the CLI exits non-zero.
+/// created by writing directly to one node's PostgreSQL; the CLI exits non-zero; a role
+/// changed on one node is a divergence too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn check_finds_a_divergence_and_names_table_and_node() {
     let tc = start_cluster("check", 21, 3).await.unwrap();
@@ -84,6 +85,28 @@ async fn check_finds_a_divergence_and_names_table_and_node() {
     assert!(
         stdout.contains("DIVERGENCE public.scores: node 2"),
         "{stdout}"
+    );
+
+    // Roles are part of every copy: a role changed behind raftpg's back on node 3 alone is a
+    // divergence named "roles" (the tables' one is still there).
+    c.execute_one(
+        "CREATE ROLE checked_role LOGIN PASSWORD 'pw-checked'",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let r = c.check(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.differences.len(), 1, "{r:?}");
+    let pg = tc.pg(3).await.unwrap();
+    pg.execute("ALTER ROLE checked_role CONNECTION LIMIT 7", &[])
+        .await
+        .unwrap();
+    let r = c.check(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.differences.len(), 2, "{r:?}");
+    assert!(
+        r.differences.iter().any(|d| d.starts_with("roles: node 3")),
+        "{:?}",
+        r.differences
     );
 }
 

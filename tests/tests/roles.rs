@@ -150,6 +150,17 @@ async fn roles_are_replicated_and_travel_with_snapshots() {
             .unwrap()
             .get(0);
         assert!(granted, "node {id}");
+        // A role the snapshot brought can read on the node (reads switch to the role from
+        // raftpg_reader, which every role is granted to, also roles created by an install).
+        let read = node_client_as(&tc, id, "frank", "frank-pw", 3)
+            .query_sql(
+                "SELECT current_user::text",
+                vec![],
+                raftpg_client::v1::Consistency::Local,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("node {id}: {e}"));
+        assert_eq!(read.rows.len(), 1, "node {id}");
     }
     tc.assert_identical(&[1, 2, 3, 4]).await.unwrap();
 }

@@ -200,6 +200,7 @@ pub struct Applier {
     count_live: Statement,
     fast_setup: Statement,
     record_applied: Statement,
+    record_applied_roles: Statement,
     /// Makes the rest of a write run as its role (see the module doc, "Roles").
     switch_user: Statement,
     cache: HashMap<String, Statement>,
@@ -227,9 +228,18 @@ pub struct BatchEnd {
 
 /// Records the batch's end in the batch's own transaction (invariant 1), with the exact
 /// position `(last_value, is_called)` of every sequence (restored after a PostgreSQL crash or an
-/// aborted batch, either of which can make sequences skip values on one node only) and the
-/// state of the user roles (see `apply::roles`: it travels with snapshots).
+/// aborted batch, either of which can make sequences skip values on one node only).
 const RECORD_APPLIED_SQL: &str = "
+    UPDATE raftpg.applied SET log_index = $1, log_id = $2, membership = $3, writes = $4,
+        sequences = raftpg.sequence_positions()";
+
+/// [`RECORD_APPLIED_SQL`] that also records the state of the user roles (see `apply::roles`:
+/// it travels with snapshots), for a batch that ran a statement other than DML. Only such a
+/// statement can change roles: the gate refuses role statements inside function bodies and
+/// their dynamic SQL (`sql::gate`, `check_body`), and [`is_dml`] counts anything it does not
+/// recognize as not DML. Recording it with every batch cost a `pg_authid` scan and a JSON
+/// document per batch on every node.
+const RECORD_APPLIED_ROLES_SQL: &str = "
     UPDATE raftpg.applied SET log_index = $1, log_id = $2, membership = $3, writes = $4,
         sequences = raftpg.sequence_positions(), roles = raftpg.record_roles()";
 
@@ -256,6 +266,7 @@ impl Applier {
             fast_setup: client.prepare("SELECT 1").await?,
             switch_user: client.prepare("SELECT 1").await?,
             record_applied: client.prepare("SELECT 1").await?,
+            record_applied_roles: client.prepare("SELECT 1").await?,
             client,
             cache: HashMap::new(),
             ddl_in_transaction: false,
@@ -277,6 +288,7 @@ impl Applier {
         self.count_live = self.client.prepare(request_log::COUNT_LIVE_SQL).await?;
         self.fast_setup = self.client.prepare(FAST_SETUP_SQL).await?;
         self.record_applied = self.client.prepare(RECORD_APPLIED_SQL).await?;
+        self.record_applied_roles = self.client.prepare(RECORD_APPLIED_ROLES_SQL).await?;
         self.switch_user = self.client.prepare(SWITCH_USER_SQL).await?;
         Ok(())
     }
@@ -345,8 +357,14 @@ impl Applier {
                 Some(end) => {
                     let params: [&(dyn ToSql + Sync); 4] =
                         [&end.log_index, &end.log_id, &end.membership, &end.writes];
+                    // `ddl_in_transaction`: the batch may have changed roles.
+                    let record = if this.ddl_in_transaction {
+                        &this.record_applied_roles
+                    } else {
+                        &this.record_applied
+                    };
                     let (recorded, committed) = tokio::join!(
-                        this.client.execute(&this.record_applied, &params),
+                        this.client.execute(record, &params),
                         this.client.batch_execute("COMMIT")
                     );
                     recorded?;

@@ -5,7 +5,9 @@
 //! Owns the table `raftpg.checksums` (the last results, by log index). Checksums are
 //! order-independent (count, sum and xor of a 64-bit hash of each row's text form), so they do
 //! not depend on physical row order and need constant memory; sequences are compared by
-//! `last_value/is_called`.
+//! `last_value/is_called`, and the user roles (`raftpg.role_state()`: attributes, verifiers,
+//! memberships; cluster-wide objects that are part of every copy since issue 16) by the hash of
+//! their state, as one entry named `roles` (no table's name lacks a schema).
 
 use crate::command::TableChecksum;
 
@@ -75,6 +77,17 @@ pub async fn compute(
             hash: row.get(0),
         });
     }
+    let roles = client
+        .query_one(
+            "SELECT jsonb_array_length(s->'roles')::bigint, md5(s::text) FROM raftpg.role_state() s",
+            &[],
+        )
+        .await?;
+    out.push(TableChecksum {
+        name: "roles".to_string(),
+        rows: roles.get(0),
+        hash: roles.get(1),
+    });
     Ok(out)
 }
 

@@ -5,9 +5,10 @@
 //! Owns `raftpg.applied.roles`: the state of the cluster's user roles (every role but
 //! raftpg's own and PostgreSQL's predefined `pg_*`; their attributes, SCRAM verifier and
 //! memberships, including membership in `raftpg_admin`), as deterministic JSON. It is recorded
-//! with every batch (`raftpg.role_state()` in `applier::RECORD_APPLIED_SQL`), in the batch's
-//! transaction, so it always matches the roles the batch left — on every node, since role
-//! statements are replicated writes.
+//! with every batch that ran a statement other than DML (`raftpg.record_roles()` in
+//! `applier::RECORD_APPLIED_ROLES_SQL`; role statements are never DML and the gate keeps them
+//! out of function bodies), in the batch's transaction, so it always matches the roles the
+//! batch left — on every node, since role statements are replicated writes.
 //!
 //! `raftpg.apply_roles(state, exact)` makes this node's roles match a recorded state: creates
 //! and alters roles and grants memberships, and with `exact` also drops roles and revokes
@@ -106,8 +107,9 @@ pub const BOOTSTRAP_SQL: &str = r#"
         END LOOP;
     END $$;
     -- Every user role is granted to raftpg_reader, so that a read can run as it (SET LOCAL
-    -- ROLE in the read's transaction). Called with every batch (RECORD_APPLIED_SQL).
-    CREATE OR REPLACE FUNCTION raftpg.record_roles() RETURNS jsonb LANGUAGE plpgsql AS $$
+    -- ROLE in the read's transaction). Called by record_roles and when the applier connects
+    -- (APPLY_RECORDED_SQL: roles a snapshot install created).
+    CREATE OR REPLACE FUNCTION raftpg.grant_roles_to_reader() RETURNS void LANGUAGE plpgsql AS $$
     DECLARE x record;
     BEGIN
         FOR x IN SELECT a.rolname FROM pg_catalog.pg_authid a
@@ -117,6 +119,12 @@ pub const BOOTSTRAP_SQL: &str = r#"
                                    WHERE m.roleid = a.oid AND r.rolname = 'raftpg_reader') LOOP
             EXECUTE format('GRANT %I TO raftpg_reader', x.rolname);
         END LOOP;
+    END $$;
+    -- The roles' state to record, after granting new roles to raftpg_reader. Called with every
+    -- batch that ran DDL (applier::RECORD_APPLIED_ROLES_SQL).
+    CREATE OR REPLACE FUNCTION raftpg.record_roles() RETURNS jsonb LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM raftpg.grant_roles_to_reader();
         RETURN raftpg.role_state();
     END $$;
 "#;
@@ -146,5 +154,6 @@ pub const PRIVILEGES_SQL: &str = r#"
 "#;
 
 /// Makes this node's roles exactly the ones its database recorded (after a snapshot install,
-/// the snapshot's).
-pub const APPLY_RECORDED_SQL: &str = "SELECT raftpg.apply_roles(roles, true) FROM raftpg.applied";
+/// the snapshot's), each granted to raftpg_reader.
+pub const APPLY_RECORDED_SQL: &str = "SELECT raftpg.apply_roles(roles, true) FROM raftpg.applied;
+    SELECT raftpg.grant_roles_to_reader()";
