@@ -32,6 +32,11 @@
 //!   them, a failing write that drew random values — applied to two state machines on two
 //!   PostgreSQL servers, one in a single transaction and the other one entry per transaction,
 //!   give identical outcomes, tables and sequences, and the times are the entries' timestamps.
+//! - `writes_run_as_their_roles` (issue 16): writes of several roles in one batch entry run as
+//!   their role (`DEFAULT current_user`) on the first-use path, as a fast run whose switches
+//!   ride on the setup and the previous write's end (not abandoned: `ApplierStatus`), and on
+//!   the careful path after a role without the privilege (42501) or a role that does not
+//!   exist failed its write alone.
 //!
 //! Why in-process: a cluster test (`tests/`) sees only what the gRPC API returns, after
 //! routing, retries and group commit have shaped it. Here the test chooses the exact entries,
@@ -129,6 +134,16 @@ impl Pg {
 
     /// A state machine over this PostgreSQL and `log`, built as `server::start_raft` builds it.
     fn state_machine(&self, log: &LogStore, limits: ApplyLimits) -> PgStateMachine {
+        self.state_machine_reporting(log, limits, Arc::default())
+    }
+
+    /// [`Pg::state_machine`] reporting to `status`.
+    fn state_machine_reporting(
+        &self,
+        log: &LogStore,
+        limits: ApplyLimits,
+        status: Arc<ApplierStatus>,
+    ) -> PgStateMachine {
         let snapshots = SnapshotStore::open(
             self.dir.path().join("snapshots"),
             self.bin_dir.clone(),
@@ -142,7 +157,7 @@ impl Pg {
             snapshots,
             conn_config: self.endpoints.applier.clone(),
             limits,
-            status: Arc::new(ApplierStatus::default()),
+            status,
             clock: Arc::new(EntryClock::default()),
             shutdown: self.shutdown_rx(),
         })
@@ -740,4 +755,142 @@ async fn same_entries_same_results() {
     assert_eq!(rows_a.len(), 8, "{rows_a:#?}");
     drop((sm_a, sm_b, log_a, log_b));
     tokio::join!(a.stop(), b.stop());
+}
+
+/// A write as the leader proposes it for an authenticated `user`.
+fn write_as(user: Option<&str>, id: i64, ts: i64) -> WriteCommand {
+    WriteCommand {
+        user: user.map(str::to_string),
+        ..write(
+            &[(
+                "INSERT INTO who (id) VALUES ($1) RETURNING id, by",
+                vec![int(id)],
+            )],
+            ts,
+            3,
+            None,
+        )
+    }
+}
+
+/// The writes of a roles round (keys offset by `base`, all in one batch entry, so that after
+/// the first round they go as a fast run in which every write's switch to its role rides on
+/// the setup or on the previous write's end): alice, bob, raftpg itself, alice again, then
+/// carol (no INSERT privilege: 42501) and dave (no such role: the switch fails) when `failing`.
+fn roles_round(base: i64, ts: i64, failing: bool) -> Vec<WriteCommand> {
+    let mut ws = vec![
+        write_as(Some("alice"), base + 1, ts),
+        write_as(Some("bob"), base + 2, ts),
+        write_as(None, base + 3, ts),
+        write_as(Some("alice"), base + 4, ts),
+    ];
+    if failing {
+        ws.insert(2, write_as(Some("carol"), base + 5, ts));
+        ws.push(write_as(Some("dave"), base + 6, ts));
+        ws.push(write_as(Some("bob"), base + 7, ts));
+    }
+    ws
+}
+
+/// Writes run as their roles whichever path applies them: the `by` column (DEFAULT
+/// current_user) names each write's role; a role without the privilege fails with 42501 and a
+/// role that does not exist fails its write alone, on the careful path the fast run falls back
+/// to; the session is raftpg's again after every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_run_as_their_roles() {
+    let pg = Pg::start(25535).await;
+    let mut log = pg.open_log().await;
+    let status = Arc::new(ApplierStatus::default());
+    let mut sm = pg.state_machine_reporting(&log, ApplyLimits::default(), status.clone());
+    let ts = 1_700_000_000_000_000;
+    let ddl = write(
+        &[
+            ("CREATE ROLE alice NOLOGIN", vec![]),
+            ("CREATE ROLE bob NOLOGIN", vec![]),
+            ("CREATE ROLE carol NOLOGIN", vec![]),
+            (
+                "CREATE TABLE who (id int PRIMARY KEY, by text NOT NULL DEFAULT current_user)",
+                vec![],
+            ),
+            ("GRANT INSERT, SELECT ON who TO alice, bob", vec![]),
+        ],
+        ts,
+        7,
+        None,
+    );
+    let mut entries = vec![membership_entry(), sql_entry(1, ddl)];
+    // Rounds: first use (statements prepared), then cached (fast runs): without failures, then
+    // with (a failed fast run makes the next batches careful).
+    for (i, (base, failing)) in [(0, false), (100, false), (200, true), (300, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let index = 2 + i as u64;
+        entries.push(batch_entry(
+            index,
+            roles_round(base, ts + index as i64, failing),
+        ));
+    }
+    append(&mut log, &entries).await;
+    let outcomes = apply(&mut sm, &entries[..2]).await;
+    assert!(
+        matches!(&outcomes[1], ApplyOutcome::Applied(_)),
+        "{outcomes:?}"
+    );
+    // One apply call per round until the fast run without failures, which must not have
+    // been abandoned (its switches to roles rode on the setup and on the writes' ends); then
+    // both failing rounds in one call (one transaction).
+    let mut each = Vec::new();
+    for e in &entries[2..4] {
+        each.extend(apply(&mut sm, std::slice::from_ref(e)).await);
+    }
+    assert_eq!(status.fast_runs_abandoned(), 0);
+    each.extend(apply(&mut sm, &entries[4..]).await);
+    assert_eq!(
+        status.fast_runs_abandoned(),
+        1,
+        "the failing round was a fast run"
+    );
+    for (round, o) in each.iter().enumerate() {
+        let base = 100 * round as i64;
+        let ApplyOutcome::Batch(ws) = o else {
+            panic!("round {round}: {o:?}");
+        };
+        let ran_as = |w: &ApplyOutcome, id: i64, by: &str| {
+            assert_eq!(
+                returned(w),
+                vec![vec![vec![int(base + id), text(by)]]],
+                "round {round}"
+            );
+        };
+        if round >= 2 {
+            assert_eq!(ws.len(), 7, "round {round}: {ws:?}");
+            ran_as(&ws[0], 1, "alice");
+            ran_as(&ws[1], 2, "bob");
+            assert_eq!(failure(&ws[2]).sqlstate, "42501", "round {round}: {ws:?}");
+            ran_as(&ws[3], 3, "raftpg");
+            ran_as(&ws[4], 4, "alice");
+            let missing = failure(&ws[5]);
+            assert!(
+                missing.message.contains("dave"),
+                "round {round}: {missing:?}"
+            );
+            ran_as(&ws[6], 7, "bob");
+        } else {
+            assert_eq!(ws.len(), 4, "round {round}: {ws:?}");
+            ran_as(&ws[0], 1, "alice");
+            ran_as(&ws[1], 2, "bob");
+            ran_as(&ws[2], 3, "raftpg");
+            ran_as(&ws[3], 4, "alice");
+        }
+    }
+    assert_eq!(
+        pg.rows(
+            "SELECT count(*) AS n, count(*) FILTER (WHERE id % 100 IN (5, 6)) AS failed FROM who"
+        )
+        .await,
+        vec![r#"{"n":18,"failed":0}"#]
+    );
+    drop(sm);
+    pg.stop().await;
 }

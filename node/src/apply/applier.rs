@@ -27,7 +27,11 @@
 //! as the role) and `RESET SESSION AUTHORIZATION`, then `raftpg.end_write` as raftpg. Both are
 //! steps of the write like its statements: a role that no longer exists fails the write on
 //! every node alike (22023), and a rollback of the savepoint takes the switch back with the
-//! rest. Session authorization (not `SET ROLE`) makes the role the session user, so `SET ROLE`
+//! rest. In a fast run the switch rides on the step before it (the group's setup or the
+//! previous write's end, [`Switch::Carried`]): a failure there abandons the run, which is then
+//! applied the careful way with the switch as a step of its own. The switch back never rides
+//! on anything: it is a plain command, never a function a role could call. Session
+//! authorization (not `SET ROLE`) makes the role the session user, so `SET ROLE`
 //! inside the write reaches only the role's own memberships; the one way back to raftpg,
 //! setting `session_authorization` again, is refused by the SQL gate in every form.
 //!
@@ -199,6 +203,10 @@ pub struct Applier {
     record_many: Statement,
     count_live: Statement,
     fast_setup: Statement,
+    /// [`FAST_SETUP_SQL`] that then switches to the write's role.
+    fast_setup_as: Statement,
+    /// [`END_WRITE_SQL`] that then switches to the next write's role.
+    end_write_as: Statement,
     record_applied: Statement,
     record_applied_roles: Statement,
     /// Makes the rest of a write run as its role (see the module doc, "Roles").
@@ -207,6 +215,18 @@ pub struct Applier {
     /// The open transaction ran DDL: statements cached since may refer to objects that a
     /// rollback takes away.
     ddl_in_transaction: bool,
+}
+
+/// Where a write's switch to its role ([`WriteCommand::user`]) is made.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Switch {
+    /// A step of its own, before its statements, whose failure is the write's (a role that no
+    /// longer exists fails the write on every node alike): the careful paths.
+    Own,
+    /// Carried by the step before: the fast setup of its group, or the previous write's end.
+    /// A failure there abandons the fast run, which is then applied the careful way, where
+    /// the switch is `Own` again. Saves a pipelined step per write.
+    Carried,
 }
 
 /// One write of a run: its write number (see `request_log`), the write, and its statements
@@ -264,6 +284,8 @@ impl Applier {
             record_many: client.prepare("SELECT 1").await?,
             count_live: client.prepare("SELECT 1").await?,
             fast_setup: client.prepare("SELECT 1").await?,
+            fast_setup_as: client.prepare("SELECT 1").await?,
+            end_write_as: client.prepare("SELECT 1").await?,
             switch_user: client.prepare("SELECT 1").await?,
             record_applied: client.prepare("SELECT 1").await?,
             record_applied_roles: client.prepare("SELECT 1").await?,
@@ -287,6 +309,8 @@ impl Applier {
         self.record_many = self.client.prepare(request_log::RECORD_MANY_SQL).await?;
         self.count_live = self.client.prepare(request_log::COUNT_LIVE_SQL).await?;
         self.fast_setup = self.client.prepare(FAST_SETUP_SQL).await?;
+        self.fast_setup_as = self.client.prepare(FAST_SETUP_AS_SQL).await?;
+        self.end_write_as = self.client.prepare(END_WRITE_AS_SQL).await?;
         self.record_applied = self.client.prepare(RECORD_APPLIED_SQL).await?;
         self.record_applied_roles = self.client.prepare(RECORD_APPLIED_ROLES_SQL).await?;
         self.switch_user = self.client.prepare(SWITCH_USER_SQL).await?;
@@ -520,7 +544,7 @@ impl Applier {
             steps.push(Box::pin(async move {
                 Step::Sql(client.execute(entry_setup, &input.params()).await)
             }));
-            self.push_write_steps(&mut steps, cmd, prepared, limits);
+            self.push_write_steps(&mut steps, cmd, prepared, limits, Switch::Own, None);
             steps.push(Box::pin(async move {
                 Step::Sql(client.batch_execute(RELEASE_ENTRY).await.map(|_| 0))
             }));
@@ -621,27 +645,48 @@ impl Applier {
                 )
             }));
         }
-        let fast_setup = &self.fast_setup;
-        let mut previous: Option<(i64, u64)> = None;
-        let mut setups = Vec::with_capacity(run.len());
-        for ((_, cmd, prepared), input) in run.iter().zip(inputs) {
-            // The writes of a batch entry share its inputs: set them once for the group (the
-            // setup would change nothing for the others).
-            let inputs_of = Some((cmd.leader_ts_micros, cmd.seed));
-            let setup = previous != inputs_of;
-            previous = inputs_of;
-            setups.push(setup);
-            if setup {
+        // The writes of a batch entry share its inputs: set them once for the group (the setup
+        // would change nothing for the others).
+        let setups: Vec<bool> = run
+            .iter()
+            .enumerate()
+            .map(|(i, (_, cmd, _))| {
+                i == 0 || {
+                    let prev = run[i - 1].1;
+                    (prev.leader_ts_micros, prev.seed) != (cmd.leader_ts_micros, cmd.seed)
+                }
+            })
+            .collect();
+        for (i, ((_, cmd, prepared), input)) in run.iter().zip(inputs).enumerate() {
+            let user = cmd.user.as_deref();
+            if setups[i] {
+                // The setup also switches to the write's role (see `Switch::Carried`).
+                let (fast_setup, fast_setup_as) = (&self.fast_setup, &self.fast_setup_as);
                 steps.push(Box::pin(async move {
-                    Step::Sql(
-                        client
-                            .execute(fast_setup, &[&input.ts, &input.seed])
-                            .await
-                            .map(|_| 0),
-                    )
+                    let done = match user {
+                        None => client.execute(fast_setup, &[&input.ts, &input.seed]).await,
+                        Some(u) => {
+                            client
+                                .execute(fast_setup_as, &[&input.ts, &input.seed, &u])
+                                .await
+                        }
+                    };
+                    Step::Sql(done.map(|_| 0))
                 }));
             }
-            self.push_write_steps(&mut steps, cmd, prepared, limits);
+            // The next write's switch rides on this write's end unless its setup carries it.
+            let next_user = run
+                .get(i + 1)
+                .filter(|_| !setups[i + 1])
+                .and_then(|(_, next, _)| next.user.as_deref());
+            self.push_write_steps(
+                &mut steps,
+                cmd,
+                prepared,
+                limits,
+                Switch::Carried,
+                next_user,
+            );
         }
         (steps, setups)
     }
@@ -669,9 +714,11 @@ impl Applier {
         cmd: &'s WriteCommand,
         prepared: &'s [Statement],
         limits: &'s ApplyLimits,
+        switch: Switch,
+        next_user: Option<&'s str>,
     ) {
         let client = &self.client;
-        if let Some(user) = &cmd.user {
+        if let (Some(user), Switch::Own) = (&cmd.user, switch) {
             steps.push(Box::pin(
                 async move { Step::Stmt(self.switch_user(user).await) },
             ));
@@ -686,7 +733,12 @@ impl Applier {
                 async move { Step::Stmt(self.unswitch_user().await) },
             ));
         }
-        steps.push(Box::pin(async move { Step::Stmt(self.end_write().await) }));
+        steps.push(Box::pin(async move {
+            Step::Stmt(match next_user {
+                None => self.end_write().await,
+                Some(next) => self.end_write_then_switch(next).await,
+            })
+        }));
     }
 
     /// Switches the session to `user` for the write's statements (see the module doc,
@@ -720,6 +772,16 @@ impl Applier {
             columns: Vec::new(),
             rows: Vec::new(),
         })
+    }
+
+    /// Ends a write and switches to the next write's role (fast runs only, see
+    /// [`Switch::Carried`]).
+    async fn end_write_then_switch(&self, next: &str) -> Result<StatementOutcome, StmtError> {
+        self.client
+            .execute(&self.end_write_as, &[&self.session_state, &next])
+            .await
+            .map_err(classify)?;
+        Ok(no_rows())
     }
 
     /// The recorded outcome of a live duplicate of `cmd` (its savepoint already rolled back).
@@ -1153,17 +1215,16 @@ fn fast_write_result(
     if setup && !matches!(results.next(), Some(Step::Sql(Ok(_)))) {
         return Err(EnvError::FastRunAbandoned);
     }
-    let before = usize::from(as_role);
-    let steps = statements + 1 + 2 * usize::from(as_role);
+    // The statements, the switch back when the write has a role (the switch to it rode on the
+    // setup or the previous write's end, `Switch::Carried`), then the write's end.
+    let steps = statements + 1 + usize::from(as_role);
     let mut stmt_outcomes = Vec::with_capacity(steps);
-    // The statements (between the role's switches), then the write's end (raftpg.end_write).
     for st in results.by_ref().take(steps) {
         match st {
             Step::Stmt(Ok(o)) => stmt_outcomes.push(o),
             _ => return Err(EnvError::FastRunAbandoned),
         }
     }
-    stmt_outcomes.drain(..before);
     stmt_outcomes.truncate(statements);
     if result_too_large(&stmt_outcomes, limits).is_some() {
         return Err(EnvError::FastRunAbandoned);
@@ -1263,6 +1324,22 @@ const FAST_SETUP_SQL: &str = "
            CASE WHEN current_setting('raftpg.seed', true) IS DISTINCT FROM $2::text
                 THEN set_config('raftpg.seed', $2::text, true) || set_config('raftpg.rnd_n', '0', true) END,
            raftpg.reset_constraints()";
+
+/// [`FAST_SETUP_SQL`], then the switch to the write's role ([`SWITCH_USER_SQL`]). PostgreSQL
+/// evaluates a projection's expressions in order, so `raftpg.reset_constraints()` runs as
+/// raftpg before the switch (were it not so, it would fail as the role, and the fast run
+/// would be redone the careful way: slower, never wrong).
+const FAST_SETUP_AS_SQL: &str = "
+    SELECT set_config('raftpg.ts_us', $1::text, true),
+           CASE WHEN current_setting('raftpg.seed', true) IS DISTINCT FROM $2::text
+                THEN set_config('raftpg.seed', $2::text, true) || set_config('raftpg.rnd_n', '0', true) END,
+           raftpg.reset_constraints(),
+           pg_catalog.set_config('session_authorization', $3, true)";
+
+/// [`END_WRITE_SQL`], then the switch to the next write's role, in the same order argument as
+/// [`FAST_SETUP_AS_SQL`].
+const END_WRITE_AS_SQL: &str =
+    "SELECT raftpg.end_write($1::text), pg_catalog.set_config('session_authorization', $2, true)";
 
 /// Sets an entry's deterministic inputs and refuses a live duplicate (`raftpg.begin_entry`,
 /// created with `request_log::BOOTSTRAP_SQL`).

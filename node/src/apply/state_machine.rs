@@ -51,6 +51,8 @@ pub struct ApplierStatus {
     state: Mutex<StatusState>,
     /// The nodes of the last membership this node applied (see [`ApplierStatus::applied_members`]).
     members: Mutex<std::collections::BTreeSet<NodeId>>,
+    /// Fast runs abandoned since start (see [`ApplierStatus::fast_runs_abandoned`]).
+    fast_runs_abandoned: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -66,6 +68,14 @@ struct StatusState {
 const STUCK_LOG_EVERY: Duration = Duration::from_secs(60);
 
 impl ApplierStatus {
+    /// How many fast runs were abandoned (and applied again the careful way) since the node
+    /// started: a write failing in one is expected; a run that failed without one would be
+    /// the fast path's own cost.
+    pub fn fast_runs_abandoned(&self) -> u64 {
+        self.fast_runs_abandoned
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The nodes of the last membership this node applied: a node leaving the cluster is still
     /// in it until its removal is applied here, while Raft's effective membership (the last in
     /// the log) drops it as soon as the removal is appended. Peer authorization accepts both.
@@ -651,6 +661,9 @@ impl StateMachineCore {
                     let first_index = batch.first().map(|e| e.log_id.index).unwrap_or(0);
                     if matches!(e, EnvError::FastRunAbandoned) {
                         debug!(node = self.node_id, first_index, "{e}");
+                        self.status
+                            .fast_runs_abandoned
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         self.careful_batches = CAREFUL_BATCHES_AFTER_ABANDON;
                     } else {
                         info!(node = self.node_id, first_index, "{e}");
