@@ -5,6 +5,8 @@
 //! Peers: `sr` = PostgreSQL synchronous streaming replication (primary + 2 standbys on loopback,
 //! `synchronous_standby_names = 'ANY 1 (s1, s2)'`, `synchronous_commit = on`), measured with
 //! tokio-postgres on the primary; `solo` = one standalone PostgreSQL (`synchronous_commit = on`).
+//! `insecure` = raftpg itself started with `--insecure` (no TLS, no authentication, writes
+//! run as raftpg instead of the client's role): what the trust boundary costs.
 //! Every raftpg point is printed with its ratio to each peer at the same client count.
 
 use std::path::{Path, PathBuf};
@@ -27,7 +29,7 @@ pub struct BenchSpec {
     pub clients: Vec<usize>,
     /// Seconds per point.
     pub seconds: u64,
-    /// Peers: "sr", "solo".
+    /// Peers: "sr", "solo", "insecure".
     pub peers: Vec<String>,
     /// Scratch directory.
     pub dir: PathBuf,
@@ -192,12 +194,38 @@ where
 
 const INSERT: &str = "INSERT INTO bench_ins(payload) VALUES (lpad($1::bigint::text, 100, 'x'))";
 
-async fn bench_raftpg(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result<()> {
-    let dir = spec.dir.join("raftpg");
+/// The raftpg cluster a run measures: the default one (TLS, authentication, writes as the
+/// client's role), or the `insecure` peer (writes only).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Secure,
+    Insecure,
+}
+
+impl Variant {
+    fn system(self) -> &'static str {
+        match self {
+            Variant::Secure => "raftpg",
+            Variant::Insecure => "raftpg-insecure",
+        }
+    }
+}
+
+async fn bench_raftpg(
+    spec: &BenchSpec,
+    points: &mut Vec<Point>,
+    variant: Variant,
+) -> anyhow::Result<()> {
+    let dir = spec.dir.join(variant.system());
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
-    let mut cs = LocalClusterSpec::new(spec.nodes, &dir, spec.base_port);
+    let port = match variant {
+        Variant::Secure => spec.base_port,
+        Variant::Insecure => spec.base_port + 120,
+    };
+    let mut cs = LocalClusterSpec::new(spec.nodes, &dir, port);
+    cs.tls = variant == Variant::Secure;
     cs.extra_args = vec!["--pg-shared-buffers".into(), "256MB".into()];
     let mut cluster = LocalCluster::start(cs)?;
     let admin = cluster.client()?;
@@ -233,7 +261,7 @@ async fn bench_raftpg(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Resu
         for cl in &clients {
             cl.wait_for_leader(Duration::from_secs(30)).await?;
         }
-        let p = drive("raftpg", c, spec.seconds, &pids, move |i, _| {
+        let p = drive(variant.system(), c, spec.seconds, &pids, move |i, _| {
             let cl = clients[i].clone();
             async move {
                 cl.execute_one(INSERT, vec![values::int(i as i64 + 1)])
@@ -244,6 +272,9 @@ async fn bench_raftpg(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Resu
         .await;
         print_point(&p, points);
         points.push(p);
+    }
+    if variant == Variant::Insecure {
+        return Ok(());
     }
     if spec.reads {
         let c = spec
@@ -587,14 +618,24 @@ async fn bench_solo(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result
     bench_postgres("solo", port, &pids, spec, points).await
 }
 
+/// A raftpg write point (the ones printed with ratios).
+fn is_raftpg_write(system: &str) -> bool {
+    system == "raftpg" || system == "raftpg-insecure"
+}
+
+/// A system raftpg's write points are compared with.
+fn is_peer(system: &str) -> bool {
+    !system.starts_with("raftpg") || system == "raftpg-insecure"
+}
+
 fn print_point(p: &Point, earlier: &[Point]) {
     let ratios: Vec<String> = earlier
         .iter()
         .filter(|q| {
             q.clients == p.clients
                 && q.system != p.system
-                && !q.system.starts_with("raftpg")
-                && p.system == "raftpg"
+                && is_peer(&q.system)
+                && is_raftpg_write(&p.system)
         })
         .map(|q| {
             format!(
@@ -617,23 +658,26 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<Vec<Point>> {
         match peer.as_str() {
             "sr" => bench_sr(&spec, &mut points).await.context("peer sr")?,
             "solo" => bench_solo(&spec, &mut points).await.context("peer solo")?,
-            other => bail!("unknown peer {other:?} (sr, solo)"),
+            "insecure" => bench_raftpg(&spec, &mut points, Variant::Insecure)
+                .await
+                .context("peer insecure")?,
+            other => bail!("unknown peer {other:?} (sr, solo, insecure)"),
         }
     }
-    bench_raftpg(&spec, &mut points).await?;
-    println!("\n| system | clients | ops/s | p50 ms | p99 ms | p999 ms | errors | ratio vs sr | ratio vs solo |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    bench_raftpg(&spec, &mut points, Variant::Secure).await?;
+    println!("\n| system | clients | ops/s | p50 ms | p99 ms | p999 ms | errors | ratio vs sr | ratio vs solo | ratio vs insecure |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for p in &points {
         let ratio = |peer: &str| {
             points
                 .iter()
                 .find(|q| q.system == peer && q.clients == p.clients)
-                .filter(|_| p.system == "raftpg")
+                .filter(|_| is_raftpg_write(&p.system) && p.system != peer)
                 .map(|q| format!("{:.2}", p.ops_per_sec / q.ops_per_sec.max(1e-9)))
                 .unwrap_or_default()
         };
         println!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} |",
             p.system,
             p.clients,
             p.ops_per_sec,
@@ -642,7 +686,8 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<Vec<Point>> {
             p.p999_ms,
             p.errors,
             ratio("sr"),
-            ratio("solo")
+            ratio("solo"),
+            ratio("raftpg-insecure")
         );
     }
     if let Some(out) = &spec.out {

@@ -40,8 +40,8 @@ pub enum ClientError {
     /// No node list was given.
     #[error("no node addresses given")]
     NoNodes,
-    /// The user name or password cannot be sent (gRPC metadata carries printable ASCII only).
-    #[error("the user name and password must be printable ASCII")]
+    /// An empty user name or password.
+    #[error("the user name and password must not be empty")]
     BadCredentials,
 }
 
@@ -205,8 +205,7 @@ impl Client {
             return Err(ClientError::NoNodes);
         }
         if let Some(c) = &config.credentials {
-            let sendable = |s: &str| !s.is_empty() && s.bytes().all(|b| (0x20..0x7f).contains(&b));
-            if !sendable(&c.user) || !sendable(&c.password) {
+            if c.user.is_empty() || c.password.is_empty() {
                 return Err(ClientError::BadCredentials);
             }
         }
@@ -232,11 +231,10 @@ impl Client {
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         if let Some(c) = &self.config.credentials {
+            // Text metadata when they travel as text, else binary (`raftpg_proto::metadata`).
             let meta = r.metadata_mut();
-            if let (Ok(user), Ok(password)) = (c.user.parse(), c.password.parse()) {
-                meta.insert(raftpg_proto::USER_METADATA, user);
-                meta.insert(raftpg_proto::PASSWORD_METADATA, password);
-            }
+            raftpg_proto::metadata::insert(meta, raftpg_proto::metadata::USER, &c.user);
+            raftpg_proto::metadata::insert(meta, raftpg_proto::metadata::PASSWORD, &c.password);
         }
         r
     }

@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod identity;
+pub mod metadata;
 
 /// Generated code for package `raftpg.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -25,7 +26,8 @@ pub const FORWARDED_METADATA: &str = "raftpg-forwarded";
 /// gRPC metadata key carrying the name of the role a client authenticates as.
 pub const USER_METADATA: &str = "raftpg-user";
 /// gRPC metadata key carrying that role's password (only over TLS: the client refuses to send
-/// it in plaintext unless told to).
+/// it in plaintext unless told to). Values that are not printable ASCII travel as binary
+/// metadata (`metadata`).
 pub const PASSWORD_METADATA: &str = "raftpg-password";
 /// gRPC metadata key with which a node forwarding a request names the role it authenticated
 /// (honoured only on the peer port, from a member's certificate).

@@ -204,7 +204,8 @@ fn client_of(
 /// a wrong password is 28P01, an unknown role or one that may not log in 28000 (gRPC
 /// UNAUTHENTICATED); a password change takes effect on every node within the cache's 2 s; a
 /// role that is not a member of raftpg_admin cannot change the membership, run a check or ask
-/// for another node's status (42501), and one that is can, also through a follower.
+/// for another node's status (42501), and one that is can, also through a follower; names and
+/// passwords need not be ASCII.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn credentials_are_checked_and_only_administrators_run_the_cluster() {
     let tc = start_cluster_with("auth", 115, 3, &[]).await.unwrap();
@@ -284,7 +285,42 @@ async fn credentials_are_checked_and_only_administrators_run_the_cluster() {
         .execute_one("INSERT INTO t VALUES (10)", vec![])
         .await
         .unwrap();
+
+    // A name and a password beyond printable ASCII (they travel as binary metadata), through
+    // every node: a follower forwards the role it authenticated in the same way, so each
+    // write runs as that role.
+    run_all(
+        c,
+        &[
+            "CREATE ROLE \"jösé\" LOGIN PASSWORD ' pässwörd €'",
+            "CREATE TABLE u (id int PRIMARY KEY, by text NOT NULL DEFAULT current_user)",
+            "GRANT INSERT ON u TO \"jösé\"",
+        ],
+    )
+    .await;
+    for id in 1..=3u64 {
+        node_client_as(&tc, id, "jösé", " pässwörd €", 20)
+            .execute_one(&format!("INSERT INTO u (id) VALUES ({id})"), vec![])
+            .await
+            .unwrap_or_else(|e| panic!("jösé through node {id}: {e}"));
+        let e = node_client_as(&tc, id, "jösé", " pässwörd", 1)
+            .query_sql("SELECT 1", vec![], raftpg_client::v1::Consistency::Local)
+            .await
+            .unwrap_err();
+        refused(e, "28P01", "jösé's wrong password");
+    }
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
+    let by: Vec<String> = tc
+        .pg(1)
+        .await
+        .unwrap()
+        .query("SELECT DISTINCT by FROM u", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(by, vec!["jösé".to_string()]);
 }
 
 /// The count of rows of `table` on every node, read directly from each PostgreSQL.

@@ -324,12 +324,25 @@ async fn the_client_port_and_the_peer_port_are_apart() {
         .unwrap();
     // Nor can a client claim a role a node authenticated (that is for the peer port): without
     // credentials the request is refused.
-    let mut req = tonic::Request::new(insert(2));
-    let meta = req.metadata_mut();
-    meta.insert(raftpg_proto::PRINCIPAL_METADATA, "admin".parse().unwrap());
-    meta.insert(raftpg_proto::PRINCIPAL_ADMIN_METADATA, "1".parse().unwrap());
-    let e = WriteClient::new(channel).execute(req).await.unwrap_err();
-    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    // In either of its forms (text, and binary for names beyond ASCII).
+    for binary in [false, true] {
+        let mut req = tonic::Request::new(insert(2));
+        let meta = req.metadata_mut();
+        if binary {
+            meta.insert_bin(
+                raftpg_proto::metadata::PRINCIPAL.bin,
+                tonic::metadata::BinaryMetadataValue::from_bytes(b"admin"),
+            );
+        } else {
+            meta.insert(raftpg_proto::PRINCIPAL_METADATA, "admin".parse().unwrap());
+        }
+        meta.insert(raftpg_proto::PRINCIPAL_ADMIN_METADATA, "1".parse().unwrap());
+        let e = WriteClient::new(channel.clone())
+            .execute(req)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "binary {binary}: {e}");
+    }
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
     let n: i64 = tc
         .pg(1)

@@ -133,7 +133,8 @@ enum Cmd {
         /// Seconds per point.
         #[arg(long, default_value_t = 15)]
         seconds: u64,
-        /// Peers to measure in the same run: sr, solo (comma-separated; empty for none).
+        /// Peers to measure in the same run: sr, solo, insecure (raftpg with --insecure: no
+        /// TLS, no authentication; writes only) (comma-separated; empty for none).
         #[arg(long, value_delimiter = ',', default_value = "sr,solo")]
         peer: Vec<String>,
         /// Scratch directory.

@@ -1,11 +1,12 @@
 //! The caller of a gRPC request, from its metadata: `raftpg-user` and `raftpg-password`
 //! (credentials), or — on the peer port, where only member nodes get through — the role the
 //! forwarding node authenticated (`raftpg-principal`, `raftpg-principal-admin`). The client
-//! port's gate drops the latter, so a client cannot claim a role without its password.
+//! port's gate drops the latter, so a client cannot claim a role without its password. Names
+//! and passwords that are not printable ASCII come as binary metadata
+//! (`raftpg_proto::metadata`).
 
-use raftpg_proto::{
-    PASSWORD_METADATA, PRINCIPAL_ADMIN_METADATA, PRINCIPAL_METADATA, USER_METADATA,
-};
+use raftpg_proto::metadata::{self, Field};
+use raftpg_proto::PRINCIPAL_ADMIN_METADATA;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Status};
 
@@ -47,27 +48,27 @@ async fn principal_of<T>(
 
 /// The caller named by `meta`.
 pub fn caller_of(meta: &MetadataMap) -> Result<Caller, Status> {
-    let text = |key: &str| -> Result<Option<String>, Status> {
-        match meta.get(key) {
-            None => Ok(None),
-            Some(v) => {
-                let s = v.to_str().map_err(|_| {
-                    Status::invalid_argument(format!("metadata {key} must be ASCII text"))
-                })?;
-                if s.len() > CREDENTIAL_BYTES_MAX {
-                    return Err(Status::invalid_argument(format!(
-                        "metadata {key} is too long"
-                    )));
-                }
-                Ok(Some(s.to_string()))
-            }
+    let text = |field: Field| -> Result<Option<String>, Status> {
+        let value =
+            metadata::get(meta, field).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if value
+            .as_ref()
+            .is_some_and(|s| s.len() > CREDENTIAL_BYTES_MAX)
+        {
+            return Err(Status::invalid_argument(format!(
+                "metadata {} is too long",
+                field.text
+            )));
         }
+        Ok(value)
     };
-    if let Some(user) = text(PRINCIPAL_METADATA)? {
-        let admin = text(PRINCIPAL_ADMIN_METADATA)?.as_deref() == Some("1");
+    if let Some(user) = text(metadata::PRINCIPAL)? {
+        let admin = meta
+            .get(PRINCIPAL_ADMIN_METADATA)
+            .is_some_and(|v| v.as_bytes() == b"1");
         return Ok(Caller::Node(Principal { user, admin }));
     }
-    match (text(USER_METADATA)?, text(PASSWORD_METADATA)?) {
+    match (text(metadata::USER)?, text(metadata::PASSWORD)?) {
         (Some(user), Some(password)) => Ok(Caller::Credentials(Credentials { user, password })),
         (None, None) => Ok(Caller::Anonymous),
         _ => Err(Status::invalid_argument(
@@ -79,12 +80,10 @@ pub fn caller_of(meta: &MetadataMap) -> Result<Caller, Status> {
 /// Marks a request forwarded by this node as running as `principal`.
 pub fn forward_principal(meta: &mut MetadataMap, principal: Option<&Principal>) {
     if let Some(p) = principal {
-        if let Ok(v) = MetadataValue::try_from(p.user.as_str()) {
-            meta.insert(PRINCIPAL_METADATA, v);
-            meta.insert(
-                PRINCIPAL_ADMIN_METADATA,
-                MetadataValue::from_static(if p.admin { "1" } else { "0" }),
-            );
-        }
+        metadata::insert(meta, metadata::PRINCIPAL, &p.user);
+        meta.insert(
+            PRINCIPAL_ADMIN_METADATA,
+            MetadataValue::from_static(if p.admin { "1" } else { "0" }),
+        );
     }
 }

@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use raftpg_proto::identity::node_id_of;
-use raftpg_proto::{FORWARDED_METADATA, PRINCIPAL_ADMIN_METADATA, PRINCIPAL_METADATA};
+use raftpg_proto::{FORWARDED_METADATA, PRINCIPAL_ADMIN_METADATA};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
@@ -99,7 +99,7 @@ impl Interceptor for PeerPortGate {
 pub fn client_port_gate(mut req: Request<()>) -> Result<Request<()>, Status> {
     let meta = req.metadata_mut();
     meta.remove(FORWARDED_METADATA);
-    meta.remove(PRINCIPAL_METADATA);
+    raftpg_proto::metadata::remove(meta, raftpg_proto::metadata::PRINCIPAL);
     meta.remove(PRINCIPAL_ADMIN_METADATA);
     Ok(req)
 }
