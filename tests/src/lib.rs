@@ -339,11 +339,19 @@ impl TestCluster {
 
     /// Sorted `k` values of table `table` on node `id`, read directly.
     pub async fn keys(&self, id: u64, table: &str) -> anyhow::Result<Vec<i64>> {
-        let pg = self.pg(id).await?;
-        let rows = pg
-            .query(&format!("SELECT k FROM {table} ORDER BY k"), &[])
-            .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        self.column(id, &format!("SELECT k FROM {table} ORDER BY k"))
+            .await
+    }
+
+    /// The first column of the rows of `sql`, run directly on node `id`'s PostgreSQL.
+    pub async fn column<T>(&self, id: u64, sql: &str) -> anyhow::Result<Vec<T>>
+    where
+        T: for<'a> tokio_postgres::types::FromSql<'a>,
+    {
+        let rows = self.pg(id).await?.query(sql, &[]).await?;
+        rows.iter()
+            .map(|r| r.try_get(0).map_err(Into::into))
+            .collect()
     }
 }
 

@@ -310,16 +310,7 @@ async fn credentials_are_checked_and_only_administrators_run_the_cluster() {
         refused(e, "28P01", "jösé's wrong password");
     }
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
-    let by: Vec<String> = tc
-        .pg(1)
-        .await
-        .unwrap()
-        .query("SELECT DISTINCT by FROM u", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let by: Vec<String> = tc.column(1, "SELECT DISTINCT by FROM u").await.unwrap();
     assert_eq!(by, vec!["jösé".to_string()]);
 }
 

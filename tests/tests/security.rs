@@ -344,15 +344,8 @@ async fn the_client_port_and_the_peer_port_are_apart() {
         assert_eq!(e.code(), Code::Unauthenticated, "binary {binary}: {e}");
     }
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
-    let n: i64 = tc
-        .pg(1)
-        .await
-        .unwrap()
-        .query_one("SELECT count(*) FROM t", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 1);
+    let n: Vec<i64> = tc.column(1, "SELECT count(*) FROM t").await.unwrap();
+    assert_eq!(n, vec![1]);
 }
 
 /// `INSERT INTO t VALUES (id)` as a raw Write request.
