@@ -13,7 +13,7 @@ use testkit::{start_cluster, values};
 
 /// `raftpg check` reports identical copies, then names the table and node of a divergence
 /// created by writing directly to one node's PostgreSQL; the CLI exits non-zero; a role
-/// changed on one node is a divergence too.
+/// or a privilege changed on one node is a divergence too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn check_finds_a_divergence_and_names_table_and_node() {
     let tc = start_cluster("check", 21, 3).await.unwrap();
@@ -105,6 +105,20 @@ async fn check_finds_a_divergence_and_names_table_and_node() {
     assert_eq!(r.differences.len(), 2, "{r:?}");
     assert!(
         r.differences.iter().any(|d| d.starts_with("roles: node 3")),
+        "{:?}",
+        r.differences
+    );
+    // So are privileges: a grant made on node 1 alone.
+    let pg = tc.pg(1).await.unwrap();
+    pg.execute("GRANT SELECT ON quiet TO checked_role", &[])
+        .await
+        .unwrap();
+    let r = c.check(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.differences.len(), 3, "{r:?}");
+    assert!(
+        r.differences
+            .iter()
+            .any(|d| d.starts_with("privileges: node 1")),
         "{:?}",
         r.differences
     );

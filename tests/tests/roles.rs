@@ -80,6 +80,8 @@ async fn roles_are_replicated_and_travel_with_snapshots() {
     ] {
         assert!(c.execute_one(sql, vec![]).await.is_err(), "{sql}");
     }
+    // Every node applied the same index first (node 1 may be a follower that lags).
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
     let on_1 = roles_of(&tc, 1).await;
     assert!(on_1.contains("bob login=true"), "{on_1}");
     assert!(on_1.contains("pw=SCRAM-SHA-256$4096:"), "{on_1}");
@@ -108,6 +110,7 @@ async fn roles_are_replicated_and_travel_with_snapshots() {
             .await
             .unwrap();
     }
+    tc.assert_identical(&[1, 2]).await.unwrap();
     let expected = roles_of(&tc, 1).await;
     assert!(!expected.contains("dave"), "{expected}");
     assert!(expected.contains("frank login=true"), "{expected}");
@@ -163,6 +166,11 @@ async fn roles_are_replicated_and_travel_with_snapshots() {
         assert_eq!(read.rows.len(), 1, "node {id}");
     }
     tc.assert_identical(&[1, 2, 3, 4]).await.unwrap();
+    // raftpg check agrees, roles and privileges included (nodes 3 and 4 restored a snapshot
+    // with owners and grants).
+    let check = c.check(Duration::from_secs(60)).await.unwrap();
+    assert!(check.identical, "{:?}", check.differences);
+    assert_eq!(check.nodes.len(), 4, "{check:?}");
 }
 
 /// A client authenticating as `user` with `password` to every node of `tc`.

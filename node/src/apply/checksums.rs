@@ -7,7 +7,11 @@
 //! not depend on physical row order and need constant memory; sequences are compared by
 //! `last_value/is_called`, and the user roles (`raftpg.role_state()`: attributes, verifiers,
 //! memberships; cluster-wide objects that are part of every copy since issue 16) by the hash of
-//! their state, as one entry named `roles` (no table's name lacks a schema).
+//! their state, as one entry named `roles` (no table's name lacks a schema), and the owners and
+//! privileges of the user's schemas, relations, columns, functions and default privileges as
+//! one entry named `privileges` (reads and writes run as roles, so a grant that differs
+//! between nodes gives different answers). An ACL PostgreSQL keeps as NULL (the default) and
+//! the same default written out — as a restored snapshot may have it — hash the same.
 
 use crate::command::TableChecksum;
 
@@ -88,8 +92,60 @@ pub async fn compute(
         rows: roles.get(0),
         hash: roles.get(1),
     });
+    let privileges = client.query_one(PRIVILEGES_SQL, &[]).await?;
+    out.push(TableChecksum {
+        name: "privileges".to_string(),
+        rows: privileges.get(0),
+        hash: privileges.get(1),
+    });
     Ok(out)
 }
+
+/// One line per user object (owner and sorted ACL, NULL read as the default), their count and
+/// the md5 of the sorted lines.
+const PRIVILEGES_SQL: &str = r#"
+    WITH user_ns AS (
+        SELECT oid, nspname, nspowner, nspacl FROM pg_catalog.pg_namespace
+        WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'raftpg')
+          AND nspname NOT LIKE 'pg\_toast%' AND nspname NOT LIKE 'pg\_temp\_%'
+    ), lines AS (
+        SELECT format('schema %I owner %s acl %s', n.nspname, pg_catalog.pg_get_userbyid(n.nspowner),
+                      (SELECT string_agg(a::text, ',' ORDER BY a::text COLLATE "C")
+                       FROM unnest(coalesce(n.nspacl, pg_catalog.acldefault('n', n.nspowner))) a)) AS line
+        FROM user_ns n
+        UNION ALL
+        SELECT format('relation %I.%I owner %s acl %s', n.nspname, c.relname,
+                      pg_catalog.pg_get_userbyid(c.relowner),
+                      (SELECT string_agg(a::text, ',' ORDER BY a::text COLLATE "C")
+                       FROM unnest(coalesce(c.relacl, pg_catalog.acldefault(
+                           CASE WHEN c.relkind = 'S' THEN 's' ELSE 'r' END::"char", c.relowner))) a))
+        FROM pg_catalog.pg_class c JOIN user_ns n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+        UNION ALL
+        SELECT format('column %I.%I.%I acl %s', n.nspname, c.relname, a.attname,
+                      (SELECT string_agg(x::text, ',' ORDER BY x::text COLLATE "C")
+                       FROM unnest(a.attacl) x))
+        FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+        JOIN user_ns n ON n.oid = c.relnamespace
+        WHERE a.attacl IS NOT NULL AND cardinality(a.attacl) > 0 AND NOT a.attisdropped
+        UNION ALL
+        SELECT format('function %I.%I(%s) owner %s acl %s', n.nspname, p.proname,
+                      pg_catalog.pg_get_function_identity_arguments(p.oid),
+                      pg_catalog.pg_get_userbyid(p.proowner),
+                      (SELECT string_agg(a::text, ',' ORDER BY a::text COLLATE "C")
+                       FROM unnest(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) a))
+        FROM pg_catalog.pg_proc p JOIN user_ns n ON n.oid = p.pronamespace
+        UNION ALL
+        SELECT format('default %s %s %s acl %s', pg_catalog.pg_get_userbyid(d.defaclrole),
+                      coalesce((SELECT nspname FROM pg_catalog.pg_namespace WHERE oid = d.defaclnamespace), '*'),
+                      d.defaclobjtype,
+                      (SELECT string_agg(a::text, ',' ORDER BY a::text COLLATE "C")
+                       FROM unnest(d.defaclacl) a))
+        FROM pg_catalog.pg_default_acl d
+    )
+    SELECT count(*)::bigint, coalesce(md5(string_agg(line, E'
+' ORDER BY line COLLATE "C")), '')
+    FROM lines"#;
 
 /// Stores the checksums computed at `index` (inside the apply transaction), keeping the last
 /// few checks.
