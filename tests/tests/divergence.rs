@@ -97,28 +97,40 @@ async fn check_finds_a_divergence_and_names_table_and_node() {
     .unwrap();
     let r = c.check(Duration::from_secs(30)).await.unwrap();
     assert_eq!(r.differences.len(), 1, "{r:?}");
-    let pg = tc.pg(3).await.unwrap();
-    pg.execute("ALTER ROLE checked_role CONNECTION LIMIT 7", &[])
-        .await
-        .unwrap();
-    let r = c.check(Duration::from_secs(30)).await.unwrap();
-    assert_eq!(r.differences.len(), 2, "{r:?}");
-    assert!(
-        r.differences.iter().any(|d| d.starts_with("roles: node 3")),
-        "{:?}",
-        r.differences
-    );
+    changed_behind_raftpg(
+        &tc,
+        3,
+        "ALTER ROLE checked_role CONNECTION LIMIT 7",
+        2,
+        "roles",
+    )
+    .await;
     // So are privileges: a grant made on node 1 alone.
-    let pg = tc.pg(1).await.unwrap();
-    pg.execute("GRANT SELECT ON quiet TO checked_role", &[])
-        .await
-        .unwrap();
-    let r = c.check(Duration::from_secs(30)).await.unwrap();
-    assert_eq!(r.differences.len(), 3, "{r:?}");
+    changed_behind_raftpg(
+        &tc,
+        1,
+        "GRANT SELECT ON quiet TO checked_role",
+        3,
+        "privileges",
+    )
+    .await;
+}
+
+/// Runs `sql` directly on node `id`'s PostgreSQL, then requires `raftpg check` to report
+/// `differences` differences, one of them `what` on that node.
+async fn changed_behind_raftpg(
+    tc: &testkit::TestCluster,
+    id: u64,
+    sql: &str,
+    differences: usize,
+    what: &str,
+) {
+    tc.pg(id).await.unwrap().execute(sql, &[]).await.unwrap();
+    let r = tc.client.check(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.differences.len(), differences, "{r:?}");
+    let prefix = format!("{what}: node {id}");
     assert!(
-        r.differences
-            .iter()
-            .any(|d| d.starts_with("privileges: node 1")),
+        r.differences.iter().any(|d| d.starts_with(&prefix)),
         "{:?}",
         r.differences
     );
