@@ -120,6 +120,7 @@ pub fn display(v: &Value) -> String {
         Some(Kind::TimestamptzMicros(t)) => format!("{t}µs"),
         Some(Kind::TimestampMicros(t)) => format!("{t}µs"),
         Some(Kind::DateDays(d)) => format!("day {d}"),
+        Some(Kind::PgText(t)) => t.text.clone(),
     }
 }
 
@@ -139,6 +140,7 @@ pub fn as_str(v: &Value) -> Option<&str> {
         | Some(Kind::Uuid(s))
         | Some(Kind::Json(s))
         | Some(Kind::Jsonb(s)) => Some(s),
+        Some(Kind::PgText(t)) => Some(&t.text),
         _ => None,
     }
 }

@@ -93,6 +93,15 @@ pub enum SqlValue {
     Json(String),
     /// jsonb, as text.
     Jsonb(String),
+    /// Any type in PostgreSQL's text form: as a parameter, parsed by PostgreSQL as the type
+    /// the statement needs (the same on every node); as a result, a column of a type without a
+    /// kind of its own above, as the applier's or read connection's fixed settings print it.
+    PgText {
+        /// The type's OID (0: not given; built-in types have the same OID on every node).
+        type_oid: u32,
+        /// The text.
+        text: String,
+    },
 }
 
 /// How a float8 travels in the log's JSON (entries, recorded outcomes): a finite value as a
@@ -224,6 +233,10 @@ pub struct ColumnInfo {
     pub name: String,
     /// PostgreSQL type name.
     pub type_name: String,
+    /// PostgreSQL type OID on the node that ran the statement (0 in outcomes recorded before
+    /// raftpg knew it). Built-in types have the same OID on every node.
+    #[serde(default)]
+    pub type_oid: u32,
 }
 
 /// The result of one statement.

@@ -37,6 +37,21 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_PEER_LISTEN")]
     pub peer_listen: Option<SocketAddr>,
 
+    /// Address of the PostgreSQL wire protocol port: psql, pgbench and PostgreSQL drivers
+    /// connect here (with TLS and SCRAM-SHA-256 unless --insecure). Default: the listen
+    /// address's IP, port + 2000 (127.0.0.1:(9000 + id) by default).
+    #[arg(long, env = "RAFTPG_PG_LISTEN")]
+    pub pg_listen: Option<SocketAddr>,
+
+    /// Most wire protocol connections at once; more are refused (53300).
+    #[arg(long, env = "RAFTPG_PG_CONNECTIONS_MAX", default_value_t = 256)]
+    pub pg_connections_max: usize,
+
+    /// Largest wire protocol message a client may send, in bytes; a larger one ends its
+    /// connection (54000).
+    #[arg(long, env = "RAFTPG_PG_MESSAGE_BYTES_MAX", default_value_t = 64 * 1024 * 1024)]
+    pub pg_message_bytes_max: usize,
+
     /// Address other nodes use to reach the peer port (what the membership stores). Default:
     /// the host of --advertise with the peer port's port.
     #[arg(long, env = "RAFTPG_PEER_ADVERTISE")]
@@ -232,6 +247,21 @@ impl NodeConfig {
             Some(a) => a.clone(),
             None => self.listen_addr()?.to_string(),
         })
+    }
+
+    /// The wire protocol port's listen address, defaulting to the listen address's IP with
+    /// port + 2000.
+    pub fn pg_listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        if let Some(a) = self.pg_listen {
+            return Ok(a);
+        }
+        let listen = self.listen_addr()?;
+        let port = listen.port().checked_add(2000).ok_or_else(|| {
+            ConfigError(format!(
+                "no default wire protocol port for --listen {listen}; pass --pg-listen"
+            ))
+        })?;
+        Ok(SocketAddr::new(listen.ip(), port))
     }
 
     /// The peer port's listen address, defaulting to the listen address's IP with port + 1000.

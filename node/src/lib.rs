@@ -24,6 +24,8 @@
 //! Modules, in the order a write meets them:
 //!
 //! - [`grpc`]: the gRPC frontend (decode, call the service layer, encode).
+//! - [`wire`]: the PostgreSQL wire protocol frontend (psql, drivers), over the same service
+//!   layer.
 //! - [`auth`]: who a request comes from (PostgreSQL roles, SCRAM-SHA-256 verifiers).
 //! - [`service`]: what a client can do, with no protocol in it: limits, routing to the
 //!   leader, proposing and waiting, the consistency levels of reads.
@@ -48,3 +50,4 @@ pub mod server;
 pub mod service;
 pub mod sql;
 pub mod tls;
+pub mod wire;

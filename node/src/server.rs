@@ -41,6 +41,7 @@ use crate::raft::network::{self, Network, PeerChannels};
 use crate::raft::proposer::{Proposer, ProposerLimits};
 use crate::service::{Limits, Service, ServiceParts};
 use crate::tls::NodeTls;
+use crate::wire;
 
 /// Runs a node until SIGTERM/SIGINT.
 pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
@@ -182,6 +183,7 @@ async fn serve(cfg: &NodeConfig, started: Started) -> anyhow::Result<()> {
         raft.runtime_config().elect(false);
     }
     let servers = grpc_servers(cfg, svc.clone(), &started)?;
+    let wire_server = wire_server(cfg, svc.clone(), &started).await?;
     tokio::spawn(svc.clone().publish_own_address(started.shutdown_rx.clone()));
     if let Some(admin) = first_admin(cfg)? {
         tokio::spawn(svc.create_first_admin(admin, started.shutdown_rx.clone()));
@@ -192,6 +194,7 @@ async fn serve(cfg: &NodeConfig, started: Started) -> anyhow::Result<()> {
     for server in servers {
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     }
+    let _ = tokio::time::timeout(Duration::from_secs(5), wire_server).await;
     if let Err(e) = raft.shutdown().await {
         warn!(error = %e, "raft shutdown");
     }
@@ -343,6 +346,44 @@ fn build_service(cfg: &NodeConfig, started: &Started, parts: RaftParts) -> Arc<S
         insecure: started.tls.is_none(),
         addrs: started.addrs.clone(),
     })
+}
+
+/// Starts the PostgreSQL wire protocol listener (`--pg-listen`); it serves until shutdown.
+async fn wire_server(
+    cfg: &NodeConfig,
+    svc: Arc<Service>,
+    started: &Started,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let addr = cfg.pg_listen_addr()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening for the wire protocol on {addr} (--pg-listen)"))?;
+    let server_version = match svc.pg_identity().await {
+        Ok(id) => server_version(&id.version),
+        Err(_) => "15".to_string(),
+    };
+    let wire_cfg = wire::WireConfig::new(
+        started.tls.as_ref().map(NodeTls::cert_and_key),
+        cfg.pg_connections_max,
+        cfg.pg_message_bytes_max,
+        server_version,
+    )?;
+    info!(node = cfg.id, pg_listen = %addr, "serving the PostgreSQL wire protocol");
+    Ok(tokio::spawn(wire::serve(
+        svc,
+        listener,
+        Arc::new(wire_cfg),
+        started.shutdown_rx.clone(),
+    )))
+}
+
+/// `server_version` as PostgreSQL shows it, from `server_version_num` (`150010` → `15.10`).
+fn server_version(num: &str) -> String {
+    match num.parse::<u32>() {
+        Ok(n) if n >= 100_000 => format!("{}.{}", n / 10_000, n % 10_000),
+        Ok(n) => format!("{}.{}.{}", n / 10_000, (n / 100) % 100, n % 100),
+        Err(_) => num.to_string(),
+    }
 }
 
 /// A running gRPC server.

@@ -67,6 +67,11 @@ impl NodeTls {
         Ok(tls)
     }
 
+    /// The node's certificate and key, in PEM (the wire protocol's TLS presents them).
+    pub fn cert_and_key(&self) -> (&str, &str) {
+        (&self.cert, &self.key)
+    }
+
     /// The client port's settings: present the node certificate; ask callers for a
     /// certificate of the cluster CA (clients may have none).
     pub fn server(&self) -> ServerTlsConfig {

@@ -55,7 +55,7 @@ use crate::command::{
     ApplyOutcome, ColumnInfo, RequestId, SqlFailure, SqlStatement, StatementOutcome, WriteCommand,
 };
 use crate::pg::sqlstate::{is_deterministic, DUPLICATE_SQLSTATE};
-use crate::pg::values::{self, Cell};
+use crate::pg::values::{self, Cell, FIRST_NORMAL_OBJECT_ID};
 use crate::sql::gate;
 use crate::sql::session_rules;
 
@@ -1434,6 +1434,11 @@ async fn execute_checked(
         .map(|c| ColumnInfo {
             name: c.name().to_string(),
             type_name: c.type_().name().to_string(),
+            // A type created by SQL may have another OID on another node: outcomes must be
+            // the same on every node, so only built-in types' OIDs are recorded.
+            type_oid: Some(c.type_().oid())
+                .filter(|o| *o < FIRST_NORMAL_OBJECT_ID)
+                .unwrap_or(0),
         })
         .collect();
     let params = stmt.params.iter().map(|v| v as &(dyn ToSql + Sync));

@@ -210,6 +210,42 @@ impl Authenticator {
         Ok(principal)
     }
 
+    /// The verifier a password exchange for `user` must be checked against (the wire protocol
+    /// runs SCRAM itself, so the password never reaches the node), and the principal a
+    /// successful exchange authenticates. Refused like a wrong password when the role may not
+    /// log in, has no SCRAM-SHA-256 password, or its password expired.
+    pub async fn login_verifier(&self, user: &str) -> Result<(Verifier, Principal), AuthError> {
+        let role = match self.cached(user) {
+            Some((role, _)) => role,
+            None => {
+                // Not remembered: that would drop the digest a gRPC client's password matched.
+                tokio::time::timeout(LOOKUP_WAIT, self.read_role(user))
+                    .await
+                    .map_err(|_| AuthError::Unavailable("reading the roles timed out".into()))??
+            }
+        };
+        let Some(role) = role else {
+            return Err(AuthError::UnknownUser(user.to_string()));
+        };
+        if !role.can_login {
+            return Err(AuthError::CannotLogin(user.to_string()));
+        }
+        let verifier = role
+            .verifier
+            .clone()
+            .ok_or_else(|| AuthError::CannotLogin(user.to_string()))?;
+        if role.expired {
+            return Err(AuthError::WrongPassword(user.to_string()));
+        }
+        Ok((
+            verifier,
+            Principal {
+                user: user.to_string(),
+                admin: role.admin,
+            },
+        ))
+    }
+
     /// The principal of `user` if `digest` matched its role within [`STALE_MAX`] (for status
     /// requests only).
     fn stale(&self, user: &str, digest: [u8; 32]) -> Option<Principal> {

@@ -83,6 +83,7 @@ fn columns(columns: Vec<ColumnInfo>) -> Vec<pb::Column> {
         .map(|c| pb::Column {
             name: c.name,
             type_name: c.type_name,
+            type_oid: c.type_oid,
         })
         .collect()
 }
@@ -93,6 +94,7 @@ fn column_infos(columns: Vec<pb::Column>) -> Vec<ColumnInfo> {
         .map(|c| ColumnInfo {
             name: c.name,
             type_name: c.type_name,
+            type_oid: c.type_oid,
         })
         .collect()
 }
@@ -164,6 +166,7 @@ pub fn read_request(req: pb::QueryRequest, encoded_bytes: usize, streamed: bool)
     };
     ReadRequest {
         params: params(&req.params, ""),
+        param_types: Vec::new(),
         sql: req.sql,
         consistency,
         timeout_ms: req.timeout_ms,

@@ -18,6 +18,10 @@ use crate::command::SqlValue;
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 /// Days between 1970-01-01 and 2000-01-01.
 const PG_EPOCH_OFFSET_DAYS: i32 = 10_957;
+/// PostgreSQL's `FirstNormalObjectId`: objects (types included) below it are built in and have
+/// the same OID on every server; those created by SQL get OIDs from here on, which may differ
+/// between nodes (a node restored from a snapshot recreated them in another order).
+pub const FIRST_NORMAL_OBJECT_ID: u32 = 16_384;
 /// Longest numeric text accepted as a parameter.
 const NUMERIC_TEXT_MAX_CHARS: usize = 1_000;
 
@@ -77,6 +81,10 @@ pub fn from_proto(v: &PValue) -> Result<SqlValue, ValueError> {
         }
         PKind::Json(s) => SqlValue::Json(check_json(s)?),
         PKind::Jsonb(s) => SqlValue::Jsonb(check_json(s)?),
+        PKind::PgText(t) => SqlValue::PgText {
+            type_oid: t.type_oid,
+            text: t.text.clone(),
+        },
     })
 }
 
@@ -99,9 +107,11 @@ pub fn wire_size(v: &SqlValue) -> usize {
         SqlValue::DateDays(_) => 5,
         SqlValue::Float64(_) => 8,
         SqlValue::Uuid(_) => 37,
-        SqlValue::Numeric(s) | SqlValue::Text(s) | SqlValue::Json(s) | SqlValue::Jsonb(s) => {
-            s.len() + 3
-        }
+        SqlValue::Numeric(s)
+        | SqlValue::Text(s)
+        | SqlValue::Json(s)
+        | SqlValue::Jsonb(s)
+        | SqlValue::PgText { text: s, .. } => s.len() + 3,
         SqlValue::Bytes(b) => b.len() + 3,
     }
 }
@@ -127,6 +137,10 @@ pub fn to_proto(v: &SqlValue) -> PValue {
         SqlValue::Uuid(u) => PKind::Uuid(u.to_string()),
         SqlValue::Json(s) => PKind::Json(s.clone()),
         SqlValue::Jsonb(s) => PKind::Jsonb(s.clone()),
+        SqlValue::PgText { type_oid, text } => PKind::PgText(raftpg_proto::v1::PgText {
+            type_oid: *type_oid,
+            text: text.clone(),
+        }),
     };
     PValue { kind: Some(kind) }
 }
@@ -134,9 +148,11 @@ pub fn to_proto(v: &SqlValue) -> PValue {
 /// Approximate size of a value as stored and sent (for result size limits).
 pub fn approx_size(v: &SqlValue) -> usize {
     8 + match v {
-        SqlValue::Numeric(s) | SqlValue::Text(s) | SqlValue::Json(s) | SqlValue::Jsonb(s) => {
-            s.len()
-        }
+        SqlValue::Numeric(s)
+        | SqlValue::Text(s)
+        | SqlValue::Json(s)
+        | SqlValue::Jsonb(s)
+        | SqlValue::PgText { text: s, .. } => s.len(),
         // Stored as a JSON array of numbers: up to 4 characters a byte.
         SqlValue::Bytes(b) => 4 * b.len(),
         _ => 16,
@@ -159,6 +175,7 @@ pub fn kind_name(v: &SqlValue) -> &'static str {
         SqlValue::Uuid(_) => "uuid",
         SqlValue::Json(_) => "json",
         SqlValue::Jsonb(_) => "jsonb",
+        SqlValue::PgText { .. } => "text form",
     }
 }
 
@@ -235,14 +252,99 @@ fn encode(v: &SqlValue, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxErro
             out.put_u8(1);
             out.put_slice(s.as_bytes());
         }
+        // Sent in text form (see `encode_format`): PostgreSQL parses it as `ty`.
+        SqlValue::PgText { text, .. } => {
+            check_text_form(text, ty)?;
+            out.put_slice(text.as_bytes());
+        }
         _ => return Err(mismatch(v, ty)),
     }
     Ok(IsNull::No)
 }
 
+/// Refuses a value in text form whose parsing as `ty` would differ between nodes: text read
+/// as an OID alias (`regclass`, `regtype`, ...: a name looked up in this node's catalog,
+/// whose OIDs differ between nodes) or a time word read from each node's clock (`now`,
+/// `today`, `tomorrow`, `yesterday` in a date/time value, also inside arrays, ranges and
+/// composites). The decision depends only on the text and on the type, the same on every node.
+fn check_text_form(text: &str, ty: &Type) -> Result<(), BoxError> {
+    if contains_type(ty, &|t| OID_ALIASES.contains(&t.name())) {
+        return Err(format!(
+            "a value in text form cannot be bound to a parameter of type {}: it would be looked up \
+             in each node's own catalog; bind the name as text and cast it in SQL",
+            ty.name()
+        )
+        .into());
+    }
+    if contains_type(ty, &|t| TIME_TYPES.contains(t)) && has_time_word(text) {
+        return Err(format!(
+            "parameter of type {} reads {:?} from the clock of each node; pass the time itself",
+            ty.name(),
+            text
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// PostgreSQL's OID alias types: their text input looks names up in the local catalog.
+const OID_ALIASES: [&str; 11] = [
+    "regclass",
+    "regcollation",
+    "regconfig",
+    "regdictionary",
+    "regnamespace",
+    "regoper",
+    "regoperator",
+    "regproc",
+    "regprocedure",
+    "regrole",
+    "regtype",
+];
+
+/// The date/time types whose input reads the words `now`, `today`, `tomorrow`, `yesterday`.
+const TIME_TYPES: [Type; 5] = [
+    Type::DATE,
+    Type::TIME,
+    Type::TIMETZ,
+    Type::TIMESTAMP,
+    Type::TIMESTAMPTZ,
+];
+
+/// Whether `ty` is, or is made of (array elements, range bounds, domain base, composite
+/// fields), a type matching `pred`.
+fn contains_type(ty: &Type, pred: &dyn Fn(&Type) -> bool) -> bool {
+    if pred(ty) {
+        return true;
+    }
+    match ty.kind() {
+        Kind::Array(t) | Kind::Range(t) | Kind::Multirange(t) | Kind::Domain(t) => {
+            contains_type(t, pred)
+        }
+        Kind::Composite(fields) => fields.iter().any(|f| contains_type(f.type_(), pred)),
+        _ => false,
+    }
+}
+
+/// Whether `text` holds one of the time words as a word of its own (any case).
+fn has_time_word(text: &str) -> bool {
+    text.split(|c: char| !c.is_ascii_alphabetic()).any(|w| {
+        ["now", "today", "tomorrow", "yesterday"]
+            .iter()
+            .any(|t| w.eq_ignore_ascii_case(t))
+    })
+}
+
 impl ToSql for SqlValue {
     fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxError> {
         encode(self, ty, out)
+    }
+
+    fn encode_format(&self, _ty: &Type) -> postgres_types::Format {
+        match self {
+            SqlValue::PgText { .. } => postgres_types::Format::Text,
+            _ => postgres_types::Format::Binary,
+        }
     }
 
     fn accepts(_ty: &Type) -> bool {

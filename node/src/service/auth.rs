@@ -18,6 +18,7 @@ use super::error::{ErrorKind, ServiceError};
 use super::node::Service;
 use super::types::{Origin, WriteRequest, WriteStatement};
 use crate::auth::authenticator::{AuthError, Credentials, Principal};
+use crate::auth::scram::Verifier;
 use crate::command::RequestId;
 
 /// The caller of a request, as its frontend saw it.
@@ -52,6 +53,20 @@ impl Service {
             Caller::Anonymous if self.auth_required => Err(auth_error(AuthError::Missing)),
             Caller::Anonymous => Ok(None),
         }
+    }
+
+    /// Whether requests must authenticate (the node runs with TLS; `--insecure` does not).
+    pub fn auth_required(&self) -> bool {
+        self.auth_required
+    }
+
+    /// For a frontend that runs the password exchange itself (the wire protocol's SCRAM): the
+    /// verifier of `user`'s password and the principal a successful exchange authenticates.
+    pub async fn login_verifier(&self, user: &str) -> Result<(Verifier, Principal), ServiceError> {
+        self.authenticator
+            .login_verifier(user)
+            .await
+            .map_err(auth_error)
     }
 
     /// Refuses a cluster operation to a role that does not administer the cluster.

@@ -120,6 +120,10 @@ pub struct ServiceError {
     pub hint: String,
     /// Which statement of a write failed (0-based; 0 when not about a statement).
     pub statement_index: u32,
+    /// Where in the statement's text PostgreSQL found the error (1-based, in characters; 0:
+    /// not known, or beyond 65,535 — kept small so that errors stay small). Set for reads,
+    /// which run here as sent.
+    pub position: u16,
     /// The log index of the write this error is the outcome of (0: it never reached the log,
     /// or the index is unknown).
     pub log_index: u64,
@@ -138,6 +142,7 @@ impl ServiceError {
             detail: String::new(),
             hint: String::new(),
             statement_index: 0,
+            position: 0,
             log_index: 0,
             leader: None,
         }
@@ -160,6 +165,7 @@ impl ServiceError {
             detail: f.detail.clone(),
             hint: f.hint.clone(),
             statement_index: f.statement_index,
+            position: 0,
             log_index,
             leader: None,
         }

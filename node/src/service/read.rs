@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use postgres_types::ToSql;
+use postgres_types::{Kind, ToSql, Type};
 use tokio::sync::mpsc;
 use tracing::{debug, info_span, Instrument, Span};
 
 use super::error::{ErrorKind, ServiceError};
 use super::node::{Route, Service};
-use super::types::{Consistency, Origin, ReadChunk, ReadRequest};
+use super::types::{Consistency, Description, Origin, ReadChunk, ReadRequest};
+use crate::auth::authenticator::Principal;
 use crate::command::{ColumnInfo, SqlFailure, SqlValue};
 use crate::pg::read_pool::READ_DURATION_MAX;
 use crate::pg::sqlstate::is_deterministic;
@@ -493,7 +494,9 @@ async fn run_in_snapshot(
     tx: tokio_postgres::Transaction<'_>,
     applied: u64,
 ) -> Result<ReadChunk, ReadStop> {
-    let stmt = tx.prepare(&job.req.sql).await.map_err(pg_stop)?;
+    let stmt = prepare(&tx, &job.req.sql, &job.req.param_types)
+        .await
+        .map_err(pg_stop)?;
     check_statement(&stmt, job.params)?;
     let mut chunk = ReadChunk {
         columns: stmt
@@ -502,6 +505,7 @@ async fn run_in_snapshot(
             .map(|c| ColumnInfo {
                 name: c.name().to_string(),
                 type_name: c.type_().name().to_string(),
+                type_oid: c.type_().oid(),
             })
             .collect(),
         rows: Vec::new(),
@@ -541,6 +545,92 @@ async fn run_in_snapshot(
     }
     tx.commit().await.map_err(pg_stop)?;
     Ok(chunk)
+}
+
+/// Prepares `sql` with the parameter types the client gave (0: PostgreSQL infers the type).
+async fn prepare(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &str,
+    param_types: &[u32],
+) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+    if param_types.iter().all(|t| *t == 0) {
+        return tx.prepare(sql).await;
+    }
+    let types: Vec<Type> = param_types.iter().map(|oid| type_of_oid(*oid)).collect();
+    tx.prepare_typed(sql, &types).await
+}
+
+/// A type by OID for a `Parse` message (only the OID is sent; PostgreSQL knows the rest).
+fn type_of_oid(oid: u32) -> Type {
+    Type::from_oid(oid)
+        .unwrap_or_else(|| Type::new(format!("oid {oid}"), oid, Kind::Simple, String::new()))
+}
+
+impl Service {
+    /// What PostgreSQL infers for `sql` (parameter and result types) without running it: the
+    /// statement is prepared on this node as `principal`, once this node's PostgreSQL holds
+    /// `min_index` (a session's own last write, so that what it created is there). A write
+    /// is described too (PostgreSQL checks a statement's read-only-ness only when it runs).
+    pub async fn describe(
+        &self,
+        sql: &str,
+        param_types: &[u32],
+        principal: Option<&Principal>,
+        min_index: u64,
+    ) -> Result<Description, ServiceError> {
+        self.refuse_if_removed()?;
+        let bounds = ReadBounds::new(0, self.limits.read_wait_max, Instant::now());
+        if min_index > 0 {
+            self.wait_applied(min_index, bounds.catch_up_left()).await?;
+        }
+        let role = principal.map(|p| p.user.as_str());
+        let described = async {
+            let mut pooled = self
+                .reads
+                .get()
+                .await
+                .map_err(|e| ServiceError::unavailable(e.to_string(), None))?;
+            let mut pause = SNAPSHOT_RETRY_FIRST;
+            loop {
+                let (tx, applied) = match open_snapshot(pooled.client(), role).await {
+                    Ok(t) => t,
+                    Err(ReadStop::Failed(e)) | Err(ReadStop::Abandoned(Some(e))) => return Err(e),
+                    Err(ReadStop::Abandoned(None)) => {
+                        return Err(ServiceError::unavailable("PostgreSQL unavailable", None))
+                    }
+                };
+                if applied < min_index {
+                    let _ = tx.rollback().await;
+                    if bounds.catch_up_left().is_zero() {
+                        return Err(not_held_status(applied, min_index));
+                    }
+                    tokio::time::sleep(pause.min(bounds.catch_up_left())).await;
+                    pause = (pause * 2).min(SNAPSHOT_RETRY_MAX);
+                    continue;
+                }
+                let prepared = prepare(&tx, sql, param_types).await;
+                let rolled_back = tx.rollback().await;
+                let stmt = prepared.map_err(pg_status)?;
+                rolled_back.map_err(pg_status)?;
+                pooled.release();
+                return Ok(Description {
+                    param_types: stmt.params().iter().map(Type::oid).collect(),
+                    columns: stmt
+                        .columns()
+                        .iter()
+                        .map(|c| ColumnInfo {
+                            name: c.name().to_string(),
+                            type_name: c.type_().name().to_string(),
+                            type_oid: c.type_().oid(),
+                        })
+                        .collect(),
+                });
+            }
+        };
+        tokio::time::timeout(READ_DURATION_MAX, described)
+            .await
+            .map_err(|_| ServiceError::deadline("describing the statement took too long"))?
+    }
 }
 
 /// The refusal of a read returning more than `limit` rows.
@@ -620,7 +710,16 @@ fn pg_status(e: tokio_postgres::Error) -> ServiceError {
             if f.sqlstate == "25006" {
                 f.hint = "reads run in READ ONLY transactions; send writes to Write.Execute".into();
             }
-            ServiceError::sql(&f, 0)
+            let position = match db.position() {
+                Some(tokio_postgres::error::ErrorPosition::Original(p)) => {
+                    u16::try_from(*p).unwrap_or(0)
+                }
+                _ => 0,
+            };
+            ServiceError {
+                position,
+                ..ServiceError::sql(&f, 0)
+            }
         }
         Some(db) => ServiceError::unavailable(
             format!("PostgreSQL: {} ({})", db.message(), db.code().code()),

@@ -77,6 +77,9 @@ pub struct ReadRequest {
     /// Its parameters, or why the frontend could not decode one (reported when the read
     /// runs, after admission).
     pub params: Result<Vec<SqlValue>, ServiceError>,
+    /// The parameters' types as the client gave them (OIDs on this node; 0 or missing:
+    /// PostgreSQL infers the type).
+    pub param_types: Vec<u32>,
     /// How fresh it must be, or why the frontend could not tell (reported after the
     /// request's limits and SQL check).
     pub consistency: Result<Consistency, ServiceError>,
@@ -104,6 +107,15 @@ pub struct ReadChunk {
     pub applied_index: u64,
     /// The node that ran the read.
     pub node_id: NodeId,
+}
+
+/// What PostgreSQL infers for a statement without running it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Description {
+    /// The parameters' types (OIDs on this node).
+    pub param_types: Vec<u32>,
+    /// The result's columns (none for a statement without a result).
+    pub columns: Vec<ColumnInfo>,
 }
 
 /// A change of the cluster's membership.

@@ -1,0 +1,1069 @@
+//! One wire-protocol session after startup: the simple and extended query protocols over the
+//! service layer.
+//!
+//! Owns the session's prepared statements and portals, its settings ([`Settings`]) and the
+//! protocol state (an error in an extended-query exchange skips messages until `Sync`).
+//!
+//! - A **query string** (simple protocol) of queries runs as reads, one after the other; one
+//!   with any write runs as **one write** (one log entry, atomic, as PostgreSQL runs a
+//!   multi-statement string in one implicit transaction) and answers statement by statement.
+//!   `BEGIN` ... `COMMIT` around a whole string is that same write. A session command (`SET`,
+//!   `SHOW` of a session setting, transaction control) is answered by the session.
+//! - **Extended protocol**: a portal of a query runs as a read when it is described or first
+//!   executed (rows stream from the node's read connection, at most `max_rows` per
+//!   `Execute`); a portal of a write runs as one write when executed.
+//! - An explicit `BEGIN` on its own is refused with a hint (interactive transactions come
+//!   later), never run statement by statement.
+//!
+//! Every read waits for the session's own last write (see [`Settings::consistency`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use pgwire::messages::data::{
+    DataRow, FieldDescription, NoData, ParameterDescription, RowDescription,
+};
+use pgwire::messages::extendedquery::{
+    Bind, BindComplete, Close, CloseComplete, Describe, Execute, Parse, ParseComplete,
+    PortalSuspended, TARGET_TYPE_BYTE_PORTAL, TARGET_TYPE_BYTE_STATEMENT,
+};
+use pgwire::messages::response::{
+    CommandComplete, EmptyQueryResponse, ReadyForQuery, TransactionStatus,
+};
+use pgwire::messages::startup::ParameterStatus;
+use pgwire::messages::PgWireBackendMessage as B;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::auth::authenticator::Principal;
+use crate::command::{ColumnInfo, SqlValue, StatementOutcome};
+use crate::service::{
+    Description, ErrorKind, Origin, ReadChunk, ReadRequest, Service, ServiceError, WriteRequest,
+    WriteStatement,
+};
+
+use super::cancel::CancelSignal;
+use super::connection::Wire;
+use super::error::{self, Op};
+use super::settings::{Settings, LAST_WRITE_INDEX};
+use super::statement::{self, Kind, Statement};
+use super::values::{self, TextSettings};
+
+/// Most prepared statements (and most portals) one session may hold.
+pub const PREPARED_MAX: usize = 10_000;
+
+type Io = std::io::Result<()>;
+
+/// A prepared statement.
+struct Prepared {
+    /// The statement (`None`: an empty query).
+    stmt: Option<Statement>,
+    /// Parameter types the client gave in `Parse` (0: unspecified).
+    param_types: Vec<u32>,
+    /// What PostgreSQL infers for it, once asked.
+    described: Option<Description>,
+}
+
+/// A bound portal.
+struct Portal {
+    stmt: Arc<Prepared>,
+    params: Vec<SqlValue>,
+    /// One format code per result column, as bound (expanded once the columns are known).
+    result_formats: Vec<i16>,
+    /// A read's rows, once it runs.
+    read: Option<RunningRead>,
+    /// Rows sent so far (for the command tag).
+    sent: u64,
+    /// The portal ran to its end.
+    done: bool,
+}
+
+/// A read running on this node: its columns, and its rows as they arrive.
+struct RunningRead {
+    columns: Vec<ColumnInfo>,
+    rows: VecDeque<Vec<SqlValue>>,
+    rx: mpsc::Receiver<ReadChunk>,
+    done: Option<oneshot::Receiver<Result<(), ServiceError>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RunningRead {
+    fn drop(&mut self) {
+        // A read nobody waits for ends now (its PostgreSQL connection is closed).
+        self.task.abort();
+    }
+}
+
+impl RunningRead {
+    /// The next row; `None` at the end.
+    async fn next_row(
+        &mut self,
+        cancel: &CancelSignal,
+    ) -> Result<Option<Vec<SqlValue>>, ServiceError> {
+        loop {
+            if let Some(r) = self.rows.pop_front() {
+                return Ok(Some(r));
+            }
+            let chunk = tokio::select! {
+                c = self.rx.recv() => c,
+                _ = cancel.cancelled() => {
+                    self.task.abort();
+                    return Err(cancelled());
+                }
+            };
+            match chunk {
+                Some(c) => self.rows.extend(c.rows),
+                None => {
+                    return match self.done.take() {
+                        Some(done) => match done.await {
+                            Ok(r) => r.map(|()| None),
+                            Err(_) => {
+                                Err(ServiceError::internal("the read ended without an outcome"))
+                            }
+                        },
+                        None => Ok(None),
+                    };
+                }
+            }
+        }
+    }
+}
+
+fn cancelled() -> ServiceError {
+    ServiceError::refused(
+        ErrorKind::Cancelled,
+        "57014",
+        "canceling statement due to user request",
+    )
+}
+
+/// A wire session. See the module doc.
+pub struct Session {
+    svc: Arc<Service>,
+    principal: Option<Principal>,
+    settings: Settings,
+    statements: HashMap<String, Arc<Prepared>>,
+    portals: HashMap<String, Portal>,
+    cancel: Arc<CancelSignal>,
+    /// An extended-query message failed: skip messages until `Sync`.
+    skipping: bool,
+}
+
+impl Session {
+    /// A session of `principal` (`None`: raftpg itself, on an `--insecure` node).
+    pub fn new(
+        svc: Arc<Service>,
+        principal: Option<Principal>,
+        settings: Settings,
+        cancel: Arc<CancelSignal>,
+    ) -> Self {
+        Session {
+            svc,
+            principal,
+            settings,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            cancel,
+            skipping: false,
+        }
+    }
+
+    /// Whether extended-query messages are being skipped until `Sync`.
+    pub fn skipping(&self) -> bool {
+        self.skipping
+    }
+
+    // ------------------------------------------------------------------ simple protocol
+
+    /// Runs a query string (simple protocol) and ends with `ReadyForQuery`.
+    pub async fn query(&mut self, out: &mut Wire, sql: &str) -> Io {
+        self.cancel.reset();
+        if let Err(e) = self.query_inner(out, sql).await? {
+            out.feed(B::ErrorResponse(e)).await?;
+        }
+        self.ready(out).await
+    }
+
+    async fn query_inner(
+        &mut self,
+        out: &mut Wire,
+        sql: &str,
+    ) -> std::io::Result<Result<(), pgwire::messages::response::ErrorResponse>> {
+        let stmts = match statement::split(sql) {
+            Ok(s) => s,
+            Err(statement::SyntaxError(m)) => return Ok(Err(error::plain("42601", m))),
+        };
+        if stmts.is_empty() {
+            out.feed(B::EmptyQueryResponse(EmptyQueryResponse::new()))
+                .await?;
+            return Ok(Ok(()));
+        }
+        let body = strip_transaction_block(&stmts);
+        let has_write = body.iter().any(|s| matches!(s.kind, Kind::Write { .. }));
+        if has_write {
+            if let Some(s) = body.iter().find(|s| is_session_command(&s.kind)) {
+                return Ok(Err(error::response(
+                    &mixed_with_writes(s),
+                    Op::Write,
+                    s.offset,
+                )));
+            }
+            let writes: Vec<(&Statement, Vec<SqlValue>)> =
+                body.iter().map(|s| (*s, Vec::new())).collect();
+            return match self.write(&writes).await {
+                Ok(results) => {
+                    for (s, r) in body.iter().zip(results) {
+                        self.send_write_result(out, s, &r, None).await?;
+                    }
+                    if body.len() < stmts.len() {
+                        out.feed(B::CommandComplete(CommandComplete::new("COMMIT".into())))
+                            .await?;
+                    }
+                    self.report_last_write(out).await?;
+                    Ok(Ok(()))
+                }
+                Err(e) => {
+                    let at = body.get(e.statement_index as usize).map_or(0, |s| s.offset);
+                    Ok(Err(error::response(&e, Op::Write, at)))
+                }
+            };
+        }
+        for s in &stmts {
+            if let Err(e) = self.simple_statement(out, s).await? {
+                return Ok(Err(e));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// One statement of a query string without writes.
+    async fn simple_statement(
+        &mut self,
+        out: &mut Wire,
+        s: &Statement,
+    ) -> std::io::Result<Result<(), pgwire::messages::response::ErrorResponse>> {
+        match &s.kind {
+            Kind::Read { tag } => {
+                let mut read = match self.start_read(s, &[], &[]).await {
+                    Ok(r) => r,
+                    Err(e) if e.sqlstate.as_deref() == Some("25006") => {
+                        // A query that writes (nextval, a function that inserts): a write.
+                        return match self.write(&[(s, Vec::new())]).await {
+                            Ok(r) => {
+                                let r = r.into_iter().next().unwrap_or_default();
+                                self.send_write_result(out, s, &r, None).await?;
+                                self.report_last_write(out).await?;
+                                Ok(Ok(()))
+                            }
+                            Err(e) => Ok(Err(error::response(&e, Op::Write, s.offset))),
+                        };
+                    }
+                    Err(e) => return Ok(Err(error::response(&e, Op::Read, s.offset))),
+                };
+                let formats = vec![0; read.columns.len()];
+                out.feed(B::RowDescription(row_description(&read.columns, &formats)))
+                    .await?;
+                let text = self.settings.text();
+                let mut n = 0u64;
+                loop {
+                    match read.next_row(&self.cancel).await {
+                        Ok(Some(row)) => match data_row(&row, &read.columns, &formats, text) {
+                            Ok(d) => {
+                                out.feed(B::DataRow(d)).await?;
+                                n += 1;
+                            }
+                            Err(e) => return Ok(Err(error::plain("0A000", e.to_string()))),
+                        },
+                        Ok(None) => break,
+                        Err(e) => return Ok(Err(error::response(&e, Op::Read, s.offset))),
+                    }
+                }
+                out.feed(B::CommandComplete(CommandComplete::new(read_tag(tag, n))))
+                    .await?;
+                Ok(Ok(()))
+            }
+            Kind::Write { .. } => unreachable_write(),
+            _ => self.session_command(out, s, true).await,
+        }
+    }
+
+    /// A statement the session answers itself. `with_description`: send the
+    /// `RowDescription` of a `SHOW` (the simple protocol does; an extended `Execute` does not).
+    async fn session_command(
+        &mut self,
+        out: &mut Wire,
+        s: &Statement,
+        with_description: bool,
+    ) -> std::io::Result<Result<(), pgwire::messages::response::ErrorResponse>> {
+        let done = |tag: &str| B::CommandComplete(CommandComplete::new(tag.to_string()));
+        match &s.kind {
+            Kind::Set { name, value } => match self.settings.set(name, value.as_deref()) {
+                Ok(report) => {
+                    out.feed(done("SET")).await?;
+                    if let Some((k, v)) = report {
+                        out.feed(B::ParameterStatus(ParameterStatus::new(k, v)))
+                            .await?;
+                    }
+                    Ok(Ok(()))
+                }
+                Err(e) => Ok(Err(error::response(&e, Op::Read, s.offset))),
+            },
+            Kind::ResetAll { tag } => {
+                if tag == "DISCARD ALL" {
+                    self.statements.clear();
+                    self.portals.clear();
+                }
+                for (k, v) in self.settings.reset_all() {
+                    out.feed(B::ParameterStatus(ParameterStatus::new(k, v)))
+                        .await?;
+                }
+                out.feed(done(tag)).await?;
+                Ok(Ok(()))
+            }
+            Kind::Show { name } => match self.settings.show(name) {
+                Some((shown, value)) => {
+                    let columns = [text_column(&shown)];
+                    if with_description {
+                        out.feed(B::RowDescription(row_description(&columns, &[0])))
+                            .await?;
+                    }
+                    let row = [SqlValue::Text(value)];
+                    if let Ok(d) = data_row(&row, &columns, &[0], TextSettings::default()) {
+                        out.feed(B::DataRow(d)).await?;
+                    }
+                    out.feed(done("SHOW")).await?;
+                    Ok(Ok(()))
+                }
+                None => {
+                    // A server setting: the node's read connection answers.
+                    let read = Statement {
+                        kind: Kind::Read { tag: "SHOW".into() },
+                        ..s.clone()
+                    };
+                    Box::pin(self.simple_statement(out, &read)).await
+                }
+            },
+            Kind::Begin => Ok(Err(error::response(&begin_refused(), Op::Read, s.offset))),
+            Kind::End { commit } => {
+                out.feed(B::NoticeResponse(error::warning(
+                    "25P01",
+                    "there is no transaction in progress",
+                )))
+                .await?;
+                out.feed(done(if *commit { "COMMIT" } else { "ROLLBACK" }))
+                    .await?;
+                Ok(Ok(()))
+            }
+            Kind::InTransactionOnly { what } => Ok(Err(error::plain(
+                "25P01",
+                format!("{what} can only be used in transaction blocks"),
+            ))),
+            Kind::Read { .. } | Kind::Write { .. } => {
+                Ok(Err(error::plain("XX000", "not a session command")))
+            }
+        }
+    }
+
+    async fn ready(&mut self, out: &mut Wire) -> Io {
+        out.feed(B::ReadyForQuery(ReadyForQuery::new(
+            TransactionStatus::Idle,
+        )))
+        .await?;
+        out.flush().await
+    }
+
+    // ---------------------------------------------------------------- extended protocol
+
+    /// `Parse`.
+    pub async fn parse(&mut self, out: &mut Wire, m: Parse) -> Io {
+        let name = m.name.unwrap_or_default();
+        let result = (|| {
+            if !name.is_empty() && self.statements.contains_key(&name) {
+                return Err(error::plain(
+                    "42P05",
+                    format!("prepared statement \"{name}\" already exists"),
+                ));
+            }
+            if self.statements.len() >= PREPARED_MAX && !self.statements.contains_key(&name) {
+                return Err(error::plain(
+                    "53400",
+                    format!(
+                        "a session may hold at most {PREPARED_MAX} prepared statements; close some"
+                    ),
+                ));
+            }
+            let mut stmts = statement::split(&m.query)
+                .map_err(|statement::SyntaxError(msg)| error::plain("42601", msg))?;
+            if stmts.len() > 1 {
+                return Err(error::plain(
+                    "42601",
+                    "cannot insert multiple commands into a prepared statement",
+                ));
+            }
+            Ok(stmts.pop())
+        })();
+        match result {
+            Ok(stmt) => {
+                self.statements.insert(
+                    name,
+                    Arc::new(Prepared {
+                        stmt,
+                        param_types: m.type_oids,
+                        described: None,
+                    }),
+                );
+                out.feed(B::ParseComplete(ParseComplete::new())).await
+            }
+            Err(e) => self.fail(out, e).await,
+        }
+    }
+
+    /// `Bind`.
+    pub async fn bind(&mut self, out: &mut Wire, m: Bind) -> Io {
+        let stmt_name = m.statement_name.clone().unwrap_or_default();
+        let portal_name = m.portal_name.clone().unwrap_or_default();
+        let Some(mut prepared) = self.statements.get(&stmt_name).cloned() else {
+            let e = error::plain(
+                "26000",
+                format!("prepared statement \"{stmt_name}\" does not exist"),
+            );
+            return self.fail(out, e).await;
+        };
+        if !portal_name.is_empty() && self.portals.contains_key(&portal_name) {
+            let e = error::plain("42P03", format!("cursor \"{portal_name}\" already exists"));
+            return self.fail(out, e).await;
+        }
+        if self.portals.len() >= PREPARED_MAX && !self.portals.contains_key(&portal_name) {
+            let e = error::plain(
+                "53400",
+                format!("a session may hold at most {PREPARED_MAX} portals; close some"),
+            );
+            return self.fail(out, e).await;
+        }
+        let n = m.parameters.len();
+        let formats = values::formats_for(&m.parameter_format_codes, n);
+        if formats.len() != n {
+            let e = error::plain(
+                "08P01",
+                format!(
+                    "bind message has {} parameter formats but {n} parameters",
+                    formats.len()
+                ),
+            );
+            return self.fail(out, e).await;
+        }
+        // Binary parameters need their types: the client's, or PostgreSQL's inference.
+        let needs_types = formats.iter().enumerate().any(|(i, f)| {
+            values::is_binary(*f) && prepared.param_types.get(i).copied().unwrap_or(0) == 0
+        });
+        if needs_types && prepared.described.is_none() {
+            match self.describe_prepared(&prepared).await {
+                Ok(d) => {
+                    prepared = self.remember_description(&stmt_name, &prepared, d);
+                }
+                Err(e) => return self.fail(out, error::response(&e, Op::Read, 0)).await,
+            }
+        }
+        let mut params = Vec::with_capacity(n);
+        for (i, (raw, f)) in m.parameters.iter().zip(&formats).enumerate() {
+            let ty = param_type(&prepared, i);
+            match values::param_value(raw.as_deref(), values::is_binary(*f), ty, i + 1) {
+                Ok(v) => params.push(v),
+                Err(e) => {
+                    let code = match e {
+                        values::WireValueError::BinaryParam(_) => "0A000",
+                        values::WireValueError::NotUtf8(_) => "22021",
+                        _ => "22P03",
+                    };
+                    return self.fail(out, error::plain(code, e.to_string())).await;
+                }
+            }
+        }
+        self.portals.insert(
+            portal_name,
+            Portal {
+                stmt: prepared,
+                params,
+                result_formats: m.result_column_format_codes,
+                read: None,
+                sent: 0,
+                done: false,
+            },
+        );
+        out.feed(B::BindComplete(BindComplete::new())).await
+    }
+
+    /// `Describe` of a statement or a portal.
+    pub async fn describe(&mut self, out: &mut Wire, m: Describe) -> Io {
+        let name = m.name.clone().unwrap_or_default();
+        match m.target_type {
+            TARGET_TYPE_BYTE_STATEMENT => self.describe_statement(out, &name).await,
+            TARGET_TYPE_BYTE_PORTAL => self.describe_portal(out, &name).await,
+            other => {
+                let e = error::plain("08P01", format!("invalid DESCRIBE message subtype {other}"));
+                self.fail(out, e).await
+            }
+        }
+    }
+
+    async fn describe_statement(&mut self, out: &mut Wire, name: &str) -> Io {
+        let Some(prepared) = self.statements.get(name).cloned() else {
+            let e = error::plain(
+                "26000",
+                format!("prepared statement \"{name}\" does not exist"),
+            );
+            return self.fail(out, e).await;
+        };
+        let d = match self.description(name, &prepared).await {
+            Ok(d) => d,
+            Err(e) => return self.fail(out, error::response(&e, Op::Read, 0)).await,
+        };
+        out.feed(B::ParameterDescription(ParameterDescription::new(
+            d.param_types.clone(),
+        )))
+        .await?;
+        if d.columns.is_empty() {
+            out.feed(B::NoData(NoData::new())).await
+        } else {
+            let formats = vec![0; d.columns.len()];
+            out.feed(B::RowDescription(row_description(&d.columns, &formats)))
+                .await
+        }
+    }
+
+    async fn describe_portal(&mut self, out: &mut Wire, name: &str) -> Io {
+        let Some(stmt) = self.portals.get(name).map(|p| p.stmt.clone()) else {
+            let e = error::plain("34000", format!("portal \"{name}\" does not exist"));
+            return self.fail(out, e).await;
+        };
+        let columns = match stmt.stmt.as_ref().map(|s| &s.kind) {
+            None => Vec::new(),
+            Some(Kind::Read { .. }) => match self.start_portal_read(name).await {
+                Ok(c) => c,
+                Err(e) => return self.fail(out, error::response(&e, Op::Read, 0)).await,
+            },
+            Some(Kind::Show { name: setting }) => match self.settings.show(setting) {
+                Some((shown, _)) => vec![text_column(&shown)],
+                None => match self.start_portal_read(name).await {
+                    Ok(c) => c,
+                    Err(e) => return self.fail(out, error::response(&e, Op::Read, 0)).await,
+                },
+            },
+            Some(Kind::Write { .. }) => {
+                let stmt_name = self
+                    .statements
+                    .iter()
+                    .find(|(_, p)| Arc::ptr_eq(p, &stmt))
+                    .map(|(k, _)| k.clone());
+                let d = match stmt_name {
+                    Some(n) => self.description(&n, &stmt).await,
+                    None => self.describe_prepared(&stmt).await,
+                };
+                match d {
+                    Ok(d) => d.columns,
+                    Err(e) => return self.fail(out, error::response(&e, Op::Read, 0)).await,
+                }
+            }
+            Some(_) => Vec::new(),
+        };
+        if columns.is_empty() {
+            return out.feed(B::NoData(NoData::new())).await;
+        }
+        let formats = match self.portals.get(name) {
+            Some(p) => values::formats_for(&p.result_formats, columns.len()),
+            None => vec![0; columns.len()],
+        };
+        out.feed(B::RowDescription(row_description(&columns, &formats)))
+            .await
+    }
+
+    /// `Execute` of a portal, sending at most `max_rows` rows (0: all).
+    pub async fn execute(&mut self, out: &mut Wire, m: Execute) -> Io {
+        self.cancel.reset();
+        let name = m.name.clone().unwrap_or_default();
+        let Some(portal) = self.portals.get(&name) else {
+            let e = error::plain("34000", format!("portal \"{name}\" does not exist"));
+            return self.fail(out, e).await;
+        };
+        let Some(stmt) = portal.stmt.stmt.clone() else {
+            return out
+                .feed(B::EmptyQueryResponse(EmptyQueryResponse::new()))
+                .await;
+        };
+        let max_rows = usize::try_from(m.max_rows).unwrap_or(0);
+        match &stmt.kind {
+            Kind::Read { tag } => self.execute_read(out, &name, tag, max_rows).await,
+            Kind::Show { name: setting } if self.settings.show(setting).is_none() => {
+                self.execute_read(out, &name, "SHOW", max_rows).await
+            }
+            Kind::Write { .. } => {
+                let params = portal.params.clone();
+                let formats = portal.result_formats.clone();
+                match self.write(&[(&stmt, params)]).await {
+                    Ok(results) => {
+                        let r = results.into_iter().next().unwrap_or_default();
+                        self.send_write_result(out, &stmt, &r, Some(&formats))
+                            .await?;
+                        self.report_last_write(out).await
+                    }
+                    Err(e) => self.fail(out, error::response(&e, Op::Write, 0)).await,
+                }
+            }
+            _ => match self.session_command(out, &stmt, false).await? {
+                Ok(()) => Ok(()),
+                Err(e) => self.fail(out, e).await,
+            },
+        }
+    }
+
+    async fn execute_read(&mut self, out: &mut Wire, name: &str, tag: &str, max_rows: usize) -> Io {
+        let started = self
+            .portals
+            .get(name)
+            .is_some_and(|p| p.read.is_some() || p.done);
+        if !started {
+            if let Err(e) = self.start_portal_read(name).await {
+                return self.fail(out, error::response(&e, Op::Read, 0)).await;
+            }
+        }
+        let text = self.settings.text();
+        let cancel = self.cancel.clone();
+        let Some(portal) = self.portals.get_mut(name) else {
+            return Ok(());
+        };
+        let Some(read) = portal.read.as_mut() else {
+            // Ran to its end before: nothing more.
+            let tag = read_tag(tag, 0);
+            return out
+                .feed(B::CommandComplete(CommandComplete::new(tag)))
+                .await;
+        };
+        let formats = values::formats_for(&portal.result_formats, read.columns.len());
+        let mut n = 0usize;
+        loop {
+            if max_rows > 0 && n >= max_rows {
+                return out.feed(B::PortalSuspended(PortalSuspended::new())).await;
+            }
+            match read.next_row(&cancel).await {
+                Ok(Some(row)) => {
+                    let r = data_row(&row, &read.columns, &formats, text);
+                    match r {
+                        Ok(r) => out.feed(B::DataRow(r)).await?,
+                        Err(e) => {
+                            portal.read = None;
+                            return self.fail(out, error::plain("0A000", e.to_string())).await;
+                        }
+                    }
+                    n += 1;
+                    portal.sent += 1;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    portal.read = None;
+                    return self.fail(out, error::response(&e, Op::Read, 0)).await;
+                }
+            }
+        }
+        let total = portal.sent;
+        portal.read = None;
+        portal.done = true;
+        out.feed(B::CommandComplete(CommandComplete::new(read_tag(
+            tag, total,
+        ))))
+        .await
+    }
+
+    /// `Close` of a statement or portal.
+    pub async fn close(&mut self, out: &mut Wire, m: Close) -> Io {
+        let name = m.name.unwrap_or_default();
+        match m.target_type {
+            TARGET_TYPE_BYTE_STATEMENT => {
+                self.statements.remove(&name);
+            }
+            TARGET_TYPE_BYTE_PORTAL => {
+                self.portals.remove(&name);
+            }
+            _ => {}
+        }
+        out.feed(B::CloseComplete(CloseComplete::new())).await
+    }
+
+    /// `Sync`: the end of an extended-query exchange.
+    pub async fn sync(&mut self, out: &mut Wire) -> Io {
+        self.skipping = false;
+        self.portals.remove("");
+        self.ready(out).await
+    }
+
+    /// Reports an extended-query error and skips until `Sync`.
+    async fn fail(&mut self, out: &mut Wire, e: pgwire::messages::response::ErrorResponse) -> Io {
+        self.skipping = true;
+        out.feed(B::ErrorResponse(e)).await
+    }
+
+    // ----------------------------------------------------------------- service calls
+
+    /// What PostgreSQL infers for prepared statement `name`, asked once.
+    async fn description(
+        &mut self,
+        name: &str,
+        prepared: &Arc<Prepared>,
+    ) -> Result<Description, ServiceError> {
+        if let Some(d) = &prepared.described {
+            return Ok(d.clone());
+        }
+        let d = self.describe_prepared(prepared).await?;
+        self.remember_description(name, prepared, d.clone());
+        Ok(d)
+    }
+
+    fn remember_description(
+        &mut self,
+        name: &str,
+        prepared: &Arc<Prepared>,
+        d: Description,
+    ) -> Arc<Prepared> {
+        let updated = Arc::new(Prepared {
+            stmt: prepared.stmt.clone(),
+            param_types: prepared.param_types.clone(),
+            described: Some(d),
+        });
+        if self
+            .statements
+            .get(name)
+            .is_some_and(|p| Arc::ptr_eq(p, prepared))
+        {
+            self.statements.insert(name.to_string(), updated.clone());
+        }
+        updated
+    }
+
+    async fn describe_prepared(&self, prepared: &Prepared) -> Result<Description, ServiceError> {
+        let Some(s) = &prepared.stmt else {
+            return Ok(Description::default());
+        };
+        match &s.kind {
+            Kind::Read { .. } | Kind::Write { .. } => {
+                self.svc
+                    .describe(
+                        &s.sql,
+                        &prepared.param_types,
+                        self.principal.as_ref(),
+                        self.settings.last_write_index(),
+                    )
+                    .await
+            }
+            Kind::Show { name } => match self.settings.show(name) {
+                Some((shown, _)) => Ok(Description {
+                    param_types: Vec::new(),
+                    columns: vec![text_column(&shown)],
+                }),
+                None => {
+                    self.svc
+                        .describe(&s.sql, &[], self.principal.as_ref(), 0)
+                        .await
+                }
+            },
+            _ => Ok(Description::default()),
+        }
+    }
+
+    /// Starts the read of portal `name` (if not started) and returns its columns.
+    async fn start_portal_read(&mut self, name: &str) -> Result<Vec<ColumnInfo>, ServiceError> {
+        let Some(portal) = self.portals.get(name) else {
+            return Ok(Vec::new());
+        };
+        if let Some(r) = &portal.read {
+            return Ok(r.columns.clone());
+        }
+        let Some(s) = portal.stmt.stmt.clone() else {
+            return Ok(Vec::new());
+        };
+        let params = portal.params.clone();
+        let types = portal.stmt.param_types.clone();
+        let read = self.start_read(&s, &params, &types).await?;
+        let columns = read.columns.clone();
+        if let Some(p) = self.portals.get_mut(name) {
+            p.read = Some(read);
+        }
+        Ok(columns)
+    }
+
+    /// Admits a read of `s` at the session's consistency and starts it; returns once its
+    /// columns are known (or it failed).
+    async fn start_read(
+        &self,
+        s: &Statement,
+        params: &[SqlValue],
+        param_types: &[u32],
+    ) -> Result<RunningRead, ServiceError> {
+        let req = ReadRequest {
+            sql: s.sql.clone(),
+            params: Ok(params.to_vec()),
+            param_types: param_types.to_vec(),
+            consistency: Ok(self.settings.consistency()),
+            timeout_ms: self.settings.statement_timeout_ms(),
+            max_rows: 0,
+            streamed: true,
+            encoded_bytes: s.sql.len()
+                + params
+                    .iter()
+                    .map(crate::pg::values::wire_size)
+                    .sum::<usize>(),
+            principal: self.principal.clone(),
+        };
+        let admitted = tokio::select! {
+            a = self.svc.admit_read(req) => a?,
+            _ = self.cancel.cancelled() => return Err(cancelled()),
+        };
+        let (tx, mut rx) = mpsc::channel(2);
+        let (done_tx, done_rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let _ = done_tx.send(admitted.run(tx).await);
+        });
+        let first = tokio::select! {
+            c = rx.recv() => c,
+            _ = self.cancel.cancelled() => {
+                task.abort();
+                return Err(cancelled());
+            }
+        };
+        match first {
+            Some(c) => Ok(RunningRead {
+                columns: c.columns,
+                rows: c.rows.into(),
+                rx,
+                done: Some(done_rx),
+                task,
+            }),
+            None => match done_rx.await {
+                Ok(Err(e)) => Err(e),
+                _ => Err(ServiceError::internal("the read ended without a result")),
+            },
+        }
+    }
+
+    /// Runs `stmts` as one write and returns each statement's result.
+    async fn write(
+        &mut self,
+        stmts: &[(&Statement, Vec<SqlValue>)],
+    ) -> Result<Vec<StatementOutcome>, ServiceError> {
+        let encoded_bytes = stmts
+            .iter()
+            .map(|(s, p)| s.sql.len() + p.iter().map(crate::pg::values::wire_size).sum::<usize>())
+            .sum();
+        let req = WriteRequest {
+            statements: stmts
+                .iter()
+                .map(|(s, p)| WriteStatement {
+                    sql: s.sql.clone(),
+                    params: Ok(p.clone()),
+                })
+                .collect(),
+            request_id: None,
+            encoded_bytes,
+            origin: Origin::Client,
+            principal: self.principal.clone(),
+        };
+        let outcome = self.svc.write(req).await?;
+        self.settings.wrote(outcome.log_index);
+        Ok(outcome.results)
+    }
+
+    async fn send_write_result(
+        &self,
+        out: &mut Wire,
+        s: &Statement,
+        r: &StatementOutcome,
+        extended_formats: Option<&[i16]>,
+    ) -> Io {
+        let tag = match &s.kind {
+            Kind::Write { tag } | Kind::Read { tag } => tag.clone(),
+            _ => String::new(),
+        };
+        if !r.columns.is_empty() {
+            let formats = match extended_formats {
+                Some(f) => values::formats_for(f, r.columns.len()),
+                None => vec![0; r.columns.len()],
+            };
+            if extended_formats.is_none() {
+                out.feed(B::RowDescription(row_description(&r.columns, &formats)))
+                    .await?;
+            }
+            for row in &r.rows {
+                match data_row(row, &r.columns, &formats, self.settings.text()) {
+                    Ok(d) => out.feed(B::DataRow(d)).await?,
+                    Err(e) => {
+                        return out
+                            .feed(B::ErrorResponse(error::plain("0A000", e.to_string())))
+                            .await
+                    }
+                }
+            }
+        }
+        out.feed(B::CommandComplete(CommandComplete::new(write_tag(&tag, r))))
+            .await
+    }
+
+    /// Tells the client the log index of its last write.
+    async fn report_last_write(&self, out: &mut Wire) -> Io {
+        out.feed(B::ParameterStatus(ParameterStatus::new(
+            LAST_WRITE_INDEX.to_string(),
+            self.settings.last_write_index().to_string(),
+        )))
+        .await
+    }
+}
+
+fn param_type(p: &Prepared, i: usize) -> u32 {
+    match p.param_types.get(i).copied().unwrap_or(0) {
+        0 => p
+            .described
+            .as_ref()
+            .and_then(|d| d.param_types.get(i).copied())
+            .unwrap_or(0),
+        t => t,
+    }
+}
+
+/// The statements of a string wrapped in `BEGIN` ... `COMMIT` (that is what a string is
+/// anyway: one transaction), or all of them.
+fn strip_transaction_block(stmts: &[Statement]) -> Vec<&Statement> {
+    let n = stmts.len();
+    if n >= 2
+        && stmts[0].kind == Kind::Begin
+        && stmts[n - 1].kind == (Kind::End { commit: true })
+        && !stmts[1..n - 1]
+            .iter()
+            .any(|s| matches!(s.kind, Kind::Begin | Kind::End { .. }))
+    {
+        return stmts[1..n - 1].iter().collect();
+    }
+    stmts.iter().collect()
+}
+
+fn is_session_command(k: &Kind) -> bool {
+    !matches!(k, Kind::Read { .. } | Kind::Write { .. })
+}
+
+fn mixed_with_writes(s: &Statement) -> ServiceError {
+    ServiceError {
+        hint: "Send SET, SHOW and transaction control in a query string of their own; a string with writes runs as one write through the log.".into(),
+        ..ServiceError::refused(
+            ErrorKind::Unsupported,
+            "0A000",
+            format!("\"{}\" cannot run in the same query string as writes", first_line(&s.sql)),
+        )
+    }
+}
+
+fn begin_refused() -> ServiceError {
+    ServiceError {
+        hint: "raftpg runs each query string as one transaction: send the transaction's statements in one string (BEGIN; ...; COMMIT; as a whole works), or one statement at a time. Interactive transactions are not supported yet.".into(),
+        ..ServiceError::refused(
+            ErrorKind::Unsupported,
+            "0A000",
+            "transaction blocks over several queries are not supported by raftpg yet",
+        )
+    }
+}
+
+fn first_line(sql: &str) -> String {
+    let line = sql.lines().next().unwrap_or_default();
+    line.chars().take(60).collect()
+}
+
+fn unreachable_write() -> std::io::Result<Result<(), pgwire::messages::response::ErrorResponse>> {
+    Ok(Err(error::plain("XX000", "a write reached the read path")))
+}
+
+fn text_column(name: &str) -> ColumnInfo {
+    ColumnInfo {
+        name: name.to_string(),
+        type_name: "text".into(),
+        type_oid: postgres_types::Type::TEXT.oid(),
+    }
+}
+
+/// The tag of a read that returned `n` rows.
+fn read_tag(tag: &str, n: u64) -> String {
+    match tag {
+        "SELECT" => format!("SELECT {n}"),
+        other => other.to_string(),
+    }
+}
+
+/// The tag of a write's statement.
+fn write_tag(tag: &str, r: &StatementOutcome) -> String {
+    let n = r.rows_affected;
+    match tag {
+        "INSERT" => format!("INSERT 0 {n}"),
+        "UPDATE" | "DELETE" | "MERGE" | "SELECT" | "COPY" | "FETCH" | "MOVE" => {
+            format!("{tag} {n}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A `RowDescription` of `columns` sent in `formats`.
+fn row_description(columns: &[ColumnInfo], formats: &[i16]) -> RowDescription {
+    RowDescription::new(
+        columns
+            .iter()
+            .zip(formats.iter().chain(std::iter::repeat(&0)))
+            .map(|(c, f)| {
+                let ty = postgres_types::Type::from_oid(c.type_oid);
+                FieldDescription::new(
+                    c.name.clone(),
+                    0,
+                    0,
+                    c.type_oid,
+                    type_size(ty.as_ref()),
+                    -1,
+                    *f,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// `pg_type.typlen` of the common fixed-size types (-1 for the rest).
+fn type_size(ty: Option<&postgres_types::Type>) -> i16 {
+    use postgres_types::Type as T;
+    match ty {
+        Some(&T::BOOL) | Some(&T::CHAR) => 1,
+        Some(&T::INT2) => 2,
+        Some(&T::INT4) | Some(&T::OID) | Some(&T::FLOAT4) | Some(&T::DATE) => 4,
+        Some(&T::INT8) | Some(&T::FLOAT8) | Some(&T::TIMESTAMP) | Some(&T::TIMESTAMPTZ) => 8,
+        Some(&T::UUID) => 16,
+        Some(&T::NAME) => 64,
+        _ => -1,
+    }
+}
+
+/// One `DataRow`.
+fn data_row(
+    row: &[SqlValue],
+    columns: &[ColumnInfo],
+    formats: &[i16],
+    text: TextSettings,
+) -> Result<DataRow, values::WireValueError> {
+    let mut data = bytes::BytesMut::new();
+    for (i, v) in row.iter().enumerate() {
+        let oid = columns.get(i).map_or(0, |c| c.type_oid);
+        let binary = formats.get(i).copied().is_some_and(values::is_binary);
+        let cell = if binary {
+            values::binary_of(v, oid)?
+        } else {
+            values::text_of(v, oid, text)
+        };
+        match cell {
+            None => data.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(b) => {
+                data.extend_from_slice(&(b.len() as i32).to_be_bytes());
+                data.extend_from_slice(&b);
+            }
+        }
+    }
+    Ok(DataRow::new(data, row.len() as i16))
+}
