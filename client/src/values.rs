@@ -121,6 +121,14 @@ pub fn display(v: &Value) -> String {
         Some(Kind::TimestampMicros(t)) => format!("{t}µs"),
         Some(Kind::DateDays(d)) => format!("day {d}"),
         Some(Kind::PgText(t)) => t.text.clone(),
+        Some(Kind::PgBinary(b)) => format!(
+            "\\x{} (binary, type {})",
+            b.data
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<String>(),
+            b.type_oid
+        ),
     }
 }
 

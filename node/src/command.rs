@@ -102,6 +102,15 @@ pub enum SqlValue {
         /// The text.
         text: String,
     },
+    /// A value in PostgreSQL's binary form: as a parameter, of a built-in type (its binary
+    /// form is the same on every node) bound to a parameter of exactly that type; as a read's
+    /// result, any type (it stays on the node that read it).
+    PgBinary {
+        /// The type's OID.
+        type_oid: u32,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
 }
 
 /// How a float8 travels in the log's JSON (entries, recorded outcomes): a finite value as a

@@ -383,7 +383,10 @@ fn native_type(v: &SqlValue) -> Option<Type> {
         SqlValue::Uuid(_) => Type::UUID,
         SqlValue::Json(_) => Type::JSON,
         SqlValue::Jsonb(_) => Type::JSONB,
-        SqlValue::Null | SqlValue::Numeric(_) | SqlValue::PgText { .. } => return None,
+        SqlValue::Null
+        | SqlValue::Numeric(_)
+        | SqlValue::PgText { .. }
+        | SqlValue::PgBinary { .. } => return None,
     })
 }
 

@@ -42,6 +42,7 @@
 //! stale cache can never become a recorded result.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use futures::TryStreamExt;
 use postgres_types::ToSql;
@@ -54,8 +55,9 @@ use crate::apply::request_log;
 use crate::command::{
     ApplyOutcome, ColumnInfo, RequestId, SqlFailure, SqlStatement, StatementOutcome, WriteCommand,
 };
+use crate::pg::results::{decode_row, text_forms, text_wrapped, Form};
 use crate::pg::sqlstate::{is_deterministic, DUPLICATE_SQLSTATE};
-use crate::pg::values::{self, Cell, FIRST_NORMAL_OBJECT_ID};
+use crate::pg::values::{self, FIRST_NORMAL_OBJECT_ID};
 use crate::sql::gate;
 use crate::sql::session_rules;
 
@@ -211,7 +213,7 @@ pub struct Applier {
     record_applied_roles: Statement,
     /// Makes the rest of a write run as its role (see the module doc, "Roles").
     switch_user: Statement,
-    cache: HashMap<String, Statement>,
+    cache: HashMap<String, UserStatement>,
     /// The open transaction ran DDL: statements cached since may refer to objects that a
     /// rollback takes away.
     ddl_in_transaction: bool,
@@ -231,7 +233,7 @@ enum Switch {
 
 /// One write of a run: its write number (see `request_log`), the write, and its statements
 /// prepared on the applier connection (see [`Applier::pipelineable`]).
-pub type RunWrite<'a> = (u64, &'a WriteCommand, Vec<Statement>);
+pub type RunWrite<'a> = (u64, &'a WriteCommand, Vec<UserStatement>);
 
 /// The end of a batch transaction, pipelined with its last entry: record the applied log
 /// position (invariant 1) and commit.
@@ -442,14 +444,14 @@ impl Applier {
     /// The prepared statements of `cmd` if it can run in a pipeline with other entries: plain
     /// DML, every statement prepared already, and its parameters valid for them (so that no
     /// client-side check can stop it half-way).
-    pub fn pipelineable(&self, cmd: &WriteCommand) -> Option<Vec<Statement>> {
+    pub fn pipelineable(&self, cmd: &WriteCommand) -> Option<Vec<UserStatement>> {
         if cmd.statements.is_empty()
             || cmd.statements.iter().any(|s| !is_dml(&s.sql))
             || reads_session_sequences(cmd)
         {
             return None;
         }
-        let prepared: Vec<Statement> = cmd
+        let prepared: Vec<UserStatement> = cmd
             .statements
             .iter()
             .map(|s| self.cache.get(&s.sql).cloned())
@@ -712,7 +714,7 @@ impl Applier {
         &'s self,
         steps: &mut Vec<StepFuture<'s>>,
         cmd: &'s WriteCommand,
-        prepared: &'s [Statement],
+        prepared: &'s [UserStatement],
         limits: &'s ApplyLimits,
         switch: Switch,
         next_user: Option<&'s str>,
@@ -818,7 +820,7 @@ impl Applier {
     ) -> Result<(ApplyOutcome, Pending), EnvError> {
         let ddl = cmd.statements.iter().any(|s| !is_dml(&s.sql));
         self.ddl_in_transaction |= ddl;
-        let cached: Vec<Statement> = if ddl {
+        let cached: Vec<UserStatement> = if ddl {
             Vec::new()
         } else {
             cmd.statements
@@ -866,7 +868,7 @@ impl Applier {
         &self,
         input: &EntryInputs,
         cmd: &WriteCommand,
-        cached: &[Statement],
+        cached: &[UserStatement],
         limits: &ApplyLimits,
         begin: bool,
         pending: Pending,
@@ -1368,9 +1370,71 @@ pub struct Pending {
     records: Vec<Record>,
 }
 
-/// Checks parameter count and types and result types of a prepared statement.
-fn check_statement(prepared: &Statement, stmt: &SqlStatement) -> Result<(), StmtError> {
-    let param_types = prepared.params();
+/// A user statement as the applier runs it: the prepared statement (or its rewrite that has
+/// PostgreSQL print the columns raftpg has no kind for, see `pg::results`) and the columns its
+/// outcome reports.
+#[derive(Clone)]
+pub struct UserStatement {
+    stmt: Statement,
+    columns: Arc<[ColumnInfo]>,
+    forms: Arc<[Form]>,
+}
+
+/// Prepares a user statement (see [`UserStatement`]).
+async fn prepare_user(client: &Client, sql: &str) -> Result<UserStatement, StmtError> {
+    let stmt = client.prepare(sql).await.map_err(classify)?;
+    let columns: Arc<[ColumnInfo]> = stmt
+        .columns()
+        .iter()
+        .map(|c| ColumnInfo {
+            name: c.name().to_string(),
+            type_name: c.type_().name().to_string(),
+            // A type created by SQL may have another OID on another node: outcomes must be
+            // the same on every node, so only built-in types' OIDs are recorded.
+            type_oid: Some(c.type_().oid())
+                .filter(|o| *o < FIRST_NORMAL_OBJECT_ID)
+                .unwrap_or(0),
+        })
+        .collect();
+    let types: Vec<_> = stmt.columns().iter().map(|c| c.type_().clone()).collect();
+    let forms: Arc<[Form]> = text_forms(&types).into();
+    if !forms.contains(&Form::Text) {
+        return Ok(UserStatement {
+            stmt,
+            columns,
+            forms,
+        });
+    }
+    let text: Vec<bool> = forms.iter().map(|f| *f == Form::Text).collect();
+    let Some(wrapped) = text_wrapped(sql, &text) else {
+        let names: Vec<String> = columns
+            .iter()
+            .zip(text)
+            .filter(|(_, t)| *t)
+            .map(|(c, _)| format!("{:?} ({})", c.name, c.type_name))
+            .collect();
+        return Err(StmtError::Deterministic(failure(
+            SqlState::FEATURE_NOT_SUPPORTED.code(),
+            format!(
+                "column {} cannot be returned by this kind of statement; cast it to text (e.g. col::text)",
+                names.join(", ")
+            ),
+        )));
+    };
+    let stmt = client
+        .prepare_typed(&wrapped, stmt.params())
+        .await
+        .map_err(classify)?;
+    Ok(UserStatement {
+        stmt,
+        columns,
+        forms,
+    })
+}
+
+/// Checks parameter count and types of a prepared statement.
+fn check_statement(prepared: &UserStatement, stmt: &SqlStatement) -> Result<(), StmtError> {
+    let param_types = prepared.stmt.params();
     if param_types.len() != stmt.params.len() {
         return Err(StmtError::Deterministic(failure(
             SqlState::PROTOCOL_VIOLATION.code(),
@@ -1389,14 +1453,6 @@ fn check_statement(prepared: &Statement, stmt: &SqlStatement) -> Result<(), Stmt
             ))
         })?;
     }
-    for c in prepared.columns() {
-        values::check_result_type(c.type_()).map_err(|e| {
-            StmtError::Deterministic(failure(
-                SqlState::FEATURE_NOT_SUPPORTED.code(),
-                format!("column {:?}: {e}", c.name()),
-            ))
-        })?;
-    }
     Ok(())
 }
 
@@ -1404,8 +1460,8 @@ async fn prepare_and_execute(
     client: &Client,
     stmt: &SqlStatement,
     limits: &ApplyLimits,
-) -> Result<(StatementOutcome, Statement), StmtError> {
-    let prepared = client.prepare(&stmt.sql).await.map_err(classify)?;
+) -> Result<(StatementOutcome, UserStatement), StmtError> {
+    let prepared = prepare_user(client, &stmt.sql).await?;
     let outcome = execute(client, &prepared, stmt, limits).await?;
     Ok((outcome, prepared))
 }
@@ -1413,7 +1469,7 @@ async fn prepare_and_execute(
 /// Executes one prepared statement and decodes its rows.
 async fn execute(
     client: &Client,
-    prepared: &Statement,
+    prepared: &UserStatement,
     stmt: &SqlStatement,
     limits: &ApplyLimits,
 ) -> Result<StatementOutcome, StmtError> {
@@ -1424,25 +1480,16 @@ async fn execute(
 /// [`execute`] for a statement whose parameters [`check_statement`] already accepted.
 async fn execute_checked(
     client: &Client,
-    prepared: &Statement,
+    prepared: &UserStatement,
     stmt: &SqlStatement,
     limits: &ApplyLimits,
 ) -> Result<StatementOutcome, StmtError> {
-    let columns: Vec<ColumnInfo> = prepared
-        .columns()
-        .iter()
-        .map(|c| ColumnInfo {
-            name: c.name().to_string(),
-            type_name: c.type_().name().to_string(),
-            // A type created by SQL may have another OID on another node: outcomes must be
-            // the same on every node, so only built-in types' OIDs are recorded.
-            type_oid: Some(c.type_().oid())
-                .filter(|o| *o < FIRST_NORMAL_OBJECT_ID)
-                .unwrap_or(0),
-        })
-        .collect();
+    let columns = &prepared.columns;
     let params = stmt.params.iter().map(|v| v as &(dyn ToSql + Sync));
-    let stream = client.query_raw(prepared, params).await.map_err(classify)?;
+    let stream = client
+        .query_raw(&prepared.stmt, params)
+        .await
+        .map_err(classify)?;
     futures::pin_mut!(stream);
     let mut rows = Vec::new();
     let mut bytes = 0usize;
@@ -1456,16 +1503,11 @@ async fn execute_checked(
                 ),
             )));
         }
-        let mut cells = Vec::with_capacity(columns.len());
-        for i in 0..columns.len() {
-            let Cell(v) = row.try_get::<_, Cell>(i).map_err(|e| {
-                StmtError::Deterministic(failure(
-                    SqlState::FEATURE_NOT_SUPPORTED.code(),
-                    e.to_string(),
-                ))
-            })?;
-            bytes = bytes.saturating_add(values::approx_size(&v));
-            cells.push(v);
+        let cells = decode_row(&row, &prepared.forms, columns).map_err(|e| {
+            StmtError::Deterministic(failure(SqlState::FEATURE_NOT_SUPPORTED.code(), e))
+        })?;
+        for v in &cells {
+            bytes = bytes.saturating_add(values::approx_size(v));
         }
         if bytes > limits.result_bytes_max {
             return Err(StmtError::Deterministic(failure(
@@ -1481,7 +1523,7 @@ async fn execute_checked(
     let rows_affected = stream.rows_affected().unwrap_or(rows.len() as u64);
     Ok(StatementOutcome {
         rows_affected,
-        columns,
+        columns: columns.to_vec(),
         rows,
     })
 }

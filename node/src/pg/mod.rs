@@ -5,11 +5,13 @@
 //!   endpoints of an external one.
 //! - [`read_pool`]: bounded pool of read-only connections (role `raftpg_reader`).
 //! - [`values`]: SQL values as they travel in the log and in results.
+//! - [`results`]: result columns of every type (decoded, or printed as text by PostgreSQL).
 //! - [`sqlstate`]: which errors are a write's own and which are this node's environment.
 //!
 //! Knows nothing of Raft; never writes user data (only the applier does, in log order).
 
 pub mod read_pool;
+pub mod results;
 pub mod sqlstate;
 pub mod supervisor;
 pub mod values;

@@ -85,6 +85,10 @@ pub fn from_proto(v: &PValue) -> Result<SqlValue, ValueError> {
             type_oid: t.type_oid,
             text: t.text.clone(),
         },
+        PKind::PgBinary(b) => SqlValue::PgBinary {
+            type_oid: b.type_oid,
+            bytes: b.data.clone(),
+        },
     })
 }
 
@@ -112,7 +116,7 @@ pub fn wire_size(v: &SqlValue) -> usize {
         | SqlValue::Json(s)
         | SqlValue::Jsonb(s)
         | SqlValue::PgText { text: s, .. } => s.len() + 3,
-        SqlValue::Bytes(b) => b.len() + 3,
+        SqlValue::Bytes(b) | SqlValue::PgBinary { bytes: b, .. } => b.len() + 3,
     }
 }
 
@@ -141,6 +145,10 @@ pub fn to_proto(v: &SqlValue) -> PValue {
             type_oid: *type_oid,
             text: text.clone(),
         }),
+        SqlValue::PgBinary { type_oid, bytes } => PKind::PgBinary(raftpg_proto::v1::PgBinary {
+            type_oid: *type_oid,
+            data: bytes.clone(),
+        }),
     };
     PValue { kind: Some(kind) }
 }
@@ -154,7 +162,7 @@ pub fn approx_size(v: &SqlValue) -> usize {
         | SqlValue::Jsonb(s)
         | SqlValue::PgText { text: s, .. } => s.len(),
         // Stored as a JSON array of numbers: up to 4 characters a byte.
-        SqlValue::Bytes(b) => 4 * b.len(),
+        SqlValue::Bytes(b) | SqlValue::PgBinary { bytes: b, .. } => 4 * b.len(),
         _ => 16,
     }
 }
@@ -176,6 +184,7 @@ pub fn kind_name(v: &SqlValue) -> &'static str {
         SqlValue::Json(_) => "json",
         SqlValue::Jsonb(_) => "jsonb",
         SqlValue::PgText { .. } => "text form",
+        SqlValue::PgBinary { .. } => "binary form",
     }
 }
 
@@ -257,6 +266,11 @@ fn encode(v: &SqlValue, ty: &Type, out: &mut BytesMut) -> Result<IsNull, BoxErro
             check_text_form(text, ty)?;
             out.put_slice(text.as_bytes());
         }
+        // PostgreSQL's binary form of a built-in type, for a parameter of exactly that type.
+        SqlValue::PgBinary { type_oid, bytes } => {
+            check_binary_form(*type_oid, ty)?;
+            out.put_slice(bytes);
+        }
         _ => return Err(mismatch(v, ty)),
     }
     Ok(IsNull::No)
@@ -281,6 +295,33 @@ fn check_text_form(text: &str, ty: &Type) -> Result<(), BoxError> {
             "parameter of type {} reads {:?} from the clock of each node; pass the time itself",
             ty.name(),
             text
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Refuses a value in binary form that is not of `ty`'s own built-in type, or whose meaning
+/// differs between nodes (an OID alias is an OID; a row's binary form names its fields' types
+/// by OID).
+fn check_binary_form(type_oid: u32, ty: &Type) -> Result<(), BoxError> {
+    if type_oid != ty.oid() {
+        return Err(format!(
+            "a value in binary form of type OID {type_oid} cannot be bound to a parameter of type {}",
+            ty.name()
+        )
+        .into());
+    }
+    let node_dependent = type_oid >= FIRST_NORMAL_OBJECT_ID
+        || contains_type(ty, &|t| {
+            OID_ALIASES.contains(&t.name())
+                || matches!(t.kind(), Kind::Composite(_) | Kind::Pseudo)
+                || t.oid() >= FIRST_NORMAL_OBJECT_ID
+        });
+    if node_dependent {
+        return Err(format!(
+            "parameters of type {} cannot be sent in binary form (it differs between nodes); send them in text form",
+            ty.name()
         )
         .into());
     }

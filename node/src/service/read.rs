@@ -26,8 +26,9 @@ use super::types::{Consistency, Description, Origin, ReadChunk, ReadRequest};
 use crate::auth::authenticator::Principal;
 use crate::command::{ColumnInfo, SqlFailure, SqlValue};
 use crate::pg::read_pool::READ_DURATION_MAX;
+use crate::pg::results::{decode_row, text_forms, text_wrapped, Form};
 use crate::pg::sqlstate::is_deterministic;
-use crate::pg::values::{self, Cell};
+use crate::pg::values;
 use crate::raft::read_index::ReadIndexError;
 use crate::sql::gate;
 
@@ -498,21 +499,34 @@ async fn run_in_snapshot(
         .await
         .map_err(pg_stop)?;
     check_statement(&stmt, job.params)?;
+    let columns: Vec<ColumnInfo> = stmt
+        .columns()
+        .iter()
+        .map(|c| ColumnInfo {
+            name: c.name().to_string(),
+            type_name: c.type_().name().to_string(),
+            type_oid: c.type_().oid(),
+        })
+        .collect();
+    let forms = result_forms(&stmt, &job.req.result_formats);
+    let stmt = match forms.contains(&Form::Text) {
+        false => stmt,
+        true => {
+            let text: Vec<bool> = forms.iter().map(|f| *f == Form::Text).collect();
+            let Some(wrapped) = text_wrapped(&job.req.sql, &text) else {
+                return Err(ReadStop::Failed(not_printable(&columns, &forms)));
+            };
+            tx.prepare_typed(&wrapped, stmt.params())
+                .await
+                .map_err(pg_stop)?
+        }
+    };
     let mut chunk = ReadChunk {
-        columns: stmt
-            .columns()
-            .iter()
-            .map(|c| ColumnInfo {
-                name: c.name().to_string(),
-                type_name: c.type_().name().to_string(),
-                type_oid: c.type_().oid(),
-            })
-            .collect(),
+        columns,
         rows: Vec::new(),
         applied_index: applied,
         node_id: job.svc.id,
     };
-    let width = chunk.columns.len();
     let params = job.params.iter().map(|v| v as &(dyn ToSql + Sync));
     let stream = tx.query_raw(&stmt, params).await.map_err(pg_stop)?;
     futures::pin_mut!(stream);
@@ -523,7 +537,13 @@ async fn run_in_snapshot(
         if total >= job.limit {
             return Err(ReadStop::Abandoned(Some(too_many_rows(job.limit))));
         }
-        let r = encode_row(&row, width).map_err(|s| ReadStop::Abandoned(Some(s)))?;
+        let r = decode_row(&row, &forms, &chunk.columns).map_err(|e| {
+            ReadStop::Abandoned(Some(ServiceError::refused(
+                ErrorKind::Unsupported,
+                "0A000",
+                e,
+            )))
+        })?;
         chunk_bytes += 3 + r.iter().map(values::wire_size).sum::<usize>();
         chunk.rows.push(r);
         total += 1;
@@ -671,28 +691,47 @@ fn check_statement(
             )
         })?;
     }
-    for c in stmt.columns() {
-        values::check_result_type(c.type_()).map_err(|e| {
-            ServiceError::refused(
-                ErrorKind::Unsupported,
-                "0A000",
-                format!("column {:?}: {e}", c.name()),
-            )
-        })?;
-    }
     Ok(())
 }
 
-/// One result row.
-fn encode_row(row: &tokio_postgres::Row, width: usize) -> Result<Vec<SqlValue>, ServiceError> {
-    let mut values_out = Vec::with_capacity(width);
-    for i in 0..width {
-        let Cell(v) = row
-            .try_get::<_, Cell>(i)
-            .map_err(|e| ServiceError::refused(ErrorKind::Unsupported, "0A000", e.to_string()))?;
-        values_out.push(v);
-    }
-    Ok(values_out)
+/// How each column of `stmt` comes back: decoded when raftpg has a kind for its type, else in
+/// binary form where `formats` (PostgreSQL's result format codes: none, one for all, or one
+/// per column; 1 is binary) asks for it, else as PostgreSQL's text.
+fn result_forms(stmt: &tokio_postgres::Statement, formats: &[i16]) -> Vec<Form> {
+    let types: Vec<Type> = stmt.columns().iter().map(|c| c.type_().clone()).collect();
+    text_forms(&types)
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let binary = match formats.len() {
+                0 => false,
+                1 => formats[0] == 1,
+                _ => formats.get(i) == Some(&1),
+            };
+            match (f, binary) {
+                (Form::Text, true) => Form::Binary,
+                (f, _) => f,
+            }
+        })
+        .collect()
+}
+
+/// The refusal of a statement whose columns cannot be printed as text (not a query).
+fn not_printable(columns: &[ColumnInfo], forms: &[Form]) -> ServiceError {
+    let names: Vec<String> = columns
+        .iter()
+        .zip(forms)
+        .filter(|(_, f)| **f == Form::Text)
+        .map(|(c, _)| format!("{:?} ({})", c.name, c.type_name))
+        .collect();
+    ServiceError::refused(
+        ErrorKind::Unsupported,
+        "0A000",
+        format!(
+            "column {} cannot be returned by this kind of statement; cast it to text (e.g. col::text)",
+            names.join(", ")
+        ),
+    )
 }
 
 /// A PostgreSQL error of a read: SQL errors with their SQLSTATE, the rest as

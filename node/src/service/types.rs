@@ -80,6 +80,11 @@ pub struct ReadRequest {
     /// The parameters' types as the client gave them (OIDs on this node; 0 or missing:
     /// PostgreSQL infers the type).
     pub param_types: Vec<u32>,
+    /// Which result columns the client wants in binary form, as PostgreSQL's result format
+    /// codes (none: all text; one: for all columns; else one per column; 1 is binary). A
+    /// column of a type raftpg has no kind for comes back in binary form
+    /// ([`SqlValue::PgBinary`]) where asked, else in text form ([`SqlValue::PgText`]).
+    pub result_formats: Vec<i16>,
     /// How fresh it must be, or why the frontend could not tell (reported after the
     /// request's limits and SQL check).
     pub consistency: Result<Consistency, ServiceError>,

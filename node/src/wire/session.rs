@@ -244,7 +244,7 @@ impl Session {
     ) -> std::io::Result<Result<(), pgwire::messages::response::ErrorResponse>> {
         match &s.kind {
             Kind::Read { tag } => {
-                let mut read = match self.start_read(s, &[], &[]).await {
+                let mut read = match self.start_read(s, &[], &[], &[]).await {
                     Ok(r) => r,
                     Err(e) if e.sqlstate.as_deref() == Some("25006") => {
                         // A query that writes (nextval, a function that inserts): a write.
@@ -780,8 +780,9 @@ impl Session {
             return Ok(Vec::new());
         };
         let params = portal.params.clone();
-        let types = portal.stmt.param_types.clone();
-        let read = self.start_read(&s, &params, &types).await?;
+        let types = param_types_of(&portal.stmt);
+        let formats = portal.result_formats.clone();
+        let read = self.start_read(&s, &params, &types, &formats).await?;
         let columns = read.columns.clone();
         if let Some(p) = self.portals.get_mut(name) {
             p.read = Some(read);
@@ -796,11 +797,13 @@ impl Session {
         s: &Statement,
         params: &[SqlValue],
         param_types: &[u32],
+        result_formats: &[i16],
     ) -> Result<RunningRead, ServiceError> {
         let req = ReadRequest {
             sql: s.sql.clone(),
             params: Ok(params.to_vec()),
             param_types: param_types.to_vec(),
+            result_formats: result_formats.to_vec(),
             consistency: Ok(self.settings.consistency()),
             timeout_ms: self.settings.statement_timeout_ms(),
             max_rows: 0,
@@ -913,6 +916,17 @@ impl Session {
         )))
         .await
     }
+}
+
+/// The parameter types a prepared statement runs with: the client's, else PostgreSQL's
+/// inference when it was described (so binary parameters are read as what they were decoded
+/// as).
+fn param_types_of(p: &Prepared) -> Vec<u32> {
+    let n = p
+        .param_types
+        .len()
+        .max(p.described.as_ref().map_or(0, |d| d.param_types.len()));
+    (0..n).map(|i| param_type(p, i)).collect()
 }
 
 fn param_type(p: &Prepared, i: usize) -> u32 {
@@ -1055,7 +1069,7 @@ fn data_row(
         let cell = if binary {
             values::binary_of(v, oid)?
         } else {
-            values::text_of(v, oid, text)
+            values::text_of(v, oid, text)?
         };
         match cell {
             None => data.extend_from_slice(&(-1i32).to_be_bytes()),

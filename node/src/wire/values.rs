@@ -38,6 +38,9 @@ pub enum WireValueError {
     /// A result cell that cannot be sent in binary form.
     #[error("cannot send a value of type {0} in binary format; ask for text")]
     BinaryResult(String),
+    /// A result cell read in binary form that the client wants as text.
+    #[error("cannot send a value of type OID {0} in text format here; ask for binary")]
+    TextResult(u32),
 }
 
 /// The format code of a result or parameter: 0 text, 1 binary.
@@ -129,7 +132,12 @@ pub fn param_value(
             },
             _ => return Err(bad("unsupported jsonb version number")),
         },
-        Some(other) => return Err(WireValueError::BinaryParam(other.name().to_string())),
+        // Another built-in type: its binary form travels as is (the same on every node; the
+        // bind checks that the parameter is of exactly this type).
+        Some(_) => SqlValue::PgBinary {
+            type_oid,
+            bytes: raw.to_vec(),
+        },
         None => return Err(WireValueError::BinaryParam(format!("with OID {type_oid}"))),
     })
 }
@@ -157,9 +165,14 @@ impl Default for TextSettings {
 }
 
 /// A result cell in text form (`None`: SQL NULL), for a column of type `type_oid`.
-pub fn text_of(v: &SqlValue, type_oid: u32, settings: TextSettings) -> Option<Vec<u8>> {
+pub fn text_of(
+    v: &SqlValue,
+    type_oid: u32,
+    settings: TextSettings,
+) -> Result<Option<Vec<u8>>, WireValueError> {
     let s = match v {
-        SqlValue::Null => return None,
+        SqlValue::Null => return Ok(None),
+        SqlValue::PgBinary { .. } => return Err(WireValueError::TextResult(type_oid)),
         SqlValue::Bool(b) => (if *b { "t" } else { "f" }).to_string(),
         SqlValue::Int64(i) => i.to_string(),
         SqlValue::Float64(f) if type_oid == Type::FLOAT4.oid() => {
@@ -170,27 +183,29 @@ pub fn text_of(v: &SqlValue, type_oid: u32, settings: TextSettings) -> Option<Ve
         | SqlValue::Text(s)
         | SqlValue::Json(s)
         | SqlValue::Jsonb(s)
-        | SqlValue::PgText { text: s, .. } => return Some(s.as_bytes().to_vec()),
+        | SqlValue::PgText { text: s, .. } => return Ok(Some(s.as_bytes().to_vec())),
         SqlValue::Bytes(b) => {
             let mut out = Vec::with_capacity(2 + 2 * b.len());
             out.extend_from_slice(b"\\x");
             for x in b {
                 out.extend_from_slice(format!("{x:02x}").as_bytes());
             }
-            return Some(out);
+            return Ok(Some(out));
         }
         SqlValue::TimestamptzMicros(t) => timestamp_text(*t, true),
         SqlValue::TimestampMicros(t) => timestamp_text(*t, false),
         SqlValue::DateDays(d) => date_text(*d),
         SqlValue::Uuid(u) => u.hyphenated().to_string(),
     };
-    Some(s.into_bytes())
+    Ok(Some(s.into_bytes()))
 }
 
 /// A result cell in binary form (`None`: SQL NULL), for a column of type `type_oid`.
 pub fn binary_of(v: &SqlValue, type_oid: u32) -> Result<Option<Vec<u8>>, WireValueError> {
-    if matches!(v, SqlValue::Null) {
-        return Ok(None);
+    match v {
+        SqlValue::Null => return Ok(None),
+        SqlValue::PgBinary { bytes, .. } => return Ok(Some(bytes.clone())),
+        _ => {}
     }
     let Some(ty) = Type::from_oid(type_oid) else {
         // A type created by SQL: an enum's binary form is its label.
@@ -201,7 +216,23 @@ pub fn binary_of(v: &SqlValue, type_oid: u32) -> Result<Option<Vec<u8>>, WireVal
     };
     let mut out = BytesMut::new();
     match v {
-        SqlValue::PgText { text, .. } if matches!(ty, Type::TEXT | Type::VARCHAR | Type::NAME) => {
+        // Types whose binary form is their text.
+        SqlValue::PgText { text, .. }
+            if matches!(
+                ty,
+                Type::TEXT
+                    | Type::VARCHAR
+                    | Type::NAME
+                    | Type::BPCHAR
+                    | Type::CHAR
+                    | Type::UNKNOWN
+                    | Type::JSON
+            ) =>
+        {
+            out.extend_from_slice(text.as_bytes())
+        }
+        SqlValue::PgText { text, .. } if ty == Type::JSONB => {
+            out.extend_from_slice(&[1]);
             out.extend_from_slice(text.as_bytes())
         }
         SqlValue::PgText { .. } => return Err(WireValueError::BinaryResult(ty.name().into())),
@@ -354,7 +385,7 @@ mod tests {
     use super::*;
 
     fn t(v: SqlValue, oid: u32) -> String {
-        String::from_utf8(text_of(&v, oid, TextSettings::default()).unwrap()).unwrap()
+        String::from_utf8(text_of(&v, oid, TextSettings::default()).unwrap().unwrap()).unwrap()
     }
 
     #[test]
@@ -409,7 +440,9 @@ mod tests {
         assert_eq!(t(SqlValue::Bool(true), 16), "t");
         assert_eq!(t(SqlValue::Bytes(vec![0, 255]), 17), "\\x00ff");
         assert_eq!(t(SqlValue::Int64(-5), 23), "-5");
-        assert!(text_of(&SqlValue::Null, 23, TextSettings::default()).is_none());
+        assert!(text_of(&SqlValue::Null, 23, TextSettings::default())
+            .unwrap()
+            .is_none());
         assert_eq!(
             binary_of(&SqlValue::Int64(7), Type::INT4.oid()).unwrap(),
             Some(vec![0, 0, 0, 7])
@@ -430,7 +463,11 @@ mod tests {
             SqlValue::Int64(42)
         );
         assert!(param_value(Some(&[0, 42]), true, 23, 1).is_err());
-        assert!(param_value(Some(&[0]), true, Type::INTERVAL.oid(), 1).is_err());
+        assert!(matches!(
+            param_value(Some(&[0]), true, Type::INTERVAL.oid(), 1).unwrap(),
+            SqlValue::PgBinary { .. }
+        ));
+        assert!(param_value(Some(&[0]), true, 90_000, 1).is_err());
         assert_eq!(param_value(None, true, 23, 1).unwrap(), SqlValue::Null);
     }
 }
