@@ -100,6 +100,22 @@ pub fn peer_addr_of(addr: &str) -> String {
     }
 }
 
+/// How far above a node's client port its PostgreSQL wire protocol port is (the node's own
+/// default).
+pub const PG_PORT_OFFSET: u16 = 2000;
+
+/// The wire protocol address of the node whose client address is `addr` (same host, port +
+/// [`PG_PORT_OFFSET`]).
+pub fn pg_addr_of(addr: &str) -> String {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => match port.parse::<u16>() {
+            Ok(p) => format!("{host}:{}", p.saturating_add(PG_PORT_OFFSET)),
+            Err(_) => addr.to_string(),
+        },
+        None => addr.to_string(),
+    }
+}
+
 /// The host part of `host:port` (brackets of an IPv6 literal removed).
 fn host_of(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
@@ -156,6 +172,23 @@ impl LocalNode {
     /// Peer address.
     pub fn peer_addr(&self) -> String {
         peer_addr_of(&self.addr)
+    }
+
+    /// Address of the node's PostgreSQL wire protocol port.
+    pub fn pg_addr(&self) -> String {
+        pg_addr_of(&self.addr)
+    }
+
+    /// The node's wire protocol host and port, for libpq's `host=` and `port=`.
+    pub fn pg_host_port(&self) -> (String, u16) {
+        let addr = self.pg_addr();
+        let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, "5432"));
+        (
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port.parse().unwrap_or(5432),
+        )
     }
 
     /// Directory of the node's PostgreSQL Unix socket.
@@ -408,6 +441,8 @@ impl LocalCluster {
             .arg(&node.addr)
             .arg("--peer-listen")
             .arg(peer_addr_of(&node.addr))
+            .arg("--pg-listen")
+            .arg(pg_addr_of(&node.addr))
             .args(if node.joining {
                 vec!["--join".to_string()]
             } else {

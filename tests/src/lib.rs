@@ -224,6 +224,82 @@ impl TestCluster {
         Client::with_config(addrs, self.client_config.clone()).expect("valid addresses")
     }
 
+    /// The administrator's password (made by the cluster; `None` for an `--insecure` one).
+    pub fn admin_password(&self) -> Option<String> {
+        let certs = self.certs.as_ref()?;
+        std::fs::read_to_string(certs.join(raftpg_client::local_cluster::ADMIN_PASSWORD_FILE))
+            .ok()
+            .map(|p| p.trim().to_string())
+    }
+
+    /// A libpq connection string for node `id`'s wire protocol port, as the administrator,
+    /// with TLS verified against the cluster CA (the password in `PGPASSWORD`, see
+    /// [`TestCluster::libpq_env`]).
+    pub fn conninfo(&self, id: u64) -> String {
+        let (host, port) = self.cluster.node(id).pg_host_port();
+        match &self.certs {
+            Some(certs) => format!(
+                "host={host} port={port} user={} dbname=raftpg sslmode=verify-full sslrootcert={} connect_timeout=10",
+                raftpg_client::local_cluster::ADMIN_USER,
+                certs.join("ca.crt").display()
+            ),
+            None => format!("host={host} port={port} user=raftpg dbname=raftpg connect_timeout=10"),
+        }
+    }
+
+    /// Environment for libpq programs (psql, pgbench) run against this cluster.
+    pub fn libpq_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![("PGCONNECT_TIMEOUT".to_string(), "10".to_string())];
+        if let Some(p) = self.admin_password() {
+            env.push(("PGPASSWORD".into(), p));
+        }
+        env
+    }
+
+    /// A tokio-postgres connection to node `id` through raftpg's wire protocol port, as the
+    /// administrator, with TLS verified against the cluster CA.
+    pub async fn wire(&self, id: u64) -> anyhow::Result<tokio_postgres::Client> {
+        self.wire_as(
+            id,
+            raftpg_client::local_cluster::ADMIN_USER,
+            self.admin_password().as_deref(),
+        )
+        .await
+    }
+
+    /// Like [`TestCluster::wire`], as role `user` with `password`.
+    pub async fn wire_as(
+        &self,
+        id: u64,
+        user: &str,
+        password: Option<&str>,
+    ) -> anyhow::Result<tokio_postgres::Client> {
+        let (host, port) = self.cluster.node(id).pg_host_port();
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(&host)
+            .port(port)
+            .user(user)
+            .dbname("raftpg")
+            .connect_timeout(Duration::from_secs(10));
+        if let Some(p) = password {
+            cfg.password(p);
+        }
+        match &self.certs {
+            Some(certs) => {
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let tls = wire_tls(&certs.join("ca.crt"))?;
+                let (client, conn) = cfg.connect(tls).await?;
+                tokio::spawn(conn);
+                Ok(client)
+            }
+            None => {
+                let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+                tokio::spawn(conn);
+                Ok(client)
+            }
+        }
+    }
+
     /// A direct connection to node `id`'s PostgreSQL (as the superuser, bypassing raftpg).
     pub async fn pg(&self, id: u64) -> anyhow::Result<tokio_postgres::Client> {
         let mut cfg = tokio_postgres::Config::new();
@@ -606,4 +682,20 @@ impl Drop for StandalonePostgres {
             let _ = std::process::Command::new("sh").args(["-c", &cmd]).status();
         }
     }
+}
+
+/// TLS for tokio-postgres verifying servers with the CA in `ca`.
+pub fn wire_tls(ca: &std::path::Path) -> anyhow::Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    #[allow(deprecated)] // ring, as the nodes use
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }

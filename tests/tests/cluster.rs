@@ -338,12 +338,40 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
 
-    // An unsupported result type is a clear error (and the write does not happen).
-    let e = c
+    // Every result type comes back: one raftpg has no kind for in PostgreSQL's text form,
+    // with its type, from a write's RETURNING and from a read.
+    let r = c
         .execute_one(
-            "INSERT INTO t VALUES (7, 'x', '1 day') RETURNING at",
+            "INSERT INTO t VALUES (7, 'x', '1 day 02:00') RETURNING at",
             vec![],
         )
+        .await
+        .unwrap();
+    let value = &r.results[0].rows[0].values[0];
+    assert!(
+        matches!(&value.kind, Some(raftpg_client::v1::value::Kind::PgText(t)) if t.text == "1 day 02:00:00" && t.type_oid == 1186),
+        "{value:?}"
+    );
+    let rows = c
+        .query(QueryRequest {
+            sql: "SELECT at, ARRAY[at, NULL], pg_sleep(0) FROM t WHERE id = 7".into(),
+            consistency: Consistency::Linearizable as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let shown: Vec<String> = rows.rows[0].values.iter().map(values::display).collect();
+    assert_eq!(shown, ["1 day 02:00:00", "{\"1 day 02:00:00\",NULL}", ""]);
+    // A statement PostgreSQL cannot nest in a query (CALL with an INOUT value) cannot have
+    // its column printed: a clear error, and the write does not happen.
+    c.execute_one(
+        "CREATE PROCEDURE twice(INOUT x interval) LANGUAGE plpgsql AS $$ BEGIN x := x * 2; END $$",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let e = c
+        .execute_one("CALL twice('1 day')", vec![])
         .await
         .unwrap_err();
     assert_eq!(

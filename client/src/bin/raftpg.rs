@@ -531,10 +531,27 @@ fn connect_hint(cluster: &LocalCluster) {
     let nodes = match cluster.certs() {
         Some(certs) => {
             println!(
-                "\nThe cluster is running (TLS, authentication as role {}; certificates and its password in {}). Connect with:",
+                "\nThe cluster is running (TLS, authentication as role {}; certificates and its password in {}).",
                 raftpg_client::local_cluster::ADMIN_USER,
                 certs.display()
             );
+            println!("Connect with psql (or any PostgreSQL client) to any node:");
+            println!(
+                "  export PGPASSWORD=$(cat {})",
+                certs
+                    .join(raftpg_client::local_cluster::ADMIN_PASSWORD_FILE)
+                    .display()
+            );
+            for n in cluster.nodes() {
+                let (host, port) = n.pg_host_port();
+                println!(
+                    "  node {}: psql \"host={host} port={port} user={} dbname=raftpg sslmode=verify-full sslrootcert={}\"",
+                    n.id,
+                    raftpg_client::local_cluster::ADMIN_USER,
+                    certs.join("ca.crt").display()
+                );
+            }
+            println!("Or with the gRPC API:");
             println!(
                 "  export RAFTPG_USER={} RAFTPG_PASSWORD=$(cat {})",
                 raftpg_client::local_cluster::ADMIN_USER,
@@ -545,7 +562,17 @@ fn connect_hint(cluster: &LocalCluster) {
             format!("{} --certs {}", cluster.addrs().join(","), certs.display())
         }
         None => {
-            println!("\nThe cluster is running (plaintext, --insecure). Connect with:");
+            println!(
+                "\nThe cluster is running (plaintext, --insecure). Connect with psql to any node:"
+            );
+            for n in cluster.nodes() {
+                let (host, port) = n.pg_host_port();
+                println!(
+                    "  node {}: psql \"host={host} port={port} user=raftpg dbname=raftpg\"",
+                    n.id
+                );
+            }
+            println!("Or with the gRPC API:");
             cluster.addrs().join(",")
         }
     };

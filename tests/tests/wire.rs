@@ -1,0 +1,428 @@
+//! The PostgreSQL wire protocol with clients nobody on the project wrote: psql (scripts, `\d`
+//! catalog commands, errors), pgbench (initialisation and custom scripts in all three query
+//! modes through every node), and tokio-postgres (typed parameters in binary form, errors with
+//! SQLSTATE, a write on a follower read back on another node, cancel). Every cluster runs with
+//! TLS and SCRAM-SHA-256, as a user's would.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use testkit::{start_cluster, TestCluster};
+
+/// Runs a libpq program (psql, pgbench) against `tc` with `args`.
+fn libpq(tc: &TestCluster, program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .envs(tc.libpq_env())
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// psql through a follower: a script with DDL, writes with RETURNING, queries of many types,
+/// `\d` (psql's own catalog queries), a multi-statement string that is one atomic write, and
+/// errors with their SQLSTATE; every copy identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn psql_scripts_catalog_commands_and_errors() {
+    let tc = start_cluster("wire_psql", 121, 3).await.unwrap();
+    let (_, follower) = tc.leader_and_follower().await;
+    let conn = tc.conninfo(follower);
+    let dir = std::env::temp_dir().join(format!("raftpg-wire-psql-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("script.sql");
+    std::fs::write(
+        &script,
+        r#"
+CREATE TABLE players (id serial PRIMARY KEY, name text NOT NULL UNIQUE,
+    joined timestamptz DEFAULT now(), rating numeric(6,2), tags text[], span interval,
+    addr inet, seen daterange);
+INSERT INTO players (name, rating, tags, span, addr, seen)
+    VALUES ('ann', 1500.5, '{a,b}', '1 hour 30 minutes', '10.1.2.3', '[2024-01-01,2024-02-01)'),
+           ('bob', 1400, NULL, NULL, NULL, NULL)
+    RETURNING id, name, span;
+SELECT name, rating, tags, span, addr, seen FROM players ORDER BY id;
+\d players
+INSERT INTO players (name) VALUES ('cid') \; INSERT INTO players (name) VALUES ('dee');
+SELECT count(*) AS players FROM players;
+SHOW raftpg.last_write_index;
+"#,
+    )
+    .unwrap();
+    let out = libpq(
+        &tc,
+        "psql",
+        &[
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &conn,
+            "-f",
+            script.to_str().unwrap(),
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    for expected in [
+        "INSERT 0 2",
+        " 1 | ann  | 01:30:00",
+        " ann  | 1500.50 | {a,b} | 01:30:00 | 10.1.2.3 | [2024-01-01,2024-02-01)",
+        "Table \"public.players\"",
+        " tags   | text[]",
+        " span   | interval",
+        "\"players_pkey\" PRIMARY KEY, btree (id)",
+        "       4\n",
+        "raftpg.last_write_index",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+
+    // A SQL error carries its SQLSTATE, detail and position.
+    let out = libpq(
+        &tc,
+        "psql",
+        &[
+            "-X",
+            "-v",
+            "VERBOSITY=verbose",
+            "-d",
+            &conn,
+            "-c",
+            "INSERT INTO players (name) VALUES ('ann')",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("ERROR:  23505: duplicate key value"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("DETAIL:  Key (name)=(ann) already exists."),
+        "{stderr}"
+    );
+    let out = libpq(
+        &tc,
+        "psql",
+        &["-X", "-d", &conn, "-c", "SELECT nosuch FROM players"],
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("column \"nosuch\" does not exist"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("LINE 1: SELECT nosuch FROM players"),
+        "{stderr}"
+    );
+
+    // A query string is one write: its second statement fails, so its first did not happen
+    // either, on any node.
+    let out = libpq(
+        &tc,
+        "psql",
+        &[
+            "-X",
+            "-d",
+            &conn,
+            "-c",
+            "INSERT INTO players (name) VALUES ('eve'); INSERT INTO players (name) VALUES ('ann')",
+        ],
+    );
+    assert!(!out.status.success());
+    // An explicit transaction block over several queries is refused, never run piecewise.
+    let out = libpq(
+        &tc,
+        "psql",
+        &["-X", "-v", "VERBOSITY=verbose", "-d", &conn, "-c", "BEGIN"],
+    );
+    assert!(text(&out.stderr).contains("0A000"), "{}", text(&out.stderr));
+    // ... but BEGIN; ...; COMMIT in one string is that one write.
+    let out = libpq(
+        &tc,
+        "psql",
+        &[
+            "-X",
+            "-d",
+            &conn,
+            "-c",
+            "BEGIN; INSERT INTO players (name) VALUES ('fay'); COMMIT;",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+    for id in 1..=3 {
+        let names: Vec<String> = tc
+            .column(id, "SELECT name FROM players ORDER BY id")
+            .await
+            .unwrap();
+        assert_eq!(names, ["ann", "bob", "cid", "dee", "fay"], "node {id}");
+    }
+    // Without TLS, or with a wrong password, nobody gets in.
+    let (host, port) = tc.cluster.node(1).pg_host_port();
+    let plain = format!("host={host} port={port} user=admin dbname=raftpg sslmode=disable");
+    let out = libpq(&tc, "psql", &["-X", "-d", &plain, "-c", "SELECT 1"]);
+    assert!(
+        text(&out.stderr).contains("requires sslmode=require"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = Command::new("psql")
+        .args(["-X", "-d", &tc.conninfo(1), "-c", "SELECT 1"])
+        .env("PGPASSWORD", "wrong")
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stderr).contains("password authentication failed for user \"admin\""),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// pgbench: tables made through raftpg, then a custom script of updates, selects and inserts
+/// in the simple, extended and prepared query modes, each through another node, concurrently;
+/// no failed transaction, every copy identical, and the money adds up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pgbench_in_every_query_mode_through_every_node() {
+    let tc = start_cluster("wire_pgbench", 122, 3).await.unwrap();
+    let out = libpq(
+        &tc,
+        "pgbench",
+        &["-i", "-I", "dtp", "-s", "1", &tc.conninfo(1)],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let load = "INSERT INTO pgbench_branches (bid, bbalance) VALUES (1, 0); \
+         INSERT INTO pgbench_tellers (tid, bid, tbalance) SELECT t, 1, 0 FROM generate_series(1, 10) t ORDER BY t; \
+         INSERT INTO pgbench_accounts (aid, bid, abalance, filler) SELECT a, 1, 0, '' FROM generate_series(1, 1000) a ORDER BY a";
+    let out = libpq(
+        &tc,
+        "psql",
+        &[
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &tc.conninfo(2),
+            "-c",
+            load,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dir = std::env::temp_dir().join(format!("raftpg-wire-pgbench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("tx.sql");
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 1000)\n\\set delta random(-500, 500)\n\
+         UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;\n\
+         SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n\
+         INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, :aid, :delta, CURRENT_TIMESTAMP);\n",
+    )
+    .unwrap();
+    let runs: Vec<_> = [("simple", 1), ("extended", 2), ("prepared", 3)]
+        .into_iter()
+        .map(|(mode, node)| {
+            let args: Vec<String> = [
+                "-n",
+                "-M",
+                mode,
+                "-c",
+                "4",
+                "-T",
+                "4",
+                "-f",
+                script.to_str().unwrap(),
+                &tc.conninfo(node),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let env = tc.libpq_env();
+            std::thread::spawn(move || {
+                let out = Command::new("pgbench")
+                    .args(&args)
+                    .envs(env)
+                    .output()
+                    .unwrap();
+                (mode, out)
+            })
+        })
+        .collect();
+    for run in runs {
+        let (mode, out) = run.join().unwrap();
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{mode}: {stdout}\n{}",
+            text(&out.stderr)
+        );
+        assert!(
+            stdout.contains("number of failed transactions: 0 (0.000%)"),
+            "{mode}: {stdout}"
+        );
+        let done: u64 = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|n| n.split('/').next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(done > 0, "{mode}: {stdout}");
+    }
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+    let r = tc.client.check(Duration::from_secs(30)).await.unwrap();
+    assert!(r.identical, "{r:?}");
+    let pg = tc.pg(3).await.unwrap();
+    let row = pg
+        .query_one(
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts)::int8, (SELECT coalesce(sum(delta), 0) FROM pgbench_history)::int8",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (balances, deltas): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(balances, deltas);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// tokio-postgres (binary parameters and results, prepared statements): typed values in and
+/// out, errors with SQLSTATE, a follower's write read back on another node with the session's
+/// own consistency, and a cancelled read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokio_postgres_typed_values_errors_and_cancel() {
+    let tc = start_cluster("wire_tokio_postgres", 123, 3).await.unwrap();
+    let (leader, follower) = tc.leader_and_follower().await;
+    let other = (1..=3).find(|i| *i != leader && *i != follower).unwrap();
+    let c = tc.wire(follower).await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE v (id int8 PRIMARY KEY, t text, b bytea, n numeric, at timestamptz, \
+         u uuid, j jsonb, arr int4[], iv interval, f float8)",
+    )
+    .await
+    .unwrap();
+    let at = std::time::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+    let u = uuid_bytes();
+    let j = serde_json::json!({"k": [1, "two", null]});
+    let arr: Vec<i32> = vec![3, -1, 7];
+    let insert = c
+        .prepare("INSERT INTO v (id, t, b, at, j, arr, f, n, u, iv) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::numeric, $9::text::uuid, $10::text::interval) RETURNING id, t")
+        .await
+        .unwrap();
+    for id in 1..=3i64 {
+        let t = format!("row {id} ✓");
+        let rows = c
+            .query(
+                &insert,
+                &[
+                    &id,
+                    &t,
+                    &vec![0u8, 255, id as u8],
+                    &at,
+                    &j,
+                    &arr,
+                    &1.5f64,
+                    &"12.50",
+                    &u,
+                    &"1 day 02:00",
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows[0].get::<_, i64>(0), id);
+        assert_eq!(rows[0].get::<_, String>(1), t);
+    }
+    c.execute("INSERT INTO v (id) VALUES ($1)", &[&4i64])
+        .await
+        .unwrap();
+    // The session reads its own writes on the node it is connected to.
+    let row = c
+        .query_one(
+            "SELECT t, b, at, j, arr, f, n::text, u::text, iv, iv::text FROM v WHERE id = $1",
+            &[&2i64],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "row 2 ✓");
+    assert_eq!(row.get::<_, Vec<u8>>(1), vec![0, 255, 2]);
+    assert_eq!(row.get::<_, std::time::SystemTime>(2), at);
+    assert_eq!(row.get::<_, serde_json::Value>(3), j);
+    assert_eq!(row.get::<_, Vec<i32>>(4), arr);
+    assert_eq!(row.get::<_, f64>(5), 1.5);
+    assert_eq!(row.get::<_, String>(6), "12.50");
+    assert_eq!(
+        row.get::<_, String>(7),
+        "00112233-4455-6677-8899-aabbccddeeff"
+    );
+    assert_eq!(row.get::<_, String>(9), "1 day 02:00:00");
+    let nulls = c
+        .query_one("SELECT t, b, arr, iv FROM v WHERE id = 4", &[])
+        .await
+        .unwrap();
+    assert_eq!(nulls.get::<_, Option<String>>(0), None);
+    assert_eq!(nulls.get::<_, Option<Vec<i32>>>(2), None);
+
+    // Errors carry PostgreSQL's SQLSTATE, from a write and from a read.
+    let e = c
+        .execute("INSERT INTO v (id) VALUES ($1)", &[&1i64])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("23505"), "{e}");
+    let e = c.query("SELECT 1/0", &[]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("22012"), "{e}");
+    let e = c.query("SELECT * FROM nope", &[]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("42P01"), "{e}");
+    let e = c
+        .batch_execute("SET TimeZone = 'Europe/Paris'")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e}");
+    let e = c
+        .batch_execute("INSERT INTO v (id) VALUES (now()::int8)")
+        .await
+        .unwrap_err();
+    assert!(e.code().is_some(), "{e}");
+
+    // Another session on another node, told the first one's last write, reads it with the
+    // local consistency level (at least that index).
+    let index: String = c
+        .query_one("SHOW raftpg.last_write_index", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let d = tc.wire(other).await.unwrap();
+    d.batch_execute(&format!("SET raftpg.read_consistency = 'at_least:{index}'"))
+        .await
+        .unwrap();
+    let n: i64 = d
+        .query_one("SELECT count(*) FROM v", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 4);
+
+    // A cancelled read ends with 57014 at once, and the session goes on.
+    let token = d.cancel_token();
+    let tls = testkit::wire_tls(&tc.certs().unwrap().join("ca.crt")).unwrap();
+    let started = Instant::now();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        token.cancel_query(tls).await
+    });
+    let e = d.query("SELECT pg_sleep(30)", &[]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    canceller.await.unwrap().unwrap();
+    let one: i32 = d.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}
+
+fn uuid_bytes() -> String {
+    "00112233-4455-6677-8899-aabbccddeeff".to_string()
+}
