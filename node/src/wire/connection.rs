@@ -10,14 +10,12 @@
 //! Bad protocol input ends the connection with an error; it never reaches the node.
 
 use std::io;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use futures::{SinkExt, StreamExt};
+use bytes::Buf;
 use pgwire::api::auth::sasl::scram::{ScramSecret, ScramServerAuth};
-use pgwire::api::{ClientInfo, PgWireConnectionState};
+use pgwire::api::PgWireConnectionState;
 use pgwire::error::PgWireError;
 use pgwire::messages::response::{ReadyForQuery, TransactionStatus};
 use pgwire::messages::startup::{
@@ -25,9 +23,8 @@ use pgwire::messages::startup::{
     PasswordMessageFamily, SecretKey, Startup,
 };
 use pgwire::messages::{PgWireBackendMessage as B, PgWireFrontendMessage as F};
-use pgwire::tokio::server::{negotiate_tls, MaybeTls, PgWireMessageServerCodec};
+use pgwire::tokio::server::negotiate_tls;
 use tokio::net::TcpStream;
-use tokio_util::codec::{Decoder, Encoder, Framed, FramedParts};
 use tracing::{debug, info_span, Instrument};
 
 use crate::auth::authenticator::Principal;
@@ -37,95 +34,11 @@ use super::cancel::Registry;
 use super::error;
 use super::session::Session;
 use super::settings::Settings;
+use super::stream::Wire;
 use super::WireConfig;
 
 /// Longest time from accepting a connection to the end of its authentication.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The codec of a connection: pgwire's, with raftpg's limit on the size of a message, and
-/// a decoder that never takes the node down (a panic while decoding a malformed message ends
-/// only its connection, as a protocol violation).
-pub struct WireCodec {
-    inner: PgWireMessageServerCodec<()>,
-    message_bytes_max: usize,
-}
-
-impl Decoder for WireCodec {
-    type Item = F;
-    type Error = PgWireError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<F>, PgWireError> {
-        let after_startup = !matches!(
-            self.inner.client_info.state(),
-            PgWireConnectionState::AwaitingSslRequest | PgWireConnectionState::AwaitingStartup
-        );
-        if after_startup && src.len() >= 5 {
-            let len = i32::from_be_bytes([src[1], src[2], src[3], src[4]]);
-            if len < 4 {
-                return Err(PgWireError::InvalidMessageType(src[0]));
-            }
-            if len as usize > self.message_bytes_max {
-                return Err(PgWireError::MessageTooLarge(
-                    self.message_bytes_max,
-                    len as usize,
-                ));
-            }
-        }
-        let inner = &mut self.inner;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.decode(src))) {
-            Ok(r) => r,
-            Err(_) => {
-                let kind = src.first().copied().unwrap_or(0);
-                src.clear();
-                Err(PgWireError::InvalidMessageType(kind))
-            }
-        }
-    }
-}
-
-impl Encoder<B> for WireCodec {
-    type Error = io::Error;
-
-    fn encode(&mut self, item: B, dst: &mut BytesMut) -> Result<(), io::Error> {
-        self.inner.encode(item, dst)
-    }
-}
-
-/// A connection's message stream.
-pub struct Wire {
-    framed: Framed<MaybeTls, WireCodec>,
-}
-
-impl Wire {
-    /// Queues a message (sent when the buffer fills or at [`Wire::flush`]).
-    pub async fn feed(&mut self, m: B) -> io::Result<()> {
-        self.framed.feed(m).await
-    }
-
-    /// Sends everything queued.
-    pub async fn flush(&mut self) -> io::Result<()> {
-        SinkExt::<B>::flush(&mut self.framed).await
-    }
-
-    async fn next(&mut self) -> Option<Result<F, PgWireError>> {
-        self.framed.next().await
-    }
-
-    fn set_state(&mut self, s: PgWireConnectionState) {
-        self.framed.codec_mut().inner.client_info.set_state(s);
-    }
-
-    fn is_secure(&self) -> bool {
-        self.framed.codec().inner.client_info.is_secure()
-    }
-
-    /// Sends a FATAL error and ends.
-    async fn fatal(&mut self, sqlstate: &str, message: impl Into<String>) -> io::Result<()> {
-        self.feed(B::ErrorResponse(error::fatal(sqlstate, message)))
-            .await?;
-        self.flush().await
-    }
-}
 
 /// Serves one accepted connection until the client leaves.
 pub async fn serve(
@@ -162,19 +75,7 @@ async fn start(
     let Some(framed) = negotiate_tls::<()>(tcp, cfg.tls.clone()).await? else {
         return Ok(None);
     };
-    let parts = framed.into_parts();
-    let mut new_parts = FramedParts::new(
-        parts.io,
-        WireCodec {
-            inner: parts.codec,
-            message_bytes_max: cfg.message_bytes_max,
-        },
-    );
-    new_parts.read_buf = parts.read_buf;
-    new_parts.write_buf = parts.write_buf;
-    let mut wire = Wire {
-        framed: Framed::from_parts(new_parts),
-    };
+    let mut wire = Wire::new(framed, cfg.message_bytes_max);
     let startup = match wire.next().await {
         Some(Ok(F::Startup(s))) => s,
         Some(Ok(F::CancelRequest(c))) => {

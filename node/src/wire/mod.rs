@@ -7,7 +7,8 @@
 //! through [`Service::describe`]. pgwire supplies the message codec, TLS negotiation and the
 //! SCRAM exchange; raftpg's own session logic drives them.
 //!
-//! - [`connection`]: TLS, startup, authentication, the message loop, message size limit.
+//! - [`connection`]: TLS, startup, authentication, the message loop.
+//! - [`stream`]: a connection's message stream and its message size limit.
 //! - [`session`]: simple and extended query protocols over the service.
 //! - [`statement`]: splitting and classifying statements; command tags.
 //! - [`settings`]: what a session may `SET` and what it reports.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod session;
 pub mod settings;
 pub mod statement;
+pub mod stream;
 pub mod values;
 
 use std::sync::Arc;

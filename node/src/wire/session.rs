@@ -43,10 +43,10 @@ use crate::service::{
 };
 
 use super::cancel::CancelSignal;
-use super::connection::Wire;
 use super::error::{self, Op};
 use super::settings::{Settings, LAST_WRITE_INDEX};
 use super::statement::{self, Kind, Statement};
+use super::stream::Wire;
 use super::values::{self, TextSettings};
 
 /// Most prepared statements (and most portals) one session may hold.

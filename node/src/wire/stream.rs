@@ -1,0 +1,126 @@
+//! A connection's message stream: pgwire's codec with raftpg's limit on the size of a message,
+//! and a decoder that never takes the node down (a panic while decoding a malformed message
+//! ends only its connection, as a protocol violation).
+
+use std::io;
+use std::panic::AssertUnwindSafe;
+
+use bytes::BytesMut;
+use futures::{SinkExt, StreamExt};
+use pgwire::api::{ClientInfo, PgWireConnectionState};
+use pgwire::error::PgWireError;
+use pgwire::messages::{PgWireBackendMessage as B, PgWireFrontendMessage as F};
+use pgwire::tokio::server::{MaybeTls, PgWireMessageServerCodec};
+use tokio_util::codec::{Decoder, Encoder, Framed, FramedParts};
+
+use super::error;
+
+/// The codec of a connection: pgwire's, with raftpg's limit on the size of a message, and
+/// a decoder that never takes the node down (a panic while decoding a malformed message ends
+/// only its connection, as a protocol violation).
+pub struct WireCodec {
+    inner: PgWireMessageServerCodec<()>,
+    message_bytes_max: usize,
+}
+
+impl Decoder for WireCodec {
+    type Item = F;
+    type Error = PgWireError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<F>, PgWireError> {
+        let after_startup = !matches!(
+            self.inner.client_info.state(),
+            PgWireConnectionState::AwaitingSslRequest | PgWireConnectionState::AwaitingStartup
+        );
+        if after_startup && src.len() >= 5 {
+            let len = i32::from_be_bytes([src[1], src[2], src[3], src[4]]);
+            if len < 4 {
+                return Err(PgWireError::InvalidMessageType(src[0]));
+            }
+            if len as usize > self.message_bytes_max {
+                return Err(PgWireError::MessageTooLarge(
+                    self.message_bytes_max,
+                    len as usize,
+                ));
+            }
+        }
+        let inner = &mut self.inner;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.decode(src))) {
+            Ok(r) => r,
+            Err(_) => {
+                let kind = src.first().copied().unwrap_or(0);
+                src.clear();
+                Err(PgWireError::InvalidMessageType(kind))
+            }
+        }
+    }
+}
+
+impl Encoder<B> for WireCodec {
+    type Error = io::Error;
+
+    fn encode(&mut self, item: B, dst: &mut BytesMut) -> Result<(), io::Error> {
+        self.inner.encode(item, dst)
+    }
+}
+
+/// A connection's message stream.
+pub struct Wire {
+    framed: Framed<MaybeTls, WireCodec>,
+}
+
+impl Wire {
+    /// Queues a message (sent when the buffer fills or at [`Wire::flush`]).
+    pub async fn feed(&mut self, m: B) -> io::Result<()> {
+        self.framed.feed(m).await
+    }
+
+    /// Sends everything queued.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        SinkExt::<B>::flush(&mut self.framed).await
+    }
+
+    /// The next message (`None`: the client left).
+    pub async fn next(&mut self) -> Option<Result<F, PgWireError>> {
+        self.framed.next().await
+    }
+
+    /// Tells the decoder where the connection is (startup or not).
+    pub fn set_state(&mut self, s: PgWireConnectionState) {
+        self.framed.codec_mut().inner.client_info.set_state(s);
+    }
+
+    /// Whether the connection runs over TLS.
+    pub fn is_secure(&self) -> bool {
+        self.framed.codec().inner.client_info.is_secure()
+    }
+
+    /// Sends a FATAL error and ends.
+    pub async fn fatal(&mut self, sqlstate: &str, message: impl Into<String>) -> io::Result<()> {
+        self.feed(B::ErrorResponse(error::fatal(sqlstate, message)))
+            .await?;
+        self.flush().await
+    }
+}
+
+impl Wire {
+    /// Takes over a connection pgwire negotiated TLS on, with `message_bytes_max`.
+    pub fn new(
+        framed: Framed<MaybeTls, PgWireMessageServerCodec<()>>,
+        message_bytes_max: usize,
+    ) -> Self {
+        let parts = framed.into_parts();
+        let mut new_parts = FramedParts::new(
+            parts.io,
+            WireCodec {
+                inner: parts.codec,
+                message_bytes_max,
+            },
+        );
+        new_parts.read_buf = parts.read_buf;
+        new_parts.write_buf = parts.write_buf;
+        Wire {
+            framed: Framed::from_parts(new_parts),
+        }
+    }
+}
