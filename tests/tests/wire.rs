@@ -156,6 +156,78 @@ SHOW raftpg.last_write_index;
         ],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // psql's \copy: CSV with a header, quotes and a newline in a field; a larger text-format
+    // file that takes several writes; a time word refused, not read from each node's clock.
+    std::fs::write(
+        dir.join("scores.csv"),
+        "player,points,note\nann,10,\"first, \"\"best\"\"\"\nbob,7,\"two\nlines\"\ncid,,\n",
+    )
+    .unwrap();
+    let tsv: String = (1..=20_000)
+        .map(|i| format!("{i}\tname {i}\t2024-01-02\n"))
+        .collect();
+    std::fs::write(dir.join("bulk.tsv"), tsv).unwrap();
+    let copy_script = format!(
+        "CREATE TABLE scores (player text PRIMARY KEY, points int, note text);\n\
+         \\copy scores FROM '{}' WITH (FORMAT csv, HEADER)\n\
+         CREATE TABLE bulk (id int PRIMARY KEY, name text, day date);\n\
+         \\copy bulk FROM '{}'\n\
+         SELECT count(*), sum(id) FROM bulk;\n",
+        dir.join("scores.csv").display(),
+        dir.join("bulk.tsv").display()
+    );
+    std::fs::write(dir.join("copy.sql"), &copy_script).unwrap();
+    let copy_file = dir.join("copy.sql");
+    let out = libpq(
+        &tc,
+        "psql",
+        &[
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &conn,
+            "-f",
+            copy_file.to_str().unwrap(),
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("COPY 3"), "{stdout}");
+    assert!(stdout.contains("COPY 20000"), "{stdout}");
+    assert!(stdout.contains(" 20000 | 200010000"), "{stdout}");
+    let notes: Vec<Option<String>> = tc
+        .column(1, "SELECT note FROM scores ORDER BY player")
+        .await
+        .unwrap();
+    assert_eq!(
+        notes,
+        [
+            Some("first, \"best\"".to_string()),
+            Some("two\nlines".into()),
+            None
+        ]
+    );
+    std::fs::write(dir.join("now.tsv"), "x\tnow\n").unwrap();
+    let out = libpq(
+        &tc,
+        "psql",
+        &[
+            "-X",
+            "-d",
+            &conn,
+            "-c",
+            &format!(
+                "\\copy bulk (name, day) FROM '{}'",
+                dir.join("now.tsv").display()
+            ),
+        ],
+    );
+    assert!(
+        text(&out.stderr).contains("from the clock of each node"),
+        "{}",
+        text(&out.stderr)
+    );
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
     for id in 1..=3 {
         let names: Vec<String> = tc

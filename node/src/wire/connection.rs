@@ -375,15 +375,9 @@ async fn message_loop(wire: &mut Wire, session: &mut Session) -> io::Result<()> 
             F::Sync(_) => session.sync(wire).await?,
             F::Flush(_) => wire.flush().await?,
             F::Terminate(_) => return Ok(()),
-            F::CopyData(_) | F::CopyDone(_) | F::CopyFail(_) => {
-                // Only after a CopyInResponse, which raftpg does not send yet.
-                wire.feed(B::ErrorResponse(error::plain(
-                    "08P01",
-                    "unexpected COPY message",
-                )))
-                .await?;
-                wire.flush().await?;
-            }
+            // What a client still sends of a COPY that ended with an error: dropped, as
+            // PostgreSQL does.
+            F::CopyData(_) | F::CopyDone(_) | F::CopyFail(_) => {}
             _ => {
                 let _ = wire
                     .fatal("08P01", "unexpected message in this state")

@@ -11,6 +11,7 @@
 //! - [`stream`]: a connection's message stream and its message size limit.
 //! - [`session`]: simple and extended query protocols over the service.
 //! - [`statement`]: splitting and classifying statements; command tags.
+//! - [`copy`]: `COPY … FROM STDIN` options and rows.
 //! - [`settings`]: what a session may `SET` and what it reports.
 //! - [`values`]: text and binary forms of values.
 //! - [`error`]: service errors as PostgreSQL error responses.
@@ -21,6 +22,7 @@
 
 pub mod cancel;
 pub mod connection;
+pub mod copy;
 pub mod error;
 pub mod session;
 pub mod settings;

@@ -20,6 +20,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use pgwire::messages::copy::CopyInResponse;
 use pgwire::messages::data::{
     DataRow, FieldDescription, NoData, ParameterDescription, RowDescription,
 };
@@ -31,7 +32,7 @@ use pgwire::messages::response::{
     CommandComplete, EmptyQueryResponse, ReadyForQuery, TransactionStatus,
 };
 use pgwire::messages::startup::ParameterStatus;
-use pgwire::messages::PgWireBackendMessage as B;
+use pgwire::messages::{PgWireBackendMessage as B, PgWireFrontendMessage as F};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -43,6 +44,7 @@ use crate::service::{
 };
 
 use super::cancel::CancelSignal;
+use super::copy;
 use super::error::{self, Op};
 use super::settings::{Settings, LAST_WRITE_INDEX};
 use super::statement::{self, Kind, Statement};
@@ -197,6 +199,11 @@ impl Session {
             out.feed(B::EmptyQueryResponse(EmptyQueryResponse::new()))
                 .await?;
             return Ok(Ok(()));
+        }
+        if stmts.len() > 1 {
+            if let Some(s) = stmts.iter().find(|s| matches!(s.kind, Kind::CopyIn(_))) {
+                return Ok(Err(error::response(&copy_not_alone(), Op::Write, s.offset)));
+            }
         }
         let body = strip_transaction_block(&stmts);
         let has_write = body.iter().any(|s| matches!(s.kind, Kind::Write { .. }));
@@ -358,6 +365,8 @@ impl Session {
                 "25P01",
                 format!("{what} can only be used in transaction blocks"),
             ))),
+            Kind::Refused { sqlstate, message } => Ok(Err(error::plain(sqlstate, message.clone()))),
+            Kind::CopyIn(c) => self.copy_in(out, c).await,
             Kind::Read { .. } | Kind::Write { .. } => {
                 Ok(Err(error::plain("XX000", "not a session command")))
             }
@@ -701,6 +710,174 @@ impl Session {
         out.feed(B::ErrorResponse(e)).await
     }
 
+    // ------------------------------------------------------------------------ COPY
+
+    /// `COPY … FROM STDIN`: asks for the rows, and writes them as `INSERT`s of text-form
+    /// values, one write per [`copy::BATCH_BYTES_MAX`] of data. After an error the client's
+    /// remaining copy messages are dropped by the message loop, as PostgreSQL does.
+    async fn copy_in(
+        &mut self,
+        out: &mut Wire,
+        c: &copy::CopyIn,
+    ) -> std::io::Result<Result<(), pgwire::messages::response::ErrorResponse>> {
+        let columns = match &c.columns {
+            Some(cols) => cols.clone(),
+            None => match self.table_columns(c).await {
+                Ok(cols) => cols,
+                Err(e) => return Ok(Err(error::response(&e, Op::Read, 0))),
+            },
+        };
+        let n = columns.len();
+        out.feed(B::CopyInResponse(CopyInResponse::new(
+            0,
+            n as i16,
+            vec![0; n],
+        )))
+        .await?;
+        out.flush().await?;
+        let mut parser = copy::Parser::new(c.format.clone());
+        let mut batch: Vec<copy::Row> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut written = 0u64;
+        loop {
+            let (rows, done) = match out.next().await {
+                None => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Some(Ok(F::CopyData(d))) => (parser.feed(&d.data), false),
+                Some(Ok(F::CopyDone(_))) => (parser.finish(), true),
+                Some(Ok(F::CopyFail(f))) => {
+                    return Ok(Err(copy_error(
+                        "57014",
+                        format!("COPY from stdin failed: {}", f.message),
+                        written,
+                    )))
+                }
+                Some(Ok(F::Flush(_))) | Some(Ok(F::Sync(_))) => continue,
+                Some(Ok(_)) => {
+                    return Ok(Err(copy_error(
+                        "08P01",
+                        "unexpected message type during COPY from stdin".into(),
+                        written,
+                    )))
+                }
+                Some(Err(e)) => {
+                    return Ok(Err(copy_error("08P01", e.to_string(), written)));
+                }
+            };
+            let rows = match rows {
+                Ok(r) => r,
+                Err(m) => return Ok(Err(copy_error("22P04", m, written))),
+            };
+            for row in rows {
+                if row.len() != n {
+                    let m = format!(
+                        "line {}: {} of {n} columns",
+                        parser.line().saturating_sub(1),
+                        row.len()
+                    );
+                    return Ok(Err(copy_error("22P04", m, written)));
+                }
+                batch_bytes += row
+                    .iter()
+                    .map(|f| f.as_ref().map_or(0, String::len) + copy::VALUE_OVERHEAD_BYTES)
+                    .sum::<usize>();
+                batch.push(row);
+                if batch_bytes >= copy::BATCH_BYTES_MAX {
+                    match self
+                        .write_rows(c, &columns, std::mem::take(&mut batch))
+                        .await
+                    {
+                        Ok(k) => written += k,
+                        Err(e) => return Ok(Err(copy_failed(&e, written))),
+                    }
+                    batch_bytes = 0;
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        if !batch.is_empty() {
+            match self.write_rows(c, &columns, batch).await {
+                Ok(k) => written += k,
+                Err(e) => return Ok(Err(copy_failed(&e, written))),
+            }
+        }
+        out.feed(B::CommandComplete(CommandComplete::new(format!(
+            "COPY {written}"
+        ))))
+        .await?;
+        if written > 0 {
+            self.report_last_write(out).await?;
+        }
+        Ok(Ok(()))
+    }
+
+    /// The columns a `COPY` without a column list fills: the table's, in order, except
+    /// generated ones (as PostgreSQL's COPY does).
+    async fn table_columns(&self, c: &copy::CopyIn) -> Result<Vec<String>, ServiceError> {
+        let s = Statement {
+            sql: "SELECT pg_catalog.quote_ident(attname) FROM pg_catalog.pg_attribute \
+                  WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped \
+                  AND attgenerated = '' ORDER BY attnum"
+                .into(),
+            offset: 0,
+            kind: Kind::Read {
+                tag: "SELECT".into(),
+            },
+        };
+        let param = SqlValue::PgText {
+            type_oid: 0,
+            text: c.table_text.clone(),
+        };
+        let mut read = self.start_read(&s, &[param], &[], &[]).await?;
+        let mut columns = Vec::new();
+        while let Some(row) = read.next_row(&self.cancel).await? {
+            if let Some(SqlValue::Text(name)) = row.into_iter().next() {
+                columns.push(name);
+            }
+        }
+        Ok(columns)
+    }
+
+    /// Writes COPY rows as one write of `INSERT`s; returns the rows written.
+    async fn write_rows(
+        &mut self,
+        c: &copy::CopyIn,
+        columns: &[String],
+        rows: Vec<copy::Row>,
+    ) -> Result<u64, ServiceError> {
+        let n = columns.len().max(1);
+        let per_insert = copy::ROWS_PER_INSERT_MAX.min(65_535 / n).max(1);
+        let total = rows.len() as u64;
+        let mut stmts: Vec<(Statement, Vec<SqlValue>)> = Vec::new();
+        for chunk in rows.chunks(per_insert) {
+            let sql = copy::insert_sql(&c.table, columns, chunk.len());
+            let params = chunk
+                .iter()
+                .flat_map(|r| r.iter())
+                .map(|f| match f {
+                    None => SqlValue::Null,
+                    Some(t) => SqlValue::PgText {
+                        type_oid: 0,
+                        text: t.clone(),
+                    },
+                })
+                .collect();
+            let stmt = Statement {
+                sql,
+                offset: 0,
+                kind: Kind::Write {
+                    tag: "INSERT".into(),
+                },
+            };
+            stmts.push((stmt, params));
+        }
+        let refs: Vec<(&Statement, Vec<SqlValue>)> =
+            stmts.iter().map(|(s, p)| (s, p.clone())).collect();
+        self.write(&refs).await?;
+        Ok(total)
+    }
+
     // ----------------------------------------------------------------- service calls
 
     /// What PostgreSQL infers for prepared statement `name`, asked once.
@@ -918,6 +1095,32 @@ impl Session {
     }
 }
 
+/// An error that ends a COPY, saying how many of its rows earlier writes already wrote.
+fn copy_error(
+    sqlstate: &str,
+    message: String,
+    written: u64,
+) -> pgwire::messages::response::ErrorResponse {
+    let mut e = error::plain(sqlstate, message);
+    if written > 0 {
+        e.fields.push((b'D', written_detail(written)));
+    }
+    e
+}
+
+/// A write of a COPY's rows that failed.
+fn copy_failed(e: &ServiceError, written: u64) -> pgwire::messages::response::ErrorResponse {
+    let mut r = error::response(e, Op::Write, 0);
+    if written > 0 {
+        r.fields.push((b'D', written_detail(written)));
+    }
+    r
+}
+
+fn written_detail(written: u64) -> String {
+    format!("{written} rows of this COPY were written by earlier writes and stay written")
+}
+
 /// The parameter types a prepared statement runs with: the client's, else PostgreSQL's
 /// inference when it was described (so binary parameters are read as what they were decoded
 /// as).
@@ -969,6 +1172,14 @@ fn mixed_with_writes(s: &Statement) -> ServiceError {
             format!("\"{}\" cannot run in the same query string as writes", first_line(&s.sql)),
         )
     }
+}
+
+fn copy_not_alone() -> ServiceError {
+    ServiceError::refused(
+        ErrorKind::Unsupported,
+        "0A000",
+        "send COPY FROM STDIN in a query string of its own",
+    )
 }
 
 fn begin_refused() -> ServiceError {

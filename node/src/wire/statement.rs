@@ -9,6 +9,8 @@ use pg_query::protobuf::{a_const, node::Node as N, Node, TransactionStmtKind, Va
 
 use crate::sql::gate;
 
+use super::copy::{self, CopyIn};
+
 /// One statement of a query string.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Statement {
@@ -63,6 +65,15 @@ pub enum Kind {
         /// The statement's name, for the message.
         what: String,
     },
+    /// `COPY … FROM STDIN`: rows the client streams, written as `INSERT`s.
+    CopyIn(Box<CopyIn>),
+    /// A statement refused before anything runs.
+    Refused {
+        /// Its SQLSTATE.
+        sqlstate: &'static str,
+        /// Why.
+        message: String,
+    },
 }
 
 /// Why a query string could not be split.
@@ -114,6 +125,14 @@ fn classify(sql: &str, node: Option<&N>) -> Kind {
             _ => Kind::InTransactionOnly {
                 what: first_words(sql, 2),
             },
+        },
+        Some(N::CopyStmt(c)) if copy::copy_in(c).is_some() => match copy::copy_in(c) {
+            Some(Ok(c)) => Kind::CopyIn(Box::new(c)),
+            Some(Err(message)) => Kind::Refused {
+                sqlstate: "0A000",
+                message,
+            },
+            None => Kind::Write { tag: "COPY".into() },
         },
         Some(N::DiscardStmt(_)) => Kind::ResetAll {
             tag: first_words(sql, 2).to_ascii_uppercase(),
