@@ -41,6 +41,9 @@ pub struct BenchSpec {
     pub out: Option<PathBuf>,
     /// Entries a stopped follower misses before it is restarted and timed catching up (0: skip).
     pub catchup_entries: u64,
+    /// Also measure raftpg through its PostgreSQL wire protocol port (tokio-postgres over TLS,
+    /// clients spread over every node), next to the gRPC API in the same run.
+    pub wire: bool,
 }
 
 /// One measured point.
@@ -194,6 +197,36 @@ where
 
 const INSERT: &str = "INSERT INTO bench_ins(payload) VALUES (lpad($1::bigint::text, 100, 'x'))";
 
+/// The point read of the read workload.
+const READ: &str = "SELECT payload FROM bench_ins WHERE id = $1";
+
+/// `clients` wire protocol connections to `cluster` (client `i` to node `i % nodes`, as the
+/// cluster's administrator over TLS, or as raftpg on an `--insecure` cluster), each with
+/// `sql` prepared.
+async fn wire_connections(
+    cluster: &LocalCluster,
+    clients: usize,
+    sql: &str,
+) -> anyhow::Result<Vec<(Arc<tokio_postgres::Client>, tokio_postgres::Statement)>> {
+    let config = cluster.client_config()?;
+    let ca = cluster.certs().map(|d| d.join("ca.crt"));
+    let (user, password) = match &config.credentials {
+        Some(c) => (c.user.clone(), Some(c.password.clone())),
+        None => ("raftpg".to_string(), None),
+    };
+    let nodes = cluster.nodes();
+    let mut out = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let (host, port) = nodes[i % nodes.len()].pg_host_port();
+        let cl = crate::pg_wire::connect(&host, port, &user, password.as_deref(), ca.as_deref())
+            .await
+            .with_context(|| format!("connecting to {host}:{port}"))?;
+        let st = cl.prepare(sql).await?;
+        out.push((Arc::new(cl), st));
+    }
+    Ok(out)
+}
+
 /// The raftpg cluster a run measures: the default one (TLS, authentication, writes as the
 /// client's role), or the `insecure` peer (writes only).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -272,6 +305,19 @@ async fn bench_raftpg(
         .await;
         print_point(&p, points);
         points.push(p);
+        if spec.wire && variant == Variant::Secure {
+            admin
+                .execute_one("TRUNCATE bench_ins RESTART IDENTITY", vec![])
+                .await?;
+            let conns = wire_connections(&cluster, c, INSERT).await?;
+            let p = drive("raftpg-pg", c, spec.seconds, &pids, move |i, _| {
+                let (cl, st) = conns[i].clone();
+                async move { cl.execute(&st, &[&(i as i64 + 1)]).await.is_ok() }
+            })
+            .await;
+            print_point(&p, points);
+            points.push(p);
+        }
     }
     if variant == Variant::Insecure {
         return Ok(());
@@ -332,6 +378,32 @@ async fn bench_raftpg(
             .await;
             print_point(&p, points);
             points.push(p);
+        }
+        if spec.wire {
+            for level in ["local", "at_least:1", "linearizable"] {
+                let conns = wire_connections(&cluster, c, READ).await?;
+                for (cl, _) in &conns {
+                    cl.batch_execute(&format!("SET raftpg.read_consistency = '{level}'"))
+                        .await?;
+                }
+                let name = level.split(':').next().unwrap_or(level).replace('_', "-");
+                let p = drive(
+                    &format!("raftpg-pg-read-{name}"),
+                    c,
+                    spec.seconds.min(10),
+                    &pids,
+                    move |i, n| {
+                        let (cl, st) = conns[i].clone();
+                        async move {
+                            let id = ((n * 7919 + i as u64) % rows as u64 + 1) as i64;
+                            cl.query_opt(&st, &[&id]).await.is_ok()
+                        }
+                    },
+                )
+                .await;
+                print_point(&p, points);
+                points.push(p);
+            }
         }
     }
     if spec.catchup_entries > 0 {
@@ -620,7 +692,7 @@ async fn bench_solo(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result
 
 /// A raftpg write point (the ones printed with ratios).
 fn is_raftpg_write(system: &str) -> bool {
-    system == "raftpg" || system == "raftpg-insecure"
+    system == "raftpg" || system == "raftpg-insecure" || system == "raftpg-pg"
 }
 
 /// A system raftpg's write points are compared with.
@@ -634,7 +706,7 @@ fn print_point(p: &Point, earlier: &[Point]) {
         .filter(|q| {
             q.clients == p.clients
                 && q.system != p.system
-                && is_peer(&q.system)
+                && (is_peer(&q.system) || (p.system == "raftpg-pg" && q.system == "raftpg"))
                 && is_raftpg_write(&p.system)
         })
         .map(|q| {
@@ -665,8 +737,8 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<Vec<Point>> {
         }
     }
     bench_raftpg(&spec, &mut points, Variant::Secure).await?;
-    println!("\n| system | clients | ops/s | p50 ms | p99 ms | p999 ms | errors | ratio vs sr | ratio vs solo | ratio vs insecure |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("\n| system | clients | ops/s | p50 ms | p99 ms | p999 ms | errors | ratio vs sr | ratio vs solo | ratio vs insecure | ratio vs gRPC |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for p in &points {
         let ratio = |peer: &str| {
             points
@@ -676,8 +748,12 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<Vec<Point>> {
                 .map(|q| format!("{:.2}", p.ops_per_sec / q.ops_per_sec.max(1e-9)))
                 .unwrap_or_default()
         };
+        let vs_grpc = match p.system.as_str() {
+            "raftpg-pg" => ratio("raftpg"),
+            _ => String::new(),
+        };
         println!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
             p.system,
             p.clients,
             p.ops_per_sec,
@@ -687,7 +763,8 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<Vec<Point>> {
             p.errors,
             ratio("sr"),
             ratio("solo"),
-            ratio("raftpg-insecure")
+            ratio("raftpg-insecure"),
+            vs_grpc
         );
     }
     if let Some(out) = &spec.out {

@@ -275,29 +275,8 @@ impl TestCluster {
         password: Option<&str>,
     ) -> anyhow::Result<tokio_postgres::Client> {
         let (host, port) = self.cluster.node(id).pg_host_port();
-        let mut cfg = tokio_postgres::Config::new();
-        cfg.host(&host)
-            .port(port)
-            .user(user)
-            .dbname("raftpg")
-            .connect_timeout(Duration::from_secs(10));
-        if let Some(p) = password {
-            cfg.password(p);
-        }
-        match &self.certs {
-            Some(certs) => {
-                cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
-                let tls = wire_tls(&certs.join("ca.crt"))?;
-                let (client, conn) = cfg.connect(tls).await?;
-                tokio::spawn(conn);
-                Ok(client)
-            }
-            None => {
-                let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
-                tokio::spawn(conn);
-                Ok(client)
-            }
-        }
+        let ca = self.certs.as_ref().map(|c| c.join("ca.crt"));
+        raftpg_client::pg_wire::connect(&host, port, user, password, ca.as_deref()).await
     }
 
     /// A direct connection to node `id`'s PostgreSQL (as the superuser, bypassing raftpg).
@@ -686,16 +665,5 @@ impl Drop for StandalonePostgres {
 
 /// TLS for tokio-postgres verifying servers with the CA in `ca`.
 pub fn wire_tls(ca: &std::path::Path) -> anyhow::Result<tokio_postgres_rustls::MakeRustlsConnect> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)? {
-        roots.add(cert?)?;
-    }
-    #[allow(deprecated)] // ring, as the nodes use
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+    raftpg_client::pg_wire::tls(ca)
 }

@@ -152,6 +152,11 @@ enum Cmd {
         /// Write the points as JSON lines to this file.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Protocols raftpg is measured through: grpc, pg (the PostgreSQL wire protocol with
+        /// tokio-postgres over TLS, clients spread over every node; the gRPC points are
+        /// measured too, in the same run, for the ratio).
+        #[arg(long, value_delimiter = ',', default_value = "grpc")]
+        protocol: Vec<String>,
     },
     /// Change the cluster's membership.
     #[command(subcommand)]
@@ -864,7 +869,14 @@ async fn main() -> anyhow::Result<()> {
             no_reads,
             catchup,
             out,
+            protocol,
         } => {
+            if let Some(p) = protocol
+                .iter()
+                .find(|p| !matches!(p.as_str(), "grpc" | "pg"))
+            {
+                anyhow::bail!("unknown protocol {p:?} (grpc, pg)");
+            }
             raftpg_client::bench::run(raftpg_client::bench::BenchSpec {
                 nodes: size,
                 clients,
@@ -875,6 +887,7 @@ async fn main() -> anyhow::Result<()> {
                 reads: !no_reads,
                 catchup_entries: catchup,
                 out,
+                wire: protocol.iter().any(|p| p == "pg"),
             })
             .await?;
         }
