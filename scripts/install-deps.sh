@@ -3,11 +3,12 @@
 # protobuf compiler, RocksDB (linked from Debian's library instead of a 35-minute source build),
 # libclang (bindgen), a C toolchain; for the jepsen fault injection: iptables (partitions
 # between loopback addresses) and faketime (clock skew); sqlsmith (generated SQL for
-# tests/tests/sqlsmith.rs, see docs/sqlsmith.md). Needs a Rust toolchain (cargo) already on the machine.
+# tests/tests/sqlsmith.rs, see docs/sqlsmith.md); psycopg 3 (a Python driver in tests/tests/wire.rs).
+# Needs a Rust toolchain (cargo) already on the machine.
 set -euo pipefail
 
 need=()
-for pkg in postgresql postgresql-contrib protobuf-compiler librocksdb-dev libclang-dev build-essential pkg-config iptables faketime sqlsmith; do
+for pkg in postgresql postgresql-contrib protobuf-compiler librocksdb-dev libclang-dev build-essential pkg-config iptables faketime sqlsmith python3-psycopg; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -498,3 +498,74 @@ async fn tokio_postgres_typed_values_errors_and_cancel() {
 fn uuid_bytes() -> String {
     "00112233-4455-6677-8899-aabbccddeeff".to_string()
 }
+
+/// psycopg 3 (Python, libpq; sends its parameters in text form with their type OIDs):
+/// typed values in and out through a follower, errors with SQLSTATE, and the refusal of its
+/// implicit `BEGIN` when autocommit is off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn psycopg_typed_values_and_errors() {
+    let python = ["/usr/bin/python3", "python3"]
+        .into_iter()
+        .find(|p| {
+            Command::new(p)
+                .args(["-c", "import psycopg"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("python3 with psycopg 3 (apt install python3-psycopg)");
+    let tc = start_cluster("wire_psycopg", 124, 3).await.unwrap();
+    let (_, follower) = tc.leader_and_follower().await;
+    let script = r#"
+import sys, datetime, decimal, uuid
+import psycopg
+from psycopg.types.json import Jsonb
+conninfo = sys.argv[1]
+with psycopg.connect(conninfo, autocommit=True) as c:
+    c.execute("CREATE TABLE p (id int8 PRIMARY KEY, t text, b bytea, n numeric, at timestamptz, u uuid, j jsonb, arr int4[], f float8, d date)")
+    at = datetime.datetime(2024, 2, 29, 12, 30, 15, 123456, tzinfo=datetime.timezone.utc)
+    u = uuid.UUID("00112233-4455-6677-8899-aabbccddeeff")
+    row = c.execute(
+        "INSERT INTO p VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *",
+        (1, "héllo", b"\x00\xff", decimal.Decimal("12.50"), at, u, Jsonb({"k": [1, None]}), [3, -1], 1.5, datetime.date(2024, 1, 2)),
+    ).fetchone()
+    assert row == (1, "héllo", b"\x00\xff", decimal.Decimal("12.50"), at, u, {"k": [1, None]}, [3, -1], 1.5, datetime.date(2024, 1, 2)), row
+    c.execute("INSERT INTO p (id) VALUES (%s)", (2,))
+    got = c.execute("SELECT t, n, at, u, j, arr, d FROM p WHERE id = %s", (1,)).fetchone()
+    assert got == ("héllo", decimal.Decimal("12.50"), at, u, {"k": [1, None]}, [3, -1], datetime.date(2024, 1, 2)), got
+    assert c.execute("SELECT t, arr FROM p WHERE id = 2").fetchone() == (None, None)
+    got = c.execute("SELECT %s::interval, ARRAY['a', NULL]::text[], int4range(1, 5)", ("1 day 2 hours",)).fetchone()
+    assert got[0] == datetime.timedelta(days=1, hours=2) and got[1] == ["a", None], got
+    try:
+        c.execute("INSERT INTO p (id) VALUES (%s)", (1,))
+        raise SystemExit("duplicate accepted")
+    except psycopg.errors.UniqueViolation as e:
+        assert e.sqlstate == "23505" and "already exists" in e.diag.message_detail, e
+    try:
+        c.execute("SELECT nosuch FROM p")
+        raise SystemExit("bad column accepted")
+    except psycopg.errors.UndefinedColumn as e:
+        assert e.sqlstate == "42703"
+    with c.cursor() as cur:
+        cur.executemany("INSERT INTO p (id, t) VALUES (%s, %s)", [(10, "a"), (11, "b"), (12, "c")])
+    assert c.execute("SELECT count(*) FROM p").fetchone() == (5,)
+with psycopg.connect(conninfo) as c:
+    try:
+        c.execute("SELECT 1")
+        raise SystemExit("an implicit BEGIN was accepted")
+    except psycopg.errors.FeatureNotSupported as e:
+        assert "transaction blocks" in str(e), e
+print("ok")
+"#;
+    let out = Command::new(python)
+        .args(["-c", script, &tc.conninfo(follower)])
+        .envs(tc.libpq_env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && text(&out.stdout).contains("ok"),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}
