@@ -48,6 +48,11 @@ fn values_corpus() {
     replay("values", common::values);
 }
 
+#[test]
+fn wire_messages_corpus() {
+    replay("wire_messages", common::wire_messages);
+}
+
 /// Finding F1 of the fuzzing (docs/security.md, fixed by `command::float8`): a float8
 /// parameter (or result) that is NaN or ±Infinity was serialized into the log (and the request
 /// log) as JSON `null`, which did not decode back: the entry could not be read from the log

@@ -20,6 +20,7 @@ use raftpg_node::pg::values::{self, Cell};
 use raftpg_node::raft::append_check::check_append_entries;
 use raftpg_node::service::Origin;
 use raftpg_node::sql::{gate, session_rules, time_literals};
+use raftpg_node::wire::{connection, copy, settings, statement, stream, values as wire_values};
 use raftpg_proto::v1 as pb;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -437,6 +438,108 @@ fn check_binds(sv: &SqlValue, ty: &Type) {
                     same(&decoded, sv),
                     "{t} round trip: {sv:?} came back as {decoded:?}"
                 );
+            }
+        }
+    }
+}
+
+/// Target `wire_messages`: bytes a PostgreSQL client could send, through the wire frontend's
+/// message decoding (`wire::stream`, pgwire's codec behind raftpg's size limit; a panic inside
+/// it must be caught there, never escape) and the frontend's handling of each message that
+/// needs no node: the startup's settings, a query string split and classified, a Bind's
+/// parameters read in their formats, a SASL response parsed, COPY data parsed in both formats.
+/// The first byte picks the state the connection starts in (startup or after it).
+pub fn wire_messages(data: &[u8]) {
+    use pgwire::messages::PgWireFrontendMessage as F;
+    use tokio_util::codec::Decoder;
+    let Some((first, rest)) = data.split_first() else {
+        return;
+    };
+    let mut codec = stream::WireCodec::new(first & 1 == 0, 1 << 20);
+    let mut buf = BytesMut::from(rest);
+    let text_copy = copy::Format {
+        csv: false,
+        delimiter: b'\t',
+        null: "\\N".into(),
+        header: false,
+        quote: b'"',
+        escape: b'"',
+    };
+    let csv_copy = copy::Format {
+        csv: true,
+        delimiter: b',',
+        null: String::new(),
+        header: first & 2 != 0,
+        quote: b'"',
+        escape: if first & 4 != 0 { b'\\' } else { b'"' },
+    };
+    let mut text_parser = copy::Parser::new(text_copy);
+    let mut csv_parser = copy::Parser::new(csv_copy);
+    for _ in 0..256 {
+        let before = buf.len();
+        let msg = match codec.decode(&mut buf) {
+            Ok(Some(m)) => m,
+            Ok(None) | Err(_) => break,
+        };
+        assert!(buf.len() < before, "a message was decoded from no input");
+        match msg {
+            F::Startup(s) => {
+                let mut st = settings::Settings::new("fuzz", "15.0");
+                for (k, v) in connection::startup_settings(&s) {
+                    let _ = st.startup(&k, &v);
+                }
+                let _ = st.reported();
+                codec.set_state(pgwire::api::PgWireConnectionState::AuthenticationInProgress);
+            }
+            F::PasswordMessageFamily(p) => {
+                let _ = connection::initial_response(p);
+                codec.set_state(pgwire::api::PgWireConnectionState::ReadyForQuery);
+            }
+            F::Query(q) => wire_statements(&q.query),
+            F::Parse(p) => wire_statements(&p.query),
+            F::Bind(b) => {
+                let formats =
+                    wire_values::formats_for(&b.parameter_format_codes, b.parameters.len());
+                for (i, (raw, f)) in b.parameters.iter().zip(&formats).enumerate() {
+                    // The parameter's type: a built-in one picked by the input.
+                    let oid = PARAM_OIDS[i % PARAM_OIDS.len()];
+                    if let Ok(v) = wire_values::param_value(
+                        raw.as_deref(),
+                        wire_values::is_binary(*f),
+                        oid,
+                        i + 1,
+                    ) {
+                        let _ = wire_values::text_of(&v, oid, wire_values::TextSettings::default());
+                        let _ = wire_values::binary_of(&v, oid);
+                    }
+                }
+            }
+            F::CopyData(d) => {
+                let _ = text_parser.feed(&d.data);
+                let _ = csv_parser.feed(&d.data);
+            }
+            F::CopyDone(_) => {
+                let _ = text_parser.finish();
+                let _ = csv_parser.finish();
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Parameter types the Bind messages of `wire_messages` are read as.
+const PARAM_OIDS: [u32; 12] = [0, 16, 20, 21, 23, 25, 700, 701, 1700, 1184, 2950, 3802];
+
+fn wire_statements(sql: &str) {
+    if let Ok(stmts) = statement::split(sql) {
+        for s in stmts {
+            assert!(
+                sql.contains(s.sql.as_str()),
+                "a statement that is not in its string"
+            );
+            let mut st = settings::Settings::new("fuzz", "15.0");
+            if let statement::Kind::Set { name, value } = &s.kind {
+                let _ = st.set(name, value.as_deref());
             }
         }
     }

@@ -175,7 +175,7 @@ async fn start(
 
 /// The settings a startup message asks for: its parameters other than `user`, `database`
 /// and `options`, and the `-c name=value` (or `--name=value`) pairs of `options`.
-fn startup_settings(s: &Startup) -> Vec<(String, String)> {
+pub fn startup_settings(s: &Startup) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for (k, v) in &s.parameters {
         match k.as_str() {
@@ -326,7 +326,7 @@ async fn next_password_message(wire: &mut Wire) -> Option<PasswordMessageFamily>
 }
 
 /// The mechanism and data of a `SASLInitialResponse`, checked (a malformed one is `None`).
-fn initial_response(p: PasswordMessageFamily) -> Option<(String, Vec<u8>)> {
+pub fn initial_response(p: PasswordMessageFamily) -> Option<(String, Vec<u8>)> {
     let PasswordMessageFamily::Raw(mut body) = p else {
         return None;
     };

@@ -23,6 +23,29 @@ pub struct WireCodec {
     message_bytes_max: usize,
 }
 
+impl WireCodec {
+    /// A codec of a new connection (`startup`: before the startup message, else after
+    /// authentication), with `message_bytes_max`. For tests and fuzzing; connections get
+    /// theirs from [`Wire::new`].
+    pub fn new(startup: bool, message_bytes_max: usize) -> Self {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut inner = PgWireMessageServerCodec::new(pgwire::api::DefaultClient::new(addr, false));
+        inner.client_info.set_state(match startup {
+            true => PgWireConnectionState::AwaitingStartup,
+            false => PgWireConnectionState::ReadyForQuery,
+        });
+        WireCodec {
+            inner,
+            message_bytes_max,
+        }
+    }
+
+    /// Tells the decoder where the connection is.
+    pub fn set_state(&mut self, s: PgWireConnectionState) {
+        self.inner.client_info.set_state(s);
+    }
+}
+
 impl Decoder for WireCodec {
     type Item = F;
     type Error = PgWireError;
