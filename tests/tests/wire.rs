@@ -569,3 +569,60 @@ print("ok")
     );
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }
+
+/// A node cut off from its quorum answers over the wire protocol within a bounded wait, with
+/// the SQLSTATE a PostgreSQL client retries elsewhere on (57P03), never hangs; it still serves
+/// a session that asked for local reads; and the same session writes again once the quorum
+/// is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_without_quorum_says_so_in_time() {
+    let mut tc = start_cluster("wire_no_quorum", 126, 3).await.unwrap();
+    let (leader, follower) = tc.leader_and_follower().await;
+    let c = tc.wire(follower).await.unwrap();
+    c.batch_execute("CREATE TABLE q (id int PRIMARY KEY)").await.unwrap();
+    c.execute("INSERT INTO q VALUES (1)", &[]).await.unwrap();
+    let local = tc.wire(follower).await.unwrap();
+    local
+        .batch_execute("SET raftpg.read_consistency = 'local'")
+        .await
+        .unwrap();
+    let others: Vec<u64> = (1..=3).filter(|i| *i != follower).collect();
+    for id in &others {
+        tc.cluster.kill_node(*id);
+    }
+    let started = Instant::now();
+    let e = c.execute("INSERT INTO q VALUES (2)", &[]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("57P03"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    let started = Instant::now();
+    let e = c.query("SELECT count(*) FROM q", &[]).await.unwrap_err();
+    assert!(
+        matches!(e.code().map(|c| c.code()), Some("57P03") | Some("57014")),
+        "{e}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    let n: i64 = local
+        .query_one("SELECT count(*) FROM q", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "a local read still answers");
+    for id in &others {
+        tc.cluster.start_node(*id).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match c.execute("INSERT INTO q VALUES (2)", &[]).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.code().map(|c| c.code()), Some("57P03"), "{e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("no write after the quorum came back: {e}"),
+        }
+    }
+    let n: i64 = c.query_one("SELECT count(*) FROM q", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+    let _ = leader;
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}
