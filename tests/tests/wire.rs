@@ -83,6 +83,55 @@ SHOW raftpg.last_write_index;
         );
     }
 
+    // A session's time zone, date style and search path hold for its reads and its writes.
+    let out = libpq(
+        &tc,
+        "psql",
+        &[
+            "-X",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &conn,
+            "-c",
+            "SET TimeZone = 'Asia/Tokyo'",
+            "-c",
+            "SET DateStyle = 'German'",
+            "-c",
+            "SELECT '2024-02-29 12:00:00+00'::timestamptz, '2024-02-29'::date",
+            "-c",
+            "CREATE SCHEMA game",
+            "-c",
+            "SET search_path = game, public",
+            "-c",
+            "CREATE TABLE events (id int PRIMARY KEY, at timestamptz)",
+            "-c",
+            "INSERT INTO events VALUES (1, '2024-03-01 09:00')",
+            "-c",
+            "SELECT id, at FROM events",
+            "-c",
+            "SHOW TimeZone",
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(
+        stdout.contains("29.02.2024 21:00:00 JST|29.02.2024"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1|01.03.2024 09:00:00 JST"), "{stdout}");
+    assert!(stdout.contains("Asia/Tokyo"), "{stdout}");
+    let at: Vec<String> = tc
+        .column(1, "SELECT at::text FROM game.events")
+        .await
+        .unwrap();
+    assert_eq!(
+        at,
+        ["2024-03-01 00:00:00+00"],
+        "the literal was read in the session's zone"
+    );
+
     // A SQL error carries its SQLSTATE, detail and position.
     let out = libpq(
         &tc,
@@ -450,9 +499,11 @@ async fn tokio_postgres_typed_values_errors_and_cancel() {
     let e = c.query("SELECT * FROM nope", &[]).await.unwrap_err();
     assert_eq!(e.code().map(|c| c.code()), Some("42P01"), "{e}");
     let e = c
-        .batch_execute("SET TimeZone = 'Europe/Paris'")
+        .batch_execute("SET TimeZone = 'Mars/Olympus'")
         .await
         .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("22023"), "{e}");
+    let e = c.batch_execute("SET work_mem = '1GB'").await.unwrap_err();
     assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e}");
     let e = c
         .batch_execute("INSERT INTO v (id) VALUES (now()::int8)")
@@ -579,7 +630,9 @@ async fn a_node_without_quorum_says_so_in_time() {
     let mut tc = start_cluster("wire_no_quorum", 126, 3).await.unwrap();
     let (leader, follower) = tc.leader_and_follower().await;
     let c = tc.wire(follower).await.unwrap();
-    c.batch_execute("CREATE TABLE q (id int PRIMARY KEY)").await.unwrap();
+    c.batch_execute("CREATE TABLE q (id int PRIMARY KEY)")
+        .await
+        .unwrap();
     c.execute("INSERT INTO q VALUES (1)", &[]).await.unwrap();
     let local = tc.wire(follower).await.unwrap();
     local
@@ -591,16 +644,27 @@ async fn a_node_without_quorum_says_so_in_time() {
         tc.cluster.kill_node(*id);
     }
     let started = Instant::now();
-    let e = c.execute("INSERT INTO q VALUES (2)", &[]).await.unwrap_err();
+    let e = c
+        .execute("INSERT INTO q VALUES (2)", &[])
+        .await
+        .unwrap_err();
     assert_eq!(e.code().map(|c| c.code()), Some("57P03"), "{e}");
-    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
     let started = Instant::now();
     let e = c.query("SELECT count(*) FROM q", &[]).await.unwrap_err();
     assert!(
         matches!(e.code().map(|c| c.code()), Some("57P03") | Some("57014")),
         "{e}"
     );
-    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
     let n: i64 = local
         .query_one("SELECT count(*) FROM q", &[])
         .await
@@ -621,7 +685,11 @@ async fn a_node_without_quorum_says_so_in_time() {
             Err(e) => panic!("no write after the quorum came back: {e}"),
         }
     }
-    let n: i64 = c.query_one("SELECT count(*) FROM q", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM q", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 2);
     let _ = leader;
     tc.assert_identical(&[1, 2, 3]).await.unwrap();

@@ -1397,7 +1397,7 @@ async fn prepare_user(client: &Client, sql: &str) -> Result<UserStatement, StmtE
         })
         .collect();
     let types: Vec<_> = stmt.columns().iter().map(|c| c.type_().clone()).collect();
-    let forms: Arc<[Form]> = text_forms(&types).into();
+    let forms: Arc<[Form]> = text_forms(&types, &[]).into();
     if !forms.contains(&Form::Text) {
         return Ok(UserStatement {
             stmt,

@@ -168,6 +168,7 @@ pub fn read_request(req: pb::QueryRequest, encoded_bytes: usize, streamed: bool)
         params: params(&req.params, ""),
         param_types: Vec::new(),
         result_formats: Vec::new(),
+        settings: Vec::new(),
         sql: req.sql,
         consistency,
         timeout_ms: req.timeout_ms,

@@ -127,13 +127,24 @@ pub fn text_wrapped(sql: &str, text: &[bool]) -> Option<String> {
     }
 }
 
-/// The forms of `columns` when every column raftpg cannot decode is printed as text.
-pub fn text_forms(types: &[Type]) -> Vec<Form> {
+/// The forms of columns of `types` when every column raftpg cannot decode is printed as text,
+/// and so is every column whose text depends on one of the `settings` changed from the
+/// fixed ones (raftpg prints its own kinds in UTC, ISO style, bytea as hex).
+pub fn text_forms(types: &[Type], settings: &[&str]) -> Vec<Form> {
+    let changed = |name: &str| settings.iter().any(|s| s.eq_ignore_ascii_case(name));
     types
         .iter()
-        .map(|t| match is_native(t) {
-            true => Form::Native,
-            false => Form::Text,
+        .map(|t| {
+            let printed_by_settings = match *t {
+                Type::TIMESTAMPTZ => changed("TimeZone") || changed("DateStyle"),
+                Type::TIMESTAMP | Type::DATE => changed("DateStyle"),
+                Type::BYTEA => changed("bytea_output"),
+                _ => false,
+            };
+            match is_native(t) && !printed_by_settings {
+                true => Form::Native,
+                false => Form::Text,
+            }
         })
         .collect()
 }

@@ -22,7 +22,7 @@ use tracing::{debug, info_span, Instrument, Span};
 
 use super::error::{ErrorKind, ServiceError};
 use super::node::{Route, Service};
-use super::types::{Consistency, Description, Origin, ReadChunk, ReadRequest};
+use super::types::{Consistency, Description, Origin, ReadChunk, ReadRequest, SESSION_SETTINGS};
 use crate::auth::authenticator::Principal;
 use crate::command::{ColumnInfo, SqlFailure, SqlValue};
 use crate::pg::read_pool::READ_DURATION_MAX;
@@ -397,7 +397,7 @@ async fn read_in_snapshot(
     let mut pause = SNAPSHOT_RETRY_FIRST;
     loop {
         let role = job.req.principal.as_ref().map(|p| p.user.as_str());
-        let (tx, applied) = open_snapshot(client, role).await?;
+        let (tx, applied) = open_snapshot(client, role, &job.req.settings).await?;
         let Some(required) = job.admission.required_index.filter(|r| applied < *r) else {
             job.waiting.clear();
             return run_in_snapshot(job, tx, applied).await;
@@ -454,6 +454,7 @@ impl Waiting {
 async fn open_snapshot<'c>(
     client: &'c mut tokio_postgres::Client,
     role: Option<&str>,
+    settings: &[(String, String)],
 ) -> Result<(tokio_postgres::Transaction<'c>, u64), ReadStop> {
     let tx = client
         .build_transaction()
@@ -476,7 +477,40 @@ async fn open_snapshot<'c>(
         }
     };
     let applied: i64 = row.map_err(pg_stop)?.get(0);
+    if !settings.is_empty() {
+        let (sql, params) = set_settings_sql(settings)?;
+        let params: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        tx.query_one(sql.as_str(), &params).await.map_err(pg_stop)?;
+    }
     Ok((tx, u64::try_from(applied).unwrap_or(0)))
+}
+
+/// `SELECT set_config($1, $2, true), …` for `settings`, which must all be session settings
+/// ([`SESSION_SETTINGS`]): anything else (a role, read-only-ness) is refused.
+fn set_settings_sql(settings: &[(String, String)]) -> Result<(String, Vec<String>), ServiceError> {
+    let mut parts = Vec::new();
+    let mut params = Vec::new();
+    for (name, value) in settings {
+        if !SESSION_SETTINGS
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(name))
+        {
+            return Err(ServiceError::refused(
+                ErrorKind::InvalidArgument,
+                "0A000",
+                format!("a read cannot run with setting {name:?}"),
+            ));
+        }
+        parts.push(format!(
+            "pg_catalog.set_config(${}, ${}, true)",
+            params.len() + 1,
+            params.len() + 2
+        ));
+        params.push(name.clone());
+        params.push(value.clone());
+    }
+    Ok((format!("SELECT {}", parts.join(", ")), params))
 }
 
 /// The status of a read whose consistency wait ended before PostgreSQL held its index.
@@ -508,7 +542,7 @@ async fn run_in_snapshot(
             type_oid: c.type_().oid(),
         })
         .collect();
-    let forms = result_forms(&stmt, &job.req.result_formats);
+    let forms = result_forms(&stmt, &job.req.result_formats, &job.req.settings);
     let stmt = match forms.contains(&Form::Text) {
         false => stmt,
         true => {
@@ -597,6 +631,7 @@ impl Service {
         param_types: &[u32],
         principal: Option<&Principal>,
         min_index: u64,
+        settings: &[(String, String)],
     ) -> Result<Description, ServiceError> {
         self.refuse_if_removed()?;
         let bounds = ReadBounds::new(0, self.limits.read_wait_max, Instant::now());
@@ -612,7 +647,7 @@ impl Service {
                 .map_err(|e| ServiceError::unavailable(e.to_string(), None))?;
             let mut pause = SNAPSHOT_RETRY_FIRST;
             loop {
-                let (tx, applied) = match open_snapshot(pooled.client(), role).await {
+                let (tx, applied) = match open_snapshot(pooled.client(), role, settings).await {
                     Ok(t) => t,
                     Err(ReadStop::Failed(e)) | Err(ReadStop::Abandoned(Some(e))) => return Err(e),
                     Err(ReadStop::Abandoned(None)) => {
@@ -650,6 +685,40 @@ impl Service {
         tokio::time::timeout(READ_DURATION_MAX, described)
             .await
             .map_err(|_| ServiceError::deadline("describing the statement took too long"))?
+    }
+}
+
+impl Service {
+    /// Checks a value of session setting `name` (one of [`SESSION_SETTINGS`]) the way
+    /// PostgreSQL does (`SET` in a read-only transaction on this node) and returns it as
+    /// PostgreSQL shows it; a bad value gets PostgreSQL's error (22023).
+    pub async fn check_setting(&self, name: &str, value: &str) -> Result<String, ServiceError> {
+        let (sql, params) = set_settings_sql(&[(name.to_string(), value.to_string())])?;
+        let checked = async {
+            let mut pooled = self
+                .reads
+                .get()
+                .await
+                .map_err(|e| ServiceError::unavailable(e.to_string(), None))?;
+            let client = pooled.client();
+            let tx = client
+                .build_transaction()
+                .read_only(true)
+                .start()
+                .await
+                .map_err(pg_status)?;
+            let params: Vec<&(dyn ToSql + Sync)> =
+                params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+            let row = tx.query_one(sql.as_str(), &params).await;
+            let rolled_back = tx.rollback().await;
+            let shown: String = row.map_err(pg_status)?.get(0);
+            rolled_back.map_err(pg_status)?;
+            pooled.release();
+            Ok(shown)
+        };
+        tokio::time::timeout(self.limits.read_wait_max, checked)
+            .await
+            .map_err(|_| ServiceError::deadline("checking the setting took too long"))?
     }
 }
 
@@ -697,9 +766,14 @@ fn check_statement(
 /// How each column of `stmt` comes back: decoded when raftpg has a kind for its type, else in
 /// binary form where `formats` (PostgreSQL's result format codes: none, one for all, or one
 /// per column; 1 is binary) asks for it, else as PostgreSQL's text.
-fn result_forms(stmt: &tokio_postgres::Statement, formats: &[i16]) -> Vec<Form> {
+fn result_forms(
+    stmt: &tokio_postgres::Statement,
+    formats: &[i16],
+    settings: &[(String, String)],
+) -> Vec<Form> {
     let types: Vec<Type> = stmt.columns().iter().map(|c| c.type_().clone()).collect();
-    text_forms(&types)
+    let names: Vec<&str> = settings.iter().map(|(n, _)| n.as_str()).collect();
+    text_forms(&types, &names)
         .into_iter()
         .enumerate()
         .map(|(i, f)| {

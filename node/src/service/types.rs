@@ -85,6 +85,11 @@ pub struct ReadRequest {
     /// column of a type raftpg has no kind for comes back in binary form
     /// ([`SqlValue::PgBinary`]) where asked, else in text form ([`SqlValue::PgText`]).
     pub result_formats: Vec<i16>,
+    /// Session settings the read runs with, set in its transaction (only the names in
+    /// [`SESSION_SETTINGS`]; others are refused). Columns whose text depends on them
+    /// (timestamps and dates on `TimeZone`/`DateStyle`, bytea on `bytea_output`) are printed
+    /// by PostgreSQL when asked in text form.
+    pub settings: Vec<(String, String)>,
     /// How fresh it must be, or why the frontend could not tell (reported after the
     /// request's limits and SQL check).
     pub consistency: Result<Consistency, ServiceError>,
@@ -113,6 +118,17 @@ pub struct ReadChunk {
     /// The node that ran the read.
     pub node_id: NodeId,
 }
+
+/// The settings a session may run its reads with ([`ReadRequest::settings`]) and its writes
+/// with (as `SET LOCAL` statements of the write, which the SQL gate allows): how values are
+/// printed and read, and where names are looked up.
+pub const SESSION_SETTINGS: &[&str] = &[
+    "TimeZone",
+    "DateStyle",
+    "IntervalStyle",
+    "search_path",
+    "bytea_output",
+];
 
 /// What PostgreSQL infers for a statement without running it.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -145,6 +145,17 @@ async fn start(
     };
     let mut settings = Settings::new(&user, &cfg.server_version);
     for (name, value) in startup_settings(&startup) {
+        let value = match Settings::checked_by_postgres(&name) {
+            true => match svc.check_setting(&name, &value).await {
+                Ok(v) => v,
+                Err(e) => {
+                    wire.fatal(error::sqlstate(&e, error::Op::Read), e.message.clone())
+                        .await?;
+                    return Ok(None);
+                }
+            },
+            false => value,
+        };
         if let Err(e) = settings.startup(&name, &value) {
             wire.fatal(error::sqlstate(&e, error::Op::Read), e.message.clone())
                 .await?;

@@ -304,7 +304,7 @@ impl Session {
     ) -> std::io::Result<Result<(), pgwire::messages::response::ErrorResponse>> {
         let done = |tag: &str| B::CommandComplete(CommandComplete::new(tag.to_string()));
         match &s.kind {
-            Kind::Set { name, value } => match self.settings.set(name, value.as_deref()) {
+            Kind::Set { name, value } => match self.set_checked(name, value.as_deref()).await {
                 Ok(report) => {
                     out.feed(done("SET")).await?;
                     if let Some((k, v)) = report {
@@ -371,6 +371,21 @@ impl Session {
                 Ok(Err(error::plain("XX000", "not a session command")))
             }
         }
+    }
+
+    /// `SET name TO value` (`None`: `RESET`), a setting PostgreSQL must check asked first.
+    async fn set_checked(
+        &mut self,
+        name: &str,
+        value: Option<&str>,
+    ) -> Result<Option<(String, String)>, ServiceError> {
+        let value = match value {
+            Some(v) if Settings::checked_by_postgres(name) => {
+                Some(self.svc.check_setting(name, v).await?)
+            }
+            other => other.map(str::to_string),
+        };
+        self.settings.set(name, value.as_deref())
     }
 
     async fn ready(&mut self, out: &mut Wire) -> Io {
@@ -927,6 +942,7 @@ impl Session {
                         &prepared.param_types,
                         self.principal.as_ref(),
                         self.settings.last_write_index(),
+                        &self.settings.overrides(),
                     )
                     .await
             }
@@ -937,7 +953,13 @@ impl Session {
                 }),
                 None => {
                     self.svc
-                        .describe(&s.sql, &[], self.principal.as_ref(), 0)
+                        .describe(
+                            &s.sql,
+                            &[],
+                            self.principal.as_ref(),
+                            0,
+                            &self.settings.overrides(),
+                        )
                         .await
                 }
             },
@@ -981,6 +1003,7 @@ impl Session {
             params: Ok(params.to_vec()),
             param_types: param_types.to_vec(),
             result_formats: result_formats.to_vec(),
+            settings: self.settings.overrides(),
             consistency: Ok(self.settings.consistency()),
             timeout_ms: self.settings.statement_timeout_ms(),
             max_rows: 0,
@@ -1028,26 +1051,49 @@ impl Session {
         &mut self,
         stmts: &[(&Statement, Vec<SqlValue>)],
     ) -> Result<Vec<StatementOutcome>, ServiceError> {
+        // The session's settings hold for its write too (SET LOCAL, reset when the write ends).
+        let prefix: Vec<WriteStatement> = self
+            .settings
+            .overrides()
+            .into_iter()
+            .map(|(name, value)| WriteStatement {
+                sql: match name.as_str() {
+                    // A list of schema names, each quoted (never the client's text as SQL).
+                    "search_path" => format!(
+                        "SET LOCAL search_path TO {}",
+                        super::settings::search_path_idents(&value)
+                            .unwrap_or_default()
+                            .join(", ")
+                    ),
+                    _ => format!("SET LOCAL {name} TO {}", quote_literal(&value)),
+                },
+                params: Ok(Vec::new()),
+            })
+            .collect();
+        let skip = prefix.len();
         let encoded_bytes = stmts
             .iter()
             .map(|(s, p)| s.sql.len() + p.iter().map(crate::pg::values::wire_size).sum::<usize>())
             .sum();
         let req = WriteRequest {
-            statements: stmts
-                .iter()
-                .map(|(s, p)| WriteStatement {
+            statements: prefix
+                .into_iter()
+                .chain(stmts.iter().map(|(s, p)| WriteStatement {
                     sql: s.sql.clone(),
                     params: Ok(p.clone()),
-                })
+                }))
                 .collect(),
             request_id: None,
             encoded_bytes,
             origin: Origin::Client,
             principal: self.principal.clone(),
         };
-        let outcome = self.svc.write(req).await?;
+        let outcome = self.svc.write(req).await.map_err(|mut e| {
+            e.statement_index = e.statement_index.saturating_sub(skip as u32);
+            e
+        })?;
         self.settings.wrote(outcome.log_index);
-        Ok(outcome.results)
+        Ok(outcome.results.into_iter().skip(skip).collect())
     }
 
     async fn send_write_result(
@@ -1191,6 +1237,11 @@ fn begin_refused() -> ServiceError {
             "transaction blocks over several queries are not supported by raftpg yet",
         )
     }
+}
+
+/// `s` as a SQL string literal.
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
 fn first_line(sql: &str) -> String {

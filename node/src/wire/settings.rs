@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::service::{Consistency, ErrorKind, ServiceError};
+use crate::service::{Consistency, ErrorKind, ServiceError, SESSION_SETTINGS};
 
 use super::values::TextSettings;
 
@@ -293,6 +293,27 @@ impl Settings {
         self.text
     }
 
+    /// Whether `name` is a setting PostgreSQL must check (and the session's reads and writes
+    /// then run with): see [`SESSION_SETTINGS`].
+    pub fn checked_by_postgres(name: &str) -> bool {
+        SESSION_SETTINGS
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(name))
+    }
+
+    /// The session settings that differ from raftpg's fixed ones, with their values: what the
+    /// session's reads set in their transaction and its writes set with `SET LOCAL`.
+    pub fn overrides(&self) -> Vec<(String, String)> {
+        SESSION_SETTINGS
+            .iter()
+            .filter_map(|name| {
+                let value = self.values.get(name)?;
+                let default = rule(name).map_or("", |r| r.default);
+                (!same_setting(name, value, default)).then(|| (name.to_string(), value.clone()))
+            })
+            .collect()
+    }
+
     /// Checks `value` for setting `r` and returns it as it will be shown.
     fn checked(&self, r: &Rule, value: &str) -> Result<String, ServiceError> {
         let unsupported = |hint: &str| {
@@ -308,57 +329,58 @@ impl Settings {
             "client_encoding" => match lower.as_str() {
                 "utf8" | "utf-8" | "unicode" => "UTF8".into(),
                 "sql_ascii" => "SQL_ASCII".into(),
-                _ => return Err(unsupported("raftpg sends and receives UTF8 only; set client_encoding to UTF8")),
-            },
-            "DateStyle" => {
-                let parts: Vec<String> = lower
-                    .split(|c: char| c == ',' || c.is_whitespace())
-                    .filter(|p| !p.is_empty())
-                    .map(str::to_string)
-                    .collect();
-                let ok = parts.iter().all(|p| p == "iso" || p == "mdy" || p == "us");
-                if !ok || parts.is_empty() {
-                    return Err(unsupported("raftpg prints dates in ISO style and reads them month first: DateStyle = 'ISO, MDY'"));
+                _ => {
+                    return Err(unsupported(
+                        "raftpg sends and receives UTF8 only; set client_encoding to UTF8",
+                    ))
                 }
-                "ISO, MDY".into()
-            }
-            "IntervalStyle" if lower == "postgres" => "postgres".into(),
-            "IntervalStyle" => return Err(unsupported("raftpg prints intervals in the postgres style")),
-            "TimeZone" => match lower.as_str() {
-                "utc" | "etc/utc" | "gmt" | "etc/gmt" | "z" | "zulu" | "uct" | "universal"
-                | "0" | "+0" | "-0" | "+00" | "00:00" | "+00:00" => value.to_string(),
-                _ => return Err(unsupported("raftpg sessions run in UTC (TimeZone = 'UTC'); convert times in SQL with AT TIME ZONE")),
             },
-            "standard_conforming_strings" if matches!(lower.as_str(), "on" | "true" | "1") => "on".into(),
-            "standard_conforming_strings" => return Err(unsupported("raftpg reads string literals with standard_conforming_strings = on")),
-            "integer_datetimes" | "server_encoding" | "in_hot_standby" | "is_superuser" => {
-                return Err(refuse("55P02", format!("parameter \"{}\" cannot be changed", r.name), ""));
+            // Checked by PostgreSQL (the session asks it before it sets them).
+            "DateStyle" | "IntervalStyle" | "TimeZone" | "bytea_output" => value.to_string(),
+            "standard_conforming_strings" if matches!(lower.as_str(), "on" | "true" | "1") => {
+                "on".into()
             }
-            "default_transaction_read_only" if matches!(lower.as_str(), "off" | "false" | "0") => "off".into(),
-            "default_transaction_read_only" => return Err(unsupported("a read-only session: send only queries")),
+            "standard_conforming_strings" => {
+                return Err(unsupported(
+                    "raftpg reads string literals with standard_conforming_strings = on",
+                ))
+            }
+            "integer_datetimes" | "server_encoding" | "in_hot_standby" | "is_superuser" => {
+                return Err(refuse(
+                    "55P02",
+                    format!("parameter \"{}\" cannot be changed", r.name),
+                    "",
+                ));
+            }
+            "default_transaction_read_only" if matches!(lower.as_str(), "off" | "false" | "0") => {
+                "off".into()
+            }
+            "default_transaction_read_only" => {
+                return Err(unsupported("a read-only session: send only queries"))
+            }
             "extra_float_digits" => match value.parse::<i32>() {
                 Ok(n) if (-15..=3).contains(&n) => n.to_string(),
                 _ => return Err(invalid(r.name, value)),
             },
-            "search_path" => {
-                let ok = value.split(',').map(|s| s.trim().to_ascii_lowercase()).all(|s| {
-                    matches!(s.as_str(), "public" | "\"public\"" | "\"$user\"" | "pg_catalog" | "")
-                });
-                if !ok {
-                    return Err(unsupported("writes run with search_path = public on every node; qualify names with their schema"));
-                }
-                value.to_string()
+            "search_path" if lower.contains("raftpg") => {
+                return Err(refuse(
+                    "42501",
+                    "raftpg's own schema cannot be on a session's search_path".into(),
+                    "",
+                ))
             }
+            "search_path" => match search_path_idents(value) {
+                Some(v) if !v.is_empty() => value.to_string(),
+                _ => return Err(invalid(r.name, value)),
+            },
             "statement_timeout" => parse_duration_ms(value)
                 .ok_or_else(|| invalid(r.name, value))?
                 .to_string(),
             "client_min_messages" => match lower.as_str() {
-                "debug5" | "debug4" | "debug3" | "debug2" | "debug1" | "debug" | "log" | "notice"
-                | "warning" | "error" | "info" => lower,
+                "debug5" | "debug4" | "debug3" | "debug2" | "debug1" | "debug" | "log"
+                | "notice" | "warning" | "error" | "info" => lower,
                 _ => return Err(invalid(r.name, value)),
             },
-            "bytea_output" if lower == "hex" => lower,
-            "bytea_output" => return Err(unsupported("raftpg prints bytea in hex")),
             READ_CONSISTENCY => {
                 parse_level(&lower).ok_or_else(|| {
                     refuse(
@@ -390,6 +412,77 @@ impl Settings {
             _ => {}
         }
     }
+}
+
+/// The schemas of a `search_path` value, each as a quoted identifier (`game, "Big"` →
+/// `"game"`, `"Big"`); `None` when it is not a list of names.
+pub fn search_path_idents(value: &str) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    let mut rest = value.trim();
+    while !rest.is_empty() {
+        let (name, after) = if let Some(q) = rest.strip_prefix('"') {
+            let mut name = String::new();
+            let mut chars = q.char_indices();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                if c == '"' {
+                    if q[i + 1..].starts_with('"') {
+                        name.push('"');
+                        chars.next();
+                        continue;
+                    }
+                    end = Some(i + 1);
+                    break;
+                }
+                name.push(c);
+            }
+            (name, &q[end?..])
+        } else {
+            let end = rest
+                .find(|c: char| c == ',' || c.is_whitespace())
+                .unwrap_or(rest.len());
+            let word = &rest[..end];
+            let valid = word
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_alphabetic() || c == '_')
+                && word
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || c == '_' || c == '$');
+            if !valid {
+                return None;
+            }
+            (word.to_lowercase(), &rest[end..])
+        };
+        if name.is_empty() || name.len() > 63 {
+            return None;
+        }
+        out.push(format!("\"{}\"", name.replace('"', "\"\"")));
+        let after = after.trim_start();
+        rest = match after.strip_prefix(',') {
+            Some(r) => r.trim_start(),
+            None if after.is_empty() => after,
+            None => return None,
+        };
+    }
+    Some(out)
+}
+
+/// Whether two values of setting `name` mean the same (spellings of UTC, of the ISO style).
+fn same_setting(name: &str, a: &str, b: &str) -> bool {
+    let norm = |v: &str| {
+        let v = v.trim().to_ascii_lowercase().replace(' ', "");
+        match (name, v.as_str()) {
+            (
+                "TimeZone",
+                "utc" | "etc/utc" | "gmt" | "etc/gmt" | "z" | "zulu" | "uct" | "universal",
+            ) => "utc".to_string(),
+            ("DateStyle", "iso" | "iso,mdy" | "mdy,iso" | "iso,us") => "iso,mdy".to_string(),
+            ("search_path", "public" | "\"public\"") => "public".to_string(),
+            _ => v,
+        }
+    };
+    norm(a) == norm(b)
 }
 
 fn parse_level(v: &str) -> Option<ReadLevel> {
@@ -456,15 +549,31 @@ mod tests {
     fn settings_raftpg_cannot_honour_are_refused() {
         let mut s = Settings::new("alice", "15.0");
         assert_eq!(
-            s.set("DateStyle", Some("iso, mdy")).unwrap(),
+            s.set("DateStyle", Some("ISO, MDY")).unwrap(),
             Some(("DateStyle".into(), "ISO, MDY".into()))
         );
-        assert!(s.set("datestyle", Some("German")).is_err());
-        assert!(s.set("TimeZone", Some("Europe/Paris")).is_err());
+        assert!(s.overrides().is_empty());
+        // PostgreSQL checks these values (the session asks it first); the session's reads
+        // and writes then run with them.
+        assert!(s.set("TimeZone", Some("Europe/Paris")).is_ok());
         assert!(s.set("timezone", Some("UTC")).is_ok());
+        assert!(s.overrides().is_empty());
+        s.set("TimeZone", Some("Asia/Tokyo")).unwrap();
+        s.set("search_path", Some("game, public")).unwrap();
+        assert_eq!(
+            s.overrides(),
+            vec![
+                ("TimeZone".to_string(), "Asia/Tokyo".to_string()),
+                ("search_path".to_string(), "game, public".to_string())
+            ]
+        );
+        assert!(s.set("search_path", Some("raftpg, public")).is_err());
+        assert!(s.set("search_path", Some("a; DROP TABLE t")).is_err());
+        assert_eq!(
+            search_path_idents("game, \"$user\", \"Big \"\"x\"\"\", Public").unwrap(),
+            ["\"game\"", "\"$user\"", "\"Big \"\"x\"\"\"", "\"public\""]
+        );
         assert!(s.set("work_mem", Some("1GB")).is_err());
-        assert!(s.set("search_path", Some("myschema")).is_err());
-        assert!(s.set("search_path", Some("\"$user\", public")).is_ok());
         s.set("statement_timeout", Some("1.5s")).unwrap();
         assert_eq!(s.statement_timeout_ms(), 1500);
         s.set("extra_float_digits", Some("3")).unwrap();
