@@ -475,6 +475,7 @@ pub fn wire_messages(data: &[u8]) {
     };
     let mut text_parser = copy::Parser::new(text_copy);
     let mut csv_parser = copy::Parser::new(csv_copy);
+    let panics = stream::DECODER_PANICS.load(std::sync::atomic::Ordering::Relaxed);
     for _ in 0..256 {
         let before = buf.len();
         let msg = match codec.decode(&mut buf) {
@@ -525,6 +526,11 @@ pub fn wire_messages(data: &[u8]) {
             _ => {}
         }
     }
+    assert_eq!(
+        stream::DECODER_PANICS.load(std::sync::atomic::Ordering::Relaxed),
+        panics,
+        "a message panicked pgwire's decoder"
+    );
 }
 
 /// Parameter types the Bind messages of `wire_messages` are read as.
