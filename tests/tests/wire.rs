@@ -409,6 +409,87 @@ async fn pgbench_in_every_query_mode_through_every_node() {
         .unwrap();
     let (balances, deltas): (i64, i64) = (row.get(0), row.get(1));
     assert_eq!(balances, deltas);
+
+    // Pipelines (libpq's pipeline mode, pgbench's \startpipeline): the Executes between two
+    // Syncs are one write, as they are one implicit transaction in PostgreSQL — the UPDATE sees
+    // the INSERT before it, and a pipeline that fails leaves nothing behind.
+    let out = libpq(
+        &tc,
+        "psql",
+        &[
+            "-X",
+            "-d",
+            &tc.conninfo(1),
+            "-c",
+            "CREATE TABLE pl (id int8 PRIMARY KEY, n int)",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(
+        dir.join("pipe.sql"),
+        "\\set id random(1, 1000000000000)\n\\startpipeline\n\
+         INSERT INTO pl (id, n) VALUES (:id, 1);\n\
+         UPDATE pl SET n = n + 1 WHERE id = :id;\n\
+         SELECT n FROM pl WHERE id = :id;\n\\endpipeline\n",
+    )
+    .unwrap();
+    let pipe = dir.join("pipe.sql");
+    let out = libpq(
+        &tc,
+        "pgbench",
+        &[
+            "-n",
+            "-M",
+            "prepared",
+            "-c",
+            "4",
+            "-T",
+            "3",
+            "-f",
+            pipe.to_str().unwrap(),
+            &tc.conninfo(2),
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(
+        stdout.contains("number of failed transactions: 0 (0.000%)"),
+        "{stdout}"
+    );
+    let ns: Vec<i32> = tc.column(3, "SELECT DISTINCT n FROM pl").await.unwrap();
+    assert_eq!(ns, [2], "every UPDATE saw its pipeline's INSERT");
+    std::fs::write(
+        dir.join("pipefail.sql"),
+        "\\startpipeline\nINSERT INTO pl (id, n) VALUES (-1, 1);\n\
+         INSERT INTO pl (id, n) VALUES (-1, 2);\n\\endpipeline\n",
+    )
+    .unwrap();
+    let fail = dir.join("pipefail.sql");
+    let out = libpq(
+        &tc,
+        "pgbench",
+        &[
+            "-n",
+            "-M",
+            "extended",
+            "-t",
+            "1",
+            "-f",
+            fail.to_str().unwrap(),
+            &tc.conninfo(3),
+        ],
+    );
+    assert!(
+        text(&out.stderr).contains("duplicate key value"),
+        "{}",
+        text(&out.stderr)
+    );
+    let left: Vec<i64> = tc
+        .column(1, "SELECT count(*) FROM pl WHERE id = -1")
+        .await
+        .unwrap();
+    assert_eq!(left, [0], "a failed pipeline wrote nothing");
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -384,7 +384,7 @@ async fn message_loop(wire: &mut Wire, session: &mut Session) -> io::Result<()> 
             F::Execute(m) => session.execute(wire, m).await?,
             F::Close(m) => session.close(wire, m).await?,
             F::Sync(_) => session.sync(wire).await?,
-            F::Flush(_) => wire.flush().await?,
+            F::Flush(_) => session.flush(wire).await?,
             F::Terminate(_) => return Ok(()),
             // What a client still sends of a COPY that ended with an error: dropped, as
             // PostgreSQL does.

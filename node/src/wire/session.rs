@@ -149,6 +149,18 @@ pub struct Session {
     cancel: Arc<CancelSignal>,
     /// An extended-query message failed: skip messages until `Sync`.
     skipping: bool,
+    /// `Execute`s waiting for `Sync` to run as one write (see [`Session::execute`]).
+    pipeline: Vec<Deferred>,
+    /// The error that ended the pipeline, when it failed while its output was held.
+    pipeline_error: Option<pgwire::messages::response::ErrorResponse>,
+}
+
+/// An `Execute` of a pipeline, run with the others at `Sync`.
+struct Deferred {
+    stmt: Statement,
+    params: Vec<SqlValue>,
+    /// Result formats as bound.
+    formats: Vec<i16>,
 }
 
 impl Session {
@@ -167,6 +179,8 @@ impl Session {
             portals: HashMap::new(),
             cancel,
             skipping: false,
+            pipeline: Vec::new(),
+            pipeline_error: None,
         }
     }
 
@@ -180,6 +194,9 @@ impl Session {
     /// Runs a query string (simple protocol) and ends with `ReadyForQuery`.
     pub async fn query(&mut self, out: &mut Wire, sql: &str) -> Io {
         self.cancel.reset();
+        // An extended-query pipeline without its Sync ends here (as PostgreSQL's would).
+        self.run_pipeline(out).await?;
+        self.skipping = false;
         if let Err(e) = self.query_inner(out, sql).await? {
             out.feed(B::ErrorResponse(e)).await?;
         }
@@ -562,6 +579,13 @@ impl Session {
         };
         let columns = match stmt.stmt.as_ref().map(|s| &s.kind) {
             None => Vec::new(),
+            // After a write of the pipeline, the read runs with it at Sync: described only.
+            Some(Kind::Read { .. }) if !self.pipeline.is_empty() => {
+                match self.describe_prepared(&stmt).await {
+                    Ok(d) => d.columns,
+                    Err(e) => return self.fail(out, error::response(&e, Op::Read, 0)).await,
+                }
+            }
             Some(Kind::Read { .. }) => match self.start_portal_read(name).await {
                 Ok(c) => c,
                 Err(e) => return self.fail(out, error::response(&e, Op::Read, 0)).await,
@@ -615,23 +639,35 @@ impl Session {
                 .await;
         };
         let max_rows = usize::try_from(m.max_rows).unwrap_or(0);
+        // A write waits for Sync, with the Executes after it: PostgreSQL runs the Executes
+        // between two Syncs as one implicit transaction, and so does raftpg (one write).
+        let deferrable = match &stmt.kind {
+            Kind::Write { .. } => true,
+            Kind::Read { .. } => !self.pipeline.is_empty() && portal.read.is_none(),
+            _ => false,
+        };
+        if deferrable {
+            let deferred = Deferred {
+                stmt: stmt.clone(),
+                params: portal.params.clone(),
+                formats: portal.result_formats.clone(),
+            };
+            out.hold();
+            out.slot(self.pipeline.len());
+            self.pipeline.push(deferred);
+            return Ok(());
+        }
+        if !self.pipeline.is_empty() {
+            // A session command or a read already running: the writes before it run first.
+            self.run_pipeline(out).await?;
+            if self.skipping {
+                return Ok(());
+            }
+        }
         match &stmt.kind {
             Kind::Read { tag } => self.execute_read(out, &name, tag, max_rows).await,
             Kind::Show { name: setting } if self.settings.show(setting).is_none() => {
                 self.execute_read(out, &name, "SHOW", max_rows).await
-            }
-            Kind::Write { .. } => {
-                let params = portal.params.clone();
-                let formats = portal.result_formats.clone();
-                match self.write(&[(&stmt, params)]).await {
-                    Ok(results) => {
-                        let r = results.into_iter().next().unwrap_or_default();
-                        self.send_write_result(out, &stmt, &r, Some(&formats))
-                            .await?;
-                        self.report_last_write(out).await
-                    }
-                    Err(e) => self.fail(out, error::response(&e, Op::Write, 0)).await,
-                }
             }
             _ => match self.session_command(out, &stmt, false).await? {
                 Ok(()) => Ok(()),
@@ -712,16 +748,86 @@ impl Session {
         out.feed(B::CloseComplete(CloseComplete::new())).await
     }
 
-    /// `Sync`: the end of an extended-query exchange.
+    /// `Sync`: the end of an extended-query exchange; the pipeline's writes run now.
     pub async fn sync(&mut self, out: &mut Wire) -> Io {
+        self.run_pipeline(out).await?;
         self.skipping = false;
         self.portals.remove("");
         self.ready(out).await
     }
 
-    /// Reports an extended-query error and skips until `Sync`.
+    /// `Flush`: what is held is sent — a pipeline's writes run now, as one write, and the
+    /// `Execute`s after this start another.
+    pub async fn flush(&mut self, out: &mut Wire) -> Io {
+        self.run_pipeline(out).await?;
+        out.flush().await
+    }
+
+    /// Runs the deferred `Execute`s as one write and sends the held output with their
+    /// results in place. When the pipeline failed (a write's error, or an error of a later
+    /// message while the output was held), nothing of it was written and the error takes the
+    /// place of its first `Execute`: PostgreSQL's implicit transaction was rolled back.
+    async fn run_pipeline(&mut self, out: &mut Wire) -> Io {
+        let deferred = std::mem::take(&mut self.pipeline);
+        let failed_before = self.pipeline_error.take();
+        if deferred.is_empty() {
+            return out.release(|_| None).await;
+        }
+        let n = deferred.len();
+        let result = match failed_before {
+            Some(e) => Err(e),
+            None => {
+                let stmts: Vec<(&Statement, Vec<SqlValue>)> = deferred
+                    .iter()
+                    .map(|d| (&d.stmt, d.params.clone()))
+                    .collect();
+                self.write(&stmts).await.map_err(|e| {
+                    let mut r = error::response(&e, Op::Write, 0);
+                    if n > 1 {
+                        r.fields.push((
+                            b'W',
+                            format!(
+                                "statement {} of a pipeline of {n}; none of them took effect",
+                                e.statement_index + 1
+                            ),
+                        ));
+                    }
+                    r
+                })
+            }
+        };
+        match result {
+            Ok(results) => {
+                let text = self.settings.text();
+                let mut filled: Vec<Option<Vec<B>>> = deferred
+                    .iter()
+                    .zip(results)
+                    .map(|(d, r)| Some(result_messages(&d.stmt, &r, &d.formats, text)))
+                    .collect();
+                out.release(|i| filled.get_mut(i).and_then(Option::take))
+                    .await?;
+                self.report_last_write(out).await
+            }
+            Err(e) => {
+                self.skipping = true;
+                let mut first = Some(vec![B::ErrorResponse(e)]);
+                out.release(|i| match i {
+                    0 => first.take(),
+                    _ => None,
+                })
+                .await
+            }
+        }
+    }
+
+    /// Reports an extended-query error and skips until `Sync`. While a pipeline's output is
+    /// held, the error ends the pipeline (see [`Session::run_pipeline`]).
     async fn fail(&mut self, out: &mut Wire, e: pgwire::messages::response::ErrorResponse) -> Io {
         self.skipping = true;
+        if !self.pipeline.is_empty() {
+            self.pipeline_error.get_or_insert(e);
+            return Ok(());
+        }
         out.feed(B::ErrorResponse(e)).await
     }
 
@@ -1259,6 +1365,36 @@ fn text_column(name: &str) -> ColumnInfo {
         type_name: "text".into(),
         type_oid: postgres_types::Type::TEXT.oid(),
     }
+}
+
+/// The messages of a statement's result in the extended protocol (its rows in `formats`, its
+/// command tag), or the error that stops it.
+fn result_messages(
+    s: &Statement,
+    r: &StatementOutcome,
+    formats: &[i16],
+    text: TextSettings,
+) -> Vec<B> {
+    let tag = match &s.kind {
+        Kind::Write { tag } | Kind::Read { tag } => tag.clone(),
+        _ => String::new(),
+    };
+    let formats = values::formats_for(formats, r.columns.len());
+    let mut out = Vec::with_capacity(r.rows.len() + 1);
+    for row in &r.rows {
+        match data_row(row, &r.columns, &formats, text) {
+            Ok(d) => out.push(B::DataRow(d)),
+            Err(e) => {
+                out.push(B::ErrorResponse(error::plain("0A000", e.to_string())));
+                return out;
+            }
+        }
+    }
+    out.push(B::CommandComplete(CommandComplete::new(match s.kind {
+        Kind::Read { .. } => read_tag(&tag, r.rows.len() as u64),
+        _ => write_tag(&tag, r),
+    })));
+    out
 }
 
 /// The tag of a read that returned `n` rows.

@@ -173,12 +173,72 @@ impl Encoder<B> for WireCodec {
 /// A connection's message stream.
 pub struct Wire {
     framed: Framed<MaybeTls, WireCodec>,
+    /// While the session holds its output (writes of an extended-query pipeline wait for
+    /// `Sync` to run as one write): the messages, and the places of results still to come.
+    held: Option<Vec<Held>>,
+}
+
+/// A held message, or the place of a result still to come.
+pub enum Held {
+    /// A message.
+    Msg(B),
+    /// The result of the `n`th deferred `Execute`.
+    Slot(usize),
 }
 
 impl Wire {
-    /// Queues a message (sent when the buffer fills or at [`Wire::flush`]).
+    /// Queues a message (sent when the buffer fills or at [`Wire::flush`]; kept back while
+    /// the output is held).
     pub async fn feed(&mut self, m: B) -> io::Result<()> {
-        self.framed.feed(m).await
+        match &mut self.held {
+            Some(held) => {
+                held.push(Held::Msg(m));
+                Ok(())
+            }
+            None => self.framed.feed(m).await,
+        }
+    }
+
+    /// Holds the output from now on (no effect while held already).
+    pub fn hold(&mut self) {
+        self.held.get_or_insert_with(Vec::new);
+    }
+
+    /// Whether the output is held.
+    pub fn holding(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// Marks the place of the result of deferred `Execute` number `n` (while held).
+    pub fn slot(&mut self, n: usize) {
+        if let Some(held) = &mut self.held {
+            held.push(Held::Slot(n));
+        }
+    }
+
+    /// Sends what was held, each slot replaced by `fill(n)`'s messages; a slot filled with
+    /// `None` ends the sending (what comes after it is dropped: the pipeline failed there).
+    pub async fn release(
+        &mut self,
+        mut fill: impl FnMut(usize) -> Option<Vec<B>>,
+    ) -> io::Result<()> {
+        let Some(held) = self.held.take() else {
+            return Ok(());
+        };
+        for h in held {
+            match h {
+                Held::Msg(m) => self.framed.feed(m).await?,
+                Held::Slot(n) => match fill(n) {
+                    Some(ms) => {
+                        for m in ms {
+                            self.framed.feed(m).await?;
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+        Ok(())
     }
 
     /// Sends everything queued.
@@ -227,6 +287,7 @@ impl Wire {
         new_parts.write_buf = parts.write_buf;
         Wire {
             framed: Framed::from_parts(new_parts),
+            held: None,
         }
     }
 }
