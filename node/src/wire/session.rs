@@ -54,6 +54,10 @@ use super::values::{self, TextSettings};
 /// Most prepared statements (and most portals) one session may hold.
 pub const PREPARED_MAX: usize = 10_000;
 
+/// Most `Execute`s of one pipeline (one write: also bounded by the node's statements per
+/// write and request size).
+pub const PIPELINE_MAX: usize = 1_000;
+
 type Io = std::io::Result<()>;
 
 /// A prepared statement.
@@ -646,6 +650,13 @@ impl Session {
             Kind::Read { .. } => !self.pipeline.is_empty() && portal.read.is_none(),
             _ => false,
         };
+        if deferrable && self.pipeline.len() >= PIPELINE_MAX {
+            let e = error::plain(
+                "54000",
+                format!("a pipeline may hold at most {PIPELINE_MAX} Executes before its Sync"),
+            );
+            return self.fail(out, e).await;
+        }
         if deferrable {
             let deferred = Deferred {
                 stmt: stmt.clone(),

@@ -178,6 +178,10 @@ pub struct Wire {
     held: Option<Vec<Held>>,
 }
 
+/// Most messages held for one pipeline (a client that never sends `Sync` has its connection
+/// closed rather than the node's memory filled).
+pub const HELD_MAX: usize = 100_000;
+
 /// A held message, or the place of a result still to come.
 pub enum Held {
     /// A message.
@@ -191,6 +195,9 @@ impl Wire {
     /// the output is held).
     pub async fn feed(&mut self, m: B) -> io::Result<()> {
         match &mut self.held {
+            Some(held) if held.len() >= HELD_MAX => Err(io::Error::other(format!(
+                "more than {HELD_MAX} messages held for one pipeline; send Sync more often"
+            ))),
             Some(held) => {
                 held.push(Held::Msg(m));
                 Ok(())
