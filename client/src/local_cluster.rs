@@ -91,13 +91,7 @@ pub const PEER_PORT_OFFSET: u16 = 1000;
 /// The peer address of the node whose client address is `addr` (same host, port +
 /// [`PEER_PORT_OFFSET`]).
 pub fn peer_addr_of(addr: &str) -> String {
-    match addr.rsplit_once(':') {
-        Some((host, port)) => match port.parse::<u16>() {
-            Ok(p) => format!("{host}:{}", p.saturating_add(PEER_PORT_OFFSET)),
-            Err(_) => addr.to_string(),
-        },
-        None => addr.to_string(),
-    }
+    port_plus(addr, PEER_PORT_OFFSET)
 }
 
 /// How far above a node's client port its PostgreSQL wire protocol port is (the node's own
@@ -107,9 +101,14 @@ pub const PG_PORT_OFFSET: u16 = 2000;
 /// The wire protocol address of the node whose client address is `addr` (same host, port +
 /// [`PG_PORT_OFFSET`]).
 pub fn pg_addr_of(addr: &str) -> String {
+    port_plus(addr, PG_PORT_OFFSET)
+}
+
+/// `host:port` with the port `offset` higher (`addr` unchanged when it has no port).
+fn port_plus(addr: &str, offset: u16) -> String {
     match addr.rsplit_once(':') {
         Some((host, port)) => match port.parse::<u16>() {
-            Ok(p) => format!("{host}:{}", p.saturating_add(PG_PORT_OFFSET)),
+            Ok(p) => format!("{host}:{}", p.saturating_add(offset)),
             Err(_) => addr.to_string(),
         },
         None => addr.to_string(),

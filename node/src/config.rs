@@ -252,13 +252,23 @@ impl NodeConfig {
     /// The wire protocol port's listen address, defaulting to the listen address's IP with
     /// port + 2000.
     pub fn pg_listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        if let Some(a) = self.pg_listen {
-            return Ok(a);
+        match self.pg_listen {
+            Some(a) => Ok(a),
+            None => self.listen_addr_plus(2000, "wire protocol", "--pg-listen"),
         }
+    }
+
+    /// The listen address's IP with its port `offset` higher (the default of another port).
+    fn listen_addr_plus(
+        &self,
+        offset: u16,
+        what: &str,
+        flag: &str,
+    ) -> Result<SocketAddr, ConfigError> {
         let listen = self.listen_addr()?;
-        let port = listen.port().checked_add(2000).ok_or_else(|| {
+        let port = listen.port().checked_add(offset).ok_or_else(|| {
             ConfigError(format!(
-                "no default wire protocol port for --listen {listen}; pass --pg-listen"
+                "no default {what} port for --listen {listen}; pass {flag}"
             ))
         })?;
         Ok(SocketAddr::new(listen.ip(), port))
@@ -266,16 +276,10 @@ impl NodeConfig {
 
     /// The peer port's listen address, defaulting to the listen address's IP with port + 1000.
     pub fn peer_listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        if let Some(a) = self.peer_listen {
-            return Ok(a);
+        match self.peer_listen {
+            Some(a) => Ok(a),
+            None => self.listen_addr_plus(1000, "peer", "--peer-listen"),
         }
-        let listen = self.listen_addr()?;
-        let port = listen.port().checked_add(1000).ok_or_else(|| {
-            ConfigError(format!(
-                "no default peer port for --listen {listen}; pass --peer-listen"
-            ))
-        })?;
-        Ok(SocketAddr::new(listen.ip(), port))
     }
 
     /// The peer address advertised to other nodes: --peer-advertise, or the host of

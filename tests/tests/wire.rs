@@ -18,6 +18,26 @@ fn libpq(tc: &TestCluster, program: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("running {program}: {e}"))
 }
 
+/// Runs a psql script file against `conn`, stopping at the first error; its output.
+fn psql_file(tc: &TestCluster, conn: &str, file: &std::path::Path) -> String {
+    let out = libpq(
+        tc,
+        "psql",
+        &[
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            conn,
+            "-f",
+            file.to_str().unwrap(),
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    stdout
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -51,21 +71,7 @@ SHOW raftpg.last_write_index;
 "#,
     )
     .unwrap();
-    let out = libpq(
-        &tc,
-        "psql",
-        &[
-            "-X",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            &conn,
-            "-f",
-            script.to_str().unwrap(),
-        ],
-    );
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let stdout = psql_file(&tc, &conn, &script);
     for expected in [
         "INSERT 0 2",
         " 1 | ann  | 01:30:00",
@@ -227,21 +233,7 @@ SHOW raftpg.last_write_index;
     );
     std::fs::write(dir.join("copy.sql"), &copy_script).unwrap();
     let copy_file = dir.join("copy.sql");
-    let out = libpq(
-        &tc,
-        "psql",
-        &[
-            "-X",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            &conn,
-            "-f",
-            copy_file.to_str().unwrap(),
-        ],
-    );
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let stdout = psql_file(&tc, &conn, &copy_file);
     assert!(stdout.contains("COPY 3"), "{stdout}");
     assert!(stdout.contains("COPY 20000"), "{stdout}");
     assert!(stdout.contains(" 20000 | 200010000"), "{stdout}");

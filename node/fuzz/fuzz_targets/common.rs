@@ -457,21 +457,11 @@ pub fn wire_messages(data: &[u8]) {
     };
     let mut codec = stream::WireCodec::new(first & 1 == 0, 1 << 20);
     let mut buf = BytesMut::from(rest);
-    let text_copy = copy::Format {
-        csv: false,
-        delimiter: b'\t',
-        null: "\\N".into(),
-        header: false,
-        quote: b'"',
-        escape: b'"',
-    };
+    let text_copy = copy::Format::text();
     let csv_copy = copy::Format {
-        csv: true,
-        delimiter: b',',
-        null: String::new(),
         header: first & 2 != 0,
-        quote: b'"',
         escape: if first & 4 != 0 { b'\\' } else { b'"' },
+        ..copy::Format::csv()
     };
     let mut text_parser = copy::Parser::new(text_copy);
     let mut csv_parser = copy::Parser::new(csv_copy);

@@ -533,15 +533,7 @@ async fn run_in_snapshot(
         .await
         .map_err(pg_stop)?;
     check_statement(&stmt, job.params)?;
-    let columns: Vec<ColumnInfo> = stmt
-        .columns()
-        .iter()
-        .map(|c| ColumnInfo {
-            name: c.name().to_string(),
-            type_name: c.type_().name().to_string(),
-            type_oid: c.type_().oid(),
-        })
-        .collect();
+    let columns = columns_of(&stmt);
     let forms = result_forms(&stmt, &job.req.result_formats, &job.req.settings);
     let stmt = match forms.contains(&Form::Text) {
         false => stmt,
@@ -599,6 +591,18 @@ async fn run_in_snapshot(
     }
     tx.commit().await.map_err(pg_stop)?;
     Ok(chunk)
+}
+
+/// The result columns of a prepared statement, with this node's type OIDs.
+fn columns_of(stmt: &tokio_postgres::Statement) -> Vec<ColumnInfo> {
+    stmt.columns()
+        .iter()
+        .map(|c| ColumnInfo {
+            name: c.name().to_string(),
+            type_name: c.type_().name().to_string(),
+            type_oid: c.type_().oid(),
+        })
+        .collect()
 }
 
 /// Prepares `sql` with the parameter types the client gave (0: PostgreSQL infers the type).
@@ -670,15 +674,7 @@ impl Service {
                 pooled.release();
                 return Ok(Description {
                     param_types: stmt.params().iter().map(Type::oid).collect(),
-                    columns: stmt
-                        .columns()
-                        .iter()
-                        .map(|c| ColumnInfo {
-                            name: c.name().to_string(),
-                            type_name: c.type_().name().to_string(),
-                            type_oid: c.type_().oid(),
-                        })
-                        .collect(),
+                    columns: columns_of(&stmt),
                 });
             }
         };

@@ -51,6 +51,30 @@ pub struct Format {
     pub escape: u8,
 }
 
+impl Format {
+    /// PostgreSQL's text format with its defaults (tab, `\N`).
+    pub fn text() -> Self {
+        Format {
+            csv: false,
+            delimiter: b'\t',
+            null: "\\N".into(),
+            header: false,
+            quote: b'"',
+            escape: b'"',
+        }
+    }
+
+    /// CSV with its defaults (comma, empty unquoted NULL, `"` quotes).
+    pub fn csv() -> Self {
+        Format {
+            csv: true,
+            delimiter: b',',
+            null: String::new(),
+            ..Format::text()
+        }
+    }
+}
+
 /// Quotes an identifier.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -92,14 +116,7 @@ fn parse(stmt: &CopyStmt) -> Result<CopyIn, String> {
                 .collect::<Result<_, _>>()?,
         ),
     };
-    let mut format = Format {
-        csv: false,
-        delimiter: b'\t',
-        null: "\\N".into(),
-        header: false,
-        quote: b'"',
-        escape: b'"',
-    };
+    let mut format = Format::text();
     let mut delimiter = None;
     let mut null = None;
     let mut escape = None;

@@ -40,41 +40,31 @@ pub fn response(e: &ServiceError, op: Op, offset: usize) -> ErrorResponse {
 
 /// A `FATAL` error (the connection ends after it).
 pub fn fatal(sqlstate: &str, message: impl Into<String>) -> ErrorResponse {
-    ErrorResponse::new(vec![
-        (b'S', "FATAL".into()),
-        (b'V', "FATAL".into()),
-        (b'C', sqlstate.into()),
-        (b'M', message.into()),
-    ])
+    ErrorResponse::new(basic("FATAL", sqlstate, message.into()))
 }
 
 /// A plain `ERROR` with a SQLSTATE and a message.
 pub fn plain(sqlstate: &str, message: impl Into<String>) -> ErrorResponse {
-    ErrorResponse::new(vec![
-        (b'S', "ERROR".into()),
-        (b'V', "ERROR".into()),
-        (b'C', sqlstate.into()),
-        (b'M', message.into()),
-    ])
+    ErrorResponse::new(basic("ERROR", sqlstate, message.into()))
 }
 
 /// A `WARNING` notice.
 pub fn warning(sqlstate: &str, message: impl Into<String>) -> NoticeResponse {
-    NoticeResponse::new(vec![
-        (b'S', "WARNING".into()),
-        (b'V', "WARNING".into()),
+    NoticeResponse::new(basic("WARNING", sqlstate, message.into()))
+}
+
+/// The fields every error and notice has.
+fn basic(severity: &str, sqlstate: &str, message: String) -> Vec<(u8, String)> {
+    vec![
+        (b'S', severity.into()),
+        (b'V', severity.into()),
         (b'C', sqlstate.into()),
-        (b'M', message.into()),
-    ])
+        (b'M', message),
+    ]
 }
 
 fn fields(e: &ServiceError, op: Op, offset: usize, severity: &str) -> Vec<(u8, String)> {
-    let mut f = vec![
-        (b'S', severity.to_string()),
-        (b'V', severity.to_string()),
-        (b'C', sqlstate(e, op).to_string()),
-        (b'M', e.message.clone()),
-    ];
+    let mut f = basic(severity, sqlstate(e, op), e.message.clone());
     if !e.detail.is_empty() {
         f.push((b'D', e.detail.clone()));
     }
