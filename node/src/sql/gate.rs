@@ -1258,20 +1258,26 @@ fn looks_like_set_statement(s: &str) -> bool {
     }
 }
 
-/// Checks the SQL of a read: only queries are allowed.
-pub fn check_read(sql: &str) -> Result<(), Refusal> {
-    let (parsed, tree) = parse(sql)?;
-    check_role_escapes(&tree)?;
-    let stmt = first_statement(parsed)?;
-    let ok = match &stmt {
+/// Whether a parsed statement is a query a read may run (`SELECT`/`VALUES`/`TABLE`/`WITH …
+/// SELECT` without `INTO` or locking, `EXPLAIN` without `ANALYZE`, `SHOW`): the kind rule of
+/// [`check_read`], for a caller that parsed the statement already.
+pub fn is_query(stmt: &NodeEnum) -> bool {
+    match stmt {
         NodeEnum::SelectStmt(s) => s.into_clause.is_none() && s.locking_clause.is_empty(),
         NodeEnum::ExplainStmt(s) => !s.options.iter().any(|o| {
             matches!(&o.node, Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case("analyze"))
         }),
         NodeEnum::VariableShowStmt(_) => true,
         _ => false,
-    };
-    if ok {
+    }
+}
+
+/// Checks the SQL of a read: only queries are allowed.
+pub fn check_read(sql: &str) -> Result<(), Refusal> {
+    let (parsed, tree) = parse(sql)?;
+    check_role_escapes(&tree)?;
+    let stmt = first_statement(parsed)?;
+    if is_query(&stmt) {
         Ok(())
     } else {
         Err(refuse(

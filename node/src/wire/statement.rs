@@ -137,7 +137,9 @@ fn classify(sql: &str, node: Option<&N>) -> Kind {
         Some(N::DiscardStmt(_)) => Kind::ResetAll {
             tag: first_words(sql, 2).to_ascii_uppercase(),
         },
-        Some(node) if gate::check_read(sql).is_ok() => Kind::Read {
+        // The kind decides here; the read's own check (role escapes included) runs when it is
+        // admitted.
+        Some(node) if gate::is_query(node) => Kind::Read {
             tag: match node {
                 N::ExplainStmt(_) => "EXPLAIN",
                 _ => "SELECT",
