@@ -229,6 +229,31 @@ fn send(pid: i32, sig: libc::c_int) {
     }
 }
 
+/// Waits (up to 10 s) until every thread of process `pid` is stopped (state `T` in
+/// `/proc/<pid>/task/*/stat`), or the process is gone.
+fn wait_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let all_stopped = || -> bool {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return true;
+        };
+        tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .map(|stat| {
+                    // The state follows the command name, which is in parentheses.
+                    let state = stat
+                        .rsplit_once(") ")
+                        .and_then(|(_, rest)| rest.chars().next());
+                    matches!(state, Some('T' | 't' | 'Z' | 'X') | None)
+                })
+                .unwrap_or(true)
+        })
+    };
+    while !all_stopped() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A running local cluster.
 pub struct LocalCluster {
     spec: LocalClusterSpec,
@@ -469,11 +494,17 @@ impl LocalCluster {
         }
     }
 
-    /// Sends `sig` to node `id`'s process (SIGSTOP/SIGCONT pause and resume it).
+    /// Sends `sig` to node `id`'s process (SIGSTOP/SIGCONT pause and resume it). SIGSTOP
+    /// returns once every thread of the process has stopped: the kernel stops a process's
+    /// threads one by one, after one of them is scheduled, and on a loaded machine the others
+    /// can keep answering RPCs for tens of milliseconds after `kill` returned.
     pub fn signal_node(&self, id: u64, sig: libc::c_int) -> bool {
         match self.node(id).pid() {
             Some(pid) => {
                 send(pid as i32, sig);
+                if sig == libc::SIGSTOP {
+                    wait_stopped(pid);
+                }
                 true
             }
             None => false,
