@@ -8,7 +8,7 @@
 
 use pg_query::NodeEnum;
 
-use crate::sql::{session_rules, time_literals};
+use crate::sql::{catalog, session_rules, time_literals};
 
 use super::refusal::refuse;
 pub use super::refusal::Refusal;
@@ -266,65 +266,6 @@ const REWRITTEN_FUNCTIONS: &[(&str, &str)] = &[
 /// which value.
 const PER_ROW_FUNCTIONS: &[&str] = &["random", "gen_random_uuid", "uuid_generate_v4", "nextval"];
 
-/// Functions whose result differs between nodes or runs and that raftpg cannot make
-/// deterministic: refused, directly or in a column DEFAULT.
-const NON_DETERMINISTIC_FUNCTIONS: &[&str] = &[
-    "timeofday",
-    "setseed",
-    "random_normal",
-    "uuid_generate_v1",
-    "uuid_generate_v1mc",
-    "pg_backend_pid",
-    "txid_current",
-    "txid_current_if_assigned",
-    "pg_current_xact_id",
-    "pg_current_xact_id_if_assigned",
-    "inet_server_addr",
-    "inet_server_port",
-    "inet_client_addr",
-    "inet_client_port",
-    "pg_postmaster_start_time",
-    "pg_conf_load_time",
-    "pg_current_wal_lsn",
-    "pg_current_wal_insert_lsn",
-    "pg_advisory_lock",
-    "pg_advisory_xact_lock",
-    "pg_try_advisory_lock",
-    "pg_try_advisory_xact_lock",
-    "pg_advisory_lock_shared",
-    "pg_advisory_xact_lock_shared",
-    "pg_try_advisory_lock_shared",
-    "pg_try_advisory_xact_lock_shared",
-    "pg_advisory_unlock",
-    "pg_advisory_unlock_all",
-    "pg_sleep",
-    "pg_sleep_for",
-    "pg_sleep_until",
-    "pg_read_file",
-    "pg_read_binary_file",
-    "pg_ls_dir",
-    "pg_stat_file",
-    "lo_import",
-    "lo_export",
-    "dblink",
-    "dblink_exec",
-    "pg_notify",
-    "set_config",
-    "pg_terminate_backend",
-    "pg_cancel_backend",
-    "pg_reload_conf",
-    "version",
-    "current_setting",
-    "pg_stat_get_activity",
-    "txid_snapshot_xmax",
-    "pg_current_snapshot",
-    "txid_current_snapshot",
-    "pg_export_snapshot",
-    "pg_switch_wal",
-    "pg_create_restore_point",
-    "pg_rotate_logfile",
-];
-
 /// `CURRENT_TIMESTAMP`-style keywords (SQLValueFunction ops) and their replacement; `None`
 /// marks the precision variants, which are refused.
 fn sql_value_function_rewrite(op: i32) -> Option<Option<&'static str>> {
@@ -385,6 +326,72 @@ fn func_name(node: &serde_json::Value) -> (Option<String>, String) {
         None
     };
     (schema, last)
+}
+
+/// The number of arguments of a serialized FuncCall (`count(*)`: none).
+fn arity(node: &serde_json::Value) -> usize {
+    node.get("args")
+        .and_then(|a| a.as_array())
+        .map(|a| a.len())
+        .unwrap_or(0)
+}
+
+/// The [`catalog`] verdict of a call of `schema.name` with `arity` arguments: unqualified,
+/// `pg_catalog.` and `information_schema.` calls are resolved among PostgreSQL's functions and
+/// the allowed extensions' functions, calls qualified with another schema among the
+/// extensions' (which may live in any schema). `None`: raftpg's own schema, or a function of
+/// the user's.
+fn call_verdict(
+    schema: Option<&str>,
+    name: &str,
+    arity: usize,
+) -> Option<(catalog::Verdict, &'static str)> {
+    match schema {
+        Some(RAFTPG_SCHEMA) => None,
+        None | Some("pg_catalog" | "information_schema") => catalog::lookup(name, arity, true),
+        Some(_) => catalog::lookup(name, arity, false),
+    }
+}
+
+/// Why a write may not call `name()` (see [`catalog::Verdict`]), and what to do instead.
+fn write_refusal(name: &str, verdict: catalog::Verdict, why: &str) -> Refusal {
+    use catalog::Verdict as V;
+    match verdict {
+        V::PerNode => refuse(
+            FEATURE_NOT_SUPPORTED,
+            format!("{name}() depends on {why}, which differs between nodes, so a write cannot use it; call it in a read, or compute the value in the client and bind it as a parameter"),
+        ),
+        V::Session => refuse(
+            FEATURE_NOT_SUPPORTED,
+            format!("{name}() {why}, and a write runs in the applier session every write shares; use a row as a lock (SELECT ... FOR UPDATE is implicit in UPDATE) or compute the value in the client"),
+        ),
+        V::Escape => refuse(
+            INSUFFICIENT_PRIVILEGE,
+            format!("{name}() is not allowed: it {why}, which raftpg cannot check"),
+        ),
+        V::Internal => refuse(
+            FEATURE_NOT_SUPPORTED,
+            format!("{name}() is {why}; use the cast or operator that calls it"),
+        ),
+        _ => refuse(
+            FEATURE_NOT_SUPPORTED,
+            format!("{name}() is not immutable and raftpg has not reviewed that it gives the same result on every node, so writes may not call it; compute the value in the client (or in a read) and bind it as a parameter"),
+        ),
+    }
+}
+
+/// Why a read may not call `name()` (a [`catalog::Verdict::Session`] or `Escape` function).
+fn read_refusal(name: &str, verdict: catalog::Verdict, why: &str) -> Refusal {
+    match verdict {
+        catalog::Verdict::Escape => refuse(
+            INSUFFICIENT_PRIVILEGE,
+            format!("{name}() is not allowed: it {why}, which raftpg cannot check"),
+        ),
+        _ => refuse(
+            FEATURE_NOT_SUPPORTED,
+            format!("{name}() {why}, and a read runs on a pooled connection that later reads of every client share, so it may not leave state behind; use a row as a lock in a write, or keep such state in the client"),
+        ),
+    }
 }
 
 /// Functions a statement running as a role must not call: `set_config` can set
@@ -465,6 +472,8 @@ struct TreeScan {
     keywords: Vec<Edit>,
     /// A [`PER_ROW_FUNCTIONS`] call appears somewhere.
     per_row_calls: bool,
+    /// Locations of `tableoid` columns cast to `regclass` (see [`note_tableoid_as_name`]).
+    tableoid_as_name: Vec<usize>,
 }
 
 /// Checks one statement of a write entry and returns it rewritten for deterministic replay:
@@ -481,6 +490,7 @@ pub fn prepare_write(sql: &str) -> Result<String, Refusal> {
     let scan = scan_write_tree(&tree, dml)?;
     let literals = time_literal_rewrites(&tree, dml)?;
     check_statement_kind(stmt)?;
+    check_extension_allowed(stmt)?;
     check_row_order(stmt, scan.per_row_calls)?;
     check_function_bodies(stmt)?;
     if let Some(rewritten) = super::roles::prepare(sql, stmt)? {
@@ -539,13 +549,72 @@ fn scan_node(
             "TABLESAMPLE picks rows by physical page (SYSTEM) or at random (BERNOULLI), which differs between nodes, also with REPEATABLE; select the rows by a key instead (e.g. WHERE hashtext(id::text) % 20 = 0)",
         )),
         "SelectStmt" | "larg" | "rarg" => check_limit_is_ordered(node),
+        "TypeCast" => {
+            note_tableoid_as_name(node, scan);
+            Ok(())
+        }
+        "ColumnRef" => check_system_column(node, scan),
         _ => Ok(()),
     }
 }
 
-/// A function call: `currval()`/`lastval()` outside a query and [`NON_DETERMINISTIC_FUNCTIONS`]
-/// are refused, [`PER_ROW_FUNCTIONS`] noted, [`REWRITTEN_FUNCTIONS`] collected for renaming.
-/// Functions of other schemas (e.g. `raftpg.now()` or a user's own) are left alone.
+/// System columns whose values are per node: a physical row address, transaction and command
+/// ids of the node's own transactions.
+const PER_NODE_SYSTEM_COLUMNS: &[&str] = &["ctid", "xmin", "xmax", "cmin", "cmax"];
+
+/// The last field of a serialized ColumnRef (`t.ctid` → `ctid`), lower case.
+fn column_ref_field(node: &serde_json::Value) -> Option<String> {
+    node.get("fields")?
+        .as_array()?
+        .last()?
+        .pointer("/node/String/sval")?
+        .as_str()
+        .map(|s| s.to_ascii_lowercase())
+}
+
+/// `tableoid::regclass` names the row's table (by name, the same on every node): the one use
+/// of `tableoid` a write may make. Notes where such a ColumnRef is.
+fn note_tableoid_as_name(node: &serde_json::Value, scan: &mut TreeScan) {
+    let to_regclass = node
+        .pointer("/type_name/names")
+        .and_then(|n| n.as_array())
+        .and_then(|a| a.last())
+        .and_then(|n| n.pointer("/node/String/sval"))
+        .and_then(|s| s.as_str())
+        .is_some_and(|t| t.eq_ignore_ascii_case("regclass"));
+    if let Some(col) = node.pointer("/arg/node/ColumnRef") {
+        if to_regclass && column_ref_field(col).as_deref() == Some("tableoid") {
+            scan.tableoid_as_name.extend(location(col));
+        }
+    }
+}
+
+/// Refuses the per-node system columns anywhere in a write (as values, in conditions — a
+/// `WHERE ctid = …` picks a different row on each node — or in a view's definition), and
+/// `tableoid` except as `tableoid::regclass`.
+fn check_system_column(node: &serde_json::Value, scan: &TreeScan) -> Result<(), Refusal> {
+    let Some(field) = column_ref_field(node) else {
+        return Ok(());
+    };
+    if PER_NODE_SYSTEM_COLUMNS.contains(&field.as_str()) {
+        return Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            format!("the system column {field} is a physical row address or a transaction id of each node's own PostgreSQL, which differ between nodes, so a write cannot use it; identify rows by a key (a primary key or a unique column)"),
+        ));
+    }
+    if field == "tableoid" && !location(node).is_some_and(|l| scan.tableoid_as_name.contains(&l)) {
+        return Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            "the system column tableoid is an object id, which differs between nodes; a write may use it only as tableoid::regclass (the table's name)",
+        ));
+    }
+    Ok(())
+}
+
+/// A function call: `currval()`/`lastval()` outside a query and functions whose
+/// [`catalog`] verdict does not allow writes are refused, [`PER_ROW_FUNCTIONS`] noted,
+/// [`REWRITTEN_FUNCTIONS`] collected for renaming. Functions of schema raftpg and the user's own
+/// functions are left alone (their bodies were checked when they were created).
 fn scan_func_call(node: &serde_json::Value, dml: bool, scan: &mut TreeScan) -> Result<(), Refusal> {
     let (schema, name) = func_name(node);
     if matches!(name.as_str(), "currval" | "lastval")
@@ -564,19 +633,16 @@ fn scan_func_call(node: &serde_json::Value, dml: bool, scan: &mut TreeScan) -> R
     {
         scan.per_row_calls = true;
     }
+    if let Some((verdict, why)) = call_verdict(schema.as_deref(), &name, arity(node)) {
+        if !verdict.allowed_in_writes() {
+            return Err(write_refusal(&name, verdict, why));
+        }
+    }
     if schema
         .as_deref()
         .is_some_and(|s| s != "pg_catalog" && s != "public")
     {
         return Ok(()); // e.g. raftpg.now(), or a user schema's own function
-    }
-    if NON_DETERMINISTIC_FUNCTIONS.contains(&name.as_str()) {
-        return Err(refuse(
-            FEATURE_NOT_SUPPORTED,
-            format!(
-                "{name}() gives a different result on each node, so it cannot be replicated; compute the value in the client and bind it as a parameter"
-            ),
-        ));
     }
     if let Some((_, to)) = REWRITTEN_FUNCTIONS.iter().find(|(from, _)| *from == name) {
         let parts = node
@@ -929,6 +995,26 @@ fn check_statement_kind(stmt: &NodeEnum) -> Result<(), Refusal> {
     }
 }
 
+/// `CREATE EXTENSION` only of the extensions whose functions are classified
+/// ([`catalog::EXTENSIONS_ALLOWED`]): any other could read per-node state through functions
+/// the gate knows nothing about.
+fn check_extension_allowed(stmt: &NodeEnum) -> Result<(), Refusal> {
+    let NodeEnum::CreateExtensionStmt(e) = stmt else {
+        return Ok(());
+    };
+    if catalog::EXTENSIONS_ALLOWED.contains(&e.extname.as_str()) {
+        return Ok(());
+    }
+    Err(refuse(
+        FEATURE_NOT_SUPPORTED,
+        format!(
+            "extension \"{}\" is not allowed: raftpg has not classified its functions, which could read state that differs between nodes; allowed: {}",
+            e.extname,
+            catalog::EXTENSIONS_ALLOWED.join(", ")
+        ),
+    ))
+}
+
 /// Writes whose result depends on the physical order of rows (which differs between nodes).
 fn check_row_order(stmt: &NodeEnum, per_row_calls: bool) -> Result<(), Refusal> {
     match stmt {
@@ -1008,8 +1094,20 @@ fn check_body(body: &str) -> Result<(), Refusal> {
         );
         let call = text(i + 1) == "(";
         let qualified_by_raftpg = i >= 2 && text(i - 1) == "." && text(i - 2) == "raftpg";
-        let named = NON_DETERMINISTIC_FUNCTIONS.contains(&word.as_str())
-            || REWRITTEN_FUNCTIONS.iter().any(|(f, _)| *f == word);
+        if call {
+            let schema = (i >= 2 && text(i - 1) == ".").then(|| text(i - 2));
+            let args = body_call_arity(&text, i + 1, tokens.len());
+            if let Some((verdict, why)) = call_verdict(schema.as_deref(), &word, args) {
+                if !verdict.allowed_in_writes() {
+                    let r = write_refusal(&word, verdict, why);
+                    return Err(refuse(
+                        r.sqlstate,
+                        format!("the function body calls {}", r.message),
+                    ));
+                }
+            }
+        }
+        let named = REWRITTEN_FUNCTIONS.iter().any(|(f, _)| *f == word);
         if keyword_time || (named && call && !qualified_by_raftpg) {
             return Err(refuse(
                 FEATURE_NOT_SUPPORTED,
@@ -1103,6 +1201,26 @@ fn check_body(body: &str) -> Result<(), Refusal> {
         }
     }
     Ok(())
+}
+
+/// The number of arguments of a call in a function body whose `(` is token `open`: commas at
+/// the call's own depth, up to its `)`.
+fn body_call_arity(text: &dyn Fn(usize) -> String, open: usize, len: usize) -> usize {
+    let (mut depth, mut commas) = (0usize, 0usize);
+    for j in open..len {
+        match text(j).as_str() {
+            "(" | "[" => depth += 1,
+            ")" | "]" => {
+                depth -= 1;
+                if depth == 0 {
+                    return if j == open + 1 { 0 } else { commas + 1 };
+                }
+            }
+            "," if depth == 1 => commas += 1,
+            _ => {}
+        }
+    }
+    commas + 1
 }
 
 /// The SQL a PL/pgSQL `EXECUTE` whose argument starts at token `at` runs, if it is constant: a
@@ -1272,10 +1390,29 @@ pub fn is_query(stmt: &NodeEnum) -> bool {
     }
 }
 
+/// Refuses calls a read may not make: functions that leave state in the pooled connection
+/// (session-level advisory locks, the random seed, …) or escape checking.
+fn check_read_calls(tree: &serde_json::Value) -> Result<(), Refusal> {
+    let mut refusal = None;
+    walk(tree, &mut |kind, node| {
+        if refusal.is_some() || kind != "FuncCall" {
+            return;
+        }
+        let (schema, name) = func_name(node);
+        if let Some((verdict, why)) = call_verdict(schema.as_deref(), &name, arity(node)) {
+            if !verdict.allowed_in_reads() {
+                refusal = Some(read_refusal(&name, verdict, why));
+            }
+        }
+    });
+    refusal.map_or(Ok(()), Err)
+}
+
 /// Checks the SQL of a read: only queries are allowed.
 pub fn check_read(sql: &str) -> Result<(), Refusal> {
     let (parsed, tree) = parse(sql)?;
     check_role_escapes(&tree)?;
+    check_read_calls(&tree)?;
     let stmt = first_statement(parsed)?;
     if is_query(&stmt) {
         Ok(())
@@ -1609,5 +1746,77 @@ mod tests {
                 .sqlstate,
             READ_ONLY
         );
+    }
+
+    #[test]
+    fn the_allowlist_refuses_what_differs_between_nodes() {
+        // The probes of issue 18: sizes, physical row addresses, transaction ids.
+        for sql in [
+            "INSERT INTO probe (v) VALUES (pg_database_size(current_database())::text)",
+            "INSERT INTO probe (v) VALUES (pg_relation_size('probe')::text)",
+            "INSERT INTO probe (v) VALUES (pg_size_pretty(pg_total_relation_size('probe')))",
+            "INSERT INTO probe (v) SELECT ctid::text FROM probe ORDER BY id LIMIT 1",
+            "INSERT INTO probe (v) SELECT xmin::text FROM probe ORDER BY id LIMIT 1",
+            "INSERT INTO probe (v) VALUES (pg_table_size('probe')::text)",
+            "INSERT INTO probe (v) VALUES (pg_indexes_size('probe')::text)",
+            "DELETE FROM t WHERE ctid = (SELECT min(ctid) FROM t)",
+            "UPDATE t SET v = 1 WHERE id = 1 AND xmin = '123'",
+            "INSERT INTO t SELECT tableoid FROM u ORDER BY id",
+            "INSERT INTO t VALUES (age('2020-01-01'::timestamp))",
+            "INSERT INTO t VALUES (pg_stat_get_numscans('t'::regclass))",
+            "INSERT INTO t VALUES (pg_catalog.pg_backend_pid())",
+            "INSERT INTO u VALUES (crypt('pw', gen_salt('bf')))",
+            "INSERT INTO u VALUES (public.gen_random_bytes(16))",
+            "CREATE VIEW v AS SELECT ctid, * FROM t",
+            "CREATE EXTENSION pageinspect",
+            "CREATE EXTENSION dblink",
+            "CREATE FUNCTION f() RETURNS bigint LANGUAGE sql AS $$ SELECT pg_relation_size('t') $$",
+            "CREATE FUNCTION f(d timestamp) RETURNS interval LANGUAGE sql AS $$ SELECT age(d) $$",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT setseed(0.5)",
+            "SELECT lo_creat(-1)",
+        ] {
+            let r = check_write(sql).expect_err(sql);
+            assert!(
+                r.message.contains("instead")
+                    || r.message.contains("; ")
+                    || r.message.contains("only"),
+                "{sql}: {}",
+                r.message
+            );
+        }
+        for sql in [
+            "INSERT INTO t VALUES (age('2020-01-02'::timestamp, '2020-01-01'::timestamp))",
+            "INSERT INTO t SELECT tableoid::regclass::text, id FROM u ORDER BY id",
+            "INSERT INTO t VALUES (to_char(now(), 'YYYY-MM-DD'), format('%s', 1))",
+            "INSERT INTO t VALUES (has_table_privilege('t', 'select'))",
+            "INSERT INTO u VALUES (crypt('pw', '$2a$06$abcdefghijklmnopqrstuv'))",
+            "CREATE EXTENSION pgcrypto",
+            "CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\"",
+            "CREATE FUNCTION f(a timestamp, b timestamp) RETURNS interval LANGUAGE sql AS $$ SELECT age(a, b) $$",
+            "INSERT INTO t VALUES (nextval('s'))",
+            "INSERT INTO t VALUES (myschema.pg_relation_size(1))",
+        ] {
+            check_write(sql).unwrap_or_else(|r| panic!("{sql}: {}", r.message));
+        }
+    }
+
+    #[test]
+    fn reads_leave_no_state_behind() {
+        for sql in [
+            "SELECT pg_advisory_lock(42)::text",
+            "SELECT pg_try_advisory_lock(1)",
+            "SELECT setseed(0.1)",
+            "SELECT pg_advisory_unlock_all()",
+        ] {
+            assert!(check_read(sql).is_err(), "{sql}");
+        }
+        for sql in [
+            "SELECT pg_relation_size('t')",
+            "SELECT pg_advisory_xact_lock(1)",
+            "SELECT version(), pg_backend_pid(), now()",
+        ] {
+            check_read(sql).unwrap_or_else(|r| panic!("{sql}: {}", r.message));
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! The SQL gate, on the leader before anything enters the log: which statements may be
 //! replicated (their effects must be the same on every node) and the rewrites that make them so.
 //!
+//! - [`catalog`]: every function PostgreSQL and the allowed extensions ship, classified
+//!   (`functions.tsv`): what writes and reads may call.
 //! - [`gate`]: parses each write, refuses what could diverge or escape (per-node state,
 //!   session settings, raftpg's own schema), and rewrites non-deterministic calls into the
 //!   entry's deterministic inputs.
@@ -14,6 +16,7 @@
 //! Pure functions of the SQL text (plus the allowlists): no I/O, no Raft, no PostgreSQL
 //! connection.
 
+pub mod catalog;
 pub mod gate;
 pub mod refusal;
 pub mod roles;

@@ -46,6 +46,10 @@ pub const FIXED_SETTINGS: &[(&str, &str)] = &[
     ("transform_null_equals", "off"),
     ("gin_fuzzy_search_limit", "0"),
     ("jit", "off"),
+    // Locale-dependent formatting (money, to_char's TM and L patterns, to_number).
+    ("lc_monetary", "C"),
+    ("lc_numeric", "C"),
+    ("lc_time", "C"),
 ];
 
 /// The `options` startup parameter that sets [`FIXED_SETTINGS`] (spaces escaped for libpq).
