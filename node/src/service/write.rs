@@ -131,19 +131,21 @@ impl Service {
                 .get()
                 .await
                 .map_err(|e| ServiceError::unavailable(e.to_string(), None))?;
-            let found = pooled
+            // EXISTS: an extension usually ships several versions (one row each).
+            let found: bool = pooled
                 .client()
-                .query_opt(
-                    "SELECT 1 FROM pg_available_extension_versions
-                     WHERE name = $1 AND ($2::text IS NULL OR version = $2)",
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_available_extension_versions
+                     WHERE name = $1 AND ($2::text IS NULL OR version = $2))",
                     &[&name, &version],
                 )
                 .await
+                .map(|r| r.get(0))
                 .map_err(|e| {
                     ServiceError::unavailable(format!("checking extension {name}: {e}"), None)
                 })?;
             pooled.release();
-            if found.is_none() {
+            if !found {
                 return Err(ServiceError::refused(
                     ErrorKind::FailedPrecondition,
                     "0A000",

@@ -117,17 +117,16 @@ impl FunctionEntry {
     }
 }
 
-/// The extensions `CREATE EXTENSION` may install: their functions are classified below (the
-/// others read node-local state, run SQL given as text, reach outside the database, or add
-/// table access methods raftpg refuses anyway).
+/// The extensions `CREATE EXTENSION` may install: PostgreSQL's *trusted* extensions (roles
+/// that are not superusers may install them; raftpg has none) whose functions are classified
+/// below. The others read node-local state, run SQL given as text, reach outside the database,
+/// or add features raftpg refuses anyway (`lo`, `tcn`, `tsm_system_*`).
 pub const EXTENSIONS_ALLOWED: &[&str] = &[
     "btree_gin",
     "btree_gist",
     "citext",
     "cube",
     "dict_int",
-    "dict_xsyn",
-    "earthdistance",
     "fuzzystrmatch",
     "hstore",
     "intarray",
@@ -837,6 +836,89 @@ pub fn classify(f: &FunctionEntry) -> (Verdict, &'static str) {
     (Verdict::Unreviewed, "not immutable and not reviewed")
 }
 
+/// The system relations a write may read: views whose rows are names and definitions only —
+/// no object ids (every catalog table has them, and they differ between nodes once a node's
+/// PostgreSQL crashed or restored a snapshot), no sizes, statistics, settings, files or
+/// connections. `information_schema` views that build names from object ids (the
+/// `specific_name` of routines, the names of NOT NULL constraints) are left out.
+/// `tests/tests/determinism_proof.rs` stores the whole content of every system relation on a
+/// cluster whose nodes differ physically: these must come out identical.
+pub const RELATIONS_ALLOWED: &[&str] = &[
+    "pg_catalog.pg_indexes",
+    "pg_catalog.pg_matviews",
+    "pg_catalog.pg_policies",
+    "pg_catalog.pg_rules",
+    "pg_catalog.pg_sequences",
+    "pg_catalog.pg_tables",
+    "pg_catalog.pg_views",
+    "information_schema.administrable_role_authorizations",
+    "information_schema.applicable_roles",
+    "information_schema.attributes",
+    "information_schema.character_sets",
+    "information_schema.check_constraint_routine_usage",
+    "information_schema.collation_character_set_applicability",
+    "information_schema.collations",
+    "information_schema.column_column_usage",
+    "information_schema.column_domain_usage",
+    "information_schema.column_options",
+    "information_schema.column_privileges",
+    "information_schema.column_udt_usage",
+    "information_schema.columns",
+    "information_schema.constraint_column_usage",
+    "information_schema.constraint_table_usage",
+    "information_schema.domain_constraints",
+    "information_schema.domain_udt_usage",
+    "information_schema.domains",
+    "information_schema.enabled_roles",
+    "information_schema.information_schema_catalog_name",
+    "information_schema.key_column_usage",
+    "information_schema.referential_constraints",
+    "information_schema.role_column_grants",
+    "information_schema.role_table_grants",
+    "information_schema.role_udt_grants",
+    "information_schema.role_usage_grants",
+    "information_schema.schemata",
+    "information_schema.sequences",
+    "information_schema.sql_features",
+    "information_schema.sql_implementation_info",
+    "information_schema.sql_sizing",
+    "information_schema.table_privileges",
+    "information_schema.tables",
+    "information_schema.triggered_update_columns",
+    "information_schema.triggers",
+    "information_schema.udt_privileges",
+    "information_schema.usage_privileges",
+    "information_schema.user_defined_types",
+    "information_schema.view_column_usage",
+    "information_schema.view_table_usage",
+    "information_schema.views",
+];
+
+/// The committed list of system relations (generated like `functions.tsv`): `schema.name`
+/// per line.
+pub const RELATIONS_TXT: &str = include_str!("relations.txt");
+
+static SYSTEM_RELATIONS: LazyLock<std::collections::HashSet<&'static str>> = LazyLock::new(|| {
+    RELATIONS_TXT
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect()
+});
+
+/// Whether `schema.name` (schema `None`: unqualified, which PostgreSQL resolves in
+/// `pg_catalog` first) is a system relation a write may not read. `None` when it is not a
+/// system relation or is allowed; otherwise the qualified name.
+pub fn relation_refused(schema: Option<&str>, name: &str) -> Option<String> {
+    let qualified = match schema {
+        None => format!("pg_catalog.{name}"),
+        Some(s @ ("pg_catalog" | "information_schema")) => format!("{s}.{name}"),
+        Some(_) => return None,
+    };
+    (SYSTEM_RELATIONS.contains(qualified.as_str())
+        && !RELATIONS_ALLOWED.contains(&qualified.as_str()))
+    .then_some(qualified)
+}
+
 /// One classified function of the committed file.
 #[derive(Debug, Clone)]
 pub struct Classified {
@@ -940,7 +1022,12 @@ static BY_NAME: LazyLock<HashMap<String, Vec<Classified>>> = LazyLock::new(|| {
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(Classified::parse)
     {
-        by_name.entry(c.name().to_string()).or_default().push(c);
+        // The gate compares names in lower case (only the RI_FKey_* trigger functions have
+        // capitals).
+        by_name
+            .entry(c.name().to_ascii_lowercase())
+            .or_default()
+            .push(c);
     }
     by_name
 });

@@ -554,8 +554,33 @@ fn scan_node(
             Ok(())
         }
         "ColumnRef" => check_system_column(node, scan),
+        "RangeVar" => check_system_relation(node),
         _ => Ok(()),
     }
+}
+
+/// A write may read only the system relations of [`catalog::RELATIONS_ALLOWED`].
+fn check_system_relation(node: &serde_json::Value) -> Result<(), Refusal> {
+    let lower = |k: &str| {
+        node.get(k)
+            .and_then(|v| v.as_str())
+            .filter(|v| !v.is_empty())
+            .map(|v| v.to_ascii_lowercase())
+    };
+    let Some(rel) = lower("relname") else {
+        return Ok(());
+    };
+    match catalog::relation_refused(lower("schemaname").as_deref(), &rel) {
+        Some(name) => Err(system_relation_refusal(&name)),
+        None => Ok(()),
+    }
+}
+
+fn system_relation_refusal(name: &str) -> Refusal {
+    refuse(
+        FEATURE_NOT_SUPPORTED,
+        format!("a write may not read {name}: its rows hold object ids, sizes, statistics, settings or other values that differ between nodes; read it with the read API, or use pg_tables, pg_views, pg_indexes, pg_sequences or information_schema.tables/columns for names and definitions"),
+    )
 }
 
 /// System columns whose values are per node: a physical row address, transaction and command
@@ -1105,6 +1130,24 @@ fn check_body(body: &str) -> Result<(), Refusal> {
                         format!("the function body calls {}", r.message),
                     ));
                 }
+            }
+        }
+        if !call {
+            let schema = (i >= 2 && text(i - 1) == ".").then(|| text(i - 2));
+            if let Some(name) = catalog::relation_refused(schema.as_deref(), &word) {
+                let r = system_relation_refusal(&name);
+                return Err(refuse(
+                    r.sqlstate,
+                    format!("the function body: {}", r.message),
+                ));
+            }
+            let as_name = word == "tableoid" && text(i + 1) == "::" && text(i + 2) == "regclass";
+            if PER_NODE_SYSTEM_COLUMNS.contains(&word.as_str()) || (word == "tableoid" && !as_name)
+            {
+                return Err(refuse(
+                    FEATURE_NOT_SUPPORTED,
+                    format!("the function body uses the system column {word}, whose values differ between nodes; identify rows by a key"),
+                ));
             }
         }
         let named = REWRITTEN_FUNCTIONS.iter().any(|(f, _)| *f == word);
@@ -1775,6 +1818,12 @@ mod tests {
             "SELECT pg_advisory_lock(1)",
             "SELECT setseed(0.5)",
             "SELECT lo_creat(-1)",
+            "INSERT INTO t SELECT relname, relpages FROM pg_class ORDER BY 1",
+            "INSERT INTO t SELECT count(*) FROM pg_catalog.pg_stat_activity ORDER BY 1",
+            "INSERT INTO t SELECT specific_name FROM information_schema.routines ORDER BY 1",
+            "CREATE VIEW sizes AS SELECT relname FROM pg_class",
+            "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_class WHERE relname = 't') THEN NULL; END IF; END $$",
+            "CREATE FUNCTION f() RETURNS text LANGUAGE sql AS $$ SELECT ctid::text FROM t LIMIT 1 $$",
         ] {
             let r = check_write(sql).expect_err(sql);
             assert!(
@@ -1796,6 +1845,11 @@ mod tests {
             "CREATE FUNCTION f(a timestamp, b timestamp) RETURNS interval LANGUAGE sql AS $$ SELECT age(a, b) $$",
             "INSERT INTO t VALUES (nextval('s'))",
             "INSERT INTO t VALUES (myschema.pg_relation_size(1))",
+            "INSERT INTO t SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+            "INSERT INTO t SELECT column_name FROM information_schema.columns WHERE table_name = 'u' ORDER BY ordinal_position",
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.tables WHERE table_name = 't') THEN CREATE TABLE t (a int); END IF; END $$",
+            "CREATE TABLE pg_mine (a int)",
+            "INSERT INTO app.pg_class VALUES (1)",
         ] {
             check_write(sql).unwrap_or_else(|r| panic!("{sql}: {}", r.message));
         }
