@@ -528,6 +528,43 @@ impl Client {
         .await
     }
 
+    /// Rebuilds member `node_id` from a fresh snapshot of the leader (`Cluster.Rebuild`),
+    /// sent to that node at the client address the membership records for it; waits up to
+    /// `timeout`.
+    pub async fn rebuild(
+        &self,
+        node_id: u64,
+        timeout: Duration,
+    ) -> Result<v1::RebuildResponse, ClientError> {
+        let addr = self
+            .status_all()
+            .await
+            .into_iter()
+            .flatten()
+            .find_map(|st| {
+                st.members
+                    .into_iter()
+                    .find(|m| m.node_id == node_id && !m.addr.is_empty())
+                    .map(|m| m.addr)
+            })
+            .ok_or_else(|| {
+                ClientError::BadAddress(format!(
+                    "node {node_id}: not a member with a known client address"
+                ))
+            })?;
+        let ch = channel(&addr, self.config.tls.as_ref())?;
+        let mut c = ClusterClient::new(ch);
+        let mut req = self.request(v1::RebuildRequest {
+            node_id,
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+        });
+        req.set_timeout(timeout + Duration::from_secs(10));
+        c.rebuild(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(ClientError::Status)
+    }
+
     /// The status of cluster member `member`, asked through the node at position `via`.
     pub async fn member_status(
         &self,

@@ -26,7 +26,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::apply::snapshot::SnapshotStore;
-use crate::apply::state_machine::{ApplierStatus, ApplyLimits, PgStateMachine, StateMachineParts};
+use crate::apply::state_machine::{
+    ApplierStatus, ApplyLimits, PgStateMachine, Rebuilder, StateMachineParts,
+};
 use crate::auth::authenticator::{Authenticator, Credentials};
 use crate::command::{NodeAddr, NodeId, Raft};
 use crate::config::NodeConfig;
@@ -168,6 +170,8 @@ struct RaftParts {
     applier: Arc<ApplierStatus>,
     clock: Arc<EntryClock>,
     peer_channels: PeerChannels,
+    snapshots: SnapshotStore,
+    rebuilder: Rebuilder,
 }
 
 /// Starts Raft and the gRPC server on a running PostgreSQL and serves until shutdown.
@@ -220,7 +224,7 @@ async fn start_raft(cfg: &NodeConfig, started: &Started) -> anyhow::Result<RaftP
     let state_machine = PgStateMachine::new(StateMachineParts {
         node_id: cfg.id,
         log: log_store.clone(),
-        snapshots,
+        snapshots: snapshots.clone(),
         conn_config: started.endpoints.applier.clone(),
         limits: ApplyLimits {
             batch_entries_max: cfg.apply_batch_max,
@@ -233,6 +237,7 @@ async fn start_raft(cfg: &NodeConfig, started: &Started) -> anyhow::Result<RaftP
         clock: clock.clone(),
         shutdown: started.shutdown_rx.clone(),
     });
+    let rebuilder = state_machine.rebuilder();
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_config(cfg)?),
@@ -251,6 +256,8 @@ async fn start_raft(cfg: &NodeConfig, started: &Started) -> anyhow::Result<RaftP
         applier,
         clock,
         peer_channels,
+        snapshots,
+        rebuilder,
     })
 }
 
@@ -345,6 +352,8 @@ fn build_service(cfg: &NodeConfig, started: &Started, parts: RaftParts) -> Arc<S
         data_dir: cfg.data_dir.clone(),
         insecure: started.tls.is_none(),
         addrs: started.addrs.clone(),
+        snapshots: parts.snapshots,
+        rebuilder: parts.rebuilder,
     })
 }
 

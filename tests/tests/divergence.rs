@@ -116,6 +116,134 @@ async fn check_finds_a_divergence_and_names_table_and_node() {
     .await;
 }
 
+/// Issue 18: a node whose copy was changed behind raftpg's back (as a superuser, directly in
+/// its PostgreSQL) is found by `raftpg check`, told, and refuses reads (XX001) unless a read
+/// asks for its copy; `raftpg member rebuild` re-seeds it from the leader's snapshot while a
+/// writer keeps writing through the cluster; afterwards the copies are identical, the node
+/// serves reads again, and it stays healthy across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_diverged_node_is_detected_fenced_and_rebuilt_while_the_cluster_serves() {
+    let mut tc = start_cluster("rebuild", 23, 3).await.unwrap();
+    let c = tc.client_of(&tc.cluster.addrs());
+    c.execute_one("CREATE TABLE items (id int PRIMARY KEY, v text)", vec![])
+        .await
+        .unwrap();
+    c.execute_one(
+        "INSERT INTO items SELECT g, md5(g::text) FROM generate_series(1, 5000) g ORDER BY g",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let (leader, odd) = tc.leader_and_follower().await;
+    // Every node holds the rows before one is changed behind raftpg's back.
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+    let pg = tc.pg(odd).await.unwrap();
+    pg.batch_execute("DELETE FROM items WHERE id % 100 = 0; UPDATE items SET v = 'x' WHERE id = 7")
+        .await
+        .unwrap();
+
+    let r = c.check(Duration::from_secs(30)).await.unwrap();
+    assert!(!r.identical, "{r:?}");
+    assert_eq!(r.diverged_nodes, vec![odd], "{r:?}");
+    let st = c.member_status(0, odd).await.unwrap();
+    assert!(!st.diverged.is_empty(), "{st:?}");
+    let read = |allow_diverged: bool| raftpg_client::v1::QueryRequest {
+        sql: "SELECT count(*) FROM items".into(),
+        consistency: raftpg_client::v1::Consistency::Local as i32,
+        timeout_ms: 5_000,
+        allow_diverged,
+        ..Default::default()
+    };
+    let e = c
+        .query_node((odd - 1) as usize, read(false))
+        .await
+        .expect_err("a diverged node must not serve reads");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert_eq!(e.sqlstate().as_deref(), Some("XX001"), "{e}");
+    let bad = c.query_node((odd - 1) as usize, read(true)).await.unwrap();
+    assert_eq!(values::as_i64(&bad.rows[0].values[0]), Some(4950));
+
+    // On an idle cluster the leader's snapshot is at exactly the odd node's applied index: the
+    // rebuild must still replace the copy (it did not, at first).
+    let r = c.rebuild(odd, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(r.donor_id, leader);
+    let r = c.check(Duration::from_secs(30)).await.unwrap();
+    assert!(r.identical, "{r:?}");
+    // Diverge it again, then rebuild while a writer keeps writing.
+    // (The rebuild replaced the database: connect again.)
+    tc.pg(odd)
+        .await
+        .unwrap()
+        .batch_execute("DELETE FROM items WHERE id % 99 = 0")
+        .await
+        .unwrap();
+    let r = c.check(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.diverged_nodes, vec![odd], "{r:?}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let c = tc.client_of(&tc.cluster.addrs());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                c.execute_one(
+                    "INSERT INTO items VALUES ($1, 'during')",
+                    vec![values::int(100_000 + n)],
+                )
+                .await
+                .expect("writes go on during the rebuild");
+            }
+            n
+        })
+    };
+    let credentials = tc
+        .client_config()
+        .credentials
+        .expect("an authenticated cluster");
+    let bin = raftpg_client::local_cluster::default_node_bin().with_file_name("raftpg");
+    let out = tokio::process::Command::new(bin)
+        .args([
+            "--nodes",
+            &tc.cluster.addrs().join(","),
+            "member",
+            "rebuild",
+        ])
+        .arg(odd.to_string())
+        .arg("--certs")
+        .arg(tc.certs().expect("a TLS cluster"))
+        .env("RAFTPG_USER", &credentials.user)
+        .env("RAFTPG_PASSWORD", &credentials.password)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!("node {odd} rebuilt from node {leader}")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("copies are identical"), "{stdout}");
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    eprintln!("{written} writes during the rebuild");
+    assert!(written > 0);
+
+    let r = c.check(Duration::from_secs(30)).await.unwrap();
+    assert!(r.identical, "{r:?}");
+    assert!(c.member_status(0, odd).await.unwrap().diverged.is_empty());
+    let good = c.query_node((odd - 1) as usize, read(false)).await.unwrap();
+    assert!(values::as_i64(&good.rows[0].values[0]).unwrap() >= 5000);
+    // The rebuilt node survives a restart with its new copy.
+    tc.cluster.stop_node(odd);
+    tc.cluster.start_node(odd).unwrap();
+    c.execute_one("INSERT INTO items VALUES (0, 'after')", vec![])
+        .await
+        .unwrap();
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}
+
 /// Runs `sql` directly on node `id`'s PostgreSQL, then requires `raftpg check` to report
 /// `differences` differences, one of them `what` on that node.
 async fn changed_behind_raftpg(
@@ -153,7 +281,8 @@ async fn retried_requests_apply_exactly_once_across_leader_kills() {
     let mut raw = WriteClient::new(tc.channel(1));
     let req = ExecuteRequest {
         statements: vec![Statement {
-            sql: "INSERT INTO once (token, w) VALUES ('dup', -1) RETURNING ctid::text".into(),
+            // A second execution would return the next serial id and another random draw.
+            sql: "INSERT INTO once (token, w) VALUES ('dup', -1) RETURNING id, random()".into(),
             params: vec![],
         }],
         request_id: Some(RequestId {

@@ -294,6 +294,16 @@ enum MemberCmd {
         /// Node id.
         id: u64,
     },
+    /// Re-seed a member whose copy differs (as `raftpg check` reports) from a fresh snapshot
+    /// of the leader while the cluster keeps serving, then check again. The member must not
+    /// be the leader (transfer the leadership first).
+    Rebuild {
+        /// Node id.
+        id: u64,
+        /// Longest time the rebuild may take, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -409,6 +419,11 @@ fn print_check(r: &raftpg_client::v1::CheckResponse) -> i32 {
     }
     for d in &r.differences {
         println!("DIVERGENCE {d}");
+    }
+    for id in &r.diverged_nodes {
+        println!(
+            "node {id}'s copy differs from the majority's: it serves no reads until it is rebuilt (raftpg member rebuild {id})"
+        );
     }
     if !r.differences.is_empty() {
         1
@@ -817,7 +832,6 @@ async fn main() -> anyhow::Result<()> {
                 Err(e) => {
                     eprintln!("error: {e}");
                     tls_hint(&e, cli.certs.as_deref());
-                    tls_hint(&e, cli.certs.as_deref());
                     if let Some(s) = e.sqlstate() {
                         eprintln!("SQLSTATE {s}");
                     }
@@ -852,7 +866,6 @@ async fn main() -> anyhow::Result<()> {
                 Ok(r) => print_query(&r),
                 Err(e) => {
                     eprintln!("error: {e}");
-                    tls_hint(&e, cli.certs.as_deref());
                     tls_hint(&e, cli.certs.as_deref());
                     std::process::exit(1);
                 }
@@ -891,6 +904,28 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?;
         }
+        Cmd::Member(MemberCmd::Rebuild { id, timeout_secs }) => {
+            let client = connect()?;
+            match client.rebuild(id, Duration::from_secs(timeout_secs)).await {
+                Ok(r) => println!(
+                    "node {} rebuilt from node {}'s snapshot at log index {} ({} bytes, {} ms)",
+                    r.node_id, r.donor_id, r.log_index, r.bytes, r.millis
+                ),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    tls_hint(&e, cli.certs.as_deref());
+                    std::process::exit(1);
+                }
+            }
+            let r = client
+                .check(Duration::from_secs(60))
+                .await
+                .unwrap_or_else(|e| {
+                    eprintln!("error: the check after the rebuild failed: {e}");
+                    std::process::exit(1);
+                });
+            std::process::exit(print_check(&r));
+        }
         Cmd::Member(m) => {
             let client = connect()?;
             let r = match m {
@@ -900,6 +935,7 @@ async fn main() -> anyhow::Result<()> {
                 MemberCmd::Promote { ids } => client.promote(&ids).await,
                 MemberCmd::Remove { ids } => client.remove(&ids).await,
                 MemberCmd::Transfer { id } => client.transfer_leader(id).await,
+                MemberCmd::Rebuild { .. } => unreachable!("handled above"),
             };
             match r {
                 Ok(r) => {
@@ -924,7 +960,6 @@ async fn main() -> anyhow::Result<()> {
                 }
                 Err(e) => {
                     eprintln!("error: {e}");
-                    tls_hint(&e, cli.certs.as_deref());
                     tls_hint(&e, cli.certs.as_deref());
                     std::process::exit(1);
                 }

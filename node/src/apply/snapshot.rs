@@ -484,16 +484,18 @@ impl SnapshotStore {
     /// Installs the received snapshot (`incoming.dump`): verify it, publish it (durable, and the
     /// log may be purged up to it from then on; a crash from here on restores it at restart, see
     /// [`Self::restore_if_ahead`]), then restore it into the database — unless an earlier attempt
-    /// already swapped it in. Safe to call again after any failure.
+    /// already swapped it in (not when `replace`: a rebuild replaces a database that is at the
+    /// snapshot's log id but differs). Safe to call again after any failure.
     pub async fn install(
         &self,
         meta: &SnapshotMeta<NodeId, NodeAddr>,
+        replace: bool,
     ) -> Result<(), SnapshotError> {
         let current = self.publish_received(meta).await?;
         // Leftovers of an attempt interrupted by a PostgreSQL crash: the database refusing
         // connections, a half-restored or a replaced database.
         self.recover().await?;
-        if self.database_log_id(&self.dbname()).await? == meta.last_log_id {
+        if !replace && self.database_log_id(&self.dbname()).await? == meta.last_log_id {
             info!(id = %meta.snapshot_id, "the database already holds the snapshot (an earlier attempt swapped it in)");
             return Ok(());
         }

@@ -765,18 +765,21 @@ impl StateMachineCore {
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
         info!(id = %meta.snapshot_id, "received snapshot");
-        let installed = self.install_received(meta, snapshot).await;
+        let installed = self.install_received(meta, snapshot, false).await;
         if installed.is_err() {
             self.snapshots.install_failed(meta.last_log_id);
         }
         installed
     }
 
-    /// [`Self::install_snapshot`] without the failure report.
+    /// [`Self::install_snapshot`] without the failure report. `replace`: restore even if the
+    /// database says it is at the snapshot's log id already (a rebuild replaces a copy that
+    /// is at that position but differs).
     async fn install_received(
         &mut self,
         meta: &SnapshotMeta<NodeId, crate::command::NodeAddr>,
         snapshot: Box<tokio::fs::File>,
+        replace: bool,
     ) -> Result<(), StorageError<NodeId>> {
         snapshot
             .sync_all()
@@ -789,7 +792,7 @@ impl StateMachineCore {
         loop {
             self.status
                 .set(format!("installing snapshot {}", meta.snapshot_id));
-            match self.snapshots.install(meta).await {
+            match self.snapshots.install(meta, replace).await {
                 Ok(()) => break,
                 Err(e @ (SnapshotError::Corrupt { .. } | SnapshotError::Stale { .. })) => {
                     return Err(StorageIOError::write_snapshot(
@@ -877,6 +880,70 @@ impl PgStateMachine {
             shutdown,
         ));
         PgStateMachine { core }
+    }
+}
+
+/// A handle on the state machine for the one operation outside openraft: replacing a copy
+/// that a check found different from the majority's with a donor's snapshot
+/// (`service::repair`).
+#[derive(Clone)]
+pub struct Rebuilder {
+    core: Arc<tokio::sync::Mutex<StateMachineCore>>,
+}
+
+impl PgStateMachine {
+    /// The handle that rebuilds this state machine from another member's snapshot.
+    pub fn rebuilder(&self) -> Rebuilder {
+        Rebuilder {
+            core: self.core.clone(),
+        }
+    }
+}
+
+impl Rebuilder {
+    /// Holds the state machine (openraft applies nothing meanwhile), asks `fetch` to write a
+    /// snapshot covering at least this node's applied index into the receiving file, then
+    /// installs it exactly as a snapshot sent by the leader is installed (verify, publish,
+    /// restore into a fresh database, swap). Entries up to the snapshot's index that openraft
+    /// hands over afterwards are skipped (they are in the database); later ones apply as usual.
+    /// Returns the installed snapshot's metadata.
+    pub async fn rebuild<F, Fut>(
+        &self,
+        fetch: F,
+    ) -> Result<SnapshotMeta<NodeId, crate::command::NodeAddr>, String>
+    where
+        F: FnOnce(u64, Box<tokio::fs::File>) -> Fut,
+        Fut: std::future::Future<
+            Output = Result<
+                (
+                    SnapshotMeta<NodeId, crate::command::NodeAddr>,
+                    Box<tokio::fs::File>,
+                ),
+                String,
+            >,
+        >,
+    {
+        let mut core = self.core.lock().await;
+        core.connect()
+            .await
+            .map_err(|e| format!("connecting to PostgreSQL: {e}"))?;
+        let applied = core.applied.map(|l| l.index).unwrap_or(0);
+        let file = core
+            .begin_receiving_snapshot()
+            .await
+            .map_err(|e| e.to_string())?;
+        let (meta, file) = fetch(applied, file).await?;
+        let covered = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        if covered < applied {
+            return Err(format!(
+                "the donor's snapshot covers index {covered}, behind this node's {applied}"
+            ));
+        }
+        info!(id = %meta.snapshot_id, applied, "rebuilding from a donor's snapshot");
+        core.install_received(&meta, file, true)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(meta)
     }
 }
 

@@ -1,4 +1,4 @@
-//! The `Cluster` service: membership changes, status, divergence checks — each handler
+//! The `Cluster` service: membership changes, status, divergence checks, rebuilds — each handler
 //! decodes, calls [`Service`], encodes.
 
 use std::sync::Arc;
@@ -6,7 +6,8 @@ use std::sync::Arc;
 use raftpg_proto::v1::cluster_server::Cluster;
 use raftpg_proto::v1::{
     AddLearnerRequest, CheckRequest, CheckResponse, MembershipResponse, PromoteRequest,
-    RemoveRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
+    RebuildRequest, RebuildResponse, RemoveRequest, StatusRequest, StatusResponse,
+    TransferLeaderRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -15,6 +16,7 @@ use super::convert;
 use super::status::to_status;
 use super::write::origin_of;
 use crate::service::check::wait_of;
+use crate::service::repair::rebuild_wait;
 use crate::service::{MembershipChange, Service};
 
 /// The cluster service.
@@ -101,5 +103,25 @@ impl Cluster for ClusterService {
             .await
             .map(|s| Response::new(convert::status_response(s)))
             .map_err(to_status)
+    }
+
+    async fn rebuild(
+        &self,
+        req: Request<RebuildRequest>,
+    ) -> Result<Response<RebuildResponse>, Status> {
+        let principal = auth::principal(&self.svc, &req).await?;
+        let m = req.get_ref();
+        let r = self
+            .svc
+            .rebuild(principal.as_ref(), m.node_id, rebuild_wait(m.timeout_ms))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(RebuildResponse {
+            node_id: r.node_id,
+            donor_id: r.donor_id,
+            log_index: r.log_index,
+            bytes: r.bytes,
+            millis: r.duration.as_millis() as u64,
+        }))
     }
 }

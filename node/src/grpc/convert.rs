@@ -176,6 +176,7 @@ pub fn read_request(req: pb::QueryRequest, encoded_bytes: usize, streamed: bool)
         streamed,
         encoded_bytes,
         principal: None,
+        allow_diverged: req.allow_diverged,
     }
 }
 
@@ -263,6 +264,7 @@ pub fn check_response(r: CheckReport) -> pb::CheckResponse {
         identical: r.identical,
         differences: r.differences,
         missing_nodes: r.missing_nodes,
+        diverged_nodes: r.diverged_nodes,
         nodes: r
             .nodes
             .into_iter()
@@ -294,6 +296,7 @@ pub fn check_report(r: pb::CheckResponse) -> CheckReport {
         identical: r.identical,
         differences: r.differences,
         missing_nodes: r.missing_nodes,
+        diverged_nodes: r.diverged_nodes,
         nodes: r
             .nodes
             .into_iter()
@@ -333,6 +336,7 @@ pub fn status_response(s: NodeStatus) -> pb::StatusResponse {
         insecure: s.insecure,
         client_addr: s.client_addr,
         peer_addr: s.peer_addr,
+        diverged: s.diverged,
     }
 }
 
@@ -361,5 +365,6 @@ pub fn node_status(s: pb::StatusResponse) -> NodeStatus {
         insecure: s.insecure,
         client_addr: s.client_addr,
         peer_addr: s.peer_addr,
+        diverged: s.diverged,
     }
 }

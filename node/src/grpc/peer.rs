@@ -8,9 +8,9 @@ use std::sync::Arc;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use raftpg_proto::v1::peer_server::Peer as PeerApi;
 use raftpg_proto::v1::{
-    PublishAddressRequest, PublishAddressResponse, RaftMessage, ReadIndexRequest,
-    ReadIndexResponse, RetireRequest, RetireResponse, TableChecksumsRequest,
-    TableChecksumsResponse,
+    FetchSnapshotRequest, MarkDivergedRequest, MarkDivergedResponse, PublishAddressRequest,
+    PublishAddressResponse, RaftMessage, ReadIndexRequest, ReadIndexResponse, RetireRequest,
+    RetireResponse, SnapshotPart, TableChecksumsRequest, TableChecksumsResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -22,6 +22,7 @@ use super::status::to_status;
 use crate::command::{NodeId, TypeConfig};
 use crate::raft::append_check::check_append_entries;
 use crate::service::check::wait_of;
+use crate::service::repair::rebuild_wait;
 use crate::service::Service;
 
 /// Longest wait for a quorum to confirm a read index asked by a follower.
@@ -150,4 +151,74 @@ impl PeerApi for PeerService {
             .map(|log_index| Response::new(PublishAddressResponse { log_index }))
             .map_err(to_status)
     }
+
+    type FetchSnapshotStream = SnapshotStream;
+
+    async fn fetch_snapshot(
+        &self,
+        req: Request<FetchSnapshotRequest>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        self.auth.caller(&self.svc, &req)?;
+        let req = req.into_inner();
+        let wait = rebuild_wait(req.timeout_ms);
+        let snapshot = self
+            .svc
+            .snapshot_covering(req.min_index, wait)
+            .await
+            .map_err(to_status)?;
+        let meta_json = serde_json::to_vec(&snapshot.meta)
+            .map_err(|e| Status::internal(format!("encoding snapshot metadata: {e}")))?;
+        // The archive in 1 MiB parts, the metadata with the first; two parts in flight.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<SnapshotPart, Status>>(2);
+        let mut file = snapshot.snapshot;
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut meta_json = Some(meta_json);
+            loop {
+                let mut data = vec![0u8; SNAPSHOT_PART_BYTES];
+                let n = match file.read(&mut data).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("reading the snapshot: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+                data.truncate(n);
+                if n == 0 && meta_json.is_none() {
+                    return;
+                }
+                let part = SnapshotPart {
+                    meta_json: meta_json.take().unwrap_or_default(),
+                    data,
+                };
+                if tx.send(Ok(part)).await.is_err() || n == 0 {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|p| (p, rx)) },
+        ))))
+    }
+
+    async fn mark_diverged(
+        &self,
+        req: Request<MarkDivergedRequest>,
+    ) -> Result<Response<MarkDivergedResponse>, Status> {
+        self.auth.caller(&self.svc, &req)?;
+        let req = req.into_inner();
+        self.svc
+            .mark_diverged(req.log_index, &req.differences)
+            .map_err(to_status)?;
+        Ok(Response::new(MarkDivergedResponse {}))
+    }
 }
+
+/// Size of the parts a snapshot is streamed in.
+const SNAPSHOT_PART_BYTES: usize = 1024 * 1024;
+
+type SnapshotStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<SnapshotPart, Status>> + Send>>;

@@ -18,13 +18,14 @@ use super::auth::forward_principal;
 use super::convert;
 use super::status::from_status;
 use crate::auth::authenticator::Principal;
-use crate::command::{NodeId, TableChecksum};
+use crate::command::{NodeAddr, NodeId, TableChecksum};
 use crate::raft::network::PeerChannels;
 use crate::service::peers::PeerResult;
 use crate::service::{
     CheckReport, LeaderHint, MembershipChange, MembershipOutcome, NodeStatus, PeerLink,
     ServiceError, WriteOutcome, WriteRequest,
 };
+use openraft::SnapshotMeta;
 
 /// Largest answer accepted from a peer's Cluster service.
 const CLUSTER_ANSWER_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -264,6 +265,67 @@ impl PeerLink for GrpcPeers {
                 .await
                 .map_err(|s| from_status(&s))?;
             Ok(answer.into_inner().log_index)
+        })
+    }
+
+    fn fetch_snapshot<'a>(
+        &'a self,
+        addr: &'a str,
+        min_index: u64,
+        mut file: Box<tokio::fs::File>,
+        timeout: Duration,
+    ) -> PeerResult<'a, (SnapshotMeta<NodeId, NodeAddr>, Box<tokio::fs::File>)> {
+        Box::pin(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut client = self.peer(addr)?;
+            let m = pb::FetchSnapshotRequest {
+                min_index,
+                timeout_ms: millis(timeout),
+            };
+            let mut parts = client
+                .fetch_snapshot(Self::request(m, timeout))
+                .await
+                .map_err(|s| from_status(&s))?
+                .into_inner();
+            let mut meta = None;
+            while let Some(part) = parts.message().await.map_err(|s| from_status(&s))? {
+                if !part.meta_json.is_empty() {
+                    meta = Some(serde_json::from_slice(&part.meta_json).map_err(|e| {
+                        ServiceError::internal(format!("malformed snapshot metadata: {e}"))
+                    })?);
+                }
+                file.write_all(&part.data)
+                    .await
+                    .map_err(|e| ServiceError::internal(format!("writing the snapshot: {e}")))?;
+            }
+            file.flush()
+                .await
+                .map_err(|e| ServiceError::internal(format!("writing the snapshot: {e}")))?;
+            let meta = meta.ok_or_else(|| {
+                ServiceError::unavailable("the snapshot stream ended without metadata", None)
+            })?;
+            Ok((meta, file))
+        })
+    }
+
+    fn mark_diverged<'a>(
+        &'a self,
+        addr: &'a str,
+        log_index: u64,
+        differences: &'a [String],
+        timeout: Duration,
+    ) -> PeerResult<'a, ()> {
+        Box::pin(async move {
+            let mut client = self.peer(addr)?;
+            let m = pb::MarkDivergedRequest {
+                log_index,
+                differences: differences.to_vec(),
+            };
+            client
+                .mark_diverged(Self::request(m, timeout))
+                .await
+                .map_err(|s| from_status(&s))?;
+            Ok(())
         })
     }
 }

@@ -96,11 +96,32 @@ impl Service {
             .filter(|n| n.tables.is_err())
             .map(|n| n.node_id)
             .collect();
+        let diverged_nodes = diverged(&nodes);
+        for id in &diverged_nodes {
+            let odd: Vec<String> = differences
+                .iter()
+                .filter(|d| d.contains(&format!("node {id} has")))
+                .cloned()
+                .collect();
+            let told = match nodes.iter().find(|n| n.node_id == *id) {
+                Some(_) if *id == self.id => self.mark_diverged(index, &odd),
+                Some(n) => {
+                    self.peers
+                        .mark_diverged(&n.addr, index, &odd, Duration::from_secs(5))
+                        .await
+                }
+                None => Ok(()),
+            };
+            if let Err(e) = told {
+                tracing::warn!(node = id, error = %e.message, "could not tell a node that its copy differs");
+            }
+        }
         Ok(CheckReport {
             log_index: index,
             identical: differences.is_empty() && missing_nodes.is_empty(),
             differences,
             missing_nodes,
+            diverged_nodes,
             nodes,
         })
     }
@@ -210,6 +231,46 @@ fn compare(nodes: &[NodeChecksums]) -> Vec<String> {
     out
 }
 
+/// The members whose copy differs, for some table, from the value a strict majority of *all*
+/// members hold (with no such majority nobody is marked: the check cannot tell which copy is
+/// right).
+fn diverged(nodes: &[NodeChecksums]) -> Vec<NodeId> {
+    let members = nodes.len();
+    let answered: Vec<(NodeId, &Vec<TableChecksum>)> = nodes
+        .iter()
+        .filter_map(|n| n.tables.as_ref().ok().map(|t| (n.node_id, t)))
+        .collect();
+    let mut names: Vec<&str> = answered
+        .iter()
+        .flat_map(|(_, tables)| tables.iter().map(|t| t.name.as_str()))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut out: Vec<NodeId> = Vec::new();
+    for name in names {
+        let value_of = |tables: &[TableChecksum]| {
+            tables
+                .iter()
+                .find(|t| t.name == name)
+                .map(|t| (t.rows, t.hash.clone()))
+        };
+        let mut counts: BTreeMap<Option<(i64, String)>, usize> = BTreeMap::new();
+        for (_, tables) in &answered {
+            *counts.entry(value_of(tables)).or_default() += 1;
+        }
+        let Some((majority, _)) = counts.iter().find(|(_, c)| **c * 2 > members) else {
+            continue;
+        };
+        for (id, tables) in &answered {
+            if value_of(tables) != *majority && !out.contains(id) {
+                out.push(*id);
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +301,10 @@ mod tests {
         assert_eq!(d.len(), 1, "{d:?}");
         assert!(d[0].starts_with("public.a: node 2 has 4 rows, z"), "{d:?}");
         assert!(compare(&nodes[..1]).is_empty());
+        assert_eq!(diverged(&nodes), vec![2]);
+        // Two of four do not make a majority: nobody is marked.
+        let mut four = nodes.clone();
+        four.push(node(4, &[("public.a", 4, "z"), ("public.b", 1, "y")]));
+        assert!(diverged(&four).is_empty());
     }
 }

@@ -29,6 +29,7 @@ pub mod membership;
 pub mod node;
 pub mod peers;
 pub mod read;
+pub mod repair;
 pub mod status;
 pub mod types;
 pub mod write;

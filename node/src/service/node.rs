@@ -15,7 +15,8 @@ use tracing::warn;
 use super::error::{LeaderHint, ServiceError};
 use super::peers::PeerLink;
 use super::types::{Origin, PgIdentity};
-use crate::apply::state_machine::ApplierStatus;
+use crate::apply::snapshot::SnapshotStore;
+use crate::apply::state_machine::{ApplierStatus, Rebuilder};
 use crate::auth::authenticator::Authenticator;
 use crate::command::{NodeAddr, NodeId, Raft};
 use crate::pg::read_pool::ReadPool;
@@ -82,6 +83,10 @@ pub struct ServiceParts {
     pub authenticator: Authenticator,
     /// Refuse requests without credentials (see `service::auth`).
     pub auth_required: bool,
+    /// This node's snapshots (a donor streams one to a node that rebuilds).
+    pub snapshots: SnapshotStore,
+    /// Rebuilds this node's copy from a donor's snapshot (see `service::repair`).
+    pub rebuilder: Rebuilder,
 }
 
 /// A node's services: the shared handles every operation uses. See the module doc.
@@ -109,6 +114,13 @@ pub struct Service {
     pub(super) auth_required: bool,
     /// Set when the cluster removed this node: it serves no more reads or writes.
     pub(super) removed: AtomicBool,
+    /// Why a check found this node's copy different from the majority's (see
+    /// `service::repair`, which owns it and its marker file).
+    pub(super) diverged: std::sync::Mutex<Option<String>>,
+    pub(super) snapshots: SnapshotStore,
+    pub(super) rebuilder: Rebuilder,
+    /// One rebuild at a time.
+    pub(super) rebuilding: tokio::sync::Mutex<()>,
     /// Memo of the leader-side SQL check and rewrite.
     pub(super) prepared_writes: PreparedWrites,
     /// PostgreSQL version, encoding and collation (read once).
@@ -122,6 +134,7 @@ impl Service {
     /// Builds the services of a node; a node removed earlier (its marker exists) stays removed.
     pub fn new(parts: ServiceParts) -> Arc<Self> {
         let removed = parts.data_dir.join(REMOVED_MARKER).exists();
+        let diverged = super::repair::load_marker(&parts.data_dir);
         Arc::new(Service {
             id: parts.id,
             raft: parts.raft,
@@ -140,6 +153,10 @@ impl Service {
             authenticator: parts.authenticator,
             auth_required: parts.auth_required,
             removed: AtomicBool::new(removed),
+            diverged: std::sync::Mutex::new(diverged),
+            snapshots: parts.snapshots,
+            rebuilder: parts.rebuilder,
+            rebuilding: Default::default(),
             prepared_writes: Default::default(),
             pg_identity: tokio::sync::OnceCell::new(),
         })

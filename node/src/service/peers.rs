@@ -18,7 +18,8 @@ use super::types::{
     CheckReport, MembershipChange, MembershipOutcome, NodeStatus, WriteOutcome, WriteRequest,
 };
 use crate::auth::authenticator::Principal;
-use crate::command::{NodeId, TableChecksum};
+use crate::command::{NodeAddr, NodeId, TableChecksum};
+use openraft::SnapshotMeta;
 
 /// A peer call's answer.
 pub type PeerResult<'a, T> = BoxFuture<'a, Result<T, ServiceError>>;
@@ -80,6 +81,25 @@ pub trait PeerLink: Send + Sync {
 
     /// Asks the node at `addr` to start an election now (leadership transfer).
     fn start_election<'a>(&'a self, addr: &'a str, timeout: Duration) -> PeerResult<'a, ()>;
+
+    /// Streams a snapshot covering at least `min_index` from the node at `addr` into `file`;
+    /// answers its metadata and the file (for a rebuild, see `service::repair`).
+    fn fetch_snapshot<'a>(
+        &'a self,
+        addr: &'a str,
+        min_index: u64,
+        file: Box<tokio::fs::File>,
+        timeout: Duration,
+    ) -> PeerResult<'a, (SnapshotMeta<NodeId, NodeAddr>, Box<tokio::fs::File>)>;
+
+    /// Tells the node at `addr` that the check at `log_index` found its copy different.
+    fn mark_diverged<'a>(
+        &'a self,
+        addr: &'a str,
+        log_index: u64,
+        differences: &'a [String],
+        timeout: Duration,
+    ) -> PeerResult<'a, ()>;
 
     /// Asks the leader to record `client_addr` as this node's (`node_id`) client address;
     /// answers the log index of the change.

@@ -99,6 +99,7 @@ impl Service {
     async fn admit(&self, req: &ReadRequest) -> Result<Admission, ServiceError> {
         let bounds = ReadBounds::new(req.timeout_ms, self.limits.read_wait_max, Instant::now());
         self.refuse_if_removed()?;
+        self.refuse_if_diverged(req.allow_diverged)?;
         if req.encoded_bytes > self.limits.request_bytes_max {
             return Err(ServiceError::refused(
                 ErrorKind::ResourceExhausted,

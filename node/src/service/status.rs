@@ -70,6 +70,7 @@ impl Service {
             insecure: self.insecure,
             client_addr: self.addrs.client.clone(),
             peer_addr: self.addrs.peer.clone(),
+            diverged: self.diverged().unwrap_or_default(),
         })
     }
 

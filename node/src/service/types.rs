@@ -103,6 +103,8 @@ pub struct ReadRequest {
     pub encoded_bytes: usize,
     /// The role it runs as (`None`: raftpg_reader; see `service::auth`).
     pub principal: Option<Principal>,
+    /// Read even if this node's copy is known to differ (see `service::repair`).
+    pub allow_diverged: bool,
 }
 
 /// Part of a read's result. The first chunk carries the columns and the applied index of the
@@ -207,8 +209,26 @@ pub struct CheckReport {
     pub differences: Vec<String>,
     /// Members that did not answer.
     pub missing_nodes: Vec<NodeId>,
+    /// Members whose copy differs from the one a majority of all members hold (told so; see
+    /// `service::repair`).
+    pub diverged_nodes: Vec<NodeId>,
     /// Every member's answer.
     pub nodes: Vec<NodeChecksums>,
+}
+
+/// What a rebuild did (see `service::repair`).
+#[derive(Clone, Debug)]
+pub struct RebuildReport {
+    /// The rebuilt node.
+    pub node_id: NodeId,
+    /// The member whose snapshot it installed.
+    pub donor_id: NodeId,
+    /// The log index the snapshot covers.
+    pub log_index: u64,
+    /// The snapshot's size.
+    pub bytes: u64,
+    /// How long it took.
+    pub duration: std::time::Duration,
 }
 
 /// What must match between members' PostgreSQL servers.
@@ -261,4 +281,6 @@ pub struct NodeStatus {
     pub client_addr: String,
     /// Its advertised peer address.
     pub peer_addr: String,
+    /// Why a check found its copy different from the majority's (empty: it did not).
+    pub diverged: String,
 }

@@ -1131,6 +1131,8 @@ impl Session {
                     .map(crate::pg::values::wire_size)
                     .sum::<usize>(),
             principal: self.principal.clone(),
+            // A wire session never reads a copy known to differ (gRPC reads may ask).
+            allow_diverged: false,
         };
         let admitted = tokio::select! {
             a = self.svc.admit_read(req) => a?,
