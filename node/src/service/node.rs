@@ -130,11 +130,16 @@ pub struct Service {
 /// The file in the data directory that marks a removed node.
 const REMOVED_MARKER: &str = "removed";
 
+/// The file in the data directory that marks a node whose copy differs (see
+/// `service::repair`).
+pub(super) const DIVERGED_MARKER: &str = "diverged";
+
 impl Service {
     /// Builds the services of a node; a node removed earlier (its marker exists) stays removed.
     pub fn new(parts: ServiceParts) -> Arc<Self> {
         let removed = parts.data_dir.join(REMOVED_MARKER).exists();
-        let diverged = super::repair::load_marker(&parts.data_dir);
+        // Written and removed by service::repair.
+        let diverged = std::fs::read_to_string(parts.data_dir.join(DIVERGED_MARKER)).ok();
         Arc::new(Service {
             id: parts.id,
             raft: parts.raft,

@@ -14,20 +14,17 @@
 //!
 //! Invariant: a node with the marker answers no read that did not ask for a diverged copy.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use openraft::storage::Snapshot;
 use tracing::{info, warn};
 
 use super::error::{ErrorKind, ServiceError};
-use super::node::Service;
+use super::node::{Service, DIVERGED_MARKER};
 use super::types::RebuildReport;
 use crate::auth::authenticator::Principal;
 use crate::command::TypeConfig;
 
-/// The file in the data directory that marks a node whose copy differs.
-const DIVERGED_MARKER: &str = "diverged";
 
 /// How long a rebuild may take when the request does not say.
 const REBUILD_WAIT_DEFAULT: Duration = Duration::from_secs(600);
@@ -37,11 +34,6 @@ const REBUILD_WAIT_MAX: Duration = Duration::from_secs(3600);
 
 /// The SQLSTATE of reads refused on a diverged node (PostgreSQL's `data_corrupted`).
 pub const DIVERGED_SQLSTATE: &str = "XX001";
-
-/// The marker's content, if this node was marked diverged (read at start).
-pub(super) fn load_marker(data_dir: &Path) -> Option<String> {
-    std::fs::read_to_string(data_dir.join(DIVERGED_MARKER)).ok()
-}
 
 /// The wait of a rebuild request's `timeout_ms` (0: the default).
 pub fn rebuild_wait(timeout_ms: u32) -> Duration {
