@@ -187,12 +187,11 @@ impl Service {
     }
 }
 
-/// One line per table whose checksum is not the same on every answering node, naming the nodes
-/// that differ from the most common value.
-fn compare(nodes: &[NodeChecksums]) -> Vec<String> {
-    let answered: Vec<(NodeId, &Vec<TableChecksum>)> = nodes
+/// The answering members' checksums, and every table name any of them has (sorted).
+fn answers(nodes: &[NodeChecksums]) -> (Vec<(NodeId, &[TableChecksum])>, Vec<&str>) {
+    let answered: Vec<(NodeId, &[TableChecksum])> = nodes
         .iter()
-        .filter_map(|n| n.tables.as_ref().ok().map(|t| (n.node_id, t)))
+        .filter_map(|n| n.tables.as_ref().ok().map(|t| (n.node_id, t.as_slice())))
         .collect();
     let mut names: Vec<&str> = answered
         .iter()
@@ -200,19 +199,34 @@ fn compare(nodes: &[NodeChecksums]) -> Vec<String> {
         .collect();
     names.sort_unstable();
     names.dedup();
+    (answered, names)
+}
+
+/// A member's copy of table `name`, as reported ("N rows, hash", or "absent").
+fn value_of(tables: &[TableChecksum], name: &str) -> String {
+    tables
+        .iter()
+        .find(|t| t.name == name)
+        .map(|t| format!("{} rows, {}", t.rows, t.hash))
+        .unwrap_or_else(|| "absent".to_string())
+}
+
+/// How many answering members hold each value of table `name`.
+fn counts(answered: &[(NodeId, &[TableChecksum])], name: &str) -> BTreeMap<String, usize> {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, tables) in answered {
+        *counts.entry(value_of(tables, name)).or_default() += 1;
+    }
+    counts
+}
+
+/// One line per table whose checksum is not the same on every answering node, naming the nodes
+/// that differ from the most common value.
+fn compare(nodes: &[NodeChecksums]) -> Vec<String> {
+    let (answered, names) = answers(nodes);
     let mut out = Vec::new();
     for name in names {
-        let value_of = |tables: &[TableChecksum]| {
-            tables
-                .iter()
-                .find(|t| t.name == name)
-                .map(|t| format!("{} rows, {}", t.rows, t.hash))
-                .unwrap_or_else(|| "absent".to_string())
-        };
-        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-        for (_, tables) in &answered {
-            *counts.entry(value_of(tables)).or_default() += 1;
-        }
+        let counts = counts(&answered, name);
         if counts.len() <= 1 {
             continue;
         }
@@ -223,8 +237,8 @@ fn compare(nodes: &[NodeChecksums]) -> Vec<String> {
             .unwrap_or_default();
         let odd: Vec<String> = answered
             .iter()
-            .filter(|(_, tables)| value_of(tables) != majority)
-            .map(|(id, tables)| format!("node {id} has {}", value_of(tables)))
+            .filter(|(_, tables)| value_of(tables, name) != majority)
+            .map(|(id, tables)| format!("node {id} has {}", value_of(tables, name)))
             .collect();
         out.push(format!("{name}: {} (majority: {majority})", odd.join("; ")));
     }
@@ -235,34 +249,15 @@ fn compare(nodes: &[NodeChecksums]) -> Vec<String> {
 /// members hold (with no such majority nobody is marked: the check cannot tell which copy is
 /// right).
 fn diverged(nodes: &[NodeChecksums]) -> Vec<NodeId> {
-    let members = nodes.len();
-    let answered: Vec<(NodeId, &Vec<TableChecksum>)> = nodes
-        .iter()
-        .filter_map(|n| n.tables.as_ref().ok().map(|t| (n.node_id, t)))
-        .collect();
-    let mut names: Vec<&str> = answered
-        .iter()
-        .flat_map(|(_, tables)| tables.iter().map(|t| t.name.as_str()))
-        .collect();
-    names.sort_unstable();
-    names.dedup();
+    let (answered, names) = answers(nodes);
     let mut out: Vec<NodeId> = Vec::new();
     for name in names {
-        let value_of = |tables: &[TableChecksum]| {
-            tables
-                .iter()
-                .find(|t| t.name == name)
-                .map(|t| (t.rows, t.hash.clone()))
-        };
-        let mut counts: BTreeMap<Option<(i64, String)>, usize> = BTreeMap::new();
-        for (_, tables) in &answered {
-            *counts.entry(value_of(tables)).or_default() += 1;
-        }
-        let Some((majority, _)) = counts.iter().find(|(_, c)| **c * 2 > members) else {
+        let counts = counts(&answered, name);
+        let Some((majority, _)) = counts.iter().find(|(_, c)| **c * 2 > nodes.len()) else {
             continue;
         };
         for (id, tables) in &answered {
-            if value_of(tables) != *majority && !out.contains(id) {
+            if value_of(tables, name) != *majority && !out.contains(id) {
                 out.push(*id);
             }
         }
