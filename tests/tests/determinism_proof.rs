@@ -450,4 +450,41 @@ async fn every_non_immutable_function_relation_and_system_column_is_refused_or_i
     )
     .await
     .unwrap();
+
+    // A trigger function is checked as the catalog holds it when a trigger is created: one
+    // made behind raftpg's back (as by an older version's weaker rules) is refused, one made
+    // through raftpg is not.
+    for id in 1..=3u64 {
+        tc.pg(id)
+            .await
+            .unwrap()
+            .batch_execute(
+                "CREATE FUNCTION public.legacy_stamp() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN NEW.v := pg_backend_pid()::text; RETURN NEW; END $$",
+            )
+            .await
+            .unwrap();
+    }
+    let e = c
+        .execute_one(
+            "CREATE TRIGGER stamp BEFORE INSERT ON proof_src FOR EACH ROW EXECUTE FUNCTION legacy_stamp()",
+            vec![],
+        )
+        .await
+        .expect_err("a trigger running a per-node function");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("pg_backend_pid"), "{e}");
+    c.execute_one(
+        "CREATE FUNCTION upper_v() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN NEW.v := upper(NEW.v); RETURN NEW; END $$",
+        vec![],
+    )
+    .await
+    .unwrap();
+    c.execute_one(
+        "CREATE TRIGGER upper_v BEFORE INSERT ON proof_src FOR EACH ROW EXECUTE FUNCTION upper_v()",
+        vec![],
+    )
+    .await
+    .unwrap();
 }

@@ -25,7 +25,6 @@ use super::types::RebuildReport;
 use crate::auth::authenticator::Principal;
 use crate::command::TypeConfig;
 
-
 /// How long a rebuild may take when the request does not say.
 const REBUILD_WAIT_DEFAULT: Duration = Duration::from_secs(600);
 

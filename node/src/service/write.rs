@@ -52,6 +52,7 @@ impl Service {
             return self.forward_to(&leader, &req).await;
         }
         self.check_extensions(&statements).await?;
+        self.check_trigger_functions(&statements).await?;
         match self.propose(statements, &req).await {
             Err(e) if e.names_leader() && req.origin == Origin::Client => {
                 // Lost leadership before proposing: hand the write to the new leader.
@@ -115,6 +116,59 @@ impl Service {
                 })
             })
             .collect()
+    }
+
+    /// Refuses (on the leader, before the log) a `CREATE TRIGGER` whose function's body, as
+    /// the catalog holds it now, would not pass the gate: it may have been created before
+    /// raftpg's current rules, or by a superuser behind raftpg's back. A function that does not
+    /// exist is left to PostgreSQL (the same error on every node).
+    async fn check_trigger_functions(
+        &self,
+        statements: &[SqlStatement],
+    ) -> Result<(), ServiceError> {
+        for (i, s) in statements.iter().enumerate() {
+            let Some(parts) = gate::trigger_function(&s.sql) else {
+                continue;
+            };
+            let quoted = parts
+                .iter()
+                .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
+                .collect::<Vec<_>>()
+                .join(".");
+            let mut pooled = self
+                .reads
+                .get()
+                .await
+                .map_err(|e| ServiceError::unavailable(e.to_string(), None))?;
+            let found = pooled
+                .client()
+                .query_opt(
+                    "SELECT n.nspname::text, p.proname::text, l.lanname::text, p.prosrc
+                       FROM pg_proc p
+                       JOIN pg_namespace n ON n.oid = p.pronamespace
+                       JOIN pg_language l ON l.oid = p.prolang
+                      WHERE p.oid = to_regprocedure($1 || '()')",
+                    &[&quoted],
+                )
+                .await
+                .map_err(|e| {
+                    ServiceError::unavailable(format!("checking trigger function: {e}"), None)
+                })?;
+            pooled.release();
+            let Some(row) = found else {
+                continue;
+            };
+            let (schema, name, language, body): (String, String, String, String) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            gate::check_existing_function(&schema, &name, &language, &body).map_err(|r| {
+                ServiceError::refused(
+                    ErrorKind::InvalidArgument,
+                    r.sqlstate,
+                    format!("statement {i}: {}", r.message),
+                )
+            })?;
+        }
+        Ok(())
     }
 
     /// Refuses (on the leader, before the log) a `CREATE/ALTER EXTENSION` whose extension or

@@ -1375,6 +1375,54 @@ pub fn settings_set_by(sql: &str) -> Vec<String> {
     vec![quoted]
 }
 
+/// The function a `CREATE TRIGGER` statement runs (its name parts, as written), so that the
+/// leader can check the function's body as it is now in the catalog: it may have been created
+/// before raftpg's current rules (see `service::write`).
+pub fn trigger_function(sql: &str) -> Option<Vec<String>> {
+    let NodeEnum::CreateTrigStmt(t) = parse_one(sql).ok()? else {
+        return None;
+    };
+    let parts: Vec<String> = t
+        .funcname
+        .iter()
+        .filter_map(|n| match &n.node {
+            Some(NodeEnum::String(s)) => Some(s.sval.clone()),
+            _ => None,
+        })
+        .collect();
+    (!parts.is_empty()).then_some(parts)
+}
+
+/// Checks the body of an existing function in `language` as the gate checks a body being
+/// created (for trigger functions, see [`trigger_function`]); functions in other languages
+/// than SQL and PL/pgSQL must be classified built-ins whose verdict allows writes or internal
+/// trigger functions.
+pub fn check_existing_function(
+    schema: &str,
+    name: &str,
+    language: &str,
+    body: &str,
+) -> Result<(), Refusal> {
+    match language {
+        "sql" | "plpgsql" => check_body(body).map_err(|r| {
+            refuse(
+                r.sqlstate,
+                format!("trigger function {schema}.{name}: {}", r.message),
+            )
+        }),
+        _ => {
+            let builtin = matches!(schema, "pg_catalog");
+            match catalog::lookup(&name.to_ascii_lowercase(), 0, builtin) {
+                Some((v, _)) if v.allowed_in_writes() || v == catalog::Verdict::Internal => Ok(()),
+                _ => Err(refuse(
+                    FEATURE_NOT_SUPPORTED,
+                    format!("trigger function {schema}.{name} is written in {language}, which raftpg cannot check; write trigger functions in PL/pgSQL or SQL"),
+                )),
+            }
+        }
+    }
+}
+
 /// The extension (and version, if named) a `CREATE EXTENSION` or `ALTER EXTENSION ... UPDATE`
 /// statement needs installed: the leader refuses the write if its own PostgreSQL lacks it (a
 /// node that lacks it while applying waits, see `apply::applier::classify`).
