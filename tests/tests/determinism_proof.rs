@@ -122,15 +122,64 @@ fn write_for(f: &Function) -> Option<String> {
             ("convert" | "convert_from" | "convert_to" | "pg_char_to_encoding", _) if text => {
                 Some(format!("'UTF8'::{t}"))
             }
-            ("to_char", 1) => Some("'YYYY-MM-DD HH24:MI:SS TZ Day Month L9.99'::text".into()),
+            ("to_char", 1) => Some(match f.args[0].as_str() {
+                t if t.starts_with("time") || t == "date" => {
+                    "'YYYY-MM-DD HH24:MI:SS TZ Day Month'::text".into()
+                }
+                "interval" => "'DD HH24:MI:SS'::text".into(),
+                _ => "'L9,999.99'::text".into(),
+            }),
+            ("ts_headline", 2) => Some("'MaxWords=5, MinWords=1'::text".into()),
+            ("ts_parse" | "ts_token_type", 0) if text => Some("'default'::text".into()),
+            ("pg_get_serial_sequence", 0) => Some("'proof'::text".into()),
+            ("pg_get_serial_sequence", 1) => Some("'id'::text".into()),
+            ("to_regprocedure", 0) => Some("'lower(text)'::text".into()),
+            ("to_regoperator", 0) => Some("'+(integer,integer)'::text".into()),
+            ("length", 1) => Some("'UTF8'::name".into()),
+            ("make_timestamptz", 6) => Some("'Europe/Paris'::text".into()),
+            ("json_populate_record" | "json_populate_recordset", 0)
+            | ("jsonb_populate_record" | "jsonb_populate_recordset", 0) => {
+                Some("NULL::proof_src".into())
+            }
+            // has_*_privilege(user?, object, privilege): an object of the kind that exists.
+            (n, _) if n.starts_with("has_") && n.ends_with("_privilege") => {
+                let kind = &n["has_".len()..n.len() - "_privilege".len()];
+                let last = i + 1 == f.args.len();
+                let object_at = if f.args.len() == 3 + usize::from(kind == "column") {
+                    1
+                } else {
+                    0
+                };
+                let (object, column, privilege) = match kind {
+                    "table" | "any_column" => ("proof_src", "", "SELECT"),
+                    "column" => ("proof_src", "v", "SELECT"),
+                    "database" => ("raftpg", "", "CONNECT"),
+                    "schema" => ("public", "", "USAGE"),
+                    "function" => ("lower(text)", "", "EXECUTE"),
+                    "language" => ("plpgsql", "", "USAGE"),
+                    "sequence" => ("proof_seq", "", "USAGE"),
+                    "type" => ("integer", "", "USAGE"),
+                    "tablespace" => ("pg_default", "", "CREATE"),
+                    "parameter" => ("work_mem", "", "SET"),
+                    _ => ("proof", "", "USAGE"),
+                };
+                if last {
+                    Some(format!("'{privilege}'::text"))
+                } else if i < object_at && text {
+                    Some(format!("'pg_monitor'::{t}"))
+                } else if i == object_at && text {
+                    Some(format!("'{object}'::{t}"))
+                } else if i == object_at + 1 && kind == "column" && text {
+                    Some(format!("'{column}'::{t}"))
+                } else {
+                    None
+                }
+            }
             ("to_timestamp" | "to_date", 0) if text => Some("'2020-01-02 03:04'::text".into()),
             ("to_timestamp" | "to_date", 1) => Some("'YYYY-MM-DD HH24:MI'::text".into()),
             ("to_number", 0) => Some("'1,234.5'::text".into()),
             ("to_number", 1) => Some("'9,999.9'::text".into()),
             ("timezone", 0) if text => Some("'Europe/Paris'::text".into()),
-            (n, _) if n.starts_with("has_") && t == "text" && i + 1 == f.args.len() => {
-                Some("'USAGE'::text".into())
-            }
             _ => None,
         }
     };
