@@ -162,6 +162,22 @@ async fn a_diverged_node_is_detected_fenced_and_rebuilt_while_the_cluster_serves
     assert_eq!(e.sqlstate().as_deref(), Some("XX001"), "{e}");
     let bad = c.query_node((odd - 1) as usize, read(true)).await.unwrap();
     assert_eq!(values::as_i64(&bad.rows[0].values[0]), Some(4950));
+    // The same over the PostgreSQL protocol: refused with XX001 unless the session asks.
+    let wire = tc.wire(odd).await.unwrap();
+    let e = wire
+        .simple_query("SELECT count(*) FROM items")
+        .await
+        .expect_err("a diverged node must not serve reads over the wire");
+    assert_eq!(e.code().map(|c| c.code()), Some("XX001"), "{e}");
+    wire.batch_execute("SET raftpg.allow_diverged_reads = on")
+        .await
+        .unwrap();
+    let n: i64 = wire
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 4950);
 
     // On an idle cluster the leader's snapshot is at exactly the odd node's applied index: the
     // rebuild must still replace the copy (it did not, at first).

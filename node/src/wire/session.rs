@@ -1131,8 +1131,7 @@ impl Session {
                     .map(crate::pg::values::wire_size)
                     .sum::<usize>(),
             principal: self.principal.clone(),
-            // A wire session never reads a copy known to differ (gRPC reads may ask).
-            allow_diverged: false,
+            allow_diverged: self.settings.allow_diverged_reads(),
         };
         let admitted = tokio::select! {
             a = self.svc.admit_read(req) => a?,

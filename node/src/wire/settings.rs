@@ -109,7 +109,16 @@ const RULES: &[Rule] = &[
         default: "linearizable",
         reported: false,
     },
+    Rule {
+        name: ALLOW_DIVERGED_READS,
+        default: "off",
+        reported: false,
+    },
 ];
+
+/// Whether the session reads a node whose copy a check found different (`off` by default; see
+/// `service::repair`).
+pub const ALLOW_DIVERGED_READS: &str = "raftpg.allow_diverged_reads";
 
 /// The session's read consistency setting.
 pub const READ_CONSISTENCY: &str = "raftpg.read_consistency";
@@ -238,6 +247,13 @@ impl Settings {
             }
         }
         changed
+    }
+
+    /// Whether the session's reads may read a copy known to differ.
+    pub fn allow_diverged_reads(&self) -> bool {
+        self.values
+            .get(ALLOW_DIVERGED_READS)
+            .is_some_and(|v| v == "on")
     }
 
     /// The value `SHOW name` answers, when the session owns the setting.
@@ -379,6 +395,11 @@ impl Settings {
             "client_min_messages" => match lower.as_str() {
                 "debug5" | "debug4" | "debug3" | "debug2" | "debug1" | "debug" | "log"
                 | "notice" | "warning" | "error" | "info" => lower,
+                _ => return Err(invalid(r.name, value)),
+            },
+            ALLOW_DIVERGED_READS => match lower.as_str() {
+                "on" | "true" | "yes" | "1" => "on".to_string(),
+                "off" | "false" | "no" | "0" => "off".to_string(),
                 _ => return Err(invalid(r.name, value)),
             },
             READ_CONSISTENCY => {
