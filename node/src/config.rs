@@ -213,6 +213,11 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
 
+    /// Rebuild this node from the leader's snapshot as soon as a check finds its copy different
+    /// from the majority's (instead of waiting for `raftpg member rebuild`).
+    #[arg(long, env = "RAFTPG_AUTO_REBUILD")]
+    pub auto_rebuild: bool,
+
     /// DELIBERATELY BROKEN, for the jepsen self-test only: serve LINEARIZABLE reads from the
     /// local copy without asking the leader (stale reads become possible).
     #[arg(long, hide = true)]

@@ -354,6 +354,7 @@ fn build_service(cfg: &NodeConfig, started: &Started, parts: RaftParts) -> Arc<S
         addrs: started.addrs.clone(),
         snapshots: parts.snapshots,
         rebuilder: parts.rebuilder,
+        auto_rebuild: cfg.auto_rebuild,
     })
 }
 

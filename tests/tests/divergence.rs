@@ -251,13 +251,38 @@ async fn a_diverged_node_is_detected_fenced_and_rebuilt_while_the_cluster_serves
     assert!(c.member_status(0, odd).await.unwrap().diverged.is_empty());
     let good = c.query_node((odd - 1) as usize, read(false)).await.unwrap();
     assert!(values::as_i64(&good.rows[0].values[0]).unwrap() >= 5000);
-    // The rebuilt node survives a restart with its new copy.
+    // The rebuilt node survives a restart with its new copy; restarted with --auto-rebuild,
+    // it rebuilds itself as soon as a check finds it different.
     tc.cluster.stop_node(odd);
+    tc.cluster
+        .add_extra_args(odd, vec!["--auto-rebuild".into()]);
     tc.cluster.start_node(odd).unwrap();
     c.execute_one("INSERT INTO items VALUES (0, 'after')", vec![])
         .await
         .unwrap();
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
+    tc.pg(odd)
+        .await
+        .unwrap()
+        .batch_execute("UPDATE items SET v = 'changed' WHERE id < 10")
+        .await
+        .unwrap();
+    let r = c.check(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.diverged_nodes, vec![odd], "{r:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = c.member_status(0, odd).await.unwrap();
+        if st.diverged.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no automatic rebuild: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = c.check(Duration::from_secs(30)).await.unwrap();
+    assert!(r.identical, "{r:?}");
 }
 
 /// Runs `sql` directly on node `id`'s PostgreSQL, then requires `raftpg check` to report

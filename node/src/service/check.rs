@@ -104,7 +104,7 @@ impl Service {
                 .cloned()
                 .collect();
             let told = match nodes.iter().find(|n| n.node_id == *id) {
-                Some(_) if *id == self.id => self.mark_diverged(index, &odd),
+                Some(_) if *id == self.id => self.record_diverged(index, &odd),
                 Some(n) => {
                     self.peers
                         .mark_diverged(&n.addr, index, &odd, Duration::from_secs(5))

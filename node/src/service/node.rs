@@ -87,6 +87,8 @@ pub struct ServiceParts {
     pub snapshots: SnapshotStore,
     /// Rebuilds this node's copy from a donor's snapshot (see `service::repair`).
     pub rebuilder: Rebuilder,
+    /// Rebuild as soon as a check finds this node's copy different.
+    pub auto_rebuild: bool,
 }
 
 /// A node's services: the shared handles every operation uses. See the module doc.
@@ -121,6 +123,8 @@ pub struct Service {
     pub(super) rebuilder: Rebuilder,
     /// One rebuild at a time.
     pub(super) rebuilding: tokio::sync::Mutex<()>,
+    /// Rebuild as soon as a check finds this node's copy different.
+    pub(super) auto_rebuild: bool,
     /// Memo of the leader-side SQL check and rewrite.
     pub(super) prepared_writes: PreparedWrites,
     /// PostgreSQL version, encoding and collation (read once).
@@ -162,6 +166,7 @@ impl Service {
             snapshots: parts.snapshots,
             rebuilder: parts.rebuilder,
             rebuilding: Default::default(),
+            auto_rebuild: parts.auto_rebuild,
             prepared_writes: Default::default(),
             pg_identity: tokio::sync::OnceCell::new(),
         })

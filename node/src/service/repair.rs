@@ -14,6 +14,7 @@
 //!
 //! Invariant: a node with the marker answers no read that did not ask for a diverged copy.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::storage::Snapshot;
@@ -51,8 +52,28 @@ impl Service {
             .clone()
     }
 
-    /// Records (durably) that the check at `log_index` found this node's copy different.
+    /// Told by the leader that the check at `log_index` found this node's copy different:
+    /// records it, and with `--auto-rebuild` starts a rebuild (unless this node leads).
     pub fn mark_diverged(
+        self: &Arc<Self>,
+        log_index: u64,
+        differences: &[String],
+    ) -> Result<(), ServiceError> {
+        self.record_diverged(log_index, differences)?;
+        if self.auto_rebuild && !self.is_leader() {
+            let svc = self.clone();
+            tokio::spawn(async move {
+                info!(node = svc.id, "rebuilding automatically (--auto-rebuild)");
+                if let Err(e) = svc.rebuild_self(REBUILD_WAIT_DEFAULT).await {
+                    warn!(node = svc.id, error = %e.message, "the automatic rebuild failed; run raftpg member rebuild");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Records (durably) that the check at `log_index` found this node's copy different.
+    pub(super) fn record_diverged(
         &self,
         log_index: u64,
         differences: &[String],
@@ -106,6 +127,11 @@ impl Service {
                 ),
             ));
         }
+        self.rebuild_self(wait).await
+    }
+
+    /// [`Self::rebuild`] of this node, without the caller's checks.
+    async fn rebuild_self(&self, wait: Duration) -> Result<RebuildReport, ServiceError> {
         self.refuse_if_removed()?;
         let Ok(_one) = self.rebuilding.try_lock() else {
             return Err(ServiceError::new(
