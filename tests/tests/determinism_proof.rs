@@ -523,6 +523,15 @@ async fn every_non_immutable_function_relation_and_system_column_is_refused_or_i
         .expect_err("a trigger running a per-node function");
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     assert!(e.to_string().contains("pg_backend_pid"), "{e}");
+    // And `raftpg check` names it among the definitions the gate would refuse today.
+    let r = c.check(Duration::from_secs(60)).await.unwrap();
+    assert!(
+        r.unsafe_definitions
+            .iter()
+            .any(|d| d.contains("legacy_stamp") && d.contains("pg_backend_pid")),
+        "{r:?}"
+    );
+    assert_eq!(r.unsafe_definitions.len(), 1, "{:?}", r.unsafe_definitions);
     c.execute_one(
         "CREATE FUNCTION upper_v() RETURNS trigger LANGUAGE plpgsql AS \
          $$ BEGIN NEW.v := upper(NEW.v); RETURN NEW; END $$",

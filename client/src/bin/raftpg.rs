@@ -420,6 +420,9 @@ fn print_check(r: &raftpg_client::v1::CheckResponse) -> i32 {
     for d in &r.differences {
         println!("DIVERGENCE {d}");
     }
+    for d in &r.unsafe_definitions {
+        println!("UNSAFE DEFINITION {d}");
+    }
     for id in &r.diverged_nodes {
         println!(
             "node {id}'s copy differs from the majority's: it serves no reads until it is rebuilt (raftpg member rebuild {id})"

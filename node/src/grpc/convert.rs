@@ -265,6 +265,7 @@ pub fn check_response(r: CheckReport) -> pb::CheckResponse {
         differences: r.differences,
         missing_nodes: r.missing_nodes,
         diverged_nodes: r.diverged_nodes,
+        unsafe_definitions: r.unsafe_definitions,
         nodes: r
             .nodes
             .into_iter()
@@ -297,6 +298,7 @@ pub fn check_report(r: pb::CheckResponse) -> CheckReport {
         differences: r.differences,
         missing_nodes: r.missing_nodes,
         diverged_nodes: r.diverged_nodes,
+        unsafe_definitions: r.unsafe_definitions,
         nodes: r
             .nodes
             .into_iter()

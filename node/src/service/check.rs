@@ -16,6 +16,24 @@ use super::types::{CheckReport, NodeChecksums, Origin};
 use crate::apply::checksums;
 use crate::auth::authenticator::Principal;
 use crate::command::{ApplyOutcome, Command, NodeId, TableChecksum};
+use crate::sql::gate;
+
+/// The user views and the user functions in SQL or PL/pgSQL (not an extension's), with what
+/// the gate needs to check them.
+const AUDIT_SQL: &str = "
+SELECT 'view', schemaname::text, viewname::text, '', definition
+  FROM pg_views
+ WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'raftpg')
+UNION ALL
+SELECT 'function', n.nspname::text, p.proname::text, l.lanname::text, p.prosrc
+  FROM pg_proc p
+  JOIN pg_namespace n ON n.oid = p.pronamespace
+  JOIN pg_language l ON l.oid = p.prolang
+ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'raftpg')
+   AND l.lanname IN ('sql', 'plpgsql')
+   AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                    WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+ ORDER BY 1, 2, 3";
 
 /// How long a check waits when the request does not say.
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
@@ -116,14 +134,44 @@ impl Service {
                 tracing::warn!(node = id, error = %e.message, "could not tell a node that its copy differs");
             }
         }
+        let unsafe_definitions = self.audit_definitions().await;
         Ok(CheckReport {
             log_index: index,
             identical: differences.is_empty() && missing_nodes.is_empty(),
             differences,
             missing_nodes,
             diverged_nodes,
+            unsafe_definitions,
             nodes,
         })
+    }
+
+    /// The user views and functions of the catalog (on this node) whose definitions the gate
+    /// would refuse today: made by an older raftpg with weaker rules, or behind raftpg's back.
+    /// Views and functions made through this version were checked when they were created (their
+    /// definition is part of the statement), so a write using them is safe; these are not.
+    async fn audit_definitions(&self) -> Vec<String> {
+        let mut pooled = match self.reads.get().await {
+            Ok(p) => p,
+            Err(e) => return vec![format!("(could not read the definitions: {e})")],
+        };
+        let rows = pooled.client().query(AUDIT_SQL, &[]).await;
+        pooled.release();
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => return vec![format!("(could not read the definitions: {e})")],
+        };
+        rows.iter()
+            .filter_map(|r| {
+                let (kind, schema, name, language, body): (String, String, String, String, String) =
+                    (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+                let checked = match kind.as_str() {
+                    "view" => gate::check_view_definition(&format!("{schema}.{name}"), &body),
+                    _ => gate::check_existing_function(&schema, &name, &language, &body),
+                };
+                checked.err().map(|r| r.message)
+            })
+            .collect()
     }
 
     /// A member's checksums at `index`; a member that is restarting or catching up gets until

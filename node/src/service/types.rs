@@ -212,6 +212,9 @@ pub struct CheckReport {
     /// Members whose copy differs from the one a majority of all members hold (told so; see
     /// `service::repair`).
     pub diverged_nodes: Vec<NodeId>,
+    /// User views and functions whose definitions the gate would refuse today (see
+    /// `service::check`).
+    pub unsafe_definitions: Vec<String>,
     /// Every member's answer.
     pub nodes: Vec<NodeChecksums>,
 }

@@ -1407,7 +1407,7 @@ pub fn check_existing_function(
         "sql" | "plpgsql" => check_body(body).map_err(|r| {
             refuse(
                 r.sqlstate,
-                format!("trigger function {schema}.{name}: {}", r.message),
+                format!("function {schema}.{name}: {}", r.message),
             )
         }),
         _ => {
@@ -1421,6 +1421,23 @@ pub fn check_existing_function(
             }
         }
     }
+}
+
+/// Checks an existing view's query (`pg_get_viewdef`) as the gate checks a write: it must pass
+/// unchanged (a query that needs a rewrite — `now()`, `random()` — gives each node its own
+/// values).
+pub fn check_view_definition(name: &str, query: &str) -> Result<(), Refusal> {
+    let checked = prepare_write(query.trim().trim_end_matches(';'))
+        .map_err(|r| refuse(r.sqlstate, format!("view {name}: {}", r.message)))?;
+    if checked != query.trim().trim_end_matches(';') {
+        return Err(refuse(
+            FEATURE_NOT_SUPPORTED,
+            format!(
+                "view {name} calls time or random functions that give each node its own values"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The extension (and version, if named) a `CREATE EXTENSION` or `ALTER EXTENSION ... UPDATE`
