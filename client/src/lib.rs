@@ -41,9 +41,44 @@ pub enum ClientError {
     /// No node list was given.
     #[error("no node addresses given")]
     NoNodes,
+    /// The call's total deadline passed (or its attempts ran out) while it kept failing in a
+    /// way worth retrying; `last` is the last failure.
+    #[error("gave up after {attempts} attempt(s) in {:.1} s{}: {last}{}", .elapsed.as_secs_f64(), tried(.unreachable), outcome_hint(.request, .last))]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// Time spent.
+        elapsed: Duration,
+        /// Node addresses that gave no answer (unreachable, or silent until the deadline) at
+        /// the last try of each.
+        unreachable: Vec<String>,
+        /// The write's request id (`client:seq`), when the call was a write.
+        request: Option<String>,
+        /// The last failure.
+        last: Box<ClientError>,
+    },
     /// An empty user name or password.
     #[error("the user name and password must not be empty")]
     BadCredentials,
+}
+
+fn tried(unreachable: &[String]) -> String {
+    match unreachable {
+        [] => String::new(),
+        nodes => format!(" (no answer from {})", nodes.join(", ")),
+    }
+}
+
+/// What a write that gave up should do next: its outcome is unknown unless the last failure
+/// says it certainly did not happen.
+fn outcome_hint(request: &Option<String>, last: &ClientError) -> String {
+    let certainly_not_applied = last.code() == Code::Unavailable;
+    match request {
+        Some(id) if !certainly_not_applied => format!(
+            "; the write's outcome is unknown: send it again with request id {id} to learn it (it is never applied twice)"
+        ),
+        _ => String::new(),
+    }
 }
 
 fn describe_status(s: &Status) -> String {
@@ -51,10 +86,12 @@ fn describe_status(s: &Status) -> String {
 }
 
 impl ClientError {
-    /// The gRPC status, if the error came from the cluster.
+    /// The gRPC status, if the error came from the cluster (the last one, for a call that
+    /// gave up).
     pub fn status(&self) -> Option<&Status> {
         match self {
             ClientError::Status(s) => Some(s),
+            ClientError::GaveUp { last, .. } => last.status(),
             _ => None,
         }
     }
@@ -116,6 +153,9 @@ pub struct ClientConfig {
     /// The role to authenticate as (sent with every request as `raftpg-user` and
     /// `raftpg-password` metadata; `None`: anonymous, for nodes that allow it).
     pub credentials: Option<Credentials>,
+    /// The longest a call may take across all its attempts; then it fails with
+    /// [`ClientError::GaveUp`] and the last error.
+    pub total_timeout: Duration,
 }
 
 pub use raftpg_proto::identity::Credentials;
@@ -162,6 +202,7 @@ impl Default for ClientConfig {
             retry_backoff: Duration::from_millis(50),
             tls: None,
             credentials: None,
+            total_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -278,23 +319,56 @@ impl Client {
     async fn with_retries<T, F, Fut>(
         &self,
         retry: fn(&ClientError) -> bool,
+        request: Option<String>,
+        total: Duration,
         call: F,
     ) -> Result<T, ClientError>
     where
         F: Fn(usize) -> Fut,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
+        let started = std::time::Instant::now();
+        let deadline = started + total;
         let mut attempt = 0;
         let mut visited = vec![false; self.channels.len()];
+        let mut unreachable: Vec<String> = Vec::new();
         loop {
             let i = self.preferred.load(Ordering::Relaxed) % self.channels.len();
             visited[i] = true;
-            match call(i).await {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let outcome = match tokio::time::timeout(left, call(i)).await {
+                Ok(o) => o,
+                Err(_) => Err(ClientError::Status(Status::deadline_exceeded(format!(
+                    "no answer from {} within the call's deadline",
+                    self.addrs[i]
+                )))),
+            };
+            match outcome {
                 Ok(r) => return Ok(r),
                 Err(e) => {
                     attempt += 1;
-                    if !retry(&e) || attempt >= self.config.attempts_max {
+                    let addr = &self.addrs[i];
+                    let reached = e.status().is_some_and(|s| {
+                        !s.message().contains("transport error")
+                            && !s.message().contains("tcp connect error")
+                            && s.code() != Code::DeadlineExceeded
+                    });
+                    unreachable.retain(|a| a != addr);
+                    if !reached {
+                        unreachable.push(addr.clone());
+                    }
+                    if !retry(&e) {
                         return Err(e);
+                    }
+                    if attempt >= self.config.attempts_max || std::time::Instant::now() >= deadline
+                    {
+                        return Err(ClientError::GaveUp {
+                            attempts: attempt,
+                            elapsed: started.elapsed(),
+                            unreachable,
+                            request,
+                            last: Box::new(e),
+                        });
                     }
                     self.next_node(e.status(), i, &mut visited);
                     self.backoff(attempt).await;
@@ -328,17 +402,26 @@ impl Client {
             statements,
             request_id: Some(id),
         };
+        let id_text = request
+            .request_id
+            .as_ref()
+            .map(|id| format!("{}:{}", id.client_id, id.seq));
         let request = &request;
-        self.with_retries(ClientError::retry_safe, |i| async move {
-            let mut c =
-                WriteClient::new(self.channels[i].clone()).max_decoding_message_size(usize::MAX);
-            let mut req = self.request(request.clone());
-            req.set_timeout(self.config.attempt_timeout);
-            c.execute(req)
-                .await
-                .map(|r| r.into_inner())
-                .map_err(ClientError::Status)
-        })
+        self.with_retries(
+            ClientError::retry_safe,
+            id_text,
+            self.config.total_timeout,
+            |i| async move {
+                let mut c = WriteClient::new(self.channels[i].clone())
+                    .max_decoding_message_size(usize::MAX);
+                let mut req = self.request(request.clone());
+                req.set_timeout(self.config.attempt_timeout);
+                c.execute(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(ClientError::Status)
+            },
+        )
         .await
     }
 
@@ -358,9 +441,12 @@ impl Client {
     /// Runs a read on the preferred node (moving on when it is unreachable).
     pub async fn query(&self, request: QueryRequest) -> Result<QueryResponse, ClientError> {
         let request = &request;
-        self.with_retries(ClientError::retry_safe, |i| async move {
-            self.query_node(i, request.clone()).await
-        })
+        self.with_retries(
+            ClientError::retry_safe,
+            None,
+            self.config.total_timeout,
+            |i| async move { self.query_node(i, request.clone()).await },
+        )
         .await
     }
 
@@ -461,6 +547,11 @@ impl Client {
         let (msg, call) = (&msg, &call);
         self.with_retries(
             |e| e.code() == Code::Unavailable,
+            None,
+            // A call that asks for a long wait (a check, a learner catching up) gets it.
+            self.config
+                .total_timeout
+                .max(timeout + Duration::from_secs(5)),
             |i| async move {
                 let c = ClusterClient::new(self.channels[i].clone())
                     .max_decoding_message_size(usize::MAX);

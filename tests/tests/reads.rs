@@ -169,6 +169,11 @@ async fn a_node_cut_off_from_the_majority_refuses_linearizable_reads() {
                 q("SELECT v FROM kv WHERE k = 1", Consistency::Local, 0),
             )
             .await;
+        // The CLI gives up within its --timeout and says why (issue 19: it used to keep
+        // retrying without printing anything for minutes).
+        if !isolate_leader {
+            cli_gives_up(&tc, alone).await;
+        }
         for id in &others {
             assert!(tc.cluster.signal_node(*id, libc::SIGCONT));
         }
@@ -186,6 +191,45 @@ async fn a_node_cut_off_from_the_majority_refuses_linearizable_reads() {
         c.execute_one("UPDATE kv SET v = v || 'x' WHERE k = 1", vec![])
             .await
             .unwrap();
+    }
+}
+
+/// `raftpg query --consistency linearizable` and `raftpg exec` against node `alone`, cut off
+/// from its quorum, end within `--timeout` (+ a margin) with an error that says what happened;
+/// the write's names its request id.
+async fn cli_gives_up(tc: &testkit::TestCluster, alone: u64) {
+    let credentials = tc
+        .client_config()
+        .credentials
+        .expect("an authenticated cluster");
+    let bin = raftpg_client::local_cluster::default_node_bin().with_file_name("raftpg");
+    for args in [
+        vec!["query", "--consistency", "linearizable", "SELECT 1"],
+        vec!["exec", "UPDATE kv SET v = v WHERE k = 1"],
+    ] {
+        let started = Instant::now();
+        let out = tokio::process::Command::new(&bin)
+            .args(["--nodes", &tc.addr_of(alone), "--timeout", "4"])
+            .arg("--certs")
+            .arg(tc.certs().expect("a TLS cluster"))
+            .args(&args)
+            .env("RAFTPG_USER", &credentials.user)
+            .env("RAFTPG_PASSWORD", &credentials.password)
+            .output()
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            took < Duration::from_secs(12),
+            "{args:?} took {took:?}: {stderr}"
+        );
+        assert!(stderr.contains("gave up after"), "{args:?}: {stderr}");
+        if args[0] == "exec" {
+            assert!(stderr.contains("request id"), "{args:?}: {stderr}");
+        }
+        eprintln!("{args:?} gave up in {took:?}: {}", stderr.trim());
     }
 }
 

@@ -43,6 +43,12 @@ struct Cli {
     /// asked for on the terminal.
     #[arg(long, env = "RAFTPG_USER", global = true)]
     user: Option<String>,
+    /// The longest a command may keep retrying, in seconds (each attempt at most 10 s); then
+    /// it fails with the last error, the nodes it could not reach and, for a write whose
+    /// outcome is unknown, the request id to send it again with. Commands that ask for a
+    /// longer wait themselves (`check`, `member add`, `member rebuild`) get that wait.
+    #[arg(long, env = "RAFTPG_TIMEOUT", global = true, default_value_t = 30)]
+    timeout: u64,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -64,6 +70,7 @@ fn cli_client(
     certs: Option<&std::path::Path>,
     cert_name: &str,
     user: Option<&str>,
+    timeout: Duration,
 ) -> anyhow::Result<Client> {
     let tls = match certs {
         Some(dir) => Some(
@@ -75,6 +82,8 @@ fn cli_client(
     let config = raftpg_client::ClientConfig {
         tls,
         credentials: credentials(user)?,
+        total_timeout: timeout,
+        attempt_timeout: timeout.min(Duration::from_secs(10)),
         ..Default::default()
     };
     Ok(Client::with_config(nodes, config)?)
@@ -483,6 +492,7 @@ async fn print_status(client: &Client) {
     let leader_view = statuses
         .iter()
         .find_map(|(_, s)| s.as_ref().ok().filter(|s| s.role == "leader").cloned());
+    let warnings = status_warnings(&statuses, leader_view.as_ref());
     let rows: Vec<Vec<String>> = statuses
         .into_iter()
         .map(|(m, st)| match st {
@@ -509,7 +519,7 @@ async fn print_status(client: &Client) {
                     s.applied_index.to_string(),
                     lag.unwrap_or_else(|| "-".into()),
                     if s.postgres_up {
-                        format!("up {}", s.postgres_version)
+                        format!("up {}", pg_version_words(&s.postgres_version))
                     } else {
                         "DOWN".into()
                     },
@@ -529,6 +539,84 @@ async fn print_status(client: &Client) {
         })
         .collect();
     print_rows(&header.map(String::from), &rows);
+    for w in warnings {
+        println!("WARNING {w}");
+    }
+}
+
+/// PostgreSQL's `server_version_num` in words (`150018` → `15.18`).
+fn pg_version_words(num: &str) -> String {
+    match num.parse::<u32>() {
+        Ok(n) if n >= 100_000 => format!("{}.{}", n / 10_000, n % 10_000),
+        _ => num.to_string(),
+    }
+}
+
+/// What in a cluster's status needs an operator's attention, one line each.
+fn status_warnings(
+    statuses: &[(
+        raftpg_client::v1::Member,
+        Result<raftpg_client::v1::StatusResponse, raftpg_client::ClientError>,
+    )],
+    leader: Option<&raftpg_client::v1::StatusResponse>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if leader.is_none() {
+        out.push("no member says it leads: writes and linearizable reads are unavailable".into());
+    }
+    for (m, st) in statuses {
+        let id = m.node_id;
+        let s = match st {
+            Ok(s) => s,
+            Err(e) => {
+                out.push(format!("node {id} does not answer: {e}"));
+                continue;
+            }
+        };
+        if !s.postgres_up {
+            out.push(format!("node {id}: its PostgreSQL is down"));
+        }
+        if s.applier_state != "applying" && !s.applier_state.is_empty() {
+            out.push(format!("node {id}: applier {}", s.applier_state));
+        }
+        if s.insecure {
+            out.push(format!(
+                "node {id} runs --insecure: anyone who reaches its ports can read and change every copy"
+            ));
+        }
+        if !s.diverged.is_empty() {
+            out.push(format!(
+                "node {id}'s copy differs from the majority's ({}); rebuild it: raftpg member rebuild {id}",
+                s.diverged
+            ));
+        }
+        if s.removed {
+            out.push(format!("node {id} was removed from the cluster"));
+        }
+        if let Some(l) = leader {
+            let lag = l
+                .members
+                .iter()
+                .find(|x| x.node_id == id && x.has_matched)
+                .map(|x| l.last_log_index.saturating_sub(x.matched_index));
+            match lag {
+                Some(n) if n > 1_000 => {
+                    out.push(format!("node {id} lags {n} entries behind the leader"))
+                }
+                None if l.node_id != id => out.push(format!(
+                    "node {id} has not acknowledged any entry of the leader's term"
+                )),
+                _ => {}
+            }
+            if l.applied_index.saturating_sub(s.applied_index) > 10_000 {
+                out.push(format!(
+                    "node {id} has applied {} entries fewer than the leader",
+                    l.applied_index - s.applied_index
+                ));
+            }
+        }
+    }
+    out
 }
 
 fn start_cluster(args: &ClusterArgs) -> anyhow::Result<LocalCluster> {
@@ -804,7 +892,16 @@ async fn main() -> anyhow::Result<()> {
             cli.cert_name.clone(),
             cli.user.clone(),
         );
-        move || cli_client(&nodes, certs.as_deref(), &cert_name, user.as_deref())
+        let timeout = Duration::from_secs(cli.timeout.max(1));
+        move || {
+            cli_client(
+                &nodes,
+                certs.as_deref(),
+                &cert_name,
+                user.as_deref(),
+                timeout,
+            )
+        }
     };
     match cli.command {
         Cmd::Exec { sql, params } => {
