@@ -104,6 +104,12 @@ pub fn pg_addr_of(addr: &str) -> String {
     port_plus(addr, PG_PORT_OFFSET)
 }
 
+/// The metrics/health HTTP address of a node whose client address is `addr` (the node's
+/// default `--metrics-listen`: port + 3000).
+pub fn metrics_addr_of(addr: &str) -> String {
+    port_plus(addr, 3000)
+}
+
 /// `host:port` with the port `offset` higher (`addr` unchanged when it has no port).
 fn port_plus(addr: &str, offset: u16) -> String {
     match addr.rsplit_once(':') {

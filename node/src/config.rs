@@ -43,6 +43,12 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_PG_LISTEN")]
     pub pg_listen: Option<SocketAddr>,
 
+    /// Address of the HTTP port for operators (plain HTTP, no secrets): Prometheus metrics at
+    /// `/metrics`, and `/health`, `/ready`, `/leader` for load balancers and orchestrators.
+    /// Default: the listen address's IP, port + 3000 (127.0.0.1:(10000 + id) by default).
+    #[arg(long, env = "RAFTPG_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Most wire protocol connections at once; more are refused (53300).
     #[arg(long, env = "RAFTPG_PG_CONNECTIONS_MAX", default_value_t = 256)]
     pub pg_connections_max: usize,
@@ -260,6 +266,14 @@ impl NodeConfig {
         match self.pg_listen {
             Some(a) => Ok(a),
             None => self.listen_addr_plus(2000, "wire protocol", "--pg-listen"),
+        }
+    }
+
+    /// The operators' HTTP port, defaulting to the listen address's IP with port + 3000.
+    pub fn metrics_listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        match self.metrics_listen {
+            Some(a) => Ok(a),
+            None => self.listen_addr_plus(3000, "metrics", "--metrics-listen"),
         }
     }
 

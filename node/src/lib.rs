@@ -34,6 +34,8 @@
 //! - [`command`]: the log format (what an entry holds) and openraft's type config.
 //! - [`apply`]: state machine and applier: committed entries become PostgreSQL transactions.
 //! - [`pg`]: the PostgreSQL supervisor, read pool, value codecs and SQLSTATE classes.
+//! - [`http`]: the operators' HTTP frontend (Prometheus metrics, health probes);
+//!   [`metrics`]: the collectors.
 //! - [`server`]: start-up and shutdown wiring; [`config`]: flags and environment; [`tls`]:
 //!   the node's certificates.
 //!
@@ -44,6 +46,8 @@ pub mod auth;
 pub mod command;
 pub mod config;
 pub mod grpc;
+pub mod http;
+pub mod metrics;
 pub mod pg;
 pub mod raft;
 pub mod server;

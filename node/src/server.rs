@@ -188,6 +188,20 @@ async fn serve(cfg: &NodeConfig, started: Started) -> anyhow::Result<()> {
     }
     let servers = grpc_servers(cfg, svc.clone(), &started)?;
     let wire_server = wire_server(cfg, svc.clone(), &started).await?;
+    let metrics_addr = cfg.metrics_listen_addr()?;
+    let metrics_listener = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .with_context(|| format!("listening for HTTP on {metrics_addr} (--metrics-listen)"))?;
+    info!(node = cfg.id, metrics_listen = %metrics_addr, "serving metrics and health probes");
+    let http_server = tokio::spawn(crate::http::serve(
+        svc.clone(),
+        metrics_listener,
+        started.shutdown_rx.clone(),
+    ));
+    tokio::spawn(
+        svc.clone()
+            .count_leader_changes(started.shutdown_rx.clone()),
+    );
     tokio::spawn(svc.clone().publish_own_address(started.shutdown_rx.clone()));
     if let Some(admin) = first_admin(cfg)? {
         tokio::spawn(svc.create_first_admin(admin, started.shutdown_rx.clone()));
@@ -199,6 +213,7 @@ async fn serve(cfg: &NodeConfig, started: Started) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), wire_server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), http_server).await;
     if let Err(e) = raft.shutdown().await {
         warn!(error = %e, "raft shutdown");
     }
@@ -433,11 +448,30 @@ fn grpc_servers(
         tls = tls.is_some(),
         "serving gRPC"
     );
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(grpc::health::keep_updated(
+        svc.clone(),
+        health_reporter,
+        started.shutdown_rx.clone(),
+    ));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(raftpg_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(raftpg_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the reflection service")?;
     let client_port = server_builder(tls.map(NodeTls::server))?
         .layer(tonic::service::InterceptorLayer::new(client_port_gate))
         .add_service(write.clone())
         .add_service(read.clone())
         .add_service(cluster.clone())
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
         .serve_with_shutdown(started.listen, stopped(started.shutdown_rx.clone()));
     let peer_port = server_builder(tls.map(NodeTls::peer_server))?
         .layer(tonic::service::InterceptorLayer::new(PeerPortGate::new(

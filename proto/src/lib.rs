@@ -9,6 +9,9 @@ pub mod metadata;
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("raftpg.v1");
+
+    /// The encoded `FileDescriptorSet` of `raftpg.v1`, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("raftpg_descriptor");
 }
 
 /// gRPC metadata key carrying the SQLSTATE of an error (e.g. `23505`).

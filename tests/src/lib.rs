@@ -667,3 +667,37 @@ impl Drop for StandalonePostgres {
 pub fn wire_tls(ca: &std::path::Path) -> anyhow::Result<tokio_postgres_rustls::MakeRustlsConnect> {
     raftpg_client::pg_wire::tls(ca)
 }
+
+/// A plain HTTP/1.1 GET of `path` at `addr` (the node's operators' port): the status code and
+/// the body. Bounded by 5 s.
+pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await?;
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("no HTTP status line")?;
+        anyhow::Ok((status, body.to_string()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), get)
+        .await
+        .context("no HTTP answer within 5 s")?
+}
+
+/// The value of the Prometheus sample `name` (with its labels as printed, e.g.
+/// `raftpg_log_index{position="applied"}`) in a `/metrics` text, if present.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}

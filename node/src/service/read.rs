@@ -56,7 +56,13 @@ impl Service {
             term = self.term(),
             consistency = ?req.consistency,
         );
-        let admission = self.admit(&req).instrument(span.clone()).await?;
+        let admission = match self.admit(&req).instrument(span.clone()).await {
+            Ok(a) => a,
+            Err(e) => {
+                record_read(&req, std::time::Duration::ZERO, Err(&e));
+                return Err(e);
+            }
+        };
         let (limit_max, asked) = match req.streamed {
             false => (self.limits.read_rows_max, req.max_rows),
             true => (self.limits.read_stream_rows_max, req.max_rows),
@@ -215,9 +221,12 @@ impl AdmittedRead {
             limit,
             span,
         } = self;
-        run_read(&svc, &req, admission, limit, out)
+        let started = std::time::Instant::now();
+        let outcome = run_read(&svc, &req, admission, limit, out)
             .instrument(span)
-            .await
+            .await;
+        record_read(&req, started.elapsed(), outcome.as_ref().map(|_| ()));
+        outcome
     }
 }
 
@@ -837,6 +846,27 @@ fn pg_status(e: tokio_postgres::Error) -> ServiceError {
         ),
         None => {
             ServiceError::unavailable(format!("PostgreSQL unavailable on this node: {e}"), None)
+        }
+    }
+}
+
+/// Records a read in the node's metrics (see `metrics`).
+fn record_read(req: &ReadRequest, took: std::time::Duration, outcome: Result<(), &ServiceError>) {
+    let consistency = match &req.consistency {
+        Ok(Consistency::Local) => "local",
+        Ok(Consistency::AtLeast(_)) => "at_least",
+        Ok(Consistency::Linearizable) => "linearizable",
+        Err(_) => "invalid",
+    };
+    let m = crate::metrics::get();
+    m.read_seconds
+        .with_label_values(&[consistency])
+        .observe(took.as_secs_f64());
+    match outcome {
+        Ok(()) => m.reads.with_label_values(&[consistency, "ok"]).inc(),
+        Err(e) => {
+            m.reads.with_label_values(&[consistency, "error"]).inc();
+            m.error(e.sqlstate.as_deref());
         }
     }
 }

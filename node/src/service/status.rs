@@ -9,7 +9,7 @@ use openraft::ServerState;
 use super::error::{ErrorKind, ServiceError};
 use super::membership::members;
 use super::node::Service;
-use super::types::{NodeStatus, PgIdentity};
+use super::types::{Health, NodeStatus, PgIdentity};
 use crate::auth::authenticator::Principal;
 use crate::command::NodeId;
 use crate::pg::supervisor::PgHealth;
@@ -72,6 +72,124 @@ impl Service {
             peer_addr: self.addrs.peer.clone(),
             diverged: self.diverged().unwrap_or_default(),
         })
+    }
+
+    /// Sets the state gauges of the node's metrics (`metrics`) from its current status:
+    /// term, role, log positions, per-peer lag on the leader, PostgreSQL health, divergence.
+    pub fn observe_metrics(&self) {
+        let m = crate::metrics::get();
+        let raft = self.raft.metrics().borrow().clone();
+        m.term.set(raft.current_term as i64);
+        for (role, state) in [
+            ("leader", ServerState::Leader),
+            ("follower", ServerState::Follower),
+            ("candidate", ServerState::Candidate),
+            ("learner", ServerState::Learner),
+            ("shutdown", ServerState::Shutdown),
+        ] {
+            m.role
+                .with_label_values(&[role])
+                .set(i64::from(raft.state == state));
+        }
+        let index = |l: Option<u64>| l.unwrap_or(0) as i64;
+        let last = index(raft.last_log_index);
+        for (position, value) in [
+            ("last", last),
+            ("applied", index(raft.last_applied.map(|l| l.index))),
+            ("snapshot", index(raft.snapshot.map(|l| l.index))),
+            ("purged", index(raft.purged.map(|l| l.index))),
+        ] {
+            m.log_index.with_label_values(&[position]).set(value);
+        }
+        m.peer_matched_index.reset();
+        m.peer_lag.reset();
+        if let Some(replication) = &raft.replication {
+            for (peer, matched) in replication {
+                let matched = index(matched.map(|l| l.index));
+                let peer = peer.to_string();
+                m.peer_matched_index
+                    .with_label_values(&[&peer])
+                    .set(matched);
+                m.peer_lag
+                    .with_label_values(&[&peer])
+                    .set((last - matched).max(0));
+            }
+        }
+        m.postgres_up
+            .set(i64::from(*self.pg_health.borrow() == PgHealth::Up));
+        m.diverged.set(i64::from(self.diverged().is_some()));
+    }
+
+    /// Counts leader changes into the node's metrics until shutdown.
+    pub async fn count_leader_changes(
+        self: std::sync::Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut rx = self.raft.metrics();
+        let mut leader = rx.borrow().current_leader;
+        loop {
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+            let now = rx.borrow().current_leader;
+            if now != leader {
+                if now.is_some() {
+                    crate::metrics::get().leader_changes.inc();
+                }
+                leader = now;
+            }
+        }
+    }
+
+    /// What a load balancer or an orchestrator asks (the HTTP frontend's `/health`, `/ready`,
+    /// `/leader`; the gRPC health service): whether the node lives (its PostgreSQL is up and
+    /// it was not removed), is ready to serve (also: it applies the log, knows a leader, is a
+    /// member, and its copy is not known to differ), and leads. Each with the reason when not.
+    pub fn health(&self) -> Health {
+        let raft = self.raft.metrics().borrow().clone();
+        let pg_up = *self.pg_health.borrow() == PgHealth::Up;
+        let live = if self.is_removed() {
+            Err("removed from the cluster".to_string())
+        } else if !pg_up {
+            Err(format!("PostgreSQL is {:?}", *self.pg_health.borrow()))
+        } else {
+            Ok(())
+        };
+        let applier = self.applier.get();
+        let member = raft
+            .membership_config
+            .membership()
+            .get_node(&self.id)
+            .is_some();
+        let ready = live.clone().and_then(|()| {
+            if applier != "applying" {
+                Err(format!("applier: {applier}"))
+            } else if raft.current_leader.is_none() {
+                Err("no leader known".to_string())
+            } else if !member {
+                Err("not a member".to_string())
+            } else if let Some(why) = self.diverged() {
+                Err(format!("copy differs from the majority's: {why}"))
+            } else {
+                Ok(())
+            }
+        });
+        let leader = ready.clone().and_then(|()| {
+            if self.is_leader() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "not the leader (the leader is node {})",
+                    raft.current_leader.unwrap_or(0)
+                ))
+            }
+        });
+        Health {
+            live,
+            ready,
+            leader,
+        }
     }
 
     /// Another member's status, asked of it.

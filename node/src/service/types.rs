@@ -287,3 +287,15 @@ pub struct NodeStatus {
     /// Why a check found its copy different from the majority's (empty: it did not).
     pub diverged: String,
 }
+
+/// A node's health for probes (see `Service::health`): each check, or why it fails.
+#[derive(Clone, Debug)]
+pub struct Health {
+    /// The node lives: its PostgreSQL is up and it was not removed.
+    pub live: Result<(), String>,
+    /// It can serve: also applying the log, a leader known, a member, its copy not known to
+    /// differ.
+    pub ready: Result<(), String>,
+    /// It is ready and leads (writes are served here without forwarding).
+    pub leader: Result<(), String>,
+}

@@ -14,6 +14,7 @@ use super::error::{ErrorKind, LeaderHint, ServiceError};
 use super::node::{Route, Service};
 use super::types::{Origin, WriteOutcome, WriteRequest};
 use crate::command::{ApplyOutcome, SqlStatement};
+use crate::metrics;
 use crate::raft::proposer::SubmitError;
 use crate::sql::gate;
 
@@ -30,7 +31,18 @@ impl Service {
             index = tracing::field::Empty,
             forwarded = req.origin == Origin::Forwarded
         );
-        self.write_in_span(req).instrument(span).await
+        let started = std::time::Instant::now();
+        let answer = self.write_in_span(req).instrument(span).await;
+        let m = metrics::get();
+        m.write_seconds.observe(started.elapsed().as_secs_f64());
+        match &answer {
+            Ok(_) => m.writes.with_label_values(&["ok"]).inc(),
+            Err(e) => {
+                m.writes.with_label_values(&["error"]).inc();
+                m.error(e.sqlstate.as_deref());
+            }
+        }
+        answer
     }
 
     async fn write_in_span(&self, req: WriteRequest) -> Result<WriteOutcome, ServiceError> {

@@ -1,0 +1,187 @@
+//! The node's Prometheus metrics.
+//!
+//! Owns the registry and every collector. The service layer records what happens to requests
+//! (writes and reads with their latency, refusals by limit, errors by SQLSTATE class); the HTTP
+//! frontend (`http`) sets the state gauges (Raft positions, role, per-peer lag, PostgreSQL
+//! health) from the node's status at each scrape and encodes everything in the Prometheus text
+//! format ([`encode`]). A leaf module: it depends on nothing else of the node.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets (seconds): 250 µs to 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+    30.0,
+];
+
+/// Every collector of the node.
+pub struct Metrics {
+    registry: Registry,
+    /// The current Raft term.
+    pub term: IntGauge,
+    /// 1 for the node's current role (`leader`, `follower`, `candidate`, `learner`,
+    /// `shutdown`), 0 for the others.
+    pub role: IntGaugeVec,
+    /// Times this node saw the leader change.
+    pub leader_changes: IntCounter,
+    /// Last log index, committed index, applied index, snapshot index, purged index.
+    pub log_index: IntGaugeVec,
+    /// On the leader: each member's matched log index and its lag behind the leader's log.
+    pub peer_matched_index: IntGaugeVec,
+    /// On the leader: entries each member lags behind the leader's last log index.
+    pub peer_lag: IntGaugeVec,
+    /// 1 while the node's PostgreSQL is up.
+    pub postgres_up: IntGauge,
+    /// 1 while a check found this node's copy different from the majority's.
+    pub diverged: IntGauge,
+    /// Writes answered, by outcome (`ok`, `error`).
+    pub writes: IntCounterVec,
+    /// Time to answer a write (seconds), as the client sees it at this node.
+    pub write_seconds: Histogram,
+    /// Reads answered, by consistency and outcome.
+    pub reads: IntCounterVec,
+    /// Time to answer a read (seconds), by consistency.
+    pub read_seconds: HistogramVec,
+    /// Requests refused by a limit, by the limit's SQLSTATE (54000 size, 53300 too many, …).
+    pub refused: IntCounterVec,
+    /// Errors answered, by SQLSTATE class (the first two characters).
+    pub errors: IntCounterVec,
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("a valid metric")
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid metric")
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("a valid metric")
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let m = Metrics {
+            registry: Registry::new(),
+            term: gauge("raftpg_term", "The current Raft term."),
+            role: gauge_vec(
+                "raftpg_role",
+                "1 for the node's current Raft role.",
+                &["role"],
+            ),
+            leader_changes: IntCounter::new(
+                "raftpg_leader_changes_total",
+                "Times this node saw the leader change.",
+            )
+            .expect("a valid metric"),
+            log_index: gauge_vec(
+                "raftpg_log_index",
+                "Log positions of this node: last, committed, applied, snapshot, purged.",
+                &["position"],
+            ),
+            peer_matched_index: gauge_vec(
+                "raftpg_peer_matched_index",
+                "On the leader: the log index each member has matched.",
+                &["peer"],
+            ),
+            peer_lag: gauge_vec(
+                "raftpg_peer_lag_entries",
+                "On the leader: entries each member lags behind the leader's log.",
+                &["peer"],
+            ),
+            postgres_up: gauge("raftpg_postgres_up", "1 while the node's PostgreSQL is up."),
+            diverged: gauge(
+                "raftpg_diverged",
+                "1 while a check found this node's copy different from the majority's.",
+            ),
+            writes: counter_vec(
+                "raftpg_writes_total",
+                "Writes answered by this node, by outcome.",
+                &["outcome"],
+            ),
+            write_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "raftpg_write_seconds",
+                    "Time to answer a write at this node.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("a valid metric"),
+            reads: counter_vec(
+                "raftpg_reads_total",
+                "Reads answered by this node, by consistency and outcome.",
+                &["consistency", "outcome"],
+            ),
+            read_seconds: HistogramVec::new(
+                HistogramOpts::new("raftpg_read_seconds", "Time to answer a read at this node.")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                &["consistency"],
+            )
+            .expect("a valid metric"),
+            refused: counter_vec(
+                "raftpg_refused_total",
+                "Requests refused by a limit, by SQLSTATE.",
+                &["sqlstate"],
+            ),
+            errors: counter_vec(
+                "raftpg_errors_total",
+                "Errors answered by this node, by SQLSTATE class.",
+                &["class"],
+            ),
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.term.clone()),
+            Box::new(m.role.clone()),
+            Box::new(m.leader_changes.clone()),
+            Box::new(m.log_index.clone()),
+            Box::new(m.peer_matched_index.clone()),
+            Box::new(m.peer_lag.clone()),
+            Box::new(m.postgres_up.clone()),
+            Box::new(m.diverged.clone()),
+            Box::new(m.writes.clone()),
+            Box::new(m.write_seconds.clone()),
+            Box::new(m.reads.clone()),
+            Box::new(m.read_seconds.clone()),
+            Box::new(m.refused.clone()),
+            Box::new(m.errors.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        m
+    }
+
+    /// Records an answered request's error: its SQLSTATE class, and the limit it hit if it was
+    /// refused by one (class 53 insufficient resources, 54 program limit exceeded).
+    pub fn error(&self, sqlstate: Option<&str>) {
+        let state = sqlstate.unwrap_or("XX000");
+        let class = state.get(..2).unwrap_or("XX");
+        self.errors.with_label_values(&[class]).inc();
+        if matches!(class, "53" | "54") {
+            self.refused.with_label_values(&[state]).inc();
+        }
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The node's metrics.
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+/// Every metric in the Prometheus text format.
+pub fn encode() -> String {
+    let mut buf = Vec::new();
+    let families = METRICS.registry.gather();
+    if TextEncoder::new().encode(&families, &mut buf).is_err() {
+        return String::new();
+    }
+    String::from_utf8(buf).unwrap_or_default()
+}

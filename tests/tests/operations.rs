@@ -1,0 +1,198 @@
+//! Operating raftpg (issue 19): every node serves Prometheus metrics and health probes on its
+//! operators' HTTP port (`--metrics-listen`, client port + 3000), and the key series move
+//! when writes and reads happen.
+
+use std::time::Duration;
+
+use raftpg_client::local_cluster::metrics_addr_of;
+use raftpg_client::v1::{Consistency, QueryRequest};
+use testkit::{http_get, metric, start_cluster, values};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_node_serves_metrics_and_probes_that_follow_the_cluster() {
+    let tc = start_cluster("operations", 128, 3).await.unwrap();
+    let c = &tc.client;
+    let leader = c.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    c.execute_one("CREATE TABLE ops (id int PRIMARY KEY)", vec![])
+        .await
+        .unwrap();
+    let http = |id: u64| metrics_addr_of(&tc.addr_of(id));
+    let scrape = |id: u64| {
+        let addr = http(id);
+        async move {
+            let (status, body) = http_get(&addr, "/metrics").await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            body
+        }
+    };
+
+    // Probes: every node lives and is ready; exactly the leader answers /leader with 200.
+    for id in 1..=3 {
+        let (live, why) = http_get(&http(id), "/health").await.unwrap();
+        assert_eq!(live, 200, "node {id}: {why}");
+        let (ready, why) = http_get(&http(id), "/ready").await.unwrap();
+        assert_eq!(ready, 200, "node {id}: {why}");
+        let (leads, why) = http_get(&http(id), "/leader").await.unwrap();
+        assert_eq!(leads == 200, id == leader, "node {id}: {leads} {why}");
+    }
+
+    // The standard gRPC health service says the same; reflection lists the API.
+    for id in 1..=3 {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(tc.channel(id));
+        for (service, serving) in [
+            ("", true),
+            ("raftpg.v1.Write", true),
+            ("raftpg.leader", id == leader),
+        ] {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let r = health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let is_serving = r.status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+                if is_serving == serving {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "node {id} {service:?}: {r:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let services = reflected_services(tc.channel(1)).await;
+    for s in [
+        "raftpg.v1.Write",
+        "raftpg.v1.Read",
+        "raftpg.v1.Cluster",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(services.iter().any(|x| x == s), "{s} not in {services:?}");
+    }
+
+    // The series move with writes and reads.
+    let before: Vec<String> = futures_join(&scrape).await;
+    let writes_before = metric(
+        &before[(leader - 1) as usize],
+        "raftpg_writes_total{outcome=\"ok\"}",
+    )
+    .unwrap_or(0.0);
+    let mut last = 0;
+    for i in 0..20 {
+        last = c
+            .execute_one("INSERT INTO ops VALUES ($1)", vec![values::int(i)])
+            .await
+            .unwrap()
+            .log_index;
+    }
+    let e = c
+        .execute_one("INSERT INTO ops VALUES (1)", vec![])
+        .await
+        .expect_err("a duplicate key");
+    assert_eq!(e.sqlstate().as_deref(), Some("23505"));
+    for id in 1..=3u64 {
+        c.query_node(
+            (id - 1) as usize,
+            QueryRequest {
+                sql: "SELECT count(*) FROM ops".into(),
+                consistency: Consistency::AtLeast as i32,
+                min_index: last,
+                timeout_ms: 5_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let after: Vec<String> = futures_join(&scrape).await;
+    let l = &after[(leader - 1) as usize];
+    let writes_after = metric(l, "raftpg_writes_total{outcome=\"ok\"}").unwrap_or(0.0);
+    assert!(
+        writes_after >= writes_before + 20.0,
+        "{writes_before} → {writes_after}\n{l}"
+    );
+    assert!(
+        metric(l, "raftpg_errors_total{class=\"23\"}").unwrap_or(0.0) >= 1.0,
+        "{l}"
+    );
+    assert_eq!(metric(l, "raftpg_role{role=\"leader\"}"), Some(1.0), "{l}");
+    assert!(
+        metric(l, "raftpg_write_seconds_count").unwrap_or(0.0) >= 21.0,
+        "{l}"
+    );
+    for (i, text) in after.iter().enumerate() {
+        let id = i as u64 + 1;
+        let applied = metric(text, "raftpg_log_index{position=\"applied\"}").unwrap_or(0.0);
+        assert!(
+            applied >= last as f64,
+            "node {id} applied {applied} < {last}\n{text}"
+        );
+        assert_eq!(metric(text, "raftpg_postgres_up"), Some(1.0), "node {id}");
+        assert!(
+            metric(text, "raftpg_term").unwrap_or(0.0) >= 1.0,
+            "node {id}"
+        );
+        assert!(
+            metric(
+                text,
+                "raftpg_reads_total{consistency=\"at_least\",outcome=\"ok\"}"
+            )
+            .unwrap_or(0.0)
+                >= 1.0,
+            "node {id}\n{text}"
+        );
+        if id != leader {
+            // The leader reports every follower's replication lag.
+            let lag = metric(l, &format!("raftpg_peer_lag_entries{{peer=\"{id}\"}}"));
+            assert!(lag.is_some(), "no lag of node {id} on the leader\n{l}");
+        }
+    }
+}
+
+/// Scrapes nodes 1–3 in turn.
+async fn futures_join<F, Fut>(scrape: &F) -> Vec<String>
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
+    let mut out = Vec::new();
+    for id in 1..=3 {
+        out.push(scrape(id).await);
+    }
+    out
+}
+
+/// The services the node at `channel` lists through gRPC server reflection.
+async fn reflected_services(channel: tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut client = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = client
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers
+        .message()
+        .await
+        .unwrap()
+        .expect("a reflection answer");
+    match answer.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer: {other:?}"),
+    }
+}
