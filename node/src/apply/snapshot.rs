@@ -86,8 +86,10 @@ pub enum SnapshotError {
         /// What is wrong with it.
         why: String,
     },
-    /// An install would take the current snapshot back (never happens: openraft installs only
-    /// snapshots newer than its own, and a build never gets ahead of the database).
+    /// An install would take the current snapshot back (openraft installs only snapshots newer
+    /// than its own and a build never gets ahead of the database; a rebuild may have installed
+    /// a newer one meanwhile, which [`SnapshotStore::install`] accepts when the database is past
+    /// the snapshot).
     #[error("snapshot {id} is older than the current snapshot {current}")]
     Stale {
         /// The snapshot to install.
@@ -491,7 +493,18 @@ impl SnapshotStore {
         meta: &SnapshotMeta<NodeId, NodeAddr>,
         replace: bool,
     ) -> Result<(), SnapshotError> {
-        let current = self.publish_received(meta).await?;
+        let current = match self.publish_received(meta).await {
+            // A rebuild (service::repair) installed a newer snapshot while openraft was
+            // sending this one: the database is past it already (openraft then applies from
+            // this snapshot on, and the state machine skips what the database holds).
+            Err(SnapshotError::Stale { .. })
+                if !replace && self.database_log_id(&self.dbname()).await? >= meta.last_log_id =>
+            {
+                info!(id = %meta.snapshot_id, "the database is past this snapshot already (a rebuild installed a newer one)");
+                return Ok(());
+            }
+            other => other?,
+        };
         // Leftovers of an attempt interrupted by a PostgreSQL crash: the database refusing
         // connections, a half-restored or a replaced database.
         self.recover().await?;

@@ -808,7 +808,9 @@ impl StateMachineCore {
             }
         }
         self.connect_until_done().await?;
-        if self.applied != meta.last_log_id {
+        // Past the snapshot is fine: a rebuild (service::repair) may have installed a newer
+        // one while openraft was sending this one; the entries in between are skipped.
+        if self.applied < meta.last_log_id {
             return Err(StorageIOError::write_snapshot(
                 Some(meta.signature()),
                 &std::io::Error::other(format!(
