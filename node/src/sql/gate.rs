@@ -1379,6 +1379,10 @@ pub fn settings_set_by(sql: &str) -> Vec<String> {
 /// leader can check the function's body as it is now in the catalog: it may have been created
 /// before raftpg's current rules (see `service::write`).
 pub fn trigger_function(sql: &str) -> Option<Vec<String>> {
+    // Every write statement passes here on the leader: parse again only a possible trigger.
+    if !contains_ignore_case(sql, "trigger") {
+        return None;
+    }
     let NodeEnum::CreateTrigStmt(t) = parse_one(sql).ok()? else {
         return None;
     };
@@ -1444,6 +1448,10 @@ pub fn check_view_definition(name: &str, query: &str) -> Result<(), Refusal> {
 /// statement needs installed: the leader refuses the write if its own PostgreSQL lacks it (a
 /// node that lacks it while applying waits, see `apply::applier::classify`).
 pub fn extension_required(sql: &str) -> Option<(String, Option<String>)> {
+    // Every write statement passes here on the leader: parse again only a possible extension.
+    if !contains_ignore_case(sql, "extension") {
+        return None;
+    }
     let (name, options) = match parse_one(sql).ok()? {
         NodeEnum::CreateExtensionStmt(s) => (s.extname, s.options),
         NodeEnum::AlterExtensionStmt(s) => (s.extname, s.options),
