@@ -7,6 +7,7 @@
 //!   (used by the CLI's `cluster`/`demo` commands and by the integration tests).
 //! - [`values`] builds and prints typed values.
 
+pub mod backup;
 pub mod bench;
 pub mod cert;
 pub mod local_cluster;
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 pub use local_cluster::{LocalCluster, LocalClusterSpec};
 use prost::Message;
-pub use raftpg_proto::v1;
+pub use raftpg_proto::backup::{BackupError, BackupHeader};
 use raftpg_proto::v1::cluster_client::ClusterClient;
 use raftpg_proto::v1::read_client::ReadClient;
 use raftpg_proto::v1::write_client::WriteClient;
@@ -26,8 +27,12 @@ use raftpg_proto::v1::{
     Consistency, ExecuteRequest, ExecuteResponse, QueryRequest, QueryResponse, RequestId, SqlError,
     Statement, StatusRequest, StatusResponse, Value,
 };
+pub use raftpg_proto::{pg_version_words, v1};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+
+/// The longest a backup stream may pause between two parts.
+pub const BACKUP_STALL: Duration = Duration::from_secs(120);
 
 /// Errors returned by the client.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +65,12 @@ pub enum ClientError {
     /// An empty user name or password.
     #[error("the user name and password must not be empty")]
     BadCredentials,
+    /// A backup could not be written, or its stream was corrupt.
+    #[error(transparent)]
+    Backup(#[from] raftpg_proto::backup::BackupError),
+    /// A backup stream stopped sending.
+    #[error("{0}")]
+    Stalled(String),
 }
 
 fn tried(unreachable: &[String]) -> String {
@@ -654,6 +665,106 @@ impl Client {
             .await
             .map(|r| r.into_inner())
             .map_err(ClientError::Status)
+    }
+
+    /// Writes a backup of the user database to `path` (`raftpg_proto::backup` format) from
+    /// member `from`, or by default from the most caught-up healthy follower this client
+    /// reaches (the leader only when no follower will do). The node prepares the copy within
+    /// `prepare` (apply up to the commit index, build a snapshot); the stream then may pause at
+    /// most [`BACKUP_STALL`] between parts. Returns the header written and the node's id.
+    pub async fn backup(
+        &self,
+        path: &std::path::Path,
+        from: Option<u64>,
+        prepare: Duration,
+    ) -> Result<raftpg_proto::backup::BackupHeader, ClientError> {
+        use raftpg_proto::backup::{BackupError, BackupHeader, BackupWriter};
+        let channel = self.backup_source(from).await?;
+        let mut c = ClusterClient::new(channel);
+        let mut req = self.request(v1::BackupRequest {
+            timeout_ms: u32::try_from(prepare.as_millis()).unwrap_or(u32::MAX),
+        });
+        // The deadline covers the whole stream; stalls are bounded per part below.
+        req.set_timeout(prepare + Duration::from_secs(24 * 3600));
+        let mut parts = tokio::time::timeout(prepare + Duration::from_secs(10), c.backup(req))
+            .await
+            .map_err(|_| {
+                ClientError::Stalled(format!("the node prepared no backup within {prepare:?}"))
+            })?
+            .map_err(ClientError::Status)?
+            .into_inner();
+        let mut writer = BackupWriter::create(path)?;
+        let mut header: Option<BackupHeader> = None;
+        loop {
+            let part = tokio::time::timeout(BACKUP_STALL, parts.message())
+                .await
+                .map_err(|_| {
+                    ClientError::Stalled(format!(
+                        "the backup stream sent nothing for {BACKUP_STALL:?} after {} bytes",
+                        writer.bytes()
+                    ))
+                })?
+                .map_err(ClientError::Status)?;
+            let Some(part) = part else {
+                return Err(
+                    BackupError::Stream("the stream ended without a checksum".into()).into(),
+                );
+            };
+            if !part.header_json.is_empty() {
+                header =
+                    Some(serde_json::from_slice(&part.header_json).map_err(|e| {
+                        BackupError::Stream(format!("unreadable backup header: {e}"))
+                    })?);
+            }
+            writer.write(&part.data)?;
+            if !part.sha256.is_empty() {
+                let header = header
+                    .ok_or_else(|| BackupError::Stream("the stream sent no header".into()))?;
+                return Ok(writer.finish(header, &part.sha256)?);
+            }
+        }
+    }
+
+    /// The channel to the node a backup is taken from (see [`Client::backup`]).
+    async fn backup_source(&self, from: Option<u64>) -> Result<Channel, ClientError> {
+        let statuses = self.status_all().await;
+        if let Some(id) = from {
+            if let Some(i) = statuses
+                .iter()
+                .position(|s| s.as_ref().is_ok_and(|s| s.node_id == id))
+            {
+                return Ok(self.channels[i].clone());
+            }
+            let addr = statuses
+                .iter()
+                .flatten()
+                .find_map(|st| {
+                    st.members
+                        .iter()
+                        .find(|m| m.node_id == id && !m.addr.is_empty())
+                        .map(|m| m.addr.clone())
+                })
+                .ok_or_else(|| {
+                    ClientError::BadAddress(format!(
+                        "node {id}: not a member with a known client address"
+                    ))
+                })?;
+            return channel(&addr, self.config.tls.as_ref());
+        }
+        let healthy = |s: &StatusResponse| s.postgres_up && s.diverged.is_empty() && !s.removed;
+        let best = statuses
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().ok().map(|s| (i, s)))
+            .filter(|(_, s)| healthy(s) && (s.role == "follower" || s.role == "leader"))
+            .max_by_key(|(_, s)| (s.role == "follower", s.applied_index));
+        match best {
+            Some((i, _)) => Ok(self.channels[i].clone()),
+            None => Err(statuses
+                .into_iter()
+                .find_map(Result::err)
+                .unwrap_or(ClientError::NoNodes)),
+        }
     }
 
     /// The status of cluster member `member`, asked through the node at position `via`.

@@ -36,6 +36,8 @@ pub struct LocalClusterSpec {
     /// TLS between nodes and to clients (certificates in `<data_dir>/certs`); `false` starts
     /// the nodes with `--insecure`.
     pub tls: bool,
+    /// Seed every founding node from this backup file (`raftpg-node --restore-from`).
+    pub restore_from: Option<PathBuf>,
 }
 
 impl LocalClusterSpec {
@@ -52,6 +54,7 @@ impl LocalClusterSpec {
             extra_args: Vec::new(),
             node_env: Vec::new(),
             tls: true,
+            restore_from: None,
         }
     }
 }
@@ -443,6 +446,7 @@ impl LocalCluster {
     pub fn start_node(&mut self, id: u64) -> std::io::Result<()> {
         let peers = self.peers_arg();
         let bin = self.spec.node_bin.clone();
+        let restore_from = self.spec.restore_from.clone();
         let mut extra = match self.certs() {
             Some(dir) => vec![
                 "--tls-dir".to_string(),
@@ -477,6 +481,10 @@ impl LocalCluster {
                 vec!["--join".to_string()]
             } else {
                 vec!["--peers".to_string(), peers]
+            })
+            .args(match (&restore_from, node.joining) {
+                (Some(f), false) => vec!["--restore-from".to_string(), f.display().to_string()],
+                _ => Vec::new(),
             })
             .args(&extra)
             .env(

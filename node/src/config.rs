@@ -102,6 +102,14 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_JOIN")]
     pub join: bool,
 
+    /// Seed this new node from a backup file (`raftpg backup`): its database becomes the
+    /// backup's, at the backup's log index, in a new cluster whose founding members are
+    /// `--peers` (give every founding member the same file) or this node alone (then add the
+    /// others with `raftpg member add`). Refused when the data directory holds Raft state;
+    /// ignored when it was seeded from this file already.
+    #[arg(long, env = "RAFTPG_RESTORE_FROM", conflicts_with = "join")]
+    pub restore_from: Option<PathBuf>,
+
     /// Use an existing PostgreSQL instead of the embedded one (e.g. postgres://u@host/db).
     #[arg(long, env = "RAFTPG_PG_URL")]
     pub pg_url: Option<String>,

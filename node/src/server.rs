@@ -25,6 +25,7 @@ use raftpg_proto::v1::write_server::WriteServer;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::apply::restore;
 use crate::apply::snapshot::SnapshotStore;
 use crate::apply::state_machine::{
     ApplierStatus, ApplyLimits, PgStateMachine, Rebuilder, StateMachineParts,
@@ -252,6 +253,18 @@ async fn start_raft(cfg: &NodeConfig, started: &Started) -> anyhow::Result<RaftP
         clock: clock.clone(),
         shutdown: started.shutdown_rx.clone(),
     });
+    if let Some(file) = &cfg.restore_from {
+        restore::seed_if_new(
+            cfg.id,
+            &cfg.data_dir,
+            file,
+            &started.members,
+            &log_store,
+            &snapshots,
+        )
+        .await
+        .with_context(|| format!("--restore-from {}", file.display()))?;
+    }
     let rebuilder = state_machine.rebuilder();
     let raft = Raft::new(
         cfg.id,
@@ -405,8 +418,7 @@ async fn wire_server(
 /// `server_version` as PostgreSQL shows it, from `server_version_num` (`150010` → `15.10`).
 fn server_version(num: &str) -> String {
     match num.parse::<u32>() {
-        Ok(n) if n >= 100_000 => format!("{}.{}", n / 10_000, n % 10_000),
-        Ok(n) => format!("{}.{}.{}", n / 10_000, (n / 100) % 100, n % 100),
+        Ok(n) => raftpg_proto::pg_version_words(n),
         Err(_) => num.to_string(),
     }
 }

@@ -1,6 +1,7 @@
 //! The `raftpg.v1` wire protocol: the public `Write`, `Read` and `Cluster` services and the
 //! node-to-node `Peer` service. Generated from `raftpg/v1/raftpg.proto`.
 
+pub mod backup;
 pub mod codec;
 pub mod identity;
 pub mod metadata;
@@ -38,3 +39,12 @@ pub const PRINCIPAL_METADATA: &str = "raftpg-principal";
 /// gRPC metadata key set to `1` with [`PRINCIPAL_METADATA`] when that role administers the
 /// cluster.
 pub const PRINCIPAL_ADMIN_METADATA: &str = "raftpg-principal-admin";
+
+/// PostgreSQL's `server_version_num` as PostgreSQL writes its version: `150018` → `15.18`,
+/// `90624` → `9.6.24` (shared by the node's `server_version` and the CLI's status).
+pub fn pg_version_words(num: u32) -> String {
+    match num {
+        n if n >= 100_000 => format!("{}.{}", n / 10_000, n % 10_000),
+        n => format!("{}.{}.{}", n / 10_000, n / 100 % 100, n % 100),
+    }
+}

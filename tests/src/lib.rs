@@ -52,7 +52,29 @@ pub async fn start_cluster_insecure(
     net: u8,
     nodes: usize,
 ) -> anyhow::Result<TestCluster> {
-    start(name, net, nodes, &[], Vec::new(), false).await
+    start(name, net, nodes, &[], Vec::new(), false, None).await
+}
+
+/// Like [`start_cluster`], every node seeded from the backup file `backup`
+/// (`raftpg-node --restore-from`), with the certificates (and admin password) copied from
+/// `certs_from`: the backup's roles keep their passwords.
+pub async fn start_cluster_restored(
+    name: &str,
+    net: u8,
+    nodes: usize,
+    backup: &std::path::Path,
+    certs_from: &std::path::Path,
+) -> anyhow::Result<TestCluster> {
+    start(
+        name,
+        net,
+        nodes,
+        &[],
+        Vec::new(),
+        true,
+        Some((backup, certs_from)),
+    )
+    .await
 }
 
 /// Like [`start_cluster_with`], with environment variables per node (node `i` gets
@@ -64,7 +86,7 @@ pub async fn start_cluster_env(
     extra: &[&str],
     node_env: Vec<Vec<(String, String)>>,
 ) -> anyhow::Result<TestCluster> {
-    start(name, net, nodes, extra, node_env, true).await
+    start(name, net, nodes, extra, node_env, true, None).await
 }
 
 async fn start(
@@ -74,6 +96,7 @@ async fn start(
     extra: &[&str],
     node_env: Vec<Vec<(String, String)>>,
     tls: bool,
+    restore: Option<(&std::path::Path, &std::path::Path)>,
 ) -> anyhow::Result<TestCluster> {
     let dir = PathBuf::from(
         std::env::var("RAFTPG_TEST_DIR").unwrap_or_else(|_| "/tmp/raftpg-tests".into()),
@@ -84,6 +107,14 @@ async fn start(
     }
     std::fs::create_dir_all(&dir)?;
     let mut spec = LocalClusterSpec::new(nodes, &dir, 0);
+    if let Some((backup, certs_from)) = restore {
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs)?;
+        for f in std::fs::read_dir(certs_from)?.flatten() {
+            std::fs::copy(f.path(), certs.join(f.file_name()))?;
+        }
+        spec.restore_from = Some(std::path::absolute(backup)?);
+    }
     spec.addrs = (1..=nodes)
         .map(|i| format!("127.0.{net}.{}:{}", 10 + i, 17000 + net as u16))
         .collect();

@@ -177,6 +177,35 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// Write a backup of the user database to FILE: a consistent copy holding every write
+    /// committed when it was asked for, with its log index and a SHA-256, taken from the most
+    /// caught-up follower (not loading the leader) unless --from. With --every, FILE is a
+    /// directory that gets a backup each interval, keeping the newest --keep.
+    Backup {
+        /// The backup file (a directory with --every).
+        path: PathBuf,
+        /// The member to take the copy from.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Take a backup every this long (90s, 30m, 6h, 1d) until stopped.
+        #[arg(long, value_parser = raftpg_client::backup::parse_every)]
+        every: Option<Duration>,
+        /// With --every: how many backups to keep (older ones are deleted after a new one
+        /// succeeded).
+        #[arg(long, default_value_t = 7)]
+        keep: usize,
+        /// Longest time the node may take to prepare the copy (catch up, build a snapshot), in
+        /// seconds.
+        #[arg(long, default_value_t = 600)]
+        prepare_secs: u64,
+    },
+    /// Verify a backup file (header, size, SHA-256), say what it holds and how to start a new
+    /// cluster from it (`raftpg-node --restore-from FILE`, or `raftpg cluster --restore FILE`
+    /// for a local one). Exits 1 if the file is not a complete, intact backup.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+    },
     /// Run a local cluster (each node with its own PostgreSQL) until Ctrl-C.
     Cluster(ClusterArgs),
     /// Run a local cluster and demonstrate replication, failure and recovery; keeps running
@@ -329,6 +358,11 @@ struct ClusterArgs {
     /// Start from empty data directories (deletes --data-dir).
     #[arg(long)]
     fresh: bool,
+    /// Start a new cluster from this backup file (`raftpg backup`): deletes the nodes' data in
+    /// --data-dir (keeping its certificates and admin password unless --fresh), then every node
+    /// is seeded from the file. The backup's roles keep their passwords.
+    #[arg(long)]
+    restore: Option<PathBuf>,
 }
 
 fn parse_params(params: &[String]) -> anyhow::Result<Vec<raftpg_client::v1::Value>> {
@@ -547,7 +581,7 @@ async fn print_status(client: &Client) {
 /// PostgreSQL's `server_version_num` in words (`150018` → `15.18`).
 fn pg_version_words(num: &str) -> String {
     match num.parse::<u32>() {
-        Ok(n) if n >= 100_000 => format!("{}.{}", n / 10_000, n % 10_000),
+        Ok(n) => raftpg_client::pg_version_words(n),
         _ => num.to_string(),
     }
 }
@@ -620,11 +654,35 @@ fn status_warnings(
 }
 
 fn start_cluster(args: &ClusterArgs) -> anyhow::Result<LocalCluster> {
+    if let Some(file) = &args.restore {
+        let h = raftpg_client::backup::verify(file)?;
+        println!(
+            "restoring {}: {}",
+            file.display(),
+            raftpg_client::backup::describe(&h)
+        );
+    }
+    if args.restore.is_some() && !args.fresh && args.data_dir.exists() {
+        // The nodes' data goes; the certificates and the admin password stay (the backup's
+        // roles keep their passwords: a backup of this cluster restores with the same login).
+        for e in std::fs::read_dir(&args.data_dir)?.flatten() {
+            if e.file_name() != "certs" {
+                let p = e.path();
+                if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                }
+                .with_context(|| format!("removing {}", p.display()))?;
+            }
+        }
+    }
     if args.fresh && args.data_dir.exists() {
         std::fs::remove_dir_all(&args.data_dir)
             .with_context(|| format!("removing {}", args.data_dir.display()))?;
     }
-    let spec = LocalClusterSpec::new(args.size, &args.data_dir, args.base_port);
+    let mut spec = LocalClusterSpec::new(args.size, &args.data_dir, args.base_port);
+    spec.restore_from = args.restore.as_ref().map(std::path::absolute).transpose()?;
     println!(
         "starting {} nodes ({}) with data in {}",
         args.size,
@@ -1070,6 +1128,51 @@ async fn main() -> anyhow::Result<()> {
             let r = client.check(Duration::from_secs(timeout)).await?;
             std::process::exit(print_check(&r));
         }
+        Cmd::Backup {
+            path,
+            from,
+            every,
+            keep,
+            prepare_secs,
+        } => {
+            let client = connect()?;
+            let prepare = Duration::from_secs(prepare_secs);
+            if let Some(every) = every {
+                raftpg_client::backup::run_schedule(
+                    &client, &path, every, keep, from, prepare, None,
+                )
+                .await?;
+            }
+            match client.backup(&path, from, prepare).await {
+                Ok(h) => println!(
+                    "{}: {}",
+                    path.display(),
+                    raftpg_client::backup::describe(&h)
+                ),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    tls_hint(&e, cli.certs.as_deref());
+                    std::process::exit(1);
+                }
+            }
+        }
+        Cmd::Restore { file } => match raftpg_client::backup::verify(&file) {
+            Ok(h) => {
+                println!(
+                    "{}: intact; {}",
+                    file.display(),
+                    raftpg_client::backup::describe(&h)
+                );
+                println!(
+                    "start a new cluster from it: give every founding node the same file and --peers,\n  raftpg-node --id N --data-dir <empty dir> --peers 1=host1:8001,2=host2:8001,3=host3:8001 --restore-from {f} ...\nor seed one node (without --peers) and add the others with `raftpg member add`; a local cluster: raftpg cluster --restore {f}",
+                    f = file.display()
+                );
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        },
         Cmd::Cluster(args) => {
             let cluster = start_cluster(&args)?;
             let client = cluster.client()?;

@@ -11,6 +11,7 @@
 //!   snapshots, and made this node's roles after an install.
 //! - [`limits`]: the apply path's limits.
 //! - [`snapshot`]: `pg_dump` snapshots, their transfer and restore, and the purge limit.
+//! - [`restore`]: seeding a new node from a backup (`--restore-from`).
 //!
 //! Keeps design.md invariants 1 (the applied index commits with the effects, so a crash
 //! resumes exactly after the last applied entry), 2 (same entries, same order, same result:
@@ -22,6 +23,7 @@ pub mod applier;
 pub mod checksums;
 pub mod limits;
 pub mod request_log;
+pub mod restore;
 pub mod roles;
 pub mod snapshot;
 pub mod state_machine;

@@ -392,6 +392,36 @@ impl SnapshotStore {
         })
     }
 
+    /// The snapshot directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Publishes the archive `archive` (from a backup, see `apply::restore`) as the current
+    /// snapshot at log id `last` with the membership `members` (all voters): a new node starts
+    /// from it as it would after an interrupted install (`restore_if_ahead`), and its database
+    /// takes this membership ([`Self::restore`]).
+    pub async fn seed(
+        &self,
+        last: LogId,
+        members: std::collections::BTreeMap<NodeId, NodeAddr>,
+        archive: &Path,
+    ) -> Result<SnapshotMeta<NodeId, NodeAddr>, SnapshotError> {
+        let _publishing = self.publishing.lock().await;
+        let (crc, len) = crc_of(archive).await?;
+        let voters = members.keys().copied().collect();
+        let meta = SnapshotMeta {
+            last_log_id: Some(last),
+            last_membership: StoredMembership::new(
+                Some(last),
+                openraft::Membership::new(vec![voters], members),
+            ),
+            snapshot_id: format!("{}-{}-{crc:08x}-{len}", last.leader_id.term, last.index),
+        };
+        self.publish(&meta, archive).await?;
+        Ok(meta)
+    }
+
     /// Builds a snapshot, retrying environmental failures until it succeeds or the node stops
     /// (a failed build must not stop Raft).
     pub async fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
@@ -601,6 +631,14 @@ impl SnapshotStore {
                 ),
             });
         }
+        // The database takes the snapshot's membership: the same one for a snapshot this
+        // cluster built, the new cluster's for a backup a new node was seeded from (`seed`).
+        let membership = serde_json::to_value(&meta.last_membership)
+            .map_err(|e| SnapshotError::Tool(format!("encoding the membership: {e}")))?;
+        Self::connect(&self.on_database(&restore_db))
+            .await?
+            .execute("UPDATE raftpg.applied SET membership = $1", &[&membership])
+            .await?;
         self.swap_in(&admin, &restore_db).await?;
         info!(id = %meta.snapshot_id, "swapped the restored database in");
         let replaced_db = format!("{}_replaced", self.dbname());

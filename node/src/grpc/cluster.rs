@@ -1,12 +1,14 @@
-//! The `Cluster` service: membership changes, status, divergence checks, rebuilds — each handler
-//! decodes, calls [`Service`], encodes.
+//! The `Cluster` service: membership changes, status, divergence checks, rebuilds, backups —
+//! each handler decodes, calls [`Service`], encodes (a backup: streams the archive in parts and
+//! its SHA-256 last).
 
 use std::sync::Arc;
 
+use raftpg_proto::backup::Checksum;
 use raftpg_proto::v1::cluster_server::Cluster;
 use raftpg_proto::v1::{
-    AddLearnerRequest, CheckRequest, CheckResponse, MembershipResponse, PromoteRequest,
-    RebuildRequest, RebuildResponse, RemoveRequest, StatusRequest, StatusResponse,
+    AddLearnerRequest, BackupPart, BackupRequest, CheckRequest, CheckResponse, MembershipResponse,
+    PromoteRequest, RebuildRequest, RebuildResponse, RemoveRequest, StatusRequest, StatusResponse,
     TransferLeaderRequest,
 };
 use tonic::{Request, Response, Status};
@@ -18,6 +20,12 @@ use super::write::origin_of;
 use crate::service::check::wait_of;
 use crate::service::repair::rebuild_wait;
 use crate::service::{MembershipChange, Service};
+
+/// Size of the parts a backup is streamed in.
+const BACKUP_PART_BYTES: usize = 1024 * 1024;
+
+type BackupStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<BackupPart, Status>> + Send>>;
 
 /// The cluster service.
 pub struct ClusterService {
@@ -123,5 +131,54 @@ impl Cluster for ClusterService {
             bytes: r.bytes,
             millis: r.duration.as_millis() as u64,
         }))
+    }
+
+    type BackupStream = BackupStream;
+
+    async fn backup(&self, req: Request<BackupRequest>) -> Result<Response<BackupStream>, Status> {
+        let principal = auth::principal(&self.svc, &req).await?;
+        let wait = rebuild_wait(req.get_ref().timeout_ms);
+        let source = self
+            .svc
+            .backup(principal.as_ref(), wait)
+            .await
+            .map_err(to_status)?;
+        let header_json = serde_json::to_vec(&source.header)
+            .map_err(|e| Status::internal(format!("encoding the backup header: {e}")))?;
+        // The archive in 1 MiB parts, the header with the first, the checksum after the last;
+        // two parts in flight.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<BackupPart, Status>>(2);
+        let mut file = source.archive;
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut header_json = Some(header_json);
+            let mut sum = Checksum::default();
+            loop {
+                let mut data = vec![0u8; BACKUP_PART_BYTES];
+                let n = match file.read(&mut data).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("reading the snapshot: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+                data.truncate(n);
+                sum.update(&data);
+                let part = BackupPart {
+                    header_json: header_json.take().unwrap_or_default(),
+                    data,
+                    sha256: if n == 0 { sum.hex() } else { String::new() },
+                };
+                if tx.send(Ok(part)).await.is_err() || n == 0 {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|p| (p, rx)) },
+        ))))
     }
 }

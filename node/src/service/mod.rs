@@ -9,7 +9,7 @@
 //! - [`write`]: a write becomes a log entry (on the leader) and its applied result.
 //! - [`read`]: a read waits for its consistency level, then runs in one snapshot.
 //! - [`auth`]: who a request comes from ([`auth::Caller`] → a role) and who may administer.
-//! - [`membership`], [`check`], [`status`]: the cluster operations.
+//! - [`membership`], [`check`], [`status`], [`repair`], [`backup`]: the cluster operations.
 //! - [`peers`]: how this node reaches the others ([`PeerLink`], implemented by a frontend's
 //!   client side); [`Service::route`] is the one way a request finds the leader.
 //! - [`node`]: [`Service`], the node's shared handles; [`types`]: requests and answers;
@@ -23,6 +23,7 @@
 //! PostgreSQL session: a write reaches PostgreSQL only through the log.
 
 pub mod auth;
+pub mod backup;
 pub mod check;
 pub mod error;
 pub mod membership;

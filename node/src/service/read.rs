@@ -140,7 +140,7 @@ impl Service {
 
     /// The index a linearizable read must see: from our own quorum check when leading, else
     /// from the leader's (also when this node finds it no longer leads).
-    async fn read_index(&self, wait: Duration) -> Result<u64, ServiceError> {
+    pub(crate) async fn read_index(&self, wait: Duration) -> Result<u64, ServiceError> {
         if self.is_leader() {
             match self.local_read_index(wait).await? {
                 Err(ReadIndexError::NotLeader) => {}
