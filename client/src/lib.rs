@@ -596,10 +596,21 @@ impl Client {
         .await
     }
 
-    /// Makes learners voters.
+    /// Makes learners voters (refused for a learner that lags; see [`Client::promote_with`]).
     pub async fn promote(&self, node_ids: &[u64]) -> Result<v1::MembershipResponse, ClientError> {
+        self.promote_with(node_ids, false).await
+    }
+
+    /// Makes learners voters; with `force` even learners that have not applied the log up to
+    /// the commit index.
+    pub async fn promote_with(
+        &self,
+        node_ids: &[u64],
+        force: bool,
+    ) -> Result<v1::MembershipResponse, ClientError> {
         let msg = v1::PromoteRequest {
             node_ids: node_ids.to_vec(),
+            force,
         };
         self.cluster_call(Duration::from_secs(300), msg, |mut c, r| async move {
             c.promote(r).await

@@ -56,6 +56,32 @@ async fn grow_to_five_and_shrink_to_three_under_load() {
             r.members.iter().any(|m| m.node_id == id && !m.voter),
             "{r:?}"
         );
+        // Done means done: when the add returns, the learner's PostgreSQL holds the log up to
+        // the change (through a snapshot: the log was compacted).
+        let log = tc.cluster.data_dir().join(format!("node{id}.log"));
+        assert!(
+            log_line(&log, "installed snapshot").is_some(),
+            "node {id}: the add returned before its snapshot was installed: {}",
+            r.message
+        );
+        let applied: i64 = tc
+            .pg(id)
+            .await
+            .unwrap()
+            .query_one("SELECT log_index FROM raftpg.applied", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            applied as u64 >= r.log_index,
+            "node {id} applied {applied} < {} when the add returned",
+            r.log_index
+        );
+        assert!(
+            r.message.contains("holds the log up to index"),
+            "{}",
+            r.message
+        );
         // Idempotent: adding again is a no-op.
         assert_eq!(
             tc.client
@@ -242,4 +268,48 @@ async fn a_node_with_a_different_collation_is_refused() {
     let st = tc.client.status_of(0).await.unwrap();
     assert_eq!(st.members.len(), 3, "the node was not added");
     tc.cluster.stop_node(4);
+}
+
+/// `promote` refuses a learner whose PostgreSQL has not applied the log up to the commit index
+/// (it waits a little first), says why, and goes ahead when forced or once it caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lagging_learner_is_promoted_only_when_caught_up_or_forced() {
+    let mut tc = start_cluster_with("promote_lag", 54, 3, &[]).await.unwrap();
+    tc.client
+        .execute_one("CREATE TABLE t (id int PRIMARY KEY)", vec![])
+        .await
+        .unwrap();
+    for id in [4, 5] {
+        tc.cluster.start_joining_node(id, &tc.addr_of(id)).unwrap();
+        tc.client
+            .add_learner(id, &tc.peer_addr_of(id), true)
+            .await
+            .unwrap();
+    }
+    // Node 4 stops (SIGSTOP) and misses writes.
+    assert!(tc.cluster.signal_node(4, libc::SIGSTOP));
+    for i in 0..20 {
+        tc.client
+            .execute_one(&format!("INSERT INTO t VALUES ({i})"), vec![])
+            .await
+            .unwrap();
+    }
+    let t0 = Instant::now();
+    let e = tc.client.promote(&[4]).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.to_string().contains("not caught up"), "{e}");
+    assert!(e.to_string().contains("--force"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(40), "{:?}", t0.elapsed());
+    // Node 5 is caught up: promoted at once.
+    let r = tc.client.promote(&[5]).await.unwrap();
+    assert!(r.members.iter().any(|m| m.node_id == 5 && m.voter), "{r:?}");
+    // Forced: node 4 becomes a voter while stopped (4 of 5 voters still answer).
+    let r = tc.client.promote_with(&[4], true).await.unwrap();
+    assert!(r.members.iter().any(|m| m.node_id == 4 && m.voter), "{r:?}");
+    assert!(tc.cluster.signal_node(4, libc::SIGCONT));
+    tc.client
+        .execute_one("INSERT INTO t VALUES (100)", vec![])
+        .await
+        .unwrap();
+    tc.assert_identical(&[1, 2, 3, 4, 5]).await.unwrap();
 }

@@ -315,11 +315,15 @@ enum MemberCmd {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Make learners voters.
+    /// Make learners voters: each must have applied the log up to the commit index (waits up
+    /// to 15 s for it), unless --force.
     Promote {
         /// Node ids.
         #[arg(required = true)]
         ids: Vec<u64>,
+        /// Promote even a learner that lags behind.
+        #[arg(long)]
+        force: bool,
     },
     /// Remove members (voters or learners).
     Remove {
@@ -1090,7 +1094,7 @@ async fn main() -> anyhow::Result<()> {
                 MemberCmd::Add { id, addr, no_wait } => {
                     client.add_learner(id, &addr, !no_wait).await
                 }
-                MemberCmd::Promote { ids } => client.promote(&ids).await,
+                MemberCmd::Promote { ids, force } => client.promote_with(&ids, force).await,
                 MemberCmd::Remove { ids } => client.remove(&ids).await,
                 MemberCmd::Transfer { id } => client.transfer_leader(id).await,
                 MemberCmd::Rebuild { .. } => unreachable!("handled above"),

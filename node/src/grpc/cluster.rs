@@ -71,7 +71,10 @@ impl Cluster for ClusterService {
         &self,
         req: Request<PromoteRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
-        let change = MembershipChange::Promote(req.get_ref().node_ids.clone());
+        let change = MembershipChange::Promote {
+            ids: req.get_ref().node_ids.clone(),
+            force: req.get_ref().force,
+        };
         self.change(&req, change).await
     }
 

@@ -1,7 +1,8 @@
 //! [`GrpcPeers`]: the service layer's calls to other nodes ([`PeerLink`]), carried over gRPC to
 //! their peer ports on the channels the Raft transport shares. Requests forwarded to the leader are marked
 //! (`raftpg-forwarded`) so the leader never forwards them again; a peer's error status comes
-//! back as the [`ServiceError`] it stands for ([`super::status::from_status`]).
+//! back as the [`ServiceError`] it stands for ([`super::status::from_status`]). Every call is
+//! bounded on this side by its timeout ([`bounded`]), whatever the peer does.
 
 use std::time::Duration;
 
@@ -26,6 +27,24 @@ use crate::service::{
     ServiceError, WriteOutcome, WriteRequest,
 };
 use openraft::SnapshotMeta;
+
+/// How long past its timeout a call is abandoned on this side (the peer's own deadline, from
+/// `grpc-timeout`, should end it first).
+const CLIENT_GRACE: Duration = Duration::from_secs(1);
+
+/// The answer of a call, bounded on this side too: `grpc-timeout` is enforced by the peer, and a
+/// stopped or hung peer (or one that never finishes the TLS handshake) enforces nothing.
+async fn bounded<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, ServiceError> {
+    match tokio::time::timeout(timeout + CLIENT_GRACE, call).await {
+        Err(_) => Err(ServiceError::deadline(format!(
+            "no answer within {timeout:?}"
+        ))),
+        Ok(answer) => answer.map(|r| r.into_inner()).map_err(|s| from_status(&s)),
+    }
+}
 
 /// Largest answer accepted from a peer's Cluster service.
 const CLUSTER_ANSWER_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -99,8 +118,8 @@ impl PeerLink for GrpcPeers {
                 req.principal.as_ref(),
                 timeout,
             );
-            let answer = client.execute(r).await.map_err(|s| from_status(&s))?;
-            convert::write_outcome(answer.into_inner())
+            let answer = bounded(timeout, client.execute(r)).await?;
+            convert::write_outcome(answer)
         })
     }
 
@@ -108,12 +127,7 @@ impl PeerLink for GrpcPeers {
         Box::pin(async move {
             let mut client = PeerClient::new(self.channel(&leader.peer_addr)?);
             let r = Self::request(pb::ReadIndexRequest {}, timeout);
-            match tokio::time::timeout(timeout, client.read_index(r)).await {
-                Err(_) => Err(ServiceError::deadline(format!(
-                    "no answer within {timeout:?}"
-                ))),
-                Ok(answer) => Ok(answer.map_err(|s| from_status(&s))?.into_inner().index),
-            }
+            Ok(bounded(timeout, client.read_index(r)).await?.index)
         })
     }
 
@@ -126,39 +140,43 @@ impl PeerLink for GrpcPeers {
     ) -> PeerResult<'a, MembershipOutcome> {
         Box::pin(async move {
             let mut client = self.cluster(&leader.peer_addr)?;
-            let answer = match change.clone() {
-                MembershipChange::AddLearner {
-                    node_id,
-                    addr,
-                    wait_caught_up,
-                } => {
-                    let m = pb::AddLearnerRequest {
+            let answer = bounded(timeout, async move {
+                match change.clone() {
+                    MembershipChange::AddLearner {
                         node_id,
                         addr,
                         wait_caught_up,
-                    };
-                    client
-                        .add_learner(self.forwarded(m, principal, timeout))
-                        .await
+                    } => {
+                        let m = pb::AddLearnerRequest {
+                            node_id,
+                            addr,
+                            wait_caught_up,
+                        };
+                        client
+                            .add_learner(self.forwarded(m, principal, timeout))
+                            .await
+                    }
+                    MembershipChange::Promote { ids, force } => {
+                        let m = pb::PromoteRequest {
+                            node_ids: ids,
+                            force,
+                        };
+                        client.promote(self.forwarded(m, principal, timeout)).await
+                    }
+                    MembershipChange::Remove(node_ids) => {
+                        let m = pb::RemoveRequest { node_ids };
+                        client.remove(self.forwarded(m, principal, timeout)).await
+                    }
+                    MembershipChange::TransferLeader(node_id) => {
+                        let m = pb::TransferLeaderRequest { node_id };
+                        client
+                            .transfer_leader(self.forwarded(m, principal, timeout))
+                            .await
+                    }
                 }
-                MembershipChange::Promote(node_ids) => {
-                    let m = pb::PromoteRequest { node_ids };
-                    client.promote(self.forwarded(m, principal, timeout)).await
-                }
-                MembershipChange::Remove(node_ids) => {
-                    let m = pb::RemoveRequest { node_ids };
-                    client.remove(self.forwarded(m, principal, timeout)).await
-                }
-                MembershipChange::TransferLeader(node_id) => {
-                    let m = pb::TransferLeaderRequest { node_id };
-                    client
-                        .transfer_leader(self.forwarded(m, principal, timeout))
-                        .await
-                }
-            };
-            Ok(convert::membership_outcome(
-                answer.map_err(|s| from_status(&s))?.into_inner(),
-            ))
+            })
+            .await?;
+            Ok(convert::membership_outcome(answer))
         })
     }
 
@@ -174,10 +192,9 @@ impl PeerLink for GrpcPeers {
             let m = pb::CheckRequest {
                 timeout_ms: millis(wait),
             };
-            let answer = client.check(self.forwarded(m, principal, timeout)).await;
-            Ok(convert::check_report(
-                answer.map_err(|s| from_status(&s))?.into_inner(),
-            ))
+            let answer =
+                bounded(timeout, client.check(self.forwarded(m, principal, timeout))).await?;
+            Ok(convert::check_report(answer))
         })
     }
 
@@ -194,8 +211,9 @@ impl PeerLink for GrpcPeers {
                 log_index,
                 timeout_ms: millis(wait),
             };
-            let answer = client.table_checksums(Self::request(m, timeout)).await;
-            let tables = answer.map_err(|s| from_status(&s))?.into_inner().tables;
+            let tables = bounded(timeout, client.table_checksums(Self::request(m, timeout)))
+                .await?
+                .tables;
             Ok(tables
                 .into_iter()
                 .map(convert::table_checksum_from)
@@ -212,10 +230,8 @@ impl PeerLink for GrpcPeers {
         Box::pin(async move {
             let mut client = self.cluster(addr)?;
             let m = pb::StatusRequest { node_id };
-            let answer = client.status(Self::request(m, timeout)).await;
-            Ok(convert::node_status(
-                answer.map_err(|s| from_status(&s))?.into_inner(),
-            ))
+            let answer = bounded(timeout, client.status(Self::request(m, timeout))).await?;
+            Ok(convert::node_status(answer))
         })
     }
 
@@ -228,10 +244,7 @@ impl PeerLink for GrpcPeers {
         Box::pin(async move {
             let mut client = self.peer(addr)?;
             let m = pb::RetireRequest { log_index };
-            client
-                .retire(Self::request(m, timeout))
-                .await
-                .map_err(|s| from_status(&s))?;
+            bounded(timeout, client.retire(Self::request(m, timeout))).await?;
             Ok(())
         })
     }
@@ -239,10 +252,11 @@ impl PeerLink for GrpcPeers {
     fn start_election<'a>(&'a self, addr: &'a str, timeout: Duration) -> PeerResult<'a, ()> {
         Box::pin(async move {
             let mut client = PeerClient::new(self.channel(addr)?);
-            client
-                .start_election(Self::request(pb::ReadIndexRequest {}, timeout))
-                .await
-                .map_err(|s| from_status(&s))?;
+            bounded(
+                timeout,
+                client.start_election(Self::request(pb::ReadIndexRequest {}, timeout)),
+            )
+            .await?;
             Ok(())
         })
     }
@@ -260,11 +274,9 @@ impl PeerLink for GrpcPeers {
                 node_id,
                 client_addr: client_addr.to_string(),
             };
-            let answer = client
-                .publish_address(Self::request(m, timeout))
-                .await
-                .map_err(|s| from_status(&s))?;
-            Ok(answer.into_inner().log_index)
+            let answer =
+                bounded(timeout, client.publish_address(Self::request(m, timeout))).await?;
+            Ok(answer.log_index)
         })
     }
 
@@ -282,13 +294,18 @@ impl PeerLink for GrpcPeers {
                 min_index,
                 timeout_ms: millis(timeout),
             };
-            let mut parts = client
-                .fetch_snapshot(Self::request(m, timeout))
-                .await
-                .map_err(|s| from_status(&s))?
-                .into_inner();
+            let deadline = tokio::time::Instant::now() + timeout + CLIENT_GRACE;
+            let mut parts =
+                bounded(timeout, client.fetch_snapshot(Self::request(m, timeout))).await?;
             let mut meta = None;
-            while let Some(part) = parts.message().await.map_err(|s| from_status(&s))? {
+            let stalled = || {
+                ServiceError::deadline(format!("the snapshot did not arrive within {timeout:?}"))
+            };
+            while let Some(part) = tokio::time::timeout_at(deadline, parts.message())
+                .await
+                .map_err(|_| stalled())?
+                .map_err(|s| from_status(&s))?
+            {
                 if !part.meta_json.is_empty() {
                     meta = Some(serde_json::from_slice(&part.meta_json).map_err(|e| {
                         ServiceError::internal(format!("malformed snapshot metadata: {e}"))
@@ -321,10 +338,7 @@ impl PeerLink for GrpcPeers {
                 log_index,
                 differences: differences.to_vec(),
             };
-            client
-                .mark_diverged(Self::request(m, timeout))
-                .await
-                .map_err(|s| from_status(&s))?;
+            bounded(timeout, client.mark_diverged(Self::request(m, timeout))).await?;
             Ok(())
         })
     }

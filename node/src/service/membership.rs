@@ -30,6 +30,9 @@ use crate::command::{NodeAddr, NodeId, TypeConfig};
 /// Longest wait for a membership change (a learner catching up may take a snapshot install).
 const CHANGE_WAIT: Duration = Duration::from_secs(300);
 
+/// Longest wait for a learner to apply the log up to the commit index before a promotion.
+const PROMOTE_CATCH_UP_WAIT: Duration = Duration::from_secs(15);
+
 /// Longest wait for a leadership transfer.
 const TRANSFER_WAIT: Duration = Duration::from_secs(30);
 
@@ -61,7 +64,7 @@ impl Service {
                 addr,
                 wait_caught_up,
             } => add_learner(self, node_id, addr, wait_caught_up).await,
-            MembershipChange::Promote(ids) => promote(self, ids).await,
+            MembershipChange::Promote { ids, force } => promote(self, ids, force).await,
             MembershipChange::Remove(ids) => remove(self, ids).await,
             MembershipChange::TransferLeader(target) => transfer_leader(self, target).await,
         }
@@ -165,9 +168,13 @@ async fn add_learner(
     }
     let client = check_joining_node(svc, node_id, &addr).await?;
     info!(node_id, peer = %addr, %client, "adding learner");
-    let node = NodeAddr { peer: addr, client };
-    let resp = tokio::time::timeout(
-        CHANGE_WAIT,
+    let node = NodeAddr {
+        peer: addr.clone(),
+        client,
+    };
+    let deadline = tokio::time::Instant::now() + CHANGE_WAIT;
+    let resp = tokio::time::timeout_at(
+        deadline,
         svc.raft.add_learner(node_id, node, wait_caught_up),
     )
     .await
@@ -175,11 +182,66 @@ async fn add_learner(
         ServiceError::deadline("the learner did not catch up in time; it keeps catching up")
     })?
     .map_err(|e| change_error(e, svc))?;
+    let index = resp.log_id.index;
+    if !wait_caught_up {
+        return Ok(done(
+            svc,
+            index,
+            format!("node {node_id} added as a learner"),
+        ));
+    }
+    // openraft answers once the learner *received* the log up to the change (a snapshot
+    // counts when its last chunk arrived); done means its PostgreSQL holds it.
+    let applied = wait_applied(svc, node_id, &addr, index, deadline)
+        .await
+        .map_err(|(applied, why)| {
+            ServiceError::deadline(format!(
+                "node {node_id} was added as a learner at log index {index}, but its PostgreSQL had applied only up to {applied} when the wait ended ({why}); it keeps catching up: watch `raftpg status`"
+            ))
+        })?;
     Ok(done(
         svc,
-        resp.log_id.index,
-        format!("node {node_id} added as a learner"),
+        index,
+        format!(
+            "node {node_id} added as a learner; its PostgreSQL holds the log up to index {applied}"
+        ),
     ))
+}
+
+/// Waits until member `node_id` (peer address `addr`) reports that its PostgreSQL applied the
+/// log up to `index`, until `deadline`. Returns its applied index, or the last one seen and
+/// why it is not enough.
+async fn wait_applied(
+    svc: &Service,
+    node_id: NodeId,
+    addr: &str,
+    index: u64,
+    deadline: tokio::time::Instant,
+) -> Result<u64, (u64, String)> {
+    let mut seen = (0, String::from("no answer yet"));
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(seen);
+        }
+        match svc
+            .peers
+            .status(addr, 0, left.min(Duration::from_secs(5)))
+            .await
+        {
+            Ok(st) if st.node_id == node_id && st.applied_index >= index => {
+                return Ok(st.applied_index)
+            }
+            Ok(st) => {
+                seen = (
+                    st.applied_index,
+                    format!("its applier: {}", st.applier_state),
+                )
+            }
+            Err(e) => seen.1 = format!("it did not answer: {}", e.message),
+        }
+        tokio::time::sleep(Duration::from_millis(100).min(left)).await;
+    }
 }
 
 /// Refuses an address that is not `host:port` (a host name or IP address, and a port).
@@ -262,8 +324,14 @@ async fn check_joining_node(
     Ok(client)
 }
 
-/// Makes learners voters.
-async fn promote(svc: &Service, ids: Vec<NodeId>) -> Result<MembershipOutcome, ServiceError> {
+/// Makes learners voters: unless `force`, only once each has applied the log up to the commit
+/// index of when this was asked (waiting at most [`PROMOTE_CATCH_UP_WAIT`]): a voter that lags
+/// adds nothing to the cluster's fault tolerance until it catches up.
+async fn promote(
+    svc: &Service,
+    ids: Vec<NodeId>,
+    force: bool,
+) -> Result<MembershipOutcome, ServiceError> {
     let ids: BTreeSet<NodeId> = ids.into_iter().collect();
     let (voters, nodes): (BTreeSet<NodeId>, BTreeSet<NodeId>) = {
         let m = svc.raft.metrics().borrow().membership_config.clone();
@@ -281,6 +349,25 @@ async fn promote(svc: &Service, ids: Vec<NodeId>) -> Result<MembershipOutcome, S
     let to_promote: BTreeSet<NodeId> = ids.difference(&voters).copied().collect();
     if to_promote.is_empty() {
         return Ok(done(svc, 0, "already voters"));
+    }
+    if !force {
+        let (committed, addrs) = {
+            let metrics = svc.raft.metrics().borrow().clone();
+            let m = metrics.membership_config.membership().clone();
+            let addrs: BTreeMap<NodeId, String> = to_promote
+                .iter()
+                .filter_map(|id| m.get_node(id).map(|n| (*id, n.peer.clone())))
+                .collect();
+            (metrics.last_applied.map(|l| l.index).unwrap_or(0), addrs)
+        };
+        let deadline = tokio::time::Instant::now() + PROMOTE_CATCH_UP_WAIT;
+        for (id, addr) in &addrs {
+            if let Err((applied, why)) = wait_applied(svc, *id, addr, committed, deadline).await {
+                return Err(ServiceError::precondition(format!(
+                    "node {id} is not caught up: its PostgreSQL applied the log up to index {applied}, the cluster is at {committed} ({why}); wait until `raftpg status` shows it caught up, or promote it anyway with --force"
+                )));
+            }
+        }
     }
     let resp = change(svc, ChangeMembers::AddVoterIds(to_promote.clone())).await?;
     info!(?to_promote, index = resp.log_id.index, "promoted to voters");

@@ -153,8 +153,14 @@ pub enum MembershipChange {
         /// Answer only once it caught up with the log.
         wait_caught_up: bool,
     },
-    /// Make learners voters.
-    Promote(Vec<NodeId>),
+    /// Make learners voters; unless `force`, only learners that applied the log up to the
+    /// commit index.
+    Promote {
+        /// The learners.
+        ids: Vec<NodeId>,
+        /// Promote them even when they lag.
+        force: bool,
+    },
     /// Remove members (they are told to stop serving).
     Remove(Vec<NodeId>),
     /// Hand leadership to a caught-up voter.
