@@ -4,7 +4,9 @@
 //! (writes and reads with their latency, refusals by limit, errors by SQLSTATE class); the HTTP
 //! frontend (`http`) sets the state gauges (Raft positions, role, per-peer lag, PostgreSQL
 //! health) from the node's status at each scrape and encodes everything in the Prometheus text
-//! format ([`encode`]). A leaf module: it depends on nothing else of the node.
+//! format ([`encode`]). The proposer, the applier, the snapshot store and the PostgreSQL
+//! supervisor record their own events (entries proposed, batches applied, snapshots built and
+//! installed, restarts). A leaf module: it depends on nothing else of the node.
 
 use std::sync::LazyLock;
 
@@ -12,6 +14,27 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// Size buckets: 1 to 65,536 (writes or entries per batch).
+const COUNT_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0, 65536.0,
+];
+
+/// Byte buckets: 64 B to 64 MiB.
+const BYTE_BUCKETS: &[f64] = &[
+    64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
+    67108864.0,
+];
+
+/// Duration buckets for long operations (seconds): 10 ms to 1 h.
+const LONG_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("a valid metric")
+}
 
 /// Latency buckets (seconds): 250 µs to 30 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -51,6 +74,28 @@ pub struct Metrics {
     pub refused: IntCounterVec,
     /// Errors answered, by SQLSTATE class (the first two characters).
     pub errors: IntCounterVec,
+    /// On the leader: log entries proposed, and the writes in each.
+    pub proposal_writes: Histogram,
+    /// On the leader: encoded size of each proposed entry (bytes).
+    pub proposal_bytes: Histogram,
+    /// Entries applied per PostgreSQL transaction of the applier.
+    pub apply_batch_entries: Histogram,
+    /// Time to apply one batch (seconds).
+    pub apply_batch_seconds: Histogram,
+    /// Times the supervisor restarted this node's PostgreSQL.
+    pub postgres_restarts: IntCounter,
+    /// Snapshots built, and their build time (seconds).
+    pub snapshot_build_seconds: Histogram,
+    /// Snapshots installed (received from the leader, a rebuild, a restore), and their install
+    /// time (seconds).
+    pub snapshot_install_seconds: Histogram,
+    /// Size of the current snapshot (bytes).
+    pub snapshot_bytes: IntGauge,
+    /// Disk used by the Raft log and by the snapshots directory (bytes), by `store`.
+    pub disk_bytes: IntGaugeVec,
+    /// Runs of writes the applier started in one round trip and abandoned (an error in the
+    /// run: its writes were applied one by one).
+    pub fast_runs_abandoned: IntGauge,
 }
 
 fn gauge(name: &str, help: &str) -> IntGauge {
@@ -134,6 +179,57 @@ impl Metrics {
                 "Errors answered by this node, by SQLSTATE class.",
                 &["class"],
             ),
+            proposal_writes: histogram(
+                "raftpg_proposal_writes",
+                "On the leader: writes per proposed log entry (count = entries proposed).",
+                COUNT_BUCKETS,
+            ),
+            proposal_bytes: histogram(
+                "raftpg_proposal_bytes",
+                "On the leader: encoded size of each proposed log entry.",
+                BYTE_BUCKETS,
+            ),
+            apply_batch_entries: histogram(
+                "raftpg_apply_batch_entries",
+                "Log entries applied per applier transaction.",
+                COUNT_BUCKETS,
+            ),
+            apply_batch_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "raftpg_apply_batch_seconds",
+                    "Time to apply one batch of log entries.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("a valid metric"),
+            postgres_restarts: IntCounter::new(
+                "raftpg_postgres_restarts_total",
+                "Times the supervisor restarted this node's PostgreSQL.",
+            )
+            .expect("a valid metric"),
+            snapshot_build_seconds: histogram(
+                "raftpg_snapshot_build_seconds",
+                "Time to build a snapshot (count = snapshots built).",
+                LONG_BUCKETS,
+            ),
+            snapshot_install_seconds: histogram(
+                "raftpg_snapshot_install_seconds",
+                "Time to install a snapshot (count = snapshots installed).",
+                LONG_BUCKETS,
+            ),
+            snapshot_bytes: gauge(
+                "raftpg_snapshot_bytes",
+                "Size of this node's current snapshot.",
+            ),
+            disk_bytes: gauge_vec(
+                "raftpg_disk_bytes",
+                "Disk used by this node's Raft log (store=log) and snapshots (store=snapshots).",
+                &["store"],
+            ),
+            fast_runs_abandoned: gauge(
+                "raftpg_apply_fast_runs_abandoned",
+                "Runs of writes applied in one round trip that were abandoned and applied one by one.",
+            ),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.term.clone()),
@@ -150,6 +246,16 @@ impl Metrics {
             Box::new(m.read_seconds.clone()),
             Box::new(m.refused.clone()),
             Box::new(m.errors.clone()),
+            Box::new(m.proposal_writes.clone()),
+            Box::new(m.proposal_bytes.clone()),
+            Box::new(m.apply_batch_entries.clone()),
+            Box::new(m.apply_batch_seconds.clone()),
+            Box::new(m.postgres_restarts.clone()),
+            Box::new(m.snapshot_build_seconds.clone()),
+            Box::new(m.snapshot_install_seconds.clone()),
+            Box::new(m.snapshot_bytes.clone()),
+            Box::new(m.disk_bytes.clone()),
+            Box::new(m.fast_runs_abandoned.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

@@ -126,8 +126,37 @@ async fn every_node_serves_metrics_and_probes_that_follow_the_cluster() {
         metric(l, "raftpg_write_seconds_count").unwrap_or(0.0) >= 21.0,
         "{l}"
     );
+    // Entries proposed by the leader, with their writes and sizes.
+    let proposed = |t: &str| metric(t, "raftpg_proposal_writes_sum").unwrap_or(0.0);
+    assert!(
+        proposed(l) >= proposed(&before[(leader - 1) as usize]) + 21.0,
+        "{l}"
+    );
+    assert!(
+        metric(l, "raftpg_proposal_bytes_sum").unwrap_or(0.0) > 0.0,
+        "{l}"
+    );
     for (i, text) in after.iter().enumerate() {
         let id = i as u64 + 1;
+        // Every node applied batches, and its log and snapshot stores use disk.
+        let batches = |t: &str| metric(t, "raftpg_apply_batch_entries_sum").unwrap_or(0.0);
+        assert!(
+            batches(text) >= batches(&before[i]) + 21.0,
+            "node {id}\n{text}"
+        );
+        assert!(
+            metric(text, "raftpg_apply_batch_seconds_count").unwrap_or(0.0) >= 1.0,
+            "node {id}"
+        );
+        assert!(
+            metric(text, "raftpg_disk_bytes{store=\"log\"}").unwrap_or(0.0) > 0.0,
+            "node {id}\n{text}"
+        );
+        assert_eq!(
+            metric(text, "raftpg_postgres_restarts_total"),
+            Some(0.0),
+            "node {id}"
+        );
         let applied = metric(text, "raftpg_log_index{position=\"applied\"}").unwrap_or(0.0);
         assert!(
             applied >= last as f64,

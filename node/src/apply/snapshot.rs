@@ -510,6 +510,9 @@ impl SnapshotStore {
         let id = meta.snapshot_id.clone();
         let snapshot = self.publish_built(meta, &building).await?;
         info!(id = %id, bytes = len, ms = started.elapsed().as_millis() as u64, "built snapshot");
+        crate::metrics::get()
+            .snapshot_build_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(snapshot)
     }
 
@@ -648,6 +651,9 @@ impl SnapshotStore {
             ))
             .await?;
         info!(id = %meta.snapshot_id, ms = started.elapsed().as_millis() as u64, "installed snapshot");
+        crate::metrics::get()
+            .snapshot_install_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 

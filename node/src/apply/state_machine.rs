@@ -739,8 +739,13 @@ impl StateMachineCore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let mut outcomes = Vec::with_capacity(entries.len());
+        let m = crate::metrics::get();
         for batch in transactions(&entries, self.limits.batch_entries_max) {
+            let started = std::time::Instant::now();
             outcomes.extend(self.apply_batch_until_done(batch).await?);
+            m.apply_batch_entries.observe(batch.len() as f64);
+            m.apply_batch_seconds
+                .observe(started.elapsed().as_secs_f64());
         }
         Ok(outcomes)
     }

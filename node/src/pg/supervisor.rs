@@ -570,6 +570,7 @@ impl EmbeddedPostgres {
                     Err(e) => format!("PostgreSQL lost: {e}"),
                 };
                 error!(reason = %why, "PostgreSQL died; restarting it");
+                crate::metrics::get().postgres_restarts.inc();
                 let _ = health.send(PgHealth::Down(why));
                 tokio::time::sleep(backoff).await;
                 Supervised::Restart
@@ -578,6 +579,7 @@ impl EmbeddedPostgres {
                 // Something unlinked the socket (e.g. another server that used this path
                 // before): nothing can connect any more. A restart creates it again.
                 error!(socket = %self.socket_dir.display(), "PostgreSQL's socket file vanished; restarting PostgreSQL");
+                crate::metrics::get().postgres_restarts.inc();
                 let _ = health.send(PgHealth::Down("socket file vanished".into()));
                 stop_child(&mut child).await;
                 Supervised::Restart

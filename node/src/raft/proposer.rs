@@ -227,6 +227,7 @@ async fn propose(
     let leader_ts_micros = clock.next();
     let seed = uuid::Uuid::new_v4().as_u64_pair().0;
     let (mut commands, mut replies) = (Vec::with_capacity(batch.len()), Vec::new());
+    let bytes: usize = batch.iter().map(|w| w.bytes).sum();
     for w in batch {
         if w.reply.is_closed() {
             continue;
@@ -249,6 +250,9 @@ async fn propose(
         }
     };
     let writes = replies.len();
+    let m = crate::metrics::get();
+    m.proposal_writes.observe(writes as f64);
+    m.proposal_bytes.observe(bytes as f64);
     let proposed = std::time::Instant::now();
     let answer = match raft.client_write_ff(command).await {
         Ok(rx) => rx,

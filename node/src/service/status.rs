@@ -118,6 +118,25 @@ impl Service {
         m.postgres_up
             .set(i64::from(*self.pg_health.borrow() == PgHealth::Up));
         m.diverged.set(i64::from(self.diverged().is_some()));
+        m.fast_runs_abandoned
+            .set(self.applier.fast_runs_abandoned() as i64);
+        let snapshots = self.data_dir.join("snapshots");
+        m.disk_bytes
+            .with_label_values(&["log"])
+            .set(dir_bytes(&self.data_dir.join("raft-log")) as i64);
+        m.disk_bytes
+            .with_label_values(&["snapshots"])
+            .set(dir_bytes(&snapshots) as i64);
+        let current = std::fs::read_dir(&snapshots)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("snap-"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .max()
+            .unwrap_or(0);
+        m.snapshot_bytes.set(current as i64);
     }
 
     /// Counts leader changes into the node's metrics until shutdown.
@@ -252,4 +271,17 @@ impl Service {
             .await
             .cloned()
     }
+}
+
+/// Bytes in the files of `dir` (one level: the log store's and the snapshot store's
+/// directories are flat).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
