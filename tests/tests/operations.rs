@@ -96,6 +96,13 @@ async fn every_node_serves_metrics_and_probes_that_follow_the_cluster() {
         .await
         .expect_err("a duplicate key");
     assert_eq!(e.sqlstate().as_deref(), Some("23505"));
+    // A request over a limit (--request-bytes-max, 4 MiB) is refused and counted.
+    let huge = format!("INSERT INTO ops VALUES (1) -- {}", "x".repeat(5 << 20));
+    let e = c
+        .execute_one(&huge, vec![])
+        .await
+        .expect_err("over the request size limit");
+    assert_eq!(e.sqlstate().as_deref(), Some("54000"), "{e}");
     for id in 1..=3u64 {
         c.query_node(
             (id - 1) as usize,
@@ -121,6 +128,11 @@ async fn every_node_serves_metrics_and_probes_that_follow_the_cluster() {
         metric(l, "raftpg_errors_total{class=\"23\"}").unwrap_or(0.0) >= 1.0,
         "{l}"
     );
+    let refused: f64 = after
+        .iter()
+        .filter_map(|t| metric(t, "raftpg_refused_total{sqlstate=\"54000\"}"))
+        .sum();
+    assert!(refused >= 1.0, "{l}");
     assert_eq!(metric(l, "raftpg_role{role=\"leader\"}"), Some(1.0), "{l}");
     assert!(
         metric(l, "raftpg_write_seconds_count").unwrap_or(0.0) >= 21.0,
@@ -176,12 +188,59 @@ async fn every_node_serves_metrics_and_probes_that_follow_the_cluster() {
                 >= 1.0,
             "node {id}\n{text}"
         );
+        if id == 3 {
+            assert_dashboard_series_exist(&after);
+        }
         if id != leader {
             // The leader reports every follower's replication lag.
             let lag = metric(l, &format!("raftpg_peer_lag_entries{{peer=\"{id}\"}}"));
             assert!(lag.is_some(), "no lag of node {id} on the leader\n{l}");
         }
     }
+}
+
+/// Every series the Grafana dashboard (`docs/grafana-dashboard.json`) queries is one the nodes
+/// export (`scrapes`: every node's /metrics), so renaming a metric cannot silently empty a panel.
+fn assert_dashboard_series_exist(scrapes: &[String]) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/grafana-dashboard.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let families: std::collections::BTreeSet<String> = scrapes
+        .iter()
+        .flat_map(|t| t.lines())
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("raftpg_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                let family = ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .filter(|f| families.contains(*f))
+                    .unwrap_or(&name);
+                assert!(
+                    families.contains(family),
+                    "panel {:?} queries {name}, which no node exports",
+                    panel["title"]
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried >= 20, "the dashboard queries only {queried} series");
 }
 
 /// Scrapes nodes 1–3 in turn.
