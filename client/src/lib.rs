@@ -12,6 +12,7 @@ pub mod bench;
 pub mod cert;
 pub mod local_cluster;
 pub mod pg_wire;
+pub mod progress;
 pub mod values;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -631,6 +631,9 @@ fn status_warnings(
         if s.removed {
             out.push(format!("node {id} was removed from the cluster"));
         }
+        if !s.snapshot_progress.is_empty() {
+            out.push(format!("node {id}: {}", s.snapshot_progress));
+        }
         if let Some(l) = leader {
             let lag = l
                 .members
@@ -1068,7 +1071,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Member(MemberCmd::Rebuild { id, timeout_secs }) => {
             let client = connect()?;
-            match client.rebuild(id, Duration::from_secs(timeout_secs)).await {
+            let rebuild = client.rebuild(id, Duration::from_secs(timeout_secs));
+            match raftpg_client::progress::follow(&client, id, rebuild).await {
                 Ok(r) => println!(
                     "node {} rebuilt from node {}'s snapshot at log index {} ({} bytes, {} ms)",
                     r.node_id, r.donor_id, r.log_index, r.bytes, r.millis
@@ -1091,8 +1095,18 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Member(m) => {
             let client = connect()?;
             let r = match m {
-                MemberCmd::Add { id, addr, no_wait } => {
-                    client.add_learner(id, &addr, !no_wait).await
+                MemberCmd::Add {
+                    id,
+                    addr,
+                    no_wait: true,
+                } => client.add_learner(id, &addr, false).await,
+                MemberCmd::Add { id, addr, .. } => {
+                    raftpg_client::progress::follow(
+                        &client,
+                        id,
+                        client.add_learner(id, &addr, true),
+                    )
+                    .await
                 }
                 MemberCmd::Promote { ids, force } => client.promote_with(&ids, force).await,
                 MemberCmd::Remove { ids } => client.remove(&ids).await,

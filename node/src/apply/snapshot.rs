@@ -139,6 +139,60 @@ pub struct SnapshotStore {
     limit: Arc<watch::Sender<PurgeLimit>>,
     /// Serializes [`SnapshotStore::publish`] (a build and an install can finish together).
     publishing: Arc<tokio::sync::Mutex<()>>,
+    /// How far the snapshot being received or restored is (for status).
+    progress: Arc<std::sync::Mutex<Option<InstallProgress>>>,
+}
+
+/// How far a snapshot being received or restored is.
+#[derive(Clone, Debug)]
+pub struct InstallProgress {
+    /// The snapshot's id (`term-index-crc-len`).
+    pub snapshot_id: String,
+    /// `receiving` (chunks arriving from the leader), `received` (waiting to be installed) or
+    /// `restoring` (pg_restore into a fresh database).
+    pub phase: &'static str,
+    /// Bytes received so far (receiving) or the archive's size (restoring).
+    pub bytes_done: u64,
+    /// The archive's size (from the snapshot id).
+    pub bytes_total: u64,
+    /// When this phase began.
+    pub since: std::time::Instant,
+}
+
+impl InstallProgress {
+    /// One line for an operator: phase, bytes, rate and time left while receiving.
+    pub fn describe(&self) -> String {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let secs = self.since.elapsed().as_secs_f64();
+        match self.phase {
+            "receiving" => {
+                let rate = self.bytes_done as f64 / secs.max(0.001);
+                let left = self.bytes_total.saturating_sub(self.bytes_done) as f64 / rate.max(1.0);
+                format!(
+                    "receiving snapshot {}: {:.1} of {:.1} MiB ({:.0}%), {:.1} MiB/s, about {:.0} s left",
+                    self.snapshot_id,
+                    mib(self.bytes_done),
+                    mib(self.bytes_total),
+                    100.0 * self.bytes_done as f64 / (self.bytes_total.max(1) as f64),
+                    rate / (1024.0 * 1024.0),
+                    left
+                )
+            }
+            phase => format!(
+                "{phase} snapshot {} ({:.1} MiB) for {secs:.1} s",
+                self.snapshot_id,
+                mib(self.bytes_total)
+            ),
+        }
+    }
+}
+
+/// The archive size a snapshot id ends with (`term-index-crc-len`).
+fn size_of_id(id: &str) -> u64 {
+    id.rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn storage_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
@@ -198,7 +252,45 @@ impl SnapshotStore {
             shutdown,
             limit: Arc::new(watch::Sender::new(limit)),
             publishing: Arc::new(tokio::sync::Mutex::new(())),
+            progress: Arc::new(std::sync::Mutex::new(None)),
         })
+    }
+
+    /// How far the snapshot being received or restored is, if any.
+    pub fn progress(&self) -> Option<InstallProgress> {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_progress(&self, p: Option<InstallProgress>) {
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = p;
+    }
+
+    /// Records a chunk of snapshot `snapshot_id` received from the leader, ending at byte
+    /// `upto` (`done`: the last chunk).
+    pub fn note_received(&self, snapshot_id: &str, upto: u64, done: bool) {
+        let mut g = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        let phase = if done { "received" } else { "receiving" };
+        match g.as_mut() {
+            Some(p) if p.snapshot_id == snapshot_id && p.phase == "receiving" => {
+                p.bytes_done = upto;
+                if done {
+                    p.phase = phase;
+                    p.since = std::time::Instant::now();
+                }
+            }
+            _ => {
+                *g = Some(InstallProgress {
+                    snapshot_id: snapshot_id.to_string(),
+                    phase,
+                    bytes_done: upto,
+                    bytes_total: size_of_id(snapshot_id),
+                    since: std::time::Instant::now(),
+                })
+            }
+        }
     }
 
     /// What the published snapshot covers, for [`crate::raft::log_store::LogStore::limit_purges`].
@@ -619,6 +711,25 @@ impl SnapshotStore {
     ) -> Result<(), SnapshotError> {
         let started = std::time::Instant::now();
         info!(id = %meta.snapshot_id, "installing snapshot");
+        self.set_progress(Some(InstallProgress {
+            snapshot_id: meta.snapshot_id.clone(),
+            phase: "restoring",
+            bytes_done: size_of_id(&meta.snapshot_id),
+            bytes_total: size_of_id(&meta.snapshot_id),
+            since: started,
+        }));
+        let restored = self.restore_and_swap(meta, file, started).await;
+        self.set_progress(None);
+        restored
+    }
+
+    /// [`Self::restore`] without the progress bookkeeping.
+    async fn restore_and_swap(
+        &self,
+        meta: &SnapshotMeta<NodeId, NodeAddr>,
+        file: &Path,
+        started: std::time::Instant,
+    ) -> Result<(), SnapshotError> {
         self.recover().await?;
         let admin = Self::connect(&self.admin()).await?;
         self.create_roles_of(&admin, file).await?;

@@ -339,6 +339,7 @@ pub fn status_response(s: NodeStatus) -> pb::StatusResponse {
         client_addr: s.client_addr,
         peer_addr: s.peer_addr,
         diverged: s.diverged,
+        snapshot_progress: s.snapshot_progress,
     }
 }
 
@@ -368,5 +369,6 @@ pub fn node_status(s: pb::StatusResponse) -> NodeStatus {
         client_addr: s.client_addr,
         peer_addr: s.peer_addr,
         diverged: s.diverged,
+        snapshot_progress: s.snapshot_progress,
     }
 }

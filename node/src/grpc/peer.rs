@@ -83,7 +83,7 @@ impl PeerApi for PeerService {
         let mut rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
         speaks_for(caller, rpc.vote.leader_id().voted_for())?;
         rpc.data = req.into_inner().data;
-        encode(&self.svc.raft().install_snapshot(rpc).await)
+        encode(&self.svc.install_snapshot_chunk(rpc).await)
     }
 
     async fn start_election(

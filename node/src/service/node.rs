@@ -182,6 +182,23 @@ impl Service {
         &self.raft
     }
 
+    /// Hands a chunk of a snapshot the leader sends to Raft, noting how far the transfer is
+    /// (status shows it).
+    pub async fn install_snapshot_chunk(
+        &self,
+        rpc: openraft::raft::InstallSnapshotRequest<crate::command::TypeConfig>,
+    ) -> Result<
+        openraft::raft::InstallSnapshotResponse<NodeId>,
+        openraft::error::RaftError<NodeId, openraft::error::InstallSnapshotError>,
+    > {
+        self.snapshots.note_received(
+            &rpc.meta.snapshot_id,
+            rpc.offset + rpc.data.len() as u64,
+            rpc.done,
+        );
+        self.raft.install_snapshot(rpc).await
+    }
+
     /// The request limits.
     pub fn limits(&self) -> &Limits {
         &self.limits

@@ -71,6 +71,11 @@ impl Service {
             client_addr: self.addrs.client.clone(),
             peer_addr: self.addrs.peer.clone(),
             diverged: self.diverged().unwrap_or_default(),
+            snapshot_progress: self
+                .snapshots
+                .progress()
+                .map(|p| p.describe())
+                .unwrap_or_default(),
         })
     }
 

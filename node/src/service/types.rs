@@ -292,6 +292,8 @@ pub struct NodeStatus {
     pub peer_addr: String,
     /// Why a check found its copy different from the majority's (empty: it did not).
     pub diverged: String,
+    /// A snapshot being received or restored, and how far along (empty: none).
+    pub snapshot_progress: String,
 }
 
 /// A node's health for probes (see `Service::health`): each check, or why it fails.
