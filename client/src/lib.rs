@@ -10,6 +10,7 @@
 pub mod backup;
 pub mod bench;
 pub mod cert;
+pub mod chart;
 pub mod local_cluster;
 pub mod pg_wire;
 pub mod progress;

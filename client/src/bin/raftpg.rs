@@ -161,6 +161,12 @@ enum Cmd {
         /// Write the points as JSON lines to this file.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Draw throughput and p99 against clients, raftpg and each peer, as an SVG file.
+        #[arg(long)]
+        chart: Option<PathBuf>,
+        /// Draw --chart from the JSON lines of an earlier run (`--out`) instead of measuring.
+        #[arg(long, requires = "chart")]
+        chart_from: Option<PathBuf>,
         /// Protocols raftpg is measured through: grpc, pg (the PostgreSQL wire protocol with
         /// tokio-postgres over TLS, clients spread over every node; the gRPC points are
         /// measured too, in the same run, for the ratio).
@@ -580,6 +586,16 @@ async fn print_status(client: &Client) {
     for w in warnings {
         println!("WARNING {w}");
     }
+}
+
+/// A chart's title when it is drawn from a file of points.
+fn chart_title(from: &std::path::Path) -> String {
+    format!(
+        "raftpg and its peers ({})",
+        from.file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default()
+    )
 }
 
 /// PostgreSQL's `server_version_num` in words (`150018` → `15.18`).
@@ -1047,15 +1063,23 @@ async fn main() -> anyhow::Result<()> {
             no_reads,
             catchup,
             out,
+            chart,
+            chart_from,
             protocol,
         } => {
+            if let (Some(chart), Some(from)) = (&chart, &chart_from) {
+                let points = raftpg_client::chart::read_points(from)?;
+                raftpg_client::chart::write_svg(&points, chart, &chart_title(from))?;
+                println!("wrote {}", chart.display());
+                return Ok(());
+            }
             if let Some(p) = protocol
                 .iter()
                 .find(|p| !matches!(p.as_str(), "grpc" | "pg"))
             {
                 anyhow::bail!("unknown protocol {p:?} (grpc, pg)");
             }
-            raftpg_client::bench::run(raftpg_client::bench::BenchSpec {
+            let points = raftpg_client::bench::run(raftpg_client::bench::BenchSpec {
                 nodes: size,
                 clients,
                 seconds,
@@ -1068,6 +1092,14 @@ async fn main() -> anyhow::Result<()> {
                 wire: protocol.iter().any(|p| p == "pg"),
             })
             .await?;
+            if let Some(chart) = &chart {
+                raftpg_client::chart::write_svg(
+                    &points,
+                    chart,
+                    &format!("raftpg ({size} nodes) and its peers, {seconds} s per point"),
+                )?;
+                println!("wrote {}", chart.display());
+            }
         }
         Cmd::Member(MemberCmd::Rebuild { id, timeout_secs }) => {
             let client = connect()?;
