@@ -89,3 +89,40 @@ async fn poll(client: &Client, node_id: u64) -> Option<(u64, u64, String)> {
     }
     None
 }
+
+/// Waits until node `node_id`'s PostgreSQL has applied the log up to the commit index of when
+/// this was called (a node catching up after a restart, a learner), at most `timeout`; shows
+/// progress meanwhile ([`follow`]). Returns the index it reached.
+pub async fn wait_caught_up(
+    client: &Client,
+    node_id: u64,
+    timeout: Duration,
+) -> Result<u64, crate::ClientError> {
+    let unavailable = |m: String| crate::ClientError::Status(tonic::Status::unavailable(m));
+    let Some((_, target, _)) = poll(client, node_id).await else {
+        return Err(unavailable(format!(
+            "neither node {node_id} nor any member answered"
+        )));
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let wait = async {
+        loop {
+            let seen = poll(client, node_id).await;
+            if let Some((applied, _, _)) = seen {
+                if applied >= target {
+                    return Ok(applied);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(crate::ClientError::Status(
+                    tonic::Status::deadline_exceeded(format!(
+                        "node {node_id} had applied {} of {target} entries after {timeout:?}",
+                        seen.map(|s| s.0.to_string()).unwrap_or_else(|| "?".into())
+                    )),
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    };
+    follow(client, node_id, wait).await
+}

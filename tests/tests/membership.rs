@@ -307,9 +307,16 @@ async fn a_lagging_learner_is_promoted_only_when_caught_up_or_forced() {
     let r = tc.client.promote_with(&[4], true).await.unwrap();
     assert!(r.members.iter().any(|m| m.node_id == 4 && m.voter), "{r:?}");
     assert!(tc.cluster.signal_node(4, libc::SIGCONT));
-    tc.client
+    let last = tc
+        .client
         .execute_one("INSERT INTO t VALUES (100)", vec![])
         .await
+        .unwrap()
+        .log_index;
+    // `raftpg member wait 4`: returns once it applied the log up to the commit index.
+    let reached = raftpg_client::progress::wait_caught_up(&tc.client, 4, Duration::from_secs(60))
+        .await
         .unwrap();
+    assert!(reached >= last, "node 4 reached {reached} < {last}");
     tc.assert_identical(&[1, 2, 3, 4, 5]).await.unwrap();
 }

@@ -342,6 +342,15 @@ enum MemberCmd {
         /// Node id.
         id: u64,
     },
+    /// Wait until a member's PostgreSQL has applied the log up to the cluster's commit index
+    /// (after a restart or an upgrade, before touching the next node), showing its progress.
+    Wait {
+        /// Node id.
+        id: u64,
+        /// Longest wait, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
     /// Re-seed a member whose copy differs (as `raftpg check` reports) from a fresh snapshot
     /// of the leader while the cluster keeps serving, then check again. The member must not
     /// be the leader (transfer the leadership first).
@@ -1101,6 +1110,22 @@ async fn main() -> anyhow::Result<()> {
                 println!("wrote {}", chart.display());
             }
         }
+        Cmd::Member(MemberCmd::Wait { id, timeout_secs }) => {
+            let client = connect()?;
+            match raftpg_client::progress::wait_caught_up(
+                &client,
+                id,
+                Duration::from_secs(timeout_secs),
+            )
+            .await
+            {
+                Ok(index) => println!("node {id} has applied the log up to index {index}"),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
         Cmd::Member(MemberCmd::Rebuild { id, timeout_secs }) => {
             let client = connect()?;
             let rebuild = client.rebuild(id, Duration::from_secs(timeout_secs));
@@ -1143,7 +1168,9 @@ async fn main() -> anyhow::Result<()> {
                 MemberCmd::Promote { ids, force } => client.promote_with(&ids, force).await,
                 MemberCmd::Remove { ids } => client.remove(&ids).await,
                 MemberCmd::Transfer { id } => client.transfer_leader(id).await,
-                MemberCmd::Rebuild { .. } => unreachable!("handled above"),
+                MemberCmd::Rebuild { .. } | MemberCmd::Wait { .. } => {
+                    unreachable!("handled above")
+                }
             };
             match r {
                 Ok(r) => {
