@@ -65,6 +65,14 @@ fn series(points: &[Point]) -> BTreeMap<String, Vec<&Point>> {
     by
 }
 
+/// One panel: where it is drawn, its caption, the top of its y axis, the value it plots.
+type Panel<'a, 'b> = (
+    &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    &'static str,
+    f64,
+    fn(&Point) -> f64,
+);
+
 /// Draws `points` into the SVG file `path` (two panels: ops/s and p99 ms against clients,
 /// clients on a log scale). `title` heads the chart.
 pub fn write_svg(points: &[Point], path: &Path, title: &str) -> anyhow::Result<()> {
@@ -84,7 +92,7 @@ pub fn write_svg(points: &[Point], path: &Path, title: &str) -> anyhow::Result<(
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 22))?;
     let (left, right) = root.split_horizontally(600);
-    let panels: [(&DrawingArea<SVGBackend, _>, &str, f64, fn(&Point) -> f64); 2] = [
+    let panels: [Panel<'_, '_>; 2] = [
         (&left, "writes/s (higher is better)", ops_max * 1.1, |p| {
             p.ops_per_sec
         }),
