@@ -138,9 +138,16 @@ pub async fn run_schedule(
     let mut done = 0u64;
     loop {
         ticks.tick().await;
+        // Milliseconds in the name: two backups never share one, and names sort by time.
+        let now = SystemTime::now();
+        let millis = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_millis())
+            .unwrap_or(0);
+        let stamp = utc_stamp(now);
         let path = dir.join(format!(
-            "{SCHEDULED_PREFIX}{}{SCHEDULED_SUFFIX}",
-            utc_stamp(SystemTime::now())
+            "{SCHEDULED_PREFIX}{}.{millis:03}Z{SCHEDULED_SUFFIX}",
+            stamp.trim_end_matches('Z')
         ));
         match client.backup(&path, from, prepare).await {
             Ok(h) => {

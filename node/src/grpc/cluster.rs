@@ -15,17 +15,14 @@ use tonic::{Request, Response, Status};
 
 use super::auth;
 use super::convert;
+use super::file_stream::{stream_file, MessageStream};
 use super::status::to_status;
 use super::write::origin_of;
 use crate::service::check::wait_of;
 use crate::service::repair::rebuild_wait;
 use crate::service::{MembershipChange, Service};
 
-/// Size of the parts a backup is streamed in.
-const BACKUP_PART_BYTES: usize = 1024 * 1024;
-
-type BackupStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<BackupPart, Status>> + Send>>;
+type BackupStream = MessageStream<BackupPart>;
 
 /// The cluster service.
 pub struct ClusterService {
@@ -148,40 +145,26 @@ impl Cluster for ClusterService {
             .map_err(to_status)?;
         let header_json = serde_json::to_vec(&source.header)
             .map_err(|e| Status::internal(format!("encoding the backup header: {e}")))?;
-        // The archive in 1 MiB parts, the header with the first, the checksum after the last;
-        // two parts in flight.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<BackupPart, Status>>(2);
-        let mut file = source.archive;
-        tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let mut header_json = Some(header_json);
-            let mut sum = Checksum::default();
-            loop {
-                let mut data = vec![0u8; BACKUP_PART_BYTES];
-                let n = match file.read(&mut data).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::internal(format!("reading the snapshot: {e}"))))
-                            .await;
-                        return;
-                    }
-                };
-                data.truncate(n);
+        // The archive in pieces, the header with the first, the checksum with the last (empty).
+        let mut sum = Checksum::default();
+        Ok(Response::new(stream_file(
+            source.archive,
+            move |data, first| {
                 sum.update(&data);
-                let part = BackupPart {
-                    header_json: header_json.take().unwrap_or_default(),
+                BackupPart {
+                    header_json: if first {
+                        header_json.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    sha256: if data.is_empty() {
+                        sum.hex()
+                    } else {
+                        String::new()
+                    },
                     data,
-                    sha256: if n == 0 { sum.hex() } else { String::new() },
-                };
-                if tx.send(Ok(part)).await.is_err() || n == 0 {
-                    return;
                 }
-            }
-        });
-        Ok(Response::new(Box::pin(futures::stream::unfold(
-            rx,
-            |mut rx| async move { rx.recv().await.map(|p| (p, rx)) },
-        ))))
+            },
+        )))
     }
 }

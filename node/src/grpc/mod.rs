@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod cluster;
 pub mod convert;
+pub mod file_stream;
 pub mod health;
 pub mod peer;
 pub mod peer_auth;

@@ -17,6 +17,7 @@ use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use super::file_stream::{stream_file, MessageStream};
 use super::peer_auth::{speaks_for, PeerAuth};
 use super::status::to_status;
 use crate::command::{NodeId, TypeConfig};
@@ -168,40 +169,14 @@ impl PeerApi for PeerService {
             .map_err(to_status)?;
         let meta_json = serde_json::to_vec(&snapshot.meta)
             .map_err(|e| Status::internal(format!("encoding snapshot metadata: {e}")))?;
-        // The archive in 1 MiB parts, the metadata with the first; two parts in flight.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<SnapshotPart, Status>>(2);
-        let mut file = snapshot.snapshot;
-        tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let mut meta_json = Some(meta_json);
-            loop {
-                let mut data = vec![0u8; SNAPSHOT_PART_BYTES];
-                let n = match file.read(&mut data).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::internal(format!("reading the snapshot: {e}"))))
-                            .await;
-                        return;
-                    }
-                };
-                data.truncate(n);
-                if n == 0 && meta_json.is_none() {
-                    return;
-                }
-                let part = SnapshotPart {
-                    meta_json: meta_json.take().unwrap_or_default(),
-                    data,
-                };
-                if tx.send(Ok(part)).await.is_err() || n == 0 {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(futures::stream::unfold(
-            rx,
-            |mut rx| async move { rx.recv().await.map(|p| (p, rx)) },
-        ))))
+        // The archive in pieces, the metadata with the first.
+        Ok(Response::new(stream_file(
+            *snapshot.snapshot,
+            move |data, first| SnapshotPart {
+                meta_json: if first { meta_json.clone() } else { Vec::new() },
+                data,
+            },
+        )))
     }
 
     async fn mark_diverged(
@@ -217,8 +192,4 @@ impl PeerApi for PeerService {
     }
 }
 
-/// Size of the parts a snapshot is streamed in.
-const SNAPSHOT_PART_BYTES: usize = 1024 * 1024;
-
-type SnapshotStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<SnapshotPart, Status>> + Send>>;
+type SnapshotStream = MessageStream<SnapshotPart>;
