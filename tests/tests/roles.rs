@@ -425,3 +425,137 @@ async fn privileges_and_row_level_security_decide_on_every_node() {
     assert_eq!(counts(&tc, "notes").await, vec![2, 2, 2]);
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }
+
+/// The values of a read's rows as text, or its SQLSTATE.
+async fn read_as(client: &raftpg_client::Client, sql: &str) -> Result<Vec<String>, String> {
+    client
+        .query_sql(sql, vec![], raftpg_client::v1::Consistency::Local)
+        .await
+        .map(|r| {
+            r.rows
+                .iter()
+                .map(|row| {
+                    row.values
+                        .iter()
+                        .map(|v| format!("{:?}", v.kind))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .collect()
+        })
+        .map_err(|e| e.sqlstate().unwrap_or_else(|| e.to_string()))
+}
+
+/// Reads are prepared once per read connection and then run without a `Parse` round trip
+/// (`BEGIN`, the snapshot's applied index, the query and `COMMIT` in one); whatever PostgreSQL
+/// decides when a statement runs still follows every change: a column added, a table replaced
+/// by one of other types, a privilege revoked and granted again, a row-level policy, and the
+/// search path of each session (wire protocol).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_reads_follow_schema_privilege_policy_and_search_path_changes() {
+    let tc = start_cluster_with("prepared_reads", 131, 1, &[])
+        .await
+        .unwrap();
+    let c = &tc.client;
+    run_all(
+        c,
+        &[
+            "CREATE TABLE t (id int PRIMARY KEY, owner text)",
+            "INSERT INTO t VALUES (1, 'ann'), (2, 'bob')",
+            "CREATE ROLE ann LOGIN PASSWORD 'ann-pw'",
+            "GRANT SELECT ON t TO ann",
+        ],
+    )
+    .await;
+    let ann = node_client_as(&tc, 1, "ann", "ann-pw", 1);
+    let sql = "SELECT * FROM t ORDER BY id";
+    // Each expectation is read several times: the first prepares, the others run prepared.
+    let expect = |want: Result<Vec<&'static str>, &'static str>| {
+        let want: Result<Vec<String>, String> = want
+            .map(|v| v.into_iter().map(String::from).collect())
+            .map_err(String::from);
+        want
+    };
+    for _ in 0..5 {
+        assert_eq!(
+            read_as(&ann, sql).await,
+            expect(Ok(vec![
+                "Some(Int64(1)),Some(Text(\"ann\"))",
+                "Some(Int64(2)),Some(Text(\"bob\"))"
+            ]))
+        );
+    }
+    run_all(c, &["ALTER TABLE t ADD COLUMN score int DEFAULT 7"]).await;
+    for _ in 0..3 {
+        assert_eq!(
+            read_as(&ann, sql).await,
+            expect(Ok(vec![
+                "Some(Int64(1)),Some(Text(\"ann\")),Some(Int64(7))",
+                "Some(Int64(2)),Some(Text(\"bob\")),Some(Int64(7))"
+            ]))
+        );
+    }
+    run_all(
+        c,
+        &[
+            "DROP TABLE t",
+            "CREATE TABLE t (id text PRIMARY KEY, owner text)",
+            "INSERT INTO t VALUES ('x', 'ann'), ('y', 'bob')",
+            "GRANT SELECT ON t TO ann",
+        ],
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            read_as(&ann, sql).await,
+            expect(Ok(vec![
+                "Some(Text(\"x\")),Some(Text(\"ann\"))",
+                "Some(Text(\"y\")),Some(Text(\"bob\"))"
+            ]))
+        );
+    }
+    run_all(c, &["REVOKE SELECT ON t FROM ann"]).await;
+    for _ in 0..3 {
+        assert_eq!(read_as(&ann, sql).await, expect(Err("42501")));
+    }
+    run_all(
+        c,
+        &[
+            "GRANT SELECT ON t TO ann",
+            "ALTER TABLE t ENABLE ROW LEVEL SECURITY",
+            "CREATE POLICY own ON t USING (owner = current_user)",
+        ],
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            read_as(&ann, sql).await,
+            expect(Ok(vec!["Some(Text(\"x\")),Some(Text(\"ann\"))"]))
+        );
+        // The table's owner is not subject to its policies.
+        assert_eq!(read_as(c, sql).await.map(|r| r.len()), Ok(2));
+    }
+    // The search path: the same text names another table in each session.
+    run_all(
+        c,
+        &[
+            "CREATE SCHEMA s1",
+            "CREATE SCHEMA s2",
+            "CREATE TABLE s1.u (v text)",
+            "CREATE TABLE s2.u (v int)",
+            "INSERT INTO s1.u VALUES ('one')",
+            "INSERT INTO s2.u VALUES (2)",
+        ],
+    )
+    .await;
+    let w1 = tc.wire(1).await.unwrap();
+    let w2 = tc.wire(1).await.unwrap();
+    w1.batch_execute("SET search_path = s1").await.unwrap();
+    w2.batch_execute("SET search_path = s2").await.unwrap();
+    for _ in 0..3 {
+        let one: String = w1.query_one("SELECT v FROM u", &[]).await.unwrap().get(0);
+        assert_eq!(one, "one");
+        let two: i32 = w2.query_one("SELECT v FROM u", &[]).await.unwrap().get(0);
+        assert_eq!(two, 2);
+    }
+}

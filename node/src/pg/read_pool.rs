@@ -11,6 +11,9 @@
 //! session ends, so a read transaction never outlives its request and never holds locks that
 //! the applier's DDL waits for (the applier runs without `lock_timeout`, by design).
 //!
+//! Each connection keeps the statements prepared on it ([`StatementCache`], bounded), so a read
+//! that comes again costs no `Parse` round trip.
+//!
 //! Every read session also carries server-side time limits as a backstop
 //! ([`READ_DURATION_MAX`] plus slack), should a transaction escape the node's own deadline.
 
@@ -43,11 +46,65 @@ pub enum PoolError {
     Connect(#[from] tokio_postgres::Error),
 }
 
-/// One open read session: the client half and the task driving its socket.
+/// One open read session: the client half, the task driving its socket, and the statements
+/// prepared on it.
 struct Conn {
     client: tokio_postgres::Client,
     /// Aborting it closes the socket; PostgreSQL then ends the session (and its transaction).
     io: JoinHandle<()>,
+    statements: StatementCache,
+}
+
+/// Most statements kept prepared on one read connection.
+pub const STATEMENTS_PER_CONNECTION_MAX: usize = 256;
+
+/// Statements prepared on one connection, keyed by what their user says identifies them (the
+/// SQL text with everything that changes how PostgreSQL parses it: the role, the settings, the
+/// parameter types). Each entry is a statement as prepared and the one that runs it (the same,
+/// or a form that returns some columns as text). At most [`STATEMENTS_PER_CONNECTION_MAX`];
+/// the oldest goes first (dropping a statement closes it on the server).
+#[derive(Default)]
+pub struct StatementCache {
+    entries:
+        std::collections::HashMap<String, (tokio_postgres::Statement, tokio_postgres::Statement)>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl StatementCache {
+    /// The statements stored under `key`.
+    pub fn get(&self, key: &str) -> Option<(tokio_postgres::Statement, tokio_postgres::Statement)> {
+        self.entries.get(key).cloned()
+    }
+
+    /// Stores statements under `key`, making room if needed.
+    pub fn insert(
+        &mut self,
+        key: String,
+        prepared: tokio_postgres::Statement,
+        run: tokio_postgres::Statement,
+    ) {
+        if self.entries.contains_key(&key) {
+            self.entries.insert(key, (prepared, run));
+            return;
+        }
+        while self.entries.len() >= STATEMENTS_PER_CONNECTION_MAX {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.entries.remove(&old);
+                }
+                None => break,
+            }
+        }
+        self.order.push_back(key.clone());
+        self.entries.insert(key, (prepared, run));
+    }
+
+    /// Forgets the statements under `key` (PostgreSQL can no longer run them as prepared).
+    pub fn remove(&mut self, key: &str) {
+        if self.entries.remove(key).is_some() {
+            self.order.retain(|k| k != key);
+        }
+    }
 }
 
 impl Conn {
@@ -125,7 +182,11 @@ impl ReadPool {
             // Errors surface to the client half as a closed connection.
             let _ = connection.await;
         });
-        let conn = Conn { client, io };
+        let conn = Conn {
+            client,
+            io,
+            statements: StatementCache::default(),
+        };
         if let Err(e) = conn.client.batch_execute(&session_settings_sql()).await {
             conn.close();
             return Err(e.into());
@@ -164,6 +225,15 @@ impl PooledClient {
             .as_mut()
             .expect("a pooled client holds a connection until dropped")
             .client
+    }
+
+    /// The connection and the statements prepared on it.
+    pub fn client_and_statements(&mut self) -> (&mut tokio_postgres::Client, &mut StatementCache) {
+        let conn = self
+            .conn
+            .as_mut()
+            .expect("a pooled client holds a connection until dropped");
+        (&mut conn.client, &mut conn.statements)
     }
 
     /// Returns the connection to the pool. Call only when every statement sent on it has

@@ -25,7 +25,7 @@ use super::node::{Route, Service};
 use super::types::{Consistency, Description, Origin, ReadChunk, ReadRequest, SESSION_SETTINGS};
 use crate::auth::authenticator::Principal;
 use crate::command::{ColumnInfo, SqlFailure, SqlValue};
-use crate::pg::read_pool::READ_DURATION_MAX;
+use crate::pg::read_pool::{StatementCache, READ_DURATION_MAX};
 use crate::pg::results::{decode_row, text_forms, text_wrapped, Form};
 use crate::pg::sqlstate::is_deterministic;
 use crate::pg::values;
@@ -374,7 +374,8 @@ async fn read_on_connection(job: &ReadJob<'_>) -> Result<(), ServiceError> {
         .get()
         .await
         .map_err(|e| ServiceError::unavailable(e.to_string(), None))?;
-    match read_in_snapshot(job, pooled.client()).await {
+    let (client, statements) = pooled.client_and_statements();
+    match read_in_snapshot(job, client, statements).await {
         Ok(last) => {
             pooled.release();
             // The client went away if this fails: nobody to tell.
@@ -403,14 +404,23 @@ async fn read_on_connection(job: &ReadJob<'_>) -> Result<(), ServiceError> {
 async fn read_in_snapshot(
     job: &ReadJob<'_>,
     client: &mut tokio_postgres::Client,
+    statements: &mut StatementCache,
 ) -> Result<ReadChunk, ReadStop> {
+    let key = statement_key(job.req);
+    if let Some((stmt, run)) = statements.get(&key) {
+        match read_pipelined(job, client, statements, &stmt, &run).await? {
+            Pipelined::Done(chunk) => return Ok(chunk),
+            Pipelined::Stale => statements.remove(&key),
+            Pipelined::Behind => {}
+        }
+    }
     let mut pause = SNAPSHOT_RETRY_FIRST;
     loop {
         let role = job.req.principal.as_ref().map(|p| p.user.as_str());
         let (tx, applied) = open_snapshot(client, role, &job.req.settings).await?;
         let Some(required) = job.admission.required_index.filter(|r| applied < *r) else {
             job.waiting.clear();
-            return run_in_snapshot(job, tx, applied).await;
+            return run_in_snapshot(job, tx, applied, statements, key).await;
         };
         job.waiting.set(applied, required);
         tx.rollback().await.map_err(pg_stop)?;
@@ -538,6 +548,8 @@ async fn run_in_snapshot(
     job: &ReadJob<'_>,
     tx: tokio_postgres::Transaction<'_>,
     applied: u64,
+    statements: &mut StatementCache,
+    key: String,
 ) -> Result<ReadChunk, ReadStop> {
     let stmt = prepare(&tx, &job.req.sql, &job.req.param_types)
         .await
@@ -545,8 +557,8 @@ async fn run_in_snapshot(
     check_statement(&stmt, job.params)?;
     let columns = columns_of(&stmt);
     let forms = result_forms(&stmt, &job.req.result_formats, &job.req.settings);
-    let stmt = match forms.contains(&Form::Text) {
-        false => stmt,
+    let run = match forms.contains(&Form::Text) {
+        false => stmt.clone(),
         true => {
             let text: Vec<bool> = forms.iter().map(|f| *f == Form::Text).collect();
             let Some(wrapped) = text_wrapped(&job.req.sql, &text) else {
@@ -557,14 +569,29 @@ async fn run_in_snapshot(
                 .map_err(pg_stop)?
         }
     };
+    statements.insert(key, stmt, run.clone());
+    let params = job.params.iter().map(|v| v as &(dyn ToSql + Sync));
+    let stream = tx.query_raw(&run, params).await.map_err(pg_stop)?;
+    let chunk = stream_rows(job, stream, columns, &forms, applied).await?;
+    tx.commit().await.map_err(pg_stop)?;
+    Ok(chunk)
+}
+
+/// Sends the rows of `stream` in chunks to the read's receiver, all but the last, which it
+/// returns.
+async fn stream_rows(
+    job: &ReadJob<'_>,
+    stream: tokio_postgres::RowStream,
+    columns: Vec<ColumnInfo>,
+    forms: &[Form],
+    applied: u64,
+) -> Result<ReadChunk, ReadStop> {
     let mut chunk = ReadChunk {
         columns,
         rows: Vec::new(),
         applied_index: applied,
         node_id: job.svc.id,
     };
-    let params = job.params.iter().map(|v| v as &(dyn ToSql + Sync));
-    let stream = tx.query_raw(&stmt, params).await.map_err(pg_stop)?;
     futures::pin_mut!(stream);
     let (mut total, mut chunk_bytes) = (0usize, 0usize);
     // A PostgreSQL error ends the statement (the connection stays clean); anything else that
@@ -573,7 +600,7 @@ async fn run_in_snapshot(
         if total >= job.limit {
             return Err(ReadStop::Abandoned(Some(too_many_rows(job.limit))));
         }
-        let r = decode_row(&row, &forms, &chunk.columns).map_err(|e| {
+        let r = decode_row(&row, forms, &chunk.columns).map_err(|e| {
             ReadStop::Abandoned(Some(ServiceError::refused(
                 ErrorKind::Unsupported,
                 "0A000",
@@ -599,8 +626,166 @@ async fn run_in_snapshot(
             chunk_bytes = 0;
         }
     }
-    tx.commit().await.map_err(pg_stop)?;
     Ok(chunk)
+}
+
+/// How a pipelined read ended.
+enum Pipelined {
+    /// It ran; the last chunk (the others were sent).
+    Done(ReadChunk),
+    /// Its snapshot did not hold the index the read requires (PostgreSQL lost commits in a
+    /// crash): nothing was sent; wait and look again.
+    Behind,
+    /// PostgreSQL can no longer run the prepared statement as prepared (its result columns
+    /// changed): nothing was sent; prepare it again.
+    Stale,
+}
+
+/// The key of a read's statements in its connection's cache: everything that changes how
+/// PostgreSQL parses and describes it (the role resolves `$user` in the search path and needs
+/// USAGE on the schemas it names; settings; parameter types; the result formats, which decide
+/// the form that runs).
+fn statement_key(req: &ReadRequest) -> String {
+    let role = req
+        .principal
+        .as_ref()
+        .map(|p| p.user.as_str())
+        .unwrap_or("");
+    format!(
+        "{role}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{}",
+        req.settings, req.param_types, req.result_formats, req.sql
+    )
+}
+
+/// The statement that reads the applied index (and, with a role, switches to it), prepared
+/// once per connection.
+async fn applied_statement(
+    client: &tokio_postgres::Client,
+    statements: &mut StatementCache,
+    role: bool,
+) -> Result<tokio_postgres::Statement, ReadStop> {
+    let (key, sql) = match role {
+        false => ("\u{0}applied", "SELECT log_index FROM raftpg.applied"),
+        true => (
+            "\u{0}applied-as",
+            "SELECT log_index, pg_catalog.set_config('role', $1, true) FROM raftpg.applied",
+        ),
+    };
+    if let Some((stmt, _)) = statements.get(key) {
+        return Ok(stmt);
+    }
+    let stmt = client.prepare(sql).await.map_err(pg_stop)?;
+    statements.insert(key.to_string(), stmt.clone(), stmt.clone());
+    Ok(stmt)
+}
+
+/// The statement that applies `n` session settings, prepared once per connection per `n`.
+async fn settings_statement(
+    client: &tokio_postgres::Client,
+    statements: &mut StatementCache,
+    sql: &str,
+    n: usize,
+) -> Result<tokio_postgres::Statement, ReadStop> {
+    let key = format!("\u{0}settings-{n}");
+    if let Some((stmt, _)) = statements.get(&key) {
+        return Ok(stmt);
+    }
+    let stmt = client
+        .prepare_typed(sql, &vec![Type::TEXT; 2 * n])
+        .await
+        .map_err(pg_stop)?;
+    statements.insert(key, stmt.clone(), stmt.clone());
+    Ok(stmt)
+}
+
+/// A read whose statements are prepared on this connection, in one round trip: `BEGIN`, the
+/// applied index (and the role switch), the settings and the query are sent together, and
+/// `COMMIT` right after, before the rows are read; the rows are sent only once the snapshot is
+/// known to hold the index the read requires. Same transaction, same checks as the step-by-step
+/// path ([`open_snapshot`], [`run_in_snapshot`]), four round trips fewer.
+async fn read_pipelined(
+    job: &ReadJob<'_>,
+    client: &tokio_postgres::Client,
+    statements: &mut StatementCache,
+    stmt: &tokio_postgres::Statement,
+    run: &tokio_postgres::Statement,
+) -> Result<Pipelined, ReadStop> {
+    check_statement(stmt, job.params)?;
+    let role = job.req.principal.as_ref().map(|p| p.user.as_str());
+    let applied_stmt = applied_statement(client, statements, role.is_some()).await?;
+    let settings = match job.req.settings.is_empty() {
+        true => None,
+        false => {
+            let (sql, values) = set_settings_sql(&job.req.settings)?;
+            let stmt = settings_statement(client, statements, &sql, values.len() / 2).await?;
+            Some((stmt, values))
+        }
+    };
+    let columns = columns_of(stmt);
+    let forms = result_forms(stmt, &job.req.result_formats, &job.req.settings);
+    let begin = client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
+    let applied = async {
+        match role {
+            Some(role) => client.query_one(&applied_stmt, &[&role]).await,
+            None => client.query_one(&applied_stmt, &[]).await,
+        }
+    };
+    let set = async {
+        match &settings {
+            Some((stmt, values)) => {
+                let values: Vec<&(dyn ToSql + Sync)> =
+                    values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+                client.query_one(stmt, &values).await.map(|_| ())
+            }
+            None => Ok(()),
+        }
+    };
+    let params = job.params.iter().map(|v| v as &(dyn ToSql + Sync));
+    let rows = client.query_raw(run, params);
+    // One poll sends all four, in this order.
+    let (begun, applied, set, rows) = futures::join!(begin, applied, set, rows);
+    // Polled once so that it is sent now; it may finish then already (a closed connection).
+    let commit = futures::future::maybe_done(client.batch_execute("COMMIT"));
+    futures::pin_mut!(commit);
+    let _ = futures::poll!(commit.as_mut());
+    // COMMIT of a transaction a statement failed in rolls it back: the connection is clean
+    // once it is answered.
+    let failed = match (begun, applied, set, rows) {
+        (Ok(()), Ok(applied), Ok(()), Ok(rows)) => Ok((applied, rows)),
+        (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => Err(e),
+    };
+    let (applied, rows) = match failed {
+        Ok(ok) => ok,
+        Err(e) => {
+            finish(commit).await.map_err(pg_stop)?;
+            let stale = e
+                .as_db_error()
+                .is_some_and(|d| d.routine() == Some("RevalidateCachedQuery"));
+            return match stale {
+                true => Ok(Pipelined::Stale),
+                false => Err(pg_stop(e)),
+            };
+        }
+    };
+    let applied = u64::try_from(applied.get::<_, i64>(0)).unwrap_or(0);
+    if job.admission.required_index.is_some_and(|r| applied < r) {
+        drop(rows);
+        finish(commit).await.map_err(pg_stop)?;
+        return Ok(Pipelined::Behind);
+    }
+    job.waiting.clear();
+    let chunk = stream_rows(job, rows, columns, &forms, applied).await?;
+    finish(commit).await.map_err(pg_stop)?;
+    Ok(Pipelined::Done(chunk))
+}
+
+/// The result of a request already sent (and maybe already answered).
+async fn finish<F: std::future::Future>(
+    mut sent: std::pin::Pin<&mut futures::future::MaybeDone<F>>,
+) -> F::Output {
+    sent.as_mut().await;
+    sent.take_output()
+        .expect("a MaybeDone that was awaited holds its output")
 }
 
 /// The result columns of a prepared statement, with this node's type OIDs.
