@@ -83,8 +83,8 @@ impl StatementCache {
         prepared: tokio_postgres::Statement,
         run: tokio_postgres::Statement,
     ) {
-        if self.entries.contains_key(&key) {
-            self.entries.insert(key, (prepared, run));
+        if let Some(entry) = self.entries.get_mut(&key) {
+            *entry = (prepared, run);
             return;
         }
         while self.entries.len() >= STATEMENTS_PER_CONNECTION_MAX {
