@@ -116,7 +116,7 @@ impl Service {
                 ),
             ));
         }
-        gate::check_read(&req.sql).map_err(|r| {
+        gate::check_read_cached(&req.sql).map_err(|r| {
             ServiceError::refused(ErrorKind::InvalidArgument, r.sqlstate, r.message)
         })?;
         let required_index = match req.consistency.clone()? {

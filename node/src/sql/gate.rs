@@ -1524,6 +1524,37 @@ fn check_read_calls(tree: &serde_json::Value) -> Result<(), Refusal> {
     refusal.map_or(Ok(()), Err)
 }
 
+/// Most read verdicts [`check_read_cached`] remembers.
+const READ_VERDICTS_MAX: usize = 4096;
+
+/// Longest read text whose verdict is remembered (longer reads are checked every time).
+const READ_VERDICT_SQL_MAX: usize = 4096;
+
+/// Verdicts of [`check_read`] by SQL text: the check depends on the text alone (parsing it,
+/// the function catalog compiled into the node), so a read that comes again is not parsed
+/// again. Bounded: emptied when full.
+static READ_VERDICTS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, Result<(), Refusal>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// [`check_read`], remembering the verdicts of short texts (see [`READ_VERDICTS`]).
+pub fn check_read_cached(sql: &str) -> Result<(), Refusal> {
+    if sql.len() > READ_VERDICT_SQL_MAX {
+        return check_read(sql);
+    }
+    let lock = || READ_VERDICTS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(verdict) = lock().get(sql) {
+        return verdict.clone();
+    }
+    let verdict = check_read(sql);
+    let mut verdicts = lock();
+    if verdicts.len() >= READ_VERDICTS_MAX {
+        verdicts.clear();
+    }
+    verdicts.insert(sql.to_string(), verdict.clone());
+    verdict
+}
+
 /// Checks the SQL of a read: only queries are allowed.
 pub fn check_read(sql: &str) -> Result<(), Refusal> {
     let (parsed, tree) = parse(sql)?;
@@ -1546,6 +1577,21 @@ mod tests {
 
     fn check_write(sql: &str) -> Result<(), Refusal> {
         prepare_write(sql).map(|_| ())
+    }
+
+    #[test]
+    fn remembered_read_verdicts_are_the_verdicts() {
+        for sql in [
+            "SELECT 1",
+            "DELETE FROM t",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT 1",
+            "DELETE FROM t",
+        ] {
+            assert_eq!(check_read_cached(sql), check_read(sql), "{sql}");
+        }
+        let long = format!("SELECT 1 -- {}", "x".repeat(READ_VERDICT_SQL_MAX));
+        assert_eq!(check_read_cached(&long), Ok(()));
     }
 
     #[test]
