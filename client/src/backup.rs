@@ -152,8 +152,13 @@ pub async fn run_schedule(
         match client.backup(&path, from, prepare).await {
             Ok(h) => {
                 println!("{}: {}", path.display(), describe(&h));
-                for old in prune(dir, keep)? {
-                    println!("removed {} (keeping {keep})", old.display());
+                match prune(dir, keep) {
+                    Ok(removed) => {
+                        for old in removed {
+                            println!("removed {} (keeping {keep})", old.display());
+                        }
+                    }
+                    Err(e) => eprintln!("error: removing old backups in {}: {e}", dir.display()),
                 }
             }
             Err(e) => eprintln!("error: backup to {} failed: {e}", path.display()),

@@ -217,6 +217,8 @@ pub struct Applier {
     /// The open transaction ran DDL: statements cached since may refer to objects that a
     /// rollback takes away.
     ddl_in_transaction: bool,
+    /// A transaction that ran DDL committed since [`Applier::take_committed_ddl`] last looked.
+    committed_ddl: bool,
 }
 
 /// Where a write's switch to its role ([`WriteCommand::user`]) is made.
@@ -294,6 +296,7 @@ impl Applier {
             client,
             cache: HashMap::new(),
             ddl_in_transaction: false,
+            committed_ddl: false,
         })
     }
 
@@ -404,9 +407,14 @@ impl Applier {
         finished?;
         committed?;
         if end.is_some() {
-            self.ddl_in_transaction = false;
+            self.committed_ddl |= std::mem::take(&mut self.ddl_in_transaction);
         }
         Ok(())
+    }
+
+    /// Whether a transaction that ran DDL committed since the last call.
+    pub fn take_committed_ddl(&mut self) -> bool {
+        std::mem::take(&mut self.committed_ddl)
     }
 
     /// Sends the end of the last entry's savepoint (if still open) and the outcomes to record.

@@ -58,11 +58,16 @@ pub async fn seed_if_new(
     log: &LogStore,
     snapshots: &SnapshotStore,
 ) -> anyhow::Result<()> {
-    let header = backup::read_header(backup_file)?;
     let record_path = data_dir.join(RECORD);
     if let Ok(bytes) = std::fs::read(&record_path) {
         let record: Record = serde_json::from_slice(&bytes)
             .with_context(|| format!("reading {}", record_path.display()))?;
+        // Seeded already: the file is not needed any more (it may have been pruned).
+        let Ok(header) = backup::read_header(backup_file) else {
+            info!(node = node_id, index = record.log_index, file = %backup_file.display(),
+                  "seeded from a backup already; the file given now is not readable, and not needed");
+            return Ok(());
+        };
         if record.sha256 != header.sha256 {
             bail!(
                 "{} was seeded from another backup ({}, log index {}); --restore-from seeds only a new node: start it without --restore-from, or with an empty --data-dir",
@@ -78,9 +83,14 @@ pub async fn seed_if_new(
         );
         return Ok(());
     }
+    let header = backup::read_header(backup_file)?;
     let mut log = log.clone();
     let state = log.get_log_state().await?;
-    if state.last_log_id.is_some() || log.read_vote().await?.is_some() {
+    // A vote in the backup's term for this node and an empty log: an earlier seeding from this
+    // file stopped before its record was written; it is done again.
+    let own_seed_vote = Vote::new(header.log_term, node_id);
+    let vote = log.read_vote().await?;
+    if state.last_log_id.is_some() || vote.is_some_and(|v| v != own_seed_vote) {
         bail!(
             "{} holds a node's Raft state already; --restore-from seeds only a new node (a restore cannot roll back a live one): start it without --restore-from, or with an empty --data-dir",
             data_dir.display()

@@ -53,6 +53,8 @@ pub struct ApplierStatus {
     members: Mutex<std::collections::BTreeSet<NodeId>>,
     /// Fast runs abandoned since start (see [`ApplierStatus::fast_runs_abandoned`]).
     fast_runs_abandoned: std::sync::atomic::AtomicU64,
+    /// See [`ApplierStatus::schema_epoch`].
+    schema_epoch: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -68,6 +70,18 @@ struct StatusState {
 const STUCK_LOG_EVERY: Duration = Duration::from_secs(60);
 
 impl ApplierStatus {
+    /// A number that grows whenever the database's schema may have changed: a batch that ran
+    /// DDL committed, or a snapshot was installed. Statements prepared before it grew (the read
+    /// pool's) are prepared again.
+    pub fn schema_epoch(&self) -> u64 {
+        self.schema_epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn schema_changed(&self) {
+        self.schema_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     /// How many fast runs were abandoned (and applied again the careful way) since the node
     /// started: a write failing in one is expected; a run that failed without one would be
     /// the fast path's own cost.
@@ -473,6 +487,13 @@ impl StateMachineCore {
             .ok_or(EnvError::NotConnected)?
             .flush(pending, Some(&end))
             .await?;
+        if self
+            .applier
+            .as_mut()
+            .is_some_and(|a| a.take_committed_ddl())
+        {
+            self.status.schema_changed();
+        }
         self.applied = Some(last);
         self.applied_writes = writes;
         self.status.set_members(&membership);
@@ -786,6 +807,8 @@ impl StateMachineCore {
         snapshot: Box<tokio::fs::File>,
         replace: bool,
     ) -> Result<(), StorageError<NodeId>> {
+        // The database is replaced: statements prepared on the old one are not to be trusted.
+        self.status.schema_changed();
         snapshot
             .sync_all()
             .await

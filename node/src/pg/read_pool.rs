@@ -55,36 +55,68 @@ struct Conn {
     statements: StatementCache,
 }
 
+impl Conn {
+    /// Ends the session now, whatever it is doing.
+    fn close(self) {
+        self.io.abort();
+    }
+}
+
 /// Most statements kept prepared on one read connection.
 pub const STATEMENTS_PER_CONNECTION_MAX: usize = 256;
 
 /// Statements prepared on one connection, keyed by what their user says identifies them (the
 /// SQL text with everything that changes how PostgreSQL parses it: the role, the settings, the
 /// parameter types). Each entry is a statement as prepared and the one that runs it (the same,
-/// or a form that returns some columns as text). At most [`STATEMENTS_PER_CONNECTION_MAX`];
-/// the oldest goes first (dropping a statement closes it on the server).
+/// or a form that returns some columns as text), with the schema epoch it was prepared in: an
+/// entry of another epoch is never handed out (the schema may have changed since, in ways a
+/// prepared statement does not notice). At most [`STATEMENTS_PER_CONNECTION_MAX`]; the oldest
+/// goes first (dropping a statement closes it on the server).
 #[derive(Default)]
 pub struct StatementCache {
-    entries:
-        std::collections::HashMap<String, (tokio_postgres::Statement, tokio_postgres::Statement)>,
+    entries: std::collections::HashMap<String, CachedStatements>,
     order: std::collections::VecDeque<String>,
 }
 
+/// One entry of a [`StatementCache`].
+struct CachedStatements {
+    prepared: tokio_postgres::Statement,
+    run: tokio_postgres::Statement,
+    epoch: u64,
+}
+
 impl StatementCache {
-    /// The statements stored under `key`.
-    pub fn get(&self, key: &str) -> Option<(tokio_postgres::Statement, tokio_postgres::Statement)> {
-        self.entries.get(key).cloned()
+    /// The statements stored under `key` if they were prepared in schema epoch `epoch`.
+    pub fn get(
+        &mut self,
+        key: &str,
+        epoch: u64,
+    ) -> Option<(tokio_postgres::Statement, tokio_postgres::Statement)> {
+        match self.entries.get(key) {
+            Some(e) if e.epoch == epoch => Some((e.prepared.clone(), e.run.clone())),
+            Some(_) => {
+                self.remove(key);
+                None
+            }
+            None => None,
+        }
     }
 
-    /// Stores statements under `key`, making room if needed.
+    /// Stores statements prepared in schema epoch `epoch` under `key`, making room if needed.
     pub fn insert(
         &mut self,
         key: String,
         prepared: tokio_postgres::Statement,
         run: tokio_postgres::Statement,
+        epoch: u64,
     ) {
-        if let Some(entry) = self.entries.get_mut(&key) {
-            *entry = (prepared, run);
+        let entry = CachedStatements {
+            prepared,
+            run,
+            epoch,
+        };
+        if let Some(old) = self.entries.get_mut(&key) {
+            *old = entry;
             return;
         }
         while self.entries.len() >= STATEMENTS_PER_CONNECTION_MAX {
@@ -96,7 +128,7 @@ impl StatementCache {
             }
         }
         self.order.push_back(key.clone());
-        self.entries.insert(key, (prepared, run));
+        self.entries.insert(key, entry);
     }
 
     /// Forgets the statements under `key` (PostgreSQL can no longer run them as prepared).
@@ -104,13 +136,6 @@ impl StatementCache {
         if self.entries.remove(key).is_some() {
             self.order.retain(|k| k != key);
         }
-    }
-}
-
-impl Conn {
-    /// Ends the session now, whatever it is doing.
-    fn close(self) {
-        self.io.abort();
     }
 }
 

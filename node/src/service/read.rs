@@ -406,21 +406,26 @@ async fn read_in_snapshot(
     client: &mut tokio_postgres::Client,
     statements: &mut StatementCache,
 ) -> Result<ReadChunk, ReadStop> {
+    // Read before preparing: a schema change while it prepares makes the entry stale.
+    let epoch = job.svc.applier.schema_epoch();
     let key = statement_key(job.req);
-    if let Some((stmt, run)) = statements.get(&key) {
-        match read_pipelined(job, client, statements, &stmt, &run).await? {
-            Pipelined::Done(chunk) => return Ok(chunk),
-            Pipelined::Stale => statements.remove(&key),
-            Pipelined::Behind => {}
+    if let Some(key) = &key {
+        if let Some((stmt, run)) = statements.get(key, epoch) {
+            match read_pipelined(job, client, statements, &stmt, &run).await? {
+                Pipelined::Done(chunk) => return Ok(chunk),
+                Pipelined::Again => statements.remove(key),
+                Pipelined::Behind => {}
+            }
         }
     }
+    let cache = key.map(|k| (k, epoch));
     let mut pause = SNAPSHOT_RETRY_FIRST;
     loop {
         let role = job.req.principal.as_ref().map(|p| p.user.as_str());
         let (tx, applied) = open_snapshot(client, role, &job.req.settings).await?;
         let Some(required) = job.admission.required_index.filter(|r| applied < *r) else {
             job.waiting.clear();
-            return run_in_snapshot(job, tx, applied, statements, key).await;
+            return run_in_snapshot(job, tx, applied, statements, cache).await;
         };
         job.waiting.set(applied, required);
         tx.rollback().await.map_err(pg_stop)?;
@@ -549,7 +554,7 @@ async fn run_in_snapshot(
     tx: tokio_postgres::Transaction<'_>,
     applied: u64,
     statements: &mut StatementCache,
-    key: String,
+    cache: Option<(String, u64)>,
 ) -> Result<ReadChunk, ReadStop> {
     let stmt = prepare(&tx, &job.req.sql, &job.req.param_types)
         .await
@@ -569,7 +574,9 @@ async fn run_in_snapshot(
                 .map_err(pg_stop)?
         }
     };
-    statements.insert(key, stmt, run.clone());
+    if let Some((key, epoch)) = cache {
+        statements.insert(key, stmt, run.clone(), epoch);
+    }
     let params = job.params.iter().map(|v| v as &(dyn ToSql + Sync));
     let stream = tx.query_raw(&run, params).await.map_err(pg_stop)?;
     let chunk = stream_rows(job, stream, columns, &forms, applied).await?;
@@ -636,25 +643,35 @@ enum Pipelined {
     /// Its snapshot did not hold the index the read requires (PostgreSQL lost commits in a
     /// crash): nothing was sent; wait and look again.
     Behind,
-    /// PostgreSQL can no longer run the prepared statement as prepared (its result columns
-    /// changed): nothing was sent; prepare it again.
-    Stale,
+    /// The query failed as prepared (its result columns changed, or anything else: a parameter
+    /// type PostgreSQL inferred before a schema change): nothing was sent; prepare it again and
+    /// run it step by step, which answers the error if it is the query's own.
+    Again,
 }
+
+/// Longest read text whose statements a connection keeps prepared.
+const CACHED_SQL_MAX: usize = 4096;
+
+/// Schema epoch of raftpg's own statements (`raftpg.applied` does not change).
+const INTERNAL_EPOCH: u64 = 0;
 
 /// The key of a read's statements in its connection's cache: everything that changes how
 /// PostgreSQL parses and describes it (the role resolves `$user` in the search path and needs
 /// USAGE on the schemas it names; settings; parameter types; the result formats, which decide
-/// the form that runs).
-fn statement_key(req: &ReadRequest) -> String {
+/// the form that runs). `None` for a text too long to keep ([`CACHED_SQL_MAX`]).
+fn statement_key(req: &ReadRequest) -> Option<String> {
+    if req.sql.len() > CACHED_SQL_MAX {
+        return None;
+    }
     let role = req
         .principal
         .as_ref()
         .map(|p| p.user.as_str())
         .unwrap_or("");
-    format!(
+    Some(format!(
         "{role}\u{0}{:?}\u{0}{:?}\u{0}{:?}\u{0}{}",
         req.settings, req.param_types, req.result_formats, req.sql
-    )
+    ))
 }
 
 /// The statement that reads the applied index (and, with a role, switches to it), prepared
@@ -671,11 +688,11 @@ async fn applied_statement(
             "SELECT log_index, pg_catalog.set_config('role', $1, true) FROM raftpg.applied",
         ),
     };
-    if let Some((stmt, _)) = statements.get(key) {
+    if let Some((stmt, _)) = statements.get(key, INTERNAL_EPOCH) {
         return Ok(stmt);
     }
     let stmt = client.prepare(sql).await.map_err(pg_stop)?;
-    statements.insert(key.to_string(), stmt.clone(), stmt.clone());
+    statements.insert(key.to_string(), stmt.clone(), stmt.clone(), INTERNAL_EPOCH);
     Ok(stmt)
 }
 
@@ -687,22 +704,23 @@ async fn settings_statement(
     n: usize,
 ) -> Result<tokio_postgres::Statement, ReadStop> {
     let key = format!("\u{0}settings-{n}");
-    if let Some((stmt, _)) = statements.get(&key) {
+    if let Some((stmt, _)) = statements.get(&key, INTERNAL_EPOCH) {
         return Ok(stmt);
     }
     let stmt = client
         .prepare_typed(sql, &vec![Type::TEXT; 2 * n])
         .await
         .map_err(pg_stop)?;
-    statements.insert(key, stmt.clone(), stmt.clone());
+    statements.insert(key, stmt.clone(), stmt.clone(), INTERNAL_EPOCH);
     Ok(stmt)
 }
 
-/// A read whose statements are prepared on this connection, in one round trip: `BEGIN`, the
+/// A read whose statements are prepared on this connection, pipelined: `BEGIN`, the
 /// applied index (and the role switch), the settings and the query are sent together, and
 /// `COMMIT` right after, before the rows are read; the rows are sent only once the snapshot is
 /// known to hold the index the read requires. Same transaction, same checks as the step-by-step
-/// path ([`open_snapshot`], [`run_in_snapshot`]), four round trips fewer.
+/// path ([`open_snapshot`], [`run_in_snapshot`]): two round trips (`COMMIT` goes out once the
+/// query is bound) instead of six.
 async fn read_pipelined(
     job: &ReadJob<'_>,
     client: &tokio_postgres::Client,
@@ -750,20 +768,21 @@ async fn read_pipelined(
     let _ = futures::poll!(commit.as_mut());
     // COMMIT of a transaction a statement failed in rolls it back: the connection is clean
     // once it is answered.
+    // An error of raftpg's own statements is answered; an error of the query as prepared is
+    // looked at again step by step (`Pipelined::Again`).
     let failed = match (begun, applied, set, rows) {
         (Ok(()), Ok(applied), Ok(()), Ok(rows)) => Ok((applied, rows)),
-        (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => Err(e),
+        (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) => Err(Some(e)),
+        (.., Err(e)) if e.as_db_error().is_some() => Err(None),
+        (.., Err(e)) => Err(Some(e)),
     };
     let (applied, rows) = match failed {
         Ok(ok) => ok,
         Err(e) => {
             finish(commit).await.map_err(pg_stop)?;
-            let stale = e
-                .as_db_error()
-                .is_some_and(|d| d.routine() == Some("RevalidateCachedQuery"));
-            return match stale {
-                true => Ok(Pipelined::Stale),
-                false => Err(pg_stop(e)),
+            return match e {
+                None => Ok(Pipelined::Again),
+                Some(e) => Err(pg_stop(e)),
             };
         }
     };
