@@ -323,13 +323,7 @@ async fn bench_raftpg(
         return Ok(());
     }
     if spec.reads {
-        let c = spec
-            .clients
-            .iter()
-            .copied()
-            .filter(|c| *c <= 32)
-            .max()
-            .unwrap_or(8);
+        let c = read_clients(spec);
         let rows = admin
             .query_sql(
                 "SELECT count(*) FROM bench_ins",
@@ -676,7 +670,67 @@ async fn bench_sr(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result<(
         .iter()
         .filter_map(|d| postmaster_pid(d))
         .collect();
-    bench_postgres("sr", p0, &pids, spec, points).await
+    bench_postgres("sr", p0, &pids, spec, points).await?;
+    if spec.reads {
+        bench_standby_reads(p1, &pids, spec, points).await?;
+    }
+    Ok(())
+}
+
+/// The read a user of streaming replication does: point selects by id, prepared, straight
+/// into a standby (`sr-standby-read`), at the client count raftpg's reads use. raftpg's read
+/// points are printed with their ratio to it.
+async fn bench_standby_reads(
+    port: u16,
+    pids: &[i32],
+    spec: &BenchSpec,
+    points: &mut Vec<Point>,
+) -> anyhow::Result<()> {
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM bench_ins", &[])
+        .await?
+        .get(0);
+    let rows = rows.max(1) as u64;
+    let c = read_clients(spec);
+    let mut conns = Vec::new();
+    for _ in 0..c {
+        let (cl, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let st = cl
+            .prepare("SELECT payload FROM bench_ins WHERE id = $1")
+            .await?;
+        conns.push(Arc::new((cl, st)));
+    }
+    let p = drive(
+        "sr-standby-read",
+        c,
+        spec.seconds.min(10),
+        pids,
+        move |i, n| {
+            let cs = conns[i].clone();
+            async move {
+                let id = ((n * 7919 + i as u64) % rows + 1) as i64;
+                cs.0.query_opt(&cs.1, &[&id]).await.is_ok()
+            }
+        },
+    )
+    .await;
+    print_point(&p, points);
+    points.push(p);
+    Ok(())
+}
+
+/// The client count of the read points: the largest of `--clients` up to 32.
+fn read_clients(spec: &BenchSpec) -> usize {
+    spec.clients
+        .iter()
+        .copied()
+        .filter(|c| *c <= 32)
+        .max()
+        .unwrap_or(8)
 }
 
 async fn bench_solo(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result<()> {
@@ -706,8 +760,12 @@ fn print_point(p: &Point, earlier: &[Point]) {
         .filter(|q| {
             q.clients == p.clients
                 && q.system != p.system
-                && (is_peer(&q.system) || (p.system == "raftpg-pg" && q.system == "raftpg"))
-                && is_raftpg_write(&p.system)
+                && ((is_peer(&q.system) && !q.system.ends_with("-read")
+                    || (p.system == "raftpg-pg" && q.system == "raftpg"))
+                    && is_raftpg_write(&p.system)
+                    || q.system == "sr-standby-read"
+                        && p.system.starts_with("raftpg-")
+                        && p.system.contains("-read-"))
         })
         .map(|q| {
             format!(
