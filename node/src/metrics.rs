@@ -70,6 +70,9 @@ pub struct Metrics {
     pub reads: IntCounterVec,
     /// Time to answer a read (seconds), by consistency.
     pub read_seconds: HistogramVec,
+    /// Reads run, by how (`direct`: one statement; `pipelined`: in a transaction, statements
+    /// prepared before; `prepared`: prepared now, step by step). See `service::read`.
+    pub read_paths: IntCounterVec,
     /// Requests refused by a limit, by the limit's SQLSTATE (54000 size, 53300 too many, …).
     pub refused: IntCounterVec,
     /// Errors answered, by SQLSTATE class (the first two characters).
@@ -169,6 +172,11 @@ impl Metrics {
                 &["consistency"],
             )
             .expect("a valid metric"),
+            read_paths: counter_vec(
+                "raftpg_read_paths_total",
+                "Reads run by this node, by how: direct (one statement), pipelined (in a transaction), prepared (statement prepared first).",
+                &["path"],
+            ),
             refused: counter_vec(
                 "raftpg_refused_total",
                 "Requests refused by a limit, by SQLSTATE.",
@@ -244,6 +252,7 @@ impl Metrics {
             Box::new(m.write_seconds.clone()),
             Box::new(m.reads.clone()),
             Box::new(m.read_seconds.clone()),
+            Box::new(m.read_paths.clone()),
             Box::new(m.refused.clone()),
             Box::new(m.errors.clone()),
             Box::new(m.proposal_writes.clone()),

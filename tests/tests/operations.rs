@@ -103,19 +103,26 @@ async fn every_node_serves_metrics_and_probes_that_follow_the_cluster() {
         .await
         .expect_err("over the request size limit");
     assert_eq!(e.sqlstate().as_deref(), Some("54000"), "{e}");
+    // Three reads per node: the first prepares its statement, the next run it directly (one
+    // statement, no transaction: the connection knows PostgreSQL holds the index).
     for id in 1..=3u64 {
-        c.query_node(
-            (id - 1) as usize,
-            QueryRequest {
-                sql: "SELECT count(*) FROM ops".into(),
-                consistency: Consistency::AtLeast as i32,
-                min_index: last,
-                timeout_ms: 5_000,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        for _ in 0..3 {
+            let r = c
+                .query_node(
+                    (id - 1) as usize,
+                    QueryRequest {
+                        sql: "SELECT count(*) FROM ops".into(),
+                        consistency: Consistency::AtLeast as i32,
+                        min_index: last,
+                        timeout_ms: 5_000,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            assert!(r.applied_index >= last, "{r:?}");
+            assert_eq!(r.rows.len(), 1);
+        }
     }
     let after: Vec<String> = futures_join(&scrape).await;
     let l = &after[(leader - 1) as usize];
@@ -188,6 +195,12 @@ async fn every_node_serves_metrics_and_probes_that_follow_the_cluster() {
                 >= 1.0,
             "node {id}\n{text}"
         );
+        for path in ["prepared", "direct"] {
+            let n = |t: &str| {
+                metric(t, &format!("raftpg_read_paths_total{{path=\"{path}\"}}")).unwrap_or(0.0)
+            };
+            assert!(n(text) > n(&before[i]), "node {id}: no {path} read\n{text}");
+        }
         if id == 3 {
             assert_dashboard_series_exist(&after);
         }

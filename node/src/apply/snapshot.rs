@@ -580,6 +580,8 @@ impl SnapshotStore {
                     "--format=custom".into(),
                     format!("--snapshot={snapshot_name}"),
                     "--compress=1".into(),
+                    // A node's own incarnation token (state_machine::Held) never travels.
+                    "--exclude-table-data=raftpg.incarnation".into(),
                     "-f".into(),
                     building.display().to_string(),
                 ],

@@ -55,6 +55,27 @@ pub struct ApplierStatus {
     fast_runs_abandoned: std::sync::atomic::AtomicU64,
     /// See [`ApplierStatus::schema_epoch`].
     schema_epoch: std::sync::atomic::AtomicU64,
+    /// See [`ApplierStatus::held`].
+    held: Mutex<Option<Held>>,
+}
+
+/// What this node's PostgreSQL holds, as the applier knows it: every batch up to `index` is
+/// committed in the PostgreSQL incarnation whose `raftpg.incarnation` table holds `token`.
+///
+/// The applier writes a fresh random token into that unlogged table each time it connects
+/// (after reading the applied index there), and raises `index` after each commit. PostgreSQL
+/// empties unlogged tables in crash recovery, the only way it loses commits (the applier
+/// commits with `synchronous_commit = off`), and snapshots and backups carry no token
+/// (`pg_dump --exclude-table-data`). So a read connection that found `token` in that table
+/// runs in an incarnation that holds `index` for as long as the connection lives (a crash ends
+/// the connection): it may read without opening a transaction to look at `raftpg.applied`
+/// (`service::read`, direct reads).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// The token in `raftpg.incarnation`.
+    pub token: i64,
+    /// The last log index committed there.
+    pub index: u64,
 }
 
 #[derive(Default)]
@@ -75,6 +96,22 @@ impl ApplierStatus {
     /// pool's) are prepared again.
     pub fn schema_epoch(&self) -> u64 {
         self.schema_epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// What PostgreSQL holds, when the applier is connected and knows it (see [`Held`]).
+    pub fn held(&self) -> Option<Held> {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_held(&self, held: Option<Held>) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = held;
+    }
+
+    /// Records that the applier committed up to `index` on the connection it knows the token of.
+    fn advance_held(&self, index: u64) {
+        if let Some(h) = self.held.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            h.index = h.index.max(index);
+        }
     }
 
     fn schema_changed(&self) {
@@ -150,6 +187,16 @@ impl ApplierStatus {
     }
 }
 
+/// A random, non-zero token for [`Held`].
+fn new_token() -> i64 {
+    loop {
+        let t = uuid::Uuid::new_v4().as_u64_pair().0 as i64;
+        if t != 0 {
+            return t;
+        }
+    }
+}
+
 /// raftpg's bookkeeping schema, created idempotently by the applier.
 const BOOTSTRAP_SQL: &str = "
     CREATE SCHEMA IF NOT EXISTS raftpg;
@@ -163,6 +210,8 @@ const BOOTSTRAP_SQL: &str = "
     -- Writes applied up to log_index (they number the request records, see request_log).
     ALTER TABLE raftpg.applied ADD COLUMN IF NOT EXISTS writes bigint NOT NULL DEFAULT 0;
     INSERT INTO raftpg.applied (singleton) VALUES (true) ON CONFLICT DO NOTHING;
+    -- The applier's token for this PostgreSQL incarnation (see state_machine::Held).
+    CREATE UNLOGGED TABLE IF NOT EXISTS raftpg.incarnation (token bigint NOT NULL);
     -- The position of every user sequence, {name: [last_value, is_called]}, recorded with each
     -- batch (see applier::RECORD_APPLIED_SQL). pg_sequence_last_value() is null for a sequence
     -- not called since its start or a RESTART, whose last_value (the value nextval() will
@@ -330,7 +379,7 @@ impl StateMachineCore {
         if self.applier.as_ref().is_some_and(|a| !a.is_closed()) {
             return Ok(());
         }
-        self.applier = None;
+        self.disconnect();
         let mut applier = Applier::connect(&self.conn_config).await?;
         let client = applier.client();
         client.batch_execute(BOOTSTRAP_SQL).await?;
@@ -372,11 +421,29 @@ impl StateMachineCore {
             None => StoredMembership::default(),
         };
         self.status.set_members(&self.membership);
+        let token = new_token();
+        client
+            .batch_execute(&format!(
+                "BEGIN; DELETE FROM raftpg.incarnation; \
+                 INSERT INTO raftpg.incarnation (token) VALUES ({token}); COMMIT"
+            ))
+            .await?;
         info!(node = self.node_id, applied = ?self.applied.map(|l| l.index), restored_sequences = restored,
               "applier connected to PostgreSQL");
         applier.prepare_bookkeeping().await?;
         self.applier = Some(applier);
+        self.status.set_held(Some(Held {
+            token,
+            index: self.applied.map(|l| l.index).unwrap_or(0),
+        }));
         Ok(())
+    }
+
+    /// Drops the applier's connection (aborting its transaction, if any); what PostgreSQL
+    /// holds is unknown until it connects again.
+    fn disconnect(&mut self) {
+        self.status.set_held(None);
+        self.applier = None;
     }
 
     /// Retries `connect` with backoff until it works or the node shuts down.
@@ -495,6 +562,7 @@ impl StateMachineCore {
             self.status.schema_changed();
         }
         self.applied = Some(last);
+        self.status.advance_held(last.index);
         self.applied_writes = writes;
         self.status.set_members(&membership);
         self.membership = membership;
@@ -698,13 +766,13 @@ impl StateMachineCore {
                         // Dropping the connection aborts the transaction; reconnecting restores
                         // the sequences.
                         debug!(error = %e, "rolling back an abandoned batch failed; reconnecting");
-                        self.applier = None;
+                        self.disconnect();
                     }
                 }
                 Err(e) => {
                     // Drop the connection: its transaction (if any) is aborted by PostgreSQL, and
                     // the next attempt re-reads what is really applied.
-                    self.applier = None;
+                    self.disconnect();
                     let first = batch.first().map(|e| e.log_id.index).unwrap_or(0);
                     self.status.stuck(format!("retrying entry {first}: {e}"));
                     self.pause(&mut backoff).await?;
@@ -737,11 +805,11 @@ impl StateMachineCore {
             match self.snapshots.restore_if_ahead(self.applied).await {
                 Ok(false) => break,
                 Ok(true) => {
-                    self.applier = None;
+                    self.disconnect();
                     self.connect_until_done().await?;
                 }
                 Err(e) => {
-                    self.applier = None;
+                    self.disconnect();
                     self.status
                         .stuck(format!("restoring the current snapshot: {e}"));
                     self.pause(&mut backoff).await?;
@@ -815,7 +883,7 @@ impl StateMachineCore {
             .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         drop(snapshot);
         // The applier's connection would block the swap; it reconnects to the new database.
-        self.applier = None;
+        self.disconnect();
         let mut backoff = Duration::from_millis(200);
         loop {
             self.status
@@ -877,7 +945,7 @@ impl StateMachineCore {
                 self.status.set("applying");
             }
             Err(e) => {
-                self.applier = None;
+                self.disconnect();
                 self.status
                     .stuck(format!("replaying entries PostgreSQL lost: {e}"));
             }

@@ -312,7 +312,9 @@ impl Authenticator {
         let unavailable = |e: &dyn std::fmt::Display| AuthError::Unavailable(e.to_string());
         let mut pooled = self.pool.get().await.map_err(|e| unavailable(&e))?;
         let row = pooled
-            .client()
+            .base_client()
+            .await
+            .map_err(|e| unavailable(&e))?
             .query_opt(ROLE_SQL, &[&user])
             .await
             .map_err(|e| unavailable(&e))?;

@@ -12,7 +12,11 @@
 //! the applier's DDL waits for (the applier runs without `lock_timeout`, by design).
 //!
 //! Each connection keeps the statements prepared on it ([`StatementCache`], bounded), so a read
-//! that comes again costs no `Parse` round trip.
+//! that comes again costs no `Parse` round trip, and knows what it set at session level
+//! ([`ConnState`]): a direct read (`service::read`) runs as its role with its settings set on
+//! the session, so that the next read with the same ones sends nothing but its query.
+//! **Whoever borrows a connection for anything else starts it with [`PooledClient::base_client`]**,
+//! which puts the session back to raftpg_reader and the base settings.
 //!
 //! Every read session also carries server-side time limits as a backstop
 //! ([`READ_DURATION_MAX`] plus slack), should a transaction escape the node's own deadline.
@@ -46,13 +50,130 @@ pub enum PoolError {
     Connect(#[from] tokio_postgres::Error),
 }
 
-/// One open read session: the client half, the task driving its socket, and the statements
-/// prepared on it.
+/// One open read session: the client half, the task driving its socket, and what it knows of
+/// its session.
 struct Conn {
     client: tokio_postgres::Client,
     /// Aborting it closes the socket; PostgreSQL then ends the session (and its transaction).
     io: JoinHandle<()>,
-    statements: StatementCache,
+    state: ConnState,
+}
+
+/// The session settings a read may change (name, the value every read connection has when
+/// it is not changed): `service::types::SESSION_SETTINGS` names the same.
+pub const SESSION_BASE: &[(&str, &str)] = &[
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO, MDY"),
+    ("IntervalStyle", "postgres"),
+    ("search_path", "public"),
+    ("bytea_output", "hex"),
+];
+
+/// What one read connection knows of its PostgreSQL session.
+#[derive(Default)]
+pub struct ConnState {
+    /// The statements prepared on it.
+    pub statements: StatementCache,
+    /// The token it found in `raftpg.incarnation` (`apply::state_machine::Held`): this session
+    /// runs in the PostgreSQL incarnation the token was written in (or in a later one after a
+    /// clean restart).
+    pub incarnation: Option<i64>,
+    /// The role and settings set on the session (`None`: the base ones).
+    pub session: Option<SessionState>,
+}
+
+/// A role and settings set at session level on a read connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionState {
+    /// The role (`None`: raftpg_reader itself).
+    pub role: Option<String>,
+    /// One value per [`SESSION_BASE`] entry, in its order.
+    pub values: Vec<String>,
+}
+
+impl SessionState {
+    /// The state a read as `role` with `settings` runs in; `None` when it is the base one.
+    /// `Err` names a setting that is not one of [`SESSION_BASE`].
+    pub fn wanted<'a>(
+        role: Option<&str>,
+        settings: &'a [(String, String)],
+    ) -> Result<Option<Self>, &'a str> {
+        if role.is_none() && settings.is_empty() {
+            return Ok(None);
+        }
+        let mut values: Vec<String> = SESSION_BASE.iter().map(|(_, v)| v.to_string()).collect();
+        for (name, value) in settings {
+            let Some(i) = SESSION_BASE
+                .iter()
+                .position(|(n, _)| n.eq_ignore_ascii_case(name))
+            else {
+                return Err(name);
+            };
+            values[i] = value.clone();
+        }
+        let state = SessionState {
+            role: role.map(str::to_string),
+            values,
+        };
+        let base = state.role.is_none()
+            && state
+                .values
+                .iter()
+                .zip(SESSION_BASE)
+                .all(|(v, (_, b))| v == b);
+        Ok((!base).then_some(state))
+    }
+
+    /// The parameters of [`switch_sql`] that set this state (`none` resets the role).
+    pub fn switch_params(state: Option<&Self>) -> Vec<String> {
+        let role = state
+            .and_then(|s| s.role.clone())
+            .unwrap_or_else(|| "none".into());
+        let values = match state {
+            Some(s) => s.values.clone(),
+            None => SESSION_BASE.iter().map(|(_, v)| v.to_string()).collect(),
+        };
+        std::iter::once(role).chain(values).collect()
+    }
+}
+
+/// One statement that sets a session's role and every [`SESSION_BASE`] setting at session
+/// level (`$1` the role, then the values in order), all or nothing.
+pub fn switch_sql() -> String {
+    let settings: Vec<String> = SESSION_BASE
+        .iter()
+        .enumerate()
+        .map(|(i, (n, _))| format!("pg_catalog.set_config('{n}', ${}, false)", i + 2))
+        .collect();
+    format!(
+        "SELECT pg_catalog.set_config('role', $1, false), {}",
+        settings.join(", ")
+    )
+}
+
+/// Puts a session back to raftpg_reader and the base settings (one implicit transaction: all
+/// or nothing).
+fn base_session_sql() -> String {
+    let mut sql = String::from("SET ROLE NONE");
+    for (name, value) in SESSION_BASE {
+        sql.push_str(&format!("; SET {name} = '{value}'"));
+    }
+    sql
+}
+
+impl ConnState {
+    /// Puts the session back to raftpg_reader and the base settings, if a read changed them.
+    pub async fn to_base(
+        &mut self,
+        client: &tokio_postgres::Client,
+    ) -> Result<(), tokio_postgres::Error> {
+        if self.session.is_none() {
+            return Ok(());
+        }
+        client.batch_execute(&base_session_sql()).await?;
+        self.session = None;
+        Ok(())
+    }
 }
 
 impl Conn {
@@ -210,7 +331,7 @@ impl ReadPool {
         let conn = Conn {
             client,
             io,
-            statements: StatementCache::default(),
+            state: ConnState::default(),
         };
         if let Err(e) = conn.client.batch_execute(&session_settings_sql()).await {
             conn.close();
@@ -228,37 +349,40 @@ impl ReadPool {
     }
 }
 
-/// The session settings of every read connection: fixed output formats, read-only, and the
-/// server-side backstop that ends any read statement or idle read transaction some time after
-/// the node's own deadline ([`READ_DURATION_MAX`]) should have ended it.
+/// The session settings of every read connection: the base output formats
+/// ([`SESSION_BASE`]), read-only `REPEATABLE READ` transactions (also for a statement outside
+/// a transaction block: a direct read's function calls see one snapshot), and the server-side
+/// backstop that ends any read statement or idle read transaction some time after the node's
+/// own deadline ([`READ_DURATION_MAX`]) should have ended it.
 fn session_settings_sql() -> String {
     let backstop_ms = (READ_DURATION_MAX + BACKSTOP_SLACK).as_millis();
     format!(
-        "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET search_path = public; \
-         SET default_transaction_read_only = on; \
+        "{}; SET default_transaction_read_only = on; \
+         SET default_transaction_isolation = 'repeatable read'; \
          SET statement_timeout = {backstop_ms}; \
-         SET idle_in_transaction_session_timeout = {backstop_ms}"
+         SET idle_in_transaction_session_timeout = {backstop_ms}",
+        base_session_sql()
     )
 }
 
 impl PooledClient {
-    /// The connection.
-    pub fn client(&mut self) -> &mut tokio_postgres::Client {
-        // Set in `get` and only taken in `drop`.
-        &mut self
-            .conn
-            .as_mut()
-            .expect("a pooled client holds a connection until dropped")
-            .client
+    /// The connection, its session put back to raftpg_reader and the base settings.
+    pub async fn base_client(
+        &mut self,
+    ) -> Result<&mut tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, state) = self.parts();
+        state.to_base(client).await?;
+        Ok(client)
     }
 
-    /// The connection and the statements prepared on it.
-    pub fn client_and_statements(&mut self) -> (&mut tokio_postgres::Client, &mut StatementCache) {
+    /// The connection and what it knows of its session, as it is (a read's own business).
+    pub fn parts(&mut self) -> (&mut tokio_postgres::Client, &mut ConnState) {
+        // Set in `get` and only taken in `drop`.
         let conn = self
             .conn
             .as_mut()
             .expect("a pooled client holds a connection until dropped");
-        (&mut conn.client, &mut conn.statements)
+        (&mut conn.client, &mut conn.state)
     }
 
     /// Returns the connection to the pool. Call only when every statement sent on it has
@@ -300,5 +424,31 @@ mod tests {
             "SET idle_in_transaction_session_timeout = {backstop}"
         )));
         assert!(sql.contains("default_transaction_read_only = on"));
+        assert!(sql.contains("SET TimeZone = 'UTC'"));
+    }
+
+    #[test]
+    fn session_states_name_only_what_differs_from_the_base() {
+        assert_eq!(SessionState::wanted(None, &[]), Ok(None));
+        let utc = [("timezone".to_string(), "UTC".to_string())];
+        assert_eq!(SessionState::wanted(None, &utc), Ok(None));
+        let berlin = [("TimeZone".to_string(), "Europe/Berlin".to_string())];
+        let s = SessionState::wanted(None, &berlin).unwrap().unwrap();
+        assert_eq!(s.values[0], "Europe/Berlin");
+        let params = SessionState::switch_params(Some(&s));
+        assert_eq!(params[0], "none");
+        assert_eq!(params.len(), SESSION_BASE.len() + 1);
+        let bob = SessionState::wanted(Some("bob"), &[]).unwrap().unwrap();
+        assert_eq!(SessionState::switch_params(Some(&bob))[0], "bob");
+        assert_eq!(
+            SessionState::switch_params(None)[1..],
+            SESSION_BASE
+                .iter()
+                .map(|(_, v)| v.to_string())
+                .collect::<Vec<_>>()[..]
+        );
+        let odd = [("work_mem".to_string(), "1MB".to_string())];
+        assert_eq!(SessionState::wanted(None, &odd), Err("work_mem"));
+        assert!(switch_sql().contains("set_config('bytea_output', $6, false)"));
     }
 }

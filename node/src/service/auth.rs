@@ -161,7 +161,9 @@ impl Service {
             |e: &dyn std::fmt::Display| ServiceError::unavailable(e.to_string(), None);
         let mut pooled = self.reads.get().await.map_err(|e| unavailable(&e))?;
         let row = pooled
-            .client()
+            .base_client()
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("PostgreSQL: {e}"), None))?
             .query_opt(
                 "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1",
                 &[&name],

@@ -155,7 +155,10 @@ impl Service {
             Ok(p) => p,
             Err(e) => return vec![format!("(could not read the definitions: {e})")],
         };
-        let rows = pooled.client().query(AUDIT_SQL, &[]).await;
+        let rows = match pooled.base_client().await {
+            Ok(client) => client.query(AUDIT_SQL, &[]).await,
+            Err(e) => Err(e),
+        };
         pooled.release();
         let rows = match rows {
             Ok(rows) => rows,
@@ -223,7 +226,11 @@ impl Service {
             .get()
             .await
             .map_err(|e| ServiceError::unavailable(e.to_string(), None))?;
-        checksums::read(pooled.client(), log_index)
+        let client = pooled
+            .base_client()
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("reading checksums: {e}"), None))?;
+        checksums::read(client, log_index)
             .await
             .map_err(|e| ServiceError::unavailable(format!("reading checksums: {e}"), None))?
             .ok_or_else(|| {

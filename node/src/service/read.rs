@@ -25,7 +25,9 @@ use super::node::{Route, Service};
 use super::types::{Consistency, Description, Origin, ReadChunk, ReadRequest, SESSION_SETTINGS};
 use crate::auth::authenticator::Principal;
 use crate::command::{ColumnInfo, SqlFailure, SqlValue};
-use crate::pg::read_pool::{StatementCache, READ_DURATION_MAX};
+use crate::pg::read_pool::{
+    switch_sql, ConnState, SessionState, StatementCache, READ_DURATION_MAX,
+};
 use crate::pg::results::{decode_row, text_forms, text_wrapped, Form};
 use crate::pg::sqlstate::is_deterministic;
 use crate::pg::values;
@@ -374,8 +376,8 @@ async fn read_on_connection(job: &ReadJob<'_>) -> Result<(), ServiceError> {
         .get()
         .await
         .map_err(|e| ServiceError::unavailable(e.to_string(), None))?;
-    let (client, statements) = pooled.client_and_statements();
-    match read_in_snapshot(job, client, statements).await {
+    let (client, state) = pooled.parts();
+    match read_in_snapshot(job, client, state).await {
         Ok(last) => {
             pooled.release();
             // The client went away if this fails: nobody to tell.
@@ -400,21 +402,34 @@ async fn read_on_connection(job: &ReadJob<'_>) -> Result<(), ServiceError> {
 /// ahead of what PostgreSQL holds (design.md, "Commits lost with `synchronous_commit = off`").
 /// The common case costs nothing extra: the first snapshot already holds the index.
 ///
+/// A read whose statements this connection prepared before goes [`read_direct`] when it can,
+/// else [`read_pipelined`]; a new one is prepared here, step by step.
+///
 /// Returns the last chunk, to be sent after the connection is released.
 async fn read_in_snapshot(
     job: &ReadJob<'_>,
     client: &mut tokio_postgres::Client,
-    statements: &mut StatementCache,
+    state: &mut ConnState,
 ) -> Result<ReadChunk, ReadStop> {
     // Read before preparing: a schema change while it prepares makes the entry stale.
     let epoch = job.svc.applier.schema_epoch();
     let key = statement_key(job.req);
     if let Some(key) = &key {
-        if let Some((stmt, run)) = statements.get(key, epoch) {
-            match read_pipelined(job, client, statements, &stmt, &run).await? {
-                Pipelined::Done(chunk) => return Ok(chunk),
-                Pipelined::Again => statements.remove(key),
-                Pipelined::Behind => {}
+        if let Some((stmt, run)) = state.statements.get(key, epoch) {
+            match read_direct(job, client, state, &stmt, &run).await? {
+                Direct::Done(chunk) => {
+                    count_path("direct");
+                    return Ok(chunk);
+                }
+                Direct::Again => state.statements.remove(key),
+                Direct::NotHere => match read_pipelined(job, client, state, &stmt, &run).await? {
+                    Pipelined::Done(chunk) => {
+                        count_path("pipelined");
+                        return Ok(chunk);
+                    }
+                    Pipelined::Again => state.statements.remove(key),
+                    Pipelined::Behind => {}
+                },
             }
         }
     }
@@ -422,10 +437,11 @@ async fn read_in_snapshot(
     let mut pause = SNAPSHOT_RETRY_FIRST;
     loop {
         let role = job.req.principal.as_ref().map(|p| p.user.as_str());
-        let (tx, applied) = open_snapshot(client, role, &job.req.settings).await?;
+        let (tx, applied) = open_snapshot(client, state, role, &job.req.settings).await?;
         let Some(required) = job.admission.required_index.filter(|r| applied < *r) else {
             job.waiting.clear();
-            return run_in_snapshot(job, tx, applied, statements, cache).await;
+            count_path("prepared");
+            return run_in_snapshot(job, tx, applied, &mut state.statements, cache).await;
         };
         job.waiting.set(applied, required);
         tx.rollback().await.map_err(pg_stop)?;
@@ -440,6 +456,14 @@ async fn read_in_snapshot(
         tokio::time::sleep(pause.min(left)).await;
         pause = (pause * 2).min(SNAPSHOT_RETRY_MAX);
     }
+}
+
+/// Counts a read run by `path` (see `metrics`).
+fn count_path(path: &str) {
+    crate::metrics::get()
+        .read_paths
+        .with_label_values(&[path])
+        .inc();
 }
 
 /// What a read is waiting for PostgreSQL to hold, visible to the read's deadline so that a read
@@ -471,16 +495,18 @@ impl Waiting {
 }
 
 /// Opens a `REPEATABLE READ READ ONLY` transaction and reads the applied index its snapshot
-/// holds; with `role`, the rest of the transaction runs as that role (raftpg_reader is a
-/// member of every role, see apply::roles: the role's privileges and row-level security decide
-/// what the query sees; the read gate refuses set_config, so it cannot switch back). Both in
-/// one round trip: `raftpg.applied` is read with raftpg_reader's rights, checked before the
-/// switch runs.
+/// holds (and the incarnation token, into `state`); with `role`, the rest of the transaction
+/// runs as that role (raftpg_reader is a member of every role, see apply::roles: the role's
+/// privileges and row-level security decide what the query sees; the read gate refuses
+/// set_config, so it cannot switch back). Both in one round trip: `raftpg.applied` is read
+/// with raftpg_reader's rights, checked before the switch runs.
 async fn open_snapshot<'c>(
     client: &'c mut tokio_postgres::Client,
+    state: &mut ConnState,
     role: Option<&str>,
     settings: &[(String, String)],
 ) -> Result<(tokio_postgres::Transaction<'c>, u64), ReadStop> {
+    state.to_base(client).await.map_err(pg_stop)?;
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -489,19 +515,12 @@ async fn open_snapshot<'c>(
         .await
         .map_err(pg_stop)?;
     let row = match role {
-        None => {
-            tx.query_one("SELECT log_index FROM raftpg.applied", &[])
-                .await
-        }
-        Some(role) => {
-            tx.query_one(
-                "SELECT log_index, pg_catalog.set_config('role', $1, true) FROM raftpg.applied",
-                &[&role],
-            )
-            .await
-        }
+        None => tx.query_one(APPLIED_SQL, &[]).await,
+        Some(role) => tx.query_one(APPLIED_AS_SQL, &[&role]).await,
     };
-    let applied: i64 = row.map_err(pg_stop)?.get(0);
+    let row = row.map_err(pg_stop)?;
+    let applied: i64 = row.get(0);
+    state.incarnation = row.get(1);
     if !settings.is_empty() {
         let (sql, params) = set_settings_sql(settings)?;
         let params: Vec<&(dyn ToSql + Sync)> =
@@ -674,6 +693,19 @@ fn statement_key(req: &ReadRequest) -> Option<String> {
     ))
 }
 
+/// Reads the applied index and the incarnation token (null unless exactly one) in one
+/// snapshot.
+const APPLIED_SQL: &str = "SELECT a.log_index, i.token FROM raftpg.applied a \
+     CROSS JOIN (SELECT CASE WHEN count(*) = 1 THEN min(token) END AS token \
+                 FROM raftpg.incarnation) i";
+
+/// [`APPLIED_SQL`], then switches the transaction to role `$1`. Both tables are read with
+/// raftpg_reader's rights: PostgreSQL checks them before the switch runs.
+const APPLIED_AS_SQL: &str = "SELECT a.log_index, i.token, \
+     pg_catalog.set_config('role', $1, true) FROM raftpg.applied a \
+     CROSS JOIN (SELECT CASE WHEN count(*) = 1 THEN min(token) END AS token \
+                 FROM raftpg.incarnation) i";
+
 /// The statement that reads the applied index (and, with a role, switches to it), prepared
 /// once per connection.
 async fn applied_statement(
@@ -682,11 +714,8 @@ async fn applied_statement(
     role: bool,
 ) -> Result<tokio_postgres::Statement, ReadStop> {
     let (key, sql) = match role {
-        false => ("\u{0}applied", "SELECT log_index FROM raftpg.applied"),
-        true => (
-            "\u{0}applied-as",
-            "SELECT log_index, pg_catalog.set_config('role', $1, true) FROM raftpg.applied",
-        ),
+        false => ("\u{0}applied", APPLIED_SQL),
+        true => ("\u{0}applied-as", APPLIED_AS_SQL),
     };
     if let Some((stmt, _)) = statements.get(key, INTERNAL_EPOCH) {
         return Ok(stmt);
@@ -715,6 +744,114 @@ async fn settings_statement(
     Ok(stmt)
 }
 
+/// How a direct read ended.
+enum Direct {
+    /// It ran; the last chunk (the others were sent).
+    Done(ReadChunk),
+    /// It cannot run directly here (see [`read_direct`]): nothing was sent or changed.
+    NotHere,
+    /// The query failed as prepared: nothing was sent; prepare it again (see
+    /// [`Pipelined::Again`]).
+    Again,
+}
+
+/// A read whose statements are prepared on this connection, run as one statement outside a
+/// transaction block: no `BEGIN`, no look at `raftpg.applied`, no `COMMIT`.
+///
+/// Only when the applier's [`Held`](crate::apply::state_machine::Held) says that this
+/// connection's PostgreSQL incarnation (the token it found in `raftpg.incarnation`) holds the
+/// index the read requires: a statement that starts after the applier published that index
+/// sees it, and a crash that could lose it ends this connection first. The answer's applied
+/// index is that index (the snapshot may hold later entries too). The statement runs in a
+/// read-only `REPEATABLE READ` transaction of its own (the connection's defaults), as the
+/// read's role with its settings, set at session level when they differ from what the session
+/// has (pipelined with the query; the read gate refuses anything that could change them from
+/// SQL). One round trip, one statement for PostgreSQL.
+///
+/// `NotHere` when the applier does not know what PostgreSQL holds (reconnecting, a snapshot
+/// being installed), the connection has not seen the current token, PostgreSQL may not hold
+/// the required index yet, or the role and settings could not be set (the pipelined read then
+/// answers why).
+async fn read_direct(
+    job: &ReadJob<'_>,
+    client: &tokio_postgres::Client,
+    state: &mut ConnState,
+    stmt: &tokio_postgres::Statement,
+    run: &tokio_postgres::Statement,
+) -> Result<Direct, ReadStop> {
+    let Some(held) = job.svc.applier.held() else {
+        return Ok(Direct::NotHere);
+    };
+    if state.incarnation != Some(held.token)
+        || job.admission.required_index.is_some_and(|r| held.index < r)
+    {
+        return Ok(Direct::NotHere);
+    }
+    let role = job.req.principal.as_ref().map(|p| p.user.as_str());
+    let Ok(wanted) = SessionState::wanted(role, &job.req.settings) else {
+        return Ok(Direct::NotHere);
+    };
+    check_statement(stmt, job.params)?;
+    let switch = match state.session == wanted {
+        true => None,
+        false => Some((
+            switch_statement(client, &mut state.statements).await?,
+            SessionState::switch_params(wanted.as_ref()),
+        )),
+    };
+    let columns = columns_of(stmt);
+    let forms = result_forms(stmt, &job.req.result_formats, &job.req.settings);
+    let set = async {
+        match &switch {
+            Some((stmt, values)) => {
+                let values: Vec<&(dyn ToSql + Sync)> =
+                    values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+                client.query_one(stmt, &values).await.map(|_| ())
+            }
+            None => Ok(()),
+        }
+    };
+    let params = job.params.iter().map(|v| v as &(dyn ToSql + Sync));
+    // One poll sends both, in this order.
+    let (set, rows) = futures::join!(set, client.query_raw(run, params));
+    match set {
+        Ok(()) => state.session = wanted,
+        // The switch failed as a whole (the session is as it was) and the query ran as the
+        // session was: its rows are dropped unread (the connection discards them).
+        Err(e) if e.as_db_error().is_some() => return Ok(Direct::NotHere),
+        Err(e) => return Err(pg_stop(e)),
+    }
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) if e.as_db_error().is_some() => return Ok(Direct::Again),
+        Err(e) => return Err(pg_stop(e)),
+    };
+    job.waiting.clear();
+    stream_rows(job, rows, columns, &forms, held.index)
+        .await
+        .map(Direct::Done)
+}
+
+/// The statement that sets a read connection's role and settings at session level
+/// ([`switch_sql`]), prepared once per connection.
+async fn switch_statement(
+    client: &tokio_postgres::Client,
+    statements: &mut StatementCache,
+) -> Result<tokio_postgres::Statement, ReadStop> {
+    const KEY: &str = "\u{0}switch";
+    if let Some((stmt, _)) = statements.get(KEY, INTERNAL_EPOCH) {
+        return Ok(stmt);
+    }
+    let sql = switch_sql();
+    let n = crate::pg::read_pool::SESSION_BASE.len() + 1;
+    let stmt = client
+        .prepare_typed(&sql, &vec![Type::TEXT; n])
+        .await
+        .map_err(pg_stop)?;
+    statements.insert(KEY.to_string(), stmt.clone(), stmt.clone(), INTERNAL_EPOCH);
+    Ok(stmt)
+}
+
 /// A read whose statements are prepared on this connection, pipelined: `BEGIN`, the
 /// applied index (and the role switch), the settings and the query are sent together, and
 /// `COMMIT` right after, before the rows are read; the rows are sent only once the snapshot is
@@ -724,11 +861,13 @@ async fn settings_statement(
 async fn read_pipelined(
     job: &ReadJob<'_>,
     client: &tokio_postgres::Client,
-    statements: &mut StatementCache,
+    state: &mut ConnState,
     stmt: &tokio_postgres::Statement,
     run: &tokio_postgres::Statement,
 ) -> Result<Pipelined, ReadStop> {
     check_statement(stmt, job.params)?;
+    state.to_base(client).await.map_err(pg_stop)?;
+    let statements = &mut state.statements;
     let role = job.req.principal.as_ref().map(|p| p.user.as_str());
     let applied_stmt = applied_statement(client, statements, role.is_some()).await?;
     let settings = match job.req.settings.is_empty() {
@@ -786,6 +925,7 @@ async fn read_pipelined(
             };
         }
     };
+    state.incarnation = applied.get(1);
     let applied = u64::try_from(applied.get::<_, i64>(0)).unwrap_or(0);
     if job.admission.required_index.is_some_and(|r| applied < r) {
         drop(rows);
@@ -865,7 +1005,8 @@ impl Service {
                 .map_err(|e| ServiceError::unavailable(e.to_string(), None))?;
             let mut pause = SNAPSHOT_RETRY_FIRST;
             loop {
-                let (tx, applied) = match open_snapshot(pooled.client(), role, settings).await {
+                let (client, state) = pooled.parts();
+                let (tx, applied) = match open_snapshot(client, state, role, settings).await {
                     Ok(t) => t,
                     Err(ReadStop::Failed(e)) | Err(ReadStop::Abandoned(Some(e))) => return Err(e),
                     Err(ReadStop::Abandoned(None)) => {
@@ -910,7 +1051,7 @@ impl Service {
                 .get()
                 .await
                 .map_err(|e| ServiceError::unavailable(e.to_string(), None))?;
-            let client = pooled.client();
+            let client = pooled.base_client().await.map_err(pg_status)?;
             let tx = client
                 .build_transaction()
                 .read_only(true)
@@ -1080,6 +1221,15 @@ mod tests {
     use super::*;
 
     const WAIT_MAX: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn the_read_pool_knows_every_session_setting() {
+        let base: Vec<&str> = crate::pg::read_pool::SESSION_BASE
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        assert_eq!(base, SESSION_SETTINGS);
+    }
 
     #[test]
     fn a_read_without_timeout_gets_the_node_defaults() {

@@ -257,7 +257,9 @@ impl Service {
                     .await
                     .map_err(|e| ServiceError::unavailable(e.to_string(), None))?;
                 let row = pooled
-                    .client()
+                    .base_client()
+                .await
+                .map_err(|e| ServiceError::unavailable(format!("PostgreSQL: {e}"), None))?
                     .query_one(
                         "SELECT current_setting('server_version_num'), pg_encoding_to_char(encoding), datcollate
                          FROM pg_database WHERE datname = current_database()",

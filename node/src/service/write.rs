@@ -153,7 +153,9 @@ impl Service {
                 .await
                 .map_err(|e| ServiceError::unavailable(e.to_string(), None))?;
             let found = pooled
-                .client()
+                .base_client()
+                .await
+                .map_err(|e| ServiceError::unavailable(format!("PostgreSQL: {e}"), None))?
                 .query_opt(
                     "SELECT n.nspname::text, p.proname::text, l.lanname::text, p.prosrc
                        FROM pg_proc p
@@ -199,7 +201,9 @@ impl Service {
                 .map_err(|e| ServiceError::unavailable(e.to_string(), None))?;
             // EXISTS: an extension usually ships several versions (one row each).
             let found: bool = pooled
-                .client()
+                .base_client()
+                .await
+                .map_err(|e| ServiceError::unavailable(format!("PostgreSQL: {e}"), None))?
                 .query_one(
                     "SELECT EXISTS (SELECT 1 FROM pg_available_extension_versions
                      WHERE name = $1 AND ($2::text IS NULL OR version = $2))",
