@@ -35,7 +35,8 @@ pub struct BenchSpec {
     pub dir: PathBuf,
     /// Port of raftpg node 1 (others follow); peers use the ports after them.
     pub base_port: u16,
-    /// Also measure point reads at each consistency level (at the largest client count ≤ 32).
+    /// Also measure point reads at each consistency level (at 1 client and at the largest
+    /// client count ≤ 32).
     pub reads: bool,
     /// Write results here (JSON lines).
     pub out: Option<PathBuf>,
@@ -323,7 +324,6 @@ async fn bench_raftpg(
         return Ok(());
     }
     if spec.reads {
-        let c = read_clients(spec);
         let rows = admin
             .query_sql(
                 "SELECT count(*) FROM bench_ins",
@@ -336,67 +336,69 @@ async fn bench_raftpg(
             .and_then(|r| values::as_i64(&r.values[0]))
             .unwrap_or(1)
             .max(1);
-        for (name, level) in [
-            ("local", Consistency::Local),
-            ("at-least", Consistency::AtLeast),
-            ("linearizable", Consistency::Linearizable),
-        ] {
-            let clients: Vec<Arc<Client>> = (0..c)
-                .map(|_| cluster.client().map(Arc::new))
-                .collect::<Result<_, _>>()?;
-            let nodes = cluster.addrs().len();
-            let p = drive(
-                &format!("raftpg-read-{name}"),
-                c,
-                spec.seconds.min(10),
-                &pids,
-                move |i, n| {
-                    let cl = clients[i].clone();
-                    async move {
-                        let id = (n * 7919 + i as u64) % rows as u64 + 1;
-                        cl.query_node(
-                            i % nodes,
-                            QueryRequest {
-                                sql: "SELECT payload FROM bench_ins WHERE id = $1".into(),
-                                params: vec![values::int(id as i64)],
-                                consistency: level as i32,
-                                min_index: 1,
-                                ..Default::default()
-                            },
-                        )
-                        .await
-                        .is_ok()
-                    }
-                },
-            )
-            .await;
-            print_point(&p, points);
-            points.push(p);
-        }
-        if spec.wire {
-            for level in ["local", "at_least:1", "linearizable"] {
-                let conns = wire_connections(&cluster, c, READ).await?;
-                for (cl, _) in &conns {
-                    cl.batch_execute(&format!("SET raftpg.read_consistency = '{level}'"))
-                        .await?;
-                }
-                let name = level.split(':').next().unwrap_or(level).replace('_', "-");
+        for c in read_client_counts(spec) {
+            for (name, level) in [
+                ("local", Consistency::Local),
+                ("at-least", Consistency::AtLeast),
+                ("linearizable", Consistency::Linearizable),
+            ] {
+                let clients: Vec<Arc<Client>> = (0..c)
+                    .map(|_| cluster.client().map(Arc::new))
+                    .collect::<Result<_, _>>()?;
+                let nodes = cluster.addrs().len();
                 let p = drive(
-                    &format!("raftpg-pg-read-{name}"),
+                    &format!("raftpg-read-{name}"),
                     c,
                     spec.seconds.min(10),
                     &pids,
                     move |i, n| {
-                        let (cl, st) = conns[i].clone();
+                        let cl = clients[i].clone();
                         async move {
-                            let id = ((n * 7919 + i as u64) % rows as u64 + 1) as i64;
-                            cl.query_opt(&st, &[&id]).await.is_ok()
+                            let id = (n * 7919 + i as u64) % rows as u64 + 1;
+                            cl.query_node(
+                                i % nodes,
+                                QueryRequest {
+                                    sql: "SELECT payload FROM bench_ins WHERE id = $1".into(),
+                                    params: vec![values::int(id as i64)],
+                                    consistency: level as i32,
+                                    min_index: 1,
+                                    ..Default::default()
+                                },
+                            )
+                            .await
+                            .is_ok()
                         }
                     },
                 )
                 .await;
                 print_point(&p, points);
                 points.push(p);
+            }
+            if spec.wire {
+                for level in ["local", "at_least:1", "linearizable"] {
+                    let conns = wire_connections(&cluster, c, READ).await?;
+                    for (cl, _) in &conns {
+                        cl.batch_execute(&format!("SET raftpg.read_consistency = '{level}'"))
+                            .await?;
+                    }
+                    let name = level.split(':').next().unwrap_or(level).replace('_', "-");
+                    let p = drive(
+                        &format!("raftpg-pg-read-{name}"),
+                        c,
+                        spec.seconds.min(10),
+                        &pids,
+                        move |i, n| {
+                            let (cl, st) = conns[i].clone();
+                            async move {
+                                let id = ((n * 7919 + i as u64) % rows as u64 + 1) as i64;
+                                cl.query_opt(&st, &[&id]).await.is_ok()
+                            }
+                        },
+                    )
+                    .await;
+                    print_point(&p, points);
+                    points.push(p);
+                }
             }
         }
     }
@@ -678,7 +680,7 @@ async fn bench_sr(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result<(
 }
 
 /// The read a user of streaming replication does: point selects by id, prepared, straight
-/// into a standby (`sr-standby-read`), at the client count raftpg's reads use. raftpg's read
+/// into a standby (`sr-standby-read`), at the client counts raftpg's reads use. raftpg's read
 /// points are printed with their ratio to it.
 async fn bench_standby_reads(
     port: u16,
@@ -694,43 +696,50 @@ async fn bench_standby_reads(
         .await?
         .get(0);
     let rows = rows.max(1) as u64;
-    let c = read_clients(spec);
-    let mut conns = Vec::new();
-    for _ in 0..c {
-        let (cl, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        let st = cl
-            .prepare("SELECT payload FROM bench_ins WHERE id = $1")
-            .await?;
-        conns.push(Arc::new((cl, st)));
+    for c in read_client_counts(spec) {
+        let mut conns = Vec::new();
+        for _ in 0..c {
+            let (cl, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            let st = cl
+                .prepare("SELECT payload FROM bench_ins WHERE id = $1")
+                .await?;
+            conns.push(Arc::new((cl, st)));
+        }
+        let p = drive(
+            "sr-standby-read",
+            c,
+            spec.seconds.min(10),
+            pids,
+            move |i, n| {
+                let cs = conns[i].clone();
+                async move {
+                    let id = ((n * 7919 + i as u64) % rows + 1) as i64;
+                    cs.0.query_opt(&cs.1, &[&id]).await.is_ok()
+                }
+            },
+        )
+        .await;
+        print_point(&p, points);
+        points.push(p);
     }
-    let p = drive(
-        "sr-standby-read",
-        c,
-        spec.seconds.min(10),
-        pids,
-        move |i, n| {
-            let cs = conns[i].clone();
-            async move {
-                let id = ((n * 7919 + i as u64) % rows + 1) as i64;
-                cs.0.query_opt(&cs.1, &[&id]).await.is_ok()
-            }
-        },
-    )
-    .await;
-    print_point(&p, points);
-    points.push(p);
     Ok(())
 }
 
-/// The client count of the read points: the largest of `--clients` up to 32.
-fn read_clients(spec: &BenchSpec) -> usize {
-    spec.clients
+/// The client counts of the read points: 1 (latency) and the largest of `--clients` up to 32
+/// (throughput), when `--clients` has them.
+fn read_client_counts(spec: &BenchSpec) -> Vec<usize> {
+    let most = spec
+        .clients
         .iter()
         .copied()
         .filter(|c| *c <= 32)
         .max()
-        .unwrap_or(8)
+        .unwrap_or(8);
+    match spec.clients.contains(&1) && most > 1 {
+        true => vec![1, most],
+        false => vec![most],
+    }
 }
 
 async fn bench_solo(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result<()> {

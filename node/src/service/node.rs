@@ -22,7 +22,7 @@ use crate::command::{NodeAddr, NodeId, Raft};
 use crate::pg::read_pool::ReadPool;
 use crate::pg::supervisor::PgHealth;
 use crate::raft::proposer::Proposer;
-use crate::raft::read_index::ReadIndexBatcher;
+use crate::raft::read_index::{ReadIndexBatcher, Rounds};
 use crate::sql::gate::PreparedWrites;
 
 /// Limits the services enforce on requests.
@@ -104,6 +104,8 @@ pub struct Service {
     pub(super) proposer: Proposer,
     /// Coalesced leadership confirmations for linearizable reads.
     pub(super) read_index: Arc<ReadIndexBatcher>,
+    /// On a follower: requests to the leader for a read index, coalesced.
+    pub(super) leader_read_index: Arc<Rounds<u64, ServiceError>>,
     pub(super) peers: Arc<dyn PeerLink>,
     pub(super) unsafe_local_linearizable_reads: bool,
     pub(super) data_dir: PathBuf,
@@ -154,6 +156,7 @@ impl Service {
             write_permits: Arc::new(Semaphore::new(parts.write_inflight_max.max(1))),
             proposer: parts.proposer,
             read_index: Default::default(),
+            leader_read_index: Default::default(),
             peers: parts.peers,
             unsafe_local_linearizable_reads: parts.unsafe_local_linearizable_reads,
             data_dir: parts.data_dir,

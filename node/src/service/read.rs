@@ -31,7 +31,7 @@ use crate::pg::read_pool::{
 use crate::pg::results::{decode_row, text_forms, text_wrapped, Form};
 use crate::pg::sqlstate::is_deterministic;
 use crate::pg::values;
-use crate::raft::read_index::ReadIndexError;
+use crate::raft::read_index::{ReadIndexError, RoundFn};
 use crate::sql::gate;
 
 /// A read that passed admission: it may now run ([`AdmittedRead::run`]).
@@ -151,15 +151,29 @@ impl Service {
         }
         match self.route(Origin::Client, wait).await? {
             Route::Here => self.confirm_read_index(wait).await,
-            Route::Leader(leader) => self.peers.read_index(&leader, wait).await.map_err(|e| {
-                ServiceError::unavailable(
-                    format!(
-                        "leader {} could not confirm a read index within {wait:?}: {}",
-                        leader.id, e.message
-                    ),
-                    None,
-                )
-            }),
+            Route::Leader(leader) => {
+                let failed = |message: &str| {
+                    ServiceError::unavailable(
+                        format!(
+                            "leader {} could not confirm a read index within {wait:?}: {message}",
+                            leader.id
+                        ),
+                        None,
+                    )
+                };
+                // Reads on this follower share requests to the leader (raft::read_index).
+                let (peers, to) = (self.peers.clone(), leader.clone());
+                let round: RoundFn<u64, ServiceError> = Arc::new(move || {
+                    let (peers, to) = (peers.clone(), to.clone());
+                    Box::pin(async move { peers.read_index(&to, wait).await })
+                });
+                match tokio::time::timeout(wait, self.leader_read_index.join(round)).await {
+                    Ok(Some(Ok(index))) => Ok(index),
+                    Ok(Some(Err(e))) => Err(failed(&e.message)),
+                    Ok(None) => Err(failed("the request ended without an answer")),
+                    Err(_) => Err(failed("no answer in time")),
+                }
+            }
         }
     }
 
