@@ -69,6 +69,91 @@ pub struct Point {
     pub rss_mb: f64,
     /// CPU seconds used by the server processes per wall second.
     pub cpu: f64,
+    /// CPU microseconds per successful operation, by process group ([`Proc`]'s label), in the
+    /// order measured.
+    pub cpu_us: Vec<(String, f64)>,
+}
+
+/// What CPU of a process counts for a [`Proc`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The process itself (all its threads).
+    Own,
+    /// Everything it started, recursively, not itself (a raftpg node's PostgreSQL).
+    Descendants,
+    /// The process and everything it started (a postmaster and its backends).
+    Tree,
+}
+
+/// A process group whose CPU a point reports per operation: a raftpg node, its PostgreSQL, a
+/// peer's server, the benchmark's own client. Labels name machines: `node1` and `node1-pg`
+/// share one, `s1` is a machine of its own.
+#[derive(Clone, Debug)]
+pub struct Proc {
+    /// `node1`, `node1-pg`, `primary`, `s1`, `client`, ... (`*` marks the leader's node).
+    pub label: String,
+    pub pid: i32,
+    pub scope: Scope,
+}
+
+impl Proc {
+    fn new(label: impl Into<String>, pid: i32, scope: Scope) -> Self {
+        Proc {
+            label: label.into(),
+            pid,
+            scope,
+        }
+    }
+
+    /// CPU seconds used so far.
+    fn cpu(&self) -> f64 {
+        let (own, tree) = (proc_cpu(self.pid), proc_usage(self.pid).0);
+        match self.scope {
+            Scope::Own => own,
+            Scope::Descendants => (tree - own).max(0.0),
+            Scope::Tree => tree,
+        }
+    }
+
+    /// The benchmark's own client (this process).
+    fn client() -> Self {
+        Proc::new("client", std::process::id() as i32, Scope::Own)
+    }
+}
+
+/// (utime + stime) seconds of `pid` alone (all its threads).
+fn proc_cpu(pid: i32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .map(|stat| {
+            let f: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            (ut + st) / 100.0 // USER_HZ on Linux
+        })
+        .unwrap_or(0.0)
+}
+
+/// The busiest machine's CPU microseconds per operation in `cpu_us`, with the machine's name:
+/// a machine is a label and its `-pg` companion; the client's machine is not counted.
+pub fn busiest_machine(cpu_us: &[(String, f64)]) -> Option<(String, f64)> {
+    let mut machines: Vec<(String, f64)> = Vec::new();
+    for (label, us) in cpu_us {
+        if label == "client" {
+            continue;
+        }
+        let machine = label.trim_end_matches("-pg").to_string();
+        match machines.iter_mut().find(|(m, _)| *m == machine) {
+            Some((_, total)) => *total += us,
+            None => machines.push((machine, *us)),
+        }
+    }
+    machines.into_iter().max_by(|a, b| a.1.total_cmp(&b.1))
 }
 
 fn percentile(sorted: &[u32], q: f64) -> f64 {
@@ -134,15 +219,17 @@ fn proc_usage(pid: i32) -> (f64, f64) {
     (cpu, rss)
 }
 
-/// Runs `clients` workers calling `op` for `seconds`, sampling the server processes `pids`.
-async fn drive<F, Fut>(system: &str, clients: usize, seconds: u64, pids: &[i32], op: F) -> Point
+/// Runs `clients` workers calling `op` for `seconds`, measuring the CPU of the server
+/// processes `procs` (and of this client).
+async fn drive<F, Fut>(system: &str, clients: usize, seconds: u64, procs: &[Proc], op: F) -> Point
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
     let op = Arc::new(op);
     let stop = Arc::new(AtomicBool::new(false));
-    let cpu_before: f64 = pids.iter().map(|p| proc_usage(*p).0).sum();
+    let procs: Vec<Proc> = procs.iter().cloned().chain([Proc::client()]).collect();
+    let cpu_before: Vec<f64> = procs.iter().map(Proc::cpu).collect();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -167,8 +254,10 @@ where
     let deadline = started + Duration::from_secs(seconds);
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        for p in pids {
-            rss_mb = rss_mb.max(proc_usage(*p).1);
+        for p in procs.iter().filter(|p| p.scope != Scope::Descendants) {
+            if p.label != "client" {
+                rss_mb = rss_mb.max(proc_usage(p.pid).1);
+            }
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -181,7 +270,23 @@ where
         }
     }
     let wall = started.elapsed().as_secs_f64();
-    let cpu_after: f64 = pids.iter().map(|p| proc_usage(*p).0).sum();
+    let used: Vec<f64> = procs
+        .iter()
+        .zip(&cpu_before)
+        .map(|(p, before)| (p.cpu() - before).max(0.0))
+        .collect();
+    let server_cpu: f64 = procs
+        .iter()
+        .zip(&used)
+        .filter(|(p, _)| p.label != "client")
+        .map(|(_, u)| u)
+        .sum();
+    let ops = lat.len().max(1) as f64;
+    let cpu_us = procs
+        .iter()
+        .zip(&used)
+        .map(|(p, u)| (p.label.clone(), u * 1e6 / ops))
+        .collect();
     lat.sort_unstable();
     Point {
         system: system.to_string(),
@@ -192,7 +297,8 @@ where
         p999_ms: percentile(&lat, 0.999),
         errors,
         rss_mb,
-        cpu: (cpu_after - cpu_before) / wall,
+        cpu: server_cpu / wall,
+        cpu_us,
     }
 }
 
@@ -270,10 +376,19 @@ async fn bench_raftpg(
             vec![],
         )
         .await?;
-    let pids: Vec<i32> = cluster
+    let leader = admin.wait_for_leader(Duration::from_secs(30)).await?;
+    let pids: Vec<Proc> = cluster
         .nodes()
         .iter()
-        .filter_map(|n| n.pid().map(|p| p as i32))
+        .filter_map(|n| {
+            let pid = n.pid()? as i32;
+            let mark = if n.id == leader { "*" } else { "" };
+            Some([
+                Proc::new(format!("node{}{mark}", n.id), pid, Scope::Own),
+                Proc::new(format!("node{}{mark}-pg", n.id), pid, Scope::Descendants),
+            ])
+        })
+        .flatten()
         .collect();
     let cluster_config = cluster.client_config()?;
     for &c in &spec.clients {
@@ -589,7 +704,7 @@ fn postmaster_pid(data: &Path) -> Option<i32> {
 async fn bench_postgres(
     system: &str,
     port: u16,
-    pids: &[i32],
+    pids: &[Proc],
     spec: &BenchSpec,
     points: &mut Vec<Point>,
 ) -> anyhow::Result<()> {
@@ -667,10 +782,11 @@ async fn bench_sr(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result<(
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let pids: Vec<i32> = s
+    let pids: Vec<Proc> = s
         .datadirs
         .iter()
-        .filter_map(|d| postmaster_pid(d))
+        .zip(["primary", "s1", "s2"])
+        .filter_map(|(d, label)| Some(Proc::new(label, postmaster_pid(d)?, Scope::Tree)))
         .collect();
     bench_postgres("sr", p0, &pids, spec, points).await?;
     if spec.reads {
@@ -684,7 +800,7 @@ async fn bench_sr(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result<(
 /// points are printed with their ratio to it.
 async fn bench_standby_reads(
     port: u16,
-    pids: &[i32],
+    pids: &[Proc],
     spec: &BenchSpec,
     points: &mut Vec<Point>,
 ) -> anyhow::Result<()> {
@@ -749,7 +865,10 @@ async fn bench_solo(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result
     s.initdb(&d)?;
     s.start(&d, port)?;
     s.datadirs.push(d.clone());
-    let pids: Vec<i32> = postmaster_pid(&d).into_iter().collect();
+    let pids: Vec<Proc> = postmaster_pid(&d)
+        .map(|p| Proc::new("solo", p, Scope::Tree))
+        .into_iter()
+        .collect();
     bench_postgres("solo", port, &pids, spec, points).await
 }
 
@@ -788,6 +907,17 @@ fn print_point(p: &Point, earlier: &[Point]) {
         "{:<24} {:>4} clients {:>9.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  p999 {:>7.2} ms  errors {:>5}  rss {:>6.0} MiB  cpu {:>4.2}  {}",
         p.system, p.clients, p.ops_per_sec, p.p50_ms, p.p99_ms, p.p999_ms, p.errors, p.rss_mb, p.cpu, ratios.join(", ")
     );
+    if !p.cpu_us.is_empty() {
+        let parts: Vec<String> = p
+            .cpu_us
+            .iter()
+            .map(|(l, us)| format!("{l} {us:.0}"))
+            .collect();
+        let busiest = busiest_machine(&p.cpu_us)
+            .map(|(m, us)| format!("  busiest machine {m} {us:.0}"))
+            .unwrap_or_default();
+        println!("    cpu µs/op: {}{busiest}", parts.join(" · "));
+    }
 }
 
 /// Runs the benchmark and prints the table (peers first, so raftpg's lines carry ratios).
@@ -838,11 +968,59 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<Vec<Point>> {
         let mut text = String::new();
         for p in &points {
             text.push_str(&format!(
-                "{{\"system\":\"{}\",\"clients\":{},\"ops_per_sec\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"errors\":{},\"rss_mb\":{:.1},\"cpu\":{:.2}}}\n",
-                p.system, p.clients, p.ops_per_sec, p.p50_ms, p.p99_ms, p.p999_ms, p.errors, p.rss_mb, p.cpu
+                "{{\"system\":\"{}\",\"clients\":{},\"ops_per_sec\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"errors\":{},\"rss_mb\":{:.1},\"cpu\":{:.2},\"cpu_us\":{}}}\n",
+                p.system, p.clients, p.ops_per_sec, p.p50_ms, p.p99_ms, p.p999_ms, p.errors, p.rss_mb, p.cpu,
+                serde_json::Value::Object(
+                    p.cpu_us
+                        .iter()
+                        .map(|(l, us)| (l.clone(), serde_json::json!((us * 10.0).round() / 10.0)))
+                        .collect()
+                )
             ));
         }
         std::fs::write(out, text)?;
     }
     Ok(points)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_machine_is_a_node_and_its_postgres_and_the_client_is_elsewhere() {
+        let us = |v: &[(&str, f64)]| -> Vec<(String, f64)> {
+            v.iter().map(|(l, u)| (l.to_string(), *u)).collect()
+        };
+        let raftpg = us(&[
+            ("node1*", 80.0),
+            ("node1*-pg", 40.0),
+            ("node2", 50.0),
+            ("node2-pg", 45.0),
+            ("client", 500.0),
+        ]);
+        assert_eq!(busiest_machine(&raftpg), Some(("node1*".into(), 120.0)));
+        let sr = us(&[
+            ("primary", 70.0),
+            ("s1", 30.0),
+            ("s2", 31.0),
+            ("client", 9.0),
+        ]);
+        assert_eq!(busiest_machine(&sr), Some(("primary".into(), 70.0)));
+        assert_eq!(busiest_machine(&us(&[("client", 1.0)])), None);
+    }
+
+    #[test]
+    fn this_process_uses_cpu_and_has_no_children() {
+        let me = Proc::client();
+        let spin = Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < Duration::from_millis(120) {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        assert!(x > 0);
+        assert!(me.cpu() >= 0.05, "{}", me.cpu());
+        let kids = Proc::new("kids", me.pid, Scope::Descendants);
+        assert!(kids.cpu() < 0.05, "{}", kids.cpu());
+    }
 }

@@ -35,6 +35,14 @@ pub fn read_points(path: &Path) -> anyhow::Result<Vec<Point>> {
             errors: num("errors") as u64,
             rss_mb: num("rss_mb"),
             cpu: num("cpu"),
+            cpu_us: v["cpu_us"]
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, us)| (k.clone(), us.as_f64().unwrap_or(0.0)))
+                        .collect()
+                })
+                .unwrap_or_default(),
         });
     }
     Ok(out)
