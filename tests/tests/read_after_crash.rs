@@ -7,8 +7,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use raftpg_client::local_cluster::metrics_addr_of;
 use raftpg_client::v1::{Consistency, QueryRequest};
-use testkit::{start_cluster, values, TestCluster};
+use testkit::{http_get, metric, start_cluster, values, TestCluster};
 use tonic::Code;
 
 /// Acknowledged writes before the crash.
@@ -43,6 +44,14 @@ fn walwriter_pid(tc: &TestCluster, id: u64) -> Option<i32> {
 }
 
 /// A count of the acknowledged rows at `consistency` on node `id`, bounded to 2 s.
+/// Reads node `id` ran directly so far (its metrics).
+async fn direct_reads(tc: &TestCluster, id: u64) -> f64 {
+    let (_, text) = http_get(&metrics_addr_of(&tc.addr_of(id)), "/metrics")
+        .await
+        .unwrap();
+    metric(&text, "raftpg_read_paths_total{path=\"direct\"}").unwrap_or(0.0)
+}
+
 fn count_request(consistency: Consistency, min_index: u64) -> QueryRequest {
     QueryRequest {
         sql: "SELECT count(*) FROM acked".into(),
@@ -58,6 +67,11 @@ fn count_request(consistency: Consistency, min_index: u64) -> QueryRequest {
 /// the node's supervisor; no write follows. On every node, LINEARIZABLE and AT_LEAST(last
 /// write) reads that answer must count all five rows, never fewer, and within 30 s every node
 /// answers them. The copies are identical afterwards.
+///
+/// Every node also answered these reads before the crash, so their read connections ran them
+/// directly (one statement, trusting the applier's incarnation token, see
+/// `apply::state_machine::Held`); the idle applier notices the crash only later, so a token
+/// that survived the crash would let reads skip the lost commits here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_writes_stay_visible_after_the_leaders_postgres_crashes() {
     let tc = start_cluster("read_after_crash", 92, 3).await.unwrap();
@@ -89,6 +103,20 @@ async fn acknowledged_writes_stay_visible_after_the_leaders_postgres_crashes() {
         leader,
         "leadership moved during the writes"
     );
+    // Reads before the crash: the first prepares, the next run directly.
+    for id in 1..=3u64 {
+        for (level, min_index) in [(Consistency::Linearizable, 0), (Consistency::AtLeast, last)] {
+            for _ in 0..3 {
+                let r = c
+                    .query_node((id - 1) as usize, count_request(level, min_index))
+                    .await
+                    .unwrap();
+                assert_eq!(values::as_i64(&r.rows[0].values[0]), Some(WRITES));
+            }
+        }
+    }
+    let direct_before = direct_reads(&tc, leader).await;
+    assert!(direct_before >= 2.0, "the leader ran no direct read");
     let old_postmaster = tc.cluster.node(leader).postgres_pid();
     assert!(tc.cluster.signal_postgres(leader, libc::SIGKILL));
     // The held WAL writer may have been reparented before signal_postgres saw it as a child;
@@ -156,6 +184,45 @@ async fn acknowledged_writes_stay_visible_after_the_leaders_postgres_crashes() {
         "every node answered all {WRITES} rows {:?} after the crash",
         crashed.elapsed()
     );
+    // What makes the direct reads safe here: the token's table is one PostgreSQL empties in
+    // crash recovery (the idle applier may notice the crash after the first reads arrive).
+    for id in 1..=3u64 {
+        let persistence: i8 = tc
+            .pg(id)
+            .await
+            .unwrap()
+            .query_one(
+                "SELECT relpersistence FROM pg_class WHERE oid = 'raftpg.incarnation'::regclass",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            persistence as u8, b'u',
+            "node {id}: raftpg.incarnation is not unlogged"
+        );
+    }
+    // Once the applier is back with a new token, reads run directly again.
+    let again = Instant::now();
+    loop {
+        let r = c
+            .query_node(
+                (leader - 1) as usize,
+                count_request(Consistency::AtLeast, last),
+            )
+            .await
+            .unwrap();
+        assert_eq!(values::as_i64(&r.rows[0].values[0]), Some(WRITES));
+        if direct_reads(&tc, leader).await > direct_before {
+            break;
+        }
+        assert!(
+            again.elapsed() < RECOVERY_MAX,
+            "no direct read on node {leader} after the crash"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tc.assert_identical(&[1, 2, 3])
         .await
         .expect("identical copies after the replay");
