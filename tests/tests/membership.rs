@@ -320,3 +320,70 @@ async fn a_lagging_learner_is_promoted_only_when_caught_up_or_forced() {
     assert!(reached >= last, "node 4 reached {reached} < {last}");
     tc.assert_identical(&[1, 2, 3, 4, 5]).await.unwrap();
 }
+
+/// A node re-added empty catches up from the log while the leader is a node that was itself
+/// removed and re-added earlier. Catching up, the new node appends the old entries in chunks,
+/// and after the chunk holding the membership without the leader it still has to accept that
+/// leader's next AppendEntries (found by the jepsen membership run: the node refused the
+/// leader as "not a member" for good and never became a voter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_catching_up_from_the_log_follows_a_leader_its_old_entries_exclude() {
+    let mut tc = start_cluster_with("rejoin_log", 133, 3, &[]).await.unwrap();
+    let addrs: Vec<String> = (1..=3).map(|id| tc.addr_of(id)).collect();
+    let c = tc.client_of(&addrs);
+    c.execute_one("CREATE TABLE t (id serial PRIMARY KEY, v text)", vec![])
+        .await
+        .unwrap();
+    let leader = c.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let first = (1..=3).find(|id| *id != leader).unwrap();
+    tc.cluster.kill_node(first);
+    tc.cluster.wipe_node(first).unwrap();
+    c.remove(&[first]).await.unwrap();
+    // More entries than one AppendEntries carries (512) between the membership without
+    // `first` and the one that adds it back (one writer: concurrent writes share entries).
+    for i in 0..600 {
+        c.execute_one(
+            "INSERT INTO t (v) VALUES ($1)",
+            vec![values::text(format!("w{i}"))],
+        )
+        .await
+        .unwrap();
+    }
+    tc.cluster
+        .start_joining_node(first, &tc.addr_of(first))
+        .unwrap();
+    c.add_learner(first, &tc.peer_addr_of(first), true)
+        .await
+        .unwrap();
+    c.promote(&[first]).await.unwrap();
+    c.transfer_leader(first).await.unwrap();
+    assert_eq!(
+        c.wait_for_leader(Duration::from_secs(30)).await.unwrap(),
+        first
+    );
+
+    // Now another node is lost and re-added; the log was never compacted, so it catches up
+    // from index 1, through the entries that exclude its leader.
+    let second = (1..=3).find(|id| *id != first).unwrap();
+    tc.cluster.kill_node(second);
+    tc.cluster.wipe_node(second).unwrap();
+    c.remove(&[second]).await.unwrap();
+    tc.cluster
+        .start_joining_node(second, &tc.addr_of(second))
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        c.add_learner(second, &tc.peer_addr_of(second), true),
+    )
+    .await
+    .expect("the re-added node never caught up from the log")
+    .unwrap();
+    c.promote(&[second]).await.unwrap();
+    let check = c.check(Duration::from_secs(120)).await.unwrap();
+    assert!(
+        check.identical,
+        "{:?} {:?}",
+        check.differences, check.missing_nodes
+    );
+    assert_eq!(check.nodes.len(), 3);
+}

@@ -8,8 +8,9 @@
 //!
 //! [`PeerAuth::caller`]: with TLS on (`--tls-dir`), only a node certificate of
 //! the cluster CA (TLS verified the chain) that names a current member
-//! ([`Service::is_peer`]: in the membership last appended or last applied here, or any node
-//! while this node has no membership yet and waits to be added) — and, for a message that
+//! ([`Service::is_peer`]: in the membership last appended or last applied here, the leader
+//! this node follows — a node catching up appends old memberships that may not hold its
+//! leader —, or any node while this node has no membership yet and waits to be added) — and, for a message that
 //! claims a sender (the leader of an AppendEntries or InstallSnapshot, the candidate of a
 //! Vote, the node publishing its address), the node the certificate names. A removed node's
 //! certificate is refused once its removal is applied. Without TLS every caller is accepted (`--tls-dir` not

@@ -228,13 +228,24 @@ impl Service {
     /// Whether node `node` may talk to this one as a peer: while this node has no membership
     /// yet (it waits to be added), any node; then a node of the effective membership (the last
     /// in the log) or of the last membership applied here — a node being removed stays a peer
-    /// until its removal is applied, so the outgoing leader can finish the change.
+    /// until its removal is applied, so the outgoing leader can finish the change — and the
+    /// leader this node currently follows.
     pub fn is_peer(&self, node: NodeId) -> bool {
         {
             let m = self.raft.metrics();
             let m = m.borrow();
             let membership = m.membership_config.membership();
-            if membership.nodes().next().is_none() || membership.get_node(&node).is_some() {
+            // The leader this node follows is accepted too: a node catching up appends old
+            // entries first, and the membership of the last one it appended may be one the
+            // leader was not in then (removed and added again since). Refusing the leader there
+            // stranded the node for good (seen in the jepsen membership run; test:
+            // membership.rs, a_node_catching_up_from_the_log_follows_a_leader_its_old_entries_
+            // exclude). It was accepted as leader by this rule to begin with, and stops being
+            // followed when a new leader is elected.
+            if membership.nodes().next().is_none()
+                || membership.get_node(&node).is_some()
+                || m.current_leader == Some(node)
+            {
                 return true;
             }
         }
