@@ -218,6 +218,16 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_SNAPSHOT_KEEP_ENTRIES", default_value_t = 2_000)]
     pub snapshot_keep_entries: u64,
 
+    /// Apply the leader's own entries only once Raft committed them, instead of executing them
+    /// while they replicate (and committing them in PostgreSQL once Raft did). For comparisons.
+    #[arg(long, env = "RAFTPG_NO_SPECULATION")]
+    pub no_speculation: bool,
+
+    /// Longest the leader keeps an entry it executed open, waiting for Raft to commit it, before
+    /// rolling it back (it is then applied when committed), in milliseconds.
+    #[arg(long, env = "RAFTPG_SPECULATION_WAIT_MAX_MS", default_value_t = 2_000)]
+    pub speculation_wait_max_ms: u64,
+
     /// Most entries applied in one PostgreSQL transaction.
     #[arg(long, env = "RAFTPG_APPLY_BATCH_MAX", default_value_t = 256)]
     pub apply_batch_max: usize,

@@ -73,6 +73,12 @@ pub struct Metrics {
     /// Reads run, by how (`direct`: one statement; `pipelined`: in a transaction, statements
     /// prepared before; `prepared`: prepared now, step by step). See `service::read`.
     pub read_paths: IntCounterVec,
+    /// The leader's speculations (entries executed while they replicate), by how they ended:
+    /// `kept`, `dropped` (the committed log differed, or the connection went), `expired`,
+    /// `failed` (an error while executing), `skipped` (not started: not ready).
+    pub speculations: IntCounterVec,
+    /// Time from a speculation's execution to its commit (seconds).
+    pub speculation_seconds: Histogram,
     /// Requests refused by a limit, by the limit's SQLSTATE (54000 size, 53300 too many, …).
     pub refused: IntCounterVec,
     /// Errors answered, by SQLSTATE class (the first two characters).
@@ -177,6 +183,19 @@ impl Metrics {
                 "Reads run by this node, by how: direct (one statement), pipelined (in a transaction), prepared (statement prepared first).",
                 &["path"],
             ),
+            speculations: counter_vec(
+                "raftpg_speculations_total",
+                "The leader's entries executed while they replicate, by how it ended: kept, dropped, expired, failed, skipped.",
+                &["outcome"],
+            ),
+            speculation_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "raftpg_speculation_seconds",
+                    "Time from executing a speculated entry to committing it.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("a valid metric"),
             refused: counter_vec(
                 "raftpg_refused_total",
                 "Requests refused by a limit, by SQLSTATE.",
@@ -253,6 +272,8 @@ impl Metrics {
             Box::new(m.reads.clone()),
             Box::new(m.read_seconds.clone()),
             Box::new(m.read_paths.clone()),
+            Box::new(m.speculations.clone()),
+            Box::new(m.speculation_seconds.clone()),
             Box::new(m.refused.clone()),
             Box::new(m.errors.clone()),
             Box::new(m.proposal_writes.clone()),

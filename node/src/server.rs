@@ -247,6 +247,8 @@ async fn start_raft(cfg: &NodeConfig, started: &Started) -> anyhow::Result<RaftP
             result_rows_max: cfg.write_result_rows_max,
             result_bytes_max: cfg.write_result_bytes_max,
             request_retention_writes: cfg.request_retention_writes,
+            no_speculation: cfg.no_speculation,
+            speculation_wait_max: Duration::from_millis(cfg.speculation_wait_max_ms.max(1)),
             ..ApplyLimits::default()
         },
         status: applier.clone(),

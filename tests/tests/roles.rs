@@ -322,8 +322,10 @@ async fn credentials_are_checked_and_only_administrators_run_the_cluster() {
     assert_eq!(by, vec!["jösé".to_string()]);
 }
 
-/// The count of rows of `table` on every node, read directly from each PostgreSQL.
+/// The count of rows of `table` on every node, read directly from each PostgreSQL once every
+/// node applied the same index (followers learn a commit after the leader answered it).
 async fn counts(tc: &testkit::TestCluster, table: &str) -> Vec<i64> {
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
     let mut out = Vec::new();
     for id in 1..=3 {
         let pg = tc.pg(id).await.unwrap();

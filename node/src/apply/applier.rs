@@ -412,6 +412,40 @@ impl Applier {
         Ok(())
     }
 
+    /// Sends what is pending for the entries applied so far and records the batch's applied
+    /// position, in one round trip, leaving the transaction open: a speculation
+    /// (`state_machine`, docs/write-path.md) committed by [`Applier::commit`] or rolled back by
+    /// [`Applier::abandon_transaction`].
+    pub async fn flush_uncommitted(
+        &mut self,
+        pending: Pending,
+        end: &BatchEnd,
+    ) -> Result<(), EnvError> {
+        let this = &*self;
+        let params: [&(dyn ToSql + Sync); 4] =
+            [&end.log_index, &end.log_id, &end.membership, &end.writes];
+        // `ddl_in_transaction`: the batch may have changed roles.
+        let record = if this.ddl_in_transaction {
+            &this.record_applied_roles
+        } else {
+            &this.record_applied
+        };
+        let (finished, recorded) =
+            tokio::join!(this.finish(pending), this.client.execute(record, &params));
+        finished?;
+        recorded?;
+        Ok(())
+    }
+
+    /// Commits the transaction [`Applier::flush_uncommitted`] left open. (Its last statement
+    /// succeeded, so the transaction is not in the failed state, which `COMMIT` would turn into
+    /// a rollback without an error.)
+    pub async fn commit(&mut self) -> Result<(), EnvError> {
+        self.client.batch_execute("COMMIT").await?;
+        self.committed_ddl |= std::mem::take(&mut self.ddl_in_transaction);
+        Ok(())
+    }
+
     /// Whether a transaction that ran DDL committed since the last call.
     pub fn take_committed_ddl(&mut self) -> bool {
         std::mem::take(&mut self.committed_ddl)

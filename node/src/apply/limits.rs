@@ -18,6 +18,11 @@ pub struct ApplyLimits {
     pub retry_backoff_max: Duration,
     /// For how many later writes a request id's result is kept for retries.
     pub request_retention_writes: u64,
+    /// Do not execute the leader's entries before Raft commits them (`state_machine`,
+    /// `Speculation`): apply them only when committed, as followers do.
+    pub no_speculation: bool,
+    /// Longest a speculation stays open waiting for Raft's commit before it is rolled back.
+    pub speculation_wait_max: Duration,
 }
 
 impl Default for ApplyLimits {
@@ -28,6 +33,8 @@ impl Default for ApplyLimits {
             result_bytes_max: 16 * 1024 * 1024,
             retry_backoff_max: Duration::from_secs(2),
             request_retention_writes: 1_000_000,
+            no_speculation: false,
+            speculation_wait_max: Duration::from_secs(2),
         }
     }
 }

@@ -326,6 +326,38 @@ struct StateMachineCore {
     /// `EnvError::FastRunAbandoned`): after a fast run fails, the next few batches are likely
     /// to hold failing writes too.
     careful_batches: u32,
+    /// Entries executed in the applier's open transaction before Raft committed them (see
+    /// [`Speculation`]); at most one.
+    speculation: Option<Speculation>,
+}
+
+/// Entries this node appended as leader, executed in the applier's open transaction while
+/// Raft replicates them, not committed (docs/write-path.md, "execute now, keep if committed
+/// here"). Kept — committed, its outcomes answered — only when openraft applies exactly these
+/// log ids; rolled back (sequences restored) when it applies anything else, when the
+/// connection drops, or after [`ApplyLimits::speculation_wait_max`]. Nothing of it is visible
+/// before it is kept: its transaction is open.
+struct Speculation {
+    /// The entries' log ids, in order.
+    log_ids: Vec<LogId>,
+    /// What the batch records (as [`Executed`]).
+    last: LogId,
+    writes: u64,
+    membership: StoredMembership,
+    /// One outcome per entry.
+    outcomes: Vec<ApplyOutcome>,
+    /// When it was executed.
+    since: std::time::Instant,
+}
+
+/// Entries executed in the applier's transaction, with what the batch records.
+struct Executed {
+    last: LogId,
+    writes: u64,
+    membership: StoredMembership,
+    item_outcomes: Vec<ApplyOutcome>,
+    pending: Pending,
+    end: BatchEnd,
 }
 
 /// Batches applied with a savepoint per write after a fast run had to be abandoned.
@@ -370,6 +402,7 @@ impl StateMachineCore {
             shutdown: p.shutdown,
             pipeline: true,
             careful_batches: 0,
+            speculation: None,
         }
     }
 
@@ -443,6 +476,12 @@ impl StateMachineCore {
     /// holds is unknown until it connects again.
     fn disconnect(&mut self) {
         self.status.set_held(None);
+        if self.speculation.take().is_some() {
+            crate::metrics::get()
+                .speculations
+                .with_label_values(&["dropped"])
+                .inc();
+        }
         self.applier = None;
     }
 
@@ -478,6 +517,16 @@ impl StateMachineCore {
     /// Applies one batch in one transaction. Entries already in PostgreSQL (a commit whose
     /// acknowledgement was lost) are skipped, never applied twice.
     async fn apply_batch(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
+        let (mut kept, batch) = self.settle_speculation(batch).await?;
+        if batch.is_empty() {
+            return Ok(kept);
+        }
+        kept.extend(self.apply_unspeculated(batch).await?);
+        Ok(kept)
+    }
+
+    /// [`Self::apply_batch`] of entries no speculation covers.
+    async fn apply_unspeculated(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
         self.connect().await?;
         if let Some(first) = batch.first() {
             self.replay_lost(first.log_id.index).await?;
@@ -537,23 +586,46 @@ impl StateMachineCore {
     /// Commits `batch` in one transaction together with the new applied index (invariant 1).
     async fn commit_entries(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
         let (mut outcomes, fresh) = self.split_applied_before(batch).await?;
-        let Some(last) = fresh.last().map(|e| e.log_id) else {
+        let Some(x) = self.execute_fresh(&fresh).await? else {
             return Ok(outcomes);
+        };
+        self.applier
+            .as_mut()
+            .ok_or(EnvError::NotConnected)?
+            .flush(x.pending, Some(&x.end))
+            .await?;
+        self.committed(x.last, x.writes, x.membership);
+        outcomes.extend(entry_outcomes(&fresh, x.item_outcomes)?);
+        Ok(outcomes)
+    }
+
+    /// Runs `fresh` (entries PostgreSQL does not hold, in order) in the applier's transaction
+    /// and computes what the batch records; sends nothing that ends the transaction.
+    async fn execute_fresh(&mut self, fresh: &[&Entry]) -> Result<Option<Executed>, EnvError> {
+        let Some(last) = fresh.last().map(|e| e.log_id) else {
+            return Ok(None);
         };
         let mut items = Vec::with_capacity(fresh.len());
         let mut writes = self.applied_writes;
-        for e in &fresh {
+        for e in fresh {
             push_items(e, &mut writes, &mut items);
         }
         let expired = self.expire_requests(writes).await?;
         let mut membership = self.membership.clone();
         let (item_outcomes, pending) = self.apply_items(&items, !expired, &mut membership).await?;
         let end = batch_end(last, writes, &membership)?;
-        self.applier
-            .as_mut()
-            .ok_or(EnvError::NotConnected)?
-            .flush(pending, Some(&end))
-            .await?;
+        Ok(Some(Executed {
+            last,
+            writes,
+            membership,
+            item_outcomes,
+            pending,
+            end,
+        }))
+    }
+
+    /// Records in memory that the transaction ending at `last` committed.
+    fn committed(&mut self, last: LogId, writes: u64, membership: StoredMembership) {
         if self
             .applier
             .as_mut()
@@ -566,8 +638,132 @@ impl StateMachineCore {
         self.applied_writes = writes;
         self.status.set_members(&membership);
         self.membership = membership;
-        outcomes.extend(entry_outcomes(&fresh, item_outcomes)?);
-        Ok(outcomes)
+    }
+
+    /// Executes `entry`, which this node appended as leader, while Raft replicates it: a
+    /// speculation (docs/write-path.md). Only when PostgreSQL holds exactly the entries before
+    /// it, nothing else is open, and the fast path is on; otherwise (and on any error) the entry
+    /// is simply applied when committed.
+    async fn speculate(&mut self, entry: Entry) {
+        let m = crate::metrics::get();
+        let connected = self.applier.as_ref().is_some_and(|a| !a.is_closed());
+        let ready = !self.limits.no_speculation
+            && self.speculation.is_none()
+            && self.pipeline
+            && self.careful_batches == 0
+            && connected
+            && self
+                .applied
+                .is_some_and(|l| l.index + 1 == entry.log_id.index)
+            && self.log_applied == self.applied.map(|l| l.index);
+        if !ready {
+            m.speculations.with_label_values(&["skipped"]).inc();
+            return;
+        }
+        let batch = [entry];
+        let fresh: Vec<&Entry> = batch.iter().collect();
+        let since = std::time::Instant::now();
+        let executed = async {
+            let x = self
+                .execute_fresh(&fresh)
+                .await?
+                .ok_or(EnvError::NotConnected)?;
+            self.applier
+                .as_mut()
+                .ok_or(EnvError::NotConnected)?
+                .flush_uncommitted(x.pending, &x.end)
+                .await?;
+            Ok::<_, EnvError>(Speculation {
+                log_ids: vec![batch[0].log_id],
+                last: x.last,
+                writes: x.writes,
+                membership: x.membership,
+                outcomes: entry_outcomes(&fresh, x.item_outcomes)?,
+                since,
+            })
+        }
+        .await;
+        match executed {
+            Ok(spec) => self.speculation = Some(spec),
+            Err(e) => {
+                debug!(node = self.node_id, index = batch[0].log_id.index, error = %e,
+                       "speculation abandoned; the entry is applied when committed");
+                m.speculations.with_label_values(&["failed"]).inc();
+                self.abandon_open_transaction().await;
+            }
+        }
+    }
+
+    /// Keeps the open speculation if `batch` (committed entries) starts with exactly its
+    /// entries — same terms, same indexes: commits it and returns its outcomes and the rest of
+    /// the batch. Otherwise rolls it back first (sequences restored), and the whole batch is
+    /// applied as on any node.
+    async fn settle_speculation<'b>(
+        &mut self,
+        batch: &'b [Entry],
+    ) -> Result<(Vec<ApplyOutcome>, &'b [Entry]), EnvError> {
+        let Some(spec) = self.speculation.take() else {
+            return Ok((Vec::new(), batch));
+        };
+        let m = crate::metrics::get();
+        let n = spec.log_ids.len();
+        let same = batch.len() >= n
+            && batch[..n]
+                .iter()
+                .map(|e| e.log_id)
+                .eq(spec.log_ids.iter().copied());
+        if !same {
+            info!(node = self.node_id, speculated = ?spec.log_ids, committed = ?batch.first().map(|e| e.log_id),
+                  "the committed log differs from the speculated entries; rolling them back");
+            m.speculations.with_label_values(&["dropped"]).inc();
+            self.abandon_open_transaction().await;
+            return Ok((Vec::new(), batch));
+        }
+        self.applier
+            .as_mut()
+            .ok_or(EnvError::NotConnected)?
+            .commit()
+            .await?;
+        self.committed(spec.last, spec.writes, spec.membership);
+        m.speculations.with_label_values(&["kept"]).inc();
+        m.speculation_seconds
+            .observe(spec.since.elapsed().as_secs_f64());
+        Ok((spec.outcomes, &batch[n..]))
+    }
+
+    /// Rolls back a speculation still open after `wait_max` (Raft did not commit its entries:
+    /// this node may be cut off), so that its locks do not outlive it.
+    async fn expire_speculation(&mut self, wait_max: Duration) {
+        if self
+            .speculation
+            .as_ref()
+            .is_some_and(|s| s.since.elapsed() >= wait_max)
+        {
+            self.speculation = None;
+            info!(
+                node = self.node_id,
+                "speculation not committed in time; rolled back"
+            );
+            crate::metrics::get()
+                .speculations
+                .with_label_values(&["expired"])
+                .inc();
+            self.abandon_open_transaction().await;
+        }
+    }
+
+    /// Rolls back the applier's open transaction and puts the sequences back where the last
+    /// commit left them (they are not transactional); drops the connection if that fails
+    /// (which aborts the transaction; `connect` restores the sequences).
+    async fn abandon_open_transaction(&mut self) {
+        let abandoned = match self.applier.as_mut() {
+            Some(a) => a.abandon_transaction(RESTORE_SEQUENCES_SQL).await,
+            None => Err(EnvError::NotConnected),
+        };
+        if let Err(e) = abandoned {
+            debug!(error = %e, "rolling back failed; reconnecting");
+            self.disconnect();
+        }
     }
 
     /// Splits `batch` into the outcomes of its entries PostgreSQL committed before (a
@@ -972,10 +1168,19 @@ impl PgStateMachine {
     /// Creates the state machine (it connects lazily) and starts its replay task.
     pub fn new(p: StateMachineParts) -> Self {
         let shutdown = p.shutdown.clone();
+        let (own, appended) = tokio::sync::mpsc::channel(SPECULATION_QUEUE);
+        p.log.hand_own_appends(p.node_id, own);
+        let wait_max = p.limits.speculation_wait_max;
         let core = Arc::new(tokio::sync::Mutex::new(StateMachineCore::new(p)));
         tokio::spawn(replay_when_postgres_returns(
             Arc::downgrade(&core),
+            shutdown.clone(),
+        ));
+        tokio::spawn(speculate_own_appends(
+            Arc::downgrade(&core),
+            appended,
             shutdown,
+            wait_max,
         ));
         PgStateMachine { core }
     }
@@ -1042,6 +1247,44 @@ impl Rebuilder {
             .await
             .map_err(|e| e.to_string())?;
         Ok(meta)
+    }
+}
+
+/// Most appended entries waiting to be speculated (more are applied when committed).
+const SPECULATION_QUEUE: usize = 64;
+
+/// Runs until shutdown: executes the entries this node appends as leader while they replicate
+/// ([`StateMachineCore::speculate`]), and rolls back a speculation Raft did not commit within
+/// `wait_max`.
+async fn speculate_own_appends(
+    core: std::sync::Weak<tokio::sync::Mutex<StateMachineCore>>,
+    mut appended: tokio::sync::mpsc::Receiver<Entry>,
+    mut shutdown: watch::Receiver<bool>,
+    wait_max: Duration,
+) {
+    let mut open_until: Option<tokio::time::Instant> = None;
+    loop {
+        let expire_at = open_until.unwrap_or_else(|| tokio::time::Instant::now() + wait_max);
+        let entry = tokio::select! {
+            e = appended.recv() => match e {
+                Some(e) => Some(e),
+                None => return,
+            },
+            _ = tokio::time::sleep_until(expire_at), if open_until.is_some() => None,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let Some(core) = core.upgrade() else {
+            return;
+        };
+        let mut core = core.lock().await;
+        match entry {
+            Some(entry) => core.speculate(entry).await,
+            None => core.expire_speculation(wait_max).await,
+        }
+        open_until = core
+            .speculation
+            .as_ref()
+            .map(|s| tokio::time::Instant::from_std(s.since) + wait_max);
     }
 }
 

@@ -22,11 +22,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
-use openraft::{OptionalSend, StorageError, StorageIOError, Vote};
+use openraft::{EntryPayload, OptionalSend, StorageError, StorageIOError, Vote};
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 use tokio::sync::watch;
 
-use crate::command::{Entry, LogId, NodeId, TypeConfig};
+use crate::command::{Command, Entry, LogId, NodeId, TypeConfig};
 
 const CF_LOGS: &str = "logs";
 const CF_META: &str = "meta";
@@ -85,6 +85,9 @@ pub struct LogStore {
     flusher: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
     /// What purges wait for (set once, by the state machine, before openraft can purge).
     purge_limit: Arc<OnceLock<watch::Receiver<PurgeLimit>>>,
+    /// Where this node's own appended writes go (set once, by the state machine): this node's
+    /// id and the state machine's speculation queue (see [`LogStore::hand_own_appends`]).
+    own_appends: Arc<OnceLock<(NodeId, tokio::sync::mpsc::Sender<Entry>)>>,
 }
 
 /// Fsyncs the write-ahead log for every batch of waiting appends, then reports them flushed,
@@ -152,6 +155,7 @@ impl LogStore {
             db,
             flusher,
             purge_limit: Arc::new(OnceLock::new()),
+            own_appends: Arc::new(OnceLock::new()),
         })
     }
 
@@ -160,6 +164,13 @@ impl LogStore {
     /// the state machine's applied state before anything else). A second call is ignored.
     pub fn limit_purges(&self, limit: watch::Receiver<PurgeLimit>) {
         let _ = self.purge_limit.set(limit);
+    }
+
+    /// From now on, every write entry appended that node `me` created as leader (its log id's
+    /// leader is `me`) is also offered to `queue` once written (dropped when the queue is full):
+    /// the state machine executes it while it replicates. A second call is ignored.
+    pub fn hand_own_appends(&self, me: NodeId, queue: tokio::sync::mpsc::Sender<Entry>) {
+        let _ = self.own_appends.set((me, queue));
     }
 
     /// Waits until a durable snapshot covers `upto` (see [`PurgeLimit`]). Immediate for every
@@ -338,10 +349,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = WriteBatch::default();
+        let own = self.own_appends.get();
+        let mut offered = Vec::new();
         for entry in entries {
             let bytes =
                 serde_json::to_vec(&entry).map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
             batch.put_cf(self.cf_logs(), index_key(entry.log_id.index), bytes);
+            let is_write = matches!(
+                entry.payload,
+                EntryPayload::Normal(Command::Sql(_) | Command::Batch(_))
+            );
+            if own.is_some_and(|(me, _)| entry.log_id.leader_id.node_id == *me) && is_write {
+                offered.push(entry);
+            }
         }
         // Written now (readable at once, in order), made durable by the flusher thread, which
         // fsyncs the write-ahead log once for every append queued meanwhile (group commit)
@@ -353,6 +373,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if let Err(std::sync::mpsc::SendError(callback)) = self.flusher.send(callback) {
             callback.log_io_completed(Err(io_err("the log flusher stopped")));
             return Err(StorageIOError::write_logs(&io_err("the log flusher stopped")).into());
+        }
+        if let Some((_, queue)) = own {
+            for entry in offered {
+                let _ = queue.try_send(entry);
+            }
         }
         Ok(())
     }
