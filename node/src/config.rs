@@ -87,7 +87,7 @@ pub struct NodeConfig {
     /// Run without TLS: plaintext, anyone who reaches the ports can call every RPC, including
     /// the nodes' own (Raft), and requests without credentials run as raftpg itself. Only for
     /// a network nobody else can reach.
-    #[arg(long, env = "RAFTPG_INSECURE")]
+    #[arg(long, env = "RAFTPG_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
 
     /// Initial voters, `id=host:port` comma-separated, including this node, where `host:port`
@@ -99,7 +99,7 @@ pub struct NodeConfig {
 
     /// Start without forming a cluster: wait to be added to an existing one as a learner
     /// (`raftpg member add`). Ignores --peers.
-    #[arg(long, env = "RAFTPG_JOIN")]
+    #[arg(long, env = "RAFTPG_JOIN", value_parser = clap::builder::BoolishValueParser::new())]
     pub join: bool,
 
     /// Seed this new node from a backup file (`raftpg backup`): its database becomes the
@@ -220,7 +220,7 @@ pub struct NodeConfig {
 
     /// Apply the leader's own entries only once Raft committed them, instead of executing them
     /// while they replicate (and committing them in PostgreSQL once Raft did). For comparisons.
-    #[arg(long, env = "RAFTPG_NO_SPECULATION")]
+    #[arg(long, env = "RAFTPG_NO_SPECULATION", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_speculation: bool,
 
     /// Longest the leader keeps an entry it executed open, waiting for Raft to commit it, before
@@ -239,7 +239,7 @@ pub struct NodeConfig {
 
     /// Rebuild this node from the leader's snapshot as soon as a check finds its copy different
     /// from the majority's (instead of waiting for `raftpg member rebuild`).
-    #[arg(long, env = "RAFTPG_AUTO_REBUILD")]
+    #[arg(long, env = "RAFTPG_AUTO_REBUILD", value_parser = clap::builder::BoolishValueParser::new())]
     pub auto_rebuild: bool,
 
     /// DELIBERATELY BROKEN, for the jepsen self-test only: serve LINEARIZABLE reads from the
