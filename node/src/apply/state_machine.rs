@@ -212,25 +212,47 @@ const BOOTSTRAP_SQL: &str = "
     INSERT INTO raftpg.applied (singleton) VALUES (true) ON CONFLICT DO NOTHING;
     -- The applier's token for this PostgreSQL incarnation (see state_machine::Held).
     CREATE UNLOGGED TABLE IF NOT EXISTS raftpg.incarnation (token bigint NOT NULL);
-    -- The position of every user sequence, {name: [last_value, is_called]}, recorded with each
-    -- batch (see applier::RECORD_APPLIED_SQL). pg_sequence_last_value() is null for a sequence
-    -- not called since its start or a RESTART, whose last_value (the value nextval() will
-    -- return) is then read from the sequence itself.
+    -- The position of every user sequence, recorded with each batch (see
+    -- applier::RECORD_APPLIED_SQL): {name: last_value} for a sequence called since its start
+    -- (is_called), {name: [last_value, false]} for one not called since its start or a RESTART
+    -- (pg_sequence_last_value() is null for it: its last_value, the value nextval() will
+    -- return, is read from the sequence itself). Older versions wrote [last_value, true] for
+    -- called ones; RESTORE_SEQUENCES_SQL reads every form.
+    --
+    -- The list of sequences (oids, and their names as JSON keys) is cached in the session
+    -- settings raftpg.seq_oids / raftpg.seq_keys: naming every sequence at every batch cost
+    -- more than reading them (about 2 µs per sequence per batch). Only DDL creates, drops or
+    -- renames a sequence, and raftpg's event triggers clear the cache on any DDL
+    -- (session_rules::guard_functions_sql); the cache is a session setting, so a rolled-back
+    -- batch also rolls back what it cached, and a new session starts without one.
     CREATE OR REPLACE FUNCTION raftpg.sequence_positions() RETURNS jsonb LANGUAGE plpgsql AS $$
-    DECLARE called jsonb; uncalled text; others jsonb;
+    DECLARE oids oid[]; keys text[]; called jsonb; uncalled text; others jsonb;
     BEGIN
-        SELECT coalesce(jsonb_object_agg(q.name, jsonb_build_array(q.v, true))
-                        FILTER (WHERE q.v IS NOT NULL), '{}'),
-               string_agg(format('SELECT %L AS k, last_value, is_called FROM %s', q.name, q.name),
-                          ' UNION ALL ') FILTER (WHERE q.v IS NULL)
+        IF coalesce(current_setting('raftpg.seq_oids', true), '') = '' THEN
+            SELECT coalesce(array_agg(s.seqrelid ORDER BY s.seqrelid), '{}'),
+                   coalesce(array_agg(to_json(format('%I.%I', n.nspname, c.relname))::text
+                                      ORDER BY s.seqrelid), '{}')
+            INTO oids, keys
+            FROM pg_sequence s
+            JOIN pg_class c ON c.oid = s.seqrelid
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname <> 'raftpg' AND has_sequence_privilege(s.seqrelid, 'SELECT');
+            PERFORM set_config('raftpg.seq_oids', oids::text, false),
+                    set_config('raftpg.seq_keys', keys::text, false);
+        ELSE
+            oids := current_setting('raftpg.seq_oids')::oid[];
+            keys := current_setting('raftpg.seq_keys')::text[];
+        END IF;
+        -- The called ones as JSON text assembled from the cached keys (one parse instead of
+        -- building a jsonb value per sequence).
+        SELECT ('{' || coalesce(string_agg(q.k || ':' || q.v::text, ',') FILTER (WHERE q.v IS NOT NULL), '')
+                || '}')::jsonb,
+               string_agg(format('SELECT %L AS k, last_value, is_called FROM %s',
+                                 q.k::json #>> '{}', q.k::json #>> '{}'), ' UNION ALL ')
+                   FILTER (WHERE q.v IS NULL)
         INTO called, uncalled
-        FROM (SELECT format('%I.%I', n.nspname, c.relname) AS name,
-                     pg_sequence_last_value(s.seqrelid) AS v
-              FROM pg_sequence s
-              CROSS JOIN LATERAL (SELECT relname, relnamespace FROM pg_class
-                                  WHERE oid = s.seqrelid LIMIT 1) c
-              JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname <> 'raftpg' AND has_sequence_privilege(s.seqrelid, 'SELECT')) q;
+        FROM (SELECT u.k, pg_sequence_last_value(u.o) AS v
+              FROM unnest(oids, keys) AS u(o, k)) q;
         IF uncalled IS NOT NULL THEN
             EXECUTE 'SELECT jsonb_object_agg(k, jsonb_build_array(last_value, is_called)) FROM ('
                     || uncalled || ') u' INTO others;

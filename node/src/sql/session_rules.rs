@@ -170,8 +170,9 @@ const DEFER_LISTED: &str = "
 ///   `RP002` if [`GUARDED_STATE_SQL`] differs from `expected`, and resets the constraint modes.
 /// - event trigger `raftpg_ddl` (`ddl_command_end`): refuses, inside a write (when
 ///   `raftpg.ts_us` is set), any DDL on an object of schema raftpg — also DDL run by dynamic
-///   SQL inside functions, which the leader's gate cannot see — and refreshes
-///   `raftpg.deferred` (a session setting: rolled back with the write that changed it).
+///   SQL inside functions, which the leader's gate cannot see — refreshes
+///   `raftpg.deferred` (a session setting: rolled back with the write that changed it), and
+///   clears the list of sequences `raftpg.sequence_positions()` caches (`raftpg.seq_oids`).
 /// - event trigger `raftpg_drop` (`sql_drop`): the same for DROP.
 pub fn guard_functions_sql(raftpg_oid: u32) -> String {
     format!(
@@ -220,6 +221,9 @@ pub fn guard_functions_sql(raftpg_oid: u32) -> String {
                 USING ERRCODE = '42501';
         END IF;
         PERFORM pg_catalog.set_config('raftpg.deferred', after::text, false);
+        -- DDL may have created, dropped or renamed a sequence: forget the list
+        -- raftpg.sequence_positions() caches (apply::state_machine).
+        PERFORM pg_catalog.set_config('raftpg.seq_oids', '', false);
         -- Constraints created deferred by this command start deferred, whatever SET
         -- CONSTRAINTS ALL said before.
         PERFORM raftpg.defer(ARRAY(SELECT x FROM unnest(after) x WHERE x <> ALL (before)));
@@ -233,6 +237,7 @@ pub fn guard_functions_sql(raftpg_oid: u32) -> String {
             RAISE EXCEPTION 'the schema raftpg holds raftpg''s own bookkeeping and cannot be dropped by a write'
                 USING ERRCODE = '42501';
         END IF;
+        PERFORM pg_catalog.set_config('raftpg.seq_oids', '', false);
     END $$;
     DO $$ BEGIN
         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'raftpg_ddl') THEN
