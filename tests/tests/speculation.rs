@@ -71,6 +71,23 @@ async fn an_entry_executed_but_never_committed_leaves_no_trace() {
         "the leader kept no speculation of its writes"
     );
 
+    // A write that fails deterministically (here a duplicate key) is an outcome like any
+    // other: its speculation holds the error (the write's savepoint rolled back) and is kept,
+    // and every node records the same error.
+    let kept_before = speculations(&tc, leader, "kept").await;
+    for _ in 0..3 {
+        let e = c
+            .execute_one("INSERT INTO spec (id, v) VALUES (1, 'dup')", vec![])
+            .await
+            .unwrap_err();
+        assert_eq!(e.sqlstate().as_deref(), Some("23505"), "{e}");
+    }
+    assert!(
+        speculations(&tc, leader, "kept").await > kept_before,
+        "no speculation of a failing write was kept"
+    );
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+
     for round in ["killed", "overwritten"] {
         let leader = c.wait_for_leader(Duration::from_secs(30)).await.unwrap();
         let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();

@@ -711,6 +711,17 @@ impl StateMachineCore {
                 debug!(node = self.node_id, index = batch[0].log_id.index, error = %e,
                        "speculation abandoned; the entry is applied when committed");
                 m.speculations.with_label_values(&["failed"]).inc();
+                // A write of the entry failed in the fast run (or the pipeline broke): its
+                // apply would fail the same way, so apply it (and the next few) the careful
+                // way at once, as `apply_batch_until_done` does after such a failure — and
+                // speculate again only after those.
+                match e {
+                    EnvError::FastRunAbandoned => {
+                        self.careful_batches = CAREFUL_BATCHES_AFTER_ABANDON;
+                    }
+                    EnvError::PipelineAborted => self.pipeline = false,
+                    _ => {}
+                }
                 self.abandon_open_transaction().await;
             }
         }
