@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use raftpg_client::{Client, LocalCluster};
 use testkit::{check_load, start_cluster_with, values, write_load};
 use tonic::Code;
 
@@ -24,6 +25,43 @@ fn log_line(path: &std::path::Path, needle: &str) -> Option<String> {
         .lines()
         .find(|l| l.contains(needle))
         .map(str::to_string)
+}
+
+/// Inserts `n` rows into `t`, one write (one log entry) after the other.
+async fn insert_rows(c: &Client, prefix: &str, n: usize) {
+    for i in 0..n {
+        c.execute_one(
+            "INSERT INTO t (v) VALUES ($1)",
+            vec![values::text(format!("{prefix}{i}"))],
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Node `id` loses its disk: killed, wiped, removed from the cluster.
+async fn lose(cluster: &mut LocalCluster, c: &Client, id: u64) {
+    cluster.kill_node(id);
+    cluster.wipe_node(id).unwrap();
+    c.remove(&[id]).await.unwrap();
+}
+
+/// Starts node `id` empty under the same id and address and adds it back: a learner caught up
+/// within 60 s, then a voter; the cluster check then finds three identical copies.
+async fn add_back(cluster: &mut LocalCluster, c: &Client, id: u64, addr: &str, peer_addr: &str) {
+    cluster.start_joining_node(id, addr).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), c.add_learner(id, peer_addr, true))
+        .await
+        .unwrap_or_else(|_| panic!("node {id} never caught up"))
+        .unwrap();
+    c.promote(&[id]).await.unwrap();
+    let check = c.check(Duration::from_secs(120)).await.unwrap();
+    assert!(
+        check.identical,
+        "{:?} {:?}",
+        check.differences, check.missing_nodes
+    );
+    assert_eq!(check.nodes.len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -189,43 +227,13 @@ async fn wiped_node_is_replaced_and_leadership_transfers() {
     c.execute_one("CREATE TABLE t (id serial PRIMARY KEY, v text)", vec![])
         .await
         .unwrap();
-    for i in 0..250 {
-        c.execute_one(
-            "INSERT INTO t (v) VALUES ($1)",
-            vec![values::text(format!("v{i}"))],
-        )
-        .await
-        .unwrap();
-    }
+    insert_rows(c, "v", 250).await;
     let leader = c.wait_for_leader(Duration::from_secs(30)).await.unwrap();
     let victim = (1..=3).find(|id| *id != leader).unwrap();
-    // The node's disk is lost.
-    tc.cluster.kill_node(victim);
-    tc.cluster.wipe_node(victim).unwrap();
-    c.remove(&[victim]).await.unwrap();
-    for i in 0..50 {
-        c.execute_one(
-            "INSERT INTO t (v) VALUES ($1)",
-            vec![values::text(format!("w{i}"))],
-        )
-        .await
-        .unwrap();
-    }
-    // Re-add it empty, under the same id and address.
-    tc.cluster
-        .start_joining_node(victim, &tc.addr_of(victim))
-        .unwrap();
-    c.add_learner(victim, &tc.peer_addr_of(victim), true)
-        .await
-        .unwrap();
-    c.promote(&[victim]).await.unwrap();
-    let check = c.check(Duration::from_secs(120)).await.unwrap();
-    assert!(
-        check.identical,
-        "{:?} {:?}",
-        check.differences, check.missing_nodes
-    );
-    assert_eq!(check.nodes.len(), 3);
+    lose(&mut tc.cluster, c, victim).await;
+    insert_rows(c, "w", 50).await;
+    let (addr, peer_addr) = (tc.addr_of(victim), tc.peer_addr_of(victim));
+    add_back(&mut tc.cluster, c, victim, &addr, &peer_addr).await;
 
     // Leadership moves to the re-added node; writes go on.
     let r = c.transfer_leader(victim).await.unwrap();
@@ -336,26 +344,12 @@ async fn a_node_catching_up_from_the_log_follows_a_leader_its_old_entries_exclud
         .unwrap();
     let leader = c.wait_for_leader(Duration::from_secs(30)).await.unwrap();
     let first = (1..=3).find(|id| *id != leader).unwrap();
-    tc.cluster.kill_node(first);
-    tc.cluster.wipe_node(first).unwrap();
-    c.remove(&[first]).await.unwrap();
+    lose(&mut tc.cluster, &c, first).await;
     // More entries than one AppendEntries carries (512) between the membership without
     // `first` and the one that adds it back (one writer: concurrent writes share entries).
-    for i in 0..600 {
-        c.execute_one(
-            "INSERT INTO t (v) VALUES ($1)",
-            vec![values::text(format!("w{i}"))],
-        )
-        .await
-        .unwrap();
-    }
-    tc.cluster
-        .start_joining_node(first, &tc.addr_of(first))
-        .unwrap();
-    c.add_learner(first, &tc.peer_addr_of(first), true)
-        .await
-        .unwrap();
-    c.promote(&[first]).await.unwrap();
+    insert_rows(&c, "w", 600).await;
+    let (addr, peer_addr) = (tc.addr_of(first), tc.peer_addr_of(first));
+    add_back(&mut tc.cluster, &c, first, &addr, &peer_addr).await;
     c.transfer_leader(first).await.unwrap();
     assert_eq!(
         c.wait_for_leader(Duration::from_secs(30)).await.unwrap(),
@@ -365,25 +359,7 @@ async fn a_node_catching_up_from_the_log_follows_a_leader_its_old_entries_exclud
     // Now another node is lost and re-added; the log was never compacted, so it catches up
     // from index 1, through the entries that exclude its leader.
     let second = (1..=3).find(|id| *id != first).unwrap();
-    tc.cluster.kill_node(second);
-    tc.cluster.wipe_node(second).unwrap();
-    c.remove(&[second]).await.unwrap();
-    tc.cluster
-        .start_joining_node(second, &tc.addr_of(second))
-        .unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        c.add_learner(second, &tc.peer_addr_of(second), true),
-    )
-    .await
-    .expect("the re-added node never caught up from the log")
-    .unwrap();
-    c.promote(&[second]).await.unwrap();
-    let check = c.check(Duration::from_secs(120)).await.unwrap();
-    assert!(
-        check.identical,
-        "{:?} {:?}",
-        check.differences, check.missing_nodes
-    );
-    assert_eq!(check.nodes.len(), 3);
+    lose(&mut tc.cluster, &c, second).await;
+    let (addr, peer_addr) = (tc.addr_of(second), tc.peer_addr_of(second));
+    add_back(&mut tc.cluster, &c, second, &addr, &peer_addr).await;
 }

@@ -384,18 +384,8 @@ impl Applier {
         let commit = async {
             match end {
                 Some(end) => {
-                    let params: [&(dyn ToSql + Sync); 4] =
-                        [&end.log_index, &end.log_id, &end.membership, &end.writes];
-                    // `ddl_in_transaction`: the batch may have changed roles.
-                    let record = if this.ddl_in_transaction {
-                        &this.record_applied_roles
-                    } else {
-                        &this.record_applied
-                    };
-                    let (recorded, committed) = tokio::join!(
-                        this.client.execute(record, &params),
-                        this.client.batch_execute("COMMIT")
-                    );
+                    let (recorded, committed) =
+                        tokio::join!(this.record_end(end), this.client.batch_execute("COMMIT"));
                     recorded?;
                     committed?;
                     Ok::<(), EnvError>(())
@@ -422,19 +412,23 @@ impl Applier {
         end: &BatchEnd,
     ) -> Result<(), EnvError> {
         let this = &*self;
-        let params: [&(dyn ToSql + Sync); 4] =
-            [&end.log_index, &end.log_id, &end.membership, &end.writes];
-        // `ddl_in_transaction`: the batch may have changed roles.
-        let record = if this.ddl_in_transaction {
-            &this.record_applied_roles
-        } else {
-            &this.record_applied
-        };
-        let (finished, recorded) =
-            tokio::join!(this.finish(pending), this.client.execute(record, &params));
+        let (finished, recorded) = tokio::join!(this.finish(pending), this.record_end(end));
         finished?;
         recorded?;
         Ok(())
+    }
+
+    /// Records the batch's applied position ([`RECORD_APPLIED_SQL`], with the roles when the
+    /// batch ran DDL, which may have changed them).
+    async fn record_end(&self, end: &BatchEnd) -> Result<u64, tokio_postgres::Error> {
+        let params: [&(dyn ToSql + Sync); 4] =
+            [&end.log_index, &end.log_id, &end.membership, &end.writes];
+        let record = if self.ddl_in_transaction {
+            &self.record_applied_roles
+        } else {
+            &self.record_applied
+        };
+        self.client.execute(record, &params).await
     }
 
     /// Commits the transaction [`Applier::flush_uncommitted`] left open. (Its last statement

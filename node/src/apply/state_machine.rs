@@ -987,16 +987,7 @@ impl StateMachineCore {
                         info!(node = self.node_id, first_index, "{e}");
                         self.pipeline = false;
                     }
-                    let abandoned = match self.applier.as_mut() {
-                        Some(a) => a.abandon_transaction(RESTORE_SEQUENCES_SQL).await,
-                        None => Err(EnvError::NotConnected),
-                    };
-                    if let Err(e) = abandoned {
-                        // Dropping the connection aborts the transaction; reconnecting restores
-                        // the sequences.
-                        debug!(error = %e, "rolling back an abandoned batch failed; reconnecting");
-                        self.disconnect();
-                    }
+                    self.abandon_open_transaction().await;
                 }
                 Err(e) => {
                     // Drop the connection: its transaction (if any) is aborted by PostgreSQL, and
