@@ -168,7 +168,6 @@ fn percentile(sorted: &[u32], q: f64) -> f64 {
 /// itself (a raftpg node, or a postmaster: PostgreSQL backends' RSS counts the shared buffers
 /// they touched, which says nothing about leaks).
 fn proc_usage(pid: i32) -> (f64, f64) {
-    let tick = 100.0; // USER_HZ on Linux
     let mut cpu = 0.0;
     let mut rss = 0.0f64;
     let mut stack = vec![pid];
@@ -191,17 +190,7 @@ fn proc_usage(pid: i32) -> (f64, f64) {
         })
         .unwrap_or_default();
     while let Some(p) = stack.pop() {
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
-            let f: Vec<&str> = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .collect();
-            let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-            let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-            cpu += (ut + st) / tick;
-        }
+        cpu += proc_cpu(p);
         let status = (p == pid)
             .then(|| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
             .flatten();

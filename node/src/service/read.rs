@@ -815,16 +815,7 @@ async fn read_direct(
     };
     let columns = columns_of(stmt);
     let forms = result_forms(stmt, &job.req.result_formats, &job.req.settings);
-    let set = async {
-        match &switch {
-            Some((stmt, values)) => {
-                let values: Vec<&(dyn ToSql + Sync)> =
-                    values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-                client.query_one(stmt, &values).await.map(|_| ())
-            }
-            None => Ok(()),
-        }
-    };
+    let set = run_setting(client, switch.as_ref());
     let params = job.params.iter().map(|v| v as &(dyn ToSql + Sync));
     // One poll sends both, in this order.
     let (set, rows) = futures::join!(set, client.query_raw(run, params));
@@ -844,6 +835,19 @@ async fn read_direct(
     stream_rows(job, rows, columns, &forms, held.index)
         .await
         .map(Direct::Done)
+}
+
+/// Runs `setting` — a prepared statement that sets session state and its values — if any.
+async fn run_setting<V: ToSql + Sync>(
+    client: &tokio_postgres::Client,
+    setting: Option<&(tokio_postgres::Statement, Vec<V>)>,
+) -> Result<(), tokio_postgres::Error> {
+    let Some((stmt, values)) = setting else {
+        return Ok(());
+    };
+    let values: Vec<&(dyn ToSql + Sync)> =
+        values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+    client.query_one(stmt, &values).await.map(|_| ())
 }
 
 /// The statement that sets a read connection's role and settings at session level
@@ -901,16 +905,7 @@ async fn read_pipelined(
             None => client.query_one(&applied_stmt, &[]).await,
         }
     };
-    let set = async {
-        match &settings {
-            Some((stmt, values)) => {
-                let values: Vec<&(dyn ToSql + Sync)> =
-                    values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-                client.query_one(stmt, &values).await.map(|_| ())
-            }
-            None => Ok(()),
-        }
-    };
+    let set = run_setting(client, settings.as_ref());
     let params = job.params.iter().map(|v| v as &(dyn ToSql + Sync));
     let rows = client.query_raw(run, params);
     // One poll sends all four, in this order.
