@@ -7,6 +7,9 @@
 //! tokio-postgres on the primary; `solo` = one standalone PostgreSQL (`synchronous_commit = on`).
 //! `insecure` = raftpg itself started with `--insecure` (no TLS, no authentication, writes
 //! run as raftpg instead of the client's role): what the trust boundary costs.
+//! `etcd` = etcd 3.4, three members on loopback, 100-byte puts: the reference for the consensus
+//! path, measured by the baseline script `etcd.sh` (its own Rust client, one outstanding put
+//! per client, against the leader) in the same run.
 //! Every raftpg point is printed with its ratio to each peer at the same client count.
 
 use std::path::{Path, PathBuf};
@@ -29,8 +32,10 @@ pub struct BenchSpec {
     pub clients: Vec<usize>,
     /// Seconds per point.
     pub seconds: u64,
-    /// Peers: "sr", "solo", "insecure".
+    /// Peers: "sr", "solo", "insecure", "etcd".
     pub peers: Vec<String>,
+    /// The baseline scripts (`../shared/baselines`), for the `etcd` peer.
+    pub baselines: PathBuf,
     /// Scratch directory.
     pub dir: PathBuf,
     /// Port of raftpg node 1 (others follow); peers use the ports after them.
@@ -861,6 +866,97 @@ async fn bench_solo(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result
     bench_postgres("solo", port, &pids, spec, points).await
 }
 
+/// The `etcd` peer: runs `etcd.sh` from the baseline scripts (it starts three etcd 3.4 members
+/// on free loopback ports from 23790, builds its Rust client on first use, and puts 100-byte
+/// values at each client count for `seconds`, one repetition) with its results written under
+/// the bench's directory, and reads them back as points named `etcd`. CPU per put is not
+/// measured (the script owns the processes).
+async fn bench_etcd(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result<()> {
+    let script = spec.baselines.join("etcd.sh");
+    if !script.is_file() {
+        bail!(
+            "{} not found: give the baseline scripts' folder with --baselines (the project's ../shared/baselines)",
+            script.display()
+        );
+    }
+    let on_path = |bin: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+    };
+    if !on_path("etcd") || !on_path("etcdctl") {
+        bail!("the etcd peer needs etcd 3.4 and etcdctl: apt-get install etcd-server etcd-client");
+    }
+    let results = spec.dir.join("etcd-results");
+    let _ = std::fs::remove_dir_all(&results);
+    let clients: Vec<String> = spec.clients.iter().map(|c| c.to_string()).collect();
+    println!("etcd: {} (3 members, 100-byte puts)", script.display());
+    let status = tokio::process::Command::new("bash")
+        .arg(&script)
+        .env("RESULTS_DIR", &results)
+        .env("CLIENTS", clients.join(" "))
+        .env("REPS", "1")
+        .env("ETCD_T", spec.seconds.to_string())
+        .env("ETCD_CHECK_PERF", "0")
+        .env("VALUE_BYTES", "100")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(spec.dir.join("etcd.log"))?)
+        .kill_on_drop(true)
+        .status()
+        .await
+        .context("running etcd.sh")?;
+    if !status.success() {
+        bail!(
+            "etcd.sh failed ({status}); see {}",
+            spec.dir.join("etcd.log").display()
+        );
+    }
+    let mut found = 0;
+    for entry in std::fs::read_dir(&results)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "tsv") {
+            for p in etcd_points(&std::fs::read_to_string(&path)?)? {
+                print_point(&p, points);
+                points.push(p);
+                found += 1;
+            }
+        }
+    }
+    if found == 0 {
+        bail!("etcd.sh wrote no results into {}", results.display());
+    }
+    Ok(())
+}
+
+/// The points of an `etcd.sh` results file (tab-separated: label, clients, repetition, puts/s,
+/// average, p50 and p99 in ms, puts, errors, ...).
+fn etcd_points(tsv: &str) -> anyhow::Result<Vec<Point>> {
+    let mut out = Vec::new();
+    for line in tsv
+        .lines()
+        .filter(|l| !l.starts_with("label\t") && !l.trim().is_empty())
+    {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() < 9 {
+            bail!("unexpected etcd.sh result line {line:?}");
+        }
+        let num = |i: usize| -> anyhow::Result<f64> {
+            f[i].trim()
+                .parse::<f64>()
+                .with_context(|| format!("field {i} of {line:?}"))
+        };
+        out.push(Point {
+            system: "etcd".into(),
+            clients: num(1)? as usize,
+            ops_per_sec: num(3)?,
+            p50_ms: num(5)?,
+            p99_ms: num(6)?,
+            errors: num(8)? as u64,
+            ..Point::default()
+        });
+    }
+    Ok(out)
+}
+
 /// A raftpg write point (the ones printed with ratios).
 fn is_raftpg_write(system: &str) -> bool {
     system == "raftpg" || system == "raftpg-insecure" || system == "raftpg-pg"
@@ -919,12 +1015,13 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<Vec<Point>> {
             "insecure" => bench_raftpg(&spec, &mut points, Variant::Insecure)
                 .await
                 .context("peer insecure")?,
-            other => bail!("unknown peer {other:?} (sr, solo, insecure)"),
+            "etcd" => bench_etcd(&spec, &mut points).await.context("peer etcd")?,
+            other => bail!("unknown peer {other:?} (sr, solo, insecure, etcd)"),
         }
     }
     bench_raftpg(&spec, &mut points, Variant::Secure).await?;
-    println!("\n| system | clients | ops/s | p50 ms | p99 ms | p999 ms | errors | ratio vs sr | ratio vs solo | ratio vs insecure | ratio vs gRPC |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("\n| system | clients | ops/s | p50 ms | p99 ms | p999 ms | errors | ratio vs sr | ratio vs solo | ratio vs etcd | ratio vs insecure | ratio vs gRPC |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for p in &points {
         let ratio = |peer: &str| {
             points
@@ -939,7 +1036,7 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<Vec<Point>> {
             _ => String::new(),
         };
         println!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} |",
             p.system,
             p.clients,
             p.ops_per_sec,
@@ -949,6 +1046,7 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<Vec<Point>> {
             p.errors,
             ratio("sr"),
             ratio("solo"),
+            ratio("etcd"),
             ratio("raftpg-insecure"),
             vs_grpc
         );
@@ -997,6 +1095,22 @@ mod tests {
         ]);
         assert_eq!(busiest_machine(&sr), Some(("primary".into(), 70.0)));
         assert_eq!(busiest_machine(&us(&[("client", 1.0)])), None);
+    }
+
+    #[test]
+    fn etcd_results_become_points() {
+        let tsv = "label\tclients\trep\ttps\tlat_avg_ms\tp50_ms\tp99_ms\tn_txn\tfailed\tloadavg1\tfsync_p50_us_before\tfsync_p50_us_after\n\
+                   etcd 3-node put 100B\t1\t1\t1212.5\t0.82\t0.80\t1.90\t9700\t0\t0.5\t120\t130\n\
+                   etcd 3-node put 100B\t32\t1\t6153\t5.2\t4.9\t12.0\t49224\t2\t1.5\t120\t130\n";
+        let points = etcd_points(tsv).unwrap();
+        assert_eq!(points.len(), 2);
+        assert_eq!(points[0].system, "etcd");
+        assert_eq!(points[0].clients, 1);
+        assert!((points[0].ops_per_sec - 1212.5).abs() < 1e-9);
+        assert!((points[1].p99_ms - 12.0).abs() < 1e-9);
+        assert_eq!(points[1].errors, 2);
+        assert!(etcd_points("etcd\t1\t1\n").is_err());
+        assert!(etcd_points("etcd\tx\t1\t5\t1\t1\t1\t1\t0\n").is_err());
     }
 
     #[test]

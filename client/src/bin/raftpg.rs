@@ -143,9 +143,14 @@ enum Cmd {
         #[arg(long, default_value_t = 15)]
         seconds: u64,
         /// Peers to measure in the same run: sr, solo, insecure (raftpg with --insecure: no
-        /// TLS, no authentication; writes only) (comma-separated; empty for none).
+        /// TLS, no authentication; writes only), etcd (etcd 3.4, three members, 100-byte puts,
+        /// through the baseline script etcd.sh; needs etcd-server and etcd-client)
+        /// (comma-separated; empty for none).
         #[arg(long, value_delimiter = ',', default_value = "sr,solo")]
         peer: Vec<String>,
+        /// The baseline scripts' folder (the `etcd` peer runs its etcd.sh).
+        #[arg(long, env = "RAFTPG_BASELINES", default_value = "../shared/baselines")]
+        baselines: PathBuf,
         /// Scratch directory.
         #[arg(long, default_value = "/tmp/raftpg-bench")]
         dir: PathBuf,
@@ -1072,6 +1077,7 @@ async fn main() -> anyhow::Result<()> {
             clients,
             seconds,
             peer,
+            baselines,
             dir,
             base_port,
             no_reads,
@@ -1098,6 +1104,7 @@ async fn main() -> anyhow::Result<()> {
                 clients,
                 seconds,
                 peers: peer.into_iter().filter(|p| !p.is_empty()).collect(),
+                baselines,
                 dir,
                 base_port,
                 reads: !no_reads,
