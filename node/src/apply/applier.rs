@@ -209,8 +209,12 @@ pub struct Applier {
     fast_setup_as: Statement,
     /// [`END_WRITE_SQL`] that then switches to the next write's role.
     end_write_as: Statement,
+    /// [`RECORD_APPLIED_SQL`], and the variants: with the roles (a batch that ran DDL), with
+    /// request records (one statement for both, see [`Applier::finish_and_record_end`]).
     record_applied: Statement,
     record_applied_roles: Statement,
+    record_all: Statement,
+    record_all_roles: Statement,
     /// Makes the rest of a write run as its role (see the module doc, "Roles").
     switch_user: Statement,
     cache: HashMap<String, UserStatement>,
@@ -293,6 +297,8 @@ impl Applier {
             switch_user: client.prepare("SELECT 1").await?,
             record_applied: client.prepare("SELECT 1").await?,
             record_applied_roles: client.prepare("SELECT 1").await?,
+            record_all: client.prepare("SELECT 1").await?,
+            record_all_roles: client.prepare("SELECT 1").await?,
             client,
             cache: HashMap::new(),
             ddl_in_transaction: false,
@@ -311,13 +317,18 @@ impl Applier {
         self.end_write = self.client.prepare(END_WRITE_SQL).await?;
         self.fetch_live = self.client.prepare(request_log::FETCH_LIVE_SQL).await?;
         self.entry_setup = self.client.prepare(ENTRY_SETUP_SQL).await?;
-        self.record_many = self.client.prepare(request_log::RECORD_MANY_SQL).await?;
+        self.record_many = self.client.prepare(&request_log::record_many_sql(1)).await?;
         self.count_live = self.client.prepare(request_log::COUNT_LIVE_SQL).await?;
         self.fast_setup = self.client.prepare(FAST_SETUP_SQL).await?;
         self.fast_setup_as = self.client.prepare(FAST_SETUP_AS_SQL).await?;
         self.end_write_as = self.client.prepare(END_WRITE_AS_SQL).await?;
         self.record_applied = self.client.prepare(RECORD_APPLIED_SQL).await?;
         self.record_applied_roles = self.client.prepare(RECORD_APPLIED_ROLES_SQL).await?;
+        self.record_all = self.client.prepare(&with_records(RECORD_APPLIED_SQL)).await?;
+        self.record_all_roles = self
+            .client
+            .prepare(&with_records(RECORD_APPLIED_ROLES_SQL))
+            .await?;
         self.switch_user = self.client.prepare(SWITCH_USER_SQL).await?;
         Ok(())
     }
@@ -383,17 +394,17 @@ impl Applier {
         let this = &*self;
         let commit = async {
             match end {
-                Some(end) => {
-                    let (recorded, committed) =
-                        tokio::join!(this.record_end(end), this.client.batch_execute("COMMIT"));
-                    recorded?;
-                    committed?;
-                    Ok::<(), EnvError>(())
-                }
+                Some(_) => this.client.batch_execute("COMMIT").await.map_err(EnvError::from),
                 None => Ok(()),
             }
         };
-        let (finished, committed) = tokio::join!(this.finish(pending), commit);
+        let finish = async {
+            match end {
+                Some(end) => this.finish_and_record_end(pending, end).await,
+                None => this.finish(pending).await,
+            }
+        };
+        let (finished, committed) = tokio::join!(finish, commit);
         finished?;
         committed?;
         if end.is_some() {
@@ -411,24 +422,46 @@ impl Applier {
         pending: Pending,
         end: &BatchEnd,
     ) -> Result<(), EnvError> {
-        let this = &*self;
-        let (finished, recorded) = tokio::join!(this.finish(pending), this.record_end(end));
-        finished?;
-        recorded?;
-        Ok(())
+        self.finish_and_record_end(pending, end).await
     }
 
-    /// Records the batch's applied position ([`RECORD_APPLIED_SQL`], with the roles when the
-    /// batch ran DDL, which may have changed them).
-    async fn record_end(&self, end: &BatchEnd) -> Result<u64, tokio_postgres::Error> {
-        let params: [&(dyn ToSql + Sync); 4] =
-            [&end.log_index, &end.log_id, &end.membership, &end.writes];
-        let record = if self.ddl_in_transaction {
-            &self.record_applied_roles
-        } else {
-            &self.record_applied
+    /// Sends the end of the last entry's savepoint (if still open), then records the outcomes
+    /// still pending and the batch's applied position in ONE statement ([`RECORD_APPLIED_SQL`],
+    /// with the roles when the batch ran DDL, which may have changed them, behind the records'
+    /// INSERT as a data-modifying CTE): a statement costs PostgreSQL more than either does.
+    async fn finish_and_record_end(
+        &self,
+        pending: Pending,
+        end: &BatchEnd,
+    ) -> Result<(), EnvError> {
+        let ended = async {
+            match pending.end {
+                Some(sql) => self.client.batch_execute(sql).await,
+                None => Ok(()),
+            }
         };
-        self.client.execute(record, &params).await
+        let recorded = async {
+            let mut params: Vec<&(dyn ToSql + Sync)> =
+                vec![&end.log_index, &end.log_id, &end.membership, &end.writes];
+            let records = RecordArrays::of(&pending.records);
+            let statement = match (records.is_empty(), self.ddl_in_transaction) {
+                (true, false) => &self.record_applied,
+                (true, true) => &self.record_applied_roles,
+                (false, roles) => {
+                    params.extend(records.params());
+                    if roles {
+                        &self.record_all_roles
+                    } else {
+                        &self.record_all
+                    }
+                }
+            };
+            self.client.execute(statement, &params).await
+        };
+        let (ended, recorded) = tokio::join!(ended, recorded);
+        ended?;
+        recorded?;
+        Ok(())
     }
 
     /// Commits the transaction [`Applier::flush_uncommitted`] left open. (Its last statement
@@ -454,22 +487,11 @@ impl Applier {
             }
         };
         let records = async {
-            if pending.records.is_empty() {
+            let records = RecordArrays::of(&pending.records);
+            if records.is_empty() {
                 return Ok(0);
             }
-            let mut cids = Vec::with_capacity(pending.records.len());
-            let mut seqs = Vec::with_capacity(pending.records.len());
-            let mut write_nos = Vec::with_capacity(pending.records.len());
-            let mut outcomes = Vec::with_capacity(pending.records.len());
-            for (c, s, i, o) in &pending.records {
-                cids.push(c.as_str());
-                seqs.push(*s);
-                write_nos.push(*i);
-                outcomes.push(o);
-            }
-            self.client
-                .execute(&self.record_many, &[&cids, &seqs, &write_nos, &outcomes])
-                .await
+            self.client.execute(&self.record_many, &records.params()).await
         };
         let (ended, recorded) = tokio::join!(end, records);
         ended?;
@@ -1396,6 +1418,43 @@ const ROLLBACK_ENTRY: &str = "ROLLBACK TO SAVEPOINT raftpg_entry; RELEASE SAVEPO
 
 /// A request's outcome to record: client id, seq, write number, outcome.
 type Record = (String, i64, i64, serde_json::Value);
+
+/// Records as the four array parameters of `request_log::record_many_sql`.
+struct RecordArrays<'a> {
+    cids: Vec<&'a str>,
+    seqs: Vec<i64>,
+    write_nos: Vec<i64>,
+    outcomes: Vec<&'a serde_json::Value>,
+}
+
+impl<'a> RecordArrays<'a> {
+    fn of(records: &'a [Record]) -> Self {
+        RecordArrays {
+            cids: records.iter().map(|r| r.0.as_str()).collect(),
+            seqs: records.iter().map(|r| r.1).collect(),
+            write_nos: records.iter().map(|r| r.2).collect(),
+            outcomes: records.iter().map(|r| &r.3).collect(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.cids.is_empty()
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 4] {
+        [&self.cids, &self.seqs, &self.write_nos, &self.outcomes]
+    }
+}
+
+/// `record_end` (a statement with parameters `$1`–`$4`) behind the INSERT of request records
+/// (`$5`–`$8`) as a data-modifying CTE: PostgreSQL runs the CTE exactly once, whether or not the
+/// statement reads it, in the same transaction and snapshot.
+fn with_records(record_end: &str) -> String {
+    format!(
+        "WITH recorded AS ({}) {record_end}",
+        request_log::record_many_sql(5)
+    )
+}
 
 /// What is still to be sent for entries applied so far, at the start of the next round trip:
 /// the last entry's savepoint end (unless released in a pipeline) and the outcomes to record

@@ -57,12 +57,17 @@ pub const BOOTSTRAP_SQL: &str = "
 pub const FETCH_LIVE_SQL: &str =
     "SELECT outcome FROM raftpg.requests WHERE client_id = $1 AND seq = $2 AND write_no >= $3";
 
-/// Records several outcomes at once: arrays of client ids, seqs, write numbers and outcomes (no
-/// request id twice; an expired record of the same id is replaced).
-pub const RECORD_MANY_SQL: &str = "
-    INSERT INTO raftpg.requests (client_id, seq, write_no, outcome)
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::jsonb[])
-    ON CONFLICT (client_id, seq) DO UPDATE SET write_no = EXCLUDED.write_no, outcome = EXCLUDED.outcome";
+/// Records several outcomes at once: arrays of client ids, seqs, write numbers and outcomes,
+/// parameters `$first` to `$first+3` (no request id twice; an expired record of the same id is
+/// replaced).
+pub fn record_many_sql(first: usize) -> String {
+    let (c, s, w, o) = (first, first + 1, first + 2, first + 3);
+    format!(
+        "INSERT INTO raftpg.requests (client_id, seq, write_no, outcome)
+         SELECT * FROM unnest(${c}::text[], ${s}::bigint[], ${w}::bigint[], ${o}::jsonb[])
+         ON CONFLICT (client_id, seq) DO UPDATE SET write_no = EXCLUDED.write_no, outcome = EXCLUDED.outcome"
+    )
+}
 
 /// How many of the request ids `($1[i], $2[i])` have a record still live for a write whose
 /// retention floor is `$3[i]`. One index probe per id: the LIMIT keeps the planner from turning
