@@ -203,10 +203,12 @@ pub struct Applier {
     fetch_live: Statement,
     entry_setup: Statement,
     record_many: Statement,
-    count_live: Statement,
+    /// A fast run's setups ([`fast_setup_sql`]): without and with the switch to the write's
+    /// role, and the same with the run's duplicate check in front (its first write's setup).
     fast_setup: Statement,
-    /// [`FAST_SETUP_SQL`] that then switches to the write's role.
     fast_setup_as: Statement,
+    fast_setup_check: Statement,
+    fast_setup_check_as: Statement,
     /// [`END_WRITE_SQL`] that then switches to the next write's role.
     end_write_as: Statement,
     /// [`RECORD_APPLIED_SQL`], and the variants: with the roles (a batch that ran DDL), with
@@ -290,9 +292,10 @@ impl Applier {
             fetch_live: client.prepare("SELECT 1").await?,
             entry_setup: client.prepare("SELECT 1").await?,
             record_many: client.prepare("SELECT 1").await?,
-            count_live: client.prepare("SELECT 1").await?,
             fast_setup: client.prepare("SELECT 1").await?,
             fast_setup_as: client.prepare("SELECT 1").await?,
+            fast_setup_check: client.prepare("SELECT 1").await?,
+            fast_setup_check_as: client.prepare("SELECT 1").await?,
             end_write_as: client.prepare("SELECT 1").await?,
             switch_user: client.prepare("SELECT 1").await?,
             record_applied: client.prepare("SELECT 1").await?,
@@ -317,14 +320,21 @@ impl Applier {
         self.end_write = self.client.prepare(END_WRITE_SQL).await?;
         self.fetch_live = self.client.prepare(request_log::FETCH_LIVE_SQL).await?;
         self.entry_setup = self.client.prepare(ENTRY_SETUP_SQL).await?;
-        self.record_many = self.client.prepare(&request_log::record_many_sql(1)).await?;
-        self.count_live = self.client.prepare(request_log::COUNT_LIVE_SQL).await?;
-        self.fast_setup = self.client.prepare(FAST_SETUP_SQL).await?;
-        self.fast_setup_as = self.client.prepare(FAST_SETUP_AS_SQL).await?;
+        self.record_many = self
+            .client
+            .prepare(&request_log::record_many_sql(1))
+            .await?;
+        self.fast_setup = self.client.prepare(&fast_setup_sql(false, false)).await?;
+        self.fast_setup_as = self.client.prepare(&fast_setup_sql(false, true)).await?;
+        self.fast_setup_check = self.client.prepare(&fast_setup_sql(true, false)).await?;
+        self.fast_setup_check_as = self.client.prepare(&fast_setup_sql(true, true)).await?;
         self.end_write_as = self.client.prepare(END_WRITE_AS_SQL).await?;
         self.record_applied = self.client.prepare(RECORD_APPLIED_SQL).await?;
         self.record_applied_roles = self.client.prepare(RECORD_APPLIED_ROLES_SQL).await?;
-        self.record_all = self.client.prepare(&with_records(RECORD_APPLIED_SQL)).await?;
+        self.record_all = self
+            .client
+            .prepare(&with_records(RECORD_APPLIED_SQL))
+            .await?;
         self.record_all_roles = self
             .client
             .prepare(&with_records(RECORD_APPLIED_ROLES_SQL))
@@ -394,7 +404,11 @@ impl Applier {
         let this = &*self;
         let commit = async {
             match end {
-                Some(_) => this.client.batch_execute("COMMIT").await.map_err(EnvError::from),
+                Some(_) => this
+                    .client
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(EnvError::from),
                 None => Ok(()),
             }
         };
@@ -491,7 +505,9 @@ impl Applier {
             if records.is_empty() {
                 return Ok(0);
             }
-            self.client.execute(&self.record_many, &records.params()).await
+            self.client
+                .execute(&self.record_many, &records.params())
+                .await
         };
         let (ended, recorded) = tokio::join!(end, records);
         ended?;
@@ -650,14 +666,6 @@ impl Applier {
         if begin {
             results.next().map(Step::sql).transpose()?;
         }
-        if !ids.is_empty() {
-            match results.next().map(Step::sql) {
-                Some(Ok(0)) => {}
-                Some(Ok(_)) => return Err(EnvError::FastRunAbandoned),
-                Some(Err(e)) => return Err(e.into()),
-                None => return Err(EnvError::Inconsistent("pipeline ended early")),
-            }
-        }
         let mut outcomes = Vec::with_capacity(run.len());
         let mut next = Pending::default();
         for ((write_no, cmd, prepared), setup) in run.iter().zip(setups) {
@@ -676,9 +684,10 @@ impl Applier {
     }
 
     /// The commands of a fast run (see [`Applier::apply_run_fast`]), in the order they are
-    /// sent: `BEGIN` when `begin`, the duplicate check when a write has a request id, then per
-    /// write its setup (only when its inputs differ from the previous write's), statements and
-    /// end. Also returns, per write, whether its setup was sent.
+    /// sent: `BEGIN` when `begin`, then per write its setup (only when its inputs differ from
+    /// the previous write's; the first write's also checks, when a write of the run has a
+    /// request id, that none has a live record), statements and end. Also returns, per write,
+    /// whether its setup was sent.
     fn fast_run_steps<'s>(
         &'s self,
         run: &'s [RunWrite<'_>],
@@ -692,17 +701,6 @@ impl Applier {
         if begin {
             steps.push(Box::pin(async move {
                 Step::Sql(client.batch_execute("BEGIN").await.map(|_| 0))
-            }));
-        }
-        if !ids.is_empty() {
-            let count_live = &self.count_live;
-            steps.push(Box::pin(async move {
-                Step::Sql(
-                    client
-                        .query_one(count_live, &[&ids.cids, &ids.seqs, &ids.floors])
-                        .await
-                        .map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(u64::MAX)),
-                )
             }));
         }
         // The writes of a batch entry share its inputs: set them once for the group (the setup
@@ -720,18 +718,32 @@ impl Applier {
         for (i, ((_, cmd, prepared), input)) in run.iter().zip(inputs).enumerate() {
             let user = cmd.user.as_deref();
             if setups[i] {
-                // The setup also switches to the write's role (see `Switch::Carried`).
-                let (fast_setup, fast_setup_as) = (&self.fast_setup, &self.fast_setup_as);
+                // The setup also switches to the write's role (see `Switch::Carried`); the
+                // first one makes the run's duplicate check, whose count is its step's result.
+                let check = i == 0 && !ids.is_empty();
+                let statement = match (check, user.is_some()) {
+                    (false, false) => &self.fast_setup,
+                    (false, true) => &self.fast_setup_as,
+                    (true, false) => &self.fast_setup_check,
+                    (true, true) => &self.fast_setup_check_as,
+                };
                 steps.push(Box::pin(async move {
-                    let done = match user {
-                        None => client.execute(fast_setup, &[&input.ts, &input.seed]).await,
-                        Some(u) => {
-                            client
-                                .execute(fast_setup_as, &[&input.ts, &input.seed, &u])
-                                .await
-                        }
+                    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&input.ts, &input.seed];
+                    if check {
+                        params.extend([&ids.cids as &(dyn ToSql + Sync), &ids.seqs, &ids.floors]);
+                    }
+                    if let Some(u) = &user {
+                        params.push(u);
+                    }
+                    let done = if check {
+                        client
+                            .query_one(statement, &params)
+                            .await
+                            .map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(u64::MAX))
+                    } else {
+                        client.execute(statement, &params).await.map(|_| 0)
                     };
-                    Step::Sql(done.map(|_| 0))
+                    Step::Sql(done)
                 }));
             }
             // The next write's switch rides on this write's end unless its setup carries it.
@@ -1262,9 +1274,9 @@ fn run_write_result(
     Ok(RunWriteResult::Applied(stmt_outcomes))
 }
 
-/// Reads one write's results from a fast run: its setup (if `setup` was sent), its
-/// `statements` statements and the write's end. Anything but success is
-/// [`EnvError::FastRunAbandoned`].
+/// Reads one write's results from a fast run: its setup (if `setup` was sent; a count of live
+/// duplicates other than 0 is a failure), its `statements` statements and the write's end.
+/// Anything but success is [`EnvError::FastRunAbandoned`].
 fn fast_write_result(
     results: &mut impl Iterator<Item = Step>,
     setup: bool,
@@ -1272,7 +1284,7 @@ fn fast_write_result(
     as_role: bool,
     limits: &ApplyLimits,
 ) -> Result<Vec<StatementOutcome>, EnvError> {
-    if setup && !matches!(results.next(), Some(Step::Sql(Ok(_)))) {
+    if setup && !matches!(results.next(), Some(Step::Sql(Ok(0)))) {
         return Err(EnvError::FastRunAbandoned);
     }
     // The statements, the switch back when the write has a role (the switch to it rode on the
@@ -1292,7 +1304,7 @@ fn fast_write_result(
     Ok(stmt_outcomes)
 }
 
-/// The request ids of a fast run's writes, as parameters of `request_log::COUNT_LIVE_SQL`.
+/// The request ids of a fast run's writes, as parameters of `request_log::count_live_sql`.
 struct RunRequestIds<'a> {
     cids: Vec<&'a str>,
     seqs: Vec<i64>,
@@ -1376,28 +1388,37 @@ fn record_of(
 /// and puts the constraint modes back for the next write. See `raftpg.end_write`.
 const END_WRITE_SQL: &str = "SELECT raftpg.end_write($1::text)";
 
-/// Sets a write's deterministic inputs on the fast path: what `raftpg.begin_entry` sets
-/// (the draw counter restarts only with a new seed), without its duplicate check, which the fast
-/// path makes once per run.
-const FAST_SETUP_SQL: &str = "
-    SELECT set_config('raftpg.ts_us', $1::text, true),
-           CASE WHEN current_setting('raftpg.seed', true) IS DISTINCT FROM $2::text
-                THEN set_config('raftpg.seed', $2::text, true) || set_config('raftpg.rnd_n', '0', true) END,
-           raftpg.reset_constraints()";
-
-/// [`FAST_SETUP_SQL`], then the switch to the write's role ([`SWITCH_USER_SQL`]). PostgreSQL
-/// evaluates a projection's expressions in order, so `raftpg.reset_constraints()` runs as
-/// raftpg before the switch (were it not so, it would fail as the role, and the fast run
-/// would be redone the careful way: slower, never wrong).
-const FAST_SETUP_AS_SQL: &str = "
-    SELECT set_config('raftpg.ts_us', $1::text, true),
-           CASE WHEN current_setting('raftpg.seed', true) IS DISTINCT FROM $2::text
-                THEN set_config('raftpg.seed', $2::text, true) || set_config('raftpg.rnd_n', '0', true) END,
-           raftpg.reset_constraints(),
-           pg_catalog.set_config('session_authorization', $3, true)";
+/// Sets a write's deterministic inputs on the fast path (`$1` timestamp, `$2` seed): what
+/// `raftpg.begin_entry` sets (the draw counter restarts only with a new seed), without its
+/// duplicate check, which the fast path makes once per run. With `check`, the first column is
+/// that check: how many of the run's request ids (`$3`–`$5`) have a live record. With `as_role`,
+/// the last column switches to the write's role (the last parameter) — PostgreSQL evaluates a
+/// projection's expressions in order, so the check and `raftpg.reset_constraints()` run as
+/// raftpg before the switch (were it not so, they would fail as the role, and the fast run
+/// would be redone the careful way: slower, never wrong). One statement instead of three.
+fn fast_setup_sql(check: bool, as_role: bool) -> String {
+    let mut columns = Vec::new();
+    if check {
+        columns.push(format!("({})", request_log::count_live_sql(3)));
+    }
+    columns.push("set_config('raftpg.ts_us', $1::text, true)".to_string());
+    columns.push(
+        "CASE WHEN current_setting('raftpg.seed', true) IS DISTINCT FROM $2::text
+              THEN set_config('raftpg.seed', $2::text, true) || set_config('raftpg.rnd_n', '0', true) END"
+            .to_string(),
+    );
+    columns.push("raftpg.reset_constraints()".to_string());
+    if as_role {
+        let role = if check { 6 } else { 3 };
+        columns.push(format!(
+            "pg_catalog.set_config('session_authorization', ${role}, true)"
+        ));
+    }
+    format!("SELECT {}", columns.join(", "))
+}
 
 /// [`END_WRITE_SQL`], then the switch to the next write's role, in the same order argument as
-/// [`FAST_SETUP_AS_SQL`].
+/// [`fast_setup_sql`].
 const END_WRITE_AS_SQL: &str =
     "SELECT raftpg.end_write($1::text), pg_catalog.set_config('session_authorization', $2, true)";
 

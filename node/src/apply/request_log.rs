@@ -69,16 +69,20 @@ pub fn record_many_sql(first: usize) -> String {
     )
 }
 
-/// How many of the request ids `($1[i], $2[i])` have a record still live for a write whose
-/// retention floor is `$3[i]`. One index probe per id: the LIMIT keeps the planner from turning
-/// the lookups into a join that reads the whole table, and `generate_subscripts` (unlike
-/// `unnest`, whose row estimate follows the array) lets PostgreSQL keep one generic plan
-/// instead of planning the statement again at every execution.
-pub const COUNT_LIVE_SQL: &str = "
-    SELECT count(*) FROM generate_subscripts($1::text[], 1) AS i
-    CROSS JOIN LATERAL (SELECT 1 FROM raftpg.requests r
-        WHERE r.client_id = ($1::text[])[i] AND r.seq = ($2::bigint[])[i]
-          AND r.write_no >= ($3::bigint[])[i] LIMIT 1) AS live";
+/// How many of the request ids `($first[i], $first+1[i])` have a record still live for a write
+/// whose retention floor is `$first+2[i]`. One index probe per id: the LIMIT keeps the planner
+/// from turning the lookups into a join that reads the whole table, and `generate_subscripts`
+/// (unlike `unnest`, whose row estimate follows the array) lets PostgreSQL keep one generic
+/// plan instead of planning the statement again at every execution.
+pub fn count_live_sql(first: usize) -> String {
+    let (c, s, f) = (first, first + 1, first + 2);
+    format!(
+        "SELECT count(*) FROM generate_subscripts(${c}::text[], 1) AS i
+         CROSS JOIN LATERAL (SELECT 1 FROM raftpg.requests r
+             WHERE r.client_id = (${c}::text[])[i] AND r.seq = (${s}::bigint[])[i]
+               AND r.write_no >= (${f}::bigint[])[i] LIMIT 1) AS live"
+    )
+}
 
 /// Deletes records expired before write number `$1`.
 pub const EXPIRE_SQL: &str = "DELETE FROM raftpg.requests WHERE write_no < $1";
