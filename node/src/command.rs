@@ -14,21 +14,18 @@ openraft::declare_raft_types!(
         R = ApplyOutcome,
         NodeId = u64,
         Node = NodeAddr,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = tokio::fs::File,
-        AsyncRuntime = openraft::TokioRuntime,
 );
 
 /// Node id type.
 pub type NodeId = u64;
 /// Log id type.
-pub type LogId = openraft::LogId<NodeId>;
+pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
 /// Raft handle type.
-pub type Raft = openraft::Raft<TypeConfig>;
+pub type Raft = openraft::Raft<TypeConfig, crate::apply::state_machine::PgStateMachine>;
 /// Raft log entry type.
-pub type Entry = openraft::Entry<TypeConfig>;
+pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
 /// Stored membership type.
-pub type StoredMembership = openraft::StoredMembership<NodeId, NodeAddr>;
+pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
 
 /// How a member is reached: what the membership stores for each node.
 ///

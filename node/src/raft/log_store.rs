@@ -21,8 +21,9 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
-use openraft::{EntryPayload, OptionalSend, StorageError, StorageIOError, Vote};
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::type_config::alias::VoteOf;
+use openraft::{EntryPayload, OptionalSend};
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 use tokio::sync::watch;
 
@@ -82,7 +83,13 @@ const PURGE_WAIT_REPORT: Duration = Duration::from_secs(10);
 pub struct LogStore {
     db: Arc<DB>,
     /// Appends waiting for the next fsync of the write-ahead log.
-    flusher: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+    flusher: std::sync::mpsc::Sender<Flush>,
+    /// The highest log index known durable (fsynced) in this log: openraft 0.10 lets the state
+    /// machine apply entries that are committed by a majority but only *submitted* to the local
+    /// log; the state machine waits for this before applying, so PostgreSQL never holds an entry
+    /// this node's log could lose in a crash (see [`LogStore::durable`]).
+    flushed: watch::Receiver<Option<u64>>,
+    flushed_tx: Arc<watch::Sender<Option<u64>>>,
     /// What purges wait for (set once, by the state machine, before openraft can purge).
     purge_limit: Arc<OnceLock<watch::Receiver<PurgeLimit>>>,
     /// Where this node's own appended writes go (set once, by the state machine): this node's
@@ -92,17 +99,33 @@ pub struct LogStore {
 
 /// Fsyncs the write-ahead log for every batch of waiting appends, then reports them flushed,
 /// in order. Ends when every `LogStore` clone is gone.
-fn run_flusher(db: Arc<DB>, queue: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+fn run_flusher(
+    db: Arc<DB>,
+    queue: std::sync::mpsc::Receiver<Flush>,
+    flushed: Arc<watch::Sender<Option<u64>>>,
+) {
     while let Ok(first) = queue.recv() {
         let mut waiting = vec![first];
         while let Ok(more) = queue.try_recv() {
             waiting.push(more);
         }
         let synced = db.flush_wal(true).map_err(|e| e.to_string());
-        for callback in waiting {
-            callback.log_io_completed(synced.clone().map_err(io_err));
+        if synced.is_ok() {
+            // Appends are queued in log order: the last one is the highest durable index.
+            if let Some(last) = waiting.iter().filter_map(|f| f.last_index).max() {
+                flushed.send_modify(|f| *f = Some(f.map_or(last, |x| x.max(last))));
+            }
+        }
+        for f in waiting {
+            f.callback.io_completed(synced.clone().map_err(io_err));
         }
     }
+}
+
+/// One append waiting for the flusher: the highest index it wrote and openraft's callback.
+struct Flush {
+    last_index: Option<u64>,
+    callback: IOFlushed<TypeConfig>,
 }
 
 fn index_key(index: u64) -> [u8; 8] {
@@ -121,7 +144,7 @@ fn sync_opts() -> WriteOptions {
     o
 }
 
-type StoreResult<T> = Result<T, StorageError<NodeId>>;
+type StoreResult<T> = Result<T, std::io::Error>;
 
 impl LogStore {
     /// Opens (creating if needed) the log under `path`.
@@ -147,13 +170,22 @@ impl LogStore {
         let db = Arc::new(db);
         let (flusher, queue) = std::sync::mpsc::channel();
         let flush_db = db.clone();
+        // What the log holds at open was recovered from its write-ahead log: durable.
+        let last = last_entry_log_id(&db)
+            .map_err(|e| LogStoreError::Thread(io_err(e)))?
+            .map(|l| l.index);
+        let (flushed_tx, flushed) = watch::channel(last);
+        let flushed_tx = Arc::new(flushed_tx);
+        let thread_tx = flushed_tx.clone();
         std::thread::Builder::new()
             .name("raft-log-flusher".into())
-            .spawn(move || run_flusher(flush_db, queue))
+            .spawn(move || run_flusher(flush_db, queue, thread_tx))
             .map_err(LogStoreError::Thread)?;
         Ok(LogStore {
             db,
             flusher,
+            flushed,
+            flushed_tx,
             purge_limit: Arc::new(OnceLock::new()),
             own_appends: Arc::new(OnceLock::new()),
         })
@@ -173,6 +205,13 @@ impl LogStore {
         let _ = self.own_appends.set((me, queue));
     }
 
+    /// Waits until this node's log has `index` durable (fsynced; see the field `flushed`), or
+    /// until the log store is gone.
+    pub async fn durable(&self, index: u64) {
+        let mut flushed = self.flushed.clone();
+        let _ = flushed.wait_for(|f| f.is_some_and(|f| f >= index)).await;
+    }
+
     /// Waits until a durable snapshot covers `upto` (see [`PurgeLimit`]). Immediate for every
     /// purge except the one openraft issues while the state machine is still publishing a
     /// received snapshot; fails if that install failed for good.
@@ -181,12 +220,8 @@ impl LogStore {
             return Ok(());
         };
         let mut limit = limit.clone();
-        let refused = |why: String| -> StorageError<NodeId> {
-            StorageIOError::write_logs(&io_err(format!(
-                "not purging the log up to {}: {why}",
-                upto.index
-            )))
-            .into()
+        let refused = |why: String| -> std::io::Error {
+            io_err(format!("not purging the log up to {}: {why}", upto.index))
         };
         loop {
             let wait = limit.wait_for(|l| l.covers(upto) || l.failed_for(upto));
@@ -245,16 +280,22 @@ impl LogStore {
     }
 
     fn last_entry_log_id(&self) -> Result<Option<LogId>, String> {
-        let mut it = self
-            .db
-            .iterator_cf(self.cf_logs(), rocksdb::IteratorMode::End);
-        match it.next() {
-            None => Ok(None),
-            Some(Err(e)) => Err(e.to_string()),
-            Some(Ok((_, value))) => {
-                let entry: Entry = serde_json::from_slice(&value).map_err(|e| e.to_string())?;
-                Ok(Some(entry.log_id))
-            }
+        last_entry_log_id(&self.db)
+    }
+}
+
+/// The log id of the last entry in the log, if any.
+fn last_entry_log_id(db: &DB) -> Result<Option<LogId>, String> {
+    let cf = db
+        .cf_handle(CF_LOGS)
+        .ok_or_else(|| "the logs column family is missing".to_string())?;
+    let mut it = db.iterator_cf(cf, rocksdb::IteratorMode::End);
+    match it.next() {
+        None => Ok(None),
+        Some(Err(e)) => Err(e.to_string()),
+        Some(Ok((_, value))) => {
+            let entry: Entry = serde_json::from_slice(&value).map_err(|e| e.to_string())?;
+            Ok(Some(entry.log_id))
         }
     }
 }
@@ -279,16 +320,21 @@ impl RaftLogReader<TypeConfig> for LogStore {
             rocksdb::IteratorMode::From(&index_key(start), rocksdb::Direction::Forward),
         );
         for item in iter {
-            let (key, value) = item.map_err(|e| StorageIOError::read_logs(&io_err(e)))?;
+            let (key, value) = item.map_err(|e| io_err(e))?;
             let index = key_index(&key);
             if !range.contains(&index) {
                 break;
             }
             let entry: Entry = serde_json::from_slice(&value)
-                .map_err(|e| StorageIOError::read_logs(&io_err(e)))?;
+                .map_err(|e| io_err(e))?;
             out.push(entry);
         }
         Ok(out)
+    }
+
+    async fn read_vote(&mut self) -> StoreResult<Option<VoteOf<TypeConfig>>> {
+        self.get_meta(KEY_VOTE)
+            .map_err(|e| io_err(e))
     }
 }
 
@@ -298,10 +344,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
         let last_purged: Option<LogId> = self
             .get_meta(KEY_PURGED)
-            .map_err(|e| StorageIOError::read_logs(&io_err(e)))?;
+            .map_err(|e| io_err(e))?;
         let last = self
             .last_entry_log_id()
-            .map_err(|e| StorageIOError::read_logs(&io_err(e)))?
+            .map_err(|e| io_err(e))?
             .or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
@@ -313,37 +359,32 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StoreResult<()> {
+    async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> StoreResult<()> {
         let store = self.clone();
         let vote = *vote;
         tokio::task::spawn_blocking(move || store.put_meta(KEY_VOTE, &vote))
             .await
-            .map_err(|e| StorageIOError::write_vote(&io_err(e)))?
-            .map_err(|e| StorageIOError::write_vote(&io_err(e)).into())
-    }
-
-    async fn read_vote(&mut self) -> StoreResult<Option<Vote<NodeId>>> {
-        self.get_meta(KEY_VOTE)
-            .map_err(|e| StorageIOError::read_vote(&io_err(e)).into())
+            .map_err(|e| io_err(e))?
+            .map_err(|e| io_err(e))
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> StoreResult<()> {
         // Not synced: a lost committed id only makes a restarted node wait for the leader.
         let bytes =
-            serde_json::to_vec(&committed).map_err(|e| StorageIOError::write(&io_err(e)))?;
+            serde_json::to_vec(&committed).map_err(|e| io_err(e))?;
         self.db
             .put_cf(self.cf_meta(), KEY_COMMITTED, bytes)
-            .map_err(|e| StorageIOError::write(&io_err(e)).into())
+            .map_err(|e| io_err(e))
     }
 
     async fn read_committed(&mut self) -> StoreResult<Option<LogId>> {
         Ok(self
             .get_meta::<Option<LogId>>(KEY_COMMITTED)
-            .map_err(|e| StorageIOError::read(&io_err(e)))?
+            .map_err(|e| io_err(e))?
             .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StoreResult<()>
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> StoreResult<()>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -351,9 +392,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::default();
         let own = self.own_appends.get();
         let mut offered = Vec::new();
+        let mut last_index = None;
         for entry in entries {
+            last_index = Some(entry.log_id.index);
             let bytes =
-                serde_json::to_vec(&entry).map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
+                serde_json::to_vec(&entry).map_err(|e| io_err(e))?;
             batch.put_cf(self.cf_logs(), index_key(entry.log_id.index), bytes);
             let is_write = matches!(
                 entry.payload,
@@ -367,12 +410,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // fsyncs the write-ahead log once for every append queued meanwhile (group commit)
         // and only then reports the entries flushed to openraft.
         if let Err(e) = self.db.write_opt(batch, &WriteOptions::default()) {
-            callback.log_io_completed(Err(io_err(&e)));
-            return Err(StorageIOError::write_logs(&io_err(e)).into());
+            callback.io_completed(Err(io_err(&e)));
+            return Err(io_err(e));
         }
-        if let Err(std::sync::mpsc::SendError(callback)) = self.flusher.send(callback) {
-            callback.log_io_completed(Err(io_err("the log flusher stopped")));
-            return Err(StorageIOError::write_logs(&io_err("the log flusher stopped")).into());
+        if let Err(std::sync::mpsc::SendError(f)) = self.flusher.send(Flush {
+            last_index,
+            callback,
+        }) {
+            f.callback
+                .io_completed(Err(io_err("the log flusher stopped")));
+            return Err(io_err("the log flusher stopped"));
         }
         if let Some((_, queue)) = own {
             for entry in offered {
@@ -382,13 +429,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
-    async fn truncate(&mut self, log_id: LogId) -> StoreResult<()> {
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> StoreResult<()> {
+        // Keeps entries up to `last_log_id` (none if None), removes every later one.
+        let from = last_log_id.map_or(0, |l| l.index.saturating_add(1));
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.cf_logs(), index_key(log_id.index), index_key(u64::MAX));
+        batch.delete_range_cf(self.cf_logs(), index_key(from), index_key(u64::MAX));
         // delete_range excludes the end key; u64::MAX is never a real index.
-        self.db
-            .write_opt(batch, &sync_opts())
-            .map_err(|e| StorageIOError::write_logs(&io_err(e)).into())
+        self.db.write_opt(batch, &sync_opts()).map_err(io_err)?;
+        // What was durable beyond the cut is gone.
+        let kept = last_log_id.map(|l| l.index);
+        self.flushed_tx.send_modify(|f| {
+            *f = match (*f, kept) {
+                (Some(f), Some(k)) => Some(f.min(k)),
+                _ => None,
+            }
+        });
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> StoreResult<()> {
@@ -396,7 +452,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.wait_until_covered(&log_id).await?;
         // Record the purge point first so that a crash in between leaves no hole.
         self.put_meta(KEY_PURGED, &log_id)
-            .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
+            .map_err(|e| io_err(e))?;
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(
             self.cf_logs(),
@@ -405,7 +461,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         );
         self.db
             .write_opt(batch, &sync_opts())
-            .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
+            .map_err(|e| io_err(e))?;
         // Reclaim the disk space of the purged range in the background (physical only).
         let store = self.clone();
         let end = index_key(log_id.index.saturating_add(1));
