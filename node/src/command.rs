@@ -20,6 +20,10 @@ openraft::declare_raft_types!(
 pub type NodeId = u64;
 /// Log id type.
 pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
+/// Vote type.
+pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+/// The leader part of a committed log id (term and node).
+pub type CommittedLeaderId = openraft::type_config::alias::CommittedLeaderIdOf<TypeConfig>;
 /// Raft handle type.
 pub type Raft = openraft::Raft<TypeConfig, crate::apply::state_machine::PgStateMachine>;
 /// Raft log entry type.

@@ -49,8 +49,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::command::NodeAddr;
-use openraft::storage::Snapshot;
-use openraft::{SnapshotMeta, StorageError, StorageIOError};
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -99,11 +98,69 @@ pub enum SnapshotError {
     },
 }
 
+/// A snapshot's metadata as raftpg keeps it (in `current.json`, and on the wire to other
+/// nodes): openraft's (last log id, last membership) and raftpg's own id `term-index-crc-len`,
+/// whose CRC-32 and length of the archive are checked before an install. The serialized shape
+/// is openraft 0.9's `SnapshotMeta`, which raftpg stored before openraft 0.10 dropped the id.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SnapMeta {
+    /// The last log id the snapshot covers.
+    pub last_log_id: Option<LogId>,
+    /// The last membership it holds.
+    pub last_membership: StoredMembership,
+    /// `term-index-crc-len`.
+    pub snapshot_id: String,
+}
+
+impl SnapMeta {
+    /// openraft's part.
+    pub fn openraft(&self) -> SnapshotMetaOf<TypeConfig> {
+        SnapshotMetaOf::<TypeConfig> {
+            last_log_id: self.last_log_id,
+            last_membership: self.last_membership.clone(),
+        }
+    }
+
+    /// raftpg's metadata for openraft's `meta` and the id a snapshot file carries.
+    pub fn of(meta: &SnapshotMetaOf<TypeConfig>, snapshot_id: &str) -> Self {
+        SnapMeta {
+            last_log_id: meta.last_log_id,
+            last_membership: meta.last_membership.clone(),
+            snapshot_id: snapshot_id.to_string(),
+        }
+    }
+}
+
+/// A snapshot's data as openraft passes it around (`RaftStateMachine::SnapshotData`): the
+/// archive, open, and raftpg's id of it (openraft 0.10's metadata has no id).
+pub struct SnapshotFile {
+    /// `term-index-crc-len` (see [`SnapMeta`]).
+    pub id: String,
+    /// The archive.
+    pub file: tokio::fs::File,
+}
+
+/// A snapshot as openraft sees it.
+pub type Snapshot = SnapshotOf<TypeConfig, SnapshotFile>;
+
 /// `current.json`: the published snapshot.
 #[derive(Serialize, Deserialize)]
 struct CurrentSnapshot {
-    meta: SnapshotMeta<NodeId, NodeAddr>,
+    meta: SnapMeta,
     file: String,
+}
+
+impl CurrentSnapshot {
+    async fn open(self, dir: &Path) -> std::io::Result<Snapshot> {
+        let file = tokio::fs::File::open(dir.join(&self.file)).await?;
+        Ok(Snapshot {
+            meta: self.meta.openraft(),
+            snapshot: SnapshotFile {
+                id: self.meta.snapshot_id,
+                file,
+            },
+        })
+    }
 }
 
 /// Name of the file a snapshot is received into.
@@ -141,6 +198,16 @@ pub struct SnapshotStore {
     publishing: Arc<tokio::sync::Mutex<()>>,
     /// How far the snapshot being received or restored is (for status).
     progress: Arc<std::sync::Mutex<Option<InstallProgress>>>,
+    /// The snapshot being received from the leader, piece by piece ([`SnapshotStore::receive`]).
+    receiving: Arc<tokio::sync::Mutex<Option<Receiving>>>,
+}
+
+/// A snapshot being received: its id, the receiving file and the offset the next piece must
+/// start at.
+struct Receiving {
+    id: String,
+    file: tokio::fs::File,
+    next: u64,
 }
 
 /// How far a snapshot being received or restored is.
@@ -195,8 +262,8 @@ fn size_of_id(id: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn storage_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
-    StorageIOError::write_snapshot(None, &std::io::Error::other(e.to_string())).into()
+fn storage_err(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
 }
 
 /// CRC-32 of a file.
@@ -253,6 +320,7 @@ impl SnapshotStore {
             limit: Arc::new(watch::Sender::new(limit)),
             publishing: Arc::new(tokio::sync::Mutex::new(())),
             progress: Arc::new(std::sync::Mutex::new(None)),
+            receiving: Arc::new(tokio::sync::Mutex::new(None)),
         })
     }
 
@@ -385,7 +453,7 @@ impl SnapshotStore {
     }
 
     /// The current snapshot, if any.
-    pub async fn current(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+    pub async fn current(&self) -> std::io::Result<Option<Snapshot>> {
         // A publish meanwhile would remove the file between reading its name and opening it.
         let _publishing = self.publishing.lock().await;
         let path = self.dir.join(CURRENT);
@@ -395,17 +463,49 @@ impl SnapshotStore {
             Err(e) => return Err(storage_err(e)),
         };
         let cur: CurrentSnapshot = serde_json::from_slice(&text).map_err(storage_err)?;
-        let file = tokio::fs::File::open(self.dir.join(&cur.file))
-            .await
-            .map_err(storage_err)?;
-        Ok(Some(Snapshot {
-            meta: cur.meta,
-            snapshot: Box::new(file),
-        }))
+        Ok(Some(cur.open(&self.dir).await?))
+    }
+
+    /// Writes a piece of the snapshot `id` received from the leader, starting at byte `offset`:
+    /// a piece at offset 0 starts a new receive (truncating the receiving file), any other must
+    /// continue the current receive of the same id where it stopped. Returns the file, synced,
+    /// after the last piece (`done`).
+    pub async fn receive(
+        &self,
+        id: &str,
+        offset: u64,
+        data: &[u8],
+        done: bool,
+    ) -> std::io::Result<Option<tokio::fs::File>> {
+        use tokio::io::AsyncWriteExt;
+        let mut receiving = self.receiving.lock().await;
+        if offset == 0 {
+            *receiving = Some(Receiving {
+                id: id.to_string(),
+                file: self.begin_receiving().await?,
+                next: 0,
+            });
+        }
+        let Some(r) = receiving.as_mut().filter(|r| r.id == id && r.next == offset) else {
+            return Err(std::io::Error::other(format!(
+                "snapshot piece {id} at {offset} does not continue the snapshot being received; the leader starts over"
+            )));
+        };
+        r.file.write_all(data).await?;
+        r.next += data.len() as u64;
+        self.note_received(id, r.next, done);
+        if !done {
+            return Ok(None);
+        }
+        let r = receiving.take().expect("checked above");
+        let mut file = r.file;
+        file.flush().await?;
+        file.sync_all().await?;
+        Ok(Some(file))
     }
 
     /// A file to receive a snapshot into (one receive at a time).
-    pub async fn begin_receiving(&self) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+    pub async fn begin_receiving(&self) -> std::io::Result<tokio::fs::File> {
         info!("receiving a snapshot");
         let f = tokio::fs::OpenOptions::new()
             .create(true)
@@ -413,9 +513,8 @@ impl SnapshotStore {
             .read(true)
             .write(true)
             .open(self.dir.join(INCOMING))
-            .await
-            .map_err(storage_err)?;
-        Ok(Box::new(f))
+            .await?;
+        Ok(f)
     }
 
     /// Makes `file` (in the snapshot directory) the current snapshot, durably (file, metadata and
@@ -423,7 +522,7 @@ impl SnapshotStore {
     /// Callers hold the publish lock.
     async fn publish(
         &self,
-        meta: &SnapshotMeta<NodeId, NodeAddr>,
+        meta: &SnapMeta,
         file: &Path,
     ) -> Result<PathBuf, SnapshotError> {
         let name = format!("snap-{}.dump", meta.snapshot_id);
@@ -460,27 +559,26 @@ impl SnapshotStore {
     /// snapshot returned. The current snapshot never goes back.
     async fn publish_built(
         &self,
-        meta: SnapshotMeta<NodeId, NodeAddr>,
+        meta: SnapMeta,
         building: &Path,
-    ) -> Result<Snapshot<TypeConfig>, SnapshotError> {
+    ) -> Result<Snapshot, SnapshotError> {
         let _publishing = self.publishing.lock().await;
         if let Some(cur) = load_current(&self.dir)? {
             if cur.meta.last_log_id > meta.last_log_id {
                 let _ = tokio::fs::remove_file(building).await;
                 info!(built = %meta.snapshot_id, current = %cur.meta.snapshot_id,
                       "a newer snapshot was published during the build; keeping it");
-                let file = tokio::fs::File::open(self.dir.join(&cur.file)).await?;
-                return Ok(Snapshot {
-                    meta: cur.meta,
-                    snapshot: Box::new(file),
-                });
+                return Ok(cur.open(&self.dir).await?);
             }
         }
         let path = self.publish(&meta, building).await?;
         let file = tokio::fs::File::open(path).await?;
         Ok(Snapshot {
-            meta,
-            snapshot: Box::new(file),
+            meta: meta.openraft(),
+            snapshot: SnapshotFile {
+                id: meta.snapshot_id,
+                file,
+            },
         })
     }
 
@@ -498,15 +596,16 @@ impl SnapshotStore {
         last: LogId,
         members: std::collections::BTreeMap<NodeId, NodeAddr>,
         archive: &Path,
-    ) -> Result<SnapshotMeta<NodeId, NodeAddr>, SnapshotError> {
+    ) -> Result<SnapMeta, SnapshotError> {
         let _publishing = self.publishing.lock().await;
         let (crc, len) = crc_of(archive).await?;
         let voters = members.keys().copied().collect();
-        let meta = SnapshotMeta {
+        let meta = SnapMeta {
             last_log_id: Some(last),
             last_membership: StoredMembership::new(
                 Some(last),
-                openraft::Membership::new(vec![voters], members),
+                openraft::Membership::new(vec![voters], members)
+                    .map_err(|e| SnapshotError::Tool(format!("the backup's membership: {e}")))?,
             ),
             snapshot_id: format!("{}-{}-{crc:08x}-{len}", last.leader_id.term, last.index),
         };
@@ -516,7 +615,7 @@ impl SnapshotStore {
 
     /// Builds a snapshot, retrying environmental failures until it succeeds or the node stops
     /// (a failed build must not stop Raft).
-    pub async fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+    pub async fn build(&self) -> std::io::Result<Snapshot> {
         let mut backoff = Duration::from_millis(200);
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -534,7 +633,7 @@ impl SnapshotStore {
         }
     }
 
-    async fn try_build(&self) -> Result<Snapshot<TypeConfig>, SnapshotError> {
+    async fn try_build(&self) -> Result<Snapshot, SnapshotError> {
         let started = std::time::Instant::now();
         let mut exporter = Self::connect(&self.db).await?;
         let tx = exporter
@@ -596,7 +695,7 @@ impl SnapshotStore {
         let (term, index) = log_id
             .map(|l| (l.leader_id.term, l.index))
             .unwrap_or((0, 0));
-        let meta = SnapshotMeta {
+        let meta = SnapMeta {
             last_log_id: log_id,
             last_membership: membership,
             snapshot_id: format!("{term}-{index}-{crc:08x}-{len}"),
@@ -617,7 +716,7 @@ impl SnapshotStore {
     /// snapshot's log id but differs). Safe to call again after any failure.
     pub async fn install(
         &self,
-        meta: &SnapshotMeta<NodeId, NodeAddr>,
+        meta: &SnapMeta,
         replace: bool,
     ) -> Result<(), SnapshotError> {
         let current = match self.publish_received(meta).await {
@@ -647,7 +746,7 @@ impl SnapshotStore {
     /// published it).
     async fn publish_received(
         &self,
-        meta: &SnapshotMeta<NodeId, NodeAddr>,
+        meta: &SnapMeta,
     ) -> Result<PathBuf, SnapshotError> {
         let _publishing = self.publishing.lock().await;
         let current = self.dir.join(format!("snap-{}.dump", meta.snapshot_id));
@@ -708,7 +807,7 @@ impl SnapshotStore {
     /// be called again after any failure.
     async fn restore(
         &self,
-        meta: &SnapshotMeta<NodeId, NodeAddr>,
+        meta: &SnapMeta,
         file: &Path,
     ) -> Result<(), SnapshotError> {
         let started = std::time::Instant::now();
@@ -728,7 +827,7 @@ impl SnapshotStore {
     /// [`Self::restore`] without the progress bookkeeping.
     async fn restore_and_swap(
         &self,
-        meta: &SnapshotMeta<NodeId, NodeAddr>,
+        meta: &SnapMeta,
         file: &Path,
         started: std::time::Instant,
     ) -> Result<(), SnapshotError> {

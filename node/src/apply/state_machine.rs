@@ -19,10 +19,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{
-    EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
-};
+use futures::StreamExt;
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::type_config::alias::SnapshotMetaOf;
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -31,7 +31,7 @@ use crate::apply::applier::{Applier, BatchEnd, EnvError, Pending, RunWrite};
 use crate::apply::checksums;
 use crate::apply::request_log;
 use crate::apply::roles;
-use crate::apply::snapshot::{SnapshotError, SnapshotStore};
+use crate::apply::snapshot::{SnapMeta, Snapshot, SnapshotError, SnapshotFile, SnapshotStore};
 use crate::command::{
     ApplyOutcome, Command, Entry, LogId, NodeId, StoredMembership, TypeConfig, WriteCommand,
 };
@@ -508,7 +508,7 @@ impl StateMachineCore {
     }
 
     /// Retries `connect` with backoff until it works or the node shuts down.
-    async fn connect_until_done(&mut self) -> Result<(), StorageError<NodeId>> {
+    async fn connect_until_done(&mut self) -> std::io::Result<()> {
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.connect().await {
@@ -521,16 +521,13 @@ impl StateMachineCore {
         }
     }
 
-    async fn pause(&mut self, backoff: &mut Duration) -> Result<(), StorageError<NodeId>> {
+    async fn pause(&mut self, backoff: &mut Duration) -> std::io::Result<()> {
         tokio::select! {
             _ = tokio::time::sleep(*backoff) => {}
             _ = self.shutdown.wait_for(|s| *s) => {}
         }
         if *self.shutdown.borrow() {
-            return Err(StorageIOError::write_state_machine(&std::io::Error::other(
-                "node is shutting down",
-            ))
-            .into());
+            return Err(std::io::Error::other("node is shutting down"));
         }
         *backoff = (*backoff * 2).min(self.limits.retry_backoff_max);
         Ok(())
@@ -958,7 +955,7 @@ impl StateMachineCore {
     async fn apply_batch_until_done(
         &mut self,
         batch: &[Entry],
-    ) -> Result<Vec<ApplyOutcome>, StorageError<NodeId>> {
+    ) -> std::io::Result<Vec<ApplyOutcome>> {
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.apply_batch(batch).await {
@@ -1011,7 +1008,7 @@ impl StateMachineCore {
     /// (see `snapshot`, "Crash safety of an install").
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId>, StoredMembership), StorageError<NodeId>> {
+    ) -> std::io::Result<(Option<LogId>, StoredMembership)> {
         self.log.limit_purges(self.snapshots.purge_limit());
         let mut backoff = Duration::from_millis(50);
         while let Err(e) = self.snapshots.recover().await {
@@ -1041,7 +1038,7 @@ impl StateMachineCore {
         Ok((self.applied, self.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyOutcome>, StorageError<NodeId>>
+    async fn apply<I>(&mut self, entries: I) -> std::io::Result<Vec<ApplyOutcome>>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -1063,9 +1060,7 @@ impl StateMachineCore {
         SnapshotBuilder(self.snapshots.clone())
     }
 
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+    async fn begin_receiving_snapshot(&mut self) -> std::io::Result<tokio::fs::File> {
         self.snapshots.begin_receiving().await
     }
 
@@ -1075,11 +1070,12 @@ impl StateMachineCore {
     /// it to be published) fails instead of waiting forever.
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, crate::command::NodeAddr>,
-        snapshot: Box<tokio::fs::File>,
-    ) -> Result<(), StorageError<NodeId>> {
+        meta: &SnapshotMetaOf<TypeConfig>,
+        snapshot: SnapshotFile,
+    ) -> std::io::Result<()> {
+        let meta = SnapMeta::of(meta, &snapshot.id);
         info!(id = %meta.snapshot_id, "received snapshot");
-        let installed = self.install_received(meta, snapshot, false).await;
+        let installed = self.install_received(&meta, snapshot.file, false).await;
         if installed.is_err() {
             self.snapshots.install_failed(meta.last_log_id);
         }
@@ -1091,16 +1087,13 @@ impl StateMachineCore {
     /// is at that position but differs).
     async fn install_received(
         &mut self,
-        meta: &SnapshotMeta<NodeId, crate::command::NodeAddr>,
-        snapshot: Box<tokio::fs::File>,
+        meta: &SnapMeta,
+        snapshot: tokio::fs::File,
         replace: bool,
-    ) -> Result<(), StorageError<NodeId>> {
+    ) -> std::io::Result<()> {
         // The database is replaced: statements prepared on the old one are not to be trusted.
         self.status.schema_changed();
-        snapshot
-            .sync_all()
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        snapshot.sync_all().await?;
         drop(snapshot);
         // The applier's connection would block the swap; it reconnects to the new database.
         self.disconnect();
@@ -1111,11 +1104,7 @@ impl StateMachineCore {
             match self.snapshots.install(meta, replace).await {
                 Ok(()) => break,
                 Err(e @ (SnapshotError::Corrupt { .. } | SnapshotError::Stale { .. })) => {
-                    return Err(StorageIOError::write_snapshot(
-                        Some(meta.signature()),
-                        &std::io::Error::other(e.to_string()),
-                    )
-                    .into());
+                    return Err(std::io::Error::other(e.to_string()));
                 }
                 Err(e) => {
                     warn!(error = %e, id = %meta.snapshot_id, "installing the snapshot failed; retrying");
@@ -1127,14 +1116,10 @@ impl StateMachineCore {
         // Past the snapshot is fine: a rebuild (service::repair) may have installed a newer
         // one while openraft was sending this one; the entries in between are skipped.
         if self.applied < meta.last_log_id {
-            return Err(StorageIOError::write_snapshot(
-                Some(meta.signature()),
-                &std::io::Error::other(format!(
-                    "after install the database is at {:?}, not {:?}",
-                    self.applied, meta.last_log_id
-                )),
-            )
-            .into());
+            return Err(std::io::Error::other(format!(
+                "after install the database is at {:?}, not {:?}",
+                self.applied, meta.last_log_id
+            )));
         }
         self.log_applied = meta.last_log_id.map(|l| l.index);
         self.status.set("applying");
@@ -1174,7 +1159,7 @@ impl StateMachineCore {
 
     async fn get_current_snapshot(
         &mut self,
-    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+    ) -> std::io::Result<Option<Snapshot>> {
         self.snapshots.current().await
     }
 }
@@ -1183,6 +1168,8 @@ impl StateMachineCore {
 /// shares it to replay what PostgreSQL lost in a crash as soon as PostgreSQL is back.
 pub struct PgStateMachine {
     core: Arc<tokio::sync::Mutex<StateMachineCore>>,
+    /// This node's Raft log: applying waits for its entries to be durable here.
+    log: LogStore,
 }
 
 /// How often the replay task checks whether PostgreSQL lost applied batches.
@@ -1195,6 +1182,7 @@ impl PgStateMachine {
         let (own, appended) = tokio::sync::mpsc::channel(SPECULATION_QUEUE);
         p.log.hand_own_appends(p.node_id, own);
         let wait_max = p.limits.speculation_wait_max;
+        let log = p.log.clone();
         let core = Arc::new(tokio::sync::Mutex::new(StateMachineCore::new(p)));
         tokio::spawn(replay_when_postgres_returns(
             Arc::downgrade(&core),
@@ -1206,7 +1194,7 @@ impl PgStateMachine {
             shutdown,
             wait_max,
         ));
-        PgStateMachine { core }
+        PgStateMachine { core, log }
     }
 }
 
@@ -1237,18 +1225,10 @@ impl Rebuilder {
     pub async fn rebuild<F, Fut>(
         &self,
         fetch: F,
-    ) -> Result<SnapshotMeta<NodeId, crate::command::NodeAddr>, String>
+    ) -> Result<SnapMeta, String>
     where
-        F: FnOnce(u64, Box<tokio::fs::File>) -> Fut,
-        Fut: std::future::Future<
-            Output = Result<
-                (
-                    SnapshotMeta<NodeId, crate::command::NodeAddr>,
-                    Box<tokio::fs::File>,
-                ),
-                String,
-            >,
-        >,
+        F: FnOnce(u64, tokio::fs::File) -> Fut,
+        Fut: std::future::Future<Output = Result<(SnapMeta, tokio::fs::File), String>>,
     {
         let mut core = self.core.lock().await;
         core.connect()
@@ -1335,37 +1315,52 @@ async fn replay_when_postgres_returns(
 }
 
 impl RaftStateMachine<TypeConfig> for PgStateMachine {
+    type SnapshotData = SnapshotFile;
     type SnapshotBuilder = SnapshotBuilder;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId>, StoredMembership), StorageError<NodeId>> {
+    async fn applied_state(&mut self) -> std::io::Result<(Option<LogId>, StoredMembership)> {
         self.core.lock().await.applied_state().await
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyOutcome>, StorageError<NodeId>>
+    /// Applies what openraft hands over, entry by entry answering each waiting proposer. Waits
+    /// first until this node's own log has the entries durable: openraft 0.10 applies entries
+    /// a majority committed even if they are only submitted to the local log, and PostgreSQL
+    /// must never hold an entry this node's log could lose in a crash (after which openraft
+    /// would purge its log up to the applied index, a gap nothing fills).
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> std::io::Result<()>
     where
-        I: IntoIterator<Item = Entry> + OptionalSend,
-        I::IntoIter: OptionalSend,
+        Strm: futures::Stream<Item = std::io::Result<EntryResponder<TypeConfig>>>
+            + Unpin
+            + OptionalSend,
     {
-        self.core.lock().await.apply(entries).await
+        let mut batch = Vec::new();
+        let mut responders = Vec::new();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            batch.push(entry);
+            responders.push(responder);
+        }
+        if let Some(last) = batch.last() {
+            self.log.durable(last.log_id.index).await;
+        }
+        let outcomes = self.core.lock().await.apply(batch).await?;
+        for (outcome, responder) in outcomes.into_iter().zip(responders) {
+            if let Some(r) = responder {
+                r.send(outcome);
+            }
+        }
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.core.lock().await.get_snapshot_builder()
     }
 
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
-        self.core.lock().await.begin_receiving_snapshot().await
-    }
-
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, crate::command::NodeAddr>,
-        snapshot: Box<tokio::fs::File>,
-    ) -> Result<(), StorageError<NodeId>> {
+        meta: &SnapshotMetaOf<TypeConfig>,
+        snapshot: SnapshotFile,
+    ) -> std::io::Result<()> {
         self.core
             .lock()
             .await
@@ -1373,9 +1368,7 @@ impl RaftStateMachine<TypeConfig> for PgStateMachine {
             .await
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+    async fn get_current_snapshot(&mut self) -> std::io::Result<Option<Snapshot>> {
         self.core.lock().await.get_current_snapshot().await
     }
 }
@@ -1499,7 +1492,9 @@ fn transactions(entries: &[Entry], items_max: usize) -> Vec<&[Entry]> {
 pub struct SnapshotBuilder(SnapshotStore);
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> std::io::Result<Snapshot> {
         self.0.build().await
     }
 }

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use raftpg_proto::v1::peer_server::Peer as PeerApi;
 use raftpg_proto::v1::{
     FetchSnapshotRequest, MarkDivergedRequest, MarkDivergedResponse, PublishAddressRequest,
@@ -20,7 +20,7 @@ use super::convert;
 use super::file_stream::{stream_file, MessageStream};
 use super::peer_auth::{speaks_for, PeerAuth};
 use super::status::to_status;
-use crate::command::{NodeId, TypeConfig};
+use crate::command::TypeConfig;
 use crate::raft::append_check::check_append_entries;
 use crate::service::check::wait_of;
 use crate::service::repair::rebuild_wait;
@@ -64,15 +64,15 @@ impl PeerApi for PeerService {
     ) -> Result<Response<RaftMessage>, Status> {
         let caller = self.auth.caller(&self.svc, &req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
-        speaks_for(caller, rpc.vote.leader_id().voted_for())?;
+        speaks_for(caller, Some(rpc.vote.leader_id().node_id))?;
         check_append_entries(&rpc).map_err(|e| Status::invalid_argument(e.to_string()))?;
         encode(&self.svc.raft().append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let caller = self.auth.caller(&self.svc, &req)?;
-        let rpc: VoteRequest<NodeId> = decode(req.get_ref())?;
-        speaks_for(caller, rpc.vote.leader_id().voted_for())?;
+        let rpc: VoteRequest<TypeConfig> = decode(req.get_ref())?;
+        speaks_for(caller, Some(rpc.vote.leader_id().node_id))?;
         encode(&self.svc.raft().vote(rpc).await)
     }
 
@@ -81,10 +81,10 @@ impl PeerApi for PeerService {
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         let caller = self.auth.caller(&self.svc, &req)?;
-        let mut rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
-        speaks_for(caller, rpc.vote.leader_id().voted_for())?;
-        rpc.data = req.into_inner().data;
-        encode(&self.svc.install_snapshot_chunk(rpc).await)
+        let chunk: crate::raft::network::SnapshotChunk = decode(req.get_ref())?;
+        speaks_for(caller, Some(chunk.vote.leader_id().node_id))?;
+        let data = req.into_inner().data;
+        encode(&self.svc.install_snapshot_chunk(chunk, &data).await)
     }
 
     async fn start_election(
@@ -95,7 +95,7 @@ impl PeerApi for PeerService {
         self.svc
             .raft()
             .trigger()
-            .elect()
+            .elect(false)
             .await
             .map_err(|e| Status::unavailable(format!("raft stopped: {e}")))?;
         Ok(Response::new(ReadIndexResponse { index: 0 }))
@@ -167,11 +167,12 @@ impl PeerApi for PeerService {
             .snapshot_covering(req.min_index, wait)
             .await
             .map_err(to_status)?;
-        let meta_json = serde_json::to_vec(&snapshot.meta)
+        let meta = crate::apply::snapshot::SnapMeta::of(&snapshot.meta, &snapshot.snapshot.id);
+        let meta_json = serde_json::to_vec(&meta)
             .map_err(|e| Status::internal(format!("encoding snapshot metadata: {e}")))?;
         // The archive in pieces, the metadata with the first.
         Ok(Response::new(stream_file(
-            *snapshot.snapshot,
+            snapshot.snapshot.file,
             move |data, first| SnapshotPart {
                 meta_json: if first { meta_json.clone() } else { Vec::new() },
                 data,

@@ -19,14 +19,14 @@ use super::auth::forward_principal;
 use super::convert;
 use super::status::from_status;
 use crate::auth::authenticator::Principal;
-use crate::command::{NodeAddr, NodeId, TableChecksum};
+use crate::command::{NodeId, TableChecksum};
 use crate::raft::network::PeerChannels;
 use crate::service::peers::PeerResult;
 use crate::service::{
     CheckReport, LeaderHint, MembershipChange, MembershipOutcome, NodeStatus, PeerLink,
     ServiceError, WriteOutcome, WriteRequest,
 };
-use openraft::SnapshotMeta;
+use crate::apply::snapshot::SnapMeta;
 
 /// How long past its timeout a call is abandoned on this side (the peer's own deadline, from
 /// `grpc-timeout`, should end it first).
@@ -284,9 +284,9 @@ impl PeerLink for GrpcPeers {
         &'a self,
         addr: &'a str,
         min_index: u64,
-        mut file: Box<tokio::fs::File>,
+        mut file: tokio::fs::File,
         timeout: Duration,
-    ) -> PeerResult<'a, (SnapshotMeta<NodeId, NodeAddr>, Box<tokio::fs::File>)> {
+    ) -> PeerResult<'a, (SnapMeta, tokio::fs::File)> {
         Box::pin(async move {
             use tokio::io::AsyncWriteExt;
             let mut client = self.peer(addr)?;

@@ -10,16 +10,17 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::apply::snapshot::{SnapMeta, Snapshot, SnapshotFile};
 use crate::command::NodeAddr;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
-    Unreachable,
+    NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::v2::RaftNetworkV2;
+use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
+use openraft::type_config::alias::VoteOf;
 use raftpg_proto::v1::peer_client::PeerClient;
 use raftpg_proto::v1::RaftMessage;
 use serde::de::DeserializeOwned;
@@ -169,16 +170,18 @@ impl PeerConnection {
         Ok(client)
     }
 
+    /// Sends one RPC and decodes the peer's answer, `Result<Resp, E>` as JSON. A transport
+    /// failure, and an error the peer answered with, are `Unreachable` (openraft backs off).
     async fn call<Resp, E>(
         &mut self,
         kind: RpcKind,
         payload: Vec<u8>,
         data: Vec<u8>,
         option: &RPCOption,
-    ) -> Result<Resp, RPCError<NodeId, NodeAddr, E>>
+    ) -> Result<Resp, RPCError<TypeConfig>>
     where
         Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
+        E: std::error::Error + DeserializeOwned + 'static,
     {
         let unreachable = |e: TransportError| RPCError::Unreachable(Unreachable::new(&e));
         let mut client = self.client().map_err(unreachable)?;
@@ -214,31 +217,36 @@ impl PeerConnection {
         };
         let result: Result<Resp, E> = serde_json::from_slice(&reply.payload)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        result.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
     }
 }
 
 /// A request encoded for the wire.
 #[allow(clippy::result_large_err)] // openraft's error type
-fn encode<Req: Serialize, E: std::error::Error>(
-    req: &Req,
-) -> Result<Vec<u8>, RPCError<NodeId, NodeAddr, E>> {
+fn encode<Req: Serialize>(req: &Req) -> Result<Vec<u8>, RPCError<TypeConfig>> {
     serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))
 }
 
 /// Largest encoded AppendEntries sent (room left for the rest of the gRPC message).
 pub const APPEND_BYTES_MAX: usize = RAFT_MESSAGE_BYTES_MAX - 1024 * 1024;
 
-/// When `entries` entries encode to `bytes`, more than `max`: how many to send instead (at
-/// least one, fewer than `entries`). `None` when they fit, or when a single entry is too large
-/// (it is sent as is and refused by the receiver).
-fn entries_that_fit(entries: usize, bytes: usize, max: usize) -> Option<u64> {
-    if bytes <= max || entries <= 1 {
-        return None;
-    }
-    let fit = (entries as u128 * max as u128 / bytes as u128) as u64;
-    Some(fit.clamp(1, entries as u64 - 1))
+/// One piece of a snapshot sent to a follower: JSON in `RaftMessage::payload`, the bytes in
+/// `RaftMessage::data`. Pieces go in order from offset 0; the receiver (`SnapshotStore::receive`)
+/// writes them into its receiving file and installs the snapshot after the last one.
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+pub struct SnapshotChunk {
+    /// The sender's vote.
+    pub vote: VoteOf<TypeConfig>,
+    /// The snapshot's metadata with raftpg's id (which carries the archive's CRC and length).
+    pub meta: SnapMeta,
+    /// Where `data` starts in the archive.
+    pub offset: u64,
+    /// Whether this is the last piece.
+    pub done: bool,
 }
+
+/// Bytes of a snapshot sent per message.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy)]
 enum RpcKind {
@@ -247,58 +255,100 @@ enum RpcKind {
     Snapshot,
 }
 
-impl RaftNetwork<TypeConfig> for PeerConnection {
+impl RaftNetworkV2<TypeConfig> for PeerConnection {
+    type SnapshotData = SnapshotFile;
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeAddr, RaftError<NodeId>>> {
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        // openraft bounds the entries per message (`max_payload_entries`); the node refuses
+        // limits under which that many entries would not fit (node::check_entry_bytes_max).
         let payload = encode(&rpc)?;
-        if let Some(fit) = entries_that_fit(rpc.entries.len(), payload.len(), APPEND_BYTES_MAX) {
-            // Too many large entries for one message: openraft sends fewer (the node refuses
-            // limits under which one entry alone would not fit, see node::check_entry_bytes_max).
-            return Err(RPCError::PayloadTooLarge(
-                PayloadTooLarge::new_entries_hint(fit),
-            ));
-        }
-        self.call(RpcKind::Append, payload, Vec::new(), &option)
+        self.call::<_, RaftError<TypeConfig>>(RpcKind::Append, payload, Vec::new(), &option)
             .await
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        mut rpc: InstallSnapshotRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, NodeAddr, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        let data = std::mem::take(&mut rpc.data);
-        let payload = encode(&rpc)?;
-        self.call(RpcKind::Snapshot, payload, data, &option).await
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, NodeAddr, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let payload = encode(&rpc)?;
-        self.call(RpcKind::Vote, payload, Vec::new(), &option).await
+        self.call::<_, RaftError<TypeConfig>>(RpcKind::Vote, payload, Vec::new(), &option)
+            .await
+    }
+
+    /// Sends the archive in [`SNAPSHOT_CHUNK_BYTES`] pieces (each bounded by `hard_ttl`), from
+    /// the start; stops when `cancel` fires or the follower answers with a newer vote.
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: Snapshot,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let meta = SnapMeta::of(&snapshot.meta, &snapshot.snapshot.id);
+        let mut file = snapshot.snapshot.file;
+        let send = async {
+            file.seek(std::io::SeekFrom::Start(0))
+                .await
+                .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+            let mut offset = 0u64;
+            loop {
+                let mut data = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+                let mut filled = 0;
+                while filled < data.len() {
+                    let n = file
+                        .read(&mut data[filled..])
+                        .await
+                        .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                data.truncate(filled);
+                let done = filled < SNAPSHOT_CHUNK_BYTES;
+                let chunk = SnapshotChunk {
+                    vote,
+                    meta: meta.clone(),
+                    offset,
+                    done,
+                };
+                let payload = serde_json::to_vec(&chunk)
+                    .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+                let len = data.len() as u64;
+                let answer: SnapshotResponse<TypeConfig> = self
+                    .call::<_, RemoteSnapshotError>(RpcKind::Snapshot, payload, data, &option)
+                    .await
+                    .map_err(streaming)?;
+                if answer.vote != vote || done {
+                    return Ok(answer);
+                }
+                offset += len;
+            }
+        };
+        tokio::select! {
+            sent = send => sent,
+            closed = cancel => Err(StreamingError::Closed(closed)),
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::entries_that_fit;
+/// An error a follower answers a snapshot piece with (as text).
+#[derive(Debug, thiserror::Error, Serialize, serde::Deserialize)]
+#[error("{0}")]
+pub struct RemoteSnapshotError(pub String);
 
-    #[test]
-    fn oversized_appends_are_split() {
-        assert_eq!(entries_that_fit(100, 1000, 1000), None);
-        assert_eq!(entries_that_fit(100, 4000, 1000), Some(25));
-        // Always fewer than before, at least one.
-        assert_eq!(entries_that_fit(2, 1001, 1000), Some(1));
-        assert_eq!(entries_that_fit(512, 10_000_000, 10), Some(1));
-        assert_eq!(entries_that_fit(1, 5000, 1000), None);
+/// An RPC error of a snapshot piece as the error of the whole transfer.
+fn streaming(e: RPCError<TypeConfig>) -> StreamingError<TypeConfig> {
+    match e {
+        RPCError::Timeout(t) => StreamingError::Timeout(t),
+        RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+        RPCError::Network(n) => StreamingError::Network(n),
+        RPCError::RemoteError(r) => StreamingError::Unreachable(Unreachable::new(&r)),
     }
 }

@@ -26,15 +26,17 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{debug, warn};
 
 use crate::command::{
-    ApplyOutcome, Command, LogId, NodeId, Raft, RequestId, SqlStatement, WriteCommand,
+    ApplyOutcome, Command, LogId, Raft, RequestId, SqlStatement, TypeConfig,
+    WriteCommand,
 };
 use crate::raft::clock::EntryClock;
 use crate::raft::log_store::LogStore;
+use openraft::async_runtime::WatchReceiver;
 use openraft::storage::RaftLogReader;
 use openraft::EntryPayload;
 
 /// Why a proposed write has no outcome.
-pub type ProposeError = RaftError<NodeId, ClientWriteError<NodeId, crate::command::NodeAddr>>;
+pub type ProposeError = RaftError<TypeConfig, ClientWriteError<TypeConfig>>;
 
 /// What a write's caller gets: the entry's log id and the write's own outcome.
 pub type ProposeResult = Result<(LogId, ApplyOutcome), ProposeError>;
@@ -159,7 +161,7 @@ async fn run(
         }
         let (term, last_index) = {
             let m = raft.metrics();
-            let m = m.borrow();
+            let m = m.borrow_watched();
             (m.current_term, m.last_log_index)
         };
         if clock_term != Some(term) {
@@ -254,8 +256,9 @@ async fn propose(
     m.proposal_writes.observe(writes as f64);
     m.proposal_bytes.observe(bytes as f64);
     let proposed = std::time::Instant::now();
-    let answer = match raft.client_write_ff(command).await {
-        Ok(rx) => rx,
+    let (responder, answer) = openraft::impls::ProgressResponder::complete_only();
+    match raft.client_write_ff(command, Some(responder)).await {
+        Ok(()) => {}
         Err(fatal) => {
             let e = RaftError::Fatal(fatal);
             for r in replies {

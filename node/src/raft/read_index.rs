@@ -10,10 +10,10 @@
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
-use openraft::error::{CheckIsLeaderError, RaftError};
+use openraft::error::{LinearizableReadError, RaftError};
 use tokio::sync::oneshot;
 
-use crate::command::{NodeId, Raft};
+use crate::command::{Raft, TypeConfig};
 
 /// Why a round did not confirm a read index.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -23,7 +23,7 @@ pub enum ReadIndexError {
     NotLeader,
     /// A quorum did not confirm this node's leadership (openraft's reason).
     #[error("{0}")]
-    Unconfirmed(Arc<RaftError<NodeId, CheckIsLeaderError<NodeId, crate::command::NodeAddr>>>),
+    Unconfirmed(Arc<RaftError<TypeConfig, LinearizableReadError<TypeConfig>>>),
     /// The confirmation round ended without an answer (the node is shutting down).
     #[error("the read index round ended without an answer")]
     RoundLost,
@@ -118,9 +118,9 @@ impl ReadIndexBatcher {
         let round: RoundFn<u64, ReadIndexError> = Arc::new(move || {
             let raft = raft.clone();
             Box::pin(async move {
-                match raft.get_read_log_id().await {
-                    Ok((read_log_id, _)) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
-                    Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                match raft.get_read_log_id(openraft::raft::ReadPolicy::ReadIndex).await {
+                    Ok((read_log_id, _)) => Ok(read_log_id.index()),
+                    Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_))) => {
                         Err(ReadIndexError::NotLeader)
                     }
                     Err(e) => Err(ReadIndexError::Unconfirmed(Arc::new(e))),

@@ -58,7 +58,7 @@ impl Service {
             .meta
             .last_log_id
             .ok_or_else(|| ServiceError::internal("the snapshot has no log id"))?;
-        let archive = *snapshot.snapshot;
+        let archive = snapshot.snapshot.file;
         let bytes = archive
             .metadata()
             .await

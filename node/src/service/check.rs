@@ -5,6 +5,7 @@
 //! leader then collects every member's stored result and names the tables and nodes that differ
 //! from the majority.
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -89,7 +90,7 @@ impl Service {
             ));
         };
         let members: Vec<(NodeId, String)> = {
-            let m = self.raft.metrics().borrow().membership_config.clone();
+            let m = self.raft.metrics().borrow_watched().membership_config.clone();
             m.membership()
                 .nodes()
                 .map(|(id, n)| (*id, n.peer.clone()))

@@ -12,6 +12,7 @@
 //! leader's probe; the founding members publish theirs once they are members
 //! ([`Service::publish_own_address`]), each only its own.
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,7 +74,7 @@ impl Service {
 
 /// The current members as this node knows them.
 pub fn members(svc: &Service) -> Vec<MemberInfo> {
-    let m = svc.raft.metrics().borrow().clone();
+    let m = svc.raft.metrics().borrow_watched().clone();
     let membership = m.membership_config.membership();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
     membership
@@ -104,7 +105,7 @@ fn done(svc: &Service, log_index: u64, message: impl Into<String>) -> Membership
 }
 
 fn change_error(
-    e: RaftError<NodeId, ClientWriteError<NodeId, NodeAddr>>,
+    e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
     svc: &Service,
 ) -> ServiceError {
     match e {
@@ -113,6 +114,13 @@ fn change_error(
         }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
             ServiceError::precondition(c.to_string())
+        }
+        RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)) => ServiceError::unavailable(
+            "leadership changed before the change committed; it may still take effect: check the membership, then retry",
+            svc.leader(),
+        ),
+        RaftError::APIError(ClientWriteError::PreconditionFailed(p)) => {
+            ServiceError::precondition(p.to_string())
         }
         RaftError::Fatal(f) => {
             ServiceError::unavailable(format!("raft stopped on this node: {f}"), None)
@@ -145,7 +153,7 @@ async fn add_learner(
     }
     check_addr(&addr)?;
     let existing = {
-        let m = svc.raft.metrics().borrow().membership_config.clone();
+        let m = svc.raft.metrics().borrow_watched().membership_config.clone();
         m.membership().get_node(&node_id).map(|n| n.peer.clone())
     };
     match existing {
@@ -334,7 +342,7 @@ async fn promote(
 ) -> Result<MembershipOutcome, ServiceError> {
     let ids: BTreeSet<NodeId> = ids.into_iter().collect();
     let (voters, nodes): (BTreeSet<NodeId>, BTreeSet<NodeId>) = {
-        let m = svc.raft.metrics().borrow().membership_config.clone();
+        let m = svc.raft.metrics().borrow_watched().membership_config.clone();
         (
             m.membership().voter_ids().collect(),
             m.membership().nodes().map(|(id, _)| *id).collect(),
@@ -352,7 +360,7 @@ async fn promote(
     }
     if !force {
         let (committed, addrs) = {
-            let metrics = svc.raft.metrics().borrow().clone();
+            let metrics = svc.raft.metrics().borrow_watched().clone();
             let m = metrics.membership_config.membership().clone();
             let addrs: BTreeMap<NodeId, String> = to_promote
                 .iter()
@@ -382,7 +390,7 @@ async fn promote(
 async fn remove(svc: &Service, ids: Vec<NodeId>) -> Result<MembershipOutcome, ServiceError> {
     let ids: BTreeSet<NodeId> = ids.into_iter().collect();
     let (voters, nodes): (BTreeSet<NodeId>, BTreeMap<NodeId, String>) = {
-        let m = svc.raft.metrics().borrow().membership_config.clone();
+        let m = svc.raft.metrics().borrow_watched().membership_config.clone();
         (
             m.membership().voter_ids().collect(),
             m.membership()
@@ -411,7 +419,7 @@ async fn remove(svc: &Service, ids: Vec<NodeId>) -> Result<MembershipOutcome, Se
             .index;
     }
     let still: BTreeSet<NodeId> = {
-        let m = svc.raft.metrics().borrow().membership_config.clone();
+        let m = svc.raft.metrics().borrow_watched().membership_config.clone();
         m.membership()
             .nodes()
             .map(|(id, _)| *id)
@@ -448,7 +456,7 @@ async fn transfer_leader(svc: &Service, target: NodeId) -> Result<MembershipOutc
         return Ok(done(svc, 0, format!("node {target} already leads")));
     }
     let (addr, is_voter, matched, last) = {
-        let m = svc.raft.metrics().borrow().clone();
+        let m = svc.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         let addr = membership.get_node(&target).map(|n| n.peer.clone());
         let is_voter = membership.voter_ids().any(|v| v == target);
@@ -487,7 +495,7 @@ async fn transfer_leader(svc: &Service, target: NodeId) -> Result<MembershipOutc
             .start_election(&addr, Duration::from_secs(2))
             .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let leader = svc.raft.metrics().borrow().current_leader;
+        let leader = svc.raft.metrics().borrow_watched().current_leader;
         if leader == Some(target) {
             outcome = Ok(done(svc, 0, format!("node {target} leads now")));
             break;
@@ -527,7 +535,7 @@ impl Service {
             ));
         }
         let node = {
-            let m = self.raft.metrics().borrow().membership_config.clone();
+            let m = self.raft.metrics().borrow_watched().membership_config.clone();
             m.membership().get_node(&node_id).cloned()
         };
         let Some(node) = node else {
@@ -567,7 +575,7 @@ impl Service {
                 return;
             }
             let recorded = {
-                let m = self.raft.metrics().borrow().membership_config.clone();
+                let m = self.raft.metrics().borrow_watched().membership_config.clone();
                 m.membership().get_node(&self.id).map(|n| n.client.clone())
             };
             let client = self.addrs.client.clone();

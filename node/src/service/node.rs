@@ -3,6 +3,7 @@
 //!
 //! Owns the removed marker (`<data-dir>/removed`): a removed node serves no reads or writes.
 
+use openraft::async_runtime::WatchReceiver;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -189,17 +190,35 @@ impl Service {
     /// (status shows it).
     pub async fn install_snapshot_chunk(
         &self,
-        rpc: openraft::raft::InstallSnapshotRequest<crate::command::TypeConfig>,
+        chunk: crate::raft::network::SnapshotChunk,
+        data: &[u8],
     ) -> Result<
-        openraft::raft::InstallSnapshotResponse<NodeId>,
-        openraft::error::RaftError<NodeId, openraft::error::InstallSnapshotError>,
+        openraft::raft::SnapshotResponse<crate::command::TypeConfig>,
+        crate::raft::network::RemoteSnapshotError,
     > {
-        self.snapshots.note_received(
-            &rpc.meta.snapshot_id,
-            rpc.offset + rpc.data.len() as u64,
-            rpc.done,
-        );
-        self.raft.install_snapshot(rpc).await
+        let err = |e: String| crate::raft::network::RemoteSnapshotError(e);
+        // A leader behind this node's vote is told so and stops sending.
+        let mine = self.raft.metrics().borrow_watched().vote;
+        if mine > chunk.vote {
+            return Ok(openraft::raft::SnapshotResponse::new(mine));
+        }
+        let id = chunk.meta.snapshot_id.clone();
+        let received = self
+            .snapshots
+            .receive(&id, chunk.offset, data, chunk.done)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let Some(file) = received else {
+            return Ok(openraft::raft::SnapshotResponse::new(chunk.vote));
+        };
+        let snapshot = crate::apply::snapshot::Snapshot {
+            meta: chunk.meta.openraft(),
+            snapshot: crate::apply::snapshot::SnapshotFile { id, file },
+        };
+        self.raft
+            .install_full_snapshot(chunk.vote, snapshot)
+            .await
+            .map_err(|e| err(e.to_string()))
     }
 
     /// The request limits.
@@ -209,13 +228,13 @@ impl Service {
 
     /// The current term (for request spans).
     pub fn term(&self) -> u64 {
-        self.raft.metrics().borrow().current_term
+        self.raft.metrics().borrow_watched().current_term
     }
 
     /// The current leader, if known.
     pub fn leader(&self) -> Option<LeaderHint> {
         let m = self.raft.metrics();
-        let m = m.borrow();
+        let m = m.borrow_watched();
         let id = m.current_leader?;
         let node = m.membership_config.membership().get_node(&id)?;
         Some(LeaderHint {
@@ -233,7 +252,7 @@ impl Service {
     pub fn is_peer(&self, node: NodeId) -> bool {
         {
             let m = self.raft.metrics();
-            let m = m.borrow();
+            let m = m.borrow_watched();
             let membership = m.membership_config.membership();
             // The leader this node follows is accepted too: a node catching up appends old
             // entries first, and the membership of the last one it appended may be one the
@@ -255,7 +274,7 @@ impl Service {
     /// Whether this node currently leads.
     pub fn is_leader(&self) -> bool {
         let m = self.raft.metrics();
-        let m = m.borrow();
+        let m = m.borrow_watched();
         m.state == ServerState::Leader && m.current_leader == Some(self.id)
     }
 

@@ -18,8 +18,8 @@ use super::types::{
     CheckReport, MembershipChange, MembershipOutcome, NodeStatus, WriteOutcome, WriteRequest,
 };
 use crate::auth::authenticator::Principal;
-use crate::command::{NodeAddr, NodeId, TableChecksum};
-use openraft::SnapshotMeta;
+use crate::command::{NodeId, TableChecksum};
+use crate::apply::snapshot::SnapMeta;
 
 /// A peer call's answer.
 pub type PeerResult<'a, T> = BoxFuture<'a, Result<T, ServiceError>>;
@@ -88,9 +88,9 @@ pub trait PeerLink: Send + Sync {
         &'a self,
         addr: &'a str,
         min_index: u64,
-        file: Box<tokio::fs::File>,
+        file: tokio::fs::File,
         timeout: Duration,
-    ) -> PeerResult<'a, (SnapshotMeta<NodeId, NodeAddr>, Box<tokio::fs::File>)>;
+    ) -> PeerResult<'a, (SnapMeta, tokio::fs::File)>;
 
     /// Tells the node at `addr` that the check at `log_index` found its copy different.
     fn mark_diverged<'a>(

@@ -17,14 +17,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::storage::Snapshot;
 use tracing::{info, warn};
 
 use super::error::{ErrorKind, ServiceError};
 use super::node::{Service, DIVERGED_MARKER};
 use super::types::RebuildReport;
 use crate::auth::authenticator::Principal;
-use crate::command::TypeConfig;
 
 /// How long a rebuild may take when the request does not say.
 const REBUILD_WAIT_DEFAULT: Duration = Duration::from_secs(600);
@@ -206,7 +204,7 @@ impl Service {
         &self,
         min_index: u64,
         wait: Duration,
-    ) -> Result<Snapshot<TypeConfig>, ServiceError> {
+    ) -> Result<crate::apply::snapshot::Snapshot, ServiceError> {
         let deadline = tokio::time::Instant::now() + wait;
         self.raft
             .wait(Some(wait))
@@ -218,7 +216,7 @@ impl Service {
                     self.id
                 ))
             })?;
-        let covers = |s: &Option<Snapshot<TypeConfig>>| {
+        let covers = |s: &Option<crate::apply::snapshot::Snapshot>| {
             s.as_ref()
                 .and_then(|s| s.meta.last_log_id)
                 .is_some_and(|l| l.index >= min_index)

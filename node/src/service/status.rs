@@ -2,6 +2,7 @@
 //! replication progress) and of its own health (PostgreSQL, applier), and the PostgreSQL
 //! identity every member must share.
 
+use openraft::async_runtime::WatchReceiver;
 use std::time::Duration;
 
 use openraft::ServerState;
@@ -31,10 +32,10 @@ impl Service {
         }
         let committed = self
             .raft
-            .with_raft_state(|st| st.committed.map(|l| l.index))
+            .with_raft_state(|st| st.local_committed().map(|l| l.index))
             .await
             .map_err(|e| ServiceError::unavailable(format!("raft stopped: {e}"), None))?;
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         let role = match m.state {
             ServerState::Leader => "leader",
@@ -83,7 +84,7 @@ impl Service {
     /// term, role, log positions, per-peer lag on the leader, PostgreSQL health, divergence.
     pub fn observe_metrics(&self) {
         let m = crate::metrics::get();
-        let raft = self.raft.metrics().borrow().clone();
+        let raft = self.raft.metrics().borrow_watched().clone();
         m.term.set(raft.current_term as i64);
         for (role, state) in [
             ("leader", ServerState::Leader),
@@ -150,13 +151,13 @@ impl Service {
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut rx = self.raft.metrics();
-        let mut leader = rx.borrow().current_leader;
+        let mut leader = rx.borrow_watched().current_leader;
         loop {
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
                 _ = shutdown.changed() => return,
             }
-            let now = rx.borrow().current_leader;
+            let now = rx.borrow_watched().current_leader;
             if now != leader {
                 if now.is_some() {
                     crate::metrics::get().leader_changes.inc();
@@ -171,7 +172,7 @@ impl Service {
     /// it was not removed), is ready to serve (also: it applies the log, knows a leader, is a
     /// member, and its copy is not known to differ), and leads. Each with the reason when not.
     pub fn health(&self) -> Health {
-        let raft = self.raft.metrics().borrow().clone();
+        let raft = self.raft.metrics().borrow_watched().clone();
         let pg_up = *self.pg_health.borrow() == PgHealth::Up;
         let live = if self.is_removed() {
             Err("removed from the cluster".to_string())
@@ -219,7 +220,7 @@ impl Service {
     /// Another member's status, asked of it.
     async fn peer_status(&self, node_id: NodeId) -> Result<NodeStatus, ServiceError> {
         let addr = {
-            let m = self.raft.metrics().borrow().clone();
+            let m = self.raft.metrics().borrow_watched().clone();
             let membership = m.membership_config.membership();
             match membership.get_node(&node_id) {
                 Some(node) => node.peer.clone(),

@@ -298,6 +298,12 @@ impl Service {
                     self.leader(),
                 ));
             }
+            Ok(Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_))))) => {
+                return Err(ServiceError::new(
+                    ErrorKind::OutcomeUnknown,
+                    "leadership changed after the write was proposed; its outcome is unknown (it may still commit): retry with the same request id, or read to see its effects",
+                ))
+            }
             Ok(Ok(Err(RaftError::APIError(e)))) => {
                 return Err(ServiceError::precondition(e.to_string()))
             }
