@@ -49,11 +49,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::storage::{RaftLogStorageExt, RaftStateMachine};
-use openraft::{CommittedLeaderId, EntryPayload, Membership};
+use openraft::vote::RaftLeaderId;
+use openraft::{EntryPayload, Membership};
 use raftpg_node::apply::snapshot::SnapshotStore;
 use raftpg_node::apply::state_machine::{
     ApplierStatus, ApplyLimits, PgStateMachine, StateMachineParts,
 };
+use raftpg_node::command::CommittedLeaderId;
 use raftpg_node::command::NodeAddr;
 use raftpg_node::command::{
     ApplyOutcome, Command, Entry, LogId, RequestId, SqlFailure, SqlStatement, SqlValue,
@@ -236,7 +238,9 @@ fn membership_entry() -> Entry {
     let nodes = BTreeMap::from([(1u64, NodeAddr::peer_only("127.0.0.1:1"))]);
     Entry {
         log_id: log_id(0),
-        payload: EntryPayload::Membership(Membership::new(vec![[1u64].into()], nodes)),
+        payload: EntryPayload::Membership(
+            Membership::new(vec![[1u64].into()], nodes).expect("a membership"),
+        ),
     }
 }
 
@@ -288,7 +292,7 @@ async fn append(log: &mut LogStore, entries: &[Entry]) {
 
 /// `RaftStateMachine::apply`, bounded in time.
 async fn apply(sm: &mut PgStateMachine, entries: &[Entry]) -> Vec<ApplyOutcome> {
-    let outcomes = tokio::time::timeout(CALL_MAX, sm.apply(entries.to_vec()))
+    let outcomes = tokio::time::timeout(CALL_MAX, sm.apply_entries(entries.to_vec()))
         .await
         .expect("apply did not finish (stuck retrying an environmental error?)")
         .expect("apply failed");

@@ -5,7 +5,7 @@
 //! applies entries to PostgreSQL, so this file brings [`MemStateMachine`]: **test scaffolding
 //! for the log store only**, not a model of `PgStateMachine`. It applies `Command` entries
 //! trivially (counting writes), tracks the last applied log id and the membership, and
-//! snapshots that tiny state as JSON in a file (raftpg's `SnapshotData` is a `tokio::fs::File`).
+//! snapshots that tiny state as JSON in a file.
 //!
 //! Purge limit: in a node, purges wait until a durable snapshot covers them ([`PurgeLimit`],
 //! tested in `log_store.rs`'s unit tests). The suite purges without building snapshots first,
@@ -15,15 +15,20 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
-use openraft::testing::{StoreBuilder, Suite};
-use openraft::{
-    CommittedLeaderId, EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageError,
-    StorageIOError,
-};
+use futures::StreamExt;
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf};
+use openraft::errors::ErrorSource;
+use openraft::impls::BoxedErrorSource;
+use openraft::vote::RaftLeaderId;
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageError};
 use raftpg_node::command::{
-    ApplyOutcome, Command, Entry, LogId, NodeId, StoredMembership, TypeConfig,
+    ApplyOutcome, Command, CommittedLeaderId, Entry, LogId, NodeId, StoredMembership, TypeConfig,
 };
+
+type SnapshotMeta = SnapshotMetaOf<TypeConfig>;
+type Snapshot = SnapshotOf<TypeConfig, tokio::fs::File>;
 use raftpg_node::raft::log_store::{LogStore, PurgeLimit};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -41,7 +46,7 @@ struct MemState {
 /// The published snapshot: its metadata and the file holding its data.
 #[derive(Clone)]
 struct CurrentSnapshot {
-    meta: SnapshotMeta<NodeId, raftpg_node::command::NodeAddr>,
+    meta: SnapshotMeta,
     path: PathBuf,
 }
 
@@ -79,7 +84,7 @@ impl MemStateMachine {
     /// Writes `state` into a new snapshot file and makes it the current snapshot.
     fn publish(
         &self,
-        meta: SnapshotMeta<NodeId, raftpg_node::command::NodeAddr>,
+        meta: SnapshotMeta,
         state: &MemState,
     ) -> std::io::Result<()> {
         let path = self.next_path("snapshot");
@@ -110,18 +115,15 @@ impl MemStateMachine {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for MemStateMachine {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+    type SnapshotData = tokio::fs::File;
+
+    async fn build_snapshot(&mut self) -> std::io::Result<Snapshot> {
         let state = self.state.lock().unwrap().clone();
         let meta = SnapshotMeta {
             last_log_id: state.last_applied,
             last_membership: state.membership.clone(),
-            snapshot_id: format!(
-                "mem-{}",
-                self.files.load(std::sync::atomic::Ordering::Relaxed)
-            ),
         };
-        self.publish(meta, &state)
-            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        self.publish(meta, &state)?;
         Ok(self
             .get_current_snapshot()
             .await?
@@ -130,80 +132,60 @@ impl RaftSnapshotBuilder<TypeConfig> for MemStateMachine {
 }
 
 impl RaftStateMachine<TypeConfig> for MemStateMachine {
+    type SnapshotData = tokio::fs::File;
     type SnapshotBuilder = Self;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId>, StoredMembership), StorageError<NodeId>> {
+    async fn applied_state(&mut self) -> std::io::Result<(Option<LogId>, StoredMembership)> {
         let state = self.state.lock().unwrap();
         Ok((state.last_applied, state.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyOutcome>, StorageError<NodeId>>
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> std::io::Result<()>
     where
-        I: IntoIterator<Item = Entry> + OptionalSend,
-        I::IntoIter: OptionalSend,
+        Strm: futures::Stream<Item = std::io::Result<EntryResponder<TypeConfig>>>
+            + Unpin
+            + OptionalSend,
     {
-        let mut state = self.state.lock().unwrap();
-        Ok(entries
-            .into_iter()
-            .map(|e| Self::apply_one(&mut state, e))
-            .collect())
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let outcome = Self::apply_one(&mut self.state.lock().unwrap(), entry);
+            if let Some(r) = responder {
+                r.send(outcome);
+            }
+        }
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
-        let file = tokio::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(self.next_path("receiving"))
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        Ok(Box::new(file))
-    }
-
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, raftpg_node::command::NodeAddr>,
-        mut snapshot: Box<tokio::fs::File>,
-    ) -> Result<(), StorageError<NodeId>> {
-        let read_err =
-            |e: std::io::Error| StorageIOError::read_snapshot(Some(meta.signature()), &e);
+        meta: &SnapshotMeta,
+        mut snapshot: tokio::fs::File,
+    ) -> std::io::Result<()> {
         let mut bytes = Vec::new();
-        snapshot
-            .seek(std::io::SeekFrom::Start(0))
-            .await
-            .map_err(read_err)?;
-        snapshot.read_to_end(&mut bytes).await.map_err(read_err)?;
-        let state: MemState = serde_json::from_slice(&bytes).map_err(|e| read_err(io_error(e)))?;
+        snapshot.seek(std::io::SeekFrom::Start(0)).await?;
+        snapshot.read_to_end(&mut bytes).await?;
+        let state: MemState = serde_json::from_slice(&bytes).map_err(io_error)?;
         assert_eq!(
             state.last_applied, meta.last_log_id,
             "snapshot data and meta differ"
         );
-        self.publish(meta.clone(), &state)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        self.publish(meta.clone(), &state)?;
         *self.state.lock().unwrap() = state;
         Ok(())
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+    async fn get_current_snapshot(&mut self) -> std::io::Result<Option<Snapshot>> {
         let Some(current) = self.current.lock().unwrap().clone() else {
             return Ok(None);
         };
-        let file = tokio::fs::File::open(&current.path)
-            .await
-            .map_err(|e| StorageIOError::read_snapshot(Some(current.meta.signature()), &e))?;
+        let file = tokio::fs::File::open(&current.path).await?;
         Ok(Some(Snapshot {
             meta: current.meta,
-            snapshot: Box::new(file),
+            snapshot: file,
         }))
     }
 }
@@ -220,13 +202,13 @@ struct Guard {
 struct Builder;
 
 impl StoreBuilder<TypeConfig, LogStore, MemStateMachine, Guard> for Builder {
-    async fn build(&self) -> Result<(Guard, LogStore, MemStateMachine), StorageError<NodeId>> {
+    async fn build(&self) -> Result<(Guard, LogStore, MemStateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::Builder::new()
             .prefix("raftpg-log-suite-")
             .tempdir()
-            .map_err(|e| StorageIOError::write(&e))?;
+            .map_err(|e| StorageError::write(BoxedErrorSource::from_error(&e)))?;
         let store = LogStore::open(&dir.path().join("raft-log"))
-            .map_err(|e| StorageIOError::write(&io_error(e)))?;
+            .map_err(|e| StorageError::write(BoxedErrorSource::from_error(&io_error(e))))?;
         // Released: the suite purges without snapshots (see the module doc).
         let everything = LogId::new(CommittedLeaderId::new(u64::MAX, NodeId::MAX), u64::MAX);
         let purge_limit = watch::Sender::new(PurgeLimit {
@@ -243,9 +225,9 @@ impl StoreBuilder<TypeConfig, LogStore, MemStateMachine, Guard> for Builder {
     }
 }
 
-#[test]
-fn log_store_passes_the_openraft_storage_suite() {
-    if let Err(e) = Suite::test_all(Builder) {
+#[tokio::test]
+async fn log_store_passes_the_openraft_storage_suite() {
+    if let Err(e) = Suite::test_all(Builder).await {
         panic!("openraft storage suite: {e}");
     }
 }

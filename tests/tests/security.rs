@@ -11,11 +11,13 @@
 use std::time::Duration;
 
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
-use openraft::{CommittedLeaderId, EntryPayload, Vote};
+use openraft::vote::RaftLeaderId;
+use openraft::EntryPayload;
 use raftpg_client::v1::peer_client::PeerClient as RaftClient;
 use raftpg_client::v1::write_client::WriteClient;
 use raftpg_client::v1::{Consistency, RaftMessage};
 use raftpg_node::command::{Command, SqlStatement, TypeConfig, WriteCommand};
+use raftpg_node::command::{CommittedLeaderId, Entry, LogId, Vote};
 use testkit::start_cluster;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
@@ -66,8 +68,8 @@ fn attack() -> RaftMessage {
 /// after no previous entry: malformed (a correct leader would send index 0).
 fn append_entries_from(node: u64) -> RaftMessage {
     let leader = CommittedLeaderId::new(1000, node);
-    let entry = openraft::Entry::<TypeConfig> {
-        log_id: openraft::LogId::new(leader, 1),
+    let entry = Entry {
+        log_id: LogId::new(leader, 1),
         payload: EntryPayload::Normal(Command::Sql(WriteCommand {
             statements: vec![SqlStatement {
                 sql: "DELETE FROM players".into(),
@@ -83,7 +85,7 @@ fn append_entries_from(node: u64) -> RaftMessage {
         vote: Vote::new_committed(1000, node),
         prev_log_id: None,
         entries: vec![entry],
-        leader_commit: Some(openraft::LogId::new(leader, 1)),
+        leader_commit: Some(LogId::new(leader, 1)),
     };
     RaftMessage {
         payload: serde_json::to_vec(&rpc).expect("json"),
@@ -93,9 +95,10 @@ fn append_entries_from(node: u64) -> RaftMessage {
 
 /// A vote request from candidate `id` at term 1000.
 fn vote_from(id: u64) -> RaftMessage {
-    let rpc = VoteRequest::<u64> {
+    let rpc = VoteRequest::<TypeConfig> {
         vote: Vote::new(1000, id),
         last_log_id: None,
+        leadership_transfer: false,
     };
     RaftMessage {
         payload: serde_json::to_vec(&rpc).expect("json"),

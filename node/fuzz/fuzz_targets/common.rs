@@ -7,17 +7,17 @@
 #![allow(dead_code)] // each target uses one of the functions
 
 use bytes::BytesMut;
-use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::error::RaftError;
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
 use postgres_types::{FromSql, IsNull, Kind, ToSql, Type};
 use prost::Message;
-use raftpg_node::command::{ApplyOutcome, Command, Entry, NodeId, SqlValue, TypeConfig};
+use raftpg_node::command::{ApplyOutcome, Command, Entry, SqlValue, TypeConfig};
 use raftpg_node::grpc::convert;
 use raftpg_node::pg::values::{self, Cell};
 use raftpg_node::raft::append_check::check_append_entries;
+use raftpg_node::raft::network::{RemoteSnapshotError, SnapshotChunk};
 use raftpg_node::service::Origin;
 use raftpg_node::sql::{gate, session_rules, time_literals};
 use raftpg_node::wire::{connection, copy, settings, statement, stream, values as wire_values};
@@ -212,17 +212,13 @@ pub fn raft_decode(data: &[u8]) {
                 let _ = check_append_entries(&rpc);
             }
         }
-        1 => json::<VoteRequest<NodeId>>(body),
-        2 => json::<InstallSnapshotRequest<TypeConfig>>(body),
+        1 => json::<VoteRequest<TypeConfig>>(body),
+        2 => json::<SnapshotChunk>(body),
         3 => json::<Command>(body),
         4 => json::<Entry>(body),
-        5 => json::<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>(body),
-        6 => json::<Result<VoteResponse<NodeId>, RaftError<NodeId>>>(body),
-        7 => {
-            json::<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>(
-                body,
-            )
-        }
+        5 => json::<Result<AppendEntriesResponse<TypeConfig>, RaftError<TypeConfig>>>(body),
+        6 => json::<Result<VoteResponse<TypeConfig>, RaftError<TypeConfig>>>(body),
+        7 => json::<Result<SnapshotResponse<TypeConfig>, RemoteSnapshotError>>(body),
         8 => json::<ApplyOutcome>(body),
         _ => json::<SqlValue>(body),
     }

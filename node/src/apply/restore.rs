@@ -26,9 +26,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::command::{CommittedLeaderId, Vote};
 use anyhow::{bail, Context};
 use openraft::storage::{RaftLogReader, RaftLogStorage};
-use crate::command::{CommittedLeaderId, Vote};
 use openraft::vote::RaftLeaderId;
 use raftpg_proto::backup::{self, BackupHeader};
 use serde::{Deserialize, Serialize};

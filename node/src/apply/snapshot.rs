@@ -486,7 +486,10 @@ impl SnapshotStore {
                 next: 0,
             });
         }
-        let Some(r) = receiving.as_mut().filter(|r| r.id == id && r.next == offset) else {
+        let Some(r) = receiving
+            .as_mut()
+            .filter(|r| r.id == id && r.next == offset)
+        else {
             return Err(std::io::Error::other(format!(
                 "snapshot piece {id} at {offset} does not continue the snapshot being received; the leader starts over"
             )));
@@ -520,11 +523,7 @@ impl SnapshotStore {
     /// Makes `file` (in the snapshot directory) the current snapshot, durably (file, metadata and
     /// directory fsynced), removes older snapshot files, and raises the purge limit to it.
     /// Callers hold the publish lock.
-    async fn publish(
-        &self,
-        meta: &SnapMeta,
-        file: &Path,
-    ) -> Result<PathBuf, SnapshotError> {
+    async fn publish(&self, meta: &SnapMeta, file: &Path) -> Result<PathBuf, SnapshotError> {
         let name = format!("snap-{}.dump", meta.snapshot_id);
         let dest = self.dir.join(&name);
         tokio::fs::File::open(file).await?.sync_all().await?;
@@ -714,11 +713,7 @@ impl SnapshotStore {
     /// [`Self::restore_if_ahead`]), then restore it into the database — unless an earlier attempt
     /// already swapped it in (not when `replace`: a rebuild replaces a database that is at the
     /// snapshot's log id but differs). Safe to call again after any failure.
-    pub async fn install(
-        &self,
-        meta: &SnapMeta,
-        replace: bool,
-    ) -> Result<(), SnapshotError> {
+    pub async fn install(&self, meta: &SnapMeta, replace: bool) -> Result<(), SnapshotError> {
         let current = match self.publish_received(meta).await {
             // A rebuild (service::repair) installed a newer snapshot while openraft was
             // sending this one: the database is past it already (openraft then applies from
@@ -744,10 +739,7 @@ impl SnapshotStore {
     /// Verifies `incoming.dump` against the snapshot id (CRC-32 and length) and publishes it.
     /// Returns the published file (on a retry, `incoming.dump` is gone: an earlier attempt
     /// published it).
-    async fn publish_received(
-        &self,
-        meta: &SnapMeta,
-    ) -> Result<PathBuf, SnapshotError> {
+    async fn publish_received(&self, meta: &SnapMeta) -> Result<PathBuf, SnapshotError> {
         let _publishing = self.publishing.lock().await;
         let current = self.dir.join(format!("snap-{}.dump", meta.snapshot_id));
         let incoming = self.dir.join(INCOMING);
@@ -805,11 +797,7 @@ impl SnapshotStore {
     /// Restores the archive `file` into a fresh database, checks it is at the snapshot's log id,
     /// and swaps it in. Starts by repairing what an interrupted attempt left behind, so it can
     /// be called again after any failure.
-    async fn restore(
-        &self,
-        meta: &SnapMeta,
-        file: &Path,
-    ) -> Result<(), SnapshotError> {
+    async fn restore(&self, meta: &SnapMeta, file: &Path) -> Result<(), SnapshotError> {
         let started = std::time::Instant::now();
         info!(id = %meta.snapshot_id, "installing snapshot");
         self.set_progress(Some(InstallProgress {

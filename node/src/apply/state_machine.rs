@@ -1006,9 +1006,7 @@ impl StateMachineCore {
     /// the log): repairs an interrupted install, restores the current snapshot if the database
     /// is behind it, and from now on limits log purges to what the published snapshot covers
     /// (see `snapshot`, "Crash safety of an install").
-    async fn applied_state(
-        &mut self,
-    ) -> std::io::Result<(Option<LogId>, StoredMembership)> {
+    async fn applied_state(&mut self) -> std::io::Result<(Option<LogId>, StoredMembership)> {
         self.log.limit_purges(self.snapshots.purge_limit());
         let mut backoff = Duration::from_millis(50);
         while let Err(e) = self.snapshots.recover().await {
@@ -1157,9 +1155,7 @@ impl StateMachineCore {
         }
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> std::io::Result<Option<Snapshot>> {
+    async fn get_current_snapshot(&mut self) -> std::io::Result<Option<Snapshot>> {
         self.snapshots.current().await
     }
 }
@@ -1222,10 +1218,7 @@ impl Rebuilder {
     /// restore into a fresh database, swap). Entries up to the snapshot's index that openraft
     /// hands over afterwards are skipped (they are in the database); later ones apply as usual.
     /// Returns the installed snapshot's metadata.
-    pub async fn rebuild<F, Fut>(
-        &self,
-        fetch: F,
-    ) -> Result<SnapMeta, String>
+    pub async fn rebuild<F, Fut>(&self, fetch: F) -> Result<SnapMeta, String>
     where
         F: FnOnce(u64, tokio::fs::File) -> Fut,
         Fut: std::future::Future<Output = Result<(SnapMeta, tokio::fs::File), String>>,
@@ -1314,6 +1307,20 @@ async fn replay_when_postgres_returns(
     }
 }
 
+impl PgStateMachine {
+    /// Applies committed entries in order once this node's log has them durable (see
+    /// [`RaftStateMachine::apply`] below) and returns one outcome per entry.
+    pub async fn apply_entries(
+        &mut self,
+        entries: Vec<Entry>,
+    ) -> std::io::Result<Vec<ApplyOutcome>> {
+        if let Some(last) = entries.last() {
+            self.log.durable(last.log_id.index).await;
+        }
+        self.core.lock().await.apply(entries).await
+    }
+}
+
 impl RaftStateMachine<TypeConfig> for PgStateMachine {
     type SnapshotData = SnapshotFile;
     type SnapshotBuilder = SnapshotBuilder;
@@ -1340,10 +1347,7 @@ impl RaftStateMachine<TypeConfig> for PgStateMachine {
             batch.push(entry);
             responders.push(responder);
         }
-        if let Some(last) = batch.last() {
-            self.log.durable(last.log_id.index).await;
-        }
-        let outcomes = self.core.lock().await.apply(batch).await?;
+        let outcomes = self.apply_entries(batch).await?;
         for (outcome, responder) in outcomes.into_iter().zip(responders) {
             if let Some(r) = responder {
                 r.send(outcome);
@@ -1502,7 +1506,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openraft::{CommittedLeaderId, EntryPayload};
+    use crate::command::CommittedLeaderId;
+    use openraft::vote::RaftLeaderId;
+    use openraft::EntryPayload;
 
     fn entry(index: u64, writes: usize) -> Entry {
         let cmd = WriteCommand {

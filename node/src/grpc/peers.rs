@@ -18,6 +18,7 @@ use tonic::Request;
 use super::auth::forward_principal;
 use super::convert;
 use super::status::from_status;
+use crate::apply::snapshot::SnapMeta;
 use crate::auth::authenticator::Principal;
 use crate::command::{NodeId, TableChecksum};
 use crate::raft::network::PeerChannels;
@@ -26,7 +27,6 @@ use crate::service::{
     CheckReport, LeaderHint, MembershipChange, MembershipOutcome, NodeStatus, PeerLink,
     ServiceError, WriteOutcome, WriteRequest,
 };
-use crate::apply::snapshot::SnapMeta;
 
 /// How long past its timeout a call is abandoned on this side (the peer's own deadline, from
 /// `grpc-timeout`, should end it first).

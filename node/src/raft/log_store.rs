@@ -325,16 +325,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if !range.contains(&index) {
                 break;
             }
-            let entry: Entry = serde_json::from_slice(&value)
-                .map_err(|e| io_err(e))?;
+            let entry: Entry = serde_json::from_slice(&value).map_err(|e| io_err(e))?;
             out.push(entry);
         }
         Ok(out)
     }
 
     async fn read_vote(&mut self) -> StoreResult<Option<VoteOf<TypeConfig>>> {
-        self.get_meta(KEY_VOTE)
-            .map_err(|e| io_err(e))
+        self.get_meta(KEY_VOTE).map_err(|e| io_err(e))
     }
 }
 
@@ -342,9 +340,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
-        let last_purged: Option<LogId> = self
-            .get_meta(KEY_PURGED)
-            .map_err(|e| io_err(e))?;
+        let last_purged: Option<LogId> = self.get_meta(KEY_PURGED).map_err(|e| io_err(e))?;
         let last = self
             .last_entry_log_id()
             .map_err(|e| io_err(e))?
@@ -370,8 +366,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> StoreResult<()> {
         // Not synced: a lost committed id only makes a restarted node wait for the leader.
-        let bytes =
-            serde_json::to_vec(&committed).map_err(|e| io_err(e))?;
+        let bytes = serde_json::to_vec(&committed).map_err(|e| io_err(e))?;
         self.db
             .put_cf(self.cf_meta(), KEY_COMMITTED, bytes)
             .map_err(|e| io_err(e))
@@ -395,8 +390,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut last_index = None;
         for entry in entries {
             last_index = Some(entry.log_id.index);
-            let bytes =
-                serde_json::to_vec(&entry).map_err(|e| io_err(e))?;
+            let bytes = serde_json::to_vec(&entry).map_err(|e| io_err(e))?;
             batch.put_cf(self.cf_logs(), index_key(entry.log_id.index), bytes);
             let is_write = matches!(
                 entry.payload,
@@ -451,8 +445,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Never purge what no durable snapshot covers (see `PurgeLimit`).
         self.wait_until_covered(&log_id).await?;
         // Record the purge point first so that a crash in between leaves no hole.
-        self.put_meta(KEY_PURGED, &log_id)
-            .map_err(|e| io_err(e))?;
+        self.put_meta(KEY_PURGED, &log_id).map_err(|e| io_err(e))?;
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(
             self.cf_logs(),
@@ -484,7 +477,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openraft::CommittedLeaderId;
+    use crate::command::CommittedLeaderId;
+    use openraft::vote::RaftLeaderId;
 
     fn log_id(index: u64) -> LogId {
         LogId::new(CommittedLeaderId::new(1, 1), index)

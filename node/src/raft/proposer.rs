@@ -26,8 +26,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{debug, warn};
 
 use crate::command::{
-    ApplyOutcome, Command, LogId, Raft, RequestId, SqlStatement, TypeConfig,
-    WriteCommand,
+    ApplyOutcome, Command, LogId, Raft, RequestId, SqlStatement, TypeConfig, WriteCommand,
 };
 use crate::raft::clock::EntryClock;
 use crate::raft::log_store::LogStore;

@@ -118,7 +118,10 @@ impl ReadIndexBatcher {
         let round: RoundFn<u64, ReadIndexError> = Arc::new(move || {
             let raft = raft.clone();
             Box::pin(async move {
-                match raft.get_read_log_id(openraft::raft::ReadPolicy::ReadIndex).await {
+                match raft
+                    .get_read_log_id(openraft::raft::ReadPolicy::ReadIndex)
+                    .await
+                {
                     Ok((read_log_id, _)) => Ok(read_log_id.index()),
                     Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_))) => {
                         Err(ReadIndexError::NotLeader)

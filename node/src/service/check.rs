@@ -90,7 +90,12 @@ impl Service {
             ));
         };
         let members: Vec<(NodeId, String)> = {
-            let m = self.raft.metrics().borrow_watched().membership_config.clone();
+            let m = self
+                .raft
+                .metrics()
+                .borrow_watched()
+                .membership_config
+                .clone();
             m.membership()
                 .nodes()
                 .map(|(id, n)| (*id, n.peer.clone()))

@@ -153,7 +153,12 @@ async fn add_learner(
     }
     check_addr(&addr)?;
     let existing = {
-        let m = svc.raft.metrics().borrow_watched().membership_config.clone();
+        let m = svc
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
         m.membership().get_node(&node_id).map(|n| n.peer.clone())
     };
     match existing {
@@ -342,7 +347,12 @@ async fn promote(
 ) -> Result<MembershipOutcome, ServiceError> {
     let ids: BTreeSet<NodeId> = ids.into_iter().collect();
     let (voters, nodes): (BTreeSet<NodeId>, BTreeSet<NodeId>) = {
-        let m = svc.raft.metrics().borrow_watched().membership_config.clone();
+        let m = svc
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
         (
             m.membership().voter_ids().collect(),
             m.membership().nodes().map(|(id, _)| *id).collect(),
@@ -390,7 +400,12 @@ async fn promote(
 async fn remove(svc: &Service, ids: Vec<NodeId>) -> Result<MembershipOutcome, ServiceError> {
     let ids: BTreeSet<NodeId> = ids.into_iter().collect();
     let (voters, nodes): (BTreeSet<NodeId>, BTreeMap<NodeId, String>) = {
-        let m = svc.raft.metrics().borrow_watched().membership_config.clone();
+        let m = svc
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
         (
             m.membership().voter_ids().collect(),
             m.membership()
@@ -419,7 +434,12 @@ async fn remove(svc: &Service, ids: Vec<NodeId>) -> Result<MembershipOutcome, Se
             .index;
     }
     let still: BTreeSet<NodeId> = {
-        let m = svc.raft.metrics().borrow_watched().membership_config.clone();
+        let m = svc
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
         m.membership()
             .nodes()
             .map(|(id, _)| *id)
@@ -535,7 +555,12 @@ impl Service {
             ));
         }
         let node = {
-            let m = self.raft.metrics().borrow_watched().membership_config.clone();
+            let m = self
+                .raft
+                .metrics()
+                .borrow_watched()
+                .membership_config
+                .clone();
             m.membership().get_node(&node_id).cloned()
         };
         let Some(node) = node else {
@@ -575,7 +600,12 @@ impl Service {
                 return;
             }
             let recorded = {
-                let m = self.raft.metrics().borrow_watched().membership_config.clone();
+                let m = self
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .membership_config
+                    .clone();
                 m.membership().get_node(&self.id).map(|n| n.client.clone())
             };
             let client = self.addrs.client.clone();

@@ -17,9 +17,9 @@ use super::error::{LeaderHint, ServiceError};
 use super::types::{
     CheckReport, MembershipChange, MembershipOutcome, NodeStatus, WriteOutcome, WriteRequest,
 };
+use crate::apply::snapshot::SnapMeta;
 use crate::auth::authenticator::Principal;
 use crate::command::{NodeId, TableChecksum};
-use crate::apply::snapshot::SnapMeta;
 
 /// A peer call's answer.
 pub type PeerResult<'a, T> = BoxFuture<'a, Result<T, ServiceError>>;
