@@ -16,11 +16,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
+use openraft::errors::ErrorSource;
+use openraft::impls::BoxedErrorSource;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf};
-use openraft::errors::ErrorSource;
-use openraft::impls::BoxedErrorSource;
 use openraft::vote::RaftLeaderId;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageError};
 use raftpg_node::command::{
@@ -82,11 +82,7 @@ impl MemStateMachine {
     }
 
     /// Writes `state` into a new snapshot file and makes it the current snapshot.
-    fn publish(
-        &self,
-        meta: SnapshotMeta,
-        state: &MemState,
-    ) -> std::io::Result<()> {
+    fn publish(&self, meta: SnapshotMeta, state: &MemState) -> std::io::Result<()> {
         let path = self.next_path("snapshot");
         std::fs::write(&path, serde_json::to_vec(state)?)?;
         *self.current.lock().unwrap() = Some(CurrentSnapshot { meta, path });

@@ -230,6 +230,17 @@ fn encode<Req: Serialize>(req: &Req) -> Result<Vec<u8>, RPCError<TypeConfig>> {
 /// Largest encoded AppendEntries sent (room left for the rest of the gRPC message).
 pub const APPEND_BYTES_MAX: usize = RAFT_MESSAGE_BYTES_MAX - 1024 * 1024;
 
+/// When `entries` entries encode to `bytes`, more than `max`: how many to send instead (at
+/// least one, fewer than `entries`). `None` when they fit, or when a single entry is too large
+/// (it is sent as is and refused by the receiver).
+fn entries_that_fit(entries: usize, bytes: usize, max: usize) -> Option<usize> {
+    if bytes <= max || entries <= 1 {
+        return None;
+    }
+    let fit = (entries as u128 * max as u128 / bytes as u128) as usize;
+    Some(fit.clamp(1, entries - 1))
+}
+
 /// One piece of a snapshot sent to a follower: JSON in `RaftMessage::payload`, the bytes in
 /// `RaftMessage::data`. Pieces go in order from offset 0; the receiver (`SnapshotStore::receive`)
 /// writes them into its receiving file and installs the snapshot after the last one.
@@ -263,11 +274,29 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        // openraft bounds the entries per message (`max_payload_entries`); the node refuses
-        // limits under which that many entries would not fit (node::check_entry_bytes_max).
-        let payload = encode(&rpc)?;
-        self.call::<_, RaftError<TypeConfig>>(RpcKind::Append, payload, Vec::new(), &option)
-            .await
+        let mut rpc = rpc;
+        let mut payload = encode(&rpc)?;
+        // Too many large entries for one message: send the first ones that fit and report the
+        // rest as not sent yet (`PartialSuccess`); openraft sends them next. The node refuses
+        // limits under which one entry alone would not fit (server::check_entry_bytes_max).
+        let mut partial = None;
+        while let Some(fit) = entries_that_fit(rpc.entries.len(), payload.len(), APPEND_BYTES_MAX) {
+            rpc.entries.truncate(fit);
+            let last = rpc.entries.last().map(|e| e.log_id);
+            // The commit index sent may not run ahead of the entries sent.
+            rpc.leader_commit = rpc.leader_commit.min(last);
+            partial = last;
+            payload = encode(&rpc)?;
+        }
+        let answer = self
+            .call::<_, RaftError<TypeConfig>>(RpcKind::Append, payload, Vec::new(), &option)
+            .await?;
+        Ok(match (answer, partial) {
+            (AppendEntriesResponse::Success, Some(last)) => {
+                AppendEntriesResponse::PartialSuccess(Some(last))
+            }
+            (answer, _) => answer,
+        })
     }
 
     async fn vote(
@@ -350,5 +379,19 @@ fn streaming(e: RPCError<TypeConfig>) -> StreamingError<TypeConfig> {
         RPCError::Unreachable(u) => StreamingError::Unreachable(u),
         RPCError::Network(n) => StreamingError::Network(n),
         RPCError::RemoteError(r) => StreamingError::Unreachable(Unreachable::new(&r)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::entries_that_fit;
+
+    #[test]
+    fn oversized_appends_are_split() {
+        assert_eq!(entries_that_fit(100, 1000, 1000), None);
+        assert_eq!(entries_that_fit(100, 4000, 1000), Some(25));
+        // Always fewer than before, at least one.
+        assert_eq!(entries_that_fit(2, 1001, 1000), Some(1));
+        assert_eq!(entries_that_fit(1, 5000, 1000), None);
     }
 }
