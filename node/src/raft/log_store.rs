@@ -320,19 +320,19 @@ impl RaftLogReader<TypeConfig> for LogStore {
             rocksdb::IteratorMode::From(&index_key(start), rocksdb::Direction::Forward),
         );
         for item in iter {
-            let (key, value) = item.map_err(|e| io_err(e))?;
+            let (key, value) = item.map_err(io_err)?;
             let index = key_index(&key);
             if !range.contains(&index) {
                 break;
             }
-            let entry: Entry = serde_json::from_slice(&value).map_err(|e| io_err(e))?;
+            let entry: Entry = serde_json::from_slice(&value).map_err(io_err)?;
             out.push(entry);
         }
         Ok(out)
     }
 
     async fn read_vote(&mut self) -> StoreResult<Option<VoteOf<TypeConfig>>> {
-        self.get_meta(KEY_VOTE).map_err(|e| io_err(e))
+        self.get_meta(KEY_VOTE).map_err(io_err)
     }
 }
 
@@ -340,10 +340,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
-        let last_purged: Option<LogId> = self.get_meta(KEY_PURGED).map_err(|e| io_err(e))?;
+        let last_purged: Option<LogId> = self.get_meta(KEY_PURGED).map_err(io_err)?;
         let last = self
             .last_entry_log_id()
-            .map_err(|e| io_err(e))?
+            .map_err(io_err)?
             .or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
@@ -360,22 +360,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let vote = *vote;
         tokio::task::spawn_blocking(move || store.put_meta(KEY_VOTE, &vote))
             .await
-            .map_err(|e| io_err(e))?
-            .map_err(|e| io_err(e))
+            .map_err(io_err)?
+            .map_err(io_err)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> StoreResult<()> {
         // Not synced: a lost committed id only makes a restarted node wait for the leader.
-        let bytes = serde_json::to_vec(&committed).map_err(|e| io_err(e))?;
+        let bytes = serde_json::to_vec(&committed).map_err(io_err)?;
         self.db
             .put_cf(self.cf_meta(), KEY_COMMITTED, bytes)
-            .map_err(|e| io_err(e))
+            .map_err(io_err)
     }
 
     async fn read_committed(&mut self) -> StoreResult<Option<LogId>> {
         Ok(self
             .get_meta::<Option<LogId>>(KEY_COMMITTED)
-            .map_err(|e| io_err(e))?
+            .map_err(io_err)?
             .flatten())
     }
 
@@ -390,7 +390,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut last_index = None;
         for entry in entries {
             last_index = Some(entry.log_id.index);
-            let bytes = serde_json::to_vec(&entry).map_err(|e| io_err(e))?;
+            let bytes = serde_json::to_vec(&entry).map_err(io_err)?;
             batch.put_cf(self.cf_logs(), index_key(entry.log_id.index), bytes);
             let is_write = matches!(
                 entry.payload,
@@ -445,7 +445,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Never purge what no durable snapshot covers (see `PurgeLimit`).
         self.wait_until_covered(&log_id).await?;
         // Record the purge point first so that a crash in between leaves no hole.
-        self.put_meta(KEY_PURGED, &log_id).map_err(|e| io_err(e))?;
+        self.put_meta(KEY_PURGED, &log_id).map_err(io_err)?;
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(
             self.cf_logs(),
@@ -454,7 +454,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         );
         self.db
             .write_opt(batch, &sync_opts())
-            .map_err(|e| io_err(e))?;
+            .map_err(io_err)?;
         // Reclaim the disk space of the purged range in the background (physical only).
         let store = self.clone();
         let end = index_key(log_id.index.saturating_add(1));
