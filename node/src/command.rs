@@ -24,8 +24,6 @@ pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
 pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
 /// The leader part of a committed log id (term and node).
 pub type CommittedLeaderId = openraft::type_config::alias::CommittedLeaderIdOf<TypeConfig>;
-/// Raft handle type.
-pub type Raft = openraft::Raft<TypeConfig, crate::apply::state_machine::PgStateMachine>;
 /// Raft log entry type.
 pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
 /// Stored membership type.

@@ -27,11 +27,12 @@ use tracing::{info, warn};
 
 use crate::apply::restore;
 use crate::apply::snapshot::SnapshotStore;
+use crate::apply::state_machine::Raft;
 use crate::apply::state_machine::{
     ApplierStatus, ApplyLimits, PgStateMachine, Rebuilder, StateMachineParts,
 };
 use crate::auth::authenticator::{Authenticator, Credentials};
-use crate::command::{NodeAddr, NodeId, Raft};
+use crate::command::{NodeAddr, NodeId};
 use crate::config::NodeConfig;
 use crate::grpc;
 use crate::grpc::peer_auth::{client_port_gate, PeerAuth, PeerPortGate};

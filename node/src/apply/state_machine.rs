@@ -1160,6 +1160,10 @@ impl StateMachineCore {
     }
 }
 
+/// The node's Raft handle: openraft driving [`PgStateMachine`]. (The `raft` module's tasks take
+/// any state machine, so that they do not depend on this module.)
+pub type Raft = openraft::Raft<TypeConfig, PgStateMachine>;
+
 /// The PostgreSQL-backed state machine (one per node, owned by openraft). A background task
 /// shares it to replay what PostgreSQL lost in a crash as soon as PostgreSQL is back.
 pub struct PgStateMachine {

@@ -99,8 +99,12 @@ pub struct LogStore {
 
 /// Fsyncs the write-ahead log for every batch of waiting appends, then reports them flushed,
 /// in order. Ends when every `LogStore` clone is gone.
+///
+/// It holds the database weakly: the last `LogStore` clone closes RocksDB on the thread that
+/// drops it, never this thread (which may still be running while the process exits, and RocksDB
+/// closed during exit crashes).
 fn run_flusher(
-    db: Arc<DB>,
+    db: std::sync::Weak<DB>,
     queue: std::sync::mpsc::Receiver<Flush>,
     flushed: Arc<watch::Sender<Option<u64>>>,
 ) {
@@ -109,7 +113,10 @@ fn run_flusher(
         while let Ok(more) = queue.try_recv() {
             waiting.push(more);
         }
-        let synced = db.flush_wal(true).map_err(|e| e.to_string());
+        let synced = match db.upgrade() {
+            Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
+            None => Err("the Raft log is closed".to_string()),
+        };
         if synced.is_ok() {
             // Appends are queued in log order: the last one is the highest durable index.
             if let Some(last) = waiting.iter().filter_map(|f| f.last_index).max() {
@@ -169,7 +176,7 @@ impl LogStore {
             })?;
         let db = Arc::new(db);
         let (flusher, queue) = std::sync::mpsc::channel();
-        let flush_db = db.clone();
+        let flush_db = Arc::downgrade(&db);
         // What the log holds at open was recovered from its write-ahead log: durable.
         let last = last_entry_log_id(&db)
             .map_err(|e| LogStoreError::Thread(io_err(e)))?
@@ -341,10 +348,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
         let last_purged: Option<LogId> = self.get_meta(KEY_PURGED).map_err(io_err)?;
-        let last = self
-            .last_entry_log_id()
-            .map_err(io_err)?
-            .or(last_purged);
+        let last = self.last_entry_log_id().map_err(io_err)?.or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last,
@@ -452,9 +456,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             index_key(0),
             index_key(log_id.index.saturating_add(1)),
         );
-        self.db
-            .write_opt(batch, &sync_opts())
-            .map_err(io_err)?;
+        self.db.write_opt(batch, &sync_opts()).map_err(io_err)?;
         // Reclaim the disk space of the purged range in the background (physical only).
         let store = self.clone();
         let end = index_key(log_id.index.saturating_add(1));

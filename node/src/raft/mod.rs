@@ -9,6 +9,7 @@
 //!   the entry's deterministic time and seed.
 //! - [`clock`]: the entry clock; timestamps never go backwards along the log.
 //! - [`read_index`]: coalesced leadership confirmations for linearizable reads.
+//! - [`snapshot_data`]: a snapshot's metadata and archive as they travel between nodes.
 //!
 //! Never touches PostgreSQL: what an entry means is the business of [`crate::apply`].
 
@@ -18,3 +19,4 @@ pub mod log_store;
 pub mod network;
 pub mod proposer;
 pub mod read_index;
+pub mod snapshot_data;

@@ -10,8 +10,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::apply::snapshot::{SnapMeta, Snapshot, SnapshotFile};
 use crate::command::NodeAddr;
+use crate::raft::snapshot_data::{SnapMeta, Snapshot, SnapshotFile};
 use openraft::error::{
     NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
 };

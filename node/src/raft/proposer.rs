@@ -26,12 +26,12 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{debug, warn};
 
 use crate::command::{
-    ApplyOutcome, Command, LogId, Raft, RequestId, SqlStatement, TypeConfig, WriteCommand,
+    ApplyOutcome, Command, LogId, RequestId, SqlStatement, TypeConfig, WriteCommand,
 };
 use crate::raft::clock::EntryClock;
 use crate::raft::log_store::LogStore;
 use openraft::async_runtime::WatchReceiver;
-use openraft::storage::RaftLogReader;
+use openraft::storage::{RaftLogReader, RaftStateMachine};
 use openraft::EntryPayload;
 
 /// Why a proposed write has no outcome.
@@ -82,8 +82,8 @@ pub struct Proposer {
 
 impl Proposer {
     /// Starts the proposer task for `raft`.
-    pub fn start(
-        raft: Raft,
+    pub fn start<SM: RaftStateMachine<TypeConfig>>(
+        raft: openraft::Raft<TypeConfig, SM>,
         log: LogStore,
         clock: Arc<EntryClock>,
         limits: ProposerLimits,
@@ -120,8 +120,8 @@ impl Proposer {
 }
 
 /// The proposer task: take what waits, propose it as one entry, repeat.
-async fn run(
-    raft: Raft,
+async fn run<SM: RaftStateMachine<TypeConfig>>(
+    raft: openraft::Raft<TypeConfig, SM>,
     log: LogStore,
     clock: Arc<EntryClock>,
     limits: ProposerLimits,
@@ -216,8 +216,8 @@ async fn observe_log_tail(log: &LogStore, clock: &EntryClock, last_index: Option
 
 /// Stamps the writes whose callers still wait, hands them to openraft as one entry (in order),
 /// and answers each caller from a task of its own once the entry is applied.
-async fn propose(
-    raft: &Raft,
+async fn propose<SM: RaftStateMachine<TypeConfig>>(
+    raft: &openraft::Raft<TypeConfig, SM>,
     clock: &EntryClock,
     batch: Vec<Waiting>,
     slot: tokio::sync::OwnedSemaphorePermit,

@@ -13,7 +13,8 @@ use futures::future::BoxFuture;
 use openraft::error::{LinearizableReadError, RaftError};
 use tokio::sync::oneshot;
 
-use crate::command::{Raft, TypeConfig};
+use crate::command::TypeConfig;
+use openraft::storage::RaftStateMachine;
 
 /// Why a round did not confirm a read index.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -113,7 +114,10 @@ pub struct ReadIndexBatcher {
 
 impl ReadIndexBatcher {
     /// The read index for a read arriving now (confirmed by a quorum after this call began).
-    pub async fn read_index(&self, raft: &Raft) -> Result<u64, ReadIndexError> {
+    pub async fn read_index<SM: RaftStateMachine<TypeConfig>>(
+        &self,
+        raft: &openraft::Raft<TypeConfig, SM>,
+    ) -> Result<u64, ReadIndexError> {
         let raft = raft.clone();
         let round: RoundFn<u64, ReadIndexError> = Arc::new(move || {
             let raft = raft.clone();
