@@ -21,8 +21,9 @@
 //! The invariant: **after any crash, the database's applied log id, the current snapshot and
 //! the Raft log together hold every committed entry** — each entry is either in PostgreSQL, in
 //! the current snapshot (restored at restart when it is ahead of the database), or still in the
-//! log. openraft 0.9 persists the purge of the log up to a received snapshot right after it
-//! hands the snapshot to the state machine, without waiting for the install. Before this module
+//! log. openraft persists the purge of the log up to a received snapshot right after it
+//! hands the snapshot to the state machine, without waiting for the install (0.9 did; 0.10 also
+//! purges up to the applied index at start-up). Before this module
 //! gated purges, a crash between that purge and [`SnapshotStore::publish`] left a node whose
 //! database was behind the first entry of its log and whose current snapshot did not cover the
 //! gap: it could not start (openraft's state check panics; a release build would stop applying).

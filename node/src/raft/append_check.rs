@@ -1,6 +1,6 @@
 //! The checks an incoming AppendEntries must pass before openraft sees it (openraft 0.9
-//! asserts these properties instead of checking them, and its core stops when an assertion
-//! fails). Used by the peer service and by the `raft_decode` fuzz target.
+//! asserted these properties instead of checking them, and its core stopped when an assertion
+//! failed; they stay checked here whatever the version does). Used by the peer service and by the `raft_decode` fuzz target.
 
 use openraft::raft::AppendEntriesRequest;
 

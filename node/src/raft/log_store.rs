@@ -7,11 +7,16 @@
 //!   write-ahead log (one fsync for all appends queued meanwhile: group commit);
 //! - entries are contiguous: a truncate removes a suffix, a purge removes a prefix and records the
 //!   purged log id first, so there is never a hole;
-//! - **no entry is purged before a durable snapshot covers it** ([`PurgeLimit`]): openraft 0.9
+//! - **no entry is purged before a durable snapshot covers it** ([`PurgeLimit`]): openraft
 //!   persists the purge that follows a snapshot install right after handing the snapshot to the
 //!   state machine, without waiting for it, so a purge waits here until the snapshot store
 //!   reports the snapshot published (file and metadata fsynced). Otherwise a crash in between
 //!   leaves a node whose database is behind its log's first entry, with nothing to fill the gap.
+//!
+//! - **what the state machine applies is durable here first** ([`LogStore::durable`]): openraft
+//!   0.10 submits appends without waiting for their flush (replication overlaps the leader's
+//!   fsync) and may apply an entry a majority committed before this node's own copy is flushed;
+//!   PostgreSQL must never hold an entry this log could lose.
 //!
 //! RocksDB is reached only through this module.
 

@@ -1,10 +1,10 @@
 //! Group commit at the proposal level: the leader's concurrent writes share one Raft entry.
 //!
 //! Owns the queue of writes waiting to be proposed on this node and the stamping of their
-//! deterministic inputs (timestamp, seed). openraft 0.9 appends — and fsyncs — each proposed
-//! entry on its own before it takes the next message, and the state machine applies what each
-//! commit step covers, so one entry per write would cap a leader at one write per fsync and one
-//! PostgreSQL transaction per write. Instead one task takes every write waiting (up to
+//! deterministic inputs (timestamp, seed). openraft writes each proposed entry to the log on its
+//! own (and every node fsyncs it), and the state machine applies what each commit step covers,
+//! so one entry per write would cost every node a log write and a PostgreSQL transaction per
+//! write. Instead one task takes every write waiting (up to
 //! `batch_max` writes and `batch_bytes_max` bytes; always at least one) and proposes them as one
 //! entry: a lone write as [`Command::Sql`], several as [`Command::Batch`].
 //!
