@@ -90,12 +90,7 @@ impl Service {
             ));
         };
         let members: Vec<(NodeId, String)> = {
-            let m = self
-                .raft
-                .metrics()
-                .borrow_watched()
-                .membership_config
-                .clone();
+            let m = self.membership_config();
             m.membership()
                 .nodes()
                 .map(|(id, n)| (*id, n.peer.clone()))

@@ -153,12 +153,7 @@ async fn add_learner(
     }
     check_addr(&addr)?;
     let existing = {
-        let m = svc
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .clone();
+        let m = svc.membership_config();
         m.membership().get_node(&node_id).map(|n| n.peer.clone())
     };
     match existing {
@@ -347,12 +342,7 @@ async fn promote(
 ) -> Result<MembershipOutcome, ServiceError> {
     let ids: BTreeSet<NodeId> = ids.into_iter().collect();
     let (voters, nodes): (BTreeSet<NodeId>, BTreeSet<NodeId>) = {
-        let m = svc
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .clone();
+        let m = svc.membership_config();
         (
             m.membership().voter_ids().collect(),
             m.membership().nodes().map(|(id, _)| *id).collect(),
@@ -400,12 +390,7 @@ async fn promote(
 async fn remove(svc: &Service, ids: Vec<NodeId>) -> Result<MembershipOutcome, ServiceError> {
     let ids: BTreeSet<NodeId> = ids.into_iter().collect();
     let (voters, nodes): (BTreeSet<NodeId>, BTreeMap<NodeId, String>) = {
-        let m = svc
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .clone();
+        let m = svc.membership_config();
         (
             m.membership().voter_ids().collect(),
             m.membership()
@@ -434,12 +419,7 @@ async fn remove(svc: &Service, ids: Vec<NodeId>) -> Result<MembershipOutcome, Se
             .index;
     }
     let still: BTreeSet<NodeId> = {
-        let m = svc
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .clone();
+        let m = svc.membership_config();
         m.membership()
             .nodes()
             .map(|(id, _)| *id)
@@ -555,12 +535,7 @@ impl Service {
             ));
         }
         let node = {
-            let m = self
-                .raft
-                .metrics()
-                .borrow_watched()
-                .membership_config
-                .clone();
+            let m = self.membership_config();
             m.membership().get_node(&node_id).cloned()
         };
         let Some(node) = node else {
@@ -600,12 +575,7 @@ impl Service {
                 return;
             }
             let recorded = {
-                let m = self
-                    .raft
-                    .metrics()
-                    .borrow_watched()
-                    .membership_config
-                    .clone();
+                let m = self.membership_config();
                 m.membership().get_node(&self.id).map(|n| n.client.clone())
             };
             let client = self.addrs.client.clone();

@@ -187,6 +187,11 @@ impl Service {
         &self.raft
     }
 
+    /// The membership as openraft last reported it (the last one appended to the log).
+    pub fn membership_config(&self) -> std::sync::Arc<crate::command::StoredMembership> {
+        self.membership_config()
+    }
+
     /// Hands a chunk of a snapshot the leader sends to Raft, noting how far the transfer is
     /// (status shows it).
     pub async fn install_snapshot_chunk(
