@@ -5,7 +5,6 @@
 //! leader then collects every member's stored result and names the tables and nodes that differ
 //! from the majority.
 
-use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -189,7 +189,11 @@ impl Service {
 
     /// The membership as openraft last reported it (the last one appended to the log).
     pub fn membership_config(&self) -> std::sync::Arc<crate::command::StoredMembership> {
-        self.membership_config()
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone()
     }
 
     /// Hands a chunk of a snapshot the leader sends to Raft, noting how far the transfer is
