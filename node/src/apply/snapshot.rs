@@ -456,8 +456,9 @@ impl SnapshotStore {
         if !done {
             return Ok(None);
         }
-        let r = receiving.take().expect("checked above");
-        let mut file = r.file;
+        let Some(Receiving { mut file, .. }) = receiving.take() else {
+            return Err(std::io::Error::other("no snapshot is being received"));
+        };
         file.flush().await?;
         file.sync_all().await?;
         Ok(Some(file))
