@@ -1319,7 +1319,7 @@ impl PgStateMachine {
         entries: Vec<Entry>,
     ) -> std::io::Result<Vec<ApplyOutcome>> {
         if let Some(last) = entries.last() {
-            self.log.durable(last.log_id.index).await;
+            self.log.durable(last.log_id.index).await?;
         }
         self.core.lock().await.apply(entries).await
     }

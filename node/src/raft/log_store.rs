@@ -80,6 +80,9 @@ impl PurgeLimit {
     }
 }
 
+/// Longest wait for an appended entry to be fsynced before it may be applied.
+pub const DURABLE_WAIT_MAX: Duration = Duration::from_secs(60);
+
 /// How often a purge still waiting for its snapshot says so.
 const PURGE_WAIT_REPORT: Duration = Duration::from_secs(10);
 
@@ -217,11 +220,24 @@ impl LogStore {
         let _ = self.own_appends.set((me, queue));
     }
 
-    /// Waits until this node's log has `index` durable (fsynced; see the field `flushed`), or
-    /// until the log store is gone.
-    pub async fn durable(&self, index: u64) {
+    /// Waits until this node's log has `index` durable (fsynced; see the field `flushed`). Fails
+    /// after [`DURABLE_WAIT_MAX`] (an fsync that fails or never returns: the caller's apply
+    /// fails and openraft stops, rather than waiting forever) or when the log store is gone.
+    pub async fn durable(&self, index: u64) -> StoreResult<()> {
         let mut flushed = self.flushed.clone();
-        let _ = flushed.wait_for(|f| f.is_some_and(|f| f >= index)).await;
+        let wait = async move {
+            flushed
+                .wait_for(|f| f.is_some_and(|f| f >= index))
+                .await
+                .map(|_| ())
+        };
+        match tokio::time::timeout(DURABLE_WAIT_MAX, wait).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(io_err("the Raft log is closed")),
+            Err(_) => Err(io_err(format!(
+                "log index {index} was not made durable within {DURABLE_WAIT_MAX:?}"
+            ))),
+        }
     }
 
     /// Waits until a durable snapshot covers `upto` (see [`PurgeLimit`]). Immediate for every
