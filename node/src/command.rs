@@ -197,6 +197,9 @@ pub enum Command {
     /// Compute per-table checksums of the user database at exactly this log position on every
     /// node (for `raftpg check`).
     Checksum,
+    /// An interactive transaction the leader executed on its applier session (see
+    /// `docs/transactions.md`): applied only right after the entry it was executed after.
+    Transaction(TxnCommand),
 }
 
 impl std::fmt::Display for Command {
@@ -205,6 +208,7 @@ impl std::fmt::Display for Command {
             Command::Sql(w) => write!(f, "{w}"),
             Command::Batch(b) => write!(f, "batch({} writes)", b.len()),
             Command::Checksum => write!(f, "checksum"),
+            Command::Transaction(t) => write!(f, "transaction({} steps)", t.steps.len()),
         }
     }
 }
@@ -232,6 +236,55 @@ impl std::fmt::Display for WriteCommand {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "write({} statements)", self.statements.len())
     }
+}
+
+/// An interactive transaction as the leader ran it: every step the client sent, in order, with
+/// the deterministic inputs it ran with (docs/transactions.md).
+///
+/// The leader executed it alone on its applier session when PostgreSQL held exactly the log up
+/// to [`TxnCommand::executed_after`]; by Raft's log matching property, an entry whose
+/// predecessor in the log has that log id sees exactly that state on every node, so every node
+/// computes the same effects and results the client saw. An entry that lands anywhere else
+/// (another entry slipped in before it) is refused the same way on every node: its outcome is
+/// a serialization failure (40001) and none of its steps run.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TxnCommand {
+    /// The steps, in the order the client sent them (failed statements included: they may
+    /// have consumed sequence values, which replay must consume too).
+    pub steps: Vec<TxnStep>,
+    /// The transaction's timestamp (`now()` for all its statements), taken at `BEGIN`.
+    pub leader_ts_micros: i64,
+    /// Seed of its random draws (which continue across its statements).
+    pub seed: u64,
+    /// Its request id: the outcome is recorded under it (a client that lost the answer to
+    /// `COMMIT` learns it from there).
+    pub request_id: RequestId,
+    /// The role it runs as (`None`: raftpg itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The log id of the last entry applied when the leader executed it (`None`: an empty
+    /// log).
+    pub executed_after: Option<LogId>,
+}
+
+/// One step of an interactive transaction.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum TxnStep {
+    /// A statement (checked and rewritten by the SQL gate), run inside a savepoint of its own;
+    /// `failed`: it failed on the leader with a deterministic error (rolled back to that
+    /// savepoint; the transaction then went on after a `ROLLBACK TO`).
+    Statement {
+        /// The statement.
+        stmt: SqlStatement,
+        /// It failed on the leader.
+        failed: bool,
+    },
+    /// `SAVEPOINT name`.
+    Savepoint(String),
+    /// `RELEASE SAVEPOINT name`.
+    Release(String),
+    /// `ROLLBACK TO SAVEPOINT name`.
+    RollbackTo(String),
 }
 
 /// A result column: name and PostgreSQL type name.

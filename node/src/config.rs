@@ -237,6 +237,17 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
 
+    /// Longest an interactive transaction may wait for its client between two statements
+    /// before it is rolled back (other writes wait behind an open transaction), in
+    /// milliseconds.
+    #[arg(long, env = "RAFTPG_TXN_IDLE_MAX_MS", default_value_t = 5_000)]
+    pub txn_idle_max_ms: u64,
+
+    /// Longest an interactive transaction may stay open, from BEGIN to COMMIT, in
+    /// milliseconds.
+    #[arg(long, env = "RAFTPG_TXN_TIME_MAX_MS", default_value_t = 30_000)]
+    pub txn_time_max_ms: u64,
+
     /// Rebuild this node from the leader's snapshot as soon as a check finds its copy different
     /// from the majority's (instead of waiting for `raftpg member rebuild`).
     #[arg(long, env = "RAFTPG_AUTO_REBUILD", value_parser = clap::builder::BoolishValueParser::new())]

@@ -105,6 +105,15 @@ pub struct Metrics {
     /// Runs of writes the applier started in one round trip and abandoned (an error in the
     /// run: its writes were applied one by one).
     pub fast_runs_abandoned: IntGauge,
+    /// Interactive transactions on this node (as leader), by how they ended: `committed`,
+    /// `rolled_back` (by the client), `failed` (an error at COMMIT), `aborted` (a limit, a
+    /// disconnect, a leadership change, another entry first).
+    pub txns: IntCounterVec,
+    /// Time interactive transactions held the writer, from BEGIN to their end (seconds).
+    pub txn_seconds: Histogram,
+    /// Steps of replayed transactions whose outcome differed from the leader's (a broken
+    /// determinism rule; `raftpg check` shows whether the copies differ).
+    pub txn_replay_mismatches: IntCounter,
 }
 
 fn gauge(name: &str, help: &str) -> IntGauge {
@@ -188,6 +197,24 @@ impl Metrics {
                 "The leader's entries executed while they replicate, by how it ended: kept, dropped, expired, failed, skipped.",
                 &["outcome"],
             ),
+            txns: counter_vec(
+                "raftpg_transactions_total",
+                "Interactive transactions led by this node, by how they ended: committed, rolled_back, failed, aborted.",
+                &["outcome"],
+            ),
+            txn_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "raftpg_transaction_seconds",
+                    "Time an interactive transaction held the writer, from BEGIN to its end.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("a valid metric"),
+            txn_replay_mismatches: IntCounter::new(
+                "raftpg_transaction_replay_mismatches_total",
+                "Steps of replayed interactive transactions whose outcome differed from the leader's.",
+            )
+            .expect("a valid metric"),
             speculation_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "raftpg_speculation_seconds",
@@ -286,6 +313,9 @@ impl Metrics {
             Box::new(m.snapshot_bytes.clone()),
             Box::new(m.disk_bytes.clone()),
             Box::new(m.fast_runs_abandoned.clone()),
+            Box::new(m.txns.clone()),
+            Box::new(m.txn_seconds.clone()),
+            Box::new(m.txn_replay_mismatches.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

@@ -29,7 +29,7 @@ use crate::apply::restore;
 use crate::apply::snapshot::SnapshotStore;
 use crate::apply::state_machine::Raft;
 use crate::apply::state_machine::{
-    ApplierStatus, ApplyLimits, PgStateMachine, Rebuilder, StateMachineParts,
+    ApplierStatus, TxnRunner, ApplyLimits, PgStateMachine, Rebuilder, StateMachineParts,
 };
 use crate::auth::authenticator::{Authenticator, Credentials};
 use crate::command::{NodeAddr, NodeId};
@@ -43,7 +43,7 @@ use crate::raft::clock::EntryClock;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{self, Network, PeerChannels};
 use crate::raft::proposer::{Proposer, ProposerLimits};
-use crate::service::{Limits, Service, ServiceParts};
+use crate::service::{Limits, Service, ServiceParts, TxnLimits};
 use crate::tls::NodeTls;
 use crate::wire;
 
@@ -174,6 +174,7 @@ struct RaftParts {
     peer_channels: PeerChannels,
     snapshots: SnapshotStore,
     rebuilder: Rebuilder,
+    txns: TxnRunner,
 }
 
 /// Starts Raft and the gRPC server on a running PostgreSQL and serves until shutdown.
@@ -269,6 +270,7 @@ async fn start_raft(cfg: &NodeConfig, started: &Started) -> anyhow::Result<RaftP
         .with_context(|| format!("--restore-from {}", file.display()))?;
     }
     let rebuilder = state_machine.rebuilder();
+    let txns = state_machine.txn_runner();
     let raft = Raft::new(
         cfg.id,
         Arc::new(raft_config(cfg)?),
@@ -289,6 +291,7 @@ async fn start_raft(cfg: &NodeConfig, started: &Started) -> anyhow::Result<RaftP
         peer_channels,
         snapshots,
         rebuilder,
+        txns,
     })
 }
 
@@ -386,6 +389,12 @@ fn build_service(cfg: &NodeConfig, started: &Started, parts: RaftParts) -> Arc<S
         snapshots: parts.snapshots,
         rebuilder: parts.rebuilder,
         auto_rebuild: cfg.auto_rebuild,
+        txns: Some(parts.txns),
+        txn_limits: TxnLimits {
+            idle_max: Duration::from_millis(cfg.txn_idle_max_ms.max(1)),
+            time_max: Duration::from_millis(cfg.txn_time_max_ms.max(1)),
+            ..TxnLimits::default()
+        },
     })
 }
 

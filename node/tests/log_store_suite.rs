@@ -97,7 +97,7 @@ impl MemStateMachine {
                 state.membership = StoredMembership::new(Some(entry.log_id), m);
                 ApplyOutcome::Internal
             }
-            EntryPayload::Normal(Command::Sql(_)) => {
+            EntryPayload::Normal(Command::Sql(_) | Command::Transaction(_)) => {
                 state.writes += 1;
                 ApplyOutcome::Applied(Vec::new())
             }

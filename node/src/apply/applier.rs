@@ -44,6 +44,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+mod txn;
+pub use txn::{moved_failure, TxnOpen, TxnStepResult};
+
 use futures::TryStreamExt;
 use postgres_types::ToSql;
 use tokio_postgres::error::SqlState;

@@ -33,12 +33,16 @@ use crate::apply::request_log;
 use crate::apply::roles;
 use crate::apply::snapshot::{SnapMeta, Snapshot, SnapshotError, SnapshotFile, SnapshotStore};
 use crate::command::{
-    ApplyOutcome, Command, Entry, LogId, NodeId, StoredMembership, TypeConfig, WriteCommand,
+    ApplyOutcome, Command, Entry, LogId, NodeId, StoredMembership, TxnCommand, TypeConfig,
+    WriteCommand,
 };
 use crate::raft::clock::EntryClock;
 use crate::raft::log_store::LogStore;
 use crate::sql::session_rules;
 use openraft::storage::RaftLogReader;
+
+mod txn;
+pub use txn::{TxnRefusal, TxnRunner};
 
 /// What the applier is doing, for `Cluster.Status`, and since when it has been stuck; and the
 /// members of the membership it applied last (for peer authorization).
@@ -351,6 +355,10 @@ struct StateMachineCore {
     /// Entries executed in the applier's open transaction before Raft committed them (see
     /// [`Speculation`]); at most one.
     speculation: Option<Speculation>,
+    /// The interactive transaction open on the applier session (leader only; see `txn`).
+    txn: Option<txn::OpenTxn>,
+    /// The last transaction rolled back by the state machine, and why (told to its caller).
+    txn_aborted: Option<(crate::command::RequestId, String)>,
 }
 
 /// Entries this node appended as leader, executed in the applier's open transaction while
@@ -425,6 +433,8 @@ impl StateMachineCore {
             pipeline: true,
             careful_batches: 0,
             speculation: None,
+            txn: None,
+            txn_aborted: None,
         }
     }
 
@@ -498,6 +508,12 @@ impl StateMachineCore {
     /// holds is unknown until it connects again.
     fn disconnect(&mut self) {
         self.status.set_held(None);
+        if let Some(t) = self.txn.take() {
+            self.txn_aborted = Some((
+                t.request_id().clone(),
+                "the transaction was rolled back: the leader's PostgreSQL session was lost".into(),
+            ));
+        }
         if self.speculation.take().is_some() {
             crate::metrics::get()
                 .speculations
@@ -536,6 +552,9 @@ impl StateMachineCore {
     /// Applies one batch in one transaction. Entries already in PostgreSQL (a commit whose
     /// acknowledgement was lost) are skipped, never applied twice.
     async fn apply_batch(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
+        if self.txn.is_some() {
+            self.settle_txn(batch.first()).await;
+        }
         let (mut kept, batch) = self.settle_speculation(batch).await?;
         if batch.is_empty() {
             return Ok(kept);
@@ -626,8 +645,10 @@ impl StateMachineCore {
         };
         let mut items = Vec::with_capacity(fresh.len());
         let mut writes = self.applied_writes;
+        let mut prev = self.applied;
         for e in fresh {
-            push_items(e, &mut writes, &mut items);
+            push_items(e, prev, &mut writes, &mut items);
+            prev = Some(e.log_id);
         }
         let expired = self.expire_requests(writes).await?;
         let mut membership = self.membership.clone();
@@ -664,6 +685,13 @@ impl StateMachineCore {
     /// it, nothing else is open, and the fast path is on; otherwise (and on any error) the entry
     /// is simply applied when committed.
     async fn speculate(&mut self, entry: Entry) {
+        if self.txn.is_some() {
+            self.settle_txn(Some(&entry)).await;
+            if self.speculation.is_some() {
+                // The open transaction's own entry: what it did is the speculation.
+                return;
+            }
+        }
         let m = crate::metrics::get();
         let connected = self.applier.as_ref().is_some_and(|a| !a.is_closed());
         let ready = !self.limits.no_speculation
@@ -832,6 +860,10 @@ impl StateMachineCore {
                     }
                     ApplyOutcome::Batch(each)
                 }
+                EntryPayload::Normal(Command::Transaction(t)) => applier
+                    .recorded_outcome(&t.request_id, index, retention)
+                    .await?
+                    .unwrap_or(ApplyOutcome::AppliedResultLost),
                 _ => ApplyOutcome::Internal,
             });
         }
@@ -927,6 +959,12 @@ impl StateMachineCore {
                 self.clock.observe(cmd.leader_ts_micros);
                 return applier
                     .apply_write(index, cmd, &self.limits, begin, pending)
+                    .await;
+            }
+            Item::Txn(write_no, txn, prev) => {
+                self.clock.observe(txn.leader_ts_micros);
+                return applier
+                    .apply_transaction(write_no, txn, prev, &self.limits, begin, pending)
                     .await;
             }
             Item::Other(entry) => entry,
@@ -1207,6 +1245,13 @@ pub struct Rebuilder {
 }
 
 impl PgStateMachine {
+    /// The handle that runs interactive transactions on the applier session (leader only).
+    pub fn txn_runner(&self) -> TxnRunner {
+        TxnRunner {
+            core: self.core.clone(),
+        }
+    }
+
     /// The handle that rebuilds this state machine from another member's snapshot.
     pub fn rebuilder(&self) -> Rebuilder {
         Rebuilder {
@@ -1387,12 +1432,14 @@ impl RaftStateMachine<TypeConfig> for PgStateMachine {
 #[derive(Clone, Copy)]
 enum Item<'a> {
     Write(u64, &'a WriteCommand),
+    /// An interactive transaction, with its write number and the log id of the entry before it.
+    Txn(u64, &'a TxnCommand, Option<LogId>),
     Other(&'a Entry),
 }
 
 /// Appends the items of `e` to `out`, in order, numbering its writes after `writes` (which it
-/// advances).
-fn push_items<'a>(e: &'a Entry, writes: &mut u64, out: &mut Vec<Item<'a>>) {
+/// advances). `prev` is the log id of the entry before `e`.
+fn push_items<'a>(e: &'a Entry, prev: Option<LogId>, writes: &mut u64, out: &mut Vec<Item<'a>>) {
     let mut number = |cmd: &'a WriteCommand| {
         *writes += 1;
         Item::Write(*writes, cmd)
@@ -1400,6 +1447,10 @@ fn push_items<'a>(e: &'a Entry, writes: &mut u64, out: &mut Vec<Item<'a>>) {
     match &e.payload {
         EntryPayload::Normal(Command::Sql(cmd)) => out.push(number(cmd)),
         EntryPayload::Normal(Command::Batch(cmds)) => out.extend(cmds.iter().map(number)),
+        EntryPayload::Normal(Command::Transaction(t)) => {
+            *writes += 1;
+            out.push(Item::Txn(*writes, t, prev));
+        }
         _ => out.push(Item::Other(e)),
     }
 }
@@ -1560,12 +1611,12 @@ mod tests {
         let mut writes = 40;
         let mut items = Vec::new();
         for e in [&batch, &blank, &single] {
-            push_items(e, &mut writes, &mut items);
+            push_items(e, None, &mut writes, &mut items);
         }
         let numbers: Vec<Option<u64>> = items
             .iter()
             .map(|i| match i {
-                Item::Write(n, _) => Some(*n),
+                Item::Write(n, _) | Item::Txn(n, _, _) => Some(*n),
                 Item::Other(_) => None,
             })
             .collect();

@@ -419,7 +419,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.put_cf(self.cf_logs(), index_key(entry.log_id.index), bytes);
             let is_write = matches!(
                 entry.payload,
-                EntryPayload::Normal(Command::Sql(_) | Command::Batch(_))
+                EntryPayload::Normal(Command::Sql(_) | Command::Batch(_) | Command::Transaction(_))
             );
             if own.is_some_and(|(me, _)| entry.log_id.leader_id.node_id == *me) && is_write {
                 offered.push(entry);

@@ -18,7 +18,12 @@
 //! - A write whose caller gave up (timeout, disconnect) before it was taken is not proposed.
 //! - Each write gets the outcome at its own position in the entry's outcomes, or the entry's
 //!   error.
+//! - While an interactive transaction holds the writer ([`Proposer::exclusive`]) nothing is
+//!   proposed: every entry holds the gate's shared side from its proposal until it is answered
+//!   (applied here), so taking the exclusive side also waits for those in flight. The gate is
+//!   fair: transactions and entries take turns in arrival order.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -78,6 +83,18 @@ pub enum SubmitError {
 #[derive(Clone)]
 pub struct Proposer {
     tx: mpsc::Sender<Waiting>,
+    /// Shared by every entry in flight, taken whole by an interactive transaction.
+    gate: Arc<tokio::sync::RwLock<()>>,
+    /// Stamps timestamps (with the proposer task).
+    clock: Arc<EntryClock>,
+    log: LogStore,
+    /// The term whose log tail the clock has seen (see `observe_log_tail`); `u64::MAX`: none.
+    clock_term: Arc<AtomicU64>,
+}
+
+/// The writer, held by an interactive transaction: nothing else is proposed meanwhile.
+pub struct Exclusive {
+    _gate: tokio::sync::OwnedRwLockWriteGuard<()>,
 }
 
 impl Proposer {
@@ -89,8 +106,40 @@ impl Proposer {
         limits: ProposerLimits,
     ) -> Self {
         let (tx, rx) = mpsc::channel(limits.queue_max.max(1));
-        tokio::spawn(run(raft, log, clock, limits, rx));
-        Proposer { tx }
+        let gate = Arc::new(tokio::sync::RwLock::new(()));
+        let clock_term = Arc::new(AtomicU64::new(u64::MAX));
+        let task = Task {
+            log: log.clone(),
+            clock: clock.clone(),
+            gate: gate.clone(),
+            clock_term: clock_term.clone(),
+        };
+        tokio::spawn(run(raft, task, limits, rx));
+        Proposer {
+            tx,
+            gate,
+            clock,
+            log,
+            clock_term,
+        }
+    }
+
+    /// Takes the writer for an interactive transaction: waits until every entry in flight is
+    /// answered, and keeps anything else from being proposed until the returned guard is
+    /// dropped.
+    pub async fn exclusive(&self) -> Exclusive {
+        Exclusive {
+            _gate: self.gate.clone().write_owned().await,
+        }
+    }
+
+    /// A timestamp and a seed for an interactive transaction holding the writer, in `term`
+    /// whose log ends at `last_index` (timestamps increase along the log, as the task's do).
+    pub async fn stamp(&self, _writer: &Exclusive, term: u64, last_index: Option<u64>) -> (i64, u64) {
+        if self.clock_term.swap(term, Ordering::AcqRel) != term {
+            observe_log_tail(&self.log, &self.clock, last_index).await;
+        }
+        (self.clock.next(), uuid::Uuid::new_v4().as_u64_pair().0)
     }
 
     /// Queues a write; the receiver yields its outcome once the entry is applied here.
@@ -119,17 +168,28 @@ impl Proposer {
     }
 }
 
+/// What the proposer task shares with its handle.
+struct Task {
+    log: LogStore,
+    clock: Arc<EntryClock>,
+    gate: Arc<tokio::sync::RwLock<()>>,
+    clock_term: Arc<AtomicU64>,
+}
+
 /// The proposer task: take what waits, propose it as one entry, repeat.
 async fn run<SM: RaftStateMachine<TypeConfig>>(
     raft: openraft::Raft<TypeConfig, SM>,
-    log: LogStore,
-    clock: Arc<EntryClock>,
+    task: Task,
     limits: ProposerLimits,
     mut rx: mpsc::Receiver<Waiting>,
 ) {
+    let Task {
+        log,
+        clock,
+        gate,
+        clock_term,
+    } = task;
     let slots = Arc::new(Semaphore::new(limits.in_flight_max.max(1)));
-    // The term whose log tail the clock has seen (see `observe_log_tail`).
-    let mut clock_term: Option<u64> = None;
     // A write that did not fit into the previous entry: it opens the next one.
     let mut held: Option<Waiting> = None;
     loop {
@@ -143,6 +203,8 @@ async fn run<SM: RaftStateMachine<TypeConfig>>(
                 None => return,
             },
         };
+        // Not while an interactive transaction holds the writer.
+        let shared = gate.clone().read_owned().await;
         let mut bytes = first.bytes;
         let mut batch = vec![first];
         while batch.len() < limits.batch_max.max(1) {
@@ -163,11 +225,10 @@ async fn run<SM: RaftStateMachine<TypeConfig>>(
             let m = m.borrow_watched();
             (m.current_term, m.last_log_index)
         };
-        if clock_term != Some(term) {
+        if clock_term.swap(term, Ordering::AcqRel) != term {
             observe_log_tail(&log, &clock, last_index).await;
-            clock_term = Some(term);
         }
-        propose(&raft, &clock, batch, slot).await;
+        propose(&raft, &clock, batch, (slot, shared)).await;
     }
 }
 
@@ -201,6 +262,7 @@ async fn observe_log_tail(log: &LogStore, clock: &EntryClock, last_index: Option
             EntryPayload::Normal(Command::Batch(cmds)) => {
                 cmds.iter().map(|c| c.leader_ts_micros).max()
             }
+            EntryPayload::Normal(Command::Transaction(t)) => Some(t.leader_ts_micros),
             _ => None,
         });
         if let Some(ts) = newest {
@@ -220,7 +282,10 @@ async fn propose<SM: RaftStateMachine<TypeConfig>>(
     raft: &openraft::Raft<TypeConfig, SM>,
     clock: &EntryClock,
     batch: Vec<Waiting>,
-    slot: tokio::sync::OwnedSemaphorePermit,
+    slot: (
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedRwLockReadGuard<()>,
+    ),
 ) {
     // The writes of one entry share its timestamp and seed (like statements of one PostgreSQL
     // transaction share now()); they draw different random values (see

@@ -8,6 +8,7 @@
 //!
 //! - [`write`]: a write becomes a log entry (on the leader) and its applied result.
 //! - [`read`]: a read waits for its consistency level, then runs in one snapshot.
+//! - [`txn`]: interactive transactions (`BEGIN` … `COMMIT` with round trips) on the leader.
 //! - [`auth`]: who a request comes from ([`auth::Caller`] → a role) and who may administer.
 //! - [`membership`], [`check`], [`status`], [`repair`], [`backup`]: the cluster operations.
 //! - [`peers`]: how this node reaches the others ([`PeerLink`], implemented by a frontend's
@@ -32,6 +33,7 @@ pub mod peers;
 pub mod read;
 pub mod repair;
 pub mod status;
+pub mod txn;
 pub mod types;
 pub mod write;
 
@@ -39,4 +41,5 @@ pub use auth::Caller;
 pub use error::{ErrorKind, LeaderHint, ServiceError};
 pub use node::{Limits, Route, Service, ServiceParts};
 pub use peers::PeerLink;
+pub use txn::{BeginRequest, Committed, Txn, TxnLimits, TxnStatus};
 pub use types::*;

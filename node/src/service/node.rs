@@ -26,6 +26,8 @@ use crate::pg::supervisor::PgHealth;
 use crate::raft::proposer::Proposer;
 use crate::raft::read_index::{ReadIndexBatcher, Rounds};
 use crate::sql::gate::PreparedWrites;
+use super::txn::TxnLimits;
+use crate::apply::state_machine::TxnRunner;
 
 /// Limits the services enforce on requests.
 #[derive(Clone, Debug)]
@@ -91,6 +93,10 @@ pub struct ServiceParts {
     pub rebuilder: Rebuilder,
     /// Rebuild as soon as a check finds this node's copy different.
     pub auto_rebuild: bool,
+    /// Runs interactive transactions on the applier session (`None`: this node runs none).
+    pub txns: Option<TxnRunner>,
+    /// Limits of interactive transactions.
+    pub txn_limits: TxnLimits,
 }
 
 /// A node's services: the shared handles every operation uses. See the module doc.
@@ -133,6 +139,9 @@ pub struct Service {
     pub(super) prepared_writes: PreparedWrites,
     /// PostgreSQL version, encoding and collation (read once).
     pub(super) pg_identity: tokio::sync::OnceCell<PgIdentity>,
+    /// Runs interactive transactions (see `service::txn`).
+    pub(super) txns: Option<TxnRunner>,
+    pub(super) txn_limits: TxnLimits,
 }
 
 /// The file in the data directory that marks a removed node.
@@ -174,6 +183,8 @@ impl Service {
             auto_rebuild: parts.auto_rebuild,
             prepared_writes: Default::default(),
             pg_identity: tokio::sync::OnceCell::new(),
+            txns: parts.txns,
+            txn_limits: parts.txn_limits,
         })
     }
 

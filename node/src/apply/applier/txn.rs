@@ -1,0 +1,337 @@
+//! The applier's side of interactive transactions (docs/transactions.md): the steps of a
+//! transaction run on the applier session, live on the leader and replayed from its log entry
+//! everywhere else, the same way.
+//!
+//! A transaction runs like one write: `SAVEPOINT raftpg_entry`, its setup (timestamp, seed,
+//! duplicate check, `DISCARD SEQUENCES`), the switch to its role, its steps, its end (the
+//! `SET LOCAL` resets, the switch back, `raftpg.end_write`: deferred constraints fire here, at
+//! `COMMIT`), `RELEASE`. Each statement runs inside a savepoint of its own (`raftpg_stmt`,
+//! released or rolled back right after it), so a failed statement leaves the transaction usable
+//! for `ROLLBACK TO` and for raftpg's bookkeeping; the client's own savepoints are plain
+//! `SAVEPOINT` / `RELEASE` / `ROLLBACK TO` commands between them (the service checks their names
+//! first, so PostgreSQL never refuses one).
+//!
+//! Keeps invariant 2 (same entry, same order, same result): the leader and every replay run
+//! exactly the same commands for the same steps, in the same order.
+
+use futures::FutureExt;
+use tokio_postgres::error::SqlState;
+use tracing::error;
+
+use super::*;
+use crate::command::{LogId, TxnCommand, TxnStep};
+
+/// What one step of a transaction did.
+#[derive(Debug)]
+pub enum TxnStepResult {
+    /// It ran (a savepoint command returns no rows).
+    Done(StatementOutcome),
+    /// It failed deterministically and was rolled back to its savepoint.
+    Failed(SqlFailure),
+}
+
+/// How opening a transaction's run went.
+#[derive(Debug)]
+pub enum TxnOpen {
+    /// Open: its steps may run.
+    Opened,
+    /// Its request id has a live record: it committed before (nothing of it ran; the savepoint
+    /// is rolled back).
+    Duplicate,
+    /// Its setup failed deterministically (its role no longer exists); rolled back.
+    Failed(SqlFailure),
+}
+
+const STMT_SAVEPOINT: &str = "SAVEPOINT raftpg_stmt";
+const STMT_RELEASE: &str = "RELEASE SAVEPOINT raftpg_stmt";
+const STMT_ROLLBACK: &str = "ROLLBACK TO SAVEPOINT raftpg_stmt; RELEASE SAVEPOINT raftpg_stmt";
+
+/// A savepoint name as an SQL identifier.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The outcome of a transaction entry that landed after another entry than the one it was
+/// executed after: refused the same way on every node, nothing of it ran.
+pub fn moved_failure() -> SqlFailure {
+    failure(
+        SqlState::T_R_SERIALIZATION_FAILURE.code(),
+        "could not serialize the transaction: another entry reached the log before it; retry the transaction",
+    )
+}
+
+impl Applier {
+    /// Opens a transaction's run (see the module doc) after sending `pending`, with `BEGIN`
+    /// first when `begin`.
+    pub async fn txn_open(
+        &mut self,
+        write_no: u64,
+        txn: &TxnCommand,
+        limits: &ApplyLimits,
+        begin: bool,
+        pending: Pending,
+    ) -> Result<TxnOpen, EnvError> {
+        let input = EntryInputs::of_txn(write_no, txn, limits);
+        let open = match begin {
+            true => "BEGIN; SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
+            false => "SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
+        };
+        let client = &self.client;
+        let params = input.params();
+        let (finished, opened, setup) = tokio::join!(
+            self.finish(pending),
+            client.batch_execute(open),
+            client.execute(&self.entry_setup, &params)
+        );
+        finished?;
+        opened?;
+        match setup {
+            Ok(_) => {}
+            Err(e) if is_duplicate(&e) => {
+                client.batch_execute(ROLLBACK_ENTRY).await?;
+                return Ok(TxnOpen::Duplicate);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(user) = &txn.user {
+            match self.switch_user(user).await {
+                Ok(_) => {}
+                Err(StmtError::Deterministic(f)) => {
+                    client.batch_execute(ROLLBACK_ENTRY).await?;
+                    return Ok(TxnOpen::Failed(f));
+                }
+                Err(StmtError::Environmental(e)) => return Err(e),
+            }
+        }
+        Ok(TxnOpen::Opened)
+    }
+
+    /// Runs one step of an open transaction. An environmental error leaves the transaction in
+    /// an unknown state: the caller abandons it.
+    pub async fn txn_step(
+        &mut self,
+        step: &TxnStep,
+        limits: &ApplyLimits,
+    ) -> Result<TxnStepResult, EnvError> {
+        let command = match step {
+            TxnStep::Statement { stmt, .. } => return self.txn_statement(stmt, limits).await,
+            TxnStep::Savepoint(name) => format!("SAVEPOINT {}", ident(name)),
+            TxnStep::Release(name) => format!("RELEASE SAVEPOINT {}", ident(name)),
+            TxnStep::RollbackTo(name) => {
+                // Statements prepared since may name objects the rollback takes away.
+                if self.ddl_in_transaction {
+                    self.cache.clear();
+                }
+                format!("ROLLBACK TO SAVEPOINT {}", ident(name))
+            }
+        };
+        // The service checked the name against the transaction's savepoints: PostgreSQL
+        // refusing it is not the client's error (and would leave the transaction aborted).
+        self.client.batch_execute(&command).await?;
+        Ok(TxnStepResult::Done(no_rows()))
+    }
+
+    /// A statement of a transaction inside its own savepoint.
+    async fn txn_statement(
+        &mut self,
+        stmt: &SqlStatement,
+        limits: &ApplyLimits,
+    ) -> Result<TxnStepResult, EnvError> {
+        let ddl = !is_dml(&stmt.sql);
+        self.ddl_in_transaction |= ddl;
+        let cached = match ddl {
+            true => None,
+            false => self.cache.get(&stmt.sql).cloned(),
+        };
+        let client = &self.client;
+        let ran = match &cached {
+            Some(prepared) => {
+                let (saved, ran) = tokio::join!(
+                    client.batch_execute(STMT_SAVEPOINT),
+                    execute(client, prepared, stmt, limits)
+                );
+                saved?;
+                ran.map(|o| (o, None))
+            }
+            None => {
+                client.batch_execute(STMT_SAVEPOINT).await?;
+                prepare_and_execute(client, stmt, limits)
+                    .map(|r| r.map(|(o, p)| (o, Some(p))))
+                    .await
+            }
+        };
+        let result = match ran {
+            Ok((outcome, prepared)) => {
+                self.client.batch_execute(STMT_RELEASE).await?;
+                if let Some(p) = prepared.filter(|_| !ddl) {
+                    if self.cache.len() < STATEMENT_CACHE_MAX {
+                        self.cache.insert(stmt.sql.clone(), p);
+                    }
+                }
+                TxnStepResult::Done(outcome)
+            }
+            Err(StmtError::Deterministic(f)) => {
+                self.client.batch_execute(STMT_ROLLBACK).await?;
+                TxnStepResult::Failed(f)
+            }
+            Err(StmtError::Environmental(e)) => return Err(e),
+        };
+        if ddl {
+            self.cache.clear();
+        }
+        Ok(result)
+    }
+
+    /// The end of a transaction's run: its `SET LOCAL` settings back, the switch back from its
+    /// role (its deferred constraints fire), `raftpg.end_write`. A failure there is the
+    /// transaction's (its `COMMIT`'s error); the savepoint is still to be ended, with the
+    /// `Pending` the caller builds ([`Applier::txn_pending`]).
+    pub async fn txn_close(&mut self, txn: &TxnCommand) -> Result<Result<(), SqlFailure>, EnvError> {
+        let mut names: Vec<String> = txn
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                TxnStep::Statement { stmt, .. } if !is_dml(&stmt.sql) => {
+                    Some(gate::settings_set_by(&stmt.sql))
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        names.sort();
+        names.dedup();
+        let resets: String = names
+            .iter()
+            .map(|n| format!("SET LOCAL {n} TO DEFAULT"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let reset = async {
+            match resets.is_empty() {
+                true => Ok(()),
+                false => self.client.batch_execute(&resets).await.map_err(classify),
+            }
+        };
+        let unswitch = async {
+            match txn.user {
+                Some(_) => self.unswitch_user().await.map(|_| ()),
+                None => Ok(()),
+            }
+        };
+        let (reset, unswitched, ended) = tokio::join!(reset, unswitch, self.end_write());
+        match reset.and(unswitched).and(ended) {
+            Ok(_) => Ok(Ok(())),
+            Err(StmtError::Environmental(e)) => Err(e),
+            Err(StmtError::Deterministic(f)) => Ok(Err(f)),
+        }
+    }
+
+    /// What is still to be sent after a transaction's run: its savepoint's end (released when
+    /// it succeeded) and its request record.
+    pub fn txn_pending(
+        write_no: u64,
+        txn: &TxnCommand,
+        outcome: &ApplyOutcome,
+    ) -> Result<Pending, EnvError> {
+        let end = match outcome {
+            ApplyOutcome::Applied(_) => RELEASE_ENTRY,
+            _ => ROLLBACK_ENTRY,
+        };
+        Ok(Pending {
+            end: Some(end),
+            records: txn_record(write_no, txn, outcome)?.into_iter().collect(),
+        })
+    }
+
+    /// Applies a transaction entry as any node does (see `command::TxnCommand`): when `prev`
+    /// (the log id of the entry before it) is the one it was executed after, its steps run as
+    /// they ran on the leader; otherwise nothing runs and its outcome is a serialization
+    /// failure. Returns the outcome and what is still to be sent.
+    pub async fn apply_transaction(
+        &mut self,
+        write_no: u64,
+        txn: &TxnCommand,
+        prev: Option<LogId>,
+        limits: &ApplyLimits,
+        begin: bool,
+        pending: Pending,
+    ) -> Result<(ApplyOutcome, Pending), EnvError> {
+        if txn.executed_after != prev {
+            if begin {
+                self.client.batch_execute("BEGIN").await?;
+            }
+            self.finish(pending).await?;
+            let outcome = ApplyOutcome::Failed(moved_failure());
+            let records = txn_record(write_no, txn, &outcome)?.into_iter().collect();
+            return Ok((outcome, Pending { end: None, records }));
+        }
+        match self.txn_open(write_no, txn, limits, begin, pending).await? {
+            TxnOpen::Opened => {}
+            TxnOpen::Duplicate => {
+                let outcome = self
+                    .recorded_outcome(&txn.request_id, write_no, limits.request_retention_writes)
+                    .await?
+                    .ok_or(EnvError::Inconsistent("a duplicate's record vanished"))?;
+                return Ok((outcome, Pending::default()));
+            }
+            TxnOpen::Failed(f) => {
+                let outcome = ApplyOutcome::Failed(f);
+                let records = txn_record(write_no, txn, &outcome)?.into_iter().collect();
+                return Ok((outcome, Pending { end: None, records }));
+            }
+        }
+        for (i, step) in txn.steps.iter().enumerate() {
+            let result = self.txn_step(step, limits).await?;
+            let failed_here = matches!(result, TxnStepResult::Failed(_));
+            let failed_there = matches!(step, TxnStep::Statement { failed: true, .. });
+            if failed_here != failed_there {
+                // Determinism is broken (a function the gate let through behaves differently
+                // here): the copies may now differ, which `raftpg check` reports.
+                error!(
+                    write_no,
+                    step = i,
+                    failed_here,
+                    failed_on_leader = failed_there,
+                    result = ?result,
+                    "a transaction step had another outcome here than on the leader"
+                );
+                crate::metrics::get().txn_replay_mismatches.inc();
+            }
+        }
+        let outcome = match self.txn_close(txn).await? {
+            Ok(()) => ApplyOutcome::Applied(Vec::new()),
+            Err(f) => ApplyOutcome::Failed(f),
+        };
+        let pending = Self::txn_pending(write_no, txn, &outcome)?;
+        Ok((outcome, pending))
+    }
+}
+
+/// The record of a transaction's outcome under its request id.
+fn txn_record(
+    write_no: u64,
+    txn: &TxnCommand,
+    outcome: &ApplyOutcome,
+) -> Result<Option<Record>, EnvError> {
+    let id = &txn.request_id;
+    Ok(Some((
+        id.client_id.clone(),
+        request_log::seq(id),
+        i64::try_from(write_no).unwrap_or(i64::MAX),
+        request_log::encode(outcome).map_err(|detail| EnvError::Bookkeeping {
+            what: "a transaction's outcome",
+            detail,
+        })?,
+    )))
+}
+
+impl EntryInputs {
+    fn of_txn(write_no: u64, txn: &TxnCommand, limits: &ApplyLimits) -> Self {
+        EntryInputs {
+            ts: txn.leader_ts_micros.to_string(),
+            seed: txn.seed.to_string(),
+            client_id: Some(txn.request_id.client_id.clone()),
+            seq: Some(request_log::seq(&txn.request_id)),
+            floor: request_log::retention_floor(write_no, limits.request_retention_writes),
+        }
+    }
+}

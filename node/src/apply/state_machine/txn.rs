@@ -1,0 +1,289 @@
+//! The interactive transaction open on the leader's applier session (docs/transactions.md):
+//! its life inside the state machine, from `BEGIN` to the moment its entry's speculation is kept
+//! or it is rolled back.
+//!
+//! Owns [`OpenTxn`] (at most one) and the [`TxnRunner`] handle the service layer drives it with.
+//! Invariants:
+//! - It is opened only when PostgreSQL holds exactly the log openraft applied, nothing else is
+//!   open on the session (no speculation), and that is the last entry the service saw in the
+//!   log: the transaction executes at the log's end.
+//! - Anything else that needs the applier session first rolls it back (sequences restored):
+//!   an entry applied or speculated that is not its own, a lost connection, a snapshot install.
+//!   Its caller then gets a serialization failure (40001) with the reason.
+//! - Its entry becomes the open speculation only when it is the entry at exactly the log id
+//!   predicted at `COMMIT` (the next index, this leader's term); everything it did is then
+//!   committed by the speculation rule (`settle_speculation`). Otherwise every node applies the
+//!   entry from the log, where its position check decides (`command::TxnCommand`).
+
+use std::sync::Arc;
+
+use openraft::vote::RaftLeaderId;
+use tracing::{debug, info};
+
+use super::{batch_end, Speculation, StateMachineCore};
+use crate::apply::applier::{Applier, EnvError, TxnOpen, TxnStepResult};
+use crate::command::{
+    ApplyOutcome, Command, CommittedLeaderId, Entry, LogId, RequestId, SqlFailure, TxnCommand,
+    TxnStep,
+};
+use openraft::EntryPayload;
+
+/// The transaction open on the applier session.
+pub(super) struct OpenTxn {
+    /// Its steps so far and its inputs (`executed_after` set at `BEGIN`).
+    cmd: TxnCommand,
+    /// Its write number (see `request_log`).
+    write_no: u64,
+    /// Set at `COMMIT`, once the end is recorded in the open transaction: the log id its entry
+    /// must get, and the outcome it then has.
+    proposed: Option<(LogId, ApplyOutcome)>,
+}
+
+impl OpenTxn {
+    pub(super) fn request_id(&self) -> &RequestId {
+        &self.cmd.request_id
+    }
+}
+
+/// Why the state machine cannot do what the transaction asked.
+#[derive(Debug, thiserror::Error)]
+pub enum TxnRefusal {
+    /// The session is not at the log's end yet (entries to apply, a speculation open, another
+    /// transaction): try again shortly.
+    #[error("the applier is busy: {0}")]
+    Busy(&'static str),
+    /// The transaction is no longer open (rolled back for the reason given).
+    #[error("{0}")]
+    Aborted(String),
+    /// Its request id has a live record: a transaction with this id committed before.
+    #[error("a transaction with this request id was committed before")]
+    Duplicate,
+    /// A deterministic SQL error at `BEGIN` (the role is gone) or at `COMMIT` (a deferred
+    /// constraint): the transaction is rolled back.
+    #[error("{}", .0.message)]
+    Sql(SqlFailure),
+    /// PostgreSQL failed (not the transaction's fault); rolled back.
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
+}
+
+/// The service layer's handle on the open transaction (see the module doc).
+#[derive(Clone)]
+pub struct TxnRunner {
+    pub(super) core: Arc<tokio::sync::Mutex<StateMachineCore>>,
+}
+
+impl TxnRunner {
+    /// Opens `cmd` (no steps yet) on the applier session if PostgreSQL holds exactly the log up
+    /// to `last_index` (the last index of this leader's log) and nothing else is open.
+    pub async fn begin(&self, cmd: TxnCommand, last_index: Option<u64>) -> Result<(), TxnRefusal> {
+        self.core.lock().await.txn_begin(cmd, last_index).await
+    }
+
+    /// Runs one step of the open transaction `id`.
+    pub async fn step(&self, id: &RequestId, step: TxnStep) -> Result<TxnStepResult, TxnRefusal> {
+        self.core.lock().await.txn_step(id, step).await
+    }
+
+    /// Ends transaction `id`'s run and records its end (at the log id predicted for its entry
+    /// in `term`) in the open PostgreSQL transaction; returns the command to propose.
+    pub async fn prepare_commit(&self, id: &RequestId, term: u64) -> Result<TxnCommand, TxnRefusal> {
+        self.core.lock().await.txn_prepare_commit(id, term).await
+    }
+
+    /// Rolls transaction `id` back if it is still open on the session.
+    pub async fn rollback(&self, id: &RequestId, why: &str) {
+        let mut core = self.core.lock().await;
+        if core.txn.as_ref().is_some_and(|t| &t.cmd.request_id == id) {
+            core.abort_txn(why).await;
+        }
+    }
+}
+
+impl StateMachineCore {
+    async fn txn_begin(
+        &mut self,
+        mut cmd: TxnCommand,
+        last_index: Option<u64>,
+    ) -> Result<(), TxnRefusal> {
+        if self.txn.is_some() {
+            return Err(TxnRefusal::Busy("another transaction is open"));
+        }
+        if self.speculation.is_some() {
+            return Err(TxnRefusal::Busy("an entry is still being committed"));
+        }
+        if let Err(e) = self.connect().await {
+            return Err(TxnRefusal::Postgres(e.to_string()));
+        }
+        let applied = self.applied.map(|l| l.index);
+        if applied != last_index || self.log_applied != applied {
+            return Err(TxnRefusal::Busy("entries are still being applied"));
+        }
+        cmd.executed_after = self.applied;
+        cmd.steps.clear();
+        let write_no = self.applied_writes + 1;
+        let applier = self.applier.as_mut().ok_or(TxnRefusal::Busy("not connected"))?;
+        let opened = applier
+            .txn_open(write_no, &cmd, &self.limits, true, Default::default())
+            .await;
+        let refusal = match opened {
+            Ok(TxnOpen::Opened) => {
+                self.txn = Some(OpenTxn {
+                    cmd,
+                    write_no,
+                    proposed: None,
+                });
+                return Ok(());
+            }
+            Ok(TxnOpen::Duplicate) => TxnRefusal::Duplicate,
+            Ok(TxnOpen::Failed(f)) => TxnRefusal::Sql(f),
+            Err(e) => TxnRefusal::Postgres(e.to_string()),
+        };
+        self.abandon_open_transaction().await;
+        Err(refusal)
+    }
+
+    /// The open transaction if it is `id` and not proposed yet.
+    fn active_txn(&self, id: &RequestId) -> Result<(), TxnRefusal> {
+        match &self.txn {
+            Some(t) if &t.cmd.request_id == id && t.proposed.is_none() => Ok(()),
+            Some(t) if &t.cmd.request_id == id => {
+                Err(TxnRefusal::Aborted("the transaction is being committed".into()))
+            }
+            _ => Err(TxnRefusal::Aborted(self.aborted_reason(id))),
+        }
+    }
+
+    fn aborted_reason(&self, id: &RequestId) -> String {
+        match &self.txn_aborted {
+            Some((aborted, why)) if aborted == id => why.clone(),
+            _ => "the transaction is no longer open on the leader's PostgreSQL session".into(),
+        }
+    }
+
+    async fn txn_step(
+        &mut self,
+        id: &RequestId,
+        step: TxnStep,
+    ) -> Result<TxnStepResult, TxnRefusal> {
+        self.active_txn(id)?;
+        let ran = match self.applier.as_mut() {
+            Some(a) => a.txn_step(&step, &self.limits).await,
+            None => Err(EnvError::NotConnected),
+        };
+        match ran {
+            Ok(result) => {
+                let step = match step {
+                    TxnStep::Statement { stmt, .. } => TxnStep::Statement {
+                        stmt,
+                        failed: matches!(result, TxnStepResult::Failed(_)),
+                    },
+                    other => other,
+                };
+                if let Some(t) = self.txn.as_mut() {
+                    t.cmd.steps.push(step);
+                }
+                Ok(result)
+            }
+            Err(e) => {
+                let why = format!("the transaction was rolled back: PostgreSQL failed: {e}");
+                self.abort_txn(&why).await;
+                Err(TxnRefusal::Postgres(e.to_string()))
+            }
+        }
+    }
+
+    async fn txn_prepare_commit(
+        &mut self,
+        id: &RequestId,
+        term: u64,
+    ) -> Result<TxnCommand, TxnRefusal> {
+        self.active_txn(id)?;
+        let Some(t) = self.txn.as_ref() else {
+            return Err(TxnRefusal::Aborted(self.aborted_reason(id)));
+        };
+        let (cmd, write_no) = (t.cmd.clone(), t.write_no);
+        let predicted = LogId::new(
+            CommittedLeaderId::new(term, self.node_id),
+            self.applied.map(|l| l.index + 1).unwrap_or(0),
+        );
+        let recorded = async {
+            let applier = self.applier.as_mut().ok_or(EnvError::NotConnected)?;
+            if let Err(f) = applier.txn_close(&cmd).await? {
+                return Ok(Err(f));
+            }
+            let outcome = ApplyOutcome::Applied(Vec::new());
+            let pending = Applier::txn_pending(write_no, &cmd, &outcome)?;
+            let end = batch_end(predicted, write_no, &self.membership)?;
+            applier.flush_uncommitted(pending, &end).await?;
+            Ok::<_, EnvError>(Ok(outcome))
+        }
+        .await;
+        match recorded {
+            Ok(Ok(outcome)) => {
+                if let Some(t) = self.txn.as_mut() {
+                    t.proposed = Some((predicted, outcome));
+                }
+                Ok(cmd)
+            }
+            Ok(Err(f)) => {
+                self.abort_txn(&f.message).await;
+                Err(TxnRefusal::Sql(f))
+            }
+            Err(e) => {
+                let why = format!("the transaction was rolled back: PostgreSQL failed: {e}");
+                self.abort_txn(&why).await;
+                Err(TxnRefusal::Postgres(e.to_string()))
+            }
+        }
+    }
+
+    /// Rolls the open transaction back (sequences restored) and remembers why, for its caller.
+    pub(super) async fn abort_txn(&mut self, why: &str) {
+        let Some(t) = self.txn.take() else {
+            return;
+        };
+        debug!(node = self.node_id, client_id = %t.cmd.request_id.client_id, why, "interactive transaction rolled back");
+        self.txn_aborted = Some((t.cmd.request_id, why.to_string()));
+        self.abandon_open_transaction().await;
+    }
+
+    /// Called with the entries about to be applied or speculated: makes the open transaction
+    /// the open speculation when `first` is its own entry at the predicted log id; rolls it
+    /// back when anything else comes first.
+    pub(super) async fn settle_txn(&mut self, first: Option<&Entry>) {
+        let Some(t) = self.txn.as_ref() else {
+            return;
+        };
+        let own = first.is_some_and(|e| match (&e.payload, &t.proposed) {
+            (EntryPayload::Normal(Command::Transaction(c)), Some((predicted, _))) => {
+                c.request_id == t.cmd.request_id && e.log_id == *predicted
+            }
+            _ => false,
+        });
+        if !own {
+            info!(node = self.node_id, entry = ?first.map(|e| e.log_id), "another entry reached the log before the open transaction's; rolling it back");
+            self.abort_txn(
+                "could not serialize the transaction: another entry reached the log while it was open; retry the transaction",
+            )
+            .await;
+            return;
+        }
+        let Some(OpenTxn {
+            write_no,
+            proposed: Some((log_id, outcome)),
+            ..
+        }) = self.txn.take()
+        else {
+            return;
+        };
+        self.speculation = Some(Speculation {
+            log_ids: vec![log_id],
+            last: log_id,
+            writes: write_no,
+            membership: self.membership.clone(),
+            outcomes: vec![outcome],
+            since: std::time::Instant::now(),
+        });
+    }
+}

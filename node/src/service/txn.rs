@@ -1,0 +1,561 @@
+//! Interactive transactions (`BEGIN` … `COMMIT` with client round trips), as every frontend
+//! drives them: [`Service::begin`] gives a [`Txn`]; its statements, savepoints, `COMMIT` and
+//! `ROLLBACK` go through it. Design and failure cases: docs/transactions.md.
+//!
+//! Owns a transaction's life on the leader: taking the writer (the proposer's gate: nothing
+//! else is proposed while it is open), its limits (idle time, total time), the client's
+//! savepoints and its failed state, proposing its entry at `COMMIT` and answering with the
+//! entry's outcome. What runs on PostgreSQL is the state machine's ([`TxnRunner`]).
+//!
+//! Invariants:
+//! - At most one transaction holds the writer; `BEGIN`s wait for it in arrival order, bounded
+//!   by the write timeout.
+//! - A transaction that ends in any way (commit, rollback, a limit, a drop of its [`Txn`])
+//!   releases the writer and rolls back whatever is still open on the session.
+//! - Every statement passes the same gate as a write; savepoint names are checked here, so
+//!   PostgreSQL never refuses a savepoint command (which would leave its transaction aborted).
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::ClientWriteError;
+use tokio::sync::Mutex;
+use tracing::{debug, info_span, Instrument};
+
+use super::error::{ErrorKind, ServiceError};
+use super::node::{Route, Service};
+use super::types::{Origin, WriteStatement};
+use crate::apply::applier::TxnStepResult;
+use crate::apply::state_machine::{TxnRefusal, TxnRunner};
+use crate::auth::authenticator::Principal;
+use crate::command::{
+    ApplyOutcome, Command, RequestId, SqlStatement, StatementOutcome, TxnCommand, TxnStep,
+};
+use crate::metrics;
+use crate::raft::proposer::Exclusive;
+
+/// Limits of interactive transactions.
+#[derive(Clone, Debug)]
+pub struct TxnLimits {
+    /// Longest a transaction may wait for the client between two statements.
+    pub idle_max: Duration,
+    /// Longest a transaction may hold the writer, from `BEGIN` to `COMMIT`.
+    pub time_max: Duration,
+    /// Most steps (statements and savepoint commands) in one transaction.
+    pub steps_max: usize,
+}
+
+impl Default for TxnLimits {
+    fn default() -> Self {
+        TxnLimits {
+            idle_max: Duration::from_secs(5),
+            time_max: Duration::from_secs(30),
+            steps_max: 10_000,
+        }
+    }
+}
+
+/// How long `BEGIN` waits between looks at the applier when it is not at the log's end yet.
+const BEGIN_RETRY: Duration = Duration::from_millis(1);
+
+/// What `BEGIN` needs.
+#[derive(Clone, Debug)]
+pub struct BeginRequest {
+    /// Who sent it; the transaction runs as this role (`None`: raftpg itself).
+    pub principal: Option<Principal>,
+    /// The transaction's request id (a client that loses the answer to `COMMIT` learns the
+    /// outcome under it); raftpg picks one when `None`.
+    pub request_id: Option<RequestId>,
+    /// Who sent it.
+    pub origin: Origin,
+}
+
+/// Where a transaction is, as a client sees it (PostgreSQL's `ReadyForQuery` status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxnStatus {
+    /// Open: statements run.
+    Active,
+    /// A statement failed: only `ROLLBACK` or `ROLLBACK TO SAVEPOINT` is accepted.
+    Failed,
+    /// Ended (committed, rolled back, or ended by a limit or a leadership change).
+    Ended,
+}
+
+/// A committed transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// The log index of its entry (for read-your-writes).
+    pub log_index: u64,
+    /// Whether it was committed; `false`: it had failed, and `COMMIT` rolled it back (as
+    /// PostgreSQL answers `ROLLBACK` to a `COMMIT` of a failed transaction).
+    pub committed: bool,
+}
+
+/// An interactive transaction (see the module doc). Dropping it rolls it back.
+pub struct Txn {
+    inner: Arc<Mutex<Inner>>,
+    id: RequestId,
+}
+
+struct Inner {
+    svc: Arc<Service>,
+    runner: TxnRunner,
+    id: RequestId,
+    /// The writer, held until the transaction ends.
+    writer: Option<Exclusive>,
+    status: TxnStatus,
+    /// The client's savepoints, oldest first.
+    savepoints: Vec<String>,
+    steps: usize,
+    started: Instant,
+    last_used: Instant,
+    /// Why an ended transaction ended, when a limit or the state machine ended it: the error
+    /// its next use gets.
+    ended_by: Option<ServiceError>,
+}
+
+impl Service {
+    /// Opens an interactive transaction on the leader: waits for the writer (at most the write
+    /// timeout), then for PostgreSQL to hold the whole log, and starts the transaction there.
+    pub async fn begin(self: &Arc<Self>, req: BeginRequest) -> Result<Txn, ServiceError> {
+        let span = info_span!("begin", node = self.id, term = self.term());
+        self.begin_in_span(req).instrument(span).await
+    }
+
+    async fn begin_in_span(self: &Arc<Self>, req: BeginRequest) -> Result<Txn, ServiceError> {
+        self.refuse_if_removed()?;
+        let runner = self
+            .txns
+            .clone()
+            .ok_or_else(|| ServiceError::internal("this node runs no transactions"))?;
+        let wait = self.limits.write_timeout;
+        if let Route::Leader(leader) = self.route(req.origin, wait.min(Duration::from_secs(5))).await? {
+            return Err(ServiceError::unavailable(
+                format!(
+                    "interactive transactions run on the leader, node {} at {}; connect there",
+                    leader.id, leader.addr
+                ),
+                Some(leader),
+            ));
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let writer = tokio::time::timeout_at(deadline, self.proposer.exclusive())
+            .await
+            .map_err(|_| {
+                ServiceError::refused(
+                    ErrorKind::ResourceExhausted,
+                    "55P03",
+                    format!("another transaction held the writer for longer than {wait:?}; retry"),
+                )
+            })?;
+        let id = req.request_id.clone().unwrap_or_else(|| RequestId {
+            client_id: format!("txn-{}-{}", self.id, uuid::Uuid::new_v4()),
+            seq: 1,
+        });
+        let mut stamped = None;
+        loop {
+            let (term, last_index, leading) = {
+                let m = self.raft.metrics();
+                let m = m.borrow_watched();
+                (m.current_term, m.last_log_index, self.is_leader())
+            };
+            if !leading {
+                return Err(ServiceError::unavailable(
+                    "this node is no longer the leader; retry",
+                    self.leader(),
+                ));
+            }
+            let (ts, seed) = match stamped {
+                Some(s) => s,
+                None => *stamped.insert(self.proposer.stamp(&writer, term, last_index).await),
+            };
+            let cmd = TxnCommand {
+                steps: Vec::new(),
+                leader_ts_micros: ts,
+                seed,
+                request_id: id.clone(),
+                user: req.principal.as_ref().map(|p| p.user.clone()),
+                executed_after: None,
+            };
+            match runner.begin(cmd, last_index).await {
+                Ok(()) => break,
+                Err(TxnRefusal::Busy(why)) if tokio::time::Instant::now() < deadline => {
+                    debug!(why, "BEGIN waits for the applier");
+                    tokio::time::sleep(BEGIN_RETRY).await;
+                }
+                Err(TxnRefusal::Busy(why)) => {
+                    return Err(ServiceError::unavailable(
+                        format!("the leader's PostgreSQL did not reach the log's end within {wait:?} ({why}); retry"),
+                        None,
+                    ))
+                }
+                Err(e) => return Err(refusal_error(e)),
+            }
+        }
+        let now = Instant::now();
+        let inner = Arc::new(Mutex::new(Inner {
+            svc: self.clone(),
+            runner,
+            id: id.clone(),
+            writer: Some(writer),
+            status: TxnStatus::Active,
+            savepoints: Vec::new(),
+            steps: 0,
+            started: now,
+            last_used: now,
+            ended_by: None,
+        }));
+        tokio::spawn(watch_limits(Arc::downgrade(&inner), self.txn_limits.clone()));
+        Ok(Txn { inner, id })
+    }
+}
+
+impl Txn {
+    /// The transaction's request id.
+    pub fn request_id(&self) -> &RequestId {
+        &self.id
+    }
+
+    /// Where the transaction is.
+    pub async fn status(&self) -> TxnStatus {
+        self.inner.lock().await.status
+    }
+
+    /// Runs a statement (checked by the SQL gate as a write's). Its error puts the transaction
+    /// in the failed state.
+    pub async fn execute(&self, stmt: WriteStatement) -> Result<StatementOutcome, ServiceError> {
+        let mut inner = self.inner.lock().await;
+        inner.usable()?;
+        let checked = inner.svc.prepared_writes.prepare(&stmt.sql).map_err(|r| {
+            ServiceError::refused(ErrorKind::InvalidArgument, r.sqlstate, r.message)
+        });
+        let checked = checked.and_then(|sql| {
+            Ok(SqlStatement {
+                sql,
+                params: stmt.params?,
+            })
+        });
+        let stmt = match checked {
+            Ok(s) => s,
+            Err(e) => {
+                inner.status = TxnStatus::Failed;
+                return Err(e);
+            }
+        };
+        match inner.step(TxnStep::Statement { stmt, failed: false }).await? {
+            TxnStepResult::Done(o) => Ok(o),
+            TxnStepResult::Failed(f) => {
+                inner.status = TxnStatus::Failed;
+                Err(ServiceError::sql(&f, 0))
+            }
+        }
+    }
+
+    /// `SAVEPOINT name`.
+    pub async fn savepoint(&self, name: &str) -> Result<(), ServiceError> {
+        let mut inner = self.inner.lock().await;
+        inner.usable()?;
+        if name.to_ascii_lowercase().starts_with("raftpg_") {
+            inner.status = TxnStatus::Failed;
+            return Err(ServiceError::refused(
+                ErrorKind::InvalidArgument,
+                "42939",
+                format!("savepoint names starting with raftpg_ are reserved: \"{name}\""),
+            ));
+        }
+        inner.step(TxnStep::Savepoint(name.to_string())).await?;
+        inner.savepoints.push(name.to_string());
+        Ok(())
+    }
+
+    /// `RELEASE SAVEPOINT name`.
+    pub async fn release(&self, name: &str) -> Result<(), ServiceError> {
+        let mut inner = self.inner.lock().await;
+        inner.usable()?;
+        let Some(at) = inner.find_savepoint(name) else {
+            inner.status = TxnStatus::Failed;
+            return Err(no_savepoint(name));
+        };
+        inner.step(TxnStep::Release(name.to_string())).await?;
+        inner.savepoints.truncate(at);
+        Ok(())
+    }
+
+    /// `ROLLBACK TO SAVEPOINT name`: also leaves the failed state.
+    pub async fn rollback_to(&self, name: &str) -> Result<(), ServiceError> {
+        let mut inner = self.inner.lock().await;
+        inner.ended()?;
+        let Some(at) = inner.find_savepoint(name) else {
+            inner.status = TxnStatus::Failed;
+            return Err(no_savepoint(name));
+        };
+        inner.step(TxnStep::RollbackTo(name.to_string())).await?;
+        // The savepoint itself stays (PostgreSQL's rule); the later ones are gone.
+        inner.savepoints.truncate(at + 1);
+        inner.status = TxnStatus::Active;
+        Ok(())
+    }
+
+    /// `COMMIT`: proposes the transaction as one log entry and answers once a majority
+    /// committed it and this node applied it. A failed transaction is rolled back instead.
+    pub async fn commit(&self) -> Result<Committed, ServiceError> {
+        let mut inner = self.inner.lock().await;
+        inner.ended()?;
+        if inner.status == TxnStatus::Failed {
+            inner.end("rolled_back", "the transaction was rolled back").await;
+            return Ok(Committed {
+                log_index: 0,
+                committed: false,
+            });
+        }
+        let answer = inner.commit().await;
+        let outcome = if answer.is_ok() { "committed" } else { "failed" };
+        inner.end(outcome, "the transaction ended").await;
+        answer
+    }
+
+    /// `ROLLBACK`.
+    pub async fn rollback(&self) {
+        let mut inner = self.inner.lock().await;
+        if inner.status != TxnStatus::Ended {
+            inner.end("rolled_back", "the transaction was rolled back").await;
+        }
+    }
+}
+
+impl Drop for Txn {
+    fn drop(&mut self) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let mut inner = inner.lock().await;
+            if inner.status != TxnStatus::Ended {
+                inner
+                    .end("aborted", "the client went away; the transaction was rolled back")
+                    .await;
+            }
+        });
+    }
+}
+
+impl Inner {
+    /// Refuses use of an ended transaction (with why it ended).
+    fn ended(&self) -> Result<(), ServiceError> {
+        if self.status != TxnStatus::Ended {
+            return Ok(());
+        }
+        Err(self.ended_by.clone().unwrap_or_else(|| {
+            ServiceError::refused(
+                ErrorKind::FailedPrecondition,
+                "25P01",
+                "there is no transaction in progress",
+            )
+        }))
+    }
+
+    /// Refuses a statement in a failed or ended transaction.
+    fn usable(&mut self) -> Result<(), ServiceError> {
+        self.ended()?;
+        if self.status == TxnStatus::Failed {
+            return Err(ServiceError::refused(
+                ErrorKind::FailedPrecondition,
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            ));
+        }
+        self.last_used = Instant::now();
+        Ok(())
+    }
+
+    fn find_savepoint(&self, name: &str) -> Option<usize> {
+        self.savepoints.iter().rposition(|s| s == name)
+    }
+
+    /// Runs a step on the state machine; a refusal there ends the transaction.
+    async fn step(&mut self, step: TxnStep) -> Result<TxnStepResult, ServiceError> {
+        if self.steps >= self.svc.txn_limits.steps_max {
+            self.status = TxnStatus::Failed;
+            return Err(ServiceError::refused(
+                ErrorKind::ResourceExhausted,
+                "54000",
+                format!(
+                    "a transaction may run at most {} statements",
+                    self.svc.txn_limits.steps_max
+                ),
+            ));
+        }
+        self.steps += 1;
+        let result = self.runner.step(&self.id, step).await;
+        self.last_used = Instant::now();
+        match result {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let e = refusal_error(e);
+                self.ended_by = Some(e.clone());
+                self.end("aborted", "").await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Proposes the transaction's entry and waits for its outcome.
+    async fn commit(&mut self) -> Result<Committed, ServiceError> {
+        let svc = self.svc.clone();
+        let term = svc.term();
+        if !svc.is_leader() {
+            return Err(aborted("leadership changed during the transaction"));
+        }
+        let cmd = self
+            .runner
+            .prepare_commit(&self.id, term)
+            .await
+            .map_err(refusal_error)?;
+        let (responder, answer) = openraft::impls::ProgressResponder::complete_only();
+        if let Err(fatal) = svc
+            .raft
+            .client_write_ff(Command::Transaction(cmd), Some(responder))
+            .await
+        {
+            return Err(ServiceError::unavailable(
+                format!("raft stopped on this node: {fatal}"),
+                None,
+            ));
+        }
+        let timeout = svc.limits.write_timeout;
+        let unknown = |why: String| ServiceError {
+            hint: format!(
+                "the transaction's request id is {}/{}: BEGIN again with it to learn whether it committed",
+                self.id.client_id, self.id.seq
+            ),
+            ..ServiceError::new(ErrorKind::OutcomeUnknown, why)
+        };
+        let resp = match tokio::time::timeout(timeout, answer).await {
+            Err(_) => {
+                return Err(unknown(format!(
+                    "COMMIT was not confirmed within {timeout:?}; the transaction's outcome is unknown (it may still commit)"
+                )))
+            }
+            Ok(Err(_)) => return Err(unknown("the node is shutting down".into())),
+            Ok(Ok(Err(ClientWriteError::ForwardToLeader(_)))) => {
+                return Err(aborted("leadership changed before the transaction's entry was appended"))
+            }
+            Ok(Ok(Err(e))) => {
+                return Err(unknown(format!(
+                    "leadership changed after COMMIT was proposed ({e}); the transaction's outcome is unknown (it may still commit)"
+                )))
+            }
+            Ok(Ok(Ok(r))) => r,
+        };
+        let index = resp.log_id.index;
+        match resp.data {
+            ApplyOutcome::Applied(_) => Ok(Committed {
+                log_index: index,
+                committed: true,
+            }),
+            ApplyOutcome::Failed(f) => Err(ServiceError::sql(&f, index)),
+            other => Err(ServiceError::internal(format!(
+                "unexpected outcome of a transaction entry: {other:?}"
+            ))),
+        }
+    }
+
+    /// Ends the transaction: rolls back what is still open on the session, releases the
+    /// writer.
+    async fn end(&mut self, outcome: &str, why: &str) {
+        if self.status == TxnStatus::Ended {
+            return;
+        }
+        self.status = TxnStatus::Ended;
+        self.runner.rollback(&self.id, why).await;
+        self.writer = None;
+        let m = metrics::get();
+        m.txns.with_label_values(&[outcome]).inc();
+        m.txn_seconds.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Ends a transaction whose client was idle longer than `idle_max`, or that is open longer than
+/// `time_max`; stops when the transaction ends or its [`Txn`] is gone.
+async fn watch_limits(inner: Weak<Mutex<Inner>>, limits: super::txn::TxnLimits) {
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let at = {
+            let i = strong.lock().await;
+            if i.status == TxnStatus::Ended {
+                return;
+            }
+            (i.last_used + limits.idle_max).min(i.started + limits.time_max)
+        };
+        drop(strong);
+        tokio::time::sleep_until(at.into()).await;
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let mut i = strong.lock().await;
+        if i.status == TxnStatus::Ended {
+            return;
+        }
+        let now = Instant::now();
+        let error = if now >= i.started + limits.time_max {
+            ServiceError::refused(
+                ErrorKind::Aborted,
+                "25P04",
+                format!(
+                    "the transaction was open longer than {:?} and was rolled back (limit: --txn-time-max-ms)",
+                    limits.time_max
+                ),
+            )
+        } else if now >= i.last_used + limits.idle_max {
+            ServiceError::refused(
+                ErrorKind::Aborted,
+                "25P03",
+                format!(
+                    "terminating the transaction due to idle-in-transaction timeout ({:?}, --txn-idle-max-ms)",
+                    limits.idle_max
+                ),
+            )
+        } else {
+            continue;
+        };
+        i.ended_by = Some(error);
+        i.end("aborted", "the transaction hit a time limit and was rolled back")
+            .await;
+        return;
+    }
+}
+
+fn aborted(why: &str) -> ServiceError {
+    ServiceError::refused(
+        ErrorKind::Aborted,
+        "40001",
+        format!("could not serialize the transaction: {why}; retry the transaction"),
+    )
+}
+
+fn no_savepoint(name: &str) -> ServiceError {
+    ServiceError::refused(
+        ErrorKind::InvalidArgument,
+        "3B001",
+        format!("savepoint \"{name}\" does not exist"),
+    )
+}
+
+/// The error a client gets for a state machine's refusal.
+fn refusal_error(e: TxnRefusal) -> ServiceError {
+    match e {
+        TxnRefusal::Sql(f) => ServiceError::sql(&f, 0),
+        TxnRefusal::Duplicate => ServiceError::refused(
+            ErrorKind::AlreadyExists,
+            "RP003",
+            "a transaction with this request id committed before; it is not run again",
+        ),
+        TxnRefusal::Aborted(why) => ServiceError::refused(ErrorKind::Aborted, "40001", why),
+        TxnRefusal::Busy(why) => aborted(why),
+        TxnRefusal::Postgres(why) => ServiceError::unavailable(
+            format!("the transaction was rolled back: the leader's PostgreSQL failed: {why}; retry the transaction"),
+            None,
+        ),
+    }
+}
