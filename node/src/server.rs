@@ -29,7 +29,7 @@ use crate::apply::restore;
 use crate::apply::snapshot::SnapshotStore;
 use crate::apply::state_machine::Raft;
 use crate::apply::state_machine::{
-    ApplierStatus, TxnRunner, ApplyLimits, PgStateMachine, Rebuilder, StateMachineParts,
+    ApplierStatus, ApplyLimits, PgStateMachine, Rebuilder, StateMachineParts, TxnRunner,
 };
 use crate::auth::authenticator::{Authenticator, Credentials};
 use crate::command::{NodeAddr, NodeId};

@@ -135,7 +135,12 @@ impl Proposer {
 
     /// A timestamp and a seed for an interactive transaction holding the writer, in `term`
     /// whose log ends at `last_index` (timestamps increase along the log, as the task's do).
-    pub async fn stamp(&self, _writer: &Exclusive, term: u64, last_index: Option<u64>) -> (i64, u64) {
+    pub async fn stamp(
+        &self,
+        _writer: &Exclusive,
+        term: u64,
+        last_index: Option<u64>,
+    ) -> (i64, u64) {
         if self.clock_term.swap(term, Ordering::AcqRel) != term {
             observe_log_tail(&self.log, &self.clock, last_index).await;
         }

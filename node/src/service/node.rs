@@ -15,9 +15,11 @@ use tracing::warn;
 
 use super::error::{LeaderHint, ServiceError};
 use super::peers::PeerLink;
+use super::txn::TxnLimits;
 use super::types::{Origin, PgIdentity};
 use crate::apply::snapshot::SnapshotStore;
 use crate::apply::state_machine::Raft;
+use crate::apply::state_machine::TxnRunner;
 use crate::apply::state_machine::{ApplierStatus, Rebuilder};
 use crate::auth::authenticator::Authenticator;
 use crate::command::{NodeAddr, NodeId};
@@ -26,8 +28,6 @@ use crate::pg::supervisor::PgHealth;
 use crate::raft::proposer::Proposer;
 use crate::raft::read_index::{ReadIndexBatcher, Rounds};
 use crate::sql::gate::PreparedWrites;
-use super::txn::TxnLimits;
-use crate::apply::state_machine::TxnRunner;
 
 /// Limits the services enforce on requests.
 #[derive(Clone, Debug)]

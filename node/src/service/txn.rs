@@ -130,7 +130,10 @@ impl Service {
             .clone()
             .ok_or_else(|| ServiceError::internal("this node runs no transactions"))?;
         let wait = self.limits.write_timeout;
-        if let Route::Leader(leader) = self.route(req.origin, wait.min(Duration::from_secs(5))).await? {
+        if let Route::Leader(leader) = self
+            .route(req.origin, wait.min(Duration::from_secs(5)))
+            .await?
+        {
             return Err(ServiceError::unavailable(
                 format!(
                     "interactive transactions run on the leader, node {} at {}; connect there",
@@ -206,7 +209,10 @@ impl Service {
             last_used: now,
             ended_by: None,
         }));
-        tokio::spawn(watch_limits(Arc::downgrade(&inner), self.txn_limits.clone()));
+        tokio::spawn(watch_limits(
+            Arc::downgrade(&inner),
+            self.txn_limits.clone(),
+        ));
         Ok(Txn { inner, id })
     }
 }
@@ -227,9 +233,10 @@ impl Txn {
     pub async fn execute(&self, stmt: WriteStatement) -> Result<StatementOutcome, ServiceError> {
         let mut inner = self.inner.lock().await;
         inner.usable()?;
-        let checked = inner.svc.prepared_writes.prepare(&stmt.sql).map_err(|r| {
-            ServiceError::refused(ErrorKind::InvalidArgument, r.sqlstate, r.message)
-        });
+        let checked =
+            inner.svc.prepared_writes.prepare(&stmt.sql).map_err(|r| {
+                ServiceError::refused(ErrorKind::InvalidArgument, r.sqlstate, r.message)
+            });
         let checked = checked.and_then(|sql| {
             Ok(SqlStatement {
                 sql,
@@ -243,7 +250,13 @@ impl Txn {
                 return Err(e);
             }
         };
-        match inner.step(TxnStep::Statement { stmt, failed: false }).await? {
+        match inner
+            .step(TxnStep::Statement {
+                stmt,
+                failed: false,
+            })
+            .await?
+        {
             TxnStepResult::Done(o) => Ok(o),
             TxnStepResult::Failed(f) => {
                 inner.status = TxnStatus::Failed;
@@ -297,20 +310,47 @@ impl Txn {
         Ok(())
     }
 
+    /// Why a statement would be refused now: `None` while the transaction is active; in the
+    /// failed state 25P02; once a limit or the leader ended it, that reason the first time,
+    /// then 25P02.
+    pub async fn refusal(&self) -> Option<ServiceError> {
+        let mut inner = self.inner.lock().await;
+        match inner.status {
+            TxnStatus::Active => None,
+            TxnStatus::Failed => Some(in_failed_txn()),
+            TxnStatus::Ended => inner.ended().err(),
+        }
+    }
+
+    /// Puts the transaction in the failed state (an error of the client's protocol inside
+    /// it, which PostgreSQL treats as any error).
+    pub async fn mark_failed(&self) {
+        let mut inner = self.inner.lock().await;
+        if inner.status == TxnStatus::Active {
+            inner.status = TxnStatus::Failed;
+        }
+    }
+
     /// `COMMIT`: proposes the transaction as one log entry and answers once a majority
-    /// committed it and this node applied it. A failed transaction is rolled back instead.
+    /// committed it and this node applied it. A failed transaction, or one a limit or the
+    /// leader ended, is rolled back instead (PostgreSQL answers `ROLLBACK`).
     pub async fn commit(&self) -> Result<Committed, ServiceError> {
         let mut inner = self.inner.lock().await;
-        inner.ended()?;
-        if inner.status == TxnStatus::Failed {
-            inner.end("rolled_back", "the transaction was rolled back").await;
+        if inner.status != TxnStatus::Active {
+            inner
+                .end("rolled_back", "the transaction was rolled back")
+                .await;
             return Ok(Committed {
                 log_index: 0,
                 committed: false,
             });
         }
         let answer = inner.commit().await;
-        let outcome = if answer.is_ok() { "committed" } else { "failed" };
+        let outcome = if answer.is_ok() {
+            "committed"
+        } else {
+            "failed"
+        };
         inner.end(outcome, "the transaction ended").await;
         answer
     }
@@ -319,7 +359,9 @@ impl Txn {
     pub async fn rollback(&self) {
         let mut inner = self.inner.lock().await;
         if inner.status != TxnStatus::Ended {
-            inner.end("rolled_back", "the transaction was rolled back").await;
+            inner
+                .end("rolled_back", "the transaction was rolled back")
+                .await;
         }
     }
 }
@@ -331,7 +373,10 @@ impl Drop for Txn {
             let mut inner = inner.lock().await;
             if inner.status != TxnStatus::Ended {
                 inner
-                    .end("aborted", "the client went away; the transaction was rolled back")
+                    .end(
+                        "aborted",
+                        "the client went away; the transaction was rolled back",
+                    )
                     .await;
             }
         });
@@ -339,29 +384,20 @@ impl Drop for Txn {
 }
 
 impl Inner {
-    /// Refuses use of an ended transaction (with why it ended).
-    fn ended(&self) -> Result<(), ServiceError> {
+    /// Refuses use of an ended transaction: the first time with why it ended (a limit, a
+    /// leadership change), then as PostgreSQL refuses statements in a failed transaction.
+    fn ended(&mut self) -> Result<(), ServiceError> {
         if self.status != TxnStatus::Ended {
             return Ok(());
         }
-        Err(self.ended_by.clone().unwrap_or_else(|| {
-            ServiceError::refused(
-                ErrorKind::FailedPrecondition,
-                "25P01",
-                "there is no transaction in progress",
-            )
-        }))
+        Err(self.ended_by.take().unwrap_or_else(in_failed_txn))
     }
 
     /// Refuses a statement in a failed or ended transaction.
     fn usable(&mut self) -> Result<(), ServiceError> {
         self.ended()?;
         if self.status == TxnStatus::Failed {
-            return Err(ServiceError::refused(
-                ErrorKind::FailedPrecondition,
-                "25P02",
-                "current transaction is aborted, commands ignored until end of transaction block",
-            ));
+            return Err(in_failed_txn());
         }
         self.last_used = Instant::now();
         Ok(())
@@ -422,12 +458,14 @@ impl Inner {
             ));
         }
         let timeout = svc.limits.write_timeout;
-        let unknown = |why: String| ServiceError {
+        let unknown = |why: String| {
+            ServiceError {
             hint: format!(
                 "the transaction's request id is {}/{}: BEGIN again with it to learn whether it committed",
                 self.id.client_id, self.id.seq
             ),
             ..ServiceError::new(ErrorKind::OutcomeUnknown, why)
+        }
         };
         let resp = match tokio::time::timeout(timeout, answer).await {
             Err(_) => {
@@ -520,10 +558,21 @@ async fn watch_limits(inner: Weak<Mutex<Inner>>, limits: super::txn::TxnLimits) 
             continue;
         };
         i.ended_by = Some(error);
-        i.end("aborted", "the transaction hit a time limit and was rolled back")
-            .await;
+        i.end(
+            "aborted",
+            "the transaction hit a time limit and was rolled back",
+        )
+        .await;
         return;
     }
+}
+
+fn in_failed_txn() -> ServiceError {
+    ServiceError::refused(
+        ErrorKind::FailedPrecondition,
+        "25P02",
+        "current transaction is aborted, commands ignored until end of transaction block",
+    )
 }
 
 fn aborted(why: &str) -> ServiceError {

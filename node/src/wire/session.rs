@@ -12,8 +12,11 @@
 //! - **Extended protocol**: a portal of a query runs as a read when it is described or first
 //!   executed (rows stream from the node's read connection, at most `max_rows` per
 //!   `Execute`); a portal of a write runs as one write when executed.
-//! - An explicit `BEGIN` on its own is refused with a hint (interactive transactions come
-//!   later), never run statement by statement.
+//! - **Interactive transactions**: an explicit `BEGIN` (not wrapped with its `COMMIT` around
+//!   a whole string of writes) opens one on the leader ([`Txn`], `service::txn`); until
+//!   `COMMIT` / `ROLLBACK` every query and write of the session runs in it, one by one, with
+//!   its results, and `ReadyForQuery` reports `T` (or `E` after an error, until `ROLLBACK` or
+//!   `ROLLBACK TO SAVEPOINT`). Dropping the session rolls it back.
 //!
 //! Every read waits for the session's own last write (see [`Settings::consistency`]).
 
@@ -39,15 +42,15 @@ use tokio::task::JoinHandle;
 use crate::auth::authenticator::Principal;
 use crate::command::{ColumnInfo, SqlValue, StatementOutcome};
 use crate::service::{
-    Description, ErrorKind, Origin, ReadChunk, ReadRequest, Service, ServiceError, WriteRequest,
-    WriteStatement,
+    BeginRequest, Description, ErrorKind, Origin, ReadChunk, ReadRequest, Service, ServiceError,
+    Txn, TxnStatus, WriteRequest, WriteStatement,
 };
 
 use super::cancel::CancelSignal;
 use super::copy;
 use super::error::{self, Op};
 use super::settings::{Settings, LAST_WRITE_INDEX};
-use super::statement::{self, Kind, Statement};
+use super::statement::{self, Kind, SavepointOp, Statement};
 use super::stream::Wire;
 use super::values::{self, TextSettings};
 
@@ -157,6 +160,8 @@ pub struct Session {
     pipeline: Vec<Deferred>,
     /// The error that ended the pipeline, when it failed while its output was held.
     pipeline_error: Option<pgwire::messages::response::ErrorResponse>,
+    /// The interactive transaction the session is in (until its `COMMIT` or `ROLLBACK`).
+    txn: Option<Txn>,
 }
 
 /// An `Execute` of a pipeline, run with the others at `Sync`.
@@ -185,6 +190,7 @@ impl Session {
             skipping: false,
             pipeline: Vec::new(),
             pipeline_error: None,
+            txn: None,
         }
     }
 
@@ -228,6 +234,23 @@ impl Session {
         }
         let body = strip_transaction_block(&stmts);
         let has_write = body.iter().any(|s| matches!(s.kind, Kind::Write { .. }));
+        let whole_block = body.len() < stmts.len()
+            && has_write
+            && !body
+                .iter()
+                .any(|s| matches!(s.kind, Kind::Savepoint { .. }));
+        let interactive = self.txn.is_some()
+            || stmts
+                .iter()
+                .any(|s| matches!(s.kind, Kind::Begin | Kind::Savepoint { .. }));
+        if interactive && !(self.txn.is_none() && whole_block) {
+            for s in &stmts {
+                if let Err(e) = self.interactive_statement(out, s).await? {
+                    return Ok(Err(e));
+                }
+            }
+            return Ok(Ok(()));
+        }
         if has_write {
             if let Some(s) = body.iter().find(|s| is_session_command(&s.kind)) {
                 return Ok(Err(error::response(
@@ -371,15 +394,88 @@ impl Session {
                     Box::pin(self.simple_statement(out, &read)).await
                 }
             },
-            Kind::Begin => Ok(Err(error::response(&begin_refused(), Op::Read, s.offset))),
-            Kind::End { commit } => {
+            Kind::Begin if self.txn.is_some() => {
                 out.feed(B::NoticeResponse(error::warning(
-                    "25P01",
-                    "there is no transaction in progress",
+                    "25001",
+                    "there is already a transaction in progress",
                 )))
                 .await?;
-                out.feed(done(if *commit { "COMMIT" } else { "ROLLBACK" }))
+                out.feed(done("BEGIN")).await?;
+                Ok(Ok(()))
+            }
+            Kind::Begin => match self.begin_txn().await {
+                Ok(()) => {
+                    out.feed(done("BEGIN")).await?;
+                    Ok(Ok(()))
+                }
+                Err(e) => Ok(Err(error::response(&e, Op::Write, s.offset))),
+            },
+            Kind::End { commit } => match self.txn.take() {
+                Some(txn) if *commit => match txn.commit().await {
+                    Ok(c) if c.committed => {
+                        self.settings.wrote(c.log_index);
+                        out.feed(done("COMMIT")).await?;
+                        self.report_last_write(out).await?;
+                        Ok(Ok(()))
+                    }
+                    Ok(_) => {
+                        out.feed(done("ROLLBACK")).await?;
+                        Ok(Ok(()))
+                    }
+                    Err(e) => Ok(Err(error::response(&e, Op::Write, s.offset))),
+                },
+                Some(txn) => {
+                    txn.rollback().await;
+                    out.feed(done("ROLLBACK")).await?;
+                    Ok(Ok(()))
+                }
+                None => {
+                    out.feed(B::NoticeResponse(error::warning(
+                        "25P01",
+                        "there is no transaction in progress",
+                    )))
                     .await?;
+                    out.feed(done(if *commit { "COMMIT" } else { "ROLLBACK" }))
+                        .await?;
+                    Ok(Ok(()))
+                }
+            },
+            Kind::Savepoint { op, name } => {
+                let (what, tag) = match op {
+                    SavepointOp::Define => ("SAVEPOINT", "SAVEPOINT"),
+                    SavepointOp::Release => ("RELEASE SAVEPOINT", "RELEASE"),
+                    SavepointOp::RollbackTo => ("ROLLBACK TO SAVEPOINT", "ROLLBACK"),
+                };
+                let Some(txn) = &self.txn else {
+                    return Ok(Err(error::plain(
+                        "25P01",
+                        format!("{what} can only be used in transaction blocks"),
+                    )));
+                };
+                let done_or = match op {
+                    SavepointOp::Define => txn.savepoint(name).await,
+                    SavepointOp::Release => txn.release(name).await,
+                    SavepointOp::RollbackTo => txn.rollback_to(name).await,
+                };
+                match done_or {
+                    Ok(()) => {
+                        out.feed(done(tag)).await?;
+                        Ok(Ok(()))
+                    }
+                    Err(e) => Ok(Err(error::response(&e, Op::Write, s.offset))),
+                }
+            }
+            Kind::SetTransaction => {
+                if self.txn.is_none() {
+                    out.feed(B::NoticeResponse(error::warning(
+                        "25P01",
+                        "SET TRANSACTION can only be used in transaction blocks",
+                    )))
+                    .await?;
+                }
+                // Every raftpg transaction is serializable (it runs alone at its position in
+                // the log), which every isolation level allows.
+                out.feed(done("SET")).await?;
                 Ok(Ok(()))
             }
             Kind::InTransactionOnly { what } => Ok(Err(error::plain(
@@ -410,11 +506,115 @@ impl Session {
     }
 
     async fn ready(&mut self, out: &mut Wire) -> Io {
-        out.feed(B::ReadyForQuery(ReadyForQuery::new(
-            TransactionStatus::Idle,
-        )))
-        .await?;
+        let status = match &self.txn {
+            None => TransactionStatus::Idle,
+            Some(t) => match t.status().await {
+                TxnStatus::Active => TransactionStatus::Transaction,
+                TxnStatus::Failed | TxnStatus::Ended => TransactionStatus::Error,
+            },
+        };
+        out.feed(B::ReadyForQuery(ReadyForQuery::new(status)))
+            .await?;
         out.flush().await
+    }
+
+    // ---------------------------------------------------------------- transactions
+
+    /// `BEGIN`: opens an interactive transaction on the leader; the session's settings are its
+    /// first steps (as they are a write's).
+    async fn begin_txn(&mut self) -> Result<(), ServiceError> {
+        let txn = self
+            .svc
+            .begin(BeginRequest {
+                principal: self.principal.clone(),
+                request_id: None,
+                origin: Origin::Client,
+            })
+            .await?;
+        for stmt in self.settings_prefix() {
+            if let Err(e) = txn.execute(stmt).await {
+                txn.rollback().await;
+                return Err(e);
+            }
+        }
+        self.txn = Some(txn);
+        Ok(())
+    }
+
+    /// One statement of a query string that opens, uses or ends an interactive transaction.
+    async fn interactive_statement(
+        &mut self,
+        out: &mut Wire,
+        s: &Statement,
+    ) -> std::io::Result<Result<(), pgwire::messages::response::ErrorResponse>> {
+        if let Some(e) = self.refused_in_failed_txn(&s.kind).await {
+            return Ok(Err(e));
+        }
+        match (&s.kind, &self.txn) {
+            (k, Some(txn)) if runs_in_txn(k) => {
+                match txn.execute(txn_statement(s, Vec::new())).await {
+                    Ok(r) => {
+                        self.send_write_result(out, s, &r, None).await?;
+                        Ok(Ok(()))
+                    }
+                    Err(e) => Ok(Err(error::response(&e, Op::Write, s.offset))),
+                }
+            }
+            (Kind::CopyIn(_), Some(_)) => Ok(Err(error::plain(
+                "0A000",
+                "COPY FROM STDIN inside a transaction block is not supported by raftpg; COPY outside it, or INSERT",
+            ))),
+            (Kind::Write { .. }, None) => match self.write(&[(s, Vec::new())]).await {
+                Ok(r) => {
+                    let r = r.into_iter().next().unwrap_or_default();
+                    self.send_write_result(out, s, &r, None).await?;
+                    self.report_last_write(out).await?;
+                    Ok(Ok(()))
+                }
+                Err(e) => Ok(Err(error::response(&e, Op::Write, s.offset))),
+            },
+            (Kind::Read { .. }, _) => self.simple_statement(out, s).await,
+            _ => self.session_command(out, s, true).await,
+        }
+    }
+
+    /// In a failed transaction, PostgreSQL refuses everything but its end and `ROLLBACK TO`.
+    async fn refused_in_failed_txn(
+        &self,
+        kind: &Kind,
+    ) -> Option<pgwire::messages::response::ErrorResponse> {
+        let txn = self.txn.as_ref()?;
+        match kind {
+            Kind::End { .. }
+            | Kind::Savepoint {
+                op: SavepointOp::RollbackTo,
+                ..
+            } => None,
+            _ => txn
+                .refusal()
+                .await
+                .map(|e| error::response(&e, Op::Write, 0)),
+        }
+    }
+
+    /// Runs a query of a portal in the open transaction; its rows are then sent as a read's.
+    async fn txn_read(
+        &self,
+        s: &Statement,
+        params: Vec<SqlValue>,
+    ) -> Result<RunningRead, ServiceError> {
+        let Some(txn) = &self.txn else {
+            return Err(ServiceError::internal("no transaction is open"));
+        };
+        let r = txn.execute(txn_statement(s, params)).await?;
+        let (_tx, rx) = mpsc::channel(1);
+        Ok(RunningRead {
+            columns: r.columns,
+            rows: r.rows.into(),
+            rx,
+            done: None,
+            task: tokio::spawn(async {}),
+        })
     }
 
     // ---------------------------------------------------------------- extended protocol
@@ -645,6 +845,9 @@ impl Session {
         let max_rows = usize::try_from(m.max_rows).unwrap_or(0);
         // A write waits for Sync, with the Executes after it: PostgreSQL runs the Executes
         // between two Syncs as one implicit transaction, and so does raftpg (one write).
+        if self.txn.is_some() {
+            return self.execute_in_txn(out, &name, stmt, max_rows).await;
+        }
         let deferrable = match &stmt.kind {
             Kind::Write { .. } => true,
             Kind::Read { .. } => !self.pipeline.is_empty() && portal.read.is_none(),
@@ -679,6 +882,58 @@ impl Session {
             Kind::Read { tag } => self.execute_read(out, &name, tag, max_rows).await,
             Kind::Show { name: setting } if self.settings.show(setting).is_none() => {
                 self.execute_read(out, &name, "SHOW", max_rows).await
+            }
+            _ => match self.session_command(out, &stmt, false).await? {
+                Ok(()) => Ok(()),
+                Err(e) => self.fail(out, e).await,
+            },
+        }
+    }
+
+    /// `Execute` in an interactive transaction: runs at once, in the transaction.
+    async fn execute_in_txn(
+        &mut self,
+        out: &mut Wire,
+        name: &str,
+        stmt: Statement,
+        max_rows: usize,
+    ) -> Io {
+        if let Some(e) = self.refused_in_failed_txn(&stmt.kind).await {
+            return self.fail(out, e).await;
+        }
+        match &stmt.kind {
+            // Its rows are sent as a read's (`max_rows` at a time).
+            Kind::Read { tag } if runs_in_txn(&stmt.kind) => {
+                self.execute_read(out, name, tag, max_rows).await
+            }
+            Kind::Write { .. } => {
+                let Some(portal) = self.portals.get(name) else {
+                    return Ok(());
+                };
+                let (params, formats) = (portal.params.clone(), portal.result_formats.clone());
+                let Some(txn) = &self.txn else {
+                    return Ok(());
+                };
+                match txn.execute(txn_statement(&stmt, params)).await {
+                    Ok(r) => {
+                        for m in result_messages(&stmt, &r, &formats, self.settings.text()) {
+                            out.feed(m).await?;
+                        }
+                        Ok(())
+                    }
+                    Err(e) => self.fail(out, error::response(&e, Op::Write, 0)).await,
+                }
+            }
+            Kind::Read { tag } => self.execute_read(out, name, tag, max_rows).await,
+            Kind::Show { name: setting } if self.settings.show(setting).is_none() => {
+                self.execute_read(out, name, "SHOW", max_rows).await
+            }
+            Kind::CopyIn(_) => {
+                let e = error::plain(
+                    "0A000",
+                    "COPY FROM STDIN inside a transaction block is not supported by raftpg",
+                );
+                self.fail(out, e).await
             }
             _ => match self.session_command(out, &stmt, false).await? {
                 Ok(()) => Ok(()),
@@ -835,6 +1090,10 @@ impl Session {
     /// held, the error ends the pipeline (see [`Session::run_pipeline`]).
     async fn fail(&mut self, out: &mut Wire, e: pgwire::messages::response::ErrorResponse) -> Io {
         self.skipping = true;
+        if let Some(txn) = &self.txn {
+            // Any error inside a transaction block fails the transaction (PostgreSQL's rule).
+            txn.mark_failed().await;
+        }
         if !self.pipeline.is_empty() {
             self.pipeline_error.get_or_insert(e);
             return Ok(());
@@ -1098,7 +1357,10 @@ impl Session {
         let params = portal.params.clone();
         let types = param_types_of(&portal.stmt);
         let formats = portal.result_formats.clone();
-        let read = self.start_read(&s, &params, &types, &formats).await?;
+        let read = match self.txn.is_some() && runs_in_txn(&s.kind) {
+            true => self.txn_read(&s, params).await?,
+            false => self.start_read(&s, &params, &types, &formats).await?,
+        };
         let columns = read.columns.clone();
         if let Some(p) = self.portals.get_mut(name) {
             p.read = Some(read);
@@ -1164,14 +1426,10 @@ impl Session {
         }
     }
 
-    /// Runs `stmts` as one write and returns each statement's result.
-    async fn write(
-        &mut self,
-        stmts: &[(&Statement, Vec<SqlValue>)],
-    ) -> Result<Vec<StatementOutcome>, ServiceError> {
-        // The session's settings hold for its write too (SET LOCAL, reset when the write ends).
-        let prefix: Vec<WriteStatement> = self
-            .settings
+    /// The session's settings as the first statements of a write or transaction (`SET LOCAL`,
+    /// reset when it ends).
+    fn settings_prefix(&self) -> Vec<WriteStatement> {
+        self.settings
             .overrides()
             .into_iter()
             .map(|(name, value)| WriteStatement {
@@ -1187,7 +1445,15 @@ impl Session {
                 },
                 params: Ok(Vec::new()),
             })
-            .collect();
+            .collect()
+    }
+
+    /// Runs `stmts` as one write and returns each statement's result.
+    async fn write(
+        &mut self,
+        stmts: &[(&Statement, Vec<SqlValue>)],
+    ) -> Result<Vec<StatementOutcome>, ServiceError> {
+        let prefix = self.settings_prefix();
         let skip = prefix.len();
         let encoded_bytes = stmts
             .iter()
@@ -1323,6 +1589,24 @@ fn strip_transaction_block(stmts: &[Statement]) -> Vec<&Statement> {
     stmts.iter().collect()
 }
 
+/// Whether a statement of a session in a transaction runs in the transaction (queries, and
+/// writes; `EXPLAIN` and server settings' `SHOW` are answered from the node's read connection).
+fn runs_in_txn(k: &Kind) -> bool {
+    match k {
+        Kind::Read { tag } => tag == "SELECT",
+        Kind::Write { .. } => true,
+        _ => false,
+    }
+}
+
+/// A statement of a transaction with its parameters.
+fn txn_statement(s: &Statement, params: Vec<SqlValue>) -> WriteStatement {
+    WriteStatement {
+        sql: s.sql.clone(),
+        params: Ok(params),
+    }
+}
+
 fn is_session_command(k: &Kind) -> bool {
     !matches!(k, Kind::Read { .. } | Kind::Write { .. })
 }
@@ -1344,17 +1628,6 @@ fn copy_not_alone() -> ServiceError {
         "0A000",
         "send COPY FROM STDIN in a query string of its own",
     )
-}
-
-fn begin_refused() -> ServiceError {
-    ServiceError {
-        hint: "raftpg runs each query string as one transaction: send the transaction's statements in one string (BEGIN; ...; COMMIT; as a whole works), or one statement at a time. Interactive transactions are not supported yet.".into(),
-        ..ServiceError::refused(
-            ErrorKind::Unsupported,
-            "0A000",
-            "transaction blocks over several queries are not supported by raftpg yet",
-        )
-    }
 }
 
 /// `s` as a SQL string literal.

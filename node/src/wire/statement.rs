@@ -59,8 +59,18 @@ pub enum Kind {
         /// Commit (or roll back).
         commit: bool,
     },
-    /// Transaction control raftpg cannot do outside a transaction block (savepoints,
-    /// two-phase commit, `SET TRANSACTION`).
+    /// `SAVEPOINT name`, `RELEASE SAVEPOINT name`, `ROLLBACK TO SAVEPOINT name`.
+    Savepoint {
+        /// Which of the three.
+        op: SavepointOp,
+        /// The savepoint's name (an identifier: folded to lower case unless quoted).
+        name: String,
+    },
+    /// `SET TRANSACTION …`: raftpg's transactions are serializable whatever the level asked
+    /// for (they run alone at their position in the log).
+    SetTransaction,
+    /// Transaction control raftpg cannot do (two-phase commit) or not outside a transaction
+    /// block.
     InTransactionOnly {
         /// The statement's name, for the message.
         what: String,
@@ -74,6 +84,17 @@ pub enum Kind {
         /// Why.
         message: String,
     },
+}
+
+/// What a savepoint command does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SavepointOp {
+    /// `SAVEPOINT`.
+    Define,
+    /// `RELEASE SAVEPOINT`.
+    Release,
+    /// `ROLLBACK TO SAVEPOINT`.
+    RollbackTo,
 }
 
 /// Why a query string could not be split.
@@ -122,6 +143,18 @@ fn classify(sql: &str, node: Option<&N>) -> Kind {
             }
             Ok(TransactionStmtKind::TransStmtCommit) => Kind::End { commit: true },
             Ok(TransactionStmtKind::TransStmtRollback) => Kind::End { commit: false },
+            Ok(TransactionStmtKind::TransStmtSavepoint) => Kind::Savepoint {
+                op: SavepointOp::Define,
+                name: t.savepoint_name.clone(),
+            },
+            Ok(TransactionStmtKind::TransStmtRelease) => Kind::Savepoint {
+                op: SavepointOp::Release,
+                name: t.savepoint_name.clone(),
+            },
+            Ok(TransactionStmtKind::TransStmtRollbackTo) => Kind::Savepoint {
+                op: SavepointOp::RollbackTo,
+                name: t.savepoint_name.clone(),
+            },
             _ => Kind::InTransactionOnly {
                 what: first_words(sql, 2),
             },
@@ -168,6 +201,7 @@ fn set_kind(s: &pg_query::protobuf::VariableSetStmt) -> Kind {
             name,
             value: Some(s.args.iter().map(const_text).collect::<Vec<_>>().join(", ")),
         },
+        _ if s.name.eq_ignore_ascii_case("transaction") => Kind::SetTransaction,
         _ => Kind::InTransactionOnly {
             what: format!("SET {}", s.name),
         },
@@ -335,10 +369,24 @@ mod tests {
             kinds("SET LOCAL work_mem = '1MB'")[0],
             Kind::Write { .. }
         ));
-        assert!(matches!(
-            kinds("SAVEPOINT a")[0],
-            Kind::InTransactionOnly { .. }
-        ));
+        assert_eq!(
+            kinds("SAVEPOINT A; RELEASE SAVEPOINT \"B\"; ROLLBACK TO c; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            vec![
+                Kind::Savepoint {
+                    op: SavepointOp::Define,
+                    name: "a".into()
+                },
+                Kind::Savepoint {
+                    op: SavepointOp::Release,
+                    name: "B".into()
+                },
+                Kind::Savepoint {
+                    op: SavepointOp::RollbackTo,
+                    name: "c".into()
+                },
+                Kind::SetTransaction,
+            ]
+        );
         assert_eq!(
             kinds("SHOW TimeZone"),
             vec![Kind::Show {

@@ -186,7 +186,10 @@ impl Applier {
     /// role (its deferred constraints fire), `raftpg.end_write`. A failure there is the
     /// transaction's (its `COMMIT`'s error); the savepoint is still to be ended, with the
     /// `Pending` the caller builds ([`Applier::txn_pending`]).
-    pub async fn txn_close(&mut self, txn: &TxnCommand) -> Result<Result<(), SqlFailure>, EnvError> {
+    pub async fn txn_close(
+        &mut self,
+        txn: &TxnCommand,
+    ) -> Result<Result<(), SqlFailure>, EnvError> {
         let mut names: Vec<String> = txn
             .steps
             .iter()

@@ -87,7 +87,11 @@ impl TxnRunner {
 
     /// Ends transaction `id`'s run and records its end (at the log id predicted for its entry
     /// in `term`) in the open PostgreSQL transaction; returns the command to propose.
-    pub async fn prepare_commit(&self, id: &RequestId, term: u64) -> Result<TxnCommand, TxnRefusal> {
+    pub async fn prepare_commit(
+        &self,
+        id: &RequestId,
+        term: u64,
+    ) -> Result<TxnCommand, TxnRefusal> {
         self.core.lock().await.txn_prepare_commit(id, term).await
     }
 
@@ -122,7 +126,10 @@ impl StateMachineCore {
         cmd.executed_after = self.applied;
         cmd.steps.clear();
         let write_no = self.applied_writes + 1;
-        let applier = self.applier.as_mut().ok_or(TxnRefusal::Busy("not connected"))?;
+        let applier = self
+            .applier
+            .as_mut()
+            .ok_or(TxnRefusal::Busy("not connected"))?;
         let opened = applier
             .txn_open(write_no, &cmd, &self.limits, true, Default::default())
             .await;
@@ -147,9 +154,9 @@ impl StateMachineCore {
     fn active_txn(&self, id: &RequestId) -> Result<(), TxnRefusal> {
         match &self.txn {
             Some(t) if &t.cmd.request_id == id && t.proposed.is_none() => Ok(()),
-            Some(t) if &t.cmd.request_id == id => {
-                Err(TxnRefusal::Aborted("the transaction is being committed".into()))
-            }
+            Some(t) if &t.cmd.request_id == id => Err(TxnRefusal::Aborted(
+                "the transaction is being committed".into(),
+            )),
             _ => Err(TxnRefusal::Aborted(self.aborted_reason(id))),
         }
     }

@@ -1,0 +1,417 @@
+//! Interactive transactions (issue 21, docs/transactions.md) over the PostgreSQL wire protocol,
+//! with clients nobody here wrote: tokio-postgres (extended protocol), psql (simple protocol,
+//! `ON_ERROR_ROLLBACK`-free scripts), psycopg (its implicit `BEGIN`). Every test ends with every
+//! copy identical: a transaction's entry replays on the followers exactly as it ran on the
+//! leader — the same rows, serial ids, `now()` and random draws.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use testkit::{start_cluster, start_cluster_with};
+
+fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}
+
+async fn setup(c: &tokio_postgres::Client) {
+    c.batch_execute(
+        "CREATE TABLE acct (id int PRIMARY KEY, bal int NOT NULL CHECK (bal >= 0));
+         INSERT INTO acct VALUES (1, 100), (2, 100);
+         CREATE TABLE ids (id serial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now(),
+                           r float8 NOT NULL DEFAULT random(), note text)",
+    )
+    .await
+    .unwrap();
+}
+
+/// A read-then-write transaction through tokio-postgres (extended protocol) on the leader and
+/// on a follower: what it read, its own writes, serial ids, `now()` (the transaction's
+/// timestamp for every statement) and random draws are what every copy holds afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_then_write_transactions_through_leader_and_follower() {
+    let tc = start_cluster("txn_read_write", 141, 3).await.unwrap();
+    let (leader, follower) = tc.leader_and_follower().await;
+    for node in [leader, follower] {
+        let mut c = tc.wire(node).await.unwrap();
+        if node == leader {
+            setup(&c).await;
+        }
+        let tx = c.transaction().await.unwrap();
+        let bal: i32 = tx
+            .query_one("SELECT bal FROM acct WHERE id = $1 FOR UPDATE", &[&1i32])
+            .await
+            .unwrap()
+            .get(0);
+        tx.execute("UPDATE acct SET bal = $1 WHERE id = 1", &[&(bal - 10)])
+            .await
+            .unwrap();
+        tx.execute("UPDATE acct SET bal = bal + 10 WHERE id = 2", &[])
+            .await
+            .unwrap();
+        // Its own writes are visible to it.
+        let mine: i32 = tx
+            .query_one("SELECT bal FROM acct WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(mine, bal - 10);
+        let row = tx
+            .query_one(
+                "INSERT INTO ids (note) VALUES ($1) RETURNING id, at, r, now() = at",
+                &[&format!("via {node}")],
+            )
+            .await
+            .unwrap();
+        let (id, r): (i32, f64) = (row.get(0), row.get(2));
+        assert!(
+            row.get::<_, bool>(3),
+            "now() is the transaction's timestamp"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let later: bool = tx
+            .query_one("SELECT now() = at FROM ids WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            later,
+            "now() stays the transaction's timestamp across statements"
+        );
+        tx.commit().await.unwrap();
+        // Committed: every node has it, with the values the client saw.
+        for n in 1..=3 {
+            let got: Vec<f64> = tc
+                .column(n, &format!("SELECT r FROM ids WHERE id = {id}"))
+                .await
+                .unwrap();
+            assert_eq!(got, vec![r], "node {n}");
+        }
+    }
+    let bals: Vec<i32> = tc
+        .column(leader, "SELECT bal FROM acct ORDER BY id")
+        .await
+        .unwrap();
+    assert_eq!(bals, vec![80, 120]);
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}
+
+/// Errors inside a transaction: the failed state (25P02 until ROLLBACK), ROLLBACK TO
+/// SAVEPOINT leaving it, a deferred constraint failing at COMMIT, and a rolled-back
+/// transaction leaving nothing behind — on every copy, sequences included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_statements_savepoints_and_rollback() {
+    let tc = start_cluster("txn_errors", 142, 3).await.unwrap();
+    let (leader, _) = tc.leader_and_follower().await;
+    let mut c = tc.wire(leader).await.unwrap();
+    setup(&c).await;
+    c.batch_execute(
+        "CREATE TABLE parent (id int PRIMARY KEY);
+         CREATE TABLE child (id int PRIMARY KEY, p int REFERENCES parent DEFERRABLE INITIALLY DEFERRED)",
+    )
+    .await
+    .unwrap();
+
+    // A failed statement: everything else refused until ROLLBACK; nothing of it stays.
+    let tx = c.transaction().await.unwrap();
+    tx.execute("INSERT INTO ids (note) VALUES ('gone')", &[])
+        .await
+        .unwrap();
+    let e = tx
+        .execute("UPDATE acct SET bal = bal - 1000 WHERE id = 1", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "23514");
+    let e = tx.execute("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02");
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        tc.column::<i64>(leader, "SELECT count(*) FROM ids")
+            .await
+            .unwrap(),
+        vec![0]
+    );
+
+    // Savepoints: the failed statement is undone by ROLLBACK TO, the rest commits.
+    c.batch_execute("BEGIN; INSERT INTO ids (note) VALUES ('a'); SAVEPOINT s1")
+        .await
+        .unwrap();
+    let e = c
+        .batch_execute("INSERT INTO acct VALUES (1, 5)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "23505");
+    c.batch_execute("ROLLBACK TO SAVEPOINT s1; INSERT INTO ids (note) VALUES ('b'); SAVEPOINT s2; INSERT INTO ids (note) VALUES ('c'); ROLLBACK TO s2; RELEASE s1")
+        .await
+        .unwrap();
+    let e = c.batch_execute("ROLLBACK TO nosuch").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "3B001");
+    // COMMIT of a failed transaction rolls it back.
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        tc.column::<i64>(leader, "SELECT count(*) FROM ids")
+            .await
+            .unwrap(),
+        vec![0]
+    );
+    c.batch_execute("BEGIN; INSERT INTO ids (note) VALUES ('a'); SAVEPOINT s1; INSERT INTO ids (note) VALUES ('x'); ROLLBACK TO s1; INSERT INTO ids (note) VALUES ('b'); COMMIT")
+        .await
+        .unwrap();
+    let notes: Vec<String> = tc
+        .column(leader, "SELECT note FROM ids ORDER BY id")
+        .await
+        .unwrap();
+    assert_eq!(notes, vec!["a", "b"]);
+
+    // A deferred foreign key fires at COMMIT: the COMMIT fails, nothing is written.
+    let tx = c.transaction().await.unwrap();
+    tx.execute("INSERT INTO child VALUES (1, 7)", &[])
+        .await
+        .unwrap();
+    let e = tx.commit().await.unwrap_err();
+    assert_eq!(sqlstate(&e), "23503");
+    // ... and satisfied before COMMIT, it commits.
+    let tx = c.transaction().await.unwrap();
+    tx.execute("INSERT INTO child VALUES (1, 7)", &[])
+        .await
+        .unwrap();
+    tx.execute("INSERT INTO parent VALUES (7)", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        tc.column::<i64>(leader, "SELECT count(*) FROM child")
+            .await
+            .unwrap(),
+        vec![1]
+    );
+    // A new serial id after all those rolled back statements is the same on every copy.
+    c.batch_execute("INSERT INTO ids (note) VALUES ('after')")
+        .await
+        .unwrap();
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}
+
+/// Concurrent transfers by several clients, each a read-then-write transaction: they run one
+/// at a time at their position in the log, so no update is lost and the total never changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_read_modify_write_transactions_lose_no_update() {
+    let tc = start_cluster("txn_concurrent", 143, 3).await.unwrap();
+    let (leader, follower) = tc.leader_and_follower().await;
+    setup(&tc.wire(leader).await.unwrap()).await;
+    let mut tasks = Vec::new();
+    for k in 0..6u64 {
+        let node = if k % 2 == 0 { leader } else { follower };
+        let mut c = tc.wire(node).await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0;
+            for i in 0..10 {
+                let (from, to) = if (k + i) % 2 == 0 { (1, 2) } else { (2, 1) };
+                let tx = c.transaction().await.unwrap();
+                let bal: i32 = tx
+                    .query_one("SELECT bal FROM acct WHERE id = $1", &[&from])
+                    .await
+                    .unwrap()
+                    .get(0);
+                if bal >= 3 {
+                    tx.execute(
+                        "UPDATE acct SET bal = $1 WHERE id = $2",
+                        &[&(bal - 3), &from],
+                    )
+                    .await
+                    .unwrap();
+                    let to_bal: i32 = tx
+                        .query_one("SELECT bal FROM acct WHERE id = $1", &[&to])
+                        .await
+                        .unwrap()
+                        .get(0);
+                    tx.execute(
+                        "UPDATE acct SET bal = $1 WHERE id = $2",
+                        &[&(to_bal + 3), &to],
+                    )
+                    .await
+                    .unwrap();
+                    tx.execute("INSERT INTO ids (note) VALUES ('transfer')", &[])
+                        .await
+                        .unwrap();
+                }
+                tx.commit().await.unwrap();
+                done += 1;
+            }
+            done
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, 60);
+    let sum: Vec<i64> = tc
+        .column(leader, "SELECT sum(bal) FROM acct")
+        .await
+        .unwrap();
+    assert_eq!(sum, vec![200], "the total never changes");
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}
+
+/// The limits: an idle transaction is rolled back after `--txn-idle-max-ms` (its next
+/// statement gets 25P03, then 25P02 until ROLLBACK), a write waiting behind it then runs, and a
+/// client that disconnects mid-transaction releases the writer at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_and_abandoned_transactions_release_the_writer() {
+    let tc = start_cluster_with("txn_limits", 144, 3, &["--txn-idle-max-ms", "700"])
+        .await
+        .unwrap();
+    let (leader, follower) = tc.leader_and_follower().await;
+    let c = tc.wire(leader).await.unwrap();
+    setup(&c).await;
+    c.batch_execute("BEGIN; UPDATE acct SET bal = 0 WHERE id = 1")
+        .await
+        .unwrap();
+    // A write through another node waits behind the open transaction, then runs.
+    let other = tc.wire(follower).await.unwrap();
+    let started = Instant::now();
+    other
+        .batch_execute("UPDATE acct SET bal = bal + 1 WHERE id = 2")
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300),
+        "waited only {waited:?}"
+    );
+    let e = c.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P03");
+    let e = c.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        tc.column::<i32>(leader, "SELECT bal FROM acct ORDER BY id")
+            .await
+            .unwrap(),
+        vec![100, 101]
+    );
+
+    // A client that goes away mid-transaction (dropping the client closes its connection).
+    let gone = tc.wire(leader).await.unwrap();
+    gone.batch_execute("BEGIN; UPDATE acct SET bal = 0 WHERE id = 2")
+        .await
+        .unwrap();
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    c.batch_execute("UPDATE acct SET bal = bal + 1 WHERE id = 1")
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the abandoned transaction held the writer for {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        tc.column::<i32>(leader, "SELECT bal FROM acct ORDER BY id")
+            .await
+            .unwrap(),
+        vec![101, 101]
+    );
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}
+
+/// psql scripts (simple protocol) and psycopg (whose connections open a transaction
+/// implicitly) through a follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn psql_and_psycopg_transactions() {
+    let tc = start_cluster("txn_clients", 145, 3).await.unwrap();
+    let (leader, follower) = tc.leader_and_follower().await;
+    setup(&tc.wire(leader).await.unwrap()).await;
+    let script = "\\set ON_ERROR_STOP 1
+BEGIN;
+SELECT bal FROM acct WHERE id = 1 \\gset
+UPDATE acct SET bal = :bal - 5 WHERE id = 1;
+INSERT INTO ids (note) VALUES ('psql') RETURNING id;
+SAVEPOINT a;
+\\set ON_ERROR_STOP 0
+INSERT INTO acct VALUES (1, 1);
+\\set ON_ERROR_STOP 1
+ROLLBACK TO a;
+COMMIT;
+SELECT bal FROM acct WHERE id = 1;
+";
+    let out = Command::new("psql")
+        .args(["-X", "-d", &tc.conninfo(follower), "-c", "SELECT 1"])
+        .envs(tc.libpq_env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("psql")
+        .args(["-X", "-d", &tc.conninfo(follower)])
+        .envs(tc.libpq_env())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(script.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains(" 95\n"), "{stdout}");
+    assert!(stderr.contains("duplicate key"), "{stderr}");
+
+    let python = ["/usr/bin/python3", "python3"]
+        .into_iter()
+        .find(|p| {
+            Command::new(p)
+                .args(["-c", "import psycopg"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("python3 with psycopg 3 (apt install python3-psycopg)");
+    let py = r#"
+import sys
+import psycopg
+with psycopg.connect(sys.argv[1]) as c:
+    bal = c.execute("SELECT bal FROM acct WHERE id = 2").fetchone()[0]
+    c.execute("UPDATE acct SET bal = %s WHERE id = 2", (bal + 5,))
+    (i,) = c.execute("INSERT INTO ids (note) VALUES ('psycopg') RETURNING id").fetchone()
+    c.commit()
+    try:
+        c.execute("INSERT INTO acct VALUES (2, 0)")
+        raise SystemExit("duplicate accepted")
+    except psycopg.errors.UniqueViolation:
+        c.rollback()
+    with c.transaction():
+        c.execute("UPDATE acct SET bal = bal - 1 WHERE id = 2")
+        with c.transaction():
+            c.execute("UPDATE acct SET bal = bal - 100 WHERE id = 2")
+            raise psycopg.Rollback()
+print("ok")
+"#;
+    let out = Command::new(python)
+        .args(["-c", py, &tc.conninfo(follower)])
+        .envs(tc.libpq_env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        tc.column::<i32>(leader, "SELECT bal FROM acct ORDER BY id")
+            .await
+            .unwrap(),
+        vec![95, 104]
+    );
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}
