@@ -21,6 +21,7 @@ use openraft::SnapshotPolicy;
 use raftpg_proto::v1::cluster_server::ClusterServer;
 use raftpg_proto::v1::peer_server::PeerServer;
 use raftpg_proto::v1::read_server::ReadServer;
+use raftpg_proto::v1::transaction_server::TransactionServer;
 use raftpg_proto::v1::write_server::WriteServer;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -460,6 +461,9 @@ fn grpc_servers(
     let read = ReadServer::new(grpc::read::ReadService::new(svc.clone()))
         .max_decoding_message_size(decode_max);
     let cluster = ClusterServer::new(grpc::cluster::ClusterService::new(svc.clone()));
+    let transaction =
+        TransactionServer::new(grpc::transaction::TransactionService::new(svc.clone()))
+            .max_decoding_message_size(decode_max);
     let peer = PeerServer::new(grpc::peer::PeerService::new(svc.clone(), auth))
         .max_decoding_message_size(network::RAFT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(network::RAFT_MESSAGE_BYTES_MAX);
@@ -493,6 +497,7 @@ fn grpc_servers(
         .add_service(write.clone())
         .add_service(read.clone())
         .add_service(cluster.clone())
+        .add_service(transaction.clone())
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -504,6 +509,7 @@ fn grpc_servers(
         .add_service(write)
         .add_service(read)
         .add_service(cluster)
+        .add_service(transaction)
         .add_service(peer)
         .serve_with_shutdown(started.peer_listen, stopped(started.shutdown_rx.clone()));
     Ok(vec![tokio::spawn(client_port), tokio::spawn(peer_port)])

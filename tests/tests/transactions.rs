@@ -80,12 +80,17 @@ async fn read_then_write_transactions_through_leader_and_follower() {
             "now() stays the transaction's timestamp across statements"
         );
         tx.commit().await.unwrap();
-        // Committed: every node has it, with the values the client saw.
+        // Committed: every node has it (once applied there), with the values the client saw.
         for n in 1..=3 {
-            let got: Vec<f64> = tc
-                .column(n, &format!("SELECT r FROM ids WHERE id = {id}"))
-                .await
-                .unwrap();
+            let sql = format!("SELECT r FROM ids WHERE id = {id}");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let got: Vec<f64> = loop {
+                let got: Vec<f64> = tc.column(n, &sql).await.unwrap();
+                if !got.is_empty() || Instant::now() > deadline {
+                    break got;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
             assert_eq!(got, vec![r], "node {n}");
         }
     }

@@ -6,9 +6,9 @@ use raftpg_proto::v1 as pb;
 use crate::command::{ColumnInfo, RequestId, SqlValue, StatementOutcome, TableChecksum};
 use crate::pg::values;
 use crate::service::{
-    CheckReport, Consistency, ErrorKind, MemberInfo, MembershipOutcome, NodeChecksums, NodeStatus,
-    Origin, PgIdentity, ReadChunk, ReadRequest, ServiceError, WriteOutcome, WriteRequest,
-    WriteStatement,
+    Begun, CheckReport, Consistency, ErrorKind, MemberInfo, MembershipOutcome, NodeChecksums,
+    NodeStatus, Origin, PgIdentity, ReadChunk, ReadRequest, ServiceError, WriteOutcome,
+    WriteRequest, WriteStatement,
 };
 
 /// Converts wire parameters, refusing a bad one (`where_` names the statement in the
@@ -105,6 +105,78 @@ fn rows(rows: &[Vec<SqlValue>]) -> Vec<pb::Row> {
             values: row.iter().map(values::to_proto).collect(),
         })
         .collect()
+}
+
+/// One statement's result.
+pub fn statement_result(r: StatementOutcome) -> pb::StatementResult {
+    pb::StatementResult {
+        rows_affected: r.rows_affected,
+        rows: rows(&r.rows),
+        columns: columns(r.columns),
+    }
+}
+
+/// One statement's result as a peer answered it.
+pub fn statement_outcome(r: pb::StatementResult) -> Result<StatementOutcome, ServiceError> {
+    Ok(StatementOutcome {
+        rows_affected: r.rows_affected,
+        columns: column_infos(r.columns),
+        rows: r
+            .rows
+            .into_iter()
+            .map(|row| {
+                row.values
+                    .iter()
+                    .map(values::result_from_proto)
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| ServiceError::internal(format!("a peer's result: {e}")))?,
+    })
+}
+
+/// A statement of a transaction as the service takes it.
+pub fn txn_statement(s: pb::Statement) -> WriteStatement {
+    WriteStatement {
+        params: params(&s.params, ""),
+        sql: s.sql,
+    }
+}
+
+/// A statement of a transaction as a relaying node sends it.
+pub fn txn_statement_request(txn_id: &str, s: &WriteStatement) -> pb::TxnStatementRequest {
+    pb::TxnStatementRequest {
+        txn_id: txn_id.to_string(),
+        statement: Some(pb::Statement {
+            sql: s.sql.clone(),
+            params: s.params.iter().flatten().map(values::to_proto).collect(),
+        }),
+    }
+}
+
+/// A begun transaction as the client gets it.
+pub fn begin_response(b: Begun) -> pb::BeginResponse {
+    pb::BeginResponse {
+        txn_id: b.txn_id,
+        request_id: Some(pb::RequestId {
+            client_id: b.request_id.client_id,
+            seq: b.request_id.seq,
+        }),
+        leader_id: b.node,
+    }
+}
+
+/// A begun transaction as the leader answered it.
+pub fn begun(r: pb::BeginResponse) -> Begun {
+    let id = r.request_id.unwrap_or_default();
+    Begun {
+        txn_id: r.txn_id,
+        request_id: RequestId {
+            client_id: id.client_id,
+            seq: id.seq,
+        },
+        node: r.leader_id,
+    }
 }
 
 /// A write's result as the client gets it.

@@ -20,4 +20,5 @@ pub mod peer_auth;
 pub mod peers;
 pub mod read;
 pub mod status;
+pub mod transaction;
 pub mod write;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use raftpg_proto::v1 as pb;
 use raftpg_proto::v1::cluster_client::ClusterClient;
 use raftpg_proto::v1::peer_client::PeerClient;
+use raftpg_proto::v1::transaction_client::TransactionClient;
 use raftpg_proto::v1::write_client::WriteClient;
 use raftpg_proto::FORWARDED_METADATA;
 use tonic::metadata::MetadataValue;
@@ -20,12 +21,12 @@ use super::convert;
 use super::status::from_status;
 use crate::apply::snapshot::SnapMeta;
 use crate::auth::authenticator::Principal;
-use crate::command::{NodeId, TableChecksum};
+use crate::command::{NodeId, RequestId, TableChecksum};
 use crate::raft::network::PeerChannels;
 use crate::service::peers::PeerResult;
 use crate::service::{
-    CheckReport, LeaderHint, MembershipChange, MembershipOutcome, NodeStatus, PeerLink,
-    ServiceError, WriteOutcome, WriteRequest,
+    Begun, CheckReport, Committed, LeaderHint, MembershipChange, MembershipOutcome, NodeStatus,
+    PeerLink, SavepointOp, ServiceError, TxnAnswer, TxnCall, WriteOutcome, WriteRequest,
 };
 
 /// How long past its timeout a call is abandoned on this side (the peer's own deadline, from
@@ -103,6 +104,91 @@ fn millis(d: Duration) -> u32 {
 }
 
 impl PeerLink for GrpcPeers {
+    fn txn_begin<'a>(
+        &'a self,
+        leader: &'a LeaderHint,
+        principal: Option<&'a Principal>,
+        request_id: Option<&'a RequestId>,
+        timeout: Duration,
+    ) -> PeerResult<'a, Begun> {
+        Box::pin(async move {
+            let mut client = TransactionClient::new(self.channel(&leader.peer_addr)?);
+            let r = self.forwarded(
+                pb::BeginRequest {
+                    request_id: request_id.map(|r| pb::RequestId {
+                        client_id: r.client_id.clone(),
+                        seq: r.seq,
+                    }),
+                },
+                principal,
+                timeout,
+            );
+            Ok(convert::begun(bounded(timeout, client.begin(r)).await?))
+        })
+    }
+
+    fn txn_call<'a>(
+        &'a self,
+        node: &'a LeaderHint,
+        principal: Option<&'a Principal>,
+        txn_id: &'a str,
+        call: &'a TxnCall,
+        timeout: Duration,
+    ) -> PeerResult<'a, TxnAnswer> {
+        Box::pin(async move {
+            let mut client = TransactionClient::new(self.channel(&node.peer_addr)?)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX);
+            let end = || pb::TxnEndRequest {
+                txn_id: txn_id.to_string(),
+            };
+            match call {
+                TxnCall::Execute(s) => {
+                    let r = self.forwarded(
+                        convert::txn_statement_request(txn_id, s),
+                        principal,
+                        timeout,
+                    );
+                    let answer = bounded(timeout, client.execute(r)).await?;
+                    Ok(TxnAnswer::Rows(convert::statement_outcome(
+                        answer.result.unwrap_or_default(),
+                    )?))
+                }
+                TxnCall::Savepoint(op, name) => {
+                    let op = match op {
+                        SavepointOp::Define => pb::SavepointOp::Define,
+                        SavepointOp::Release => pb::SavepointOp::Release,
+                        SavepointOp::RollbackTo => pb::SavepointOp::RollbackTo,
+                    };
+                    let r = self.forwarded(
+                        pb::TxnSavepointRequest {
+                            txn_id: txn_id.to_string(),
+                            op: op.into(),
+                            name: name.clone(),
+                        },
+                        principal,
+                        timeout,
+                    );
+                    bounded(timeout, client.savepoint(r)).await?;
+                    Ok(TxnAnswer::Done)
+                }
+                TxnCall::Commit => {
+                    let r = self.forwarded(end(), principal, timeout);
+                    let c = bounded(timeout, client.commit(r)).await?;
+                    Ok(TxnAnswer::Committed(Committed {
+                        log_index: c.log_index,
+                        committed: c.committed,
+                    }))
+                }
+                TxnCall::Rollback => {
+                    let r = self.forwarded(end(), principal, timeout);
+                    bounded(timeout, client.rollback(r)).await?;
+                    Ok(TxnAnswer::Done)
+                }
+            }
+        })
+    }
+
     fn execute<'a>(
         &'a self,
         leader: &'a LeaderHint,

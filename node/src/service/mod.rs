@@ -8,7 +8,8 @@
 //!
 //! - [`write`]: a write becomes a log entry (on the leader) and its applied result.
 //! - [`read`]: a read waits for its consistency level, then runs in one snapshot.
-//! - [`txn`]: interactive transactions (`BEGIN` … `COMMIT` with round trips) on the leader.
+//! - [`txn`]: interactive transactions (`BEGIN` … `COMMIT` with round trips) on the leader;
+//!   [`txn_route`]: the frontends' handle on one from any node, and transactions named by id.
 //! - [`auth`]: who a request comes from ([`auth::Caller`] → a role) and who may administer.
 //! - [`membership`], [`check`], [`status`], [`repair`], [`backup`]: the cluster operations.
 //! - [`peers`]: how this node reaches the others ([`PeerLink`], implemented by a frontend's
@@ -34,6 +35,7 @@ pub mod read;
 pub mod repair;
 pub mod status;
 pub mod txn;
+pub mod txn_route;
 pub mod types;
 pub mod write;
 
@@ -41,5 +43,6 @@ pub use auth::Caller;
 pub use error::{ErrorKind, LeaderHint, ServiceError};
 pub use node::{Limits, Route, Service, ServiceParts};
 pub use peers::PeerLink;
-pub use txn::{BeginRequest, Committed, Txn, TxnLimits, TxnStatus};
+pub use txn::{BeginRequest, Committed, TxnLimits, TxnStatus};
+pub use txn_route::{Begun, SavepointOp, Txn, TxnAnswer, TxnCall};
 pub use types::*;

@@ -142,6 +142,8 @@ pub struct Service {
     /// Runs interactive transactions (see `service::txn`).
     pub(super) txns: Option<TxnRunner>,
     pub(super) txn_limits: TxnLimits,
+    /// Transactions driven by id (see `service::txn_route`).
+    pub(super) txn_registry: super::txn_route::TxnRegistry,
 }
 
 /// The file in the data directory that marks a removed node.
@@ -185,6 +187,7 @@ impl Service {
             pg_identity: tokio::sync::OnceCell::new(),
             txns: parts.txns,
             txn_limits: parts.txn_limits,
+            txn_registry: Default::default(),
         })
     }
 

@@ -14,12 +14,13 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use super::error::{LeaderHint, ServiceError};
+use super::txn_route::{Begun, TxnAnswer, TxnCall};
 use super::types::{
     CheckReport, MembershipChange, MembershipOutcome, NodeStatus, WriteOutcome, WriteRequest,
 };
 use crate::apply::snapshot::SnapMeta;
 use crate::auth::authenticator::Principal;
-use crate::command::{NodeId, TableChecksum};
+use crate::command::{NodeId, RequestId, TableChecksum};
 
 /// A peer call's answer.
 pub type PeerResult<'a, T> = BoxFuture<'a, Result<T, ServiceError>>;
@@ -100,6 +101,26 @@ pub trait PeerLink: Send + Sync {
         differences: &'a [String],
         timeout: Duration,
     ) -> PeerResult<'a, ()>;
+
+    /// Begins an interactive transaction on the leader (marked as forwarded, as `principal`).
+    fn txn_begin<'a>(
+        &'a self,
+        leader: &'a LeaderHint,
+        principal: Option<&'a Principal>,
+        request_id: Option<&'a RequestId>,
+        timeout: Duration,
+    ) -> PeerResult<'a, Begun>;
+
+    /// A call on transaction `txn_id`, running on `node` (marked as forwarded, as
+    /// `principal`).
+    fn txn_call<'a>(
+        &'a self,
+        node: &'a LeaderHint,
+        principal: Option<&'a Principal>,
+        txn_id: &'a str,
+        call: &'a TxnCall,
+        timeout: Duration,
+    ) -> PeerResult<'a, TxnAnswer>;
 
     /// Asks the leader to record `client_addr` as this node's (`node_id`) client address;
     /// answers the log index of the change.

@@ -24,7 +24,7 @@ use tokio::sync::Mutex;
 use tracing::{debug, info_span, Instrument};
 
 use super::error::{ErrorKind, ServiceError};
-use super::node::{Route, Service};
+use super::node::Service;
 use super::types::{Origin, WriteStatement};
 use crate::apply::applier::TxnStepResult;
 use crate::apply::state_machine::{TxnRefusal, TxnRunner};
@@ -92,8 +92,9 @@ pub struct Committed {
     pub committed: bool,
 }
 
-/// An interactive transaction (see the module doc). Dropping it rolls it back.
-pub struct Txn {
+/// An interactive transaction running on this node, the leader (see the module doc).
+/// Dropping it rolls it back. Frontends hold it through [`super::txn_route::Txn`].
+pub struct LocalTxn {
     inner: Arc<Mutex<Inner>>,
     id: RequestId,
 }
@@ -116,30 +117,28 @@ struct Inner {
 }
 
 impl Service {
-    /// Opens an interactive transaction on the leader: waits for the writer (at most the write
-    /// timeout), then for PostgreSQL to hold the whole log, and starts the transaction there.
-    pub async fn begin(self: &Arc<Self>, req: BeginRequest) -> Result<Txn, ServiceError> {
+    /// Opens an interactive transaction on this node, which leads: waits for the writer (at
+    /// most the write timeout), then for PostgreSQL to hold the whole log, and starts the
+    /// transaction there.
+    pub(super) async fn begin_here(
+        self: &Arc<Self>,
+        req: BeginRequest,
+    ) -> Result<LocalTxn, ServiceError> {
         let span = info_span!("begin", node = self.id, term = self.term());
         self.begin_in_span(req).instrument(span).await
     }
 
-    async fn begin_in_span(self: &Arc<Self>, req: BeginRequest) -> Result<Txn, ServiceError> {
+    async fn begin_in_span(self: &Arc<Self>, req: BeginRequest) -> Result<LocalTxn, ServiceError> {
         self.refuse_if_removed()?;
         let runner = self
             .txns
             .clone()
             .ok_or_else(|| ServiceError::internal("this node runs no transactions"))?;
         let wait = self.limits.write_timeout;
-        if let Route::Leader(leader) = self
-            .route(req.origin, wait.min(Duration::from_secs(5)))
-            .await?
-        {
+        if !self.is_leader() {
             return Err(ServiceError::unavailable(
-                format!(
-                    "interactive transactions run on the leader, node {} at {}; connect there",
-                    leader.id, leader.addr
-                ),
-                Some(leader),
+                "this node is not the leader",
+                self.leader(),
             ));
         }
         let deadline = tokio::time::Instant::now() + wait;
@@ -158,11 +157,13 @@ impl Service {
         });
         let mut stamped = None;
         loop {
-            let (term, last_index, leading) = {
+            // (Never borrow the metrics twice at once: a waiting writer would deadlock it.)
+            let (term, last_index) = {
                 let m = self.raft.metrics();
                 let m = m.borrow_watched();
-                (m.current_term, m.last_log_index, self.is_leader())
+                (m.current_term, m.last_log_index)
             };
+            let leading = self.is_leader();
             if !leading {
                 return Err(ServiceError::unavailable(
                     "this node is no longer the leader; retry",
@@ -213,11 +214,11 @@ impl Service {
             Arc::downgrade(&inner),
             self.txn_limits.clone(),
         ));
-        Ok(Txn { inner, id })
+        Ok(LocalTxn { inner, id })
     }
 }
 
-impl Txn {
+impl LocalTxn {
     /// The transaction's request id.
     pub fn request_id(&self) -> &RequestId {
         &self.id
@@ -226,6 +227,13 @@ impl Txn {
     /// Where the transaction is.
     pub async fn status(&self) -> TxnStatus {
         self.inner.lock().await.status
+    }
+
+    /// Whether it ended (`false` while a call holds it).
+    pub fn is_ended(&self) -> bool {
+        self.inner
+            .try_lock()
+            .is_ok_and(|i| i.status == TxnStatus::Ended)
     }
 
     /// Runs a statement (checked by the SQL gate as a write's). Its error puts the transaction
@@ -366,7 +374,7 @@ impl Txn {
     }
 }
 
-impl Drop for Txn {
+impl Drop for LocalTxn {
     fn drop(&mut self) {
         let inner = self.inner.clone();
         tokio::spawn(async move {
@@ -567,7 +575,7 @@ async fn watch_limits(inner: Weak<Mutex<Inner>>, limits: super::txn::TxnLimits) 
     }
 }
 
-fn in_failed_txn() -> ServiceError {
+pub(super) fn in_failed_txn() -> ServiceError {
     ServiceError::refused(
         ErrorKind::FailedPrecondition,
         "25P02",

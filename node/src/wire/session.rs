@@ -452,11 +452,7 @@ impl Session {
                         format!("{what} can only be used in transaction blocks"),
                     )));
                 };
-                let done_or = match op {
-                    SavepointOp::Define => txn.savepoint(name).await,
-                    SavepointOp::Release => txn.release(name).await,
-                    SavepointOp::RollbackTo => txn.rollback_to(name).await,
-                };
+                let done_or = txn.savepoint_op(*op, name).await;
                 match done_or {
                     Ok(()) => {
                         out.feed(done(tag)).await?;

@@ -7,6 +7,7 @@
 
 use pg_query::protobuf::{a_const, node::Node as N, Node, TransactionStmtKind, VariableSetKind};
 
+pub use crate::service::SavepointOp;
 use crate::sql::gate;
 
 use super::copy::{self, CopyIn};
@@ -84,17 +85,6 @@ pub enum Kind {
         /// Why.
         message: String,
     },
-}
-
-/// What a savepoint command does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SavepointOp {
-    /// `SAVEPOINT`.
-    Define,
-    /// `RELEASE SAVEPOINT`.
-    Release,
-    /// `ROLLBACK TO SAVEPOINT`.
-    RollbackTo,
 }
 
 /// Why a query string could not be split.

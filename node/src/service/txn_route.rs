@@ -1,0 +1,437 @@
+//! Where an interactive transaction runs, seen from any node: the frontends' handle ([`Txn`])
+//! and the calls that name a transaction by id (the gRPC `Transaction` service, and followers
+//! relaying their clients' transactions).
+//!
+//! A transaction runs on the node that led when it began, for its whole life
+//! ([`super::txn::LocalTxn`]). On any other node, [`Txn`] relays each call to that node over the
+//! peer link, marked as forwarded; if that node no longer leads, the transaction fails there
+//! (40001) and the client retries it.
+//!
+//! Owns the registry of transactions driven by id (`<node id>.<uuid>`: the node that runs it
+//! and an unguessable part), each bound to the role that began it. Invariants: only the role
+//! that began a transaction may use its id; an id names a transaction on the node its prefix
+//! names, nowhere else; registry entries of ended transactions are purged at the next `Begin`
+//! (the registry holds at most the one running transaction and those ended since).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::error::{ErrorKind, LeaderHint, ServiceError};
+use super::node::{Route, Service};
+use super::txn::{BeginRequest, Committed, LocalTxn, TxnStatus};
+use super::types::{Origin, WriteStatement};
+use crate::auth::authenticator::Principal;
+use crate::command::{NodeId, RequestId, StatementOutcome};
+
+/// What a savepoint command does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SavepointOp {
+    /// `SAVEPOINT name`.
+    Define,
+    /// `RELEASE SAVEPOINT name`.
+    Release,
+    /// `ROLLBACK TO SAVEPOINT name`.
+    RollbackTo,
+}
+
+/// One call on a transaction named by id.
+#[derive(Clone, Debug)]
+pub enum TxnCall {
+    /// Run a statement.
+    Execute(WriteStatement),
+    /// A savepoint command.
+    Savepoint(SavepointOp, String),
+    /// `COMMIT`.
+    Commit,
+    /// `ROLLBACK`.
+    Rollback,
+}
+
+/// The answer to a [`TxnCall`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum TxnAnswer {
+    /// A statement's result.
+    Rows(StatementOutcome),
+    /// A savepoint command or `ROLLBACK` was done.
+    Done,
+    /// `COMMIT`'s outcome.
+    Committed(Committed),
+}
+
+/// A transaction that began: its id and request id, and the node running it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Begun {
+    /// Names it in later calls, on any node.
+    pub txn_id: String,
+    /// Its request id.
+    pub request_id: RequestId,
+    /// The node running it.
+    pub node: NodeId,
+}
+
+/// The registry of transactions driven by id (see the module doc).
+#[derive(Default)]
+pub struct TxnRegistry {
+    open: Mutex<HashMap<String, Registered>>,
+}
+
+/// A transaction in the registry: the role that began it (`None`: raftpg itself) and the
+/// transaction.
+type Registered = (Option<String>, Arc<LocalTxn>);
+
+/// A frontend's interactive transaction: run here, or relayed to the node running it.
+pub struct Txn {
+    place: Place,
+    request_id: RequestId,
+}
+
+enum Place {
+    Here(LocalTxn),
+    There(Remote),
+}
+
+/// A transaction running on another node.
+struct Remote {
+    svc: Arc<Service>,
+    node: LeaderHint,
+    txn_id: String,
+    principal: Option<Principal>,
+    /// As this node saw it from the answers (for the client's `ReadyForQuery`).
+    status: Mutex<TxnStatus>,
+}
+
+impl Service {
+    /// Opens an interactive transaction for a frontend: here when this node leads, else on
+    /// the leader (relayed for its whole life).
+    pub async fn begin(self: &Arc<Self>, req: BeginRequest) -> Result<Txn, ServiceError> {
+        let wait = self
+            .limits
+            .write_timeout
+            .min(std::time::Duration::from_secs(5));
+        match self.route(req.origin, wait).await? {
+            Route::Here => {
+                let local = self.begin_here(req).await?;
+                let request_id = local.request_id().clone();
+                Ok(Txn {
+                    place: Place::Here(local),
+                    request_id,
+                })
+            }
+            Route::Leader(leader) => {
+                let begun = self
+                    .peers
+                    .txn_begin(
+                        &leader,
+                        req.principal.as_ref(),
+                        req.request_id.as_ref(),
+                        self.limits.write_timeout,
+                    )
+                    .await?;
+                Ok(Txn {
+                    request_id: begun.request_id,
+                    place: Place::There(Remote {
+                        svc: self.clone(),
+                        node: leader,
+                        txn_id: begun.txn_id,
+                        principal: req.principal,
+                        status: Mutex::new(TxnStatus::Active),
+                    }),
+                })
+            }
+        }
+    }
+
+    /// `Begin` of a transaction driven by id: runs it here when this node leads (registered
+    /// under a new id), else on the leader.
+    pub async fn txn_open(self: &Arc<Self>, req: BeginRequest) -> Result<Begun, ServiceError> {
+        let wait = self
+            .limits
+            .write_timeout
+            .min(std::time::Duration::from_secs(5));
+        if let Route::Leader(leader) = self.route(req.origin, wait).await? {
+            return self
+                .peers
+                .txn_begin(
+                    &leader,
+                    req.principal.as_ref(),
+                    req.request_id.as_ref(),
+                    self.limits.write_timeout,
+                )
+                .await;
+        }
+        let user = req.principal.as_ref().map(|p| p.user.clone());
+        let local = self.begin_here(req).await?;
+        let begun = Begun {
+            txn_id: format!("{}.{}", self.id, uuid::Uuid::new_v4().simple()),
+            request_id: local.request_id().clone(),
+            node: self.id,
+        };
+        let mut open = self
+            .txn_registry
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        open.retain(|_, (_, t)| !t.is_ended());
+        open.insert(begun.txn_id.clone(), (user, Arc::new(local)));
+        Ok(begun)
+    }
+
+    /// A call on the transaction `txn_id` (see [`TxnCall`]), here or on the node running it.
+    pub async fn txn_call(
+        self: &Arc<Self>,
+        txn_id: &str,
+        principal: Option<&Principal>,
+        origin: Origin,
+        call: TxnCall,
+    ) -> Result<TxnAnswer, ServiceError> {
+        let node: NodeId = txn_id
+            .split_once('.')
+            .and_then(|(n, _)| n.parse().ok())
+            .ok_or_else(|| {
+                ServiceError::refused(
+                    ErrorKind::InvalidArgument,
+                    "22023",
+                    format!("\"{txn_id}\" is not a transaction id"),
+                )
+            })?;
+        if node != self.id {
+            if origin == Origin::Forwarded {
+                return Err(not_open(txn_id, self.id));
+            }
+            let hint = self
+                .member_hint(node)
+                .ok_or_else(|| not_open(txn_id, node))?;
+            return self
+                .peers
+                .txn_call(&hint, principal, txn_id, &call, self.txn_call_timeout())
+                .await;
+        }
+        let user = principal.map(|p| p.user.clone());
+        let txn = {
+            let open = self
+                .txn_registry
+                .open
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match open.get(txn_id) {
+                Some((owner, t)) if *owner == user => t.clone(),
+                _ => return Err(not_open(txn_id, self.id)),
+            }
+        };
+        let ends = matches!(call, TxnCall::Commit | TxnCall::Rollback);
+        let answer = run_local(&txn, call).await;
+        if ends {
+            let mut open = self
+                .txn_registry
+                .open
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            open.remove(txn_id);
+        }
+        answer
+    }
+
+    /// How a member is reached, from the membership.
+    fn member_hint(&self, node: NodeId) -> Option<LeaderHint> {
+        let m = self.membership_config();
+        let addr = m.membership().get_node(&node)?;
+        Some(LeaderHint {
+            id: node,
+            addr: addr.client.clone(),
+            peer_addr: addr.peer.clone(),
+        })
+    }
+
+    /// Bound of one relayed call (a COMMIT waits up to the write timeout on the leader).
+    fn txn_call_timeout(&self) -> std::time::Duration {
+        self.limits.write_timeout + std::time::Duration::from_secs(1)
+    }
+}
+
+async fn run_local(txn: &LocalTxn, call: TxnCall) -> Result<TxnAnswer, ServiceError> {
+    match call {
+        TxnCall::Execute(stmt) => txn.execute(stmt).await.map(TxnAnswer::Rows),
+        TxnCall::Savepoint(op, name) => match op {
+            SavepointOp::Define => txn.savepoint(&name).await,
+            SavepointOp::Release => txn.release(&name).await,
+            SavepointOp::RollbackTo => txn.rollback_to(&name).await,
+        }
+        .map(|()| TxnAnswer::Done),
+        TxnCall::Commit => txn.commit().await.map(TxnAnswer::Committed),
+        TxnCall::Rollback => {
+            txn.rollback().await;
+            Ok(TxnAnswer::Done)
+        }
+    }
+}
+
+fn not_open(txn_id: &str, node: NodeId) -> ServiceError {
+    ServiceError::refused(
+        ErrorKind::Aborted,
+        "40001",
+        format!(
+            "transaction {txn_id} is not open on node {node} (it ended, or leadership changed); retry the transaction"
+        ),
+    )
+}
+
+impl Txn {
+    /// The transaction's request id.
+    pub fn request_id(&self) -> &RequestId {
+        &self.request_id
+    }
+
+    /// Where the transaction is.
+    pub async fn status(&self) -> TxnStatus {
+        match &self.place {
+            Place::Here(t) => t.status().await,
+            Place::There(r) => r.status(),
+        }
+    }
+
+    /// Why a statement would be refused now (see [`LocalTxn::refusal`]).
+    pub async fn refusal(&self) -> Option<ServiceError> {
+        match &self.place {
+            Place::Here(t) => t.refusal().await,
+            Place::There(r) => match r.status() {
+                TxnStatus::Active => None,
+                _ => Some(super::txn::in_failed_txn()),
+            },
+        }
+    }
+
+    /// Puts the transaction in the failed state.
+    pub async fn mark_failed(&self) {
+        match &self.place {
+            Place::Here(t) => t.mark_failed().await,
+            Place::There(r) => r.set(TxnStatus::Failed),
+        }
+    }
+
+    /// Runs a statement.
+    pub async fn execute(&self, stmt: WriteStatement) -> Result<StatementOutcome, ServiceError> {
+        match &self.place {
+            Place::Here(t) => t.execute(stmt).await,
+            Place::There(r) => match r.call(TxnCall::Execute(stmt)).await? {
+                TxnAnswer::Rows(o) => Ok(o),
+                other => Err(unexpected(other)),
+            },
+        }
+    }
+
+    /// A savepoint command.
+    pub async fn savepoint_op(&self, op: SavepointOp, name: &str) -> Result<(), ServiceError> {
+        match &self.place {
+            Place::Here(t) => match op {
+                SavepointOp::Define => t.savepoint(name).await,
+                SavepointOp::Release => t.release(name).await,
+                SavepointOp::RollbackTo => t.rollback_to(name).await,
+            },
+            Place::There(r) => {
+                r.call(TxnCall::Savepoint(op, name.to_string())).await?;
+                if op == SavepointOp::RollbackTo {
+                    r.set(TxnStatus::Active);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `COMMIT` (a failed transaction is rolled back; see [`Committed::committed`]).
+    pub async fn commit(&self) -> Result<Committed, ServiceError> {
+        match &self.place {
+            Place::Here(t) => t.commit().await,
+            Place::There(r) if r.status() != TxnStatus::Active => {
+                let _ = r.call(TxnCall::Rollback).await;
+                r.set(TxnStatus::Ended);
+                Ok(Committed {
+                    log_index: 0,
+                    committed: false,
+                })
+            }
+            Place::There(r) => {
+                let answer = r.call(TxnCall::Commit).await;
+                r.set(TxnStatus::Ended);
+                match answer? {
+                    TxnAnswer::Committed(c) => Ok(c),
+                    other => Err(unexpected(other)),
+                }
+            }
+        }
+    }
+
+    /// `ROLLBACK`.
+    pub async fn rollback(&self) {
+        match &self.place {
+            Place::Here(t) => t.rollback().await,
+            Place::There(r) => {
+                if r.status() != TxnStatus::Ended {
+                    let _ = r.call(TxnCall::Rollback).await;
+                    r.set(TxnStatus::Ended);
+                }
+            }
+        }
+    }
+}
+
+impl Remote {
+    fn status(&self) -> TxnStatus {
+        *self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, s: TxnStatus) {
+        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    /// Relays a call; an error fails the transaction here too (the leader's state says the
+    /// same, or the transaction is gone there).
+    async fn call(&self, call: TxnCall) -> Result<TxnAnswer, ServiceError> {
+        let answer = self
+            .svc
+            .peers
+            .txn_call(
+                &self.node,
+                self.principal.as_ref(),
+                &self.txn_id,
+                &call,
+                self.svc.txn_call_timeout(),
+            )
+            .await;
+        if answer.is_err() && self.status() == TxnStatus::Active {
+            self.set(TxnStatus::Failed);
+        }
+        answer
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        if self.status() == TxnStatus::Ended {
+            return;
+        }
+        // Tell the leader now rather than leave the writer held until its idle limit.
+        let (svc, node, txn_id, principal) = (
+            self.svc.clone(),
+            self.node.clone(),
+            self.txn_id.clone(),
+            self.principal.clone(),
+        );
+        tokio::spawn(async move {
+            let timeout = svc.txn_call_timeout();
+            let _ = svc
+                .peers
+                .txn_call(
+                    &node,
+                    principal.as_ref(),
+                    &txn_id,
+                    &TxnCall::Rollback,
+                    timeout,
+                )
+                .await;
+        });
+    }
+}
+
+fn unexpected(a: TxnAnswer) -> ServiceError {
+    ServiceError::internal(format!("unexpected answer to a transaction call: {a:?}"))
+}
