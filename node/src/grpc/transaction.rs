@@ -13,17 +13,22 @@ use super::convert;
 use super::status::to_status;
 use super::write::origin_of;
 use crate::command::RequestId;
-use crate::service::{BeginRequest, SavepointOp, Service, TxnAnswer, TxnCall};
+use crate::service::{BeginRequest, SavepointOp, Service, TxnAnswer, TxnCall, TxnRegistry};
 
 /// The transaction service.
 pub struct TransactionService {
     svc: Arc<Service>,
+    /// The transactions this node runs for gRPC clients and relaying nodes, by id.
+    registry: Arc<TxnRegistry>,
 }
 
 impl TransactionService {
     /// Creates the service.
     pub fn new(svc: Arc<Service>) -> Self {
-        TransactionService { svc }
+        TransactionService {
+            svc,
+            registry: Default::default(),
+        }
     }
 
     async fn call<T>(
@@ -37,7 +42,7 @@ impl TransactionService {
         let req = request.into_inner();
         let id = txn_id(&req);
         self.svc
-            .txn_call(&id, principal.as_ref(), origin, call(req))
+            .txn_call(&self.registry, &id, principal.as_ref(), origin, call(req))
             .await
             .map_err(to_status)
     }
@@ -58,14 +63,17 @@ impl Transaction for TransactionService {
         let req = request.into_inner();
         let begun = self
             .svc
-            .txn_open(BeginRequest {
-                principal,
-                request_id: req.request_id.map(|r| RequestId {
-                    client_id: r.client_id,
-                    seq: r.seq,
-                }),
-                origin,
-            })
+            .txn_open(
+                &self.registry,
+                BeginRequest {
+                    principal,
+                    request_id: req.request_id.map(|r| RequestId {
+                        client_id: r.client_id,
+                        seq: r.seq,
+                    }),
+                    origin,
+                },
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(convert::begin_response(begun)))

@@ -41,8 +41,9 @@ pub mod write;
 
 pub use auth::Caller;
 pub use error::{ErrorKind, LeaderHint, ServiceError};
+pub use node::TxnLimits;
 pub use node::{Limits, Route, Service, ServiceParts};
 pub use peers::PeerLink;
-pub use txn::{BeginRequest, Committed, TxnLimits, TxnStatus};
-pub use txn_route::{Begun, SavepointOp, Txn, TxnAnswer, TxnCall};
+pub use txn::{BeginRequest, TxnStatus};
+pub use txn_route::{Txn, TxnRegistry};
 pub use types::*;

@@ -15,7 +15,6 @@ use tracing::warn;
 
 use super::error::{LeaderHint, ServiceError};
 use super::peers::PeerLink;
-use super::txn::TxnLimits;
 use super::types::{Origin, PgIdentity};
 use crate::apply::snapshot::SnapshotStore;
 use crate::apply::state_machine::Raft;
@@ -44,6 +43,27 @@ pub struct Limits {
     pub read_wait_max: Duration,
     /// Longest wait of a write for commit and apply.
     pub write_timeout: Duration,
+}
+
+/// Limits of interactive transactions.
+#[derive(Clone, Debug)]
+pub struct TxnLimits {
+    /// Longest a transaction may wait for the client between two statements.
+    pub idle_max: Duration,
+    /// Longest a transaction may hold the writer, from `BEGIN` to `COMMIT`.
+    pub time_max: Duration,
+    /// Most steps (statements and savepoint commands) in one transaction.
+    pub steps_max: usize,
+}
+
+impl Default for TxnLimits {
+    fn default() -> Self {
+        TxnLimits {
+            idle_max: Duration::from_secs(5),
+            time_max: Duration::from_secs(30),
+            steps_max: 10_000,
+        }
+    }
 }
 
 /// Where a request that must run on the leader runs.
@@ -142,8 +162,6 @@ pub struct Service {
     /// Runs interactive transactions (see `service::txn`).
     pub(super) txns: Option<TxnRunner>,
     pub(super) txn_limits: TxnLimits,
-    /// Transactions driven by id (see `service::txn_route`).
-    pub(super) txn_registry: super::txn_route::TxnRegistry,
 }
 
 /// The file in the data directory that marks a removed node.
@@ -187,7 +205,6 @@ impl Service {
             pg_identity: tokio::sync::OnceCell::new(),
             txns: parts.txns,
             txn_limits: parts.txn_limits,
-            txn_registry: Default::default(),
         })
     }
 

@@ -14,9 +14,9 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use super::error::{LeaderHint, ServiceError};
-use super::txn_route::{Begun, TxnAnswer, TxnCall};
 use super::types::{
-    CheckReport, MembershipChange, MembershipOutcome, NodeStatus, WriteOutcome, WriteRequest,
+    Begun, CheckReport, MembershipChange, MembershipOutcome, NodeStatus, TxnAnswer, TxnCall,
+    WriteOutcome, WriteRequest,
 };
 use crate::apply::snapshot::SnapMeta;
 use crate::auth::authenticator::Principal;

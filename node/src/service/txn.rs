@@ -24,8 +24,8 @@ use tokio::sync::Mutex;
 use tracing::{debug, info_span, Instrument};
 
 use super::error::{ErrorKind, ServiceError};
-use super::node::Service;
-use super::types::{Origin, WriteStatement};
+use super::node::{Service, TxnLimits};
+use super::types::{Committed, Origin, WriteStatement};
 use crate::apply::applier::TxnStepResult;
 use crate::apply::state_machine::{TxnRefusal, TxnRunner};
 use crate::auth::authenticator::Principal;
@@ -34,27 +34,6 @@ use crate::command::{
 };
 use crate::metrics;
 use crate::raft::proposer::Exclusive;
-
-/// Limits of interactive transactions.
-#[derive(Clone, Debug)]
-pub struct TxnLimits {
-    /// Longest a transaction may wait for the client between two statements.
-    pub idle_max: Duration,
-    /// Longest a transaction may hold the writer, from `BEGIN` to `COMMIT`.
-    pub time_max: Duration,
-    /// Most steps (statements and savepoint commands) in one transaction.
-    pub steps_max: usize,
-}
-
-impl Default for TxnLimits {
-    fn default() -> Self {
-        TxnLimits {
-            idle_max: Duration::from_secs(5),
-            time_max: Duration::from_secs(30),
-            steps_max: 10_000,
-        }
-    }
-}
 
 /// How long `BEGIN` waits between looks at the applier when it is not at the log's end yet.
 const BEGIN_RETRY: Duration = Duration::from_millis(1);
@@ -80,16 +59,6 @@ pub enum TxnStatus {
     Failed,
     /// Ended (committed, rolled back, or ended by a limit or a leadership change).
     Ended,
-}
-
-/// A committed transaction.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Committed {
-    /// The log index of its entry (for read-your-writes).
-    pub log_index: u64,
-    /// Whether it was committed; `false`: it had failed, and `COMMIT` rolled it back (as
-    /// PostgreSQL answers `ROLLBACK` to a `COMMIT` of a failed transaction).
-    pub committed: bool,
 }
 
 /// An interactive transaction running on this node, the leader (see the module doc).
@@ -469,7 +438,7 @@ impl Inner {
         let unknown = |why: String| {
             ServiceError {
             hint: format!(
-                "the transaction's request id is {}/{}: BEGIN again with it to learn whether it committed",
+                "the transaction's request id is {} (seq {}): begin again with it (over the wire protocol: SET raftpg.transaction_id, without the wire: prefix) to learn whether it committed",
                 self.id.client_id, self.id.seq
             ),
             ..ServiceError::new(ErrorKind::OutcomeUnknown, why)
@@ -522,7 +491,7 @@ impl Inner {
 
 /// Ends a transaction whose client was idle longer than `idle_max`, or that is open longer than
 /// `time_max`; stops when the transaction ends or its [`Txn`] is gone.
-async fn watch_limits(inner: Weak<Mutex<Inner>>, limits: super::txn::TxnLimits) {
+async fn watch_limits(inner: Weak<Mutex<Inner>>, limits: TxnLimits) {
     loop {
         let Some(strong) = inner.upgrade() else {
             return;

@@ -7,7 +7,8 @@
 //! peer link, marked as forwarded; if that node no longer leads, the transaction fails there
 //! (40001) and the client retries it.
 //!
-//! Owns the registry of transactions driven by id (`<node id>.<uuid>`: the node that runs it
+//! Defines the registry of transactions driven by id (held by the frontend that serves them,
+//! [`TxnRegistry`]) (`<node id>.<uuid>`: the node that runs it
 //! and an unguessable part), each bound to the role that began it. Invariants: only the role
 //! that began a transaction may use its id; an id names a transaction on the node its prefix
 //! names, nowhere else; registry entries of ended transactions are purged at the next `Begin`
@@ -18,56 +19,10 @@ use std::sync::{Arc, Mutex};
 
 use super::error::{ErrorKind, LeaderHint, ServiceError};
 use super::node::{Route, Service};
-use super::txn::{BeginRequest, Committed, LocalTxn, TxnStatus};
-use super::types::{Origin, WriteStatement};
+use super::txn::{BeginRequest, LocalTxn, TxnStatus};
+use super::types::{Begun, Committed, Origin, SavepointOp, TxnAnswer, TxnCall, WriteStatement};
 use crate::auth::authenticator::Principal;
 use crate::command::{NodeId, RequestId, StatementOutcome};
-
-/// What a savepoint command does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SavepointOp {
-    /// `SAVEPOINT name`.
-    Define,
-    /// `RELEASE SAVEPOINT name`.
-    Release,
-    /// `ROLLBACK TO SAVEPOINT name`.
-    RollbackTo,
-}
-
-/// One call on a transaction named by id.
-#[derive(Clone, Debug)]
-pub enum TxnCall {
-    /// Run a statement.
-    Execute(WriteStatement),
-    /// A savepoint command.
-    Savepoint(SavepointOp, String),
-    /// `COMMIT`.
-    Commit,
-    /// `ROLLBACK`.
-    Rollback,
-}
-
-/// The answer to a [`TxnCall`].
-#[derive(Clone, Debug, PartialEq)]
-pub enum TxnAnswer {
-    /// A statement's result.
-    Rows(StatementOutcome),
-    /// A savepoint command or `ROLLBACK` was done.
-    Done,
-    /// `COMMIT`'s outcome.
-    Committed(Committed),
-}
-
-/// A transaction that began: its id and request id, and the node running it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Begun {
-    /// Names it in later calls, on any node.
-    pub txn_id: String,
-    /// Its request id.
-    pub request_id: RequestId,
-    /// The node running it.
-    pub node: NodeId,
-}
 
 /// The registry of transactions driven by id (see the module doc).
 #[derive(Default)]
@@ -143,7 +98,11 @@ impl Service {
 
     /// `Begin` of a transaction driven by id: runs it here when this node leads (registered
     /// under a new id), else on the leader.
-    pub async fn txn_open(self: &Arc<Self>, req: BeginRequest) -> Result<Begun, ServiceError> {
+    pub async fn txn_open(
+        self: &Arc<Self>,
+        registry: &TxnRegistry,
+        req: BeginRequest,
+    ) -> Result<Begun, ServiceError> {
         let wait = self
             .limits
             .write_timeout
@@ -166,11 +125,7 @@ impl Service {
             request_id: local.request_id().clone(),
             node: self.id,
         };
-        let mut open = self
-            .txn_registry
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut open = registry.open.lock().unwrap_or_else(|p| p.into_inner());
         open.retain(|_, (_, t)| !t.is_ended());
         open.insert(begun.txn_id.clone(), (user, Arc::new(local)));
         Ok(begun)
@@ -179,6 +134,7 @@ impl Service {
     /// A call on the transaction `txn_id` (see [`TxnCall`]), here or on the node running it.
     pub async fn txn_call(
         self: &Arc<Self>,
+        registry: &TxnRegistry,
         txn_id: &str,
         principal: Option<&Principal>,
         origin: Origin,
@@ -208,11 +164,7 @@ impl Service {
         }
         let user = principal.map(|p| p.user.clone());
         let txn = {
-            let open = self
-                .txn_registry
-                .open
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let open = registry.open.lock().unwrap_or_else(|p| p.into_inner());
             match open.get(txn_id) {
                 Some((owner, t)) if *owner == user => t.clone(),
                 _ => return Err(not_open(txn_id, self.id)),
@@ -221,11 +173,7 @@ impl Service {
         let ends = matches!(call, TxnCall::Commit | TxnCall::Rollback);
         let answer = run_local(&txn, call).await;
         if ends {
-            let mut open = self
-                .txn_registry
-                .open
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut open = registry.open.lock().unwrap_or_else(|p| p.into_inner());
             open.remove(txn_id);
         }
         answer

@@ -307,3 +307,59 @@ pub struct Health {
     /// It is ready and leads (writes are served here without forwarding).
     pub leader: Result<(), String>,
 }
+
+/// A committed transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// The log index of its entry (for read-your-writes).
+    pub log_index: u64,
+    /// Whether it was committed; `false`: it had failed, and `COMMIT` rolled it back (as
+    /// PostgreSQL answers `ROLLBACK` to a `COMMIT` of a failed transaction).
+    pub committed: bool,
+}
+
+/// What a savepoint command does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SavepointOp {
+    /// `SAVEPOINT name`.
+    Define,
+    /// `RELEASE SAVEPOINT name`.
+    Release,
+    /// `ROLLBACK TO SAVEPOINT name`.
+    RollbackTo,
+}
+
+/// One call on a transaction named by id.
+#[derive(Clone, Debug)]
+pub enum TxnCall {
+    /// Run a statement.
+    Execute(WriteStatement),
+    /// A savepoint command.
+    Savepoint(SavepointOp, String),
+    /// `COMMIT`.
+    Commit,
+    /// `ROLLBACK`.
+    Rollback,
+}
+
+/// The answer to a [`TxnCall`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum TxnAnswer {
+    /// A statement's result.
+    Rows(StatementOutcome),
+    /// A savepoint command or `ROLLBACK` was done.
+    Done,
+    /// `COMMIT`'s outcome.
+    Committed(Committed),
+}
+
+/// A transaction that began: its id and request id, and the node running it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Begun {
+    /// Names it in later calls, on any node.
+    pub txn_id: String,
+    /// Its request id.
+    pub request_id: RequestId,
+    /// The node running it.
+    pub node: NodeId,
+}

@@ -519,11 +519,18 @@ impl Session {
     /// `BEGIN`: opens an interactive transaction on the leader; the session's settings are its
     /// first steps (as they are a write's).
     async fn begin_txn(&mut self) -> Result<(), ServiceError> {
+        let request_id = self
+            .settings
+            .take_transaction_id()
+            .map(|id| crate::command::RequestId {
+                client_id: format!("wire:{id}"),
+                seq: 1,
+            });
         let txn = self
             .svc
             .begin(BeginRequest {
                 principal: self.principal.clone(),
-                request_id: None,
+                request_id,
                 origin: Origin::Client,
             })
             .await?;

@@ -114,7 +114,17 @@ const RULES: &[Rule] = &[
         default: "off",
         reported: false,
     },
+    Rule {
+        name: TRANSACTION_ID,
+        default: "",
+        reported: false,
+    },
 ];
+
+/// The id of the session's next interactive transaction (its request id, see
+/// `service::txn`), taken by its `BEGIN`: a client that lost the answer to `COMMIT` (08007)
+/// sets the same id and begins again, and learns that it committed (RP003) or runs it again.
+pub const TRANSACTION_ID: &str = "raftpg.transaction_id";
 
 /// Whether the session reads a node whose copy a check found different (`off` by default; see
 /// `service::repair`).
@@ -278,6 +288,12 @@ impl Settings {
             .collect()
     }
 
+    /// The id set for the next transaction (see [`TRANSACTION_ID`]), now cleared.
+    pub fn take_transaction_id(&mut self) -> Option<String> {
+        let v = self.values.insert(TRANSACTION_ID, String::new())?;
+        (!v.is_empty()).then_some(v)
+    }
+
     /// Records the session's write at `index`.
     pub fn wrote(&mut self, index: u64) {
         self.last_write_index = self.last_write_index.max(index);
@@ -397,6 +413,7 @@ impl Settings {
                 | "notice" | "warning" | "error" | "info" => lower,
                 _ => return Err(invalid(r.name, value)),
             },
+            TRANSACTION_ID if value.len() > 200 => return Err(invalid(r.name, value)),
             ALLOW_DIVERGED_READS => match lower.as_str() {
                 "on" | "true" | "yes" | "1" => "on".to_string(),
                 "off" | "false" | "no" | "0" => "off".to_string(),
