@@ -50,6 +50,9 @@ pub struct BenchSpec {
     /// Also measure raftpg through its PostgreSQL wire protocol port (tokio-postgres over TLS,
     /// clients spread over every node), next to the gRPC API in the same run.
     pub wire: bool,
+    /// Also run pgbench's TPC-B-like transaction on raftpg's leader and the sr primary
+    /// ([`tpcb_point`]).
+    pub tpcb: bool,
 }
 
 /// One measured point.
@@ -432,6 +435,9 @@ async fn bench_raftpg(
     if variant == Variant::Insecure {
         return Ok(());
     }
+    if spec.tpcb {
+        bench_raftpg_tpcb(spec, &cluster, leader, points).await?;
+    }
     if spec.reads {
         let rows = admin
             .query_sql(
@@ -783,6 +789,20 @@ async fn bench_sr(spec: &BenchSpec, points: &mut Vec<Point>) -> anyhow::Result<(
         .filter_map(|(d, label)| Some(Proc::new(label, postmaster_pid(d)?, Scope::Tree)))
         .collect();
     bench_postgres("sr", p0, &pids, spec, points).await?;
+    if spec.tpcb {
+        let conninfo = format!("host=127.0.0.1 port={p0} user=postgres dbname=postgres");
+        let init = Command::new("pgbench")
+            .args(["-i", "-q", "-s", &TPCB_SCALE.to_string(), &conninfo])
+            .output()?;
+        if !init.status.success() {
+            bail!("pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
+        }
+        for &c in &spec.clients {
+            let p = tpcb_point("sr-tpcb", &conninfo, &[], c, spec.seconds, &pids).await?;
+            print_point(&p, points);
+            points.push(p);
+        }
+    }
     if spec.reads {
         bench_standby_reads(p1, &pids, spec, points).await?;
     }
@@ -962,6 +982,147 @@ fn is_raftpg_write(system: &str) -> bool {
     system == "raftpg" || system == "raftpg-insecure" || system == "raftpg-pg"
 }
 
+/// pgbench's scale for the TPC-B-like points (100,000 accounts per unit).
+const TPCB_SCALE: u32 = 1;
+
+/// The TPC-B-like points of raftpg: pgbench's tables created and filled through the wire
+/// protocol, then its built-in script against the leader at every client count.
+async fn bench_raftpg_tpcb(
+    spec: &BenchSpec,
+    cluster: &LocalCluster,
+    leader: u64,
+    points: &mut Vec<Point>,
+) -> anyhow::Result<()> {
+    let config = cluster.client_config()?;
+    let node = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.id == leader)
+        .context("the leader's node")?;
+    let (host, port) = node.pg_host_port();
+    let (user, env) = match &config.credentials {
+        Some(c) => (
+            c.user.clone(),
+            vec![("PGPASSWORD".to_string(), c.password.clone())],
+        ),
+        None => ("raftpg".to_string(), Vec::new()),
+    };
+    let tls = match cluster.certs() {
+        Some(d) => format!(
+            " sslmode=verify-full sslrootcert={}",
+            d.join("ca.crt").display()
+        ),
+        None => String::new(),
+    };
+    let conninfo = format!("host={host} port={port} user={user} dbname=raftpg{tls}");
+    // pgbench's own data generation uses COPY with options raftpg refuses: create the tables
+    // with it, fill them with one write each.
+    let init = Command::new("pgbench")
+        .args(["-i", "-I", "dtp", "-s", &TPCB_SCALE.to_string(), &conninfo])
+        .envs(env.clone())
+        .output()?;
+    if !init.status.success() {
+        bail!("pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
+    }
+    let accounts = 100_000 * TPCB_SCALE;
+    let load = format!(
+        "INSERT INTO pgbench_branches (bid, bbalance) SELECT b, 0 FROM generate_series(1, {s}) b ORDER BY b;
+         INSERT INTO pgbench_tellers (tid, bid, tbalance) SELECT t, (t - 1) / 10 + 1, 0 FROM generate_series(1, {t}) t ORDER BY t;
+         INSERT INTO pgbench_accounts (aid, bid, abalance, filler) SELECT a, (a - 1) / 100000 + 1, 0, '' FROM generate_series(1, {accounts}) a ORDER BY a",
+        s = TPCB_SCALE,
+        t = 10 * TPCB_SCALE
+    );
+    let loaded = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &conninfo, "-c", &load])
+        .envs(env.clone())
+        .output()?;
+    if !loaded.status.success() {
+        bail!("loading pgbench's tables: {}", String::from_utf8_lossy(&loaded.stderr));
+    }
+    let pids: Vec<Proc> = cluster
+        .nodes()
+        .iter()
+        .filter_map(|n| {
+            let pid = n.pid()? as i32;
+            let mark = if n.id == leader { "*" } else { "" };
+            Some([
+                Proc::new(format!("node{}{mark}", n.id), pid, Scope::Own),
+                Proc::new(format!("node{}{mark}-pg", n.id), pid, Scope::Descendants),
+            ])
+        })
+        .flatten()
+        .collect();
+    for &c in &spec.clients {
+        let p = tpcb_point("raftpg-tpcb", &conninfo, &env, c, spec.seconds, &pids).await?;
+        print_point(&p, points);
+        points.push(p);
+    }
+    Ok(())
+}
+
+/// Runs pgbench's built-in TPC-B-like script (prepared statements, `clients` connections,
+/// `seconds`) against `conninfo`; the point of its report (transactions per second; p50 is
+/// pgbench's average latency, p99 and p999 are not measured).
+async fn tpcb_point(
+    system: &str,
+    conninfo: &str,
+    env: &[(String, String)],
+    clients: usize,
+    seconds: u64,
+    procs: &[Proc],
+) -> anyhow::Result<Point> {
+    let cpu_before: Vec<f64> = procs.iter().map(Proc::cpu).collect();
+    let started = Instant::now();
+    let out = tokio::process::Command::new("pgbench")
+        .args([
+            "-n",
+            "-M",
+            "prepared",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            &clients.min(4).to_string(),
+            "-T",
+            &seconds.to_string(),
+            conninfo,
+        ])
+        .envs(env.iter().cloned())
+        .output()
+        .await?;
+    let wall = started.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("pgbench: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let field = |prefix: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    let tps = field("tps = ").context("pgbench printed no tps")?;
+    let used: f64 = procs
+        .iter()
+        .zip(&cpu_before)
+        .map(|(p, b)| (p.cpu() - b).max(0.0))
+        .sum();
+    let done = tps * seconds as f64;
+    Ok(Point {
+        system: system.to_string(),
+        clients,
+        ops_per_sec: tps,
+        p50_ms: field("latency average = ").unwrap_or(0.0),
+        errors: field("number of failed transactions: ").unwrap_or(0.0) as u64,
+        cpu: used / wall,
+        cpu_us: procs
+            .iter()
+            .zip(&cpu_before)
+            .map(|(p, b)| (p.label.clone(), (p.cpu() - b).max(0.0) * 1e6 / done.max(1.0)))
+            .collect(),
+        ..Default::default()
+    })
+}
+
 /// A system raftpg's write points are compared with.
 fn is_peer(system: &str) -> bool {
     !system.starts_with("raftpg") || system == "raftpg-insecure"
@@ -973,9 +1134,10 @@ fn print_point(p: &Point, earlier: &[Point]) {
         .filter(|q| {
             q.clients == p.clients
                 && q.system != p.system
-                && ((is_peer(&q.system) && !q.system.ends_with("-read")
+                && ((is_peer(&q.system) && !q.system.ends_with("-read") && q.system != "sr-tpcb"
                     || (p.system == "raftpg-pg" && q.system == "raftpg"))
                     && is_raftpg_write(&p.system)
+                    || (p.system == "raftpg-tpcb" && q.system == "sr-tpcb")
                     || q.system == "sr-standby-read"
                         && p.system.starts_with("raftpg-")
                         && p.system.contains("-read-"))
@@ -1035,6 +1197,15 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<Vec<Point>> {
             "raftpg-pg" => ratio("raftpg"),
             _ => String::new(),
         };
+        // A TPC-B point is compared with the same transactions on sr only.
+        let vs_sr = match p.system.as_str() {
+            "raftpg-tpcb" => points
+                .iter()
+                .find(|q| q.system == "sr-tpcb" && q.clients == p.clients)
+                .map(|q| format!("{:.2}", p.ops_per_sec / q.ops_per_sec.max(1e-9)))
+                .unwrap_or_default(),
+            _ => ratio("sr"),
+        };
         println!(
             "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} |",
             p.system,
@@ -1044,7 +1215,7 @@ pub async fn run(spec: BenchSpec) -> anyhow::Result<Vec<Point>> {
             p.p99_ms,
             p.p999_ms,
             p.errors,
-            ratio("sr"),
+            vs_sr,
             ratio("solo"),
             ratio("etcd"),
             ratio("raftpg-insecure"),

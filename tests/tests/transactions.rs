@@ -420,3 +420,119 @@ print("ok")
     );
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }
+
+/// Runs transaction `id` (a transfer of 1 and a row noting it) through `node`, retrying by its
+/// id (`raftpg.transaction_id`) until it is known to have committed exactly once: a retry's
+/// `BEGIN` answers RP003 when an earlier attempt committed. Returns the attempts made.
+async fn transfer_exactly_once(tc: &testkit::TestCluster, node: u64, id: &str) -> usize {
+    let mut attempts = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "transaction {id} never settled");
+        attempts += 1;
+        let Ok(c) = tc.wire(node).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let begun = c
+            .batch_execute(&format!("SET raftpg.transaction_id = '{id}'; BEGIN"))
+            .await;
+        match begun {
+            Err(e) if sqlstate(&e) == "RP003" => return attempts,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Ok(()) => {}
+        }
+        let body = c
+            .batch_execute(&format!(
+                "UPDATE acct SET bal = bal + 1 WHERE id = 1; INSERT INTO ids (note) VALUES ('{id}')"
+            ))
+            .await;
+        if body.is_ok() && c.batch_execute("COMMIT").await.is_ok() {
+            return attempts;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The leader killed in the middle of a transaction (nothing of it stays) and right after a
+/// COMMIT was sent (through a follower, which relays it): the client retries by the
+/// transaction's id and it is applied exactly once, on every copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_killed_mid_transaction_and_at_commit() {
+    let mut tc = start_cluster("txn_leader_killed", 146, 3).await.unwrap();
+    let (leader, _) = tc.leader_and_follower().await;
+    setup(&tc.wire(leader).await.unwrap()).await;
+
+    // Mid-transaction: the client's connection to the leader goes; nothing of it stays.
+    let c = tc.wire(leader).await.unwrap();
+    c.batch_execute("BEGIN; UPDATE acct SET bal = 0 WHERE id = 2; INSERT INTO ids (note) VALUES ('lost')")
+        .await
+        .unwrap();
+    tc.cluster.kill_node(leader);
+    assert!(c.batch_execute("COMMIT").await.is_err());
+    let (second, follower) = tc.leader_and_follower().await;
+    assert_ne!(second, leader);
+    tc.cluster.start_node(leader).unwrap();
+    let survivor = if follower == leader {
+        (1..=3).find(|n| *n != leader && *n != second).unwrap()
+    } else {
+        follower
+    };
+
+    // At COMMIT: sent through a survivor that relays it to the leader, which is killed a few
+    // milliseconds later (before or after its entry reached a majority).
+    let mut committed = 0;
+    for (k, delay_ms) in [0u64, 1, 2, 4].into_iter().enumerate() {
+        let (leader_now, _) = tc.leader_and_follower().await;
+        let via = (1..=3).find(|n| *n != leader_now).unwrap();
+        let c = tc.wire(via).await.unwrap();
+        let id = format!("killed-at-commit-{k}");
+        c.batch_execute(&format!(
+            "SET raftpg.transaction_id = '{id}'; BEGIN; UPDATE acct SET bal = bal + 1 WHERE id = 1; INSERT INTO ids (note) VALUES ('{id}')"
+        ))
+        .await
+        .unwrap();
+        let commit = tokio::spawn(async move { c.batch_execute("COMMIT").await });
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        tc.cluster.kill_node(leader_now);
+        let first = commit.await.unwrap();
+        tc.cluster.start_node(leader_now).unwrap();
+        if first.is_err() {
+            transfer_exactly_once(&tc, via, &id).await;
+        }
+        committed += 1;
+    }
+    let _ = survivor;
+    let (leader_now, _) = tc.leader_and_follower().await;
+    let notes: Vec<String> = tc
+        .column(leader_now, "SELECT note FROM ids ORDER BY note")
+        .await
+        .unwrap();
+    let expected: Vec<String> = (0..committed)
+        .map(|k| format!("killed-at-commit-{k}"))
+        .collect();
+    // Read through the wire (linearizable) so the answer includes every committed entry.
+    let c = tc.wire(leader_now).await.unwrap();
+    let rows = c
+        .query("SELECT note FROM ids ORDER BY note", &[])
+        .await
+        .unwrap();
+    let got: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(got, expected, "each transaction exactly once (direct read: {notes:?})");
+    let bal: i32 = c
+        .query_one("SELECT bal FROM acct WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bal, 100 + committed as i32);
+    let bal2: i32 = c
+        .query_one("SELECT bal FROM acct WHERE id = 2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bal2, 100, "the transaction cut off mid-way left nothing");
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}

@@ -191,13 +191,23 @@ SHOW raftpg.last_write_index;
         ],
     );
     assert!(!out.status.success());
-    // An explicit transaction block over several queries is refused, never run piecewise.
+    // An explicit transaction block over several queries is an interactive transaction: a
+    // session that ends without COMMIT leaves nothing behind (tests/transactions.rs has more).
     let out = libpq(
         &tc,
         "psql",
-        &["-X", "-v", "VERBOSITY=verbose", "-d", &conn, "-c", "BEGIN"],
+        &[
+            "-X",
+            "-d",
+            &conn,
+            "-c",
+            "BEGIN",
+            "-c",
+            "INSERT INTO players (name) VALUES ('gus')",
+        ],
     );
-    assert!(text(&out.stderr).contains("0A000"), "{}", text(&out.stderr));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("INSERT 0 1"), "{}", text(&out.stdout));
     // ... but BEGIN; ...; COMMIT in one string is that one write.
     let out = libpq(
         &tc,
@@ -211,6 +221,11 @@ SHOW raftpg.last_write_index;
         ],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
+    let gus: Vec<i64> = tc
+        .column(1, "SELECT count(*) FROM players WHERE name = 'gus'")
+        .await
+        .unwrap();
+    assert_eq!(gus, vec![0], "an unfinished transaction left a row");
     // psql's \copy: CSV with a header, quotes and a newline in a field; a larger text-format
     // file that takes several writes; a time word refused, not read from each node's clock.
     std::fs::write(

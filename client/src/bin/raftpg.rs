@@ -163,6 +163,11 @@ enum Cmd {
         /// Also time a follower catching up after missing this many entries (0: skip).
         #[arg(long, default_value_t = 0)]
         catchup: u64,
+        /// Also run pgbench's built-in TPC-B-like transaction (BEGIN, three UPDATEs, a SELECT,
+        /// an INSERT, END: an interactive transaction) through the wire protocol, on raftpg's
+        /// leader and on the sr primary (with --peer sr), at every client count.
+        #[arg(long)]
+        tpcb: bool,
         /// Write the points as JSON lines to this file.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -1082,6 +1087,7 @@ async fn main() -> anyhow::Result<()> {
             base_port,
             no_reads,
             catchup,
+            tpcb,
             out,
             chart,
             chart_from,
@@ -1109,6 +1115,7 @@ async fn main() -> anyhow::Result<()> {
                 base_port,
                 reads: !no_reads,
                 catchup_entries: catchup,
+                tpcb,
                 out,
                 wire: protocol.iter().any(|p| p == "pg"),
             })
