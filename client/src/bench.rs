@@ -1033,11 +1033,23 @@ async fn bench_raftpg_tpcb(
         t = 10 * TPCB_SCALE
     );
     let loaded = Command::new("psql")
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &conninfo, "-c", &load])
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &conninfo,
+            "-c",
+            &load,
+        ])
         .envs(env.clone())
         .output()?;
     if !loaded.status.success() {
-        bail!("loading pgbench's tables: {}", String::from_utf8_lossy(&loaded.stderr));
+        bail!(
+            "loading pgbench's tables: {}",
+            String::from_utf8_lossy(&loaded.stderr)
+        );
     }
     let pids: Vec<Proc> = cluster
         .nodes()
@@ -1117,7 +1129,12 @@ async fn tpcb_point(
         cpu_us: procs
             .iter()
             .zip(&cpu_before)
-            .map(|(p, b)| (p.label.clone(), (p.cpu() - b).max(0.0) * 1e6 / done.max(1.0)))
+            .map(|(p, b)| {
+                (
+                    p.label.clone(),
+                    (p.cpu() - b).max(0.0) * 1e6 / done.max(1.0),
+                )
+            })
             .collect(),
         ..Default::default()
     })

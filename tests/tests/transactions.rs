@@ -468,9 +468,11 @@ async fn the_leader_killed_mid_transaction_and_at_commit() {
 
     // Mid-transaction: the client's connection to the leader goes; nothing of it stays.
     let c = tc.wire(leader).await.unwrap();
-    c.batch_execute("BEGIN; UPDATE acct SET bal = 0 WHERE id = 2; INSERT INTO ids (note) VALUES ('lost')")
-        .await
-        .unwrap();
+    c.batch_execute(
+        "BEGIN; UPDATE acct SET bal = 0 WHERE id = 2; INSERT INTO ids (note) VALUES ('lost')",
+    )
+    .await
+    .unwrap();
     tc.cluster.kill_node(leader);
     assert!(c.batch_execute("COMMIT").await.is_err());
     let (second, follower) = tc.leader_and_follower().await;
@@ -500,8 +502,12 @@ async fn the_leader_killed_mid_transaction_and_at_commit() {
         tc.cluster.kill_node(leader_now);
         let first = commit.await.unwrap();
         tc.cluster.start_node(leader_now).unwrap();
-        if first.is_err() {
-            transfer_exactly_once(&tc, via, &id).await;
+        if let Err(e) = &first {
+            let attempts = transfer_exactly_once(&tc, via, &id).await;
+            eprintln!(
+                "{id}: COMMIT failed ({}: {e}); settled after {attempts} more attempt(s)",
+                sqlstate(e)
+            );
         }
         committed += 1;
     }
@@ -521,7 +527,10 @@ async fn the_leader_killed_mid_transaction_and_at_commit() {
         .await
         .unwrap();
     let got: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(got, expected, "each transaction exactly once (direct read: {notes:?})");
+    assert_eq!(
+        got, expected,
+        "each transaction exactly once (direct read: {notes:?})"
+    );
     let bal: i32 = c
         .query_one("SELECT bal FROM acct WHERE id = 1", &[])
         .await

@@ -207,7 +207,11 @@ SHOW raftpg.last_write_index;
         ],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("INSERT 0 1"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("INSERT 0 1"),
+        "{}",
+        text(&out.stdout)
+    );
     // ... but BEGIN; ...; COMMIT in one string is that one write.
     let out = libpq(
         &tc,
