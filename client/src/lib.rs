@@ -24,6 +24,7 @@ use prost::Message;
 pub use raftpg_proto::backup::{BackupError, BackupHeader};
 use raftpg_proto::v1::cluster_client::ClusterClient;
 use raftpg_proto::v1::read_client::ReadClient;
+use raftpg_proto::v1::transaction_client::TransactionClient;
 use raftpg_proto::v1::write_client::WriteClient;
 use raftpg_proto::v1::{
     Consistency, ExecuteRequest, ExecuteResponse, QueryRequest, QueryResponse, RequestId, SqlError,
@@ -438,6 +439,48 @@ impl Client {
         .await
     }
 
+    /// Begins an interactive transaction (retried on another node while none began); every
+    /// later call of it goes to the node that answered (which relays to the leader). Its
+    /// request id is fresh; see [`Client::begin_with_id`].
+    pub async fn begin(&self) -> Result<Transaction<'_>, ClientError> {
+        let id = RequestId {
+            client_id: self.client_id.clone(),
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+        };
+        self.begin_with_id(id).await
+    }
+
+    /// Begins an interactive transaction under a request id chosen by the caller: a `Begin`
+    /// with the id of a transaction that committed fails with ALREADY_EXISTS (SQLSTATE RP003),
+    /// which is how a client that lost `Commit`'s answer learns that it committed.
+    pub async fn begin_with_id(&self, id: RequestId) -> Result<Transaction<'_>, ClientError> {
+        let request = &v1::BeginRequest {
+            request_id: Some(id),
+        };
+        let (node, begun) = self
+            .with_retries(
+                ClientError::retry_safe,
+                None,
+                self.config.total_timeout,
+                |i| async move {
+                    let mut c = TransactionClient::new(self.channels[i].clone());
+                    let mut req = self.request(request.clone());
+                    req.set_timeout(self.config.attempt_timeout);
+                    c.begin(req)
+                        .await
+                        .map(|r| (i, r.into_inner()))
+                        .map_err(ClientError::Status)
+                },
+            )
+            .await?;
+        Ok(Transaction {
+            client: self,
+            node,
+            txn_id: begun.txn_id,
+            request_id: begun.request_id.unwrap_or_default(),
+        })
+    }
+
     /// Executes one statement with parameters.
     pub async fn execute_one(
         &self,
@@ -824,5 +867,74 @@ impl Client {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// An interactive transaction begun by [`Client::begin`]. Its calls are not retried: a
+/// failure of a statement leaves it in the failed state (roll it back), ABORTED (40001) means
+/// run it again, and a `Commit` without an answer is settled by beginning again with the same
+/// request id ([`Client::begin_with_id`]).
+pub struct Transaction<'a> {
+    client: &'a Client,
+    node: usize,
+    txn_id: String,
+    /// Its request id.
+    pub request_id: RequestId,
+}
+
+impl Transaction<'_> {
+    fn service(&self) -> TransactionClient<Channel> {
+        TransactionClient::new(self.client.channels[self.node].clone())
+            .max_decoding_message_size(usize::MAX)
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = self.client.request(msg);
+        r.set_timeout(self.client.config.attempt_timeout);
+        r
+    }
+
+    /// Runs one statement in the transaction and returns its result.
+    pub async fn execute(
+        &self,
+        sql: &str,
+        params: Vec<Value>,
+    ) -> Result<v1::StatementResult, ClientError> {
+        let req = self.request(v1::TxnStatementRequest {
+            txn_id: self.txn_id.clone(),
+            statement: Some(Statement {
+                sql: sql.to_string(),
+                params,
+            }),
+        });
+        self.service()
+            .execute(req)
+            .await
+            .map(|r| r.into_inner().result.unwrap_or_default())
+            .map_err(ClientError::Status)
+    }
+
+    /// Commits: answers once a majority committed the transaction's entry.
+    pub async fn commit(self) -> Result<v1::CommitResponse, ClientError> {
+        let req = self.request(v1::TxnEndRequest {
+            txn_id: self.txn_id.clone(),
+        });
+        self.service()
+            .commit(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(ClientError::Status)
+    }
+
+    /// Rolls back.
+    pub async fn rollback(self) -> Result<(), ClientError> {
+        let req = self.request(v1::TxnEndRequest {
+            txn_id: self.txn_id.clone(),
+        });
+        self.service()
+            .rollback(req)
+            .await
+            .map(|_| ())
+            .map_err(ClientError::Status)
     }
 }

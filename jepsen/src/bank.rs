@@ -1,6 +1,9 @@
 //! The *bank* workload: [`ACCOUNTS`] accounts start with [`BALANCE`] each; clients transfer
-//! random amounts between them (two UPDATEs in one write request; a CHECK keeps balances
-//! non-negative, so an overdraft fails with 23514 and changes nothing) and read all balances
+//! random amounts between them — half as two UPDATEs in one write request (a CHECK keeps
+//! balances non-negative, so an overdraft fails with 23514 and changes nothing), half as an
+//! interactive transaction that reads both balances and writes the new values it computed
+//! (a lost update or a transaction applied on a stale read changes the total) — and read all
+//! balances
 //! with one SELECT at a random consistency level on a random node — `LOCAL` reads included,
 //! since every node applies each transfer atomically.
 //! Anomalies: a read (or a node's final copy) whose total differs from the initial total, a
@@ -77,6 +80,22 @@ pub async fn client(env: Env, slot: u64) {
         let to = (from + 1 + rng.next(ACCOUNTS as u64 - 1) as i64) % ACCOUNTS;
         let amount = 1 + rng.next(20) as i64;
         let value = json!({"from": from, "to": to, "amount": amount});
+        if rng.chance(50) {
+            let value = json!({"from": from, "to": to, "amount": amount, "interactive": true});
+            env.history.push("invoke", p.id, "transfer", value.clone());
+            let r = match interactive_transfer(&client, from, to, amount).await {
+                Body::Committed(r) => r,
+                Body::Failed(why) => {
+                    env.history
+                        .push_error("fail", p.id, "transfer", value, Some(why));
+                    continue;
+                }
+            };
+            if complete_write(&env, &mut p, "transfer", value.clone(), r, |_| value) {
+                client = env.client(slot);
+            }
+            continue;
+        }
         env.history.push("invoke", p.id, "transfer", value.clone());
         let r = client
             .execute(vec![
@@ -92,6 +111,67 @@ pub async fn client(env: Env, slot: u64) {
             .await;
         if complete_write(&env, &mut p, "transfer", value.clone(), r, |_| value) {
             client = env.client(slot);
+        }
+    }
+}
+
+/// How an interactive transfer went before its outcome is known.
+enum Body {
+    /// `Commit` was sent: its answer.
+    Committed(Result<raftpg_client::v1::CommitResponse, raftpg_client::ClientError>),
+    /// It never reached `Commit` (an overdraft, or an error before): nothing of it committed.
+    Failed(String),
+}
+
+/// A transfer as an interactive transaction: read the balance of `from`, write it minus
+/// `amount` (unless that overdraws it), read the balance of `to`, write it plus `amount`,
+/// commit. The values written are the client's, computed from what it read.
+async fn interactive_transfer(
+    client: &raftpg_client::Client,
+    from: i64,
+    to: i64,
+    amount: i64,
+) -> Body {
+    let txn = match client.begin().await {
+        Ok(t) => t,
+        Err(e) => return Body::Failed(format!("begin: {e}")),
+    };
+    let balance = |r: &raftpg_client::v1::StatementResult| {
+        r.rows
+            .first()
+            .and_then(|row| row.values.first())
+            .and_then(values::as_i64)
+    };
+    let body = async {
+        let read = "SELECT balance FROM accounts WHERE id = $1";
+        let write = "UPDATE accounts SET balance = $2 WHERE id = $1";
+        let from_balance = balance(&txn.execute(read, vec![values::int(from)]).await?);
+        let Some(from_balance) = from_balance.filter(|b| *b >= amount) else {
+            return Ok(false);
+        };
+        txn.execute(
+            write,
+            vec![values::int(from), values::int(from_balance - amount)],
+        )
+        .await?;
+        let to_balance = balance(&txn.execute(read, vec![values::int(to)]).await?).unwrap_or(0);
+        txn.execute(
+            write,
+            vec![values::int(to), values::int(to_balance + amount)],
+        )
+        .await?;
+        Ok::<_, raftpg_client::ClientError>(true)
+    }
+    .await;
+    match body {
+        Ok(true) => Body::Committed(txn.commit().await),
+        Ok(false) => {
+            let _ = txn.rollback().await;
+            Body::Failed("overdraft".into())
+        }
+        Err(e) => {
+            let _ = txn.rollback().await;
+            Body::Failed(e.to_string())
         }
     }
 }
