@@ -331,6 +331,24 @@ async fn wire_connections(
     Ok(out)
 }
 
+/// The process groups of a raftpg cluster's nodes (each node, and its PostgreSQL), the leader
+/// marked `*`.
+fn node_procs(cluster: &LocalCluster, leader: u64) -> Vec<Proc> {
+    cluster
+        .nodes()
+        .iter()
+        .filter_map(|n| {
+            let pid = n.pid()? as i32;
+            let mark = if n.id == leader { "*" } else { "" };
+            Some([
+                Proc::new(format!("node{}{mark}", n.id), pid, Scope::Own),
+                Proc::new(format!("node{}{mark}-pg", n.id), pid, Scope::Descendants),
+            ])
+        })
+        .flatten()
+        .collect()
+}
+
 /// The raftpg cluster a run measures: the default one (TLS, authentication, writes as the
 /// client's role), or the `insecure` peer (writes only).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -374,19 +392,7 @@ async fn bench_raftpg(
         )
         .await?;
     let leader = admin.wait_for_leader(Duration::from_secs(30)).await?;
-    let pids: Vec<Proc> = cluster
-        .nodes()
-        .iter()
-        .filter_map(|n| {
-            let pid = n.pid()? as i32;
-            let mark = if n.id == leader { "*" } else { "" };
-            Some([
-                Proc::new(format!("node{}{mark}", n.id), pid, Scope::Own),
-                Proc::new(format!("node{}{mark}-pg", n.id), pid, Scope::Descendants),
-            ])
-        })
-        .flatten()
-        .collect();
+    let pids = node_procs(&cluster, leader);
     let cluster_config = cluster.client_config()?;
     for &c in &spec.clients {
         admin
@@ -1051,19 +1057,7 @@ async fn bench_raftpg_tpcb(
             String::from_utf8_lossy(&loaded.stderr)
         );
     }
-    let pids: Vec<Proc> = cluster
-        .nodes()
-        .iter()
-        .filter_map(|n| {
-            let pid = n.pid()? as i32;
-            let mark = if n.id == leader { "*" } else { "" };
-            Some([
-                Proc::new(format!("node{}{mark}", n.id), pid, Scope::Own),
-                Proc::new(format!("node{}{mark}-pg", n.id), pid, Scope::Descendants),
-            ])
-        })
-        .flatten()
-        .collect();
+    let pids = node_procs(cluster, leader);
     for &c in &spec.clients {
         let p = tpcb_point("raftpg-tpcb", &conninfo, &env, c, spec.seconds, &pids).await?;
         print_point(&p, points);

@@ -699,6 +699,20 @@ pub fn wire_tls(ca: &std::path::Path) -> anyhow::Result<tokio_postgres_rustls::M
     raftpg_client::pg_wire::tls(ca)
 }
 
+/// The Python 3 interpreter with psycopg 3 (a driver nobody here wrote; `apt install
+/// python3-psycopg`, which `scripts/install-deps.sh` does).
+pub fn python_with_psycopg() -> &'static str {
+    ["/usr/bin/python3", "python3"]
+        .into_iter()
+        .find(|p| {
+            std::process::Command::new(p)
+                .args(["-c", "import psycopg"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("python3 with psycopg 3 (apt install python3-psycopg)")
+}
+
 /// A plain HTTP/1.1 GET of `path` at `addr` (the node's operators' port): the status code and
 /// the body. Bounded by 5 s.
 pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {

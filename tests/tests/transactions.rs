@@ -372,15 +372,7 @@ SELECT bal FROM acct WHERE id = 1;
     assert!(stdout.contains(" 95\n"), "{stdout}");
     assert!(stderr.contains("duplicate key"), "{stderr}");
 
-    let python = ["/usr/bin/python3", "python3"]
-        .into_iter()
-        .find(|p| {
-            Command::new(p)
-                .args(["-c", "import psycopg"])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .expect("python3 with psycopg 3 (apt install python3-psycopg)");
+    let python = testkit::python_with_psycopg();
     let py = r#"
 import sys
 import psycopg

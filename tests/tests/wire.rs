@@ -647,15 +647,7 @@ fn uuid_bytes() -> String {
 /// implicit `BEGIN` when autocommit is off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn psycopg_typed_values_and_errors() {
-    let python = ["/usr/bin/python3", "python3"]
-        .into_iter()
-        .find(|p| {
-            Command::new(p)
-                .args(["-c", "import psycopg"])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .expect("python3 with psycopg 3 (apt install python3-psycopg)");
+    let python = testkit::python_with_psycopg();
     let tc = start_cluster("wire_psycopg", 124, 3).await.unwrap();
     let (_, follower) = tc.leader_and_follower().await;
     let script = r#"

@@ -1050,7 +1050,7 @@ impl Applier {
         if let Some(f) = result_too_large(&outcomes, limits) {
             return Ok(Err(f));
         }
-        let resets = set_local_resets(cmd);
+        let resets = set_local_resets(cmd.statements.iter());
         let reset = async {
             match resets.is_empty() {
                 true => Ok(()),
@@ -1125,10 +1125,8 @@ fn reads_session_sequences(cmd: &WriteCommand) -> bool {
 /// `SET LOCAL x TO DEFAULT` for every setting the write changed with `SET LOCAL` (the gate
 /// allowed only reviewed settings; the applier's values are its reset values, see
 /// session_rules), as one string; empty if it changed none.
-fn set_local_resets(cmd: &WriteCommand) -> String {
-    let mut names: Vec<String> = cmd
-        .statements
-        .iter()
+fn set_local_resets<'a>(statements: impl Iterator<Item = &'a SqlStatement>) -> String {
+    let mut names: Vec<String> = statements
         .filter(|s| !is_dml(&s.sql))
         .flat_map(|s| gate::settings_set_by(&s.sql))
         .collect();

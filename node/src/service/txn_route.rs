@@ -73,15 +73,7 @@ impl Service {
                 })
             }
             Route::Leader(leader) => {
-                let begun = self
-                    .peers
-                    .txn_begin(
-                        &leader,
-                        req.principal.as_ref(),
-                        req.request_id.as_ref(),
-                        self.limits.write_timeout,
-                    )
-                    .await?;
+                let begun = self.begin_on(&leader, &req).await?;
                 Ok(Txn {
                     request_id: begun.request_id,
                     place: Place::There(Remote {
@@ -108,15 +100,7 @@ impl Service {
             .write_timeout
             .min(std::time::Duration::from_secs(5));
         if let Route::Leader(leader) = self.route(req.origin, wait).await? {
-            return self
-                .peers
-                .txn_begin(
-                    &leader,
-                    req.principal.as_ref(),
-                    req.request_id.as_ref(),
-                    self.limits.write_timeout,
-                )
-                .await;
+            return self.begin_on(&leader, &req).await;
         }
         let user = req.principal.as_ref().map(|p| p.user.clone());
         let local = self.begin_here(req).await?;
@@ -177,6 +161,22 @@ impl Service {
             open.remove(txn_id);
         }
         answer
+    }
+
+    /// Begins the transaction `req` asks for on `leader` (relayed, as the request's role).
+    async fn begin_on(
+        &self,
+        leader: &LeaderHint,
+        req: &BeginRequest,
+    ) -> Result<Begun, ServiceError> {
+        self.peers
+            .txn_begin(
+                leader,
+                req.principal.as_ref(),
+                req.request_id.as_ref(),
+                self.limits.write_timeout,
+            )
+            .await
     }
 
     /// How a member is reached, from the membership.

@@ -299,15 +299,7 @@ impl Session {
                     Ok(r) => r,
                     Err(e) if e.sqlstate.as_deref() == Some("25006") => {
                         // A query that writes (nextval, a function that inserts): a write.
-                        return match self.write(&[(s, Vec::new())]).await {
-                            Ok(r) => {
-                                let r = r.into_iter().next().unwrap_or_default();
-                                self.send_write_result(out, s, &r, None).await?;
-                                self.report_last_write(out).await?;
-                                Ok(Ok(()))
-                            }
-                            Err(e) => Ok(Err(error::response(&e, Op::Write, s.offset))),
-                        };
+                        return self.single_write(out, s).await;
                     }
                     Err(e) => return Ok(Err(error::response(&e, Op::Read, s.offset))),
                 };
@@ -335,6 +327,23 @@ impl Session {
             }
             Kind::Write { .. } => unreachable_write(),
             _ => self.session_command(out, s, true).await,
+        }
+    }
+
+    /// One statement of a query string as a write of its own, and its result.
+    async fn single_write(
+        &mut self,
+        out: &mut Wire,
+        s: &Statement,
+    ) -> std::io::Result<Result<(), pgwire::messages::response::ErrorResponse>> {
+        match self.write(&[(s, Vec::new())]).await {
+            Ok(r) => {
+                let r = r.into_iter().next().unwrap_or_default();
+                self.send_write_result(out, s, &r, None).await?;
+                self.report_last_write(out).await?;
+                Ok(Ok(()))
+            }
+            Err(e) => Ok(Err(error::response(&e, Op::Write, s.offset))),
         }
     }
 
@@ -567,15 +576,7 @@ impl Session {
                 "0A000",
                 "COPY FROM STDIN inside a transaction block is not supported by raftpg; COPY outside it, or INSERT",
             ))),
-            (Kind::Write { .. }, None) => match self.write(&[(s, Vec::new())]).await {
-                Ok(r) => {
-                    let r = r.into_iter().next().unwrap_or_default();
-                    self.send_write_result(out, s, &r, None).await?;
-                    self.report_last_write(out).await?;
-                    Ok(Ok(()))
-                }
-                Err(e) => Ok(Err(error::response(&e, Op::Write, s.offset))),
-            },
+            (Kind::Write { .. }, None) => self.single_write(out, s).await,
             (Kind::Read { .. }, _) => self.simple_statement(out, s).await,
             _ => self.session_command(out, s, true).await,
         }

@@ -190,24 +190,10 @@ impl Applier {
         &mut self,
         txn: &TxnCommand,
     ) -> Result<Result<(), SqlFailure>, EnvError> {
-        let mut names: Vec<String> = txn
-            .steps
-            .iter()
-            .filter_map(|s| match s {
-                TxnStep::Statement { stmt, .. } if !is_dml(&stmt.sql) => {
-                    Some(gate::settings_set_by(&stmt.sql))
-                }
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        names.sort();
-        names.dedup();
-        let resets: String = names
-            .iter()
-            .map(|n| format!("SET LOCAL {n} TO DEFAULT"))
-            .collect::<Vec<_>>()
-            .join("; ");
+        let resets = set_local_resets(txn.steps.iter().filter_map(|s| match s {
+            TxnStep::Statement { stmt, .. } => Some(stmt),
+            _ => None,
+        }));
         let reset = async {
             match resets.is_empty() {
                 true => Ok(()),
