@@ -477,7 +477,15 @@ async fn the_leader_killed_mid_transaction_and_at_commit() {
     for (k, delay_ms) in [0u64, 1, 2, 4].into_iter().enumerate() {
         let (leader_now, _) = tc.leader_and_follower().await;
         let via = (1..=3).find(|n| *n != leader_now).unwrap();
-        let c = tc.wire(via).await.unwrap();
+        // It may be the node restarted last, still starting.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let c = loop {
+            match tc.wire(via).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > deadline => panic!("node {via}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
         let id = format!("killed-at-commit-{k}");
         c.batch_execute(&format!(
             "SET raftpg.transaction_id = '{id}'; BEGIN; UPDATE acct SET bal = bal + 1 WHERE id = 1; INSERT INTO ids (note) VALUES ('{id}')"
@@ -529,5 +537,75 @@ async fn the_leader_killed_mid_transaction_and_at_commit() {
         .unwrap()
         .get(0);
     assert_eq!(bal2, 100, "the transaction cut off mid-way left nothing");
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}
+
+/// The gRPC `Transaction` service through the client library: begin on any node (a
+/// follower relays), statements with their results, commit; a second `Begin` with the id of a
+/// committed transaction answers ALREADY_EXISTS (RP003); an id no transaction has is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_transactions_by_id() {
+    use raftpg_client::{v1::RequestId, values};
+    let tc = start_cluster("txn_grpc", 147, 3).await.unwrap();
+    let (leader, follower) = tc.leader_and_follower().await;
+    setup(&tc.wire(leader).await.unwrap()).await;
+    let via_follower = tc.client_of(&[tc.addr_of(follower)]);
+    let id = RequestId {
+        client_id: "grpc-test".into(),
+        seq: 7,
+    };
+    let txn = via_follower.begin_with_id(id.clone()).await.unwrap();
+    let r = txn
+        .execute("SELECT bal FROM acct WHERE id = $1", vec![values::int(1)])
+        .await
+        .unwrap();
+    assert_eq!(values::as_i64(&r.rows[0].values[0]), Some(100));
+    txn.execute(
+        "UPDATE acct SET bal = bal - 7 WHERE id = $1",
+        vec![values::int(1)],
+    )
+    .await
+    .unwrap();
+    let e = txn
+        .execute("SELECT nosuch FROM acct", vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(e.sqlstate().as_deref(), Some("42703"));
+    let e = txn.execute("SELECT 1", vec![]).await.unwrap_err();
+    assert_eq!(e.sqlstate().as_deref(), Some("25P02"));
+    // COMMIT of a failed transaction rolls it back.
+    let c = txn.commit().await.unwrap();
+    assert!(!c.committed);
+    let txn = via_follower.begin_with_id(id.clone()).await.unwrap();
+    txn.execute("UPDATE acct SET bal = bal - 7 WHERE id = 1", vec![])
+        .await
+        .unwrap();
+    let c = txn.commit().await.unwrap();
+    assert!(c.committed && c.log_index > 0);
+    // Beginning again with that id says it committed.
+    let e = match tc.client.begin_with_id(id).await {
+        Ok(_) => panic!("a committed transaction's id began again"),
+        Err(e) => e,
+    };
+    assert_eq!(e.sqlstate().as_deref(), Some("RP003"), "{e}");
+    // An id no transaction has is refused (ABORTED: retry the transaction).
+    let mut raw = raftpg_client::v1::transaction_client::TransactionClient::new(tc.channel(leader));
+    let e = raw
+        .execute(tc.request(raftpg_client::v1::TxnStatementRequest {
+            txn_id: format!("{leader}.nosuch"),
+            statement: Some(raftpg_client::v1::Statement {
+                sql: "SELECT 1".into(),
+                params: vec![],
+            }),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}");
+    assert_eq!(
+        tc.column::<i32>(leader, "SELECT bal FROM acct WHERE id = 1")
+            .await
+            .unwrap(),
+        vec![93]
+    );
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }

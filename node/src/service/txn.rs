@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::ClientWriteError;
 use tokio::sync::Mutex;
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, info, info_span, Instrument};
 
 use super::error::{ErrorKind, ServiceError};
 use super::node::{Service, TxnLimits};
@@ -94,7 +94,13 @@ impl Service {
         req: BeginRequest,
     ) -> Result<LocalTxn, ServiceError> {
         let span = info_span!("begin", node = self.id, term = self.term());
-        self.begin_in_span(req).instrument(span).await
+        // In a task of its own: a caller that goes away mid-way leaves nothing behind (the
+        // transaction it would have got is dropped, which rolls it back and releases the
+        // writer).
+        let svc = self.clone();
+        tokio::spawn(async move { svc.begin_in_span(req).instrument(span).await })
+            .await
+            .map_err(|e| ServiceError::internal(format!("BEGIN's task failed: {e}")))?
     }
 
     async fn begin_in_span(self: &Arc<Self>, req: BeginRequest) -> Result<LocalTxn, ServiceError> {
@@ -110,39 +116,38 @@ impl Service {
                 self.leader(),
             ));
         }
-        let deadline = tokio::time::Instant::now() + wait;
-        let writer = tokio::time::timeout_at(deadline, self.proposer.exclusive())
-            .await
-            .map_err(|_| {
-                ServiceError::refused(
-                    ErrorKind::ResourceExhausted,
-                    "55P03",
-                    format!("another transaction held the writer for longer than {wait:?}; retry"),
-                )
-            })?;
+        let started = tokio::time::Instant::now();
+        let deadline = started + wait;
         let id = req.request_id.clone().unwrap_or_else(|| RequestId {
             client_id: format!("txn-{}-{}", self.id, uuid::Uuid::new_v4()),
             seq: 1,
         });
-        let mut stamped = None;
-        loop {
+        let mut said_busy = false;
+        let writer = loop {
+            let writer = tokio::time::timeout_at(deadline, self.proposer.exclusive())
+                .await
+                .map_err(|_| {
+                    ServiceError::refused(
+                        ErrorKind::ResourceExhausted,
+                        "55P03",
+                        format!(
+                            "another transaction held the writer for longer than {wait:?}; retry"
+                        ),
+                    )
+                })?;
             // (Never borrow the metrics twice at once: a waiting writer would deadlock it.)
             let (term, last_index) = {
                 let m = self.raft.metrics();
                 let m = m.borrow_watched();
                 (m.current_term, m.last_log_index)
             };
-            let leading = self.is_leader();
-            if !leading {
+            if !self.is_leader() {
                 return Err(ServiceError::unavailable(
                     "this node is no longer the leader; retry",
                     self.leader(),
                 ));
             }
-            let (ts, seed) = match stamped {
-                Some(s) => s,
-                None => *stamped.insert(self.proposer.stamp(&writer, term, last_index).await),
-            };
+            let (ts, seed) = self.proposer.stamp(&writer, term, last_index).await;
             let cmd = TxnCommand {
                 steps: Vec::new(),
                 leader_ts_micros: ts,
@@ -152,9 +157,15 @@ impl Service {
                 executed_after: None,
             };
             match runner.begin(cmd, last_index).await {
-                Ok(()) => break,
+                Ok(()) => break writer,
                 Err(TxnRefusal::Busy(why)) if tokio::time::Instant::now() < deadline => {
+                    if !said_busy && started.elapsed() > Duration::from_secs(1) {
+                        said_busy = true;
+                        info!(why, "BEGIN has waited over 1 s for the applier to reach the log's end");
+                    }
                     debug!(why, "BEGIN waits for the applier");
+                    // Entries waiting for the writer go first (the gate is fair).
+                    drop(writer);
                     tokio::time::sleep(BEGIN_RETRY).await;
                 }
                 Err(TxnRefusal::Busy(why)) => {
@@ -165,7 +176,7 @@ impl Service {
                 }
                 Err(e) => return Err(refusal_error(e)),
             }
-        }
+        };
         let now = Instant::now();
         let inner = Arc::new(Mutex::new(Inner {
             svc: self.clone(),
@@ -198,6 +209,22 @@ impl LocalTxn {
         self.inner.lock().await.status
     }
 
+    /// Runs `f` on the transaction's state in a task of its own, so that it completes — and
+    /// the state stays what PostgreSQL did — even when its caller goes away mid-way (a gRPC
+    /// client that hung up, a relaying node's timeout): a statement PostgreSQL ran is always
+    /// recorded as a step, and an ended transaction always releases the writer.
+    async fn detached<T, F, Fut>(&self, f: F) -> Result<T, ServiceError>
+    where
+        F: FnOnce(tokio::sync::OwnedMutexGuard<Inner>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::spawn(async move { f(inner.lock_owned().await).await })
+            .await
+            .map_err(|e| ServiceError::internal(format!("the transaction's task failed: {e}")))
+    }
+
     /// Whether it ended (`false` while a call holds it).
     pub fn is_ended(&self) -> bool {
         self.inner
@@ -208,83 +235,105 @@ impl LocalTxn {
     /// Runs a statement (checked by the SQL gate as a write's). Its error puts the transaction
     /// in the failed state.
     pub async fn execute(&self, stmt: WriteStatement) -> Result<StatementOutcome, ServiceError> {
-        let mut inner = self.inner.lock().await;
-        inner.usable()?;
-        let checked =
-            inner.svc.prepared_writes.prepare(&stmt.sql).map_err(|r| {
+        self.detached(move |mut inner| async move {
+            inner.usable()?;
+            let checked = inner.svc.prepared_writes.prepare(&stmt.sql).map_err(|r| {
                 ServiceError::refused(ErrorKind::InvalidArgument, r.sqlstate, r.message)
             });
-        let checked = checked.and_then(|sql| {
-            Ok(SqlStatement {
-                sql,
-                params: stmt.params?,
-            })
-        });
-        let stmt = match checked {
-            Ok(s) => s,
-            Err(e) => {
+            let checked = checked.and_then(|sql| {
+                Ok(SqlStatement {
+                    sql,
+                    params: stmt.params?,
+                })
+            });
+            let stmt = match checked {
+                Ok(s) => s,
+                Err(e) => {
+                    inner.status = TxnStatus::Failed;
+                    return Err(e);
+                }
+            };
+            // The leader's checks of a write's statements against its own catalog, as for writes.
+            let svc = inner.svc.clone();
+            let one = std::slice::from_ref(&stmt);
+            if let Err(e) = async {
+                svc.check_extensions(one).await?;
+                svc.check_trigger_functions(one).await
+            }
+            .await
+            {
                 inner.status = TxnStatus::Failed;
                 return Err(e);
             }
-        };
-        match inner
-            .step(TxnStep::Statement {
-                stmt,
-                failed: false,
-            })
-            .await?
-        {
-            TxnStepResult::Done(o) => Ok(o),
-            TxnStepResult::Failed(f) => {
-                inner.status = TxnStatus::Failed;
-                Err(ServiceError::sql(&f, 0))
+            match inner
+                .step(TxnStep::Statement {
+                    stmt,
+                    failed: false,
+                })
+                .await?
+            {
+                TxnStepResult::Done(o) => Ok(o),
+                TxnStepResult::Failed(f) => {
+                    inner.status = TxnStatus::Failed;
+                    Err(ServiceError::sql(&f, 0))
+                }
             }
-        }
+        })
+        .await?
     }
 
     /// `SAVEPOINT name`.
     pub async fn savepoint(&self, name: &str) -> Result<(), ServiceError> {
-        let mut inner = self.inner.lock().await;
-        inner.usable()?;
-        if name.to_ascii_lowercase().starts_with("raftpg_") {
-            inner.status = TxnStatus::Failed;
-            return Err(ServiceError::refused(
-                ErrorKind::InvalidArgument,
-                "42939",
-                format!("savepoint names starting with raftpg_ are reserved: \"{name}\""),
-            ));
-        }
-        inner.step(TxnStep::Savepoint(name.to_string())).await?;
-        inner.savepoints.push(name.to_string());
-        Ok(())
+        let name = name.to_string();
+        self.detached(move |mut inner| async move {
+            inner.usable()?;
+            if name.to_ascii_lowercase().starts_with("raftpg_") {
+                inner.status = TxnStatus::Failed;
+                return Err(ServiceError::refused(
+                    ErrorKind::InvalidArgument,
+                    "42939",
+                    format!("savepoint names starting with raftpg_ are reserved: \"{name}\""),
+                ));
+            }
+            inner.step(TxnStep::Savepoint(name.to_string())).await?;
+            inner.savepoints.push(name.to_string());
+            Ok(())
+        })
+        .await?
     }
 
     /// `RELEASE SAVEPOINT name`.
     pub async fn release(&self, name: &str) -> Result<(), ServiceError> {
-        let mut inner = self.inner.lock().await;
-        inner.usable()?;
-        let Some(at) = inner.find_savepoint(name) else {
-            inner.status = TxnStatus::Failed;
-            return Err(no_savepoint(name));
-        };
-        inner.step(TxnStep::Release(name.to_string())).await?;
-        inner.savepoints.truncate(at);
-        Ok(())
+        let name = name.to_string();
+        self.detached(move |mut inner| async move {
+            inner.usable()?;
+            let Some(at) = inner.find_savepoint(&name) else {
+                inner.status = TxnStatus::Failed;
+                return Err(no_savepoint(&name));
+            };
+            inner.step(TxnStep::Release(name.to_string())).await?;
+            inner.savepoints.truncate(at);
+            Ok(())
+        })
+        .await?
     }
 
     /// `ROLLBACK TO SAVEPOINT name`: also leaves the failed state.
     pub async fn rollback_to(&self, name: &str) -> Result<(), ServiceError> {
-        let mut inner = self.inner.lock().await;
-        inner.ended()?;
-        let Some(at) = inner.find_savepoint(name) else {
-            inner.status = TxnStatus::Failed;
-            return Err(no_savepoint(name));
-        };
-        inner.step(TxnStep::RollbackTo(name.to_string())).await?;
-        // The savepoint itself stays (PostgreSQL's rule); the later ones are gone.
-        inner.savepoints.truncate(at + 1);
-        inner.status = TxnStatus::Active;
-        Ok(())
+        let name = name.to_string();
+        self.detached(move |mut inner| async move {
+            inner.ended()?;
+            let Some(at) = inner.find_savepoint(&name) else {
+                inner.status = TxnStatus::Failed;
+                return Err(no_savepoint(&name));
+            };
+            inner.step(TxnStep::RollbackTo(name.to_string())).await?;
+            // The savepoint itself stays (PostgreSQL's rule); the later ones are gone.
+            inner.savepoints.truncate(at + 1);
+            inner.status = TxnStatus::Active;
+            Ok(())
+        })
+        .await?
     }
 
     /// Why a statement would be refused now: `None` while the transaction is active; in the
@@ -302,44 +351,52 @@ impl LocalTxn {
     /// Puts the transaction in the failed state (an error of the client's protocol inside
     /// it, which PostgreSQL treats as any error).
     pub async fn mark_failed(&self) {
-        let mut inner = self.inner.lock().await;
-        if inner.status == TxnStatus::Active {
-            inner.status = TxnStatus::Failed;
-        }
+        let _ = self
+            .detached(move |mut inner| async move {
+                if inner.status == TxnStatus::Active {
+                    inner.status = TxnStatus::Failed;
+                }
+            })
+            .await;
     }
 
     /// `COMMIT`: proposes the transaction as one log entry and answers once a majority
     /// committed it and this node applied it. A failed transaction, or one a limit or the
     /// leader ended, is rolled back instead (PostgreSQL answers `ROLLBACK`).
     pub async fn commit(&self) -> Result<Committed, ServiceError> {
-        let mut inner = self.inner.lock().await;
-        if inner.status != TxnStatus::Active {
-            inner
-                .end("rolled_back", "the transaction was rolled back")
-                .await;
-            return Ok(Committed {
-                log_index: 0,
-                committed: false,
-            });
-        }
-        let answer = inner.commit().await;
-        let outcome = if answer.is_ok() {
-            "committed"
-        } else {
-            "failed"
-        };
-        inner.end(outcome, "the transaction ended").await;
-        answer
+        self.detached(move |mut inner| async move {
+            if inner.status != TxnStatus::Active {
+                inner
+                    .end("rolled_back", "the transaction was rolled back")
+                    .await;
+                return Ok(Committed {
+                    log_index: 0,
+                    committed: false,
+                });
+            }
+            let answer = inner.commit().await;
+            let outcome = if answer.is_ok() {
+                "committed"
+            } else {
+                "failed"
+            };
+            inner.end(outcome, "the transaction ended").await;
+            answer
+        })
+        .await?
     }
 
     /// `ROLLBACK`.
     pub async fn rollback(&self) {
-        let mut inner = self.inner.lock().await;
-        if inner.status != TxnStatus::Ended {
-            inner
-                .end("rolled_back", "the transaction was rolled back")
-                .await;
-        }
+        let _ = self
+            .detached(move |mut inner| async move {
+                if inner.status != TxnStatus::Ended {
+                    inner
+                        .end("rolled_back", "the transaction was rolled back")
+                        .await;
+                }
+            })
+            .await;
     }
 }
 

@@ -134,7 +134,7 @@ impl Service {
     /// the catalog holds it now, would not pass the gate: it may have been created before
     /// raftpg's current rules, or by a superuser behind raftpg's back. A function that does not
     /// exist is left to PostgreSQL (the same error on every node).
-    async fn check_trigger_functions(
+    pub(super) async fn check_trigger_functions(
         &self,
         statements: &[SqlStatement],
     ) -> Result<(), ServiceError> {
@@ -189,7 +189,10 @@ impl Service {
     /// version this node's PostgreSQL does not have: applied, it would fail on every node
     /// lacking it, which the applier treats as that node's environment (it waits) — so it must
     /// never enter the log when even the leader lacks it.
-    async fn check_extensions(&self, statements: &[SqlStatement]) -> Result<(), ServiceError> {
+    pub(super) async fn check_extensions(
+        &self,
+        statements: &[SqlStatement],
+    ) -> Result<(), ServiceError> {
         for (i, s) in statements.iter().enumerate() {
             let Some((name, version)) = gate::extension_required(&s.sql) else {
                 continue;

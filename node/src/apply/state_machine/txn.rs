@@ -6,7 +6,9 @@
 //! Invariants:
 //! - It is opened only when PostgreSQL holds exactly the log openraft applied, nothing else is
 //!   open on the session (no speculation), and that is the last entry the service saw in the
-//!   log: the transaction executes at the log's end.
+//!   log: the transaction executes at the log's end. `BEGIN` is only called by the holder of
+//!   the proposer's writer, so a transaction still open then has lost its owner and is rolled
+//!   back.
 //! - Anything else that needs the applier session first rolls it back (sequences restored):
 //!   an entry applied or speculated that is not its own, a lost connection, a snapshot install.
 //!   Its caller then gets a serialization failure (40001) with the reason.
@@ -68,21 +70,45 @@ pub enum TxnRefusal {
 }
 
 /// The service layer's handle on the open transaction (see the module doc).
+///
+/// Every call runs in a task of its own: a caller that goes away mid-way (its future dropped)
+/// cannot leave the applier session with a command sent and its effect unrecorded — what
+/// PostgreSQL ran is always what the open transaction records.
 #[derive(Clone)]
 pub struct TxnRunner {
     pub(super) core: Arc<tokio::sync::Mutex<StateMachineCore>>,
 }
 
 impl TxnRunner {
+    /// Runs `f` on the state machine in a task of its own (see the type's doc).
+    async fn detached<T, F, Fut>(&self, f: F) -> Result<T, TxnRefusal>
+    where
+        F: FnOnce(tokio::sync::OwnedMutexGuard<StateMachineCore>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, TxnRefusal>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let core = self.core.clone();
+        tokio::spawn(async move { f(core.lock_owned().await).await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(TxnRefusal::Postgres(format!(
+                    "the applier's task failed: {e}"
+                )))
+            })
+    }
+
     /// Opens `cmd` (no steps yet) on the applier session if PostgreSQL holds exactly the log up
     /// to `last_index` (the last index of this leader's log) and nothing else is open.
     pub async fn begin(&self, cmd: TxnCommand, last_index: Option<u64>) -> Result<(), TxnRefusal> {
-        self.core.lock().await.txn_begin(cmd, last_index).await
+        self.detached(move |mut core| async move { core.txn_begin(cmd, last_index).await })
+            .await
     }
 
     /// Runs one step of the open transaction `id`.
     pub async fn step(&self, id: &RequestId, step: TxnStep) -> Result<TxnStepResult, TxnRefusal> {
-        self.core.lock().await.txn_step(id, step).await
+        let id = id.clone();
+        self.detached(move |mut core| async move { core.txn_step(&id, step).await })
+            .await
     }
 
     /// Ends transaction `id`'s run and records its end (at the log id predicted for its entry
@@ -92,15 +118,22 @@ impl TxnRunner {
         id: &RequestId,
         term: u64,
     ) -> Result<TxnCommand, TxnRefusal> {
-        self.core.lock().await.txn_prepare_commit(id, term).await
+        let id = id.clone();
+        self.detached(move |mut core| async move { core.txn_prepare_commit(&id, term).await })
+            .await
     }
 
     /// Rolls transaction `id` back if it is still open on the session.
     pub async fn rollback(&self, id: &RequestId, why: &str) {
-        let mut core = self.core.lock().await;
-        if core.txn.as_ref().is_some_and(|t| &t.cmd.request_id == id) {
-            core.abort_txn(why).await;
-        }
+        let (id, why) = (id.clone(), why.to_string());
+        let _ = self
+            .detached(move |mut core| async move {
+                if core.txn.as_ref().is_some_and(|t| t.cmd.request_id == id) {
+                    core.abort_txn(&why).await;
+                }
+                Ok(())
+            })
+            .await;
     }
 }
 
@@ -111,7 +144,15 @@ impl StateMachineCore {
         last_index: Option<u64>,
     ) -> Result<(), TxnRefusal> {
         if self.txn.is_some() {
-            return Err(TxnRefusal::Busy("another transaction is open"));
+            // BEGIN holds the writer, and a live transaction holds it until its end has rolled
+            // back what it left open here: one found here has no owner any more (its end was
+            // lost). Without this, it would keep every BEGIN busy, and BEGINs the writer.
+            info!(
+                node = self.node_id,
+                "an open transaction without owner found at BEGIN; rolling it back"
+            );
+            self.abort_txn("the transaction was rolled back: a newer transaction began after its client had gone")
+                .await;
         }
         if self.speculation.is_some() {
             return Err(TxnRefusal::Busy("an entry is still being committed"));
