@@ -1037,6 +1037,31 @@ impl Applier {
         Ok(Ok(outcomes))
     }
 
+    /// The end of a run of `statements` (a write's, or an interactive transaction's), pipelined:
+    /// every setting they named with `SET LOCAL` back to the applier's, the switch back from the
+    /// role (`as_role`; its deferred constraints fire as the role), then `raftpg.end_write`.
+    async fn end_run<'a>(
+        &self,
+        statements: impl Iterator<Item = &'a SqlStatement>,
+        as_role: bool,
+    ) -> Result<(), StmtError> {
+        let resets = set_local_resets(statements);
+        let reset = async {
+            match resets.is_empty() {
+                true => Ok(()),
+                false => self.client.batch_execute(&resets).await.map_err(classify),
+            }
+        };
+        let unswitch = async {
+            match as_role {
+                true => self.unswitch_user().await.map(|_| ()),
+                false => Ok(()),
+            }
+        };
+        let (reset, unswitched, ended) = tokio::join!(reset, unswitch, self.end_write());
+        reset.and(unswitched).and(ended).map(|_| ())
+    }
+
     /// The end of a write whose statements succeeded: the limit on the rows it returns, then
     /// the settings it named with `SET LOCAL` back to the applier's, its deferred constraints
     /// and the session check (see [`END_WRITE_SQL`]). A failure of its end is reported on its
@@ -1050,22 +1075,11 @@ impl Applier {
         if let Some(f) = result_too_large(&outcomes, limits) {
             return Ok(Err(f));
         }
-        let resets = set_local_resets(cmd.statements.iter());
-        let reset = async {
-            match resets.is_empty() {
-                true => Ok(()),
-                false => self.client.batch_execute(&resets).await.map_err(classify),
-            }
-        };
-        let unswitch = async {
-            match cmd.user {
-                Some(_) => self.unswitch_user().await.map(|_| ()),
-                None => Ok(()),
-            }
-        };
-        let (reset, unswitched, ended) = tokio::join!(reset, unswitch, self.end_write());
-        match reset.and(unswitched).and(ended) {
-            Ok(_) => Ok(Ok(outcomes)),
+        let ended = self
+            .end_run(cmd.statements.iter(), cmd.user.is_some())
+            .await;
+        match ended {
+            Ok(()) => Ok(Ok(outcomes)),
             Err(StmtError::Environmental(e)) => Err(e),
             Err(StmtError::Deterministic(mut f)) => {
                 f.statement_index =

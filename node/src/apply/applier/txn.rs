@@ -190,25 +190,12 @@ impl Applier {
         &mut self,
         txn: &TxnCommand,
     ) -> Result<Result<(), SqlFailure>, EnvError> {
-        let resets = set_local_resets(txn.steps.iter().filter_map(|s| match s {
+        let statements = txn.steps.iter().filter_map(|s| match s {
             TxnStep::Statement { stmt, .. } => Some(stmt),
             _ => None,
-        }));
-        let reset = async {
-            match resets.is_empty() {
-                true => Ok(()),
-                false => self.client.batch_execute(&resets).await.map_err(classify),
-            }
-        };
-        let unswitch = async {
-            match txn.user {
-                Some(_) => self.unswitch_user().await.map(|_| ()),
-                None => Ok(()),
-            }
-        };
-        let (reset, unswitched, ended) = tokio::join!(reset, unswitch, self.end_write());
-        match reset.and(unswitched).and(ended) {
-            Ok(_) => Ok(Ok(())),
+        });
+        match self.end_run(statements, txn.user.is_some()).await {
+            Ok(()) => Ok(Ok(())),
             Err(StmtError::Environmental(e)) => Err(e),
             Err(StmtError::Deterministic(f)) => Ok(Err(f)),
         }
