@@ -1,6 +1,9 @@
 //! The *list-append* workload (Elle's): transactions of 1–4 micro-operations, each an append
 //! of a unique integer to a key's list or a read of a key's whole list. Transactions with an
-//! append are one multi-statement write request (one log entry, atomic); read-only
+//! append are either one multi-statement write request (one log entry, atomic) or, half of
+//! them, an interactive transaction (`Transaction` service) in which the client reads each
+//! list it appends to and writes back the list it computed itself — a lost update or a read
+//! of anything but the transaction's own serial position shows up as an anomaly; read-only
 //! transactions are one `SELECT` through the read API at `LINEARIZABLE` on a random node.
 //! Keys come from a small window that slides as the run goes on, so lists stay short.
 //! Checked for strict serializability by [`crate::elle`].
@@ -110,6 +113,21 @@ pub async fn client(env: Env, slot: u64, counter: Arc<AtomicU64>) {
             }
             continue;
         }
+        if rng.chance(50) {
+            let invoke = Json::Array(invoke);
+            let r = match interactive(&client, &mops).await {
+                Body::Committed(r, done) => r.map(|_| done),
+                Body::Failed(why) => {
+                    env.history
+                        .push_error("fail", p.id, "txn", invoke, Some(why));
+                    continue;
+                }
+            };
+            if complete_write(&env, &mut p, "txn", invoke, r, |done| done) {
+                client = env.client(slot);
+            }
+            continue;
+        }
         let statements: Vec<Statement> = mops
             .iter()
             .map(|&(a, k, v)| {
@@ -149,6 +167,61 @@ pub async fn client(env: Env, slot: u64, counter: Arc<AtomicU64>) {
             Json::Array(done)
         }) {
             client = env.client(slot);
+        }
+    }
+}
+
+/// How an interactive transaction went before its outcome is known.
+enum Body {
+    /// `Commit` was sent: its answer, and the micro-operations as completed if it committed.
+    Committed(
+        Result<raftpg_client::v1::CommitResponse, raftpg_client::ClientError>,
+        Json,
+    ),
+    /// It never reached `Commit`: nothing of it committed.
+    Failed(String),
+}
+
+/// Runs `mops` as an interactive transaction: every append reads the key's list and writes
+/// back that list with the value appended, computed here; every read reads the list.
+async fn interactive(client: &raftpg_client::Client, mops: &[(bool, i64, i64)]) -> Body {
+    let txn = match client.begin().await {
+        Ok(t) => t,
+        Err(e) => return Body::Failed(format!("begin: {e}")),
+    };
+    let read = "SELECT v FROM lists WHERE k = $1";
+    let write = "INSERT INTO lists (k, v) VALUES ($1, $2) \
+                 ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v";
+    let body = async {
+        let mut done = Vec::with_capacity(mops.len());
+        for &(append, k, v) in mops {
+            let r = txn.execute(read, vec![values::int(k)]).await?;
+            let list = r
+                .rows
+                .first()
+                .and_then(|row| row.values.first())
+                .and_then(values::as_str)
+                .map(str::to_string);
+            if !append {
+                done.push(json!(["r", k, parse_list(list.as_deref())]));
+                continue;
+            }
+            let new = match list.filter(|l| !l.is_empty()) {
+                Some(l) => format!("{l},{v}"),
+                None => v.to_string(),
+            };
+            txn.execute(write, vec![values::int(k), values::text(new)])
+                .await?;
+            done.push(json!(["append", k, v]));
+        }
+        Ok::<_, raftpg_client::ClientError>(Json::Array(done))
+    }
+    .await;
+    match body {
+        Ok(done) => Body::Committed(txn.commit().await, done),
+        Err(e) => {
+            let _ = txn.rollback().await;
+            Body::Failed(e.to_string())
         }
     }
 }

@@ -359,6 +359,9 @@ struct StateMachineCore {
     txn: Option<txn::OpenTxn>,
     /// The last transaction rolled back by the state machine, and why (told to its caller).
     txn_aborted: Option<(crate::command::RequestId, String)>,
+    /// Woken whenever what a `BEGIN` waits for may have changed (an entry speculated or
+    /// applied, a transaction ended).
+    changed: Arc<tokio::sync::Notify>,
 }
 
 /// Entries this node appended as leader, executed in the applier's open transaction while
@@ -378,6 +381,17 @@ struct Speculation {
     outcomes: Vec<ApplyOutcome>,
     /// When it was executed.
     since: std::time::Instant,
+    /// The last entry when it was executed on top of the others (an interactive transaction
+    /// that began before they committed; see `txn`): it is inside the `raftpg_chain` savepoint
+    /// and is kept only together with them.
+    upper: Option<Below>,
+}
+
+/// What a speculation records without its upper entry (see [`Speculation::upper`]).
+struct Below {
+    last: LogId,
+    writes: u64,
+    membership: StoredMembership,
 }
 
 /// Entries executed in the applier's transaction, with what the batch records.
@@ -435,6 +449,7 @@ impl StateMachineCore {
             speculation: None,
             txn: None,
             txn_aborted: None,
+            changed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -552,7 +567,13 @@ impl StateMachineCore {
     /// Applies one batch in one transaction. Entries already in PostgreSQL (a commit whose
     /// acknowledgement was lost) are skipped, never applied twice.
     async fn apply_batch(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
-        if self.txn.is_some() {
+        let applied = self.apply_batch_inner(batch).await;
+        self.changed.notify_waiters();
+        applied
+    }
+
+    async fn apply_batch_inner(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
+        if self.txn.as_ref().is_some_and(|t| !t.on_top()) {
             self.settle_txn(batch.first()).await;
         }
         let (mut kept, batch) = self.settle_speculation(batch).await?;
@@ -727,6 +748,7 @@ impl StateMachineCore {
                 membership: x.membership,
                 outcomes: entry_outcomes(&fresh, x.item_outcomes)?,
                 since,
+                upper: None,
             })
         }
         .await;
@@ -760,23 +782,48 @@ impl StateMachineCore {
         &mut self,
         batch: &'b [Entry],
     ) -> Result<(Vec<ApplyOutcome>, &'b [Entry]), EnvError> {
-        let Some(spec) = self.speculation.take() else {
+        let Some(mut spec) = self.speculation.take() else {
             return Ok((Vec::new(), batch));
         };
         let m = crate::metrics::get();
-        let n = spec.log_ids.len();
-        let same = batch.len() >= n
-            && batch[..n]
-                .iter()
-                .map(|e| e.log_id)
-                .eq(spec.log_ids.iter().copied());
-        if !same {
+        let starts_with = |n: usize| {
+            batch.len() >= n
+                && batch[..n]
+                    .iter()
+                    .map(|e| e.log_id)
+                    .eq(spec.log_ids[..n].iter().copied())
+        };
+        let base = spec.log_ids.len() - usize::from(spec.upper.is_some());
+        if !starts_with(base) {
             info!(node = self.node_id, speculated = ?spec.log_ids, committed = ?batch.first().map(|e| e.log_id),
                   "the committed log differs from the speculated entries; rolling them back");
             m.speculations.with_label_values(&["dropped"]).inc();
             self.abandon_open_transaction().await;
+            self.drop_txn_on_top(txn::MOVED);
             return Ok((Vec::new(), batch));
         }
+        if spec.upper.is_some() && !starts_with(spec.log_ids.len()) {
+            // Its base committed without the entry on top: keep the base alone (the upper
+            // entry is applied when committed, as on any node).
+            self.lower_speculation(&mut spec).await?;
+        }
+        let on_top = self
+            .txn
+            .as_ref()
+            .filter(|t| t.on_top())
+            .map(|t| t.proposed().is_some());
+        let mut rerun = false;
+        if let Some(proposed) = on_top {
+            self.rollback_chain().await?;
+            // An open transaction runs again on the committed base when nothing else committed
+            // after it; otherwise it can no longer be serialized there. A proposed one is
+            // applied from its entry, as on any node.
+            rerun = !proposed && batch.len() == spec.log_ids.len();
+            if !rerun {
+                self.drop_txn_on_top(txn::MOVED);
+            }
+        }
+        let n = spec.log_ids.len();
         self.applier
             .as_mut()
             .ok_or(EnvError::NotConnected)?
@@ -786,7 +833,44 @@ impl StateMachineCore {
         m.speculations.with_label_values(&["kept"]).inc();
         m.speculation_seconds
             .observe(spec.since.elapsed().as_secs_f64());
+        if rerun {
+            self.rerun_txn().await;
+        }
         Ok((spec.outcomes, &batch[n..]))
+    }
+
+    /// Rolls the upper entry of `spec` back (to the `raftpg_chain` savepoint, sequences put
+    /// back where its base left them) and removes it from `spec`.
+    async fn lower_speculation(&mut self, spec: &mut Speculation) -> Result<(), EnvError> {
+        let Some(below) = spec.upper.take() else {
+            return Ok(());
+        };
+        self.rollback_chain().await?;
+        spec.log_ids.pop();
+        spec.outcomes.pop();
+        spec.last = below.last;
+        spec.writes = below.writes;
+        spec.membership = below.membership;
+        crate::metrics::get()
+            .speculations
+            .with_label_values(&["dropped"])
+            .inc();
+        Ok(())
+    }
+
+    /// Rolls the applier's open transaction back to the `raftpg_chain` savepoint (what ran on
+    /// top of the speculation) and puts the sequences back where the speculation left them;
+    /// drops the connection (and with it everything open) if that fails.
+    async fn rollback_chain(&mut self) -> Result<(), EnvError> {
+        let rolled = match self.applier.as_mut() {
+            Some(a) => a.rollback_chain(RESTORE_SEQUENCES_SQL).await,
+            None => Err(EnvError::NotConnected),
+        };
+        if let Err(e) = &rolled {
+            debug!(error = %e, "rolling back to the chain's savepoint failed; reconnecting");
+            self.disconnect();
+        }
+        rolled
     }
 
     /// Rolls back a speculation still open after `wait_max` (Raft did not commit its entries:
@@ -801,6 +885,9 @@ impl StateMachineCore {
             info!(
                 node = self.node_id,
                 "speculation not committed in time; rolled back"
+            );
+            self.drop_txn_on_top(
+                "the transaction was rolled back: the entry before it was not committed in time; retry the transaction",
             );
             crate::metrics::get()
                 .speculations
@@ -1208,6 +1295,8 @@ pub struct PgStateMachine {
     core: Arc<tokio::sync::Mutex<StateMachineCore>>,
     /// This node's Raft log: applying waits for its entries to be durable here.
     log: LogStore,
+    /// The core's [`StateMachineCore::changed`].
+    changed: Arc<tokio::sync::Notify>,
 }
 
 /// How often the replay task checks whether PostgreSQL lost applied batches.
@@ -1221,7 +1310,9 @@ impl PgStateMachine {
         p.log.hand_own_appends(p.node_id, own);
         let wait_max = p.limits.speculation_wait_max;
         let log = p.log.clone();
-        let core = Arc::new(tokio::sync::Mutex::new(StateMachineCore::new(p)));
+        let core = StateMachineCore::new(p);
+        let changed = core.changed.clone();
+        let core = Arc::new(tokio::sync::Mutex::new(core));
         tokio::spawn(replay_when_postgres_returns(
             Arc::downgrade(&core),
             shutdown.clone(),
@@ -1232,7 +1323,7 @@ impl PgStateMachine {
             shutdown,
             wait_max,
         ));
-        PgStateMachine { core, log }
+        PgStateMachine { core, log, changed }
     }
 }
 
@@ -1248,6 +1339,7 @@ impl PgStateMachine {
     /// The handle that runs interactive transactions on the applier session (leader only).
     pub fn txn_runner(&self) -> TxnRunner {
         TxnRunner {
+            changed: self.changed.clone(),
             core: self.core.clone(),
         }
     }
@@ -1327,6 +1419,7 @@ async fn speculate_own_appends(
             Some(entry) => core.speculate(entry).await,
             None => core.expire_speculation(wait_max).await,
         }
+        core.changed.notify_waiters();
         open_until = core
             .speculation
             .as_ref()

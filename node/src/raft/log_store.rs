@@ -103,6 +103,9 @@ pub struct LogStore {
     /// Where this node's own appended writes go (set once, by the state machine): this node's
     /// id and the state machine's speculation queue (see [`LogStore::hand_own_appends`]).
     own_appends: Arc<OnceLock<(NodeId, tokio::sync::mpsc::Sender<Entry>)>>,
+    /// One more than the index of the last entry written (0: none), for
+    /// [`LogStore::last_written`].
+    written: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Fsyncs the write-ahead log for every batch of waiting appends, then reports them flushed,
@@ -189,6 +192,7 @@ impl LogStore {
         let last = last_entry_log_id(&db)
             .map_err(|e| LogStoreError::Thread(io_err(e)))?
             .map(|l| l.index);
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(last.map_or(0, |l| l + 1)));
         let (flushed_tx, flushed) = watch::channel(last);
         let flushed_tx = Arc::new(flushed_tx);
         let thread_tx = flushed_tx.clone();
@@ -203,7 +207,16 @@ impl LogStore {
             flushed_tx,
             purge_limit: Arc::new(OnceLock::new()),
             own_appends: Arc::new(OnceLock::new()),
+            written,
         })
+    }
+
+    /// The index of the last entry written to the log (readable, maybe not durable yet): where
+    /// the log ends now.
+    pub fn last_written(&self) -> Option<u64> {
+        self.written
+            .load(std::sync::atomic::Ordering::Acquire)
+            .checked_sub(1)
     }
 
     /// Makes every later purge (of every clone) wait until `limit` covers it. The state machine
@@ -432,6 +445,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.io_completed(Err(io_err(&e)));
             return Err(io_err(e));
         }
+        if let Some(last) = last_index {
+            self.written
+                .store(last + 1, std::sync::atomic::Ordering::Release);
+        }
         if let Err(std::sync::mpsc::SendError(f)) = self.flusher.send(Flush {
             last_index,
             callback,
@@ -455,6 +472,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         batch.delete_range_cf(self.cf_logs(), index_key(from), index_key(u64::MAX));
         // delete_range excludes the end key; u64::MAX is never a real index.
         self.db.write_opt(batch, &sync_opts()).map_err(io_err)?;
+        self.written
+            .fetch_min(from, std::sync::atomic::Ordering::AcqRel);
         // What was durable beyond the cut is gone.
         let kept = last_log_id.map(|l| l.index);
         self.flushed_tx.send_modify(|f| {

@@ -35,8 +35,9 @@ use crate::command::{
 use crate::metrics;
 use crate::raft::proposer::Exclusive;
 
-/// How long `BEGIN` waits between looks at the applier when it is not at the log's end yet.
-const BEGIN_RETRY: Duration = Duration::from_millis(1);
+/// How long `BEGIN` waits at most between looks at the applier when it is not at the log's end
+/// yet (it looks again as soon as the state machine applied or speculated something).
+const BEGIN_RETRY: Duration = Duration::from_millis(5);
 
 /// What `BEGIN` needs.
 #[derive(Clone, Debug)]
@@ -156,7 +157,12 @@ impl Service {
                 user: req.principal.as_ref().map(|p| p.user.clone()),
                 executed_after: None,
             };
-            match runner.begin(cmd, last_index).await {
+            // Registered before asking, so that a change meanwhile is not missed.
+            let changed = runner.changed();
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match runner.begin(cmd).await {
                 Ok(()) => break writer,
                 Err(TxnRefusal::Busy(why)) if tokio::time::Instant::now() < deadline => {
                     if !said_busy && started.elapsed() > Duration::from_secs(1) {
@@ -166,7 +172,7 @@ impl Service {
                     debug!(why, "BEGIN waits for the applier");
                     // Entries waiting for the writer go first (the gate is fair).
                     drop(writer);
-                    tokio::time::sleep(BEGIN_RETRY).await;
+                    let _ = tokio::time::timeout(BEGIN_RETRY, notified).await;
                 }
                 Err(TxnRefusal::Busy(why)) => {
                     return Err(ServiceError::unavailable(
@@ -491,6 +497,10 @@ impl Inner {
                 None,
             ));
         }
+        // The entry is queued behind nothing but what was proposed before: the next
+        // transaction may begin (on top of it once it is appended and executed; see
+        // `apply::state_machine::txn`) while Raft commits this one.
+        self.writer = None;
         let timeout = svc.limits.write_timeout;
         let unknown = |why: String| {
             ServiceError {

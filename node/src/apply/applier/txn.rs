@@ -145,24 +145,44 @@ impl Applier {
         };
         let client = &self.client;
         let ran = match &cached {
+            // One round trip: the savepoint, the statement and the savepoint's release — only
+            // for a statement that returns no rows and whose parameters fit, so that PostgreSQL
+            // is the only one that can fail it: then the release fails too (the transaction is
+            // aborted) and the savepoint is still there to roll back to.
+            Some(prepared)
+                if prepared.columns.is_empty() && check_statement(prepared, stmt).is_ok() =>
+            {
+                let (saved, ran, released) = tokio::join!(
+                    client.batch_execute(STMT_SAVEPOINT),
+                    execute_checked(client, prepared, stmt, limits),
+                    client.batch_execute(STMT_RELEASE)
+                );
+                saved?;
+                if ran.is_ok() {
+                    released?;
+                }
+                ran.map(|o| (o, None, true))
+            }
             Some(prepared) => {
                 let (saved, ran) = tokio::join!(
                     client.batch_execute(STMT_SAVEPOINT),
                     execute(client, prepared, stmt, limits)
                 );
                 saved?;
-                ran.map(|o| (o, None))
+                ran.map(|o| (o, None, false))
             }
             None => {
                 client.batch_execute(STMT_SAVEPOINT).await?;
                 prepare_and_execute(client, stmt, limits)
-                    .map(|r| r.map(|(o, p)| (o, Some(p))))
+                    .map(|r| r.map(|(o, p)| (o, Some(p), false)))
                     .await
             }
         };
         let result = match ran {
-            Ok((outcome, prepared)) => {
-                self.client.batch_execute(STMT_RELEASE).await?;
+            Ok((outcome, prepared, released)) => {
+                if !released {
+                    self.client.batch_execute(STMT_RELEASE).await?;
+                }
                 if let Some(p) = prepared.filter(|_| !ddl) {
                     if self.cache.len() < STATEMENT_CACHE_MAX {
                         self.cache.insert(stmt.sql.clone(), p);
