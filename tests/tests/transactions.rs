@@ -265,9 +265,14 @@ async fn concurrent_read_modify_write_transactions_lose_no_update() {
 /// client that disconnects mid-transaction releases the writer at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_and_abandoned_transactions_release_the_writer() {
-    let tc = start_cluster_with("txn_limits", 144, 3, &["--txn-idle-max-ms", "700"])
-        .await
-        .unwrap();
+    let tc = start_cluster_with(
+        "txn_limits",
+        144,
+        3,
+        &["--txn-idle-max-ms", "700", "--txn-time-max-ms", "2500"],
+    )
+    .await
+    .unwrap();
     let (leader, follower) = tc.leader_and_follower().await;
     let c = tc.wire(leader).await.unwrap();
     setup(&c).await;
@@ -319,6 +324,41 @@ async fn idle_and_abandoned_transactions_release_the_writer() {
             .await
             .unwrap(),
         vec![101, 101]
+    );
+
+    // A statement still running at the transaction's time limit is cancelled: the writer is
+    // free at the limit, not when the statement would have ended (minutes later).
+    c.batch_execute("BEGIN").await.unwrap();
+    let started = Instant::now();
+    let e = c
+        .batch_execute(
+            "UPDATE acct SET bal = bal + 1 \
+             WHERE (SELECT count(*) FROM generate_series(1, 4000000000)) > 0",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "25P04", "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the statement ran {:?} past the limit",
+        started.elapsed()
+    );
+    c.batch_execute("ROLLBACK").await.unwrap();
+    let started = Instant::now();
+    other
+        .batch_execute("UPDATE acct SET bal = bal + 1 WHERE id = 2")
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "the writer was free only after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        tc.column::<i32>(leader, "SELECT bal FROM acct ORDER BY id")
+            .await
+            .unwrap(),
+        vec![101, 102]
     );
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }

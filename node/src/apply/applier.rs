@@ -780,22 +780,6 @@ impl Applier {
         Ok(())
     }
 
-    /// Rolls the open transaction back to its `raftpg_chain` savepoint (an interactive
-    /// transaction that ran on top of a speculation; `state_machine::txn`) and ends that
-    /// savepoint, then puts the sequences back where the transaction's records below it say.
-    pub async fn rollback_chain(&mut self, restore_sequences_sql: &str) -> Result<(), EnvError> {
-        if self.ddl_in_transaction {
-            // What it prepared may name objects the rollback takes away; whether the part
-            // below ran DDL too is unknown, so the flag stays.
-            self.cache.clear();
-        }
-        self.client
-            .batch_execute("ROLLBACK TO SAVEPOINT raftpg_chain; RELEASE SAVEPOINT raftpg_chain")
-            .await?;
-        self.client.query_one(restore_sequences_sql, &[]).await?;
-        Ok(())
-    }
-
     /// Adds a write's statements to `steps` — between its role's switches when it has a role
     /// — and its end (see the module doc). `pipelineable` checked the parameters when it built
     /// the run.

@@ -362,6 +362,9 @@ struct StateMachineCore {
     /// Woken whenever what a `BEGIN` waits for may have changed (an entry speculated or
     /// applied, a transaction ended).
     changed: Arc<tokio::sync::Notify>,
+    /// How to cancel what the applier session runs (while it is connected): a transaction's
+    /// statement that outlives the transaction's time limit.
+    cancel: Arc<Mutex<Option<tokio_postgres::CancelToken>>>,
 }
 
 /// Entries this node appended as leader, executed in the applier's open transaction while
@@ -381,17 +384,6 @@ struct Speculation {
     outcomes: Vec<ApplyOutcome>,
     /// When it was executed.
     since: std::time::Instant,
-    /// The last entry when it was executed on top of the others (an interactive transaction
-    /// that began before they committed; see `txn`): it is inside the `raftpg_chain` savepoint
-    /// and is kept only together with them.
-    upper: Option<Below>,
-}
-
-/// What a speculation records without its upper entry (see [`Speculation::upper`]).
-struct Below {
-    last: LogId,
-    writes: u64,
-    membership: StoredMembership,
 }
 
 /// Entries executed in the applier's transaction, with what the batch records.
@@ -450,6 +442,7 @@ impl StateMachineCore {
             txn: None,
             txn_aborted: None,
             changed: Arc::new(tokio::sync::Notify::new()),
+            cancel: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -511,6 +504,8 @@ impl StateMachineCore {
         info!(node = self.node_id, applied = ?self.applied.map(|l| l.index), restored_sequences = restored,
               "applier connected to PostgreSQL");
         applier.prepare_bookkeeping().await?;
+        *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(applier.client().cancel_token());
         self.applier = Some(applier);
         self.status.set_held(Some(Held {
             token,
@@ -523,6 +518,7 @@ impl StateMachineCore {
     /// holds is unknown until it connects again.
     fn disconnect(&mut self) {
         self.status.set_held(None);
+        *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if let Some(t) = self.txn.take() {
             self.txn_aborted = Some((
                 t.request_id().clone(),
@@ -573,7 +569,7 @@ impl StateMachineCore {
     }
 
     async fn apply_batch_inner(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
-        if self.txn.as_ref().is_some_and(|t| !t.on_top()) {
+        if self.txn.is_some() {
             self.settle_txn(batch.first()).await;
         }
         let (mut kept, batch) = self.settle_speculation(batch).await?;
@@ -748,7 +744,6 @@ impl StateMachineCore {
                 membership: x.membership,
                 outcomes: entry_outcomes(&fresh, x.item_outcomes)?,
                 since,
-                upper: None,
             })
         }
         .await;
@@ -782,48 +777,23 @@ impl StateMachineCore {
         &mut self,
         batch: &'b [Entry],
     ) -> Result<(Vec<ApplyOutcome>, &'b [Entry]), EnvError> {
-        let Some(mut spec) = self.speculation.take() else {
+        let Some(spec) = self.speculation.take() else {
             return Ok((Vec::new(), batch));
         };
         let m = crate::metrics::get();
-        let starts_with = |n: usize| {
-            batch.len() >= n
-                && batch[..n]
-                    .iter()
-                    .map(|e| e.log_id)
-                    .eq(spec.log_ids[..n].iter().copied())
-        };
-        let base = spec.log_ids.len() - usize::from(spec.upper.is_some());
-        if !starts_with(base) {
+        let n = spec.log_ids.len();
+        let same = batch.len() >= n
+            && batch[..n]
+                .iter()
+                .map(|e| e.log_id)
+                .eq(spec.log_ids.iter().copied());
+        if !same {
             info!(node = self.node_id, speculated = ?spec.log_ids, committed = ?batch.first().map(|e| e.log_id),
                   "the committed log differs from the speculated entries; rolling them back");
             m.speculations.with_label_values(&["dropped"]).inc();
             self.abandon_open_transaction().await;
-            self.drop_txn_on_top(txn::MOVED);
             return Ok((Vec::new(), batch));
         }
-        if spec.upper.is_some() && !starts_with(spec.log_ids.len()) {
-            // Its base committed without the entry on top: keep the base alone (the upper
-            // entry is applied when committed, as on any node).
-            self.lower_speculation(&mut spec).await?;
-        }
-        let on_top = self
-            .txn
-            .as_ref()
-            .filter(|t| t.on_top())
-            .map(|t| t.proposed().is_some());
-        let mut rerun = false;
-        if let Some(proposed) = on_top {
-            self.rollback_chain().await?;
-            // An open transaction runs again on the committed base when nothing else committed
-            // after it; otherwise it can no longer be serialized there. A proposed one is
-            // applied from its entry, as on any node.
-            rerun = !proposed && batch.len() == spec.log_ids.len();
-            if !rerun {
-                self.drop_txn_on_top(txn::MOVED);
-            }
-        }
-        let n = spec.log_ids.len();
         self.applier
             .as_mut()
             .ok_or(EnvError::NotConnected)?
@@ -833,44 +803,7 @@ impl StateMachineCore {
         m.speculations.with_label_values(&["kept"]).inc();
         m.speculation_seconds
             .observe(spec.since.elapsed().as_secs_f64());
-        if rerun {
-            self.rerun_txn().await;
-        }
         Ok((spec.outcomes, &batch[n..]))
-    }
-
-    /// Rolls the upper entry of `spec` back (to the `raftpg_chain` savepoint, sequences put
-    /// back where its base left them) and removes it from `spec`.
-    async fn lower_speculation(&mut self, spec: &mut Speculation) -> Result<(), EnvError> {
-        let Some(below) = spec.upper.take() else {
-            return Ok(());
-        };
-        self.rollback_chain().await?;
-        spec.log_ids.pop();
-        spec.outcomes.pop();
-        spec.last = below.last;
-        spec.writes = below.writes;
-        spec.membership = below.membership;
-        crate::metrics::get()
-            .speculations
-            .with_label_values(&["dropped"])
-            .inc();
-        Ok(())
-    }
-
-    /// Rolls the applier's open transaction back to the `raftpg_chain` savepoint (what ran on
-    /// top of the speculation) and puts the sequences back where the speculation left them;
-    /// drops the connection (and with it everything open) if that fails.
-    async fn rollback_chain(&mut self) -> Result<(), EnvError> {
-        let rolled = match self.applier.as_mut() {
-            Some(a) => a.rollback_chain(RESTORE_SEQUENCES_SQL).await,
-            None => Err(EnvError::NotConnected),
-        };
-        if let Err(e) = &rolled {
-            debug!(error = %e, "rolling back to the chain's savepoint failed; reconnecting");
-            self.disconnect();
-        }
-        rolled
     }
 
     /// Rolls back a speculation still open after `wait_max` (Raft did not commit its entries:
@@ -885,9 +818,6 @@ impl StateMachineCore {
             info!(
                 node = self.node_id,
                 "speculation not committed in time; rolled back"
-            );
-            self.drop_txn_on_top(
-                "the transaction was rolled back: the entry before it was not committed in time; retry the transaction",
             );
             crate::metrics::get()
                 .speculations
@@ -1297,6 +1227,8 @@ pub struct PgStateMachine {
     log: LogStore,
     /// The core's [`StateMachineCore::changed`].
     changed: Arc<tokio::sync::Notify>,
+    /// The core's [`StateMachineCore::cancel`].
+    cancel: Arc<Mutex<Option<tokio_postgres::CancelToken>>>,
 }
 
 /// How often the replay task checks whether PostgreSQL lost applied batches.
@@ -1312,6 +1244,7 @@ impl PgStateMachine {
         let log = p.log.clone();
         let core = StateMachineCore::new(p);
         let changed = core.changed.clone();
+        let cancel = core.cancel.clone();
         let core = Arc::new(tokio::sync::Mutex::new(core));
         tokio::spawn(replay_when_postgres_returns(
             Arc::downgrade(&core),
@@ -1323,7 +1256,12 @@ impl PgStateMachine {
             shutdown,
             wait_max,
         ));
-        PgStateMachine { core, log, changed }
+        PgStateMachine {
+            core,
+            log,
+            changed,
+            cancel,
+        }
     }
 }
 
@@ -1340,6 +1278,7 @@ impl PgStateMachine {
     pub fn txn_runner(&self) -> TxnRunner {
         TxnRunner {
             changed: self.changed.clone(),
+            cancel: self.cancel.clone(),
             core: self.core.clone(),
         }
     }

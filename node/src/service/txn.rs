@@ -461,7 +461,33 @@ impl Inner {
             ));
         }
         self.steps += 1;
-        let result = self.runner.step(&self.id, step).await;
+        // A statement may not outlive the transaction's time limit: past it, PostgreSQL is
+        // asked to cancel it (the step then fails and the state machine rolls back).
+        let left = self
+            .svc
+            .txn_limits
+            .time_max
+            .saturating_sub(self.started.elapsed());
+        let runner = self.runner.clone();
+        let id = self.id.clone();
+        let running = async move { runner.step(&id, step).await };
+        tokio::pin!(running);
+        let timed = tokio::time::timeout(left, &mut running).await;
+        let result = match timed {
+            Ok(r) => r,
+            Err(_) => {
+                self.runner.cancel_statement().await;
+                let _ = running.await;
+                let e = time_limit_error(self.svc.txn_limits.time_max);
+                self.ended_by = Some(e.clone());
+                self.end(
+                    "aborted",
+                    "the transaction hit a time limit and was rolled back",
+                )
+                .await;
+                return Err(e);
+            }
+        };
         self.last_used = Instant::now();
         match result {
             Ok(r) => Ok(r),
@@ -497,9 +523,8 @@ impl Inner {
                 None,
             ));
         }
-        // The entry is queued behind nothing but what was proposed before: the next
-        // transaction may begin (on top of it once it is appended and executed; see
-        // `apply::state_machine::txn`) while Raft commits this one.
+        // The entry is queued: writes may be proposed behind it while Raft commits it (the
+        // next BEGIN waits until PostgreSQL holds it; see `apply::state_machine::txn`).
         self.writer = None;
         let timeout = svc.limits.write_timeout;
         let unknown = |why: String| {
@@ -581,14 +606,7 @@ async fn watch_limits(inner: Weak<Mutex<Inner>>, limits: TxnLimits) {
         }
         let now = Instant::now();
         let error = if now >= i.started + limits.time_max {
-            ServiceError::refused(
-                ErrorKind::Aborted,
-                "25P04",
-                format!(
-                    "the transaction was open longer than {:?} and was rolled back (limit: --txn-time-max-ms)",
-                    limits.time_max
-                ),
-            )
+            time_limit_error(limits.time_max)
         } else if now >= i.last_used + limits.idle_max {
             ServiceError::refused(
                 ErrorKind::Aborted,
@@ -609,6 +627,17 @@ async fn watch_limits(inner: Weak<Mutex<Inner>>, limits: TxnLimits) {
         .await;
         return;
     }
+}
+
+/// The error of a transaction open longer than `time_max`.
+fn time_limit_error(time_max: Duration) -> ServiceError {
+    ServiceError::refused(
+        ErrorKind::Aborted,
+        "25P04",
+        format!(
+            "the transaction was open longer than {time_max:?} and was rolled back (limit: --txn-time-max-ms)"
+        ),
+    )
 }
 
 pub(super) fn in_failed_txn() -> ServiceError {

@@ -4,34 +4,26 @@
 //!
 //! Owns [`OpenTxn`] (at most one) and the [`TxnRunner`] handle the service layer drives it with.
 //! Invariants:
-//! - It executes at the log's end: it is opened only when PostgreSQL holds exactly the log
-//!   openraft applied and the log ends there (`LogStore::last_written`), or when the open
-//!   speculation — entries of this leader executed but not committed yet — ends there and
-//!   nothing runs on top of it. In that second case (a *chain*: the next transaction runs
-//!   while Raft commits the previous one) it runs inside the `raftpg_chain` savepoint, on top
-//!   of the speculation, and is `executed_after` the speculation's last entry.
-//! - `BEGIN` is only called by the holder of the proposer's writer, and the writer is held from
-//!   `BEGIN` until the entry is proposed: a transaction found open and not proposed at `BEGIN`
-//!   has lost its owner and is rolled back.
+//! - It is opened only when PostgreSQL holds exactly the log openraft applied, nothing else is
+//!   open on the session (no speculation), and that is where the log ends
+//!   (`LogStore::last_written`): the transaction executes at the log's end. `BEGIN` is only
+//!   called by the holder of the proposer's writer, which is held from `BEGIN` until the
+//!   transaction's entry is proposed, so a transaction still open and not proposed then has
+//!   lost its owner and is rolled back.
 //! - Anything else that needs the applier session first rolls it back (sequences restored):
 //!   an entry applied or speculated that is not its own, a lost connection, a snapshot install.
 //!   Its caller then gets a serialization failure (40001) with the reason.
-//! - When the speculation under a chained transaction commits, PostgreSQL must commit it alone:
-//!   the transaction is rolled back to `raftpg_chain`, the speculation committed, and the
-//!   transaction's steps run again in a new PostgreSQL transaction — the same inputs on the
-//!   same state, as any node replays it; a step with another outcome than the first time ends
-//!   the transaction with 40001.
-//! - Its entry becomes (part of) the open speculation only when it is the entry at exactly the
-//!   log id predicted at `COMMIT` (the next index, this leader's term); everything it did is
-//!   then committed by the speculation rule (`settle_speculation`). Otherwise every node applies
-//!   the entry from the log, where its position check decides (`command::TxnCommand`).
+//! - Its entry becomes the open speculation only when it is the entry at exactly the log id
+//!   predicted at `COMMIT` (the next index, this leader's term); everything it did is then
+//!   committed by the speculation rule (`settle_speculation`). Otherwise every node applies the
+//!   entry from the log, where its position check decides (`command::TxnCommand`).
 
 use std::sync::Arc;
 
 use openraft::vote::RaftLeaderId;
 use tracing::{debug, info};
 
-use super::{batch_end, Below, Speculation, StateMachineCore};
+use super::{batch_end, Speculation, StateMachineCore};
 use crate::apply::applier::{Applier, EnvError, TxnOpen, TxnStepResult};
 use crate::command::{
     ApplyOutcome, Command, CommittedLeaderId, Entry, LogId, RequestId, SqlFailure, TxnCommand,
@@ -48,26 +40,13 @@ pub(super) struct OpenTxn {
     /// Set at `COMMIT`, once the end is recorded in the open transaction: the log id its entry
     /// must get, and the outcome it then has.
     proposed: Option<(LogId, ApplyOutcome)>,
-    /// Whether it runs on top of the open speculation, in the `raftpg_chain` savepoint.
-    on_top: bool,
 }
 
 impl OpenTxn {
     pub(super) fn request_id(&self) -> &RequestId {
         &self.cmd.request_id
     }
-
-    pub(super) fn on_top(&self) -> bool {
-        self.on_top
-    }
-
-    pub(super) fn proposed(&self) -> Option<&(LogId, ApplyOutcome)> {
-        self.proposed.as_ref()
-    }
 }
-
-/// Why a transaction is rolled back when another entry reached the log first.
-pub(super) const MOVED: &str = "could not serialize the transaction: another entry reached the log while it was open; retry the transaction";
 
 /// Why the state machine cannot do what the transaction asked.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +79,7 @@ pub enum TxnRefusal {
 pub struct TxnRunner {
     pub(super) core: Arc<tokio::sync::Mutex<StateMachineCore>>,
     pub(super) changed: Arc<tokio::sync::Notify>,
+    pub(super) cancel: Arc<std::sync::Mutex<Option<tokio_postgres::CancelToken>>>,
 }
 
 impl TxnRunner {
@@ -120,10 +100,27 @@ impl TxnRunner {
             })
     }
 
-    /// Opens `cmd` (no steps yet) on the applier session at the log's end (see the module doc).
+    /// Opens `cmd` (no steps yet) on the applier session if PostgreSQL holds exactly the log,
+    /// up to its end, and nothing else is open.
     pub async fn begin(&self, cmd: TxnCommand) -> Result<(), TxnRefusal> {
         self.detached(move |mut core| async move { core.txn_begin(cmd).await })
             .await
+    }
+
+    /// Asks PostgreSQL to cancel what the applier session runs now (a transaction's statement
+    /// past its time limit; the step then fails and the transaction is rolled back). Anything
+    /// else it may hit instead is an environmental failure, retried.
+    pub async fn cancel_statement(&self) {
+        let token = self
+            .cancel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(token) = token {
+            if let Err(e) = token.cancel_query(tokio_postgres::NoTls).await {
+                debug!(error = %e, "cancelling the applier's statement failed");
+            }
+        }
     }
 
     /// Woken whenever a refused `begin` may succeed now.
@@ -167,15 +164,15 @@ impl TxnRunner {
 
 impl StateMachineCore {
     async fn txn_begin(&mut self, mut cmd: TxnCommand) -> Result<(), TxnRefusal> {
-        if let Some(t) = &self.txn {
-            if t.proposed.is_some() {
-                return Err(TxnRefusal::Busy(
-                    "the previous transaction's entry is being appended",
-                ));
-            }
+        if self.txn.as_ref().is_some_and(|t| t.proposed.is_some()) {
+            return Err(TxnRefusal::Busy(
+                "the previous transaction's entry is being appended",
+            ));
+        }
+        if self.txn.is_some() {
             // BEGIN holds the writer, and a live transaction holds it until it is proposed or
-            // its end has rolled back what it left open here: one found here has no owner any
-            // more (its end was lost). Without this, it would keep every BEGIN busy.
+            // its end has rolled back what it left open here: one found here, not proposed, has
+            // no owner any more (its end was lost). Without this, it would keep every BEGIN busy, and BEGINs the writer.
             info!(
                 node = self.node_id,
                 "an open transaction without owner found at BEGIN; rolling it back"
@@ -183,52 +180,32 @@ impl StateMachineCore {
             self.abort_txn("the transaction was rolled back: a newer transaction began after its client had gone")
                 .await;
         }
+        if self.speculation.is_some() {
+            return Err(TxnRefusal::Busy("an entry is still being committed"));
+        }
         if let Err(e) = self.connect().await {
             return Err(TxnRefusal::Postgres(e.to_string()));
         }
         let applied = self.applied.map(|l| l.index);
-        if self.log_applied != applied {
+        if applied != self.log.last_written() || self.log_applied != applied {
             return Err(TxnRefusal::Busy("entries are still being applied"));
         }
-        let log_end = self.log.last_written();
-        let (after, write_no) = match &self.speculation {
-            None if applied == log_end => (self.applied, self.applied_writes + 1),
-            None => return Err(TxnRefusal::Busy("entries are still being applied")),
-            Some(spec) if spec.upper.is_none() && Some(spec.last.index) == log_end => {
-                (Some(spec.last), spec.writes + 1)
-            }
-            Some(_) => return Err(TxnRefusal::Busy("entries are still being committed")),
-        };
-        let on_top = self.speculation.is_some();
-        cmd.executed_after = after;
+        cmd.executed_after = self.applied;
         cmd.steps.clear();
+        let write_no = self.applied_writes + 1;
         let applier = self
             .applier
             .as_mut()
             .ok_or(TxnRefusal::Busy("not connected"))?;
-        let opened = async {
-            if on_top {
-                applier
-                    .client()
-                    .batch_execute("SAVEPOINT raftpg_chain")
-                    .await?;
-            }
-            applier
-                .txn_open(write_no, &cmd, &self.limits, !on_top, Default::default())
-                .await
-        }
-        .await;
+        let opened = applier
+            .txn_open(write_no, &cmd, &self.limits, true, Default::default())
+            .await;
         let refusal = match opened {
             Ok(TxnOpen::Opened) => {
-                crate::metrics::get()
-                    .txn_begins
-                    .with_label_values(&[if on_top { "chained" } else { "alone" }])
-                    .inc();
                 self.txn = Some(OpenTxn {
                     cmd,
                     write_no,
                     proposed: None,
-                    on_top,
                 });
                 return Ok(());
             }
@@ -236,12 +213,7 @@ impl StateMachineCore {
             Ok(TxnOpen::Failed(f)) => TxnRefusal::Sql(f),
             Err(e) => TxnRefusal::Postgres(e.to_string()),
         };
-        if on_top {
-            // Back to the speculation alone (dropping everything if that fails).
-            let _ = self.rollback_chain().await;
-        } else {
-            self.abandon_open_transaction().await;
-        }
+        self.abandon_open_transaction().await;
         Err(refusal)
     }
 
@@ -305,14 +277,9 @@ impl StateMachineCore {
             return Err(TxnRefusal::Aborted(self.aborted_reason(id)));
         };
         let (cmd, write_no) = (t.cmd.clone(), t.write_no);
-        // The entry it runs after: the speculation's last when it runs on top of it.
-        let (after, membership) = match (&self.speculation, t.on_top) {
-            (Some(spec), true) => (Some(spec.last), spec.membership.clone()),
-            _ => (self.applied, self.membership.clone()),
-        };
         let predicted = LogId::new(
             CommittedLeaderId::new(term, self.node_id),
-            after.map(|l| l.index + 1).unwrap_or(0),
+            self.applied.map(|l| l.index + 1).unwrap_or(0),
         );
         let recorded = async {
             let applier = self.applier.as_mut().ok_or(EnvError::NotConnected)?;
@@ -321,7 +288,7 @@ impl StateMachineCore {
             }
             let outcome = ApplyOutcome::Applied(Vec::new());
             let pending = Applier::txn_pending(write_no, &cmd, &outcome)?;
-            let end = batch_end(predicted, write_no, &membership)?;
+            let end = batch_end(predicted, write_no, &self.membership)?;
             applier.flush_uncommitted(pending, &end).await?;
             Ok::<_, EnvError>(Ok(outcome))
         }
@@ -352,78 +319,7 @@ impl StateMachineCore {
         };
         debug!(node = self.node_id, client_id = %t.cmd.request_id.client_id, why, "interactive transaction rolled back");
         self.txn_aborted = Some((t.cmd.request_id, why.to_string()));
-        if t.on_top {
-            // The speculation below stays (or everything is dropped if that fails).
-            let _ = self.rollback_chain().await;
-        } else {
-            self.abandon_open_transaction().await;
-        }
-    }
-
-    /// Forgets the transaction running on top of the speculation after what was open on the
-    /// session was rolled back (to the chain's savepoint or whole) for `why`. A proposed one is
-    /// forgotten silently: its entry is applied from the log, and its caller gets that outcome.
-    pub(super) fn drop_txn_on_top(&mut self, why: &str) {
-        if !self.txn.as_ref().is_some_and(|t| t.on_top) {
-            return;
-        }
-        if let Some(t) = self.txn.take() {
-            if t.proposed.is_none() {
-                self.txn_aborted = Some((t.cmd.request_id, why.to_string()));
-            }
-        }
-    }
-
-    /// Runs the open transaction's steps again in a new PostgreSQL transaction, after the
-    /// speculation it ran on top of committed (see the module doc); ends it with 40001 when a
-    /// step does not do what it did the first time.
-    pub(super) async fn rerun_txn(&mut self) {
-        let Some(t) = self.txn.as_mut() else {
-            return;
-        };
-        t.on_top = false;
-        let (cmd, write_no) = (t.cmd.clone(), t.write_no);
-        let limits = self.limits.clone();
-        let ran = async {
-            let applier = self.applier.as_mut().ok_or(EnvError::NotConnected)?;
-            let opened = applier
-                .txn_open(write_no, &cmd, &limits, true, Default::default())
-                .await?;
-            if !matches!(opened, TxnOpen::Opened) {
-                return Ok(false);
-            }
-            for step in &cmd.steps {
-                let result = applier.txn_step(step, &limits).await?;
-                let failed_now = matches!(result, TxnStepResult::Failed(_));
-                let failed_before = matches!(step, TxnStep::Statement { failed: true, .. });
-                if failed_now != failed_before {
-                    return Ok(false);
-                }
-            }
-            Ok::<_, EnvError>(true)
-        }
-        .await;
-        crate::metrics::get()
-            .txn_reruns
-            .with_label_values(&[match &ran {
-                Ok(true) => "same",
-                Ok(false) => "different",
-                Err(_) => "failed",
-            }])
-            .inc();
-        match ran {
-            Ok(true) => {}
-            Ok(false) => {
-                self.abort_txn("could not serialize the transaction: run again after the entry before it committed, it did not do the same; retry the transaction")
-                    .await
-            }
-            Err(e) => {
-                self.abort_txn(&format!(
-                    "the transaction was rolled back: PostgreSQL failed: {e}"
-                ))
-                .await
-            }
-        }
+        self.abandon_open_transaction().await;
     }
 
     /// Called with the entries about to be applied or speculated: makes the open transaction
@@ -441,31 +337,20 @@ impl StateMachineCore {
         });
         if !own {
             info!(node = self.node_id, entry = ?first.map(|e| e.log_id), "another entry reached the log before the open transaction's; rolling it back");
-            self.abort_txn(MOVED).await;
+            self.abort_txn(
+                "could not serialize the transaction: another entry reached the log while it was open; retry the transaction",
+            )
+            .await;
             return;
         }
         let Some(OpenTxn {
             write_no,
             proposed: Some((log_id, outcome)),
-            on_top,
             ..
         }) = self.txn.take()
         else {
             return;
         };
-        if let Some(spec) = self.speculation.as_mut().filter(|_| on_top) {
-            // Its entry goes on top of the speculation's.
-            spec.upper = Some(Below {
-                last: spec.last,
-                writes: spec.writes,
-                membership: spec.membership.clone(),
-            });
-            spec.log_ids.push(log_id);
-            spec.outcomes.push(outcome);
-            spec.last = log_id;
-            spec.writes = write_no;
-            return;
-        }
         self.speculation = Some(Speculation {
             log_ids: vec![log_id],
             last: log_id,
@@ -473,7 +358,6 @@ impl StateMachineCore {
             membership: self.membership.clone(),
             outcomes: vec![outcome],
             since: std::time::Instant::now(),
-            upper: None,
         });
     }
 }
