@@ -50,6 +50,17 @@ async fn read_then_write_transactions_through_leader_and_follower() {
         tx.execute("UPDATE acct SET bal = bal + 10 WHERE id = 2", &[])
             .await
             .unwrap();
+        // A table it creates is described on its session (relayed from a follower).
+        let table = format!("made_on_{node}");
+        tx.batch_execute(&format!("CREATE TABLE {table} (k int)"))
+            .await
+            .unwrap();
+        tx.execute(
+            &format!("INSERT INTO {table} VALUES ($1)"),
+            &[&(node as i32)],
+        )
+        .await
+        .unwrap();
         // Its own writes are visible to it.
         let mine: i32 = tx
             .query_one("SELECT bal FROM acct WHERE id = 1", &[])
@@ -191,6 +202,39 @@ async fn failed_statements_savepoints_and_rollback() {
             .unwrap(),
         vec![1]
     );
+    // A migration: a table created in the transaction is used at once with parameters (the
+    // extended protocol describes each statement first: inside the transaction it sees the
+    // table). A statement PostgreSQL cannot prepare fails the transaction, as Parse does.
+    let tx = c.transaction().await.unwrap();
+    tx.batch_execute("CREATE TABLE migrated (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    tx.execute("INSERT INTO migrated VALUES ($1, $2)", &[&1i32, &"one"])
+        .await
+        .unwrap();
+    let v: String = tx
+        .query_one("SELECT v FROM migrated WHERE id = $1", &[&1i32])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "one");
+    tx.commit().await.unwrap();
+    let tx = c.transaction().await.unwrap();
+    let e = tx
+        .execute("INSERT INTO nosuch VALUES ($1)", &[&1i32])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "42P01");
+    let e = tx.execute("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02");
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        tc.column::<String>(leader, "SELECT v FROM migrated")
+            .await
+            .unwrap(),
+        vec!["one".to_string()]
+    );
+
     // A new serial id after all those rolled back statements is the same on every copy.
     c.batch_execute("INSERT INTO ids (note) VALUES ('after')")
         .await

@@ -77,7 +77,8 @@ pub fn execute_request(req: &WriteRequest) -> pb::ExecuteRequest {
     }
 }
 
-fn columns(columns: Vec<ColumnInfo>) -> Vec<pb::Column> {
+/// Result columns as the API sends them.
+pub fn columns(columns: Vec<ColumnInfo>) -> Vec<pb::Column> {
     columns
         .into_iter()
         .map(|c| pb::Column {
@@ -88,7 +89,8 @@ fn columns(columns: Vec<ColumnInfo>) -> Vec<pb::Column> {
         .collect()
 }
 
-fn column_infos(columns: Vec<pb::Column>) -> Vec<ColumnInfo> {
+/// Result columns as the API received them.
+pub fn column_infos(columns: Vec<pb::Column>) -> Vec<ColumnInfo> {
     columns
         .into_iter()
         .map(|c| ColumnInfo {

@@ -25,8 +25,9 @@ use crate::command::{NodeId, RequestId, TableChecksum};
 use crate::raft::network::PeerChannels;
 use crate::service::peers::PeerResult;
 use crate::service::{
-    Begun, CheckReport, Committed, LeaderHint, MembershipChange, MembershipOutcome, NodeStatus,
-    PeerLink, SavepointOp, ServiceError, TxnAnswer, TxnCall, WriteOutcome, WriteRequest,
+    Begun, CheckReport, Committed, Description, LeaderHint, MembershipChange, MembershipOutcome,
+    NodeStatus, PeerLink, SavepointOp, ServiceError, TxnAnswer, TxnCall, WriteOutcome,
+    WriteRequest,
 };
 
 /// How long past its timeout a call is abandoned on this side (the peer's own deadline, from
@@ -153,6 +154,22 @@ impl PeerLink for GrpcPeers {
                     Ok(TxnAnswer::Rows(convert::statement_outcome(
                         answer.result.unwrap_or_default(),
                     )?))
+                }
+                TxnCall::Describe { sql, param_types } => {
+                    let r = self.forwarded(
+                        pb::TxnDescribeRequest {
+                            txn_id: txn_id.to_string(),
+                            sql: sql.clone(),
+                            param_types: param_types.clone(),
+                        },
+                        principal,
+                        timeout,
+                    );
+                    let d = bounded(timeout, client.describe(r)).await?;
+                    Ok(TxnAnswer::Described(Description {
+                        param_types: d.param_types,
+                        columns: convert::column_infos(d.columns),
+                    }))
                 }
                 TxnCall::Savepoint(op, name) => {
                     let op = match op {

@@ -117,6 +117,29 @@ impl Transaction for TransactionService {
         Ok(Response::new(pb::TxnSavepointResponse {}))
     }
 
+    async fn describe(
+        &self,
+        request: Request<pb::TxnDescribeRequest>,
+    ) -> Result<Response<pb::TxnDescribeResponse>, Status> {
+        let answer = self
+            .call(
+                request,
+                |r| r.txn_id.clone(),
+                |r| TxnCall::Describe {
+                    sql: r.sql,
+                    param_types: r.param_types,
+                },
+            )
+            .await?;
+        match answer {
+            TxnAnswer::Described(d) => Ok(Response::new(pb::TxnDescribeResponse {
+                param_types: d.param_types,
+                columns: convert::columns(d.columns),
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn commit(
         &self,
         request: Request<pb::TxnEndRequest>,

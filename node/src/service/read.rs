@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use postgres_types::{Kind, ToSql, Type};
+use postgres_types::{ToSql, Type};
 use tokio::sync::mpsc;
 use tracing::{debug, info_span, Instrument, Span};
 
@@ -25,6 +25,7 @@ use super::node::{Route, Service};
 use super::types::{Consistency, Description, Origin, ReadChunk, ReadRequest, SESSION_SETTINGS};
 use crate::auth::authenticator::Principal;
 use crate::command::{ColumnInfo, SqlFailure, SqlValue};
+use crate::pg::describe::{columns_of, prepare};
 use crate::pg::read_pool::{
     switch_sql, ConnState, SessionState, StatementCache, READ_DURATION_MAX,
 };
@@ -954,37 +955,6 @@ async fn finish<F: std::future::Future>(
     sent.as_mut().await;
     sent.take_output()
         .expect("a MaybeDone that was awaited holds its output")
-}
-
-/// The result columns of a prepared statement, with this node's type OIDs.
-fn columns_of(stmt: &tokio_postgres::Statement) -> Vec<ColumnInfo> {
-    stmt.columns()
-        .iter()
-        .map(|c| ColumnInfo {
-            name: c.name().to_string(),
-            type_name: c.type_().name().to_string(),
-            type_oid: c.type_().oid(),
-        })
-        .collect()
-}
-
-/// Prepares `sql` with the parameter types the client gave (0: PostgreSQL infers the type).
-async fn prepare(
-    tx: &tokio_postgres::Transaction<'_>,
-    sql: &str,
-    param_types: &[u32],
-) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
-    if param_types.iter().all(|t| *t == 0) {
-        return tx.prepare(sql).await;
-    }
-    let types: Vec<Type> = param_types.iter().map(|oid| type_of_oid(*oid)).collect();
-    tx.prepare_typed(sql, &types).await
-}
-
-/// A type by OID for a `Parse` message (only the OID is sent; PostgreSQL knows the rest).
-fn type_of_oid(oid: u32) -> Type {
-    Type::from_oid(oid)
-        .unwrap_or_else(|| Type::new(format!("oid {oid}"), oid, Kind::Simple, String::new()))
 }
 
 impl Service {

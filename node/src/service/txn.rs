@@ -25,7 +25,7 @@ use tracing::{debug, info, info_span, Instrument};
 
 use super::error::{ErrorKind, ServiceError};
 use super::node::{Service, TxnLimits};
-use super::types::{Committed, Origin, WriteStatement};
+use super::types::{Committed, Description, Origin, WriteStatement};
 use crate::apply::applier::TxnStepResult;
 use crate::apply::state_machine::{TxnRefusal, TxnRunner};
 use crate::auth::authenticator::Principal;
@@ -282,6 +282,37 @@ impl LocalTxn {
                 TxnStepResult::Failed(f) => {
                     inner.status = TxnStatus::Failed;
                     Err(ServiceError::sql(&f, 0))
+                }
+            }
+        })
+        .await?
+    }
+
+    /// What PostgreSQL infers for `sql` on the transaction's session (see
+    /// [`Txn::describe`](super::txn_route::Txn::describe)).
+    pub async fn describe(
+        &self,
+        sql: String,
+        param_types: Vec<u32>,
+    ) -> Result<Description, ServiceError> {
+        self.detached(move |mut inner| async move {
+            inner.usable()?;
+            let described = inner.runner.describe(&inner.id, sql, param_types).await;
+            inner.last_used = Instant::now();
+            match described {
+                Ok(Ok((param_types, columns))) => Ok(Description {
+                    param_types,
+                    columns,
+                }),
+                Ok(Err(f)) => {
+                    inner.status = TxnStatus::Failed;
+                    Err(ServiceError::sql(&f, 0))
+                }
+                Err(e) => {
+                    let e = refusal_error(e);
+                    inner.ended_by = Some(e.clone());
+                    inner.end("aborted", "").await;
+                    Err(e)
                 }
             }
         })

@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 use super::error::{ErrorKind, LeaderHint, ServiceError};
 use super::node::{Route, Service};
 use super::txn::{BeginRequest, LocalTxn, TxnStatus};
-use super::types::{Begun, Committed, Origin, SavepointOp, TxnAnswer, TxnCall, WriteStatement};
+use super::types::{
+    Begun, Committed, Description, Origin, SavepointOp, TxnAnswer, TxnCall, WriteStatement,
+};
 use crate::auth::authenticator::Principal;
 use crate::command::{NodeId, RequestId, StatementOutcome};
 
@@ -199,6 +201,10 @@ impl Service {
 async fn run_local(txn: &LocalTxn, call: TxnCall) -> Result<TxnAnswer, ServiceError> {
     match call {
         TxnCall::Execute(stmt) => txn.execute(stmt).await.map(TxnAnswer::Rows),
+        TxnCall::Describe { sql, param_types } => txn
+            .describe(sql, param_types)
+            .await
+            .map(TxnAnswer::Described),
         TxnCall::Savepoint(op, name) => match op {
             SavepointOp::Define => txn.savepoint(&name).await,
             SavepointOp::Release => txn.release(&name).await,
@@ -262,6 +268,28 @@ impl Txn {
             Place::Here(t) => t.execute(stmt).await,
             Place::There(r) => match r.call(TxnCall::Execute(stmt)).await? {
                 TxnAnswer::Rows(o) => Ok(o),
+                other => Err(unexpected(other)),
+            },
+        }
+    }
+
+    /// What PostgreSQL infers for `sql` inside the transaction (it sees what the transaction
+    /// created). An error fails the transaction, as PostgreSQL's `Parse` does.
+    pub async fn describe(
+        &self,
+        sql: &str,
+        param_types: &[u32],
+    ) -> Result<Description, ServiceError> {
+        match &self.place {
+            Place::Here(t) => t.describe(sql.to_string(), param_types.to_vec()).await,
+            Place::There(r) => match r
+                .call(TxnCall::Describe {
+                    sql: sql.to_string(),
+                    param_types: param_types.to_vec(),
+                })
+                .await?
+            {
+                TxnAnswer::Described(d) => Ok(d),
                 other => Err(unexpected(other)),
             },
         }

@@ -334,6 +334,13 @@ pub enum SavepointOp {
 pub enum TxnCall {
     /// Run a statement.
     Execute(WriteStatement),
+    /// What PostgreSQL infers for a statement inside the transaction (`Describe`).
+    Describe {
+        /// The statement.
+        sql: String,
+        /// The client's parameter types (0: inferred).
+        param_types: Vec<u32>,
+    },
     /// A savepoint command.
     Savepoint(SavepointOp, String),
     /// `COMMIT`.
@@ -347,6 +354,8 @@ pub enum TxnCall {
 pub enum TxnAnswer {
     /// A statement's result.
     Rows(StatementOutcome),
+    /// A statement's description.
+    Described(Description),
     /// A savepoint command or `ROLLBACK` was done.
     Done,
     /// `COMMIT`'s outcome.

@@ -1315,7 +1315,11 @@ impl Session {
             return Ok(Description::default());
         };
         match &s.kind {
+            // Inside a transaction, on its session: it sees what the transaction created.
             Kind::Read { .. } | Kind::Write { .. } => {
+                if let Some(txn) = &self.txn {
+                    return txn.describe(&s.sql, &prepared.param_types).await;
+                }
                 self.svc
                     .describe(
                         &s.sql,

@@ -202,6 +202,39 @@ impl Applier {
         Ok(result)
     }
 
+    /// What PostgreSQL infers for `sql` inside the open transaction (the wire protocol's
+    /// `Describe`, which must see what the transaction created): its parameter types and
+    /// result columns. Prepared in a savepoint of its own, so that a statement PostgreSQL
+    /// refuses leaves the transaction usable; nothing of it is a step (it changes nothing).
+    pub async fn txn_describe(
+        &mut self,
+        sql: &str,
+        param_types: &[u32],
+    ) -> Result<Result<(Vec<u32>, Vec<ColumnInfo>), SqlFailure>, EnvError> {
+        let client = &self.client;
+        let (saved, prepared) = tokio::join!(
+            client.batch_execute(STMT_SAVEPOINT),
+            crate::pg::describe::prepare(client, sql, param_types)
+        );
+        saved?;
+        match prepared {
+            Ok(stmt) => {
+                client.batch_execute(STMT_RELEASE).await?;
+                Ok(Ok((
+                    stmt.params().iter().map(|t| t.oid()).collect(),
+                    crate::pg::describe::columns_of(&stmt),
+                )))
+            }
+            Err(e) => match classify(e) {
+                StmtError::Deterministic(f) => {
+                    client.batch_execute(STMT_ROLLBACK).await?;
+                    Ok(Err(f))
+                }
+                StmtError::Environmental(e) => Err(e),
+            },
+        }
+    }
+
     /// The end of a transaction's run: its `SET LOCAL` settings back, the switch back from its
     /// role (its deferred constraints fire), `raftpg.end_write`. A failure there is the
     /// transaction's (its `COMMIT`'s error); the savepoint is still to be ended, with the

@@ -26,8 +26,8 @@ use tracing::{debug, info};
 use super::{batch_end, Speculation, StateMachineCore};
 use crate::apply::applier::{Applier, EnvError, TxnOpen, TxnStepResult};
 use crate::command::{
-    ApplyOutcome, Command, CommittedLeaderId, Entry, LogId, RequestId, SqlFailure, TxnCommand,
-    TxnStep,
+    ApplyOutcome, ColumnInfo, Command, CommittedLeaderId, Entry, LogId, RequestId, SqlFailure,
+    TxnCommand, TxnStep,
 };
 use openraft::EntryPayload;
 
@@ -133,6 +133,33 @@ impl TxnRunner {
         let id = id.clone();
         self.detached(move |mut core| async move { core.txn_step(&id, step).await })
             .await
+    }
+
+    /// What PostgreSQL infers for `sql` inside the open transaction `id` (parameter type OIDs
+    /// and result columns), or its error (the transaction stays usable on the session).
+    pub async fn describe(
+        &self,
+        id: &RequestId,
+        sql: String,
+        param_types: Vec<u32>,
+    ) -> Result<Result<(Vec<u32>, Vec<ColumnInfo>), SqlFailure>, TxnRefusal> {
+        let id = id.clone();
+        self.detached(move |mut core| async move {
+            core.active_txn(&id)?;
+            let described = match core.applier.as_mut() {
+                Some(a) => a.txn_describe(&sql, &param_types).await,
+                None => Err(EnvError::NotConnected),
+            };
+            match described {
+                Ok(d) => Ok(d),
+                Err(e) => {
+                    let why = format!("the transaction was rolled back: PostgreSQL failed: {e}");
+                    core.abort_txn(&why).await;
+                    Err(TxnRefusal::Postgres(e.to_string()))
+                }
+            }
+        })
+        .await
     }
 
     /// Ends transaction `id`'s run and records its end (at the log id predicted for its entry
