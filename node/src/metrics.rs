@@ -114,6 +114,12 @@ pub struct Metrics {
     /// Steps of replayed transactions whose outcome differed from the leader's (a broken
     /// determinism rule; `raftpg check` shows whether the copies differ).
     pub txn_replay_mismatches: IntCounter,
+    /// Interactive transactions begun on this node, by where: `alone` (on what PostgreSQL
+    /// committed) or `chained` (on top of the previous entries while Raft committed them).
+    pub txn_begins: IntCounterVec,
+    /// Chained transactions run again after the entries below them were committed without
+    /// them, by how that went: `same`, `different` (ended with 40001), `failed`.
+    pub txn_reruns: IntCounterVec,
 }
 
 fn gauge(name: &str, help: &str) -> IntGauge {
@@ -194,7 +200,7 @@ impl Metrics {
             ),
             speculations: counter_vec(
                 "raftpg_speculations_total",
-                "The leader's entries executed while they replicate, by how it ended: kept, dropped, expired, failed, skipped.",
+                "The leader's entries executed while they replicate, by how it ended: kept, deferred (committed by Raft while a transaction ran on top), dropped, expired, failed, skipped.",
                 &["outcome"],
             ),
             txns: counter_vec(
@@ -215,6 +221,16 @@ impl Metrics {
                 "Steps of replayed interactive transactions whose outcome differed from the leader's.",
             )
             .expect("a valid metric"),
+            txn_begins: counter_vec(
+                "raftpg_transaction_begins_total",
+                "Interactive transactions begun here, by where: alone, chained (on top of entries Raft was committing).",
+                &["how"],
+            ),
+            txn_reruns: counter_vec(
+                "raftpg_transaction_reruns_total",
+                "Chained transactions run again after the entries below them were committed without them, by result: same, different, failed.",
+                &["result"],
+            ),
             speculation_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "raftpg_speculation_seconds",
@@ -316,6 +332,8 @@ impl Metrics {
             Box::new(m.txns.clone()),
             Box::new(m.txn_seconds.clone()),
             Box::new(m.txn_replay_mismatches.clone()),
+            Box::new(m.txn_begins.clone()),
+            Box::new(m.txn_reruns.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

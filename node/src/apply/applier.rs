@@ -780,6 +780,28 @@ impl Applier {
         Ok(())
     }
 
+    /// Rolls the open transaction back through its `levels` innermost `raftpg_chain`
+    /// savepoints (what ran on top of a speculation's kept part; `state_machine::txn`), ending
+    /// them, then puts the sequences back where the records of what stays say.
+    pub async fn rollback_chain(
+        &mut self,
+        levels: usize,
+        restore_sequences_sql: &str,
+    ) -> Result<(), EnvError> {
+        if levels == 0 {
+            return Ok(());
+        }
+        if self.ddl_in_transaction {
+            // What it prepared may name objects the rollback takes away; whether what stays
+            // ran DDL too is unknown, so the flag stays.
+            self.cache.clear();
+        }
+        let one = "ROLLBACK TO SAVEPOINT raftpg_chain; RELEASE SAVEPOINT raftpg_chain; ";
+        self.client.batch_execute(&one.repeat(levels)).await?;
+        self.client.query_one(restore_sequences_sql, &[]).await?;
+        Ok(())
+    }
+
     /// Adds a write's statements to `steps` — between its role's switches when it has a role
     /// — and its end (see the module doc). `pipelineable` checked the parameters when it built
     /// the run.

@@ -373,17 +373,75 @@ struct StateMachineCore {
 /// log ids; rolled back (sequences restored) when it applies anything else, when the
 /// connection drops, or after [`ApplyLimits::speculation_wait_max`]. Nothing of it is visible
 /// before it is kept: its transaction is open.
+///
+/// Interactive transactions chain on it (`txn`): a transaction may begin on top of it, inside a
+/// `raftpg_chain` savepoint, and its entry becomes one more level. When Raft commits the levels
+/// below while something still runs on top, their PostgreSQL commit is *deferred*: their
+/// outcomes are answered at once, and they are committed together with what runs on top (reads
+/// wait for PostgreSQL to hold their index, as after a crash). At most
+/// [`DEFER_MAX`] later, whatever still runs on top is rolled back and the deferred levels
+/// committed alone.
 struct Speculation {
-    /// The entries' log ids, in order.
-    log_ids: Vec<LogId>,
-    /// What the batch records (as [`Executed`]).
+    /// Its entries in log order: the first began the applier's open transaction, each later one
+    /// ran on top of the ones before it, in a `raftpg_chain` savepoint of its own.
+    levels: Vec<Level>,
+    /// How many of the first levels Raft committed (their outcomes answered) while something
+    /// ran on top: committed in PostgreSQL only with the levels above.
+    deferred: usize,
+    /// Since when levels are deferred.
+    deferred_since: Option<std::time::Instant>,
+}
+
+/// One entry of a [`Speculation`].
+struct Level {
+    log_id: LogId,
+    /// Its outcome, answered when Raft commits it.
+    outcome: ApplyOutcome,
+    /// What PostgreSQL records when it commits up to this level.
+    after: Below,
+    /// When it was executed.
+    since: std::time::Instant,
+}
+
+/// What a batch records when it commits (invariant 1), up to some entry.
+#[derive(Clone)]
+struct Below {
     last: LogId,
     writes: u64,
     membership: StoredMembership,
-    /// One outcome per entry.
-    outcomes: Vec<ApplyOutcome>,
-    /// When it was executed.
-    since: std::time::Instant,
+}
+
+/// The longest PostgreSQL commits of speculated entries are deferred for what runs on top of
+/// them (see [`Speculation`]); a chained `BEGIN` waits once half of it has passed.
+pub(crate) const DEFER_MAX: Duration = Duration::from_millis(20);
+
+/// Most levels a speculation holds (see [`Speculation`]).
+const LEVELS_MAX: usize = 16;
+
+impl Speculation {
+    /// A speculation of one entry.
+    fn one(log_id: LogId, outcome: ApplyOutcome, after: Below) -> Self {
+        Speculation {
+            levels: vec![Level {
+                log_id,
+                outcome,
+                after,
+                since: std::time::Instant::now(),
+            }],
+            deferred: 0,
+            deferred_since: None,
+        }
+    }
+
+    /// What PostgreSQL records when it commits every level.
+    fn top(&self) -> &Below {
+        &self.levels[self.levels.len() - 1].after
+    }
+
+    /// Levels Raft has not committed yet.
+    fn uncommitted(&self) -> usize {
+        self.levels.len() - self.deferred
+    }
 }
 
 /// Entries executed in the applier's transaction, with what the batch records.
@@ -569,7 +627,8 @@ impl StateMachineCore {
     }
 
     async fn apply_batch_inner(&mut self, batch: &[Entry]) -> Result<Vec<ApplyOutcome>, EnvError> {
-        if self.txn.is_some() {
+        // (A transaction on top of the speculation is settled with it.)
+        if self.txn.as_ref().is_some_and(|t| !t.on_top()) {
             self.settle_txn(batch.first()).await;
         }
         let (mut kept, batch) = self.settle_speculation(batch).await?;
@@ -737,14 +796,20 @@ impl StateMachineCore {
                 .ok_or(EnvError::NotConnected)?
                 .flush_uncommitted(x.pending, &x.end)
                 .await?;
-            Ok::<_, EnvError>(Speculation {
-                log_ids: vec![batch[0].log_id],
-                last: x.last,
-                writes: x.writes,
-                membership: x.membership,
-                outcomes: entry_outcomes(&fresh, x.item_outcomes)?,
-                since,
-            })
+            let mut outcomes = entry_outcomes(&fresh, x.item_outcomes)?;
+            let mut spec = Speculation::one(
+                batch[0].log_id,
+                outcomes
+                    .pop()
+                    .ok_or(EnvError::Inconsistent("an entry without outcome"))?,
+                Below {
+                    last: x.last,
+                    writes: x.writes,
+                    membership: x.membership,
+                },
+            );
+            spec.levels[0].since = since;
+            Ok::<_, EnvError>(spec)
         }
         .await;
         match executed {
@@ -769,61 +834,177 @@ impl StateMachineCore {
         }
     }
 
-    /// Keeps the open speculation if `batch` (committed entries) starts with exactly its
-    /// entries — same terms, same indexes: commits it and returns its outcomes and the rest of
-    /// the batch. Otherwise rolls it back first (sequences restored), and the whole batch is
-    /// applied as on any node.
+    /// Settles the open speculation with `batch` (committed entries): the levels it starts
+    /// with are kept — committed in PostgreSQL, or deferred while something runs on top of them
+    /// and the batch holds nothing else — and their outcomes returned with the rest of the
+    /// batch. What the log does not hold is rolled back (sequences restored): everything when
+    /// the batch starts with something else, else what is above the levels kept.
     async fn settle_speculation<'b>(
         &mut self,
         batch: &'b [Entry],
     ) -> Result<(Vec<ApplyOutcome>, &'b [Entry]), EnvError> {
-        let Some(spec) = self.speculation.take() else {
+        let Some(mut spec) = self.speculation.take() else {
             return Ok((Vec::new(), batch));
         };
         let m = crate::metrics::get();
-        let n = spec.log_ids.len();
-        let same = batch.len() >= n
-            && batch[..n]
-                .iter()
-                .map(|e| e.log_id)
-                .eq(spec.log_ids.iter().copied());
-        if !same {
-            info!(node = self.node_id, speculated = ?spec.log_ids, committed = ?batch.first().map(|e| e.log_id),
+        let matched = batch
+            .iter()
+            .zip(&spec.levels[spec.deferred..])
+            .take_while(|(e, l)| e.log_id == l.log_id)
+            .count();
+        let covered = spec.deferred + matched;
+        let outcomes: Vec<ApplyOutcome> = spec.levels[spec.deferred..covered]
+            .iter()
+            .map(|l| l.outcome.clone())
+            .collect();
+        let rest = &batch[matched..];
+        let on_top = self.txn.as_ref().is_some_and(|t| t.on_top());
+        let above = spec.levels.len() - covered + usize::from(on_top);
+        if covered == 0 {
+            info!(node = self.node_id, speculated = ?spec.levels.iter().map(|l| l.log_id).collect::<Vec<_>>(),
+                  committed = ?batch.first().map(|e| e.log_id),
                   "the committed log differs from the speculated entries; rolling them back");
             m.speculations.with_label_values(&["dropped"]).inc();
             self.abandon_open_transaction().await;
+            self.drop_txn_on_top(txn::MOVED);
             return Ok((Vec::new(), batch));
         }
+        if rest.is_empty() && above > 0 {
+            // Something runs on top of what Raft committed: commit it in PostgreSQL later,
+            // together (see `Speculation`).
+            spec.deferred = covered;
+            spec.deferred_since
+                .get_or_insert_with(std::time::Instant::now);
+            m.speculations
+                .with_label_values(&["deferred"])
+                .inc_by(matched as u64);
+            self.speculation = Some(spec);
+            return Ok((outcomes, rest));
+        }
+        if above > 0 {
+            // The log holds other entries after the levels kept: what ran above them cannot
+            // stay (uncommitted levels are applied from the log when committed).
+            self.rollback_chain(above).await?;
+            self.drop_txn_on_top(txn::MOVED);
+            if spec.levels.len() > covered {
+                m.speculations.with_label_values(&["dropped"]).inc();
+            }
+            spec.levels.truncate(covered);
+        }
+        self.commit_speculation(spec).await?;
+        Ok((outcomes, rest))
+    }
+
+    /// Commits every level of `spec` in PostgreSQL (nothing runs on top any more).
+    async fn commit_speculation(&mut self, spec: Speculation) -> Result<(), EnvError> {
         self.applier
             .as_mut()
             .ok_or(EnvError::NotConnected)?
             .commit()
             .await?;
-        self.committed(spec.last, spec.writes, spec.membership);
+        let top = spec.top().clone();
+        self.committed(top.last, top.writes, top.membership);
+        let m = crate::metrics::get();
         m.speculations.with_label_values(&["kept"]).inc();
         m.speculation_seconds
-            .observe(spec.since.elapsed().as_secs_f64());
-        Ok((spec.outcomes, &batch[n..]))
+            .observe(spec.levels[0].since.elapsed().as_secs_f64());
+        Ok(())
     }
 
-    /// Rolls back a speculation still open after `wait_max` (Raft did not commit its entries:
-    /// this node may be cut off), so that its locks do not outlive it.
+    /// Rolls back `levels` nested `raftpg_chain` savepoints (what ran on top of a speculation's
+    /// kept part) and puts the sequences back where what stays left them; drops the connection
+    /// (and with it everything open) if that fails.
+    async fn rollback_chain(&mut self, levels: usize) -> Result<(), EnvError> {
+        let rolled = match self.applier.as_mut() {
+            Some(a) => a.rollback_chain(levels, RESTORE_SEQUENCES_SQL).await,
+            None => Err(EnvError::NotConnected),
+        };
+        if let Err(e) = &rolled {
+            debug!(error = %e, "rolling back to a chain's savepoint failed; reconnecting");
+            self.disconnect();
+        }
+        rolled
+    }
+
+    /// Ends what is open on the session when Raft did not do its part in time: uncommitted
+    /// levels older than `wait_max` (this node may be cut off), or levels deferred longer than
+    /// [`DEFER_MAX`] (what runs on top is taking long). What Raft committed is committed in
+    /// PostgreSQL; everything above it is rolled back — a transaction running directly on it
+    /// runs again on the committed state (`rerun_txn`), any other ends with 40001.
     async fn expire_speculation(&mut self, wait_max: Duration) {
-        if self
-            .speculation
-            .as_ref()
-            .is_some_and(|s| s.since.elapsed() >= wait_max)
-        {
-            self.speculation = None;
+        let Some(spec) = &self.speculation else {
+            return;
+        };
+        let stale = spec
+            .levels
+            .get(spec.deferred)
+            .is_some_and(|l| l.since.elapsed() >= wait_max);
+        let deferred_long = spec
+            .deferred_since
+            .is_some_and(|t| t.elapsed() >= DEFER_MAX);
+        if !stale && !deferred_long {
+            return;
+        }
+        let Some(mut spec) = self.speculation.take() else {
+            return;
+        };
+        let m = crate::metrics::get();
+        if stale {
             info!(
                 node = self.node_id,
                 "speculation not committed in time; rolled back"
             );
-            crate::metrics::get()
-                .speculations
-                .with_label_values(&["expired"])
-                .inc();
+            m.speculations.with_label_values(&["expired"]).inc();
+        }
+        if spec.deferred == 0 {
             self.abandon_open_transaction().await;
+            self.drop_txn_on_top(
+                "the transaction was rolled back: the entry before it was not committed in time; retry the transaction",
+            );
+            return;
+        }
+        let on_top = self.txn.as_ref().is_some_and(|t| t.on_top());
+        let active_on_top = self
+            .txn
+            .as_ref()
+            .is_some_and(|t| t.on_top() && t.proposed().is_none());
+        let above = spec.uncommitted() + usize::from(on_top);
+        let rerun = active_on_top && spec.uncommitted() == 0;
+        if self.rollback_chain(above).await.is_err() {
+            return;
+        }
+        if !rerun {
+            self.drop_txn_on_top(
+                "the transaction was rolled back: the entry before it was not committed in time; retry the transaction",
+            );
+        }
+        spec.levels.truncate(spec.deferred);
+        if let Err(e) = self.commit_speculation(spec).await {
+            debug!(error = %e, "committing deferred entries failed; reconnecting");
+            self.disconnect();
+            return;
+        }
+        if rerun {
+            self.rerun_txn().await;
+        }
+    }
+
+    /// Commits the speculation's levels when all are deferred and nothing runs on top of them
+    /// any more (the transaction on top ended).
+    async fn commit_if_nothing_on_top(&mut self) {
+        let alone = self
+            .speculation
+            .as_ref()
+            .is_some_and(|s| s.deferred > 0 && s.uncommitted() == 0)
+            && !self.txn.as_ref().is_some_and(|t| t.on_top());
+        if !alone {
+            return;
+        }
+        if let Some(spec) = self.speculation.take() {
+            if let Err(e) = self.commit_speculation(spec).await {
+                debug!(error = %e, "committing deferred entries failed; reconnecting");
+                self.disconnect();
+            }
         }
     }
 
@@ -1186,6 +1367,10 @@ impl StateMachineCore {
         let Some(target) = self.log_applied else {
             return;
         };
+        if self.speculation.as_ref().is_some_and(|s| s.deferred > 0) {
+            // Behind openraft on purpose: deferred entries are in the open transaction.
+            return;
+        }
         let connected = self.applier.as_ref().is_some_and(|a| !a.is_closed());
         if connected && self.applied.map(|l| l.index) >= Some(target) {
             return;
@@ -1359,10 +1544,15 @@ async fn speculate_own_appends(
             None => core.expire_speculation(wait_max).await,
         }
         core.changed.notify_waiters();
-        open_until = core
-            .speculation
-            .as_ref()
-            .map(|s| tokio::time::Instant::from_std(s.since) + wait_max);
+        open_until = core.speculation.as_ref().and_then(|s| {
+            let stale = s.levels.get(s.deferred).map(|l| l.since + wait_max);
+            let cut = s.deferred_since.map(|t| t + DEFER_MAX);
+            stale
+                .into_iter()
+                .chain(cut)
+                .min()
+                .map(tokio::time::Instant::from_std)
+        });
     }
 }
 

@@ -4,18 +4,27 @@
 //!
 //! Owns [`OpenTxn`] (at most one) and the [`TxnRunner`] handle the service layer drives it with.
 //! Invariants:
-//! - It is opened only when PostgreSQL holds exactly the log openraft applied, nothing else is
-//!   open on the session (no speculation), and that is where the log ends
-//!   (`LogStore::last_written`): the transaction executes at the log's end. `BEGIN` is only
+//! - It executes at the log's end (`LogStore::last_written`): it is opened only when
+//!   PostgreSQL holds exactly the log openraft applied and the log ends there, or — a *chain*
+//!   — on top of the open speculation when the log ends with its last level, at most one of its
+//!   levels is still to be committed by Raft, and its deferred levels are young (see
+//!   `Speculation`). A chained transaction runs in a `raftpg_chain` savepoint and is
+//!   `executed_after` the speculation's last entry; the next transaction runs while Raft
+//!   commits this one. `BEGIN` is only
 //!   called by the holder of the proposer's writer, which is held from `BEGIN` until the
 //!   transaction's entry is proposed, so a transaction still open and not proposed then has
 //!   lost its owner and is rolled back.
 //! - Anything else that needs the applier session first rolls it back (sequences restored):
 //!   an entry applied or speculated that is not its own, a lost connection, a snapshot install.
 //!   Its caller then gets a serialization failure (40001) with the reason.
-//! - Its entry becomes the open speculation only when it is the entry at exactly the log id
-//!   predicted at `COMMIT` (the next index, this leader's term); everything it did is then
-//!   committed by the speculation rule (`settle_speculation`). Otherwise every node applies the
+//! - When the levels below a chained transaction are committed by Raft, their PostgreSQL
+//!   commit waits for it (deferred, bounded by `DEFER_MAX`); past the bound the transaction is
+//!   rolled back to its savepoint, the levels committed, and its steps run again on the
+//!   committed state — the same inputs on the same state, as any node replays it; a step with
+//!   another outcome than the first time ends it with 40001.
+//! - Its entry becomes (a level of) the open speculation only when it is the entry at exactly
+//!   the log id predicted at `COMMIT` (the next index, this leader's term); everything it did
+//!   is then committed by the speculation rule (`settle_speculation`). Otherwise every node applies the
 //!   entry from the log, where its position check decides (`command::TxnCommand`).
 
 use std::sync::Arc;
@@ -23,7 +32,7 @@ use std::sync::Arc;
 use openraft::vote::RaftLeaderId;
 use tracing::{debug, info};
 
-use super::{batch_end, Speculation, StateMachineCore};
+use super::{batch_end, Below, Level, Speculation, StateMachineCore, DEFER_MAX, LEVELS_MAX};
 use crate::apply::applier::{Applier, EnvError, TxnOpen, TxnStepResult};
 use crate::command::{
     ApplyOutcome, ColumnInfo, Command, CommittedLeaderId, Entry, LogId, RequestId, SqlFailure,
@@ -40,13 +49,26 @@ pub(super) struct OpenTxn {
     /// Set at `COMMIT`, once the end is recorded in the open transaction: the log id its entry
     /// must get, and the outcome it then has.
     proposed: Option<(LogId, ApplyOutcome)>,
+    /// Whether it runs on top of the open speculation, in a `raftpg_chain` savepoint.
+    on_top: bool,
 }
 
 impl OpenTxn {
     pub(super) fn request_id(&self) -> &RequestId {
         &self.cmd.request_id
     }
+
+    pub(super) fn on_top(&self) -> bool {
+        self.on_top
+    }
+
+    pub(super) fn proposed(&self) -> Option<&(LogId, ApplyOutcome)> {
+        self.proposed.as_ref()
+    }
 }
+
+/// Why a transaction is rolled back when another entry reached the log first.
+pub(super) const MOVED: &str = "could not serialize the transaction: another entry reached the log while it was open; retry the transaction";
 
 /// Why the state machine cannot do what the transaction asked.
 #[derive(Debug, thiserror::Error)]
@@ -199,7 +221,8 @@ impl StateMachineCore {
         if self.txn.is_some() {
             // BEGIN holds the writer, and a live transaction holds it until it is proposed or
             // its end has rolled back what it left open here: one found here, not proposed, has
-            // no owner any more (its end was lost). Without this, it would keep every BEGIN busy, and BEGINs the writer.
+            // no owner any more (its end was lost). Without this, it would keep every BEGIN
+            // busy, and BEGINs the writer.
             info!(
                 node = self.node_id,
                 "an open transaction without owner found at BEGIN; rolling it back"
@@ -207,32 +230,67 @@ impl StateMachineCore {
             self.abort_txn("the transaction was rolled back: a newer transaction began after its client had gone")
                 .await;
         }
-        if self.speculation.is_some() {
-            return Err(TxnRefusal::Busy("an entry is still being committed"));
-        }
         if let Err(e) = self.connect().await {
             return Err(TxnRefusal::Postgres(e.to_string()));
         }
         let applied = self.applied.map(|l| l.index);
-        if applied != self.log.last_written() || self.log_applied != applied {
-            return Err(TxnRefusal::Busy("entries are still being applied"));
-        }
-        cmd.executed_after = self.applied;
+        let log_end = self.log.last_written();
+        let (after, write_no) = match &self.speculation {
+            None if applied == log_end && self.log_applied == applied => {
+                (self.applied, self.applied_writes + 1)
+            }
+            None => return Err(TxnRefusal::Busy("entries are still being applied")),
+            Some(spec) => {
+                let top = spec.top();
+                // What openraft applied must be what the speculation holds committed.
+                let committed = match spec.deferred {
+                    0 => applied,
+                    n => Some(spec.levels[n - 1].log_id.index),
+                };
+                let young = spec
+                    .deferred_since
+                    .is_none_or(|t| t.elapsed() < DEFER_MAX / 2);
+                if Some(top.last.index) != log_end
+                    || self.log_applied != committed
+                    || spec.uncommitted() > 1
+                    || spec.levels.len() >= LEVELS_MAX
+                    || !young
+                {
+                    return Err(TxnRefusal::Busy("entries are still being committed"));
+                }
+                (Some(top.last), top.writes + 1)
+            }
+        };
+        let on_top = self.speculation.is_some();
+        cmd.executed_after = after;
         cmd.steps.clear();
-        let write_no = self.applied_writes + 1;
         let applier = self
             .applier
             .as_mut()
             .ok_or(TxnRefusal::Busy("not connected"))?;
-        let opened = applier
-            .txn_open(write_no, &cmd, &self.limits, true, Default::default())
-            .await;
+        let opened = async {
+            if on_top {
+                applier
+                    .client()
+                    .batch_execute("SAVEPOINT raftpg_chain")
+                    .await?;
+            }
+            applier
+                .txn_open(write_no, &cmd, &self.limits, !on_top, Default::default())
+                .await
+        }
+        .await;
         let refusal = match opened {
             Ok(TxnOpen::Opened) => {
+                crate::metrics::get()
+                    .txn_begins
+                    .with_label_values(&[if on_top { "chained" } else { "alone" }])
+                    .inc();
                 self.txn = Some(OpenTxn {
                     cmd,
                     write_no,
                     proposed: None,
+                    on_top,
                 });
                 return Ok(());
             }
@@ -240,7 +298,14 @@ impl StateMachineCore {
             Ok(TxnOpen::Failed(f)) => TxnRefusal::Sql(f),
             Err(e) => TxnRefusal::Postgres(e.to_string()),
         };
-        self.abandon_open_transaction().await;
+        if on_top {
+            // Back to the speculation alone (everything is dropped if that fails).
+            if self.rollback_chain(1).await.is_ok() {
+                self.commit_if_nothing_on_top().await;
+            }
+        } else {
+            self.abandon_open_transaction().await;
+        }
         Err(refusal)
     }
 
@@ -304,9 +369,14 @@ impl StateMachineCore {
             return Err(TxnRefusal::Aborted(self.aborted_reason(id)));
         };
         let (cmd, write_no) = (t.cmd.clone(), t.write_no);
+        // The entry it runs after: the speculation's last when it runs on top of it.
+        let (after, membership) = match (&self.speculation, t.on_top) {
+            (Some(spec), true) => (Some(spec.top().last), spec.top().membership.clone()),
+            _ => (self.applied, self.membership.clone()),
+        };
         let predicted = LogId::new(
             CommittedLeaderId::new(term, self.node_id),
-            self.applied.map(|l| l.index + 1).unwrap_or(0),
+            after.map(|l| l.index + 1).unwrap_or(0),
         );
         let recorded = async {
             let applier = self.applier.as_mut().ok_or(EnvError::NotConnected)?;
@@ -315,7 +385,7 @@ impl StateMachineCore {
             }
             let outcome = ApplyOutcome::Applied(Vec::new());
             let pending = Applier::txn_pending(write_no, &cmd, &outcome)?;
-            let end = batch_end(predicted, write_no, &self.membership)?;
+            let end = batch_end(predicted, write_no, &membership)?;
             applier.flush_uncommitted(pending, &end).await?;
             Ok::<_, EnvError>(Ok(outcome))
         }
@@ -346,7 +416,80 @@ impl StateMachineCore {
         };
         debug!(node = self.node_id, client_id = %t.cmd.request_id.client_id, why, "interactive transaction rolled back");
         self.txn_aborted = Some((t.cmd.request_id, why.to_string()));
-        self.abandon_open_transaction().await;
+        if t.on_top {
+            // The speculation below stays (everything is dropped if that fails).
+            if self.rollback_chain(1).await.is_ok() {
+                self.commit_if_nothing_on_top().await;
+            }
+        } else {
+            self.abandon_open_transaction().await;
+        }
+    }
+
+    /// Forgets the transaction running on top of the speculation, after what it did was rolled
+    /// back (to its savepoint, or whole) for `why`. A proposed one is forgotten silently: its
+    /// entry is applied from the log, and its caller gets that outcome.
+    pub(super) fn drop_txn_on_top(&mut self, why: &str) {
+        if !self.txn.as_ref().is_some_and(|t| t.on_top) {
+            return;
+        }
+        if let Some(t) = self.txn.take() {
+            if t.proposed.is_none() {
+                self.txn_aborted = Some((t.cmd.request_id, why.to_string()));
+            }
+        }
+    }
+
+    /// Runs the open transaction's steps again in a new PostgreSQL transaction after the
+    /// levels it ran on top of were committed without it (see the module doc); ends it with
+    /// 40001 when a step does not do what it did the first time.
+    pub(super) async fn rerun_txn(&mut self) {
+        let Some(t) = self.txn.as_mut() else {
+            return;
+        };
+        t.on_top = false;
+        let (cmd, write_no) = (t.cmd.clone(), t.write_no);
+        let limits = self.limits.clone();
+        let ran = async {
+            let applier = self.applier.as_mut().ok_or(EnvError::NotConnected)?;
+            let opened = applier
+                .txn_open(write_no, &cmd, &limits, true, Default::default())
+                .await?;
+            if !matches!(opened, TxnOpen::Opened) {
+                return Ok(false);
+            }
+            for step in &cmd.steps {
+                let result = applier.txn_step(step, &limits).await?;
+                let failed_now = matches!(result, TxnStepResult::Failed(_));
+                let failed_before = matches!(step, TxnStep::Statement { failed: true, .. });
+                if failed_now != failed_before {
+                    return Ok(false);
+                }
+            }
+            Ok::<_, EnvError>(true)
+        }
+        .await;
+        crate::metrics::get()
+            .txn_reruns
+            .with_label_values(&[match &ran {
+                Ok(true) => "same",
+                Ok(false) => "different",
+                Err(_) => "failed",
+            }])
+            .inc();
+        match ran {
+            Ok(true) => {}
+            Ok(false) => {
+                self.abort_txn("could not serialize the transaction: run again after the entry before it committed, it did not do the same; retry the transaction")
+                    .await
+            }
+            Err(e) => {
+                self.abort_txn(&format!(
+                    "the transaction was rolled back: PostgreSQL failed: {e}"
+                ))
+                .await
+            }
+        }
     }
 
     /// Called with the entries about to be applied or speculated: makes the open transaction
@@ -364,27 +507,41 @@ impl StateMachineCore {
         });
         if !own {
             info!(node = self.node_id, entry = ?first.map(|e| e.log_id), "another entry reached the log before the open transaction's; rolling it back");
-            self.abort_txn(
-                "could not serialize the transaction: another entry reached the log while it was open; retry the transaction",
-            )
-            .await;
+            self.abort_txn(MOVED).await;
             return;
         }
         let Some(OpenTxn {
             write_no,
             proposed: Some((log_id, outcome)),
+            on_top,
             ..
         }) = self.txn.take()
         else {
             return;
         };
-        self.speculation = Some(Speculation {
-            log_ids: vec![log_id],
-            last: log_id,
-            writes: write_no,
-            membership: self.membership.clone(),
-            outcomes: vec![outcome],
-            since: std::time::Instant::now(),
-        });
+        if let Some(spec) = self.speculation.as_mut().filter(|_| on_top) {
+            // Its entry is one more level.
+            let membership = spec.top().membership.clone();
+            spec.levels.push(Level {
+                log_id,
+                outcome,
+                after: Below {
+                    last: log_id,
+                    writes: write_no,
+                    membership,
+                },
+                since: std::time::Instant::now(),
+            });
+            return;
+        }
+        self.speculation = Some(Speculation::one(
+            log_id,
+            outcome,
+            Below {
+                last: log_id,
+                writes: write_no,
+                membership: self.membership.clone(),
+            },
+        ));
     }
 }
