@@ -7,7 +7,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use testkit::{start_cluster, start_cluster_with};
+use raftpg_client::local_cluster::metrics_addr_of;
+use testkit::{http_get, metric, start_cluster, start_cluster_with};
 
 fn sqlstate(e: &tokio_postgres::Error) -> String {
     e.code()
@@ -301,6 +302,16 @@ async fn concurrent_read_modify_write_transactions_lose_no_update() {
         .await
         .unwrap();
     assert_eq!(sum, vec![200], "the total never changes");
+    // Transactions ran on top of the previous one's entry while Raft committed it (the
+    // chain).
+    let (_, body) = http_get(&metrics_addr_of(&tc.addr_of(leader)), "/metrics")
+        .await
+        .unwrap();
+    let chained = metric(&body, "raftpg_transaction_begins_total{how=\"chained\"}");
+    assert!(
+        chained.unwrap_or(0.0) > 0.0,
+        "no chained transaction:\n{body}"
+    );
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }
 

@@ -124,18 +124,18 @@ impl Service {
             seq: 1,
         });
         let mut said_busy = false;
-        let writer = loop {
-            let writer = tokio::time::timeout_at(deadline, self.proposer.exclusive())
-                .await
-                .map_err(|_| {
-                    ServiceError::refused(
-                        ErrorKind::ResourceExhausted,
-                        "55P03",
-                        format!(
-                            "another transaction held the writer for longer than {wait:?}; retry"
-                        ),
-                    )
-                })?;
+        // Held while BEGIN waits for the applier: what it waits for (entries proposed before,
+        // all answered or being committed) needs no writer.
+        let writer = tokio::time::timeout_at(deadline, self.proposer.exclusive())
+            .await
+            .map_err(|_| {
+                ServiceError::refused(
+                    ErrorKind::ResourceExhausted,
+                    "55P03",
+                    format!("another transaction held the writer for longer than {wait:?}; retry"),
+                )
+            })?;
+        loop {
             // (Never borrow the metrics twice at once: a waiting writer would deadlock it.)
             let (term, last_index) = {
                 let m = self.raft.metrics();
@@ -163,15 +163,13 @@ impl Service {
             tokio::pin!(notified);
             notified.as_mut().enable();
             match runner.begin(cmd).await {
-                Ok(()) => break writer,
+                Ok(()) => break,
                 Err(TxnRefusal::Busy(why)) if tokio::time::Instant::now() < deadline => {
                     if !said_busy && started.elapsed() > Duration::from_secs(1) {
                         said_busy = true;
                         info!(why, "BEGIN has waited over 1 s for the applier to reach the log's end");
                     }
                     debug!(why, "BEGIN waits for the applier");
-                    // Entries waiting for the writer go first (the gate is fair).
-                    drop(writer);
                     let _ = tokio::time::timeout(BEGIN_RETRY, notified).await;
                 }
                 Err(TxnRefusal::Busy(why)) => {
@@ -182,7 +180,7 @@ impl Service {
                 }
                 Err(e) => return Err(refusal_error(e)),
             }
-        };
+        }
         let now = Instant::now();
         let inner = Arc::new(Mutex::new(Inner {
             svc: self.clone(),

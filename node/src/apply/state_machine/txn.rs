@@ -6,8 +6,8 @@
 //! Invariants:
 //! - It executes at the log's end (`LogStore::last_written`): it is opened only when
 //!   PostgreSQL holds exactly the log openraft applied and the log ends there, or — a *chain*
-//!   — on top of the open speculation when the log ends with its last level, at most one of its
-//!   levels is still to be committed by Raft, and its deferred levels are young (see
+//!   — on top of the open speculation when the log ends with its last level, at most
+//!   `UNCOMMITTED_MAX` of its levels are still to be committed by Raft, and its deferred levels are young (see
 //!   `Speculation`). A chained transaction runs in a `raftpg_chain` savepoint and is
 //!   `executed_after` the speculation's last entry; the next transaction runs while Raft
 //!   commits this one. `BEGIN` is only
@@ -66,6 +66,11 @@ impl OpenTxn {
         self.proposed.as_ref()
     }
 }
+
+/// Most levels of the speculation Raft has not committed yet under a chained `BEGIN`: the
+/// depth of the pipeline of transactions (each level's Raft commit overlaps the execution of
+/// the ones above it).
+const UNCOMMITTED_MAX: usize = 3;
 
 /// Why a transaction is rolled back when another entry reached the log first.
 pub(super) const MOVED: &str = "could not serialize the transaction: another entry reached the log while it was open; retry the transaction";
@@ -252,7 +257,7 @@ impl StateMachineCore {
                     .is_none_or(|t| t.elapsed() < DEFER_MAX / 2);
                 if Some(top.last.index) != log_end
                     || self.log_applied != committed
-                    || spec.uncommitted() > 1
+                    || spec.uncommitted() > UNCOMMITTED_MAX
                     || spec.levels.len() >= LEVELS_MAX
                     || !young
                 {
