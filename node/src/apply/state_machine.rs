@@ -1544,12 +1544,16 @@ async fn speculate_own_appends(
             None => core.expire_speculation(wait_max).await,
         }
         core.changed.notify_waiters();
+        // Applying may defer levels meanwhile (their bound is not known here yet): look again
+        // at least every DEFER_MAX while a speculation is open.
         open_until = core.speculation.as_ref().and_then(|s| {
             let stale = s.levels.get(s.deferred).map(|l| l.since + wait_max);
             let cut = s.deferred_since.map(|t| t + DEFER_MAX);
+            let again = std::time::Instant::now() + DEFER_MAX;
             stale
                 .into_iter()
                 .chain(cut)
+                .chain([again])
                 .min()
                 .map(tokio::time::Instant::from_std)
         });
