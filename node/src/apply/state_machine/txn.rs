@@ -72,6 +72,16 @@ impl OpenTxn {
 /// the ones above it).
 const UNCOMMITTED_MAX: usize = 3;
 
+/// Asks PostgreSQL to cancel what the applier session runs now, if it is connected.
+async fn cancel_running(cancel: &std::sync::Mutex<Option<tokio_postgres::CancelToken>>) {
+    let token = cancel.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some(token) = token {
+        if let Err(e) = token.cancel_query(tokio_postgres::NoTls).await {
+            debug!(error = %e, "cancelling the applier's statement failed");
+        }
+    }
+}
+
 /// Why a transaction is rolled back when another entry reached the log first.
 pub(super) const MOVED: &str = "could not serialize the transaction: another entry reached the log while it was open; retry the transaction";
 
@@ -138,16 +148,7 @@ impl TxnRunner {
     /// past its time limit; the step then fails and the transaction is rolled back). Anything
     /// else it may hit instead is an environmental failure, retried.
     pub async fn cancel_statement(&self) {
-        let token = self
-            .cancel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(token) = token {
-            if let Err(e) = token.cancel_query(tokio_postgres::NoTls).await {
-                debug!(error = %e, "cancelling the applier's statement failed");
-            }
-        }
+        cancel_running(&self.cancel).await;
     }
 
     /// Woken whenever a refused `begin` may succeed now.
@@ -285,6 +286,7 @@ impl StateMachineCore {
                 .await
         }
         .await;
+        let env_failed = opened.is_err();
         let refusal = match opened {
             Ok(TxnOpen::Opened) => {
                 crate::metrics::get()
@@ -303,7 +305,12 @@ impl StateMachineCore {
             Ok(TxnOpen::Failed(f)) => TxnRefusal::Sql(f),
             Err(e) => TxnRefusal::Postgres(e.to_string()),
         };
-        if on_top {
+        if on_top && env_failed {
+            // Whether its savepoint exists is unknown (a failed SAVEPOINT would make the
+            // rollback below undo a level of the speculation): drop everything; what Raft
+            // committed is replayed from the log.
+            self.disconnect();
+        } else if on_top {
             // Back to the speculation alone (everything is dropped if that fails).
             if self.rollback_chain(1).await.is_ok() {
                 self.commit_if_nothing_on_top().await;
@@ -338,9 +345,43 @@ impl StateMachineCore {
         step: TxnStep,
     ) -> Result<TxnStepResult, TxnRefusal> {
         self.active_txn(id)?;
-        let ran = match self.applier.as_mut() {
-            Some(a) => a.txn_step(&step, &self.limits).await,
-            None => Err(EnvError::NotConnected),
+        // On top of deferred levels, a step may not keep them from PostgreSQL past their bound
+        // (acknowledged writes that reads wait for): it is cancelled then, the levels are
+        // committed and the transaction run again on them (`expire_speculation`), and the step
+        // runs after that.
+        let deadline = match (&self.speculation, &self.txn) {
+            (Some(spec), Some(t)) if t.on_top => spec.deferred_since.map(|t| t + DEFER_MAX),
+            _ => None,
+        };
+        let limits = self.limits.clone();
+        let cancel = self.cancel.clone();
+        let (ran, cut) = match self.applier.as_mut() {
+            None => (Err(EnvError::NotConnected), false),
+            Some(a) => {
+                let running = a.txn_step(&step, &limits);
+                tokio::pin!(running);
+                match deadline {
+                    None => (running.await, false),
+                    Some(at) => tokio::select! {
+                        r = &mut running => (r, false),
+                        _ = tokio::time::sleep_until(at.into()) => {
+                            cancel_running(&cancel).await;
+                            (running.await, true)
+                        }
+                    },
+                }
+            }
+        };
+        let ran = match ran {
+            Err(_) if cut => {
+                self.expire_speculation(limits.speculation_wait_max).await;
+                self.active_txn(id)?;
+                match self.applier.as_mut() {
+                    Some(a) => a.txn_step(&step, &limits).await,
+                    None => Err(EnvError::NotConnected),
+                }
+            }
+            other => other,
         };
         match ran {
             Ok(result) => {
