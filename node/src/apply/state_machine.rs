@@ -761,6 +761,18 @@ impl StateMachineCore {
     /// it, nothing else is open, and the fast path is on; otherwise (and on any error) the entry
     /// is simply applied when committed.
     async fn speculate(&mut self, entry: Entry) {
+        let index = entry.log_id.index;
+        let applied_already = self.log_applied.is_some_and(|a| index <= a)
+            || self.applied.is_some_and(|a| index <= a.index);
+        if applied_already {
+            // Offered after openraft applied it (this task ran late): nothing to execute, and
+            // not an entry that reached the log before an open transaction's.
+            crate::metrics::get()
+                .speculations
+                .with_label_values(&["skipped"])
+                .inc();
+            return;
+        }
         if self.txn.is_some() {
             self.settle_txn(Some(&entry)).await;
             if self.speculation.is_some() {

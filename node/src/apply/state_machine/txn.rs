@@ -345,43 +345,24 @@ impl StateMachineCore {
         step: TxnStep,
     ) -> Result<TxnStepResult, TxnRefusal> {
         self.active_txn(id)?;
-        // On top of deferred levels, a step may not keep them from PostgreSQL past their bound
-        // (acknowledged writes that reads wait for): it is cancelled then, the levels are
-        // committed and the transaction run again on them (`expire_speculation`), and the step
-        // runs after that.
-        let deadline = match (&self.speculation, &self.txn) {
-            (Some(spec), Some(t)) if t.on_top => spec.deferred_since.map(|t| t + DEFER_MAX),
-            _ => None,
+        // On top of levels deferred past their bound (the speculation task could not cut them:
+        // this transaction kept the state machine busy), cut first: the levels are committed
+        // and the transaction runs again on them (`expire_speculation`); then the step. A step
+        // that starts before the bound may hold them past it by its own duration.
+        let past_bound = match (&self.speculation, &self.txn) {
+            (Some(spec), Some(t)) if t.on_top => spec
+                .deferred_since
+                .is_some_and(|since| since.elapsed() >= DEFER_MAX),
+            _ => false,
         };
-        let limits = self.limits.clone();
-        let cancel = self.cancel.clone();
-        let (ran, cut) = match self.applier.as_mut() {
-            None => (Err(EnvError::NotConnected), false),
-            Some(a) => {
-                let running = a.txn_step(&step, &limits);
-                tokio::pin!(running);
-                match deadline {
-                    None => (running.await, false),
-                    Some(at) => tokio::select! {
-                        r = &mut running => (r, false),
-                        _ = tokio::time::sleep_until(at.into()) => {
-                            cancel_running(&cancel).await;
-                            (running.await, true)
-                        }
-                    },
-                }
-            }
-        };
-        let ran = match ran {
-            Err(_) if cut => {
-                self.expire_speculation(limits.speculation_wait_max).await;
-                self.active_txn(id)?;
-                match self.applier.as_mut() {
-                    Some(a) => a.txn_step(&step, &limits).await,
-                    None => Err(EnvError::NotConnected),
-                }
-            }
-            other => other,
+        if past_bound {
+            self.expire_speculation(self.limits.speculation_wait_max)
+                .await;
+            self.active_txn(id)?;
+        }
+        let ran = match self.applier.as_mut() {
+            Some(a) => a.txn_step(&step, &self.limits).await,
+            None => Err(EnvError::NotConnected),
         };
         match ran {
             Ok(result) => {
