@@ -45,7 +45,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 mod txn;
-pub use txn::{moved_failure, TxnOpen, TxnStepResult};
+pub use txn::{moved_failure, TxnOpen, TxnOpenHow, TxnStepResult};
 
 use futures::TryStreamExt;
 use postgres_types::ToSql;

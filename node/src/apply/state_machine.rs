@@ -773,6 +773,15 @@ impl StateMachineCore {
                 .inc();
             return;
         }
+        if self
+            .speculation
+            .as_ref()
+            .is_some_and(|s| s.levels.iter().any(|l| l.log_id == entry.log_id))
+        {
+            // A transaction's entry: executed before it was proposed, and made a level then
+            // (`txn::adopt_proposed_txn`). Nothing to do.
+            return;
+        }
         if self.txn.is_some() {
             self.settle_txn(Some(&entry)).await;
             if self.speculation.is_some() {
@@ -1173,8 +1182,9 @@ impl StateMachineCore {
             }
             Item::Txn(write_no, txn, prev) => {
                 self.clock.observe(txn.leader_ts_micros);
+                let fast = self.pipeline && self.careful_batches == 0;
                 return applier
-                    .apply_transaction(write_no, txn, prev, &self.limits, begin, pending)
+                    .apply_transaction(write_no, txn, prev, &self.limits, begin, pending, fast)
                     .await;
             }
             Item::Other(entry) => entry,

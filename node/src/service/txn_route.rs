@@ -37,8 +37,22 @@ pub struct TxnRegistry {
 type Registered = (Option<String>, Arc<LocalTxn>);
 
 /// A frontend's interactive transaction: run here, or relayed to the node running it.
+///
+/// It opens lazily, at its first statement, savepoint or `Describe` (with the statements
+/// `first` before that one): `BEGIN` costs no round trip and holds no writer, and a
+/// transaction that runs nothing never takes the writer. So the leader is found, the writer
+/// taken and the transaction's timestamp (`now()`) drawn at the first statement, and a
+/// failure to open (no leader, the writer busy too long) is that statement's error: the
+/// transaction is then failed, as after any error.
 pub struct Txn {
-    place: Place,
+    svc: Arc<Service>,
+    /// What opens it (its request id already set).
+    begin: BeginRequest,
+    /// Statements run first when it opens (the session's settings).
+    first: Vec<WriteStatement>,
+    place: tokio::sync::OnceCell<Place>,
+    /// Where it is while not open yet.
+    unopened: Mutex<TxnStatus>,
     request_id: RequestId,
 }
 
@@ -58,34 +72,44 @@ struct Remote {
 }
 
 impl Service {
-    /// Opens an interactive transaction for a frontend: here when this node leads, else on
-    /// the leader (relayed for its whole life).
-    pub async fn begin(self: &Arc<Self>, req: BeginRequest) -> Result<Txn, ServiceError> {
+    /// An interactive transaction for a frontend, opened at its first use (see [`Txn`]): here
+    /// when this node leads then, else on the leader (relayed for its whole life). `first`:
+    /// statements it runs first (the session's settings).
+    pub fn begin(self: &Arc<Self>, mut req: BeginRequest, first: Vec<WriteStatement>) -> Txn {
+        let request_id = req
+            .request_id
+            .get_or_insert_with(|| RequestId {
+                client_id: format!("txn-{}-{}", self.id, uuid::Uuid::new_v4()),
+                seq: 1,
+            })
+            .clone();
+        Txn {
+            svc: self.clone(),
+            begin: req,
+            first,
+            place: tokio::sync::OnceCell::new(),
+            unopened: Mutex::new(TxnStatus::Active),
+            request_id,
+        }
+    }
+
+    /// Opens the transaction `req` asks for: here when this node leads, else on the leader.
+    async fn open_txn(self: &Arc<Self>, req: &BeginRequest) -> Result<Place, ServiceError> {
         let wait = self
             .limits
             .write_timeout
             .min(std::time::Duration::from_secs(5));
         match self.route(req.origin, wait).await? {
-            Route::Here => {
-                let local = self.begin_here(req).await?;
-                let request_id = local.request_id().clone();
-                Ok(Txn {
-                    place: Place::Here(local),
-                    request_id,
-                })
-            }
+            Route::Here => Ok(Place::Here(self.begin_here(req.clone()).await?)),
             Route::Leader(leader) => {
-                let begun = self.begin_on(&leader, &req).await?;
-                Ok(Txn {
-                    request_id: begun.request_id,
-                    place: Place::There(Remote {
-                        svc: self.clone(),
-                        node: leader,
-                        txn_id: begun.txn_id,
-                        principal: req.principal,
-                        status: Mutex::new(TxnStatus::Active),
-                    }),
-                })
+                let begun = self.begin_on(&leader, req).await?;
+                Ok(Place::There(Remote {
+                    svc: self.clone(),
+                    node: leader,
+                    txn_id: begun.txn_id,
+                    principal: req.principal.clone(),
+                    status: Mutex::new(TxnStatus::Active),
+                }))
             }
         }
     }
@@ -235,19 +259,57 @@ impl Txn {
         &self.request_id
     }
 
+    fn unopened(&self) -> TxnStatus {
+        *self.unopened.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_unopened(&self, s: TxnStatus) {
+        *self.unopened.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    /// Where it runs, opening it first if it is not open yet (then its `first` statements
+    /// run). A failure to open fails the transaction.
+    async fn opened(&self) -> Result<&Place, ServiceError> {
+        if self.unopened() != TxnStatus::Active {
+            return Err(super::txn::in_failed_txn());
+        }
+        let opened = self
+            .place
+            .get_or_try_init(|| async {
+                let place = self.svc.open_txn(&self.begin).await?;
+                for stmt in &self.first {
+                    if let Err(e) = place.execute(stmt.clone()).await {
+                        place.rollback().await;
+                        return Err(e);
+                    }
+                }
+                Ok(place)
+            })
+            .await;
+        if opened.is_err() {
+            self.set_unopened(TxnStatus::Failed);
+        }
+        opened
+    }
+
+    /// Opens it now (see [`Txn`]); an error fails it.
+    pub async fn open(&self) -> Result<(), ServiceError> {
+        self.opened().await.map(|_| ())
+    }
+
     /// Where the transaction is.
     pub async fn status(&self) -> TxnStatus {
-        match &self.place {
-            Place::Here(t) => t.status().await,
-            Place::There(r) => r.status(),
+        match self.place.get() {
+            Some(p) => p.status().await,
+            None => self.unopened(),
         }
     }
 
     /// Why a statement would be refused now (see [`LocalTxn::refusal`]).
     pub async fn refusal(&self) -> Option<ServiceError> {
-        match &self.place {
-            Place::Here(t) => t.refusal().await,
-            Place::There(r) => match r.status() {
+        match self.place.get() {
+            Some(p) => p.refusal().await,
+            None => match self.unopened() {
                 TxnStatus::Active => None,
                 _ => Some(super::txn::in_failed_txn()),
             },
@@ -256,21 +318,15 @@ impl Txn {
 
     /// Puts the transaction in the failed state.
     pub async fn mark_failed(&self) {
-        match &self.place {
-            Place::Here(t) => t.mark_failed().await,
-            Place::There(r) => r.set(TxnStatus::Failed),
+        match self.place.get() {
+            Some(p) => p.mark_failed().await,
+            None => self.set_unopened(TxnStatus::Failed),
         }
     }
 
     /// Runs a statement.
     pub async fn execute(&self, stmt: WriteStatement) -> Result<StatementOutcome, ServiceError> {
-        match &self.place {
-            Place::Here(t) => t.execute(stmt).await,
-            Place::There(r) => match r.call(TxnCall::Execute(stmt)).await? {
-                TxnAnswer::Rows(o) => Ok(o),
-                other => Err(unexpected(other)),
-            },
-        }
+        self.opened().await?.execute(stmt).await
     }
 
     /// What PostgreSQL infers for `sql` inside the transaction (it sees what the transaction
@@ -280,7 +336,76 @@ impl Txn {
         sql: &str,
         param_types: &[u32],
     ) -> Result<Description, ServiceError> {
-        match &self.place {
+        self.opened().await?.describe(sql, param_types).await
+    }
+
+    /// A savepoint command.
+    pub async fn savepoint_op(&self, op: SavepointOp, name: &str) -> Result<(), ServiceError> {
+        self.opened().await?.savepoint_op(op, name).await
+    }
+
+    /// `COMMIT` (a failed transaction is rolled back; see [`Committed::committed`]). One that
+    /// never opened commits nothing.
+    pub async fn commit(&self) -> Result<Committed, ServiceError> {
+        match self.place.get() {
+            Some(p) => p.commit().await,
+            None => {
+                let committed = self.unopened() == TxnStatus::Active;
+                self.set_unopened(TxnStatus::Ended);
+                Ok(Committed {
+                    log_index: 0,
+                    committed,
+                })
+            }
+        }
+    }
+
+    /// `ROLLBACK`.
+    pub async fn rollback(&self) {
+        match self.place.get() {
+            Some(p) => p.rollback().await,
+            None => self.set_unopened(TxnStatus::Ended),
+        }
+    }
+}
+
+impl Place {
+    async fn status(&self) -> TxnStatus {
+        match self {
+            Place::Here(t) => t.status().await,
+            Place::There(r) => r.status(),
+        }
+    }
+
+    async fn refusal(&self) -> Option<ServiceError> {
+        match self {
+            Place::Here(t) => t.refusal().await,
+            Place::There(r) => match r.status() {
+                TxnStatus::Active => None,
+                _ => Some(super::txn::in_failed_txn()),
+            },
+        }
+    }
+
+    async fn mark_failed(&self) {
+        match self {
+            Place::Here(t) => t.mark_failed().await,
+            Place::There(r) => r.set(TxnStatus::Failed),
+        }
+    }
+
+    async fn execute(&self, stmt: WriteStatement) -> Result<StatementOutcome, ServiceError> {
+        match self {
+            Place::Here(t) => t.execute(stmt).await,
+            Place::There(r) => match r.call(TxnCall::Execute(stmt)).await? {
+                TxnAnswer::Rows(o) => Ok(o),
+                other => Err(unexpected(other)),
+            },
+        }
+    }
+
+    async fn describe(&self, sql: &str, param_types: &[u32]) -> Result<Description, ServiceError> {
+        match self {
             Place::Here(t) => t.describe(sql.to_string(), param_types.to_vec()).await,
             Place::There(r) => match r
                 .call(TxnCall::Describe {
@@ -295,9 +420,8 @@ impl Txn {
         }
     }
 
-    /// A savepoint command.
-    pub async fn savepoint_op(&self, op: SavepointOp, name: &str) -> Result<(), ServiceError> {
-        match &self.place {
+    async fn savepoint_op(&self, op: SavepointOp, name: &str) -> Result<(), ServiceError> {
+        match self {
             Place::Here(t) => match op {
                 SavepointOp::Define => t.savepoint(name).await,
                 SavepointOp::Release => t.release(name).await,
@@ -313,9 +437,8 @@ impl Txn {
         }
     }
 
-    /// `COMMIT` (a failed transaction is rolled back; see [`Committed::committed`]).
-    pub async fn commit(&self) -> Result<Committed, ServiceError> {
-        match &self.place {
+    async fn commit(&self) -> Result<Committed, ServiceError> {
+        match self {
             Place::Here(t) => t.commit().await,
             Place::There(r) if r.status() != TxnStatus::Active => {
                 let _ = r.call(TxnCall::Rollback).await;
@@ -336,9 +459,8 @@ impl Txn {
         }
     }
 
-    /// `ROLLBACK`.
-    pub async fn rollback(&self) {
-        match &self.place {
+    async fn rollback(&self) {
+        match self {
             Place::Here(t) => t.rollback().await,
             Place::There(r) => {
                 if r.status() != TxnStatus::Ended {

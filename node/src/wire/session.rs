@@ -525,8 +525,10 @@ impl Session {
 
     // ---------------------------------------------------------------- transactions
 
-    /// `BEGIN`: opens an interactive transaction on the leader; the session's settings are its
-    /// first steps (as they are a write's).
+    /// `BEGIN`: an interactive transaction, opened on the leader at its first statement (see
+    /// `service::Txn`); the session's settings are its first steps (as they are a write's).
+    /// With `raftpg.transaction_id` set it opens at once: a retry learns at `BEGIN` that an
+    /// earlier attempt committed (RP003).
     async fn begin_txn(&mut self) -> Result<(), ServiceError> {
         let request_id = self
             .settings
@@ -535,19 +537,17 @@ impl Session {
                 client_id: format!("wire:{id}"),
                 seq: 1,
             });
-        let txn = self
-            .svc
-            .begin(BeginRequest {
+        let chosen = request_id.is_some();
+        let txn = self.svc.begin(
+            BeginRequest {
                 principal: self.principal.clone(),
                 request_id,
                 origin: Origin::Client,
-            })
-            .await?;
-        for stmt in self.settings_prefix() {
-            if let Err(e) = txn.execute(stmt).await {
-                txn.rollback().await;
-                return Err(e);
-            }
+            },
+            self.settings_prefix(),
+        );
+        if chosen {
+            txn.open().await?;
         }
         self.txn = Some(txn);
         Ok(())

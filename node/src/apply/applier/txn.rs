@@ -21,6 +21,17 @@ use tracing::error;
 use super::*;
 use crate::command::{LogId, TxnCommand, TxnStep};
 
+/// What [`Applier::txn_open`] sends first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxnOpenHow {
+    /// `BEGIN`: the batch transaction is not open yet.
+    Begin,
+    /// Nothing: it runs inside the open batch transaction.
+    InTransaction,
+    /// `SAVEPOINT raftpg_chain`: on top of a speculation.
+    Chained,
+}
+
 /// What one step of a transaction did.
 #[derive(Debug)]
 pub enum TxnStepResult {
@@ -61,49 +72,58 @@ pub fn moved_failure() -> SqlFailure {
 }
 
 impl Applier {
-    /// Opens a transaction's run (see the module doc) after sending `pending`, with `BEGIN`
-    /// first when `begin`.
+    /// Opens a transaction's run (see the module doc) after sending `pending`, in one round
+    /// trip: `BEGIN` first when `begin`, else `SAVEPOINT raftpg_chain` first when `chained`
+    /// (a transaction on top of a speculation, `state_machine::txn`).
     pub async fn txn_open(
         &mut self,
         write_no: u64,
         txn: &TxnCommand,
         limits: &ApplyLimits,
-        begin: bool,
+        open: TxnOpenHow,
         pending: Pending,
     ) -> Result<TxnOpen, EnvError> {
         let input = EntryInputs::of_txn(write_no, txn, limits);
-        let open = match begin {
-            true => "BEGIN; SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
-            false => "SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
+        let open = match open {
+            TxnOpenHow::Begin => "BEGIN; SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
+            TxnOpenHow::InTransaction => "SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
+            TxnOpenHow::Chained => {
+                "SAVEPOINT raftpg_chain; SAVEPOINT raftpg_entry; DISCARD SEQUENCES"
+            }
         };
         let client = &self.client;
         let params = input.params();
-        let (finished, opened, setup) = tokio::join!(
+        let switch = async {
+            match &txn.user {
+                Some(user) => Some(self.switch_user(user).await),
+                None => None,
+            }
+        };
+        let (finished, opened, setup, switched) = tokio::join!(
             self.finish(pending),
             client.batch_execute(open),
-            client.execute(&self.entry_setup, &params)
+            client.execute(&self.entry_setup, &params),
+            switch
         );
         finished?;
         opened?;
         match setup {
             Ok(_) => {}
             Err(e) if is_duplicate(&e) => {
+                // (The switch was refused: the transaction was aborted.)
                 client.batch_execute(ROLLBACK_ENTRY).await?;
                 return Ok(TxnOpen::Duplicate);
             }
             Err(e) => return Err(e.into()),
         }
-        if let Some(user) = &txn.user {
-            match self.switch_user(user).await {
-                Ok(_) => {}
-                Err(StmtError::Deterministic(f)) => {
-                    client.batch_execute(ROLLBACK_ENTRY).await?;
-                    return Ok(TxnOpen::Failed(f));
-                }
-                Err(StmtError::Environmental(e)) => return Err(e),
+        match switched {
+            None | Some(Ok(_)) => Ok(TxnOpen::Opened),
+            Some(Err(StmtError::Deterministic(f))) => {
+                client.batch_execute(ROLLBACK_ENTRY).await?;
+                Ok(TxnOpen::Failed(f))
             }
+            Some(Err(StmtError::Environmental(e))) => Err(e),
         }
-        Ok(TxnOpen::Opened)
     }
 
     /// Runs one step of an open transaction. An environmental error leaves the transaction in
@@ -254,6 +274,43 @@ impl Applier {
         }
     }
 
+    /// Ends a transaction's run ([`Applier::txn_close`]) and records it — its savepoint's end,
+    /// its request record and the batch's applied position `end`, leaving the batch
+    /// transaction open (a speculation) — in one round trip when its end succeeds. When its
+    /// end fails (the recording sent behind it was then refused), its savepoint is rolled back
+    /// and the failure recorded, in a second round trip. Returns the transaction's outcome.
+    pub async fn txn_close_recorded(
+        &mut self,
+        write_no: u64,
+        txn: &TxnCommand,
+        end: &BatchEnd,
+    ) -> Result<ApplyOutcome, EnvError> {
+        let applied = ApplyOutcome::Applied(Vec::new());
+        let pending = Self::txn_pending(write_no, txn, &applied)?;
+        let statements = txn.steps.iter().filter_map(|s| match s {
+            TxnStep::Statement { stmt, .. } => Some(stmt),
+            _ => None,
+        });
+        let this = &*self;
+        let (closed, recorded) = tokio::join!(
+            this.end_run(statements, txn.user.is_some()),
+            this.finish_and_record_end(pending, end)
+        );
+        match closed {
+            Ok(()) => {
+                recorded?;
+                Ok(applied)
+            }
+            Err(StmtError::Environmental(e)) => Err(e),
+            Err(StmtError::Deterministic(f)) => {
+                let failed = ApplyOutcome::Failed(f);
+                let pending = Self::txn_pending(write_no, txn, &failed)?;
+                self.finish_and_record_end(pending, end).await?;
+                Ok(failed)
+            }
+        }
+    }
+
     /// What is still to be sent after a transaction's run: its savepoint's end (released when
     /// it succeeded) and its request record.
     pub fn txn_pending(
@@ -274,7 +331,9 @@ impl Applier {
     /// Applies a transaction entry as any node does (see `command::TxnCommand`): when `prev`
     /// (the log id of the entry before it) is the one it was executed after, its steps run as
     /// they ran on the leader; otherwise nothing runs and its outcome is a serialization
-    /// failure. Returns the outcome and what is still to be sent.
+    /// failure. `fast` allows [`Applier::replay_fast`] when the entry qualifies. Returns the
+    /// outcome and what is still to be sent.
+    #[allow(clippy::too_many_arguments)]
     pub async fn apply_transaction(
         &mut self,
         write_no: u64,
@@ -283,6 +342,7 @@ impl Applier {
         limits: &ApplyLimits,
         begin: bool,
         pending: Pending,
+        fast: bool,
     ) -> Result<(ApplyOutcome, Pending), EnvError> {
         if txn.executed_after != prev {
             if begin {
@@ -293,7 +353,16 @@ impl Applier {
             let records = txn_record(write_no, txn, &outcome)?.into_iter().collect();
             return Ok((outcome, Pending { end: None, records }));
         }
-        match self.txn_open(write_no, txn, limits, begin, pending).await? {
+        if let Some(plan) = fast.then(|| self.fast_plan(txn)).flatten() {
+            return self
+                .replay_fast(write_no, txn, &plan, limits, begin, pending)
+                .await;
+        }
+        let how = match begin {
+            true => TxnOpenHow::Begin,
+            false => TxnOpenHow::InTransaction,
+        };
+        match self.txn_open(write_no, txn, limits, how, pending).await? {
             TxnOpen::Opened => {}
             TxnOpen::Duplicate => {
                 let outcome = self
@@ -330,6 +399,116 @@ impl Applier {
             Ok(()) => ApplyOutcome::Applied(Vec::new()),
             Err(f) => ApplyOutcome::Failed(f),
         };
+        let pending = Self::txn_pending(write_no, txn, &outcome)?;
+        Ok((outcome, pending))
+    }
+}
+
+/// How [`Applier::replay_fast`] sends one step: a prepared statement, or a savepoint command.
+enum FastStep {
+    Statement(UserStatement),
+    Command(String),
+}
+
+impl Applier {
+    /// The steps of `txn` as [`Applier::replay_fast`] sends them, when it can: no statement
+    /// failed on the leader, every statement is DML already prepared here, and its parameters
+    /// fit (so that only PostgreSQL could still fail it).
+    fn fast_plan(&self, txn: &TxnCommand) -> Option<Vec<FastStep>> {
+        txn.steps
+            .iter()
+            .map(|step| match step {
+                TxnStep::Statement { stmt, failed } => {
+                    if *failed || !is_dml(&stmt.sql) {
+                        return None;
+                    }
+                    let prepared = self.cache.get(&stmt.sql)?;
+                    check_statement(prepared, stmt).ok()?;
+                    Some(FastStep::Statement(prepared.clone()))
+                }
+                TxnStep::Savepoint(name) => {
+                    Some(FastStep::Command(format!("SAVEPOINT {}", ident(name))))
+                }
+                TxnStep::Release(name) => Some(FastStep::Command(format!(
+                    "RELEASE SAVEPOINT {}",
+                    ident(name)
+                ))),
+                TxnStep::RollbackTo(name) => Some(FastStep::Command(format!(
+                    "ROLLBACK TO SAVEPOINT {}",
+                    ident(name)
+                ))),
+            })
+            .collect()
+    }
+
+    /// Replays a transaction entry whose statements all succeeded on the leader in ONE round
+    /// trip after `pending`: its open and setup, its role's switch, its steps without a
+    /// savepoint per statement, and its end, pipelined. The same commands as
+    /// [`Applier::txn_step`] sends, less the `raftpg_stmt` savepoints that only matter when a
+    /// statement fails. Anything but success for every command (a statement failing here, a
+    /// live duplicate, a failure at its end) gives up the batch ([`EnvError::FastRunAbandoned`]:
+    /// the caller rolls it back, puts the sequences back, and applies it again the careful
+    /// way, which finds the entry's real outcome).
+    async fn replay_fast(
+        &self,
+        write_no: u64,
+        txn: &TxnCommand,
+        plan: &[FastStep],
+        limits: &ApplyLimits,
+        begin: bool,
+        pending: Pending,
+    ) -> Result<(ApplyOutcome, Pending), EnvError> {
+        let input = EntryInputs::of_txn(write_no, txn, limits);
+        let params = input.params();
+        let client = &self.client;
+        let open = match begin {
+            true => "BEGIN; SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
+            false => "SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
+        };
+        let mut steps: Vec<StepFuture<'_>> = Vec::with_capacity(plan.len() + 4);
+        steps.push(Box::pin(async move {
+            Step::Sql(client.batch_execute(open).await.map(|_| 0))
+        }));
+        let params = &params;
+        let setup = &self.entry_setup;
+        steps.push(Box::pin(async move {
+            Step::Sql(client.execute(setup, params).await)
+        }));
+        if let Some(user) = &txn.user {
+            steps.push(Box::pin(
+                async move { Step::Stmt(self.switch_user(user).await) },
+            ));
+        }
+        for (fast, step) in plan.iter().zip(&txn.steps) {
+            match (fast, step) {
+                (FastStep::Statement(prepared), TxnStep::Statement { stmt, .. }) => {
+                    steps.push(Box::pin(async move {
+                        Step::Stmt(execute_checked(client, prepared, stmt, limits).await)
+                    }));
+                }
+                (FastStep::Command(sql), _) => {
+                    steps.push(Box::pin(async move {
+                        Step::Sql(client.batch_execute(sql).await.map(|_| 0))
+                    }));
+                }
+                // `fast_plan` builds a statement's plan from a statement.
+                (FastStep::Statement(_), _) => return Err(EnvError::FastRunAbandoned),
+            }
+        }
+        let statements = txn.steps.iter().filter_map(|s| match s {
+            TxnStep::Statement { stmt, .. } => Some(stmt),
+            _ => None,
+        });
+        let as_role = txn.user.is_some();
+        steps.push(Box::pin(async move {
+            Step::Stmt(self.end_run(statements, as_role).await.map(|_| no_rows()))
+        }));
+        let (finished, results) = tokio::join!(self.finish(pending), join_in_order(steps));
+        finished?;
+        if !results.iter().all(Step::succeeded) {
+            return Err(EnvError::FastRunAbandoned);
+        }
+        let outcome = ApplyOutcome::Applied(Vec::new());
         let pending = Self::txn_pending(write_no, txn, &outcome)?;
         Ok((outcome, pending))
     }

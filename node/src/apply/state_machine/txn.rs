@@ -33,7 +33,7 @@ use openraft::vote::RaftLeaderId;
 use tracing::{debug, info};
 
 use super::{batch_end, Below, Level, Speculation, StateMachineCore, DEFER_MAX, LEVELS_MAX};
-use crate::apply::applier::{Applier, EnvError, TxnOpen, TxnStepResult};
+use crate::apply::applier::{EnvError, TxnOpen, TxnOpenHow, TxnStepResult};
 use crate::command::{
     ApplyOutcome, ColumnInfo, Command, CommittedLeaderId, Entry, LogId, RequestId, SqlFailure,
     TxnCommand, TxnStep,
@@ -190,16 +190,31 @@ impl TxnRunner {
         .await
     }
 
-    /// Ends transaction `id`'s run and records its end (at the log id predicted for its entry
-    /// in `term`) in the open PostgreSQL transaction; returns the command to propose.
+    /// Returns the command to propose for transaction `id` (its entry, predicted at the next
+    /// log id of `term`) as soon as it is known; then, still holding the state machine (so
+    /// nothing else uses the session meanwhile), ends the transaction's run and records its
+    /// end in the open PostgreSQL transaction while the caller proposes and Raft replicates.
+    /// That end may fail (a deferred constraint): the entry's outcome is then that failure, on
+    /// every node.
     pub async fn prepare_commit(
         &self,
         id: &RequestId,
         term: u64,
     ) -> Result<TxnCommand, TxnRefusal> {
         let id = id.clone();
-        self.detached(move |mut core| async move { core.txn_prepare_commit(&id, term).await })
-            .await
+        let (ready, cmd) = tokio::sync::oneshot::channel();
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            core.lock_owned()
+                .await
+                .txn_prepare_commit(&id, term, ready)
+                .await
+        });
+        cmd.await.unwrap_or_else(|e| {
+            Err(TxnRefusal::Postgres(format!(
+                "the applier's task failed: {e}"
+            )))
+        })
     }
 
     /// Rolls transaction `id` back if it is still open on the session.
@@ -256,7 +271,9 @@ impl StateMachineCore {
                 let young = spec
                     .deferred_since
                     .is_none_or(|t| t.elapsed() < DEFER_MAX / 2);
-                if Some(top.last.index) != log_end
+                // The top may be a transaction proposed but not appended yet (its level is
+                // made at its proposal); anything the log holds beyond it is not speculated.
+                if log_end.is_some_and(|end| end > top.last.index)
                     || self.log_applied != committed
                     || spec.uncommitted() > UNCOMMITTED_MAX
                     || spec.levels.len() >= LEVELS_MAX
@@ -274,18 +291,13 @@ impl StateMachineCore {
             .applier
             .as_mut()
             .ok_or(TxnRefusal::Busy("not connected"))?;
-        let opened = async {
-            if on_top {
-                applier
-                    .client()
-                    .batch_execute("SAVEPOINT raftpg_chain")
-                    .await?;
-            }
-            applier
-                .txn_open(write_no, &cmd, &self.limits, !on_top, Default::default())
-                .await
-        }
-        .await;
+        let how = match on_top {
+            true => TxnOpenHow::Chained,
+            false => TxnOpenHow::Begin,
+        };
+        let opened = applier
+            .txn_open(write_no, &cmd, &self.limits, how, Default::default())
+            .await;
         let env_failed = opened.is_err();
         let refusal = match opened {
             Ok(TxnOpen::Opened) => {
@@ -390,14 +402,19 @@ impl StateMachineCore {
         &mut self,
         id: &RequestId,
         term: u64,
-    ) -> Result<TxnCommand, TxnRefusal> {
-        self.active_txn(id)?;
-        let Some(t) = self.txn.as_ref() else {
-            return Err(TxnRefusal::Aborted(self.aborted_reason(id)));
+        ready: tokio::sync::oneshot::Sender<Result<TxnCommand, TxnRefusal>>,
+    ) {
+        if let Err(e) = self.active_txn(id) {
+            let _ = ready.send(Err(e));
+            return;
+        }
+        let Some(t) = self.txn.as_mut() else {
+            let _ = ready.send(Err(TxnRefusal::Aborted(self.aborted_reason(id))));
+            return;
         };
-        let (cmd, write_no) = (t.cmd.clone(), t.write_no);
+        let (cmd, write_no, on_top) = (t.cmd.clone(), t.write_no, t.on_top);
         // The entry it runs after: the speculation's last when it runs on top of it.
-        let (after, membership) = match (&self.speculation, t.on_top) {
+        let (after, membership) = match (&self.speculation, on_top) {
             (Some(spec), true) => (Some(spec.top().last), spec.top().membership.clone()),
             _ => (self.applied, self.membership.clone()),
         };
@@ -405,33 +422,35 @@ impl StateMachineCore {
             CommittedLeaderId::new(term, self.node_id),
             after.map(|l| l.index + 1).unwrap_or(0),
         );
+        // Proposed from here on (the outcome is settled below, before anything else can look).
+        t.proposed = Some((predicted, ApplyOutcome::Applied(Vec::new())));
+        if ready.send(Ok(cmd.clone())).is_err() {
+            // The caller is gone and proposes nothing: roll the transaction back.
+            self.abort_txn("the transaction was rolled back: its COMMIT was abandoned")
+                .await;
+            return;
+        }
+        // Its end, while Raft replicates its entry: as every node's replay ends it
+        // (`Applier::apply_transaction`), a failure there is the entry's outcome.
         let recorded = async {
             let applier = self.applier.as_mut().ok_or(EnvError::NotConnected)?;
-            if let Err(f) = applier.txn_close(&cmd).await? {
-                return Ok(Err(f));
-            }
-            let outcome = ApplyOutcome::Applied(Vec::new());
-            let pending = Applier::txn_pending(write_no, &cmd, &outcome)?;
             let end = batch_end(predicted, write_no, &membership)?;
-            applier.flush_uncommitted(pending, &end).await?;
-            Ok::<_, EnvError>(Ok(outcome))
+            applier.txn_close_recorded(write_no, &cmd, &end).await
         }
         .await;
         match recorded {
-            Ok(Ok(outcome)) => {
+            Ok(outcome) => {
                 if let Some(t) = self.txn.as_mut() {
                     t.proposed = Some((predicted, outcome));
                 }
-                Ok(cmd)
-            }
-            Ok(Err(f)) => {
-                self.abort_txn(&f.message).await;
-                Err(TxnRefusal::Sql(f))
+                self.adopt_proposed_txn();
+                self.changed.notify_waiters();
             }
             Err(e) => {
+                // What ran here is rolled back; the entry is applied from the log when it
+                // commits, like any entry this node did not execute.
                 let why = format!("the transaction was rolled back: PostgreSQL failed: {e}");
                 self.abort_txn(&why).await;
-                Err(TxnRefusal::Postgres(e.to_string()))
             }
         }
     }
@@ -480,7 +499,13 @@ impl StateMachineCore {
         let ran = async {
             let applier = self.applier.as_mut().ok_or(EnvError::NotConnected)?;
             let opened = applier
-                .txn_open(write_no, &cmd, &limits, true, Default::default())
+                .txn_open(
+                    write_no,
+                    &cmd,
+                    &limits,
+                    TxnOpenHow::Begin,
+                    Default::default(),
+                )
                 .await?;
             if !matches!(opened, TxnOpen::Opened) {
                 return Ok(false);
@@ -521,7 +546,9 @@ impl StateMachineCore {
 
     /// Called with the entries about to be applied or speculated: makes the open transaction
     /// the open speculation when `first` is its own entry at the predicted log id; rolls it
-    /// back when anything else comes first.
+    /// back when anything else comes first. (A transaction becomes a level of the speculation
+    /// when it is proposed, [`Self::adopt_proposed_txn`]; this finds one not proposed, or one
+    /// whose end failed here.)
     pub(super) async fn settle_txn(&mut self, first: Option<&Entry>) {
         let Some(t) = self.txn.as_ref() else {
             return;
@@ -535,6 +562,19 @@ impl StateMachineCore {
         if !own {
             info!(node = self.node_id, entry = ?first.map(|e| e.log_id), "another entry reached the log before the open transaction's; rolling it back");
             self.abort_txn(MOVED).await;
+            return;
+        }
+        self.adopt_proposed_txn();
+    }
+
+    /// Makes the proposed transaction the top level of the speculation (its own, when nothing
+    /// is speculated below it), at the log id predicted for its entry: the next transaction may
+    /// begin on top of it at once, while its entry is appended and replicated. Its entry,
+    /// offered later, is then already executed (`speculate` skips it); if the log holds another
+    /// entry there instead, the level and everything above it are rolled back when that is
+    /// committed (`settle_speculation`), or when it is not committed in time.
+    pub(super) fn adopt_proposed_txn(&mut self) {
+        if self.txn.as_ref().is_none_or(|t| t.proposed.is_none()) {
             return;
         }
         let Some(OpenTxn {
