@@ -181,13 +181,25 @@ async fn failed_statements_savepoints_and_rollback() {
         .unwrap();
     assert_eq!(notes, vec!["a", "b"]);
 
-    // A deferred foreign key fires at COMMIT: the COMMIT fails, nothing is written.
+    // A deferred foreign key fires at COMMIT: the COMMIT fails, nothing is written. (Its
+    // entry is in the log — the leader proposes before the transaction's end runs — and every
+    // copy records the failure; the serial value it drew stays drawn on every copy, checked
+    // below.)
     let tx = c.transaction().await.unwrap();
+    tx.execute("INSERT INTO ids (note) VALUES ('fk')", &[])
+        .await
+        .unwrap();
     tx.execute("INSERT INTO child VALUES (1, 7)", &[])
         .await
         .unwrap();
     let e = tx.commit().await.unwrap_err();
     assert_eq!(sqlstate(&e), "23503");
+    assert_eq!(
+        tc.column::<i64>(leader, "SELECT count(*) FROM ids WHERE note = 'fk'")
+            .await
+            .unwrap(),
+        vec![0]
+    );
     // ... and satisfied before COMMIT, it commits.
     let tx = c.transaction().await.unwrap();
     tx.execute("INSERT INTO child VALUES (1, 7)", &[])

@@ -949,7 +949,9 @@ impl StateMachineCore {
 
     /// Ends what is open on the session when Raft did not do its part in time: uncommitted
     /// levels older than `wait_max` (this node may be cut off), or levels deferred longer than
-    /// [`DEFER_MAX`] (what runs on top is taking long). What Raft committed is committed in
+    /// [`DEFER_MAX`] (what runs on top is taking long) once every level above them is committed
+    /// by Raft too (until then, by one Raft commit per level at most, the cut waits: only a
+    /// transaction directly on committed levels can run again). What Raft committed is committed in
     /// PostgreSQL; everything above it is rolled back — a transaction running directly on it
     /// runs again on the committed state (`rerun_txn`), any other ends with 40001.
     async fn expire_speculation(&mut self, wait_max: Duration) {
@@ -964,6 +966,12 @@ impl StateMachineCore {
             .deferred_since
             .is_some_and(|t| t.elapsed() >= DEFER_MAX);
         if !stale && !deferred_long {
+            return;
+        }
+        if !stale && spec.uncommitted() > 0 {
+            // Levels above the deferred ones still wait for Raft (at most `UNCOMMITTED_MAX`,
+            // about one Raft commit each): cut once they are committed too, so that a
+            // transaction running on top runs again rather than ends with 40001.
             return;
         }
         let Some(mut spec) = self.speculation.take() else {
@@ -1570,7 +1578,9 @@ async fn speculate_own_appends(
         // at least every DEFER_MAX while a speculation is open.
         open_until = core.speculation.as_ref().and_then(|s| {
             let stale = s.levels.get(s.deferred).map(|l| l.since + wait_max);
-            let cut = s.deferred_since.map(|t| t + DEFER_MAX);
+            // (A cut past due waits for the levels above to commit: look again shortly.)
+            let soon = std::time::Instant::now() + Duration::from_millis(1);
+            let cut = s.deferred_since.map(|t| (t + DEFER_MAX).max(soon));
             let again = std::time::Instant::now() + DEFER_MAX;
             stale
                 .into_iter()
