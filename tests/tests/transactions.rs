@@ -327,6 +327,86 @@ async fn concurrent_read_modify_write_transactions_lose_no_update() {
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }
 
+/// A chain whose entry below is committed by Raft while the transaction on top of it is still
+/// open: the entry below is answered at once and committed in PostgreSQL later with what runs
+/// on top — at the latest at the deferral bound (20 ms), when the transaction on top is rolled
+/// back, the entry below committed, and the transaction on top run again on it. So a read of
+/// the entry below never waits for the transaction on top to end, and that transaction still
+/// commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deferred_entry_is_committed_while_the_transaction_on_top_stays_open() {
+    let tc = start_cluster("txn_deferred", 148, 3).await.unwrap();
+    let (leader, _) = tc.leader_and_follower().await;
+    setup(&tc.wire(leader).await.unwrap()).await;
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let a = tc.wire(leader).await.unwrap();
+    let b = tc.wire(leader).await.unwrap();
+    let reader = tc.wire(leader).await.unwrap();
+    let reruns = |body: &str| {
+        metric(body, "raftpg_transaction_reruns_total{result=\"same\"}").unwrap_or(0.0)
+    };
+    let metrics = || async {
+        http_get(&metrics_addr_of(&tc.addr_of(leader)), "/metrics")
+            .await
+            .unwrap()
+            .1
+    };
+    let reruns_before = reruns(&metrics().await);
+
+    // A's entry cannot commit while the followers are stopped; B begins on top of it. (A
+    // whole `BEGIN … COMMIT` string would be one plain write, which holds the writer until
+    // it is answered.)
+    a.batch_execute("BEGIN; INSERT INTO ids (note) VALUES ('a')")
+        .await
+        .unwrap();
+    for id in &followers {
+        assert!(tc.cluster.signal_node(*id, libc::SIGSTOP));
+    }
+    let committed_a = tokio::spawn(async move { a.batch_execute("COMMIT").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let begun = tokio::time::timeout(
+        Duration::from_secs(5),
+        b.batch_execute("BEGIN; INSERT INTO ids (note) VALUES ('b')"),
+    )
+    .await;
+    for id in &followers {
+        assert!(tc.cluster.signal_node(*id, libc::SIGCONT));
+    }
+    begun
+        .expect("B waited for A's commit instead of running on top of it")
+        .unwrap();
+    committed_a.await.unwrap().unwrap();
+
+    // A is committed and answered; B is still open. A read of A's row waits only for the
+    // deferral bound, not for B.
+    let started = Instant::now();
+    let n: i64 = reader
+        .query_one("SELECT count(*) FROM ids WHERE note = 'a'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let waited = started.elapsed();
+    assert_eq!(n, 1, "the read missed A's committed row");
+    assert!(
+        waited < Duration::from_millis(1500),
+        "the read waited {waited:?} for the transaction on top"
+    );
+    // B ran again on the committed entry, and commits.
+    assert!(
+        reruns(&metrics().await) > reruns_before,
+        "the transaction on top was not run again on the committed entry"
+    );
+    b.batch_execute("INSERT INTO ids (note) VALUES ('b2'); COMMIT")
+        .await
+        .unwrap();
+    let notes: Vec<String> = tc
+        .column(leader, "SELECT note FROM ids ORDER BY id")
+        .await
+        .unwrap();
+    assert_eq!(notes, vec!["a", "b", "b2"]);
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}
+
 /// The limits: an idle transaction is rolled back after `--txn-idle-max-ms` (its next
 /// statement gets 25P03, then 25P02 until ROLLBACK), a write waiting behind it then runs, and a
 /// client that disconnects mid-transaction releases the writer at once.
