@@ -27,6 +27,13 @@ async fn setup(c: &tokio_postgres::Client) {
     .unwrap();
 }
 
+/// The notes of table `ids` in node `id`'s copy, in id order.
+async fn notes(tc: &testkit::TestCluster, id: u64) -> Vec<String> {
+    tc.column(id, "SELECT note FROM ids ORDER BY id")
+        .await
+        .unwrap()
+}
+
 /// A read-then-write transaction through tokio-postgres (extended protocol) on the leader and
 /// on a follower: what it read, its own writes, serial ids, `now()` (the transaction's
 /// timestamp for every statement) and random draws are what every copy holds afterwards.
@@ -175,11 +182,7 @@ async fn failed_statements_savepoints_and_rollback() {
     c.batch_execute("BEGIN; INSERT INTO ids (note) VALUES ('a'); SAVEPOINT s1; INSERT INTO ids (note) VALUES ('x'); ROLLBACK TO s1; INSERT INTO ids (note) VALUES ('b'); COMMIT")
         .await
         .unwrap();
-    let notes: Vec<String> = tc
-        .column(leader, "SELECT note FROM ids ORDER BY id")
-        .await
-        .unwrap();
-    assert_eq!(notes, vec!["a", "b"]);
+    assert_eq!(notes(&tc, leader).await, vec!["a", "b"]);
 
     // A deferred foreign key fires at COMMIT: the COMMIT fails, nothing is written. (Its
     // entry is in the log — the leader proposes before the transaction's end runs — and every
@@ -399,11 +402,7 @@ async fn a_deferred_entry_is_committed_while_the_transaction_on_top_stays_open()
     b.batch_execute("INSERT INTO ids (note) VALUES ('b2'); COMMIT")
         .await
         .unwrap();
-    let notes: Vec<String> = tc
-        .column(leader, "SELECT note FROM ids ORDER BY id")
-        .await
-        .unwrap();
-    assert_eq!(notes, vec!["a", "b", "b2"]);
+    assert_eq!(notes(&tc, leader).await, vec!["a", "b", "b2"]);
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }
 

@@ -950,8 +950,8 @@ impl StateMachineCore {
     /// Ends what is open on the session when Raft did not do its part in time: uncommitted
     /// levels older than `wait_max` (this node may be cut off), or levels deferred longer than
     /// [`DEFER_MAX`] (what runs on top is taking long) once every level above them is committed
-    /// by Raft too (until then, by one Raft commit per level at most, the cut waits: only a
-    /// transaction directly on committed levels can run again). What Raft committed is committed in
+    /// by Raft too (the cut waits for that up to twice the bound: only a transaction directly
+    /// on committed levels can run again). What Raft committed is committed in
     /// PostgreSQL; everything above it is rolled back — a transaction running directly on it
     /// runs again on the committed state (`rerun_txn`), any other ends with 40001.
     async fn expire_speculation(&mut self, wait_max: Duration) {
@@ -968,10 +968,14 @@ impl StateMachineCore {
         if !stale && !deferred_long {
             return;
         }
-        if !stale && spec.uncommitted() > 0 {
+        let deferred_too_long = spec
+            .deferred_since
+            .is_some_and(|t| t.elapsed() >= 2 * DEFER_MAX);
+        if !stale && !deferred_too_long && spec.uncommitted() > 0 {
             // Levels above the deferred ones still wait for Raft (at most `UNCOMMITTED_MAX`,
             // about one Raft commit each): cut once they are committed too, so that a
-            // transaction running on top runs again rather than ends with 40001.
+            // transaction running on top runs again rather than ends with 40001 — but not
+            // later than twice the bound.
             return;
         }
         let Some(mut spec) = self.speculation.take() else {
