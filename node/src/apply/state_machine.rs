@@ -773,15 +773,6 @@ impl StateMachineCore {
                 .inc();
             return;
         }
-        if self
-            .speculation
-            .as_ref()
-            .is_some_and(|s| s.levels.iter().any(|l| l.log_id == entry.log_id))
-        {
-            // A transaction's entry: executed before it was proposed, and made a level then
-            // (`txn::adopt_proposed_txn`). Nothing to do.
-            return;
-        }
         if self.txn.is_some() {
             self.settle_txn(Some(&entry)).await;
             if self.speculation.is_some() {

@@ -271,9 +271,7 @@ impl StateMachineCore {
                 let young = spec
                     .deferred_since
                     .is_none_or(|t| t.elapsed() < DEFER_MAX / 2);
-                // The top may be a transaction proposed but not appended yet (its level is
-                // made at its proposal); anything the log holds beyond it is not speculated.
-                if log_end.is_some_and(|end| end > top.last.index)
+                if Some(top.last.index) != log_end
                     || self.log_applied != committed
                     || spec.uncommitted() > UNCOMMITTED_MAX
                     || spec.levels.len() >= LEVELS_MAX
@@ -443,8 +441,6 @@ impl StateMachineCore {
                 if let Some(t) = self.txn.as_mut() {
                     t.proposed = Some((predicted, outcome));
                 }
-                self.adopt_proposed_txn();
-                self.changed.notify_waiters();
             }
             Err(e) => {
                 // What ran here is rolled back; the entry is applied from the log when it
@@ -546,9 +542,10 @@ impl StateMachineCore {
 
     /// Called with the entries about to be applied or speculated: makes the open transaction
     /// the open speculation when `first` is its own entry at the predicted log id; rolls it
-    /// back when anything else comes first. (A transaction becomes a level of the speculation
-    /// when it is proposed, [`Self::adopt_proposed_txn`]; this finds one not proposed, or one
-    /// whose end failed here.)
+    /// back when anything else comes first. (Only then: a level always names an entry this
+    /// node's log holds. A level made at the proposal would stay behind a proposal Raft
+    /// refused — its client told 40001 — and the next entry appended at its log id would
+    /// commit it: tried in session 3, and the jepsen membership run found exactly that.)
     pub(super) async fn settle_txn(&mut self, first: Option<&Entry>) {
         let Some(t) = self.txn.as_ref() else {
             return;
@@ -567,13 +564,10 @@ impl StateMachineCore {
         self.adopt_proposed_txn();
     }
 
-    /// Makes the proposed transaction the top level of the speculation (its own, when nothing
-    /// is speculated below it), at the log id predicted for its entry: the next transaction may
-    /// begin on top of it at once, while its entry is appended and replicated. Its entry,
-    /// offered later, is then already executed (`speculate` skips it); if the log holds another
-    /// entry there instead, the level and everything above it are rolled back when that is
-    /// committed (`settle_speculation`), or when it is not committed in time.
-    pub(super) fn adopt_proposed_txn(&mut self) {
+    /// Makes the proposed transaction, whose entry the log now holds at the predicted log id,
+    /// the top level of the speculation (its own, when nothing is speculated below it): the
+    /// next transaction may begin on top of it.
+    fn adopt_proposed_txn(&mut self) {
         if self.txn.as_ref().is_none_or(|t| t.proposed.is_none()) {
             return;
         }
