@@ -32,6 +32,28 @@ pub enum TxnOpenHow {
     Chained,
 }
 
+impl TxnOpenHow {
+    /// What opens the transaction's run: its entry's savepoint (with what comes first) and no
+    /// session sequence history (currval/lastval differ between nodes).
+    fn sql(self) -> &'static str {
+        match self {
+            TxnOpenHow::Begin => "BEGIN; SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
+            TxnOpenHow::InTransaction => "SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
+            TxnOpenHow::Chained => {
+                "SAVEPOINT raftpg_chain; SAVEPOINT raftpg_entry; DISCARD SEQUENCES"
+            }
+        }
+    }
+}
+
+/// The statements among a transaction's steps.
+fn statements_of(txn: &TxnCommand) -> impl Iterator<Item = &SqlStatement> {
+    txn.steps.iter().filter_map(|s| match s {
+        TxnStep::Statement { stmt, .. } => Some(stmt),
+        _ => None,
+    })
+}
+
 /// What one step of a transaction did.
 #[derive(Debug)]
 pub enum TxnStepResult {
@@ -84,13 +106,7 @@ impl Applier {
         pending: Pending,
     ) -> Result<TxnOpen, EnvError> {
         let input = EntryInputs::of_txn(write_no, txn, limits);
-        let open = match open {
-            TxnOpenHow::Begin => "BEGIN; SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
-            TxnOpenHow::InTransaction => "SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
-            TxnOpenHow::Chained => {
-                "SAVEPOINT raftpg_chain; SAVEPOINT raftpg_entry; DISCARD SEQUENCES"
-            }
-        };
+        let open = open.sql();
         let client = &self.client;
         let params = input.params();
         let switch = async {
@@ -263,10 +279,7 @@ impl Applier {
         &mut self,
         txn: &TxnCommand,
     ) -> Result<Result<(), SqlFailure>, EnvError> {
-        let statements = txn.steps.iter().filter_map(|s| match s {
-            TxnStep::Statement { stmt, .. } => Some(stmt),
-            _ => None,
-        });
+        let statements = statements_of(txn);
         match self.end_run(statements, txn.user.is_some()).await {
             Ok(()) => Ok(Ok(())),
             Err(StmtError::Environmental(e)) => Err(e),
@@ -287,10 +300,7 @@ impl Applier {
     ) -> Result<ApplyOutcome, EnvError> {
         let applied = ApplyOutcome::Applied(Vec::new());
         let pending = Self::txn_pending(write_no, txn, &applied)?;
-        let statements = txn.steps.iter().filter_map(|s| match s {
-            TxnStep::Statement { stmt, .. } => Some(stmt),
-            _ => None,
-        });
+        let statements = statements_of(txn);
         let this = &*self;
         let (closed, recorded) = tokio::join!(
             this.end_run(statements, txn.user.is_some()),
@@ -462,9 +472,10 @@ impl Applier {
         let params = input.params();
         let client = &self.client;
         let open = match begin {
-            true => "BEGIN; SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
-            false => "SAVEPOINT raftpg_entry; DISCARD SEQUENCES",
-        };
+            true => TxnOpenHow::Begin,
+            false => TxnOpenHow::InTransaction,
+        }
+        .sql();
         let mut steps: Vec<StepFuture<'_>> = Vec::with_capacity(plan.len() + 4);
         steps.push(Box::pin(async move {
             Step::Sql(client.batch_execute(open).await.map(|_| 0))
@@ -495,10 +506,7 @@ impl Applier {
                 (FastStep::Statement(_), _) => return Err(EnvError::FastRunAbandoned),
             }
         }
-        let statements = txn.steps.iter().filter_map(|s| match s {
-            TxnStep::Statement { stmt, .. } => Some(stmt),
-            _ => None,
-        });
+        let statements = statements_of(txn);
         let as_role = txn.user.is_some();
         steps.push(Box::pin(async move {
             Step::Stmt(self.end_run(statements, as_role).await.map(|_| no_rows()))
