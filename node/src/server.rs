@@ -352,6 +352,11 @@ fn build_service(cfg: &NodeConfig, started: &Started, parts: RaftParts) -> Arc<S
         cfg.read_connections_max,
         Duration::from_millis(cfg.read_wait_ms),
     ));
+    let authenticator = Authenticator::new(reads.clone());
+    if cfg.admin_password_file.is_some() {
+        // Created through the log shortly (`Service::create_first_admin`): until then, "retry".
+        authenticator.expect_first_admin(&cfg.admin_user);
+    }
     Service::new(ServiceParts {
         id: cfg.id,
         raft: raft.clone(),
@@ -364,7 +369,7 @@ fn build_service(cfg: &NodeConfig, started: &Started, parts: RaftParts) -> Arc<S
             write_timeout: Duration::from_millis(cfg.write_timeout_ms),
         },
         reads: reads.clone(),
-        authenticator: Authenticator::new(reads),
+        authenticator,
         // With TLS every request authenticates; --insecure lets anonymous requests run as
         // raftpg.
         auth_required: started.tls.is_some(),

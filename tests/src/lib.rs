@@ -46,6 +46,12 @@ pub async fn start_cluster_with(
     start_cluster_env(name, net, nodes, extra, Vec::new()).await
 }
 
+/// Like [`start_cluster`], but returns as soon as the processes are started: no leader, no
+/// first administrator yet (for tests of what a client meets then).
+pub async fn launch_cluster(name: &str, net: u8, nodes: usize) -> anyhow::Result<TestCluster> {
+    launch(name, net, nodes, &[], Vec::new(), true, None).await
+}
+
 /// Like [`start_cluster`], with the nodes in plaintext (`--insecure`).
 pub async fn start_cluster_insecure(
     name: &str,
@@ -98,6 +104,41 @@ async fn start(
     tls: bool,
     restore: Option<(&std::path::Path, &std::path::Path)>,
 ) -> anyhow::Result<TestCluster> {
+    let tc = launch(name, net, nodes, extra, node_env, tls, restore).await?;
+    tc.client
+        .wait_for_leader(Duration::from_secs(90))
+        .await
+        .context("waiting for a leader")?;
+    // Every node serving, not only a majority, and every member's client address published
+    // (leader hints name it).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let statuses = tc.client.status_all().await;
+        let published = statuses
+            .iter()
+            .flatten()
+            .all(|s| s.members.len() == nodes && s.members.iter().all(|m| !m.addr.is_empty()));
+        if statuses.iter().all(|s| s.is_ok()) && published {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("not every node came up and published its address within 90 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(tc)
+}
+
+/// Starts the processes of a test cluster (see [`start`]) without waiting for anything.
+async fn launch(
+    name: &str,
+    net: u8,
+    nodes: usize,
+    extra: &[&str],
+    node_env: Vec<Vec<(String, String)>>,
+    tls: bool,
+    restore: Option<(&std::path::Path, &std::path::Path)>,
+) -> anyhow::Result<TestCluster> {
     let dir = PathBuf::from(
         std::env::var("RAFTPG_TEST_DIR").unwrap_or_else(|_| "/tmp/raftpg-tests".into()),
     )
@@ -129,36 +170,14 @@ async fn start(
     };
     let certs = cluster.certs();
     let client = Client::with_config(&cluster.addrs(), client_config.clone())?;
-    let tc = TestCluster {
+    Ok(TestCluster {
         cluster,
         client,
         client_config,
         certs,
         dir,
         net,
-    };
-    tc.client
-        .wait_for_leader(Duration::from_secs(90))
-        .await
-        .context("waiting for a leader")?;
-    // Every node serving, not only a majority, and every member's client address published
-    // (leader hints name it).
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let statuses = tc.client.status_all().await;
-        let published = statuses
-            .iter()
-            .flatten()
-            .all(|s| s.members.len() == nodes && s.members.iter().all(|m| !m.addr.is_empty()));
-        if statuses.iter().all(|s| s.is_ok()) && published {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("not every node came up and published its address within 90 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(tc)
+    })
 }
 
 /// The loopback address of node `id` of the test cluster on `net`.

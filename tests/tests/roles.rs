@@ -589,3 +589,57 @@ async fn prepared_reads_follow_schema_privilege_policy_and_search_path_changes()
         assert_eq!(two, 2);
     }
 }
+
+/// A client that reaches a new cluster before its first administrator exists (the log creates
+/// it a moment after the first election) is told to retry — UNAVAILABLE on gRPC, which the
+/// client retries, `57P03` on the wire protocol — never that the role does not exist or that
+/// its password is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_cluster_asks_for_a_retry_until_its_first_administrator_exists() {
+    let tc = testkit::launch_cluster("first_admin", 150, 3)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    // gRPC from the first moment: the client retries what it is told to retry.
+    let grpc = async {
+        tc.client
+            .execute_one("CREATE TABLE made_at_once (id int PRIMARY KEY)", vec![])
+            .await
+    };
+    // The wire protocol, connecting to node 2 until it lets the administrator in.
+    let wire = async {
+        let mut asked_to_retry = 0;
+        loop {
+            match tc.wire(2).await {
+                Ok(w) => {
+                    w.simple_query("SELECT 1").await.unwrap();
+                    return asked_to_retry;
+                }
+                Err(e) => {
+                    let code = e
+                        .chain()
+                        .find_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+                        .and_then(|e| e.code())
+                        .map(|c| c.code().to_string());
+                    match code.as_deref() {
+                        Some("57P03") => asked_to_retry += 1,
+                        // Not listening yet.
+                        None => {}
+                        Some(other) => panic!("the wire protocol answered {other}: {e:#}"),
+                    }
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node 2 never let the administrator in"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let (written, asked_to_retry) = tokio::join!(grpc, wire);
+    written.expect("a write sent before the first administrator existed");
+    assert!(
+        asked_to_retry > 0,
+        "the wire protocol never met the cluster before its first administrator existed"
+    );
+}

@@ -16,6 +16,12 @@
 //! (`allow_stale`), so that a node whose PostgreSQL is down or frozen can still tell its status
 //! to the clients that were using it; everything else needs a fresh lookup, which gives up
 //! after [`LOOKUP_WAIT`] (the node then answers UNAVAILABLE and the client goes elsewhere).
+//!
+//! A new cluster creates its first administrator (`--admin-password-file`) through the log a
+//! moment after its first leader is elected. Until this node has seen that role, for at most
+//! [`FIRST_ADMIN_WAIT`] after it started, a request naming it is answered "not yet, retry"
+//! (UNAVAILABLE; `57P03` on the wire protocol) rather than "role does not exist" (`28000`),
+//! which clients do not retry.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,6 +41,10 @@ pub const LOOKUP_WAIT: Duration = Duration::from_secs(2);
 
 /// How old a matched password may be to be accepted while the roles cannot be read.
 pub const STALE_MAX: Duration = Duration::from_secs(600);
+
+/// How long after start a missing first administrator means "not created yet" (see the module
+/// doc); past it, or once the role was seen, a missing role is `28000` as for any other.
+pub const FIRST_ADMIN_WAIT: Duration = Duration::from_secs(60);
 
 /// Most users in the cache.
 const CACHE_USERS_MAX: usize = 10_000;
@@ -74,6 +84,11 @@ pub enum AuthError {
     /// The roles could not be read (PostgreSQL down or busy); nothing was decided.
     #[error("cannot check credentials now: {0}")]
     Unavailable(String),
+    /// The cluster's first administrator is not created yet (retry shortly).
+    #[error(
+        "role \"{0}\" is the cluster's first administrator and is not created yet; retry shortly"
+    )]
+    FirstAdminPending(String),
 }
 
 impl AuthError {
@@ -84,7 +99,7 @@ impl AuthError {
                 Some("28000")
             }
             AuthError::WrongPassword(_) => Some("28P01"),
-            AuthError::Unavailable(_) => None,
+            AuthError::Unavailable(_) | AuthError::FirstAdminPending(_) => None,
         }
     }
 }
@@ -111,6 +126,8 @@ pub struct Authenticator {
     cache: Mutex<HashMap<String, Cached>>,
     /// Key of the password digests in the cache (random per process).
     key: [u8; 32],
+    /// The first administrator this node expects, until it is seen or its deadline passes.
+    first_admin: Mutex<Option<(String, Instant)>>,
 }
 
 /// The role named `$1`: its verifier, whether it may log in, whether its password expired,
@@ -138,6 +155,43 @@ impl Authenticator {
             pool,
             cache: Mutex::new(HashMap::new()),
             key,
+            first_admin: Mutex::new(None),
+        }
+    }
+
+    /// Expects role `user` to be created by the log shortly (see the module doc).
+    pub fn expect_first_admin(&self, user: &str) {
+        if let Ok(mut f) = self.first_admin.lock() {
+            *f = Some((user.to_string(), Instant::now() + FIRST_ADMIN_WAIT));
+        }
+    }
+
+    /// No longer expects a first administrator (it exists, or creating it is settled).
+    pub fn first_admin_settled(&self) {
+        if let Ok(mut f) = self.first_admin.lock() {
+            *f = None;
+        }
+    }
+
+    /// The error for `user`, which has no role here: not created yet if it is the expected
+    /// first administrator, else unknown.
+    fn missing(&self, user: &str) -> AuthError {
+        let pending = self.first_admin.lock().is_ok_and(|f| {
+            f.as_ref()
+                .is_some_and(|(name, until)| name == user && Instant::now() < *until)
+        });
+        match pending {
+            true => AuthError::FirstAdminPending(user.to_string()),
+            false => AuthError::UnknownUser(user.to_string()),
+        }
+    }
+
+    /// Notes that `user` has a role here (the first administrator, once seen, is settled).
+    fn seen(&self, user: &str) {
+        if let Ok(mut f) = self.first_admin.lock() {
+            if f.as_ref().is_some_and(|(name, _)| name == user) {
+                *f = None;
+            }
         }
     }
 
@@ -171,9 +225,14 @@ impl Authenticator {
             },
         };
         let Some(role) = role else {
-            self.remember(user, None, None);
-            return Err(AuthError::UnknownUser(user.clone()));
+            let missing = self.missing(user);
+            if matches!(missing, AuthError::UnknownUser(_)) {
+                // (Not while it is expected: it would hide the role once created.)
+                self.remember(user, None, None);
+            }
+            return Err(missing);
         };
+        self.seen(user);
         let principal = Principal {
             user: user.clone(),
             admin: role.admin,
@@ -225,8 +284,9 @@ impl Authenticator {
             }
         };
         let Some(role) = role else {
-            return Err(AuthError::UnknownUser(user.to_string()));
+            return Err(self.missing(user));
         };
+        self.seen(user);
         if !role.can_login {
             return Err(AuthError::CannotLogin(user.to_string()));
         }

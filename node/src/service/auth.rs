@@ -91,17 +91,28 @@ impl Service {
     }
 }
 
-/// How often the leader looks whether the first administrator exists.
-const FIRST_ADMIN_EVERY: Duration = Duration::from_secs(1);
+/// How often a node looks whether the first administrator exists (until it does).
+const FIRST_ADMIN_EVERY: Duration = Duration::from_millis(200);
 
 impl Service {
     /// Creates the cluster's first administrator (see `--admin-password-file`) once: while
-    /// this node leads and the role does not exist, writes `CREATE ROLE … LOGIN CREATEROLE
+    /// the role does not exist here, the leader writes `CREATE ROLE … LOGIN CREATEROLE
     /// PASSWORD …` and `GRANT raftpg_admin TO …` as one write (the gate turns the password into
     /// its verifier), with a fixed request id so that two leaders in a row create it once.
-    /// Returns when the role exists or at shutdown.
+    /// Returns when the role exists here, when the write is settled, or at shutdown; then the
+    /// authenticator stops answering "not created yet" for it.
     pub async fn create_first_admin(
         self: Arc<Self>,
+        credentials: Credentials,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        self.create_first_admin_until_settled(credentials, shutdown)
+            .await;
+        self.authenticator.first_admin_settled();
+    }
+
+    async fn create_first_admin_until_settled(
+        &self,
         credentials: Credentials,
         mut shutdown: watch::Receiver<bool>,
     ) {
@@ -112,9 +123,6 @@ impl Service {
                 _ = shutdown.wait_for(|s| *s) => return,
                 _ = tokio::time::sleep(FIRST_ADMIN_EVERY) => {}
             }
-            if !self.is_leader() {
-                continue;
-            }
             match self.role_exists(&credentials.user).await {
                 Ok(true) => return,
                 Ok(false) => {}
@@ -122,6 +130,9 @@ impl Service {
                     debug!(error = %e.message, "looking for the first administrator");
                     continue;
                 }
+            }
+            if !self.is_leader() {
+                continue;
             }
             let statement = |sql: String| WriteStatement {
                 sql,
