@@ -795,3 +795,99 @@ async fn grpc_transactions_by_id() {
     );
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }
+
+/// A `SET` inside a transaction block takes effect at once, for the transaction's own
+/// statements too, stays after `COMMIT`, and is undone by a rollback of the block or to a
+/// savepoint made before it, as in PostgreSQL (drivers that open a transaction before every
+/// statement, such as psycopg, send their `SET`s inside one). What the transactions wrote
+/// under those settings is the same on every copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn settings_changed_inside_a_transaction_block() {
+    let tc = start_cluster("txn_settings", 151, 3).await.unwrap();
+    let (leader, follower) = tc.leader_and_follower().await;
+    let c = tc.wire(follower).await.unwrap();
+    c.batch_execute(
+        "CREATE SCHEMA game;
+         CREATE TABLE game.t (id int PRIMARY KEY, at text);
+         CREATE TABLE public.t (id int PRIMARY KEY, at text)",
+    )
+    .await
+    .unwrap();
+    let show = |name: &'static str| {
+        let c = &c;
+        async move {
+            let messages = c.simple_query(&format!("SHOW {name}")).await.unwrap();
+            let row = messages.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            });
+            row.unwrap_or_else(|| panic!("SHOW {name} returned no row"))
+        }
+    };
+    let run = |sql: &'static str| {
+        let c = &c;
+        async move {
+            c.simple_query(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        }
+    };
+    let midnight = "INSERT INTO t VALUES ($1, '2024-01-01 00:00:00+00'::timestamptz::text)";
+
+    // Applied to the block's own statements, kept after COMMIT.
+    run("BEGIN").await;
+    run("SET search_path TO game").await;
+    run("SET TIME ZONE 'Asia/Tokyo'").await;
+    c.execute(midnight, &[&1i32]).await.unwrap();
+    let seen: String = c
+        .query_one("SELECT at FROM t WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seen, "2024-01-01 09:00:00+09");
+    run("COMMIT").await;
+    assert_eq!(show("TimeZone").await, "Asia/Tokyo");
+    assert!(show("search_path").await.contains("game"));
+
+    // Undone by ROLLBACK TO a savepoint made before it, and by ROLLBACK.
+    run("BEGIN").await;
+    run("SET TIME ZONE 'UTC'").await;
+    run("SAVEPOINT s").await;
+    run("SET search_path TO public").await;
+    c.execute(midnight, &[&2i32]).await.unwrap();
+    run("ROLLBACK TO SAVEPOINT s").await;
+    assert!(show("search_path").await.contains("game"));
+    c.execute(midnight, &[&3i32]).await.unwrap();
+    run("COMMIT").await;
+    assert_eq!(show("TimeZone").await, "UTC");
+    run("BEGIN").await;
+    run("SET TIME ZONE 'America/New_York'").await;
+    c.execute(midnight, &[&4i32]).await.unwrap();
+    run("ROLLBACK").await;
+    assert_eq!(show("TimeZone").await, "UTC");
+
+    // A refused SET fails the block, as any error in it does.
+    run("BEGIN").await;
+    let e = c
+        .simple_query("SET TIME ZONE 'Not/AZone'")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "22023", "{e}");
+    let e = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02", "{e}");
+    run("ROLLBACK").await;
+    assert_eq!(show("TimeZone").await, "UTC");
+
+    let rows = |sql: &'static str| tc.column::<String>(leader, sql);
+    assert_eq!(
+        rows("SELECT id || ' ' || at FROM game.t ORDER BY id")
+            .await
+            .unwrap(),
+        vec!["1 2024-01-01 09:00:00+09", "3 2024-01-01 00:00:00+00"]
+    );
+    assert!(rows("SELECT id::text FROM public.t")
+        .await
+        .unwrap()
+        .is_empty());
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+}

@@ -48,8 +48,9 @@ pub struct Txn {
     svc: Arc<Service>,
     /// What opens it (its request id already set).
     begin: BeginRequest,
-    /// Statements run first when it opens (the session's settings).
-    first: Vec<WriteStatement>,
+    /// Statements run first when it opens (the session's settings, and the ones it changed
+    /// before that).
+    first: Mutex<Vec<WriteStatement>>,
     place: tokio::sync::OnceCell<Place>,
     /// Where it is while not open yet.
     unopened: Mutex<TxnStatus>,
@@ -86,7 +87,7 @@ impl Service {
         Txn {
             svc: self.clone(),
             begin: req,
-            first,
+            first: Mutex::new(first),
             place: tokio::sync::OnceCell::new(),
             unopened: Mutex::new(TxnStatus::Active),
             request_id,
@@ -277,8 +278,9 @@ impl Txn {
             .place
             .get_or_try_init(|| async {
                 let place = self.svc.open_txn(&self.begin).await?;
-                for stmt in &self.first {
-                    if let Err(e) = place.execute(stmt.clone()).await {
+                let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                for stmt in first {
+                    if let Err(e) = place.execute(stmt).await {
                         place.rollback().await;
                         return Err(e);
                     }
@@ -327,6 +329,23 @@ impl Txn {
     /// Runs a statement.
     pub async fn execute(&self, stmt: WriteStatement) -> Result<StatementOutcome, ServiceError> {
         self.opened().await?.execute(stmt).await
+    }
+
+    /// Runs `stmt`, a `SET LOCAL` of a session setting changed inside the transaction block: at
+    /// once when the transaction is open, else when it opens, after its `first` statements (a
+    /// block that only changes settings still takes no writer and proposes nothing).
+    pub async fn set_local(&self, stmt: WriteStatement) -> Result<(), ServiceError> {
+        if self.place.get().is_none() {
+            if self.unopened() != TxnStatus::Active {
+                return Err(super::txn::in_failed_txn());
+            }
+            self.first
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(stmt);
+            return Ok(());
+        }
+        self.execute(stmt).await.map(|_| ())
     }
 
     /// What PostgreSQL infers for `sql` inside the transaction (it sees what the transaction

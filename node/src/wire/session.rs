@@ -43,7 +43,7 @@ use crate::auth::authenticator::Principal;
 use crate::command::{ColumnInfo, SqlValue, StatementOutcome};
 use crate::service::{
     BeginRequest, Description, ErrorKind, Origin, ReadChunk, ReadRequest, Service, ServiceError,
-    Txn, TxnStatus, WriteRequest, WriteStatement,
+    Txn, TxnStatus, WriteRequest, WriteStatement, SESSION_SETTINGS,
 };
 
 use super::cancel::CancelSignal;
@@ -162,6 +162,10 @@ pub struct Session {
     pipeline_error: Option<pgwire::messages::response::ErrorResponse>,
     /// The interactive transaction the session is in (until its `COMMIT` or `ROLLBACK`).
     txn: Option<Txn>,
+    /// In a transaction block: the settings at its start (`None`) and at each of its savepoints
+    /// (their names), innermost last — what a rollback to there restores, as PostgreSQL undoes
+    /// the `SET`s made since.
+    saved_settings: Vec<(Option<String>, Settings)>,
 }
 
 /// An `Execute` of a pipeline, run with the others at `Sync`.
@@ -191,6 +195,7 @@ impl Session {
             pipeline: Vec::new(),
             pipeline_error: None,
             txn: None,
+            saved_settings: Vec::new(),
         }
     }
 
@@ -208,6 +213,11 @@ impl Session {
         self.run_pipeline(out).await?;
         self.skipping = false;
         if let Err(e) = self.query_inner(out, sql).await? {
+            if let Some(txn) = &self.txn {
+                // Any error inside a transaction block fails the transaction (PostgreSQL's
+                // rule), a refused session command too.
+                txn.mark_failed().await;
+            }
             out.feed(B::ErrorResponse(e)).await?;
         }
         self.ready(out).await
@@ -357,6 +367,32 @@ impl Session {
     ) -> std::io::Result<Result<(), pgwire::messages::response::ErrorResponse>> {
         let done = |tag: &str| B::CommandComplete(CommandComplete::new(tag.to_string()));
         match &s.kind {
+            Kind::Set { name, value } if self.txn.is_some() => {
+                match self.set_in_txn(name, value.as_deref()).await {
+                    Ok(report) => {
+                        out.feed(done("SET")).await?;
+                        if let Some((k, v)) = report {
+                            out.feed(B::ParameterStatus(ParameterStatus::new(k, v)))
+                                .await?;
+                        }
+                        Ok(Ok(()))
+                    }
+                    Err(e) => Ok(Err(error::response(&e, Op::Write, s.offset))),
+                }
+            }
+            Kind::ResetAll { tag } if self.txn.is_some() => {
+                match self.reset_all_in_txn(tag).await {
+                    Ok(reported) => {
+                        for (k, v) in reported {
+                            out.feed(B::ParameterStatus(ParameterStatus::new(k, v)))
+                                .await?;
+                        }
+                        out.feed(done(tag)).await?;
+                        Ok(Ok(()))
+                    }
+                    Err(e) => Ok(Err(error::response(&e, Op::Write, s.offset))),
+                }
+            }
             Kind::Set { name, value } => match self.set_checked(name, value.as_deref()).await {
                 Ok(report) => {
                     out.feed(done("SET")).await?;
@@ -422,19 +458,25 @@ impl Session {
             Kind::End { commit } => match self.txn.take() {
                 Some(txn) if *commit => match txn.commit().await {
                     Ok(c) if c.committed => {
+                        self.saved_settings.clear();
                         self.settings.wrote(c.log_index);
                         out.feed(done("COMMIT")).await?;
                         self.report_last_write(out).await?;
                         Ok(Ok(()))
                     }
                     Ok(_) => {
+                        self.restore_settings(out, 0).await?;
                         out.feed(done("ROLLBACK")).await?;
                         Ok(Ok(()))
                     }
-                    Err(e) => Ok(Err(error::response(&e, Op::Write, s.offset))),
+                    Err(e) => {
+                        self.restore_settings(out, 0).await?;
+                        Ok(Err(error::response(&e, Op::Write, s.offset)))
+                    }
                 },
                 Some(txn) => {
                     txn.rollback().await;
+                    self.restore_settings(out, 0).await?;
                     out.feed(done("ROLLBACK")).await?;
                     Ok(Ok(()))
                 }
@@ -464,6 +506,20 @@ impl Session {
                 let done_or = txn.savepoint_op(*op, name).await;
                 match done_or {
                     Ok(()) => {
+                        let at = self
+                            .saved_settings
+                            .iter()
+                            .rposition(|(n, _)| n.as_deref() == Some(name.as_str()));
+                        match (op, at) {
+                            (SavepointOp::Define, _) => self
+                                .saved_settings
+                                .push((Some(name.clone()), self.settings.clone())),
+                            (SavepointOp::Release, Some(i)) => self.saved_settings.truncate(i),
+                            (SavepointOp::RollbackTo, Some(i)) => {
+                                self.restore_settings(out, i).await?;
+                            }
+                            (_, None) => {}
+                        }
                         out.feed(done(tag)).await?;
                         Ok(Ok(()))
                     }
@@ -493,6 +549,77 @@ impl Session {
                 Ok(Err(error::plain("XX000", "not a session command")))
             }
         }
+    }
+
+    /// `SET name TO value` (`None`: `RESET`) inside a transaction block: it takes effect at
+    /// once, for the transaction's own statements too (a `SET LOCAL` in the transaction for
+    /// the settings its statements run with), and a rollback of the block undoes it.
+    async fn set_in_txn(
+        &mut self,
+        name: &str,
+        value: Option<&str>,
+    ) -> Result<Option<(String, String)>, ServiceError> {
+        let before = self.settings.clone();
+        let report = self.set_checked(name, value).await?;
+        if Settings::checked_by_postgres(name) {
+            if let Err(e) = self.set_local_in_txn(&[name]).await {
+                self.settings = before;
+                return Err(e);
+            }
+        }
+        Ok(report)
+    }
+
+    /// `RESET ALL` (or a `DISCARD` other than `ALL`) inside a transaction block; returns the
+    /// reported settings that changed.
+    async fn reset_all_in_txn(&mut self, tag: &str) -> Result<Vec<(String, String)>, ServiceError> {
+        if tag == "DISCARD ALL" {
+            return Err(ServiceError::refused(
+                ErrorKind::FailedPrecondition,
+                "25001",
+                "DISCARD ALL cannot run inside a transaction block",
+            ));
+        }
+        let before = self.settings.clone();
+        let reported = self.settings.reset_all();
+        if let Err(e) = self.set_local_in_txn(SESSION_SETTINGS).await {
+            self.settings = before;
+            return Err(e);
+        }
+        Ok(reported)
+    }
+
+    /// Makes the open transaction's session run with the session's values of `names` (some of
+    /// [`SESSION_SETTINGS`]) from its next statement on.
+    async fn set_local_in_txn(&self, names: &[&str]) -> Result<(), ServiceError> {
+        let Some(txn) = &self.txn else {
+            return Ok(());
+        };
+        for name in names {
+            let value = self.settings.override_of(name);
+            txn.set_local(set_local_statement(name, value.as_deref()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Puts the settings back as they were at `saved_settings[at]` (0: the transaction block's
+    /// start, which also ends the block's saving), and tells the client of the reported ones
+    /// that changed.
+    async fn restore_settings(&mut self, out: &mut Wire, at: usize) -> std::io::Result<()> {
+        let Some((_, saved)) = self.saved_settings.get(at) else {
+            return Ok(());
+        };
+        let saved = saved.clone();
+        for (k, v) in self.settings.restore(&saved) {
+            out.feed(B::ParameterStatus(ParameterStatus::new(k, v)))
+                .await?;
+        }
+        match at {
+            0 => self.saved_settings.clear(),
+            _ => self.saved_settings.truncate(at + 1),
+        }
+        Ok(())
     }
 
     /// `SET name TO value` (`None`: `RESET`), a setting PostgreSQL must check asked first.
@@ -550,6 +677,7 @@ impl Session {
             txn.open().await?;
         }
         self.txn = Some(txn);
+        self.saved_settings = vec![(None, self.settings.clone())];
         Ok(())
     }
 
@@ -1440,19 +1568,7 @@ impl Session {
         self.settings
             .overrides()
             .into_iter()
-            .map(|(name, value)| WriteStatement {
-                sql: match name.as_str() {
-                    // A list of schema names, each quoted (never the client's text as SQL).
-                    "search_path" => format!(
-                        "SET LOCAL search_path TO {}",
-                        super::settings::search_path_idents(&value)
-                            .unwrap_or_default()
-                            .join(", ")
-                    ),
-                    _ => format!("SET LOCAL {name} TO {}", quote_literal(&value)),
-                },
-                params: Ok(Vec::new()),
-            })
+            .map(|(name, value)| set_local_statement(&name, Some(&value)))
             .collect()
     }
 
@@ -1604,6 +1720,26 @@ fn runs_in_txn(k: &Kind) -> bool {
         Kind::Read { tag } => tag == "SELECT",
         Kind::Write { .. } => true,
         _ => false,
+    }
+}
+
+/// `SET LOCAL` of session setting `name` (one of [`SESSION_SETTINGS`]) to `value`, or to
+/// raftpg's fixed value (`None`: `TO DEFAULT`, the applier's connection value).
+fn set_local_statement(name: &str, value: Option<&str>) -> WriteStatement {
+    let sql = match value {
+        // A list of schema names, each quoted (never the client's text as SQL).
+        Some(v) if name.eq_ignore_ascii_case("search_path") => format!(
+            "SET LOCAL search_path TO {}",
+            super::settings::search_path_idents(v)
+                .unwrap_or_default()
+                .join(", ")
+        ),
+        Some(v) => format!("SET LOCAL {name} TO {}", quote_literal(v)),
+        None => format!("SET LOCAL {name} TO DEFAULT"),
+    };
+    WriteStatement {
+        sql,
+        params: Ok(Vec::new()),
     }
 }
 

@@ -259,6 +259,35 @@ impl Settings {
         changed
     }
 
+    /// Goes back to the values of `saved` (an earlier copy of these settings: a transaction
+    /// block rolled back to its start or to a savepoint, as PostgreSQL undoes the `SET`s made
+    /// since), except the session's last write, which only grows; returns the reported ones
+    /// that changed.
+    pub fn restore(&mut self, saved: &Settings) -> Vec<(String, String)> {
+        let changed = saved
+            .values
+            .iter()
+            .filter(|(k, v)| self.values.get(*k) != Some(*v))
+            .filter(|(k, _)| rule(k).is_some_and(|r| r.reported))
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let last_write_index = self.last_write_index;
+        *self = saved.clone();
+        self.last_write_index = self.last_write_index.max(last_write_index);
+        changed
+    }
+
+    /// The value a transaction's session runs with for `name`, one of [`SESSION_SETTINGS`]:
+    /// `None` when it is raftpg's fixed one (see [`Settings::overrides`]).
+    pub fn override_of(&self, name: &str) -> Option<String> {
+        let key = SESSION_SETTINGS
+            .iter()
+            .find(|s| s.eq_ignore_ascii_case(name))?;
+        let value = self.values.get(key)?;
+        let default = rule(key).map_or("", |r| r.default);
+        (!same_setting(key, value, default)).then(|| value.clone())
+    }
+
     /// Whether the session's reads may read a copy known to differ.
     pub fn allow_diverged_reads(&self) -> bool {
         self.values
