@@ -248,6 +248,11 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_TXN_TIME_MAX_MS", default_value_t = 30_000)]
     pub txn_time_max_ms: u64,
 
+    /// Most bytes of statements (their SQL and parameters) one interactive transaction may
+    /// run: a committed transaction is one log entry, which must fit in one Raft message.
+    #[arg(long, env = "RAFTPG_TXN_BYTES_MAX", default_value_t = 16 * 1024 * 1024)]
+    pub txn_bytes_max: usize,
+
     /// Rebuild this node from the leader's snapshot as soon as a check finds its copy different
     /// from the majority's (instead of waiting for `raftpg member rebuild`).
     #[arg(long, env = "RAFTPG_AUTO_REBUILD", value_parser = clap::builder::BoolishValueParser::new())]

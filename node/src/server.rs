@@ -399,6 +399,7 @@ fn build_service(cfg: &NodeConfig, started: &Started, parts: RaftParts) -> Arc<S
         txn_limits: TxnLimits {
             idle_max: Duration::from_millis(cfg.txn_idle_max_ms.max(1)),
             time_max: Duration::from_millis(cfg.txn_time_max_ms.max(1)),
+            bytes_max: cfg.txn_bytes_max,
             ..TxnLimits::default()
         },
     })
@@ -569,10 +570,11 @@ fn check_entry_bytes_max(cfg: &NodeConfig) -> anyhow::Result<()> {
     let entry_bytes_max = cfg
         .proposal_batch_bytes_max
         .max(cfg.request_bytes_max)
+        .max(cfg.txn_bytes_max)
         .saturating_mul(6);
     anyhow::ensure!(
         entry_bytes_max <= network::APPEND_BYTES_MAX,
-        "--request-bytes-max and --proposal-batch-bytes-max must be at most {} bytes (an encoded log entry must fit in one Raft message)",
+        "--request-bytes-max, --proposal-batch-bytes-max and --txn-bytes-max must be at most {} bytes (an encoded log entry must fit in one Raft message)",
         network::APPEND_BYTES_MAX / 6
     );
     Ok(())

@@ -407,15 +407,23 @@ async fn a_deferred_entry_is_committed_while_the_transaction_on_top_stays_open()
 }
 
 /// The limits: an idle transaction is rolled back after `--txn-idle-max-ms` (its next
-/// statement gets 25P03, then 25P02 until ROLLBACK), a write waiting behind it then runs, and a
-/// client that disconnects mid-transaction releases the writer at once.
+/// statement gets 25P03, then 25P02 until ROLLBACK), a write waiting behind it then runs, a
+/// client that disconnects mid-transaction releases the writer at once, and a transaction's
+/// statements may hold at most `--txn-bytes-max` bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_and_abandoned_transactions_release_the_writer() {
     let tc = start_cluster_with(
         "txn_limits",
         144,
         3,
-        &["--txn-idle-max-ms", "700", "--txn-time-max-ms", "2500"],
+        &[
+            "--txn-idle-max-ms",
+            "700",
+            "--txn-time-max-ms",
+            "2500",
+            "--txn-bytes-max",
+            "100000",
+        ],
     )
     .await
     .unwrap();
@@ -506,6 +514,32 @@ async fn idle_and_abandoned_transactions_release_the_writer() {
             .unwrap(),
         vec![101, 102]
     );
+
+    // A committed transaction is one log entry, which must fit in one Raft message: the
+    // statement that would take a transaction past --txn-bytes-max fails it (54000).
+    let note = "x".repeat(30_000);
+    let insert = "INSERT INTO ids (note) VALUES ($1)";
+    c.batch_execute("BEGIN").await.unwrap();
+    for _ in 0..3 {
+        c.execute(insert, &[&note]).await.unwrap();
+    }
+    let e = c.execute(insert, &[&note]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "54000", "{e}");
+    let e = c.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute(insert, &[&note]).await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        tc.column::<i64>(
+            leader,
+            "SELECT count(*) FROM ids WHERE length(note) = 30000"
+        )
+        .await
+        .unwrap(),
+        vec![1]
+    );
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }
 
@@ -595,6 +629,73 @@ print("ok")
             .await
             .unwrap(),
         vec![95, 104]
+    );
+
+    // COPY FROM STDIN inside a transaction block: its rows are statements of the transaction
+    // (into a table it created); a COPY that fails fails the block.
+    let copy_script = "\\set ON_ERROR_STOP 1
+BEGIN;
+CREATE TABLE copied (id int PRIMARY KEY, v text);
+COPY copied FROM STDIN;
+1\tone
+2\ttwo
+\\.
+SELECT count(*) AS in_block FROM copied;
+COMMIT;
+BEGIN;
+\\set ON_ERROR_STOP 0
+COPY copied FROM STDIN;
+3\tthree
+1\tagain
+\\.
+\\set ON_ERROR_STOP 1
+ROLLBACK;
+";
+    let out = Command::new("psql")
+        .args(["-X", "-d", &tc.conninfo(follower)])
+        .envs(tc.libpq_env())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(copy_script.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("in_block") && stdout.contains("        2\n"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("duplicate key"), "{stderr}");
+    // A COPY of several batches (each a statement of the transaction), with tokio-postgres.
+    let c = tc.wire(follower).await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    let sink = c
+        .copy_in("COPY copied (id, v) FROM STDIN WITH (FORMAT csv)")
+        .await
+        .unwrap();
+    let rows: String = (10..5010)
+        .map(|i| format!("{i},{}\n", "v".repeat(90)))
+        .collect();
+    futures::pin_mut!(sink);
+    use futures::SinkExt;
+    sink.send(bytes::Bytes::from(rows)).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 5000);
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        tc.column::<i64>(leader, "SELECT count(*) FROM copied")
+            .await
+            .unwrap(),
+        vec![5002]
     );
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }

@@ -54,6 +54,8 @@ pub struct TxnLimits {
     pub time_max: Duration,
     /// Most steps (statements and savepoint commands) in one transaction.
     pub steps_max: usize,
+    /// Most bytes of steps (SQL, parameters, savepoint names) in one transaction.
+    pub bytes_max: usize,
 }
 
 impl Default for TxnLimits {
@@ -62,6 +64,7 @@ impl Default for TxnLimits {
             idle_max: Duration::from_secs(5),
             time_max: Duration::from_secs(30),
             steps_max: 10_000,
+            bytes_max: 16 * 1024 * 1024,
         }
     }
 }

@@ -79,6 +79,8 @@ struct Inner {
     /// The client's savepoints, oldest first.
     savepoints: Vec<String>,
     steps: usize,
+    /// Bytes of its steps so far (see [`TxnLimits::bytes_max`]).
+    bytes: usize,
     started: Instant,
     last_used: Instant,
     /// Why an ended transaction ended, when a limit or the state machine ended it: the error
@@ -190,6 +192,7 @@ impl Service {
             status: TxnStatus::Active,
             savepoints: Vec::new(),
             steps: 0,
+            bytes: 0,
             started: now,
             last_used: now,
             ended_by: None,
@@ -489,7 +492,21 @@ impl Inner {
                 ),
             ));
         }
+        let bytes = step_bytes(&step);
+        if self.bytes + bytes > self.svc.txn_limits.bytes_max {
+            self.status = TxnStatus::Failed;
+            return Err(ServiceError::refused(
+                ErrorKind::ResourceExhausted,
+                "54000",
+                format!(
+                    "a transaction's statements may hold at most {} bytes (--txn-bytes-max); this one would reach {}: commit in smaller transactions",
+                    self.svc.txn_limits.bytes_max,
+                    self.bytes + bytes
+                ),
+            ));
+        }
         self.steps += 1;
+        self.bytes += bytes;
         // A statement may not outlive the transaction's time limit: past it, PostgreSQL is
         // asked to cancel it (the step then fails and the state machine rolls back).
         let left = self
@@ -655,6 +672,21 @@ async fn watch_limits(inner: Weak<Mutex<Inner>>, limits: TxnLimits) {
         )
         .await;
         return;
+    }
+}
+
+/// What a step adds to the transaction's entry, about (its SQL, parameters, savepoint name).
+fn step_bytes(step: &TxnStep) -> usize {
+    match step {
+        TxnStep::Statement { stmt, .. } => {
+            stmt.sql.len()
+                + stmt
+                    .params
+                    .iter()
+                    .map(crate::pg::values::wire_size)
+                    .sum::<usize>()
+        }
+        TxnStep::Savepoint(n) | TxnStep::Release(n) | TxnStep::RollbackTo(n) => n.len(),
     }
 }
 

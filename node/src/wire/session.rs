@@ -700,10 +700,6 @@ impl Session {
                     Err(e) => Ok(Err(error::response(&e, Op::Write, s.offset))),
                 }
             }
-            (Kind::CopyIn(_), Some(_)) => Ok(Err(error::plain(
-                "0A000",
-                "COPY FROM STDIN inside a transaction block is not supported by raftpg; COPY outside it, or INSERT",
-            ))),
             (Kind::Write { .. }, None) => self.single_write(out, s).await,
             (Kind::Read { .. }, _) => self.simple_statement(out, s).await,
             _ => self.session_command(out, s, true).await,
@@ -1060,13 +1056,6 @@ impl Session {
             Kind::Show { name: setting } if self.settings.show(setting).is_none() => {
                 self.execute_read(out, name, "SHOW", max_rows).await
             }
-            Kind::CopyIn(_) => {
-                let e = error::plain(
-                    "0A000",
-                    "COPY FROM STDIN inside a transaction block is not supported by raftpg",
-                );
-                self.fail(out, e).await
-            }
             _ => match self.session_command(out, &stmt, false).await? {
                 Ok(()) => Ok(()),
                 Err(e) => self.fail(out, e).await,
@@ -1262,6 +1251,10 @@ impl Session {
         let mut batch: Vec<copy::Row> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut written = 0u64;
+        // Inside a transaction block the rows are its statements: an error fails the block and
+        // nothing stays written, so the errors do not count rows written before.
+        let in_txn = self.txn.is_some();
+        let counted = |written: u64| if in_txn { 0 } else { written };
         loop {
             let (rows, done) = match out.next().await {
                 None => return Err(std::io::ErrorKind::UnexpectedEof.into()),
@@ -1271,7 +1264,7 @@ impl Session {
                     return Ok(Err(copy_error(
                         "57014",
                         format!("COPY from stdin failed: {}", f.message),
-                        written,
+                        counted(written),
                     )))
                 }
                 Some(Ok(F::Flush(_))) | Some(Ok(F::Sync(_))) => continue,
@@ -1279,16 +1272,16 @@ impl Session {
                     return Ok(Err(copy_error(
                         "08P01",
                         "unexpected message type during COPY from stdin".into(),
-                        written,
+                        counted(written),
                     )))
                 }
                 Some(Err(e)) => {
-                    return Ok(Err(copy_error("08P01", e.to_string(), written)));
+                    return Ok(Err(copy_error("08P01", e.to_string(), counted(written))));
                 }
             };
             let rows = match rows {
                 Ok(r) => r,
-                Err(m) => return Ok(Err(copy_error("22P04", m, written))),
+                Err(m) => return Ok(Err(copy_error("22P04", m, counted(written)))),
             };
             for row in rows {
                 if row.len() != n {
@@ -1297,7 +1290,7 @@ impl Session {
                         parser.line().saturating_sub(1),
                         row.len()
                     );
-                    return Ok(Err(copy_error("22P04", m, written)));
+                    return Ok(Err(copy_error("22P04", m, counted(written))));
                 }
                 batch_bytes += row
                     .iter()
@@ -1310,7 +1303,7 @@ impl Session {
                         .await
                     {
                         Ok(k) => written += k,
-                        Err(e) => return Ok(Err(copy_failed(&e, written))),
+                        Err(e) => return Ok(Err(copy_failed(&e, counted(written)))),
                     }
                     batch_bytes = 0;
                 }
@@ -1322,7 +1315,7 @@ impl Session {
         if !batch.is_empty() {
             match self.write_rows(c, &columns, batch).await {
                 Ok(k) => written += k,
-                Err(e) => return Ok(Err(copy_failed(&e, written))),
+                Err(e) => return Ok(Err(copy_failed(&e, counted(written)))),
             }
         }
         out.feed(B::CommandComplete(CommandComplete::new(format!(
@@ -1338,11 +1331,25 @@ impl Session {
     /// The columns a `COPY` without a column list fills: the table's, in order, except
     /// generated ones (as PostgreSQL's COPY does).
     async fn table_columns(&self, c: &copy::CopyIn) -> Result<Vec<String>, ServiceError> {
+        let sql = "SELECT pg_catalog.quote_ident(attname) FROM pg_catalog.pg_attribute \
+                   WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped \
+                   AND attgenerated = '' ORDER BY attnum";
+        if let Some(txn) = &self.txn {
+            // The table as the transaction sees it (one it created or altered too). The write
+            // gate keeps catalogs out of transactions, so this cannot tell generated columns:
+            // inside a transaction block, a COPY into a table with generated columns needs its
+            // column list (PostgreSQL's error says so otherwise).
+            let d = txn
+                .describe(&format!("SELECT * FROM {}", c.table), &[])
+                .await?;
+            return Ok(d
+                .columns
+                .iter()
+                .map(|col| copy::quote_ident(&col.name))
+                .collect());
+        }
         let s = Statement {
-            sql: "SELECT pg_catalog.quote_ident(attname) FROM pg_catalog.pg_attribute \
-                  WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped \
-                  AND attgenerated = '' ORDER BY attnum"
-                .into(),
+            sql: sql.into(),
             offset: 0,
             kind: Kind::Read {
                 tag: "SELECT".into(),
@@ -1362,7 +1369,8 @@ impl Session {
         Ok(columns)
     }
 
-    /// Writes COPY rows as one write of `INSERT`s; returns the rows written.
+    /// Writes COPY rows as one write of `INSERT`s (inside a transaction block, as statements of
+    /// the transaction); returns the rows written.
     async fn write_rows(
         &mut self,
         c: &copy::CopyIn,
@@ -1394,6 +1402,13 @@ impl Session {
                 },
             };
             stmts.push((stmt, params));
+        }
+        if let Some(txn) = &self.txn {
+            // Statements of the transaction (its size limit bounds the COPY).
+            for (s, params) in stmts {
+                txn.execute(txn_statement(&s, params)).await?;
+            }
+            return Ok(total);
         }
         let refs: Vec<(&Statement, Vec<SqlValue>)> =
             stmts.iter().map(|(s, p)| (s, p.clone())).collect();
