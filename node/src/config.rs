@@ -248,9 +248,10 @@ pub struct NodeConfig {
     #[arg(long, env = "RAFTPG_TXN_TIME_MAX_MS", default_value_t = 30_000)]
     pub txn_time_max_ms: u64,
 
-    /// Most bytes of statements (their SQL and parameters) one interactive transaction may
-    /// run: a committed transaction is one log entry, which must fit in one Raft message.
-    #[arg(long, env = "RAFTPG_TXN_BYTES_MAX", default_value_t = 16 * 1024 * 1024)]
+    /// Most bytes of statements (their SQL and parameters, as the log entry encodes them) one
+    /// interactive transaction may run: a committed transaction is one log entry, which the
+    /// leader holds in memory and sends to every follower in one message.
+    #[arg(long, env = "RAFTPG_TXN_BYTES_MAX", default_value_t = 32 * 1024 * 1024)]
     pub txn_bytes_max: usize,
 
     /// Rebuild this node from the leader's snapshot as soon as a check finds its copy different

@@ -562,6 +562,10 @@ fn first_admin(cfg: &NodeConfig) -> anyhow::Result<Option<Credentials>> {
     }))
 }
 
+/// Largest `--txn-bytes-max`: room is left in a Raft message for the rest of the entry (its
+/// request id, user, timestamps: small) and the AppendEntries around it.
+const TXN_BYTES_MAX_LIMIT: usize = network::APPEND_BYTES_MAX - 4 * 1024 * 1024;
+
 /// Refuses limits under which one log entry (a batch of writes, or one large write) might not
 /// fit in one Raft message once encoded (JSON can take up to 6 bytes for a byte of a
 /// parameter): replication of such an entry could never succeed. Several entries that do not
@@ -570,12 +574,16 @@ fn check_entry_bytes_max(cfg: &NodeConfig) -> anyhow::Result<()> {
     let entry_bytes_max = cfg
         .proposal_batch_bytes_max
         .max(cfg.request_bytes_max)
-        .max(cfg.txn_bytes_max)
         .saturating_mul(6);
     anyhow::ensure!(
         entry_bytes_max <= network::APPEND_BYTES_MAX,
-        "--request-bytes-max, --proposal-batch-bytes-max and --txn-bytes-max must be at most {} bytes (an encoded log entry must fit in one Raft message)",
+        "--request-bytes-max and --proposal-batch-bytes-max must be at most {} bytes (an encoded log entry must fit in one Raft message)",
         network::APPEND_BYTES_MAX / 6
+    );
+    // A transaction's limit counts its steps as encoded (the rest of its entry is small).
+    anyhow::ensure!(
+        cfg.txn_bytes_max <= TXN_BYTES_MAX_LIMIT,
+        "--txn-bytes-max must be at most {TXN_BYTES_MAX_LIMIT} bytes (a transaction's encoded log entry must fit in one Raft message)"
     );
     Ok(())
 }

@@ -992,3 +992,51 @@ async fn settings_changed_inside_a_transaction_block() {
         .is_empty());
     tc.assert_identical(&[1, 2, 3]).await.unwrap();
 }
+
+/// A transaction of many megabytes is one log entry that takes longer to send and store than
+/// a heartbeat interval (openraft's limit for an AppendEntries): the transport allows for its
+/// size, so it commits — before, it was sent again and again and no write after it committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_larger_than_a_heartbeat_can_carry_commits() {
+    let tc = start_cluster_with(
+        "txn_large",
+        152,
+        3,
+        &["--heartbeat-ms", "20", "--txn-bytes-max", "40000000"],
+    )
+    .await
+    .unwrap();
+    let (leader, follower) = tc.leader_and_follower().await;
+    let c = tc.wire(leader).await.unwrap();
+    c.batch_execute("CREATE TABLE bulk (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    let sink = c.copy_in("COPY bulk FROM STDIN").await.unwrap();
+    let rows: String = (0..100_000)
+        .map(|i| format!("{i}\t{}\n", "v".repeat(60)))
+        .collect();
+    futures::pin_mut!(sink);
+    use futures::SinkExt;
+    sink.send(bytes::Bytes::from(rows)).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 100_000);
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(60), c.batch_execute("COMMIT"))
+        .await
+        .expect("COMMIT of the large transaction never returned")
+        .unwrap();
+    eprintln!("COMMIT took {:?}", started.elapsed());
+    // The cluster goes on writing, and every copy has the rows.
+    let other = tc.wire(follower).await.unwrap();
+    other
+        .batch_execute("INSERT INTO bulk VALUES (-1, 'after')")
+        .await
+        .unwrap();
+    tc.assert_identical(&[1, 2, 3]).await.unwrap();
+    assert_eq!(
+        tc.column::<i64>(follower, "SELECT count(*) FROM bulk")
+            .await
+            .unwrap(),
+        vec![100_001]
+    );
+}

@@ -135,7 +135,7 @@ enum TransportError {
         addr: String,
         source: tonic::transport::Error,
     },
-    /// The RPC took longer than openraft's `hard_ttl`.
+    /// The RPC took longer than openraft's `hard_ttl` plus the time its size allows for.
     #[error("{kind:?} to node {target} timed out after {after:?}")]
     TimedOut {
         kind: RpcKind,
@@ -185,6 +185,7 @@ impl PeerConnection {
     {
         let unreachable = |e: TransportError| RPCError::Unreachable(Unreachable::new(&e));
         let mut client = self.client().map_err(unreachable)?;
+        let ttl = option.hard_ttl() + transfer_allowance(payload.len() + data.len());
         let msg = RaftMessage { payload, data };
         let fut = async {
             match kind {
@@ -193,13 +194,13 @@ impl PeerConnection {
                 RpcKind::Snapshot => client.install_snapshot(msg).await,
             }
         };
-        let reply = match tokio::time::timeout(option.hard_ttl(), fut).await {
+        let reply = match tokio::time::timeout(ttl, fut).await {
             Err(_) => {
                 return Err(RPCError::Network(NetworkError::new(
                     &TransportError::TimedOut {
                         kind,
                         target: self.target,
-                        after: option.hard_ttl(),
+                        after: ttl,
                     },
                 )))
             }
@@ -219,6 +220,18 @@ impl PeerConnection {
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
     }
+}
+
+/// The slowest link between nodes an RPC's time limit allows for (≈ 32 Mbit/s): openraft bounds
+/// every AppendEntries by the heartbeat interval, which a large entry cannot meet on a real
+/// network (4 MiB take ≈ 0.3 s at 100 Mbit/s) — it would be sent again and again, and nothing
+/// after it would ever commit.
+const LINK_BYTES_PER_SEC_MIN: f64 = 4.0 * 1024.0 * 1024.0;
+
+/// Time added to openraft's limit of an RPC of `bytes`: the time to move them over the slowest
+/// link allowed for, and as long again for the receiver to decode and store them.
+fn transfer_allowance(bytes: usize) -> Duration {
+    Duration::from_secs_f64(2.0 * bytes as f64 / LINK_BYTES_PER_SEC_MIN)
 }
 
 /// A request encoded for the wire.

@@ -54,7 +54,7 @@ pub struct TxnLimits {
     pub time_max: Duration,
     /// Most steps (statements and savepoint commands) in one transaction.
     pub steps_max: usize,
-    /// Most bytes of steps (SQL, parameters, savepoint names) in one transaction.
+    /// Most bytes of steps in one transaction, as its log entry encodes them.
     pub bytes_max: usize,
 }
 
@@ -64,7 +64,7 @@ impl Default for TxnLimits {
             idle_max: Duration::from_secs(5),
             time_max: Duration::from_secs(30),
             steps_max: 10_000,
-            bytes_max: 16 * 1024 * 1024,
+            bytes_max: 32 * 1024 * 1024,
         }
     }
 }

@@ -499,7 +499,7 @@ impl Inner {
                 ErrorKind::ResourceExhausted,
                 "54000",
                 format!(
-                    "a transaction's statements may hold at most {} bytes (--txn-bytes-max); this one would reach {}: commit in smaller transactions",
+                    "a transaction's log entry may hold at most {} bytes of statements (--txn-bytes-max); this one would reach {}: commit in smaller transactions",
                     self.svc.txn_limits.bytes_max,
                     self.bytes + bytes
                 ),
@@ -675,19 +675,10 @@ async fn watch_limits(inner: Weak<Mutex<Inner>>, limits: TxnLimits) {
     }
 }
 
-/// What a step adds to the transaction's entry, about (its SQL, parameters, savepoint name).
+/// What a step adds to the transaction's log entry: its size as the entry encodes it.
 fn step_bytes(step: &TxnStep) -> usize {
-    match step {
-        TxnStep::Statement { stmt, .. } => {
-            stmt.sql.len()
-                + stmt
-                    .params
-                    .iter()
-                    .map(crate::pg::values::wire_size)
-                    .sum::<usize>()
-        }
-        TxnStep::Savepoint(n) | TxnStep::Release(n) | TxnStep::RollbackTo(n) => n.len(),
-    }
+    // (Encoding a step cannot fail; if it did, the step could not be proposed either.)
+    serde_json::to_vec(step).map_or(usize::MAX / 2, |v| v.len())
 }
 
 /// The error of a transaction open longer than `time_max`.

@@ -144,6 +144,13 @@ fn parse(stmt: &CopyStmt) -> Result<CopyIn, String> {
                     other => return Err(format!("HEADER {other} is not supported by raftpg")),
                 }
             }
+            // A physical optimization (rows written frozen) with no effect on what the table
+            // holds: the rows are ordinary inserts here, frozen later by each node's VACUUM.
+            // pgbench's client-side data generation asks for it.
+            "freeze" => match arg.to_ascii_lowercase().as_str() {
+                "" | "true" | "on" | "1" | "false" | "off" | "0" => {}
+                other => return Err(format!("FREEZE {other} is not a boolean")),
+            },
             "quote" => format.quote = one_byte(&arg, "quote")?,
             "escape" => escape = Some(one_byte(&arg, "escape")?),
             "encoding"
@@ -491,6 +498,13 @@ mod tests {
         let c = copy_in(&stmt("COPY t FROM STDIN")).unwrap().unwrap();
         assert_eq!(c.columns, None);
         assert_eq!(c.format.null, "\\N");
+        // pgbench's client-side data generation.
+        assert!(copy_in(&stmt("COPY t FROM STDIN WITH (FREEZE ON)"))
+            .unwrap()
+            .is_ok());
+        assert!(copy_in(&stmt("COPY t FROM STDIN (FREEZE maybe)"))
+            .unwrap()
+            .is_err());
     }
 
     #[test]
