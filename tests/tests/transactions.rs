@@ -27,6 +27,32 @@ async fn setup(c: &tokio_postgres::Client) {
     .unwrap();
 }
 
+/// Runs `script` with psql through node `id`; its output.
+fn psql_script(tc: &testkit::TestCluster, id: u64, script: &str) -> std::process::Output {
+    Command::new("psql")
+        .args(["-X", "-d", &tc.conninfo(id)])
+        .envs(tc.libpq_env())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(script.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap()
+}
+
+/// Sends `data` through `copy` (a `COPY … FROM STDIN`); the rows it reports copied.
+async fn copy_rows(c: &tokio_postgres::Client, copy: &str, data: String) -> u64 {
+    use futures::SinkExt;
+    let sink = c.copy_in(copy).await.unwrap();
+    futures::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(data)).await.unwrap();
+    sink.finish().await.unwrap()
+}
+
 /// The notes of table `ids` in node `id`'s copy, in id order.
 async fn notes(tc: &testkit::TestCluster, id: u64) -> Vec<String> {
     tc.column(id, "SELECT note FROM ids ORDER BY id")
@@ -573,19 +599,7 @@ SELECT bal FROM acct WHERE id = 1;
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = Command::new("psql")
-        .args(["-X", "-d", &tc.conninfo(follower)])
-        .envs(tc.libpq_env())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(script.as_bytes())?;
-            child.wait_with_output()
-        })
-        .unwrap();
+    let out = psql_script(&tc, follower, script);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
@@ -651,23 +665,7 @@ COPY copied FROM STDIN;
 \\set ON_ERROR_STOP 1
 ROLLBACK;
 ";
-    let out = Command::new("psql")
-        .args(["-X", "-d", &tc.conninfo(follower)])
-        .envs(tc.libpq_env())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(copy_script.as_bytes())?;
-            child.wait_with_output()
-        })
-        .unwrap();
+    let out = psql_script(&tc, follower, copy_script);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
@@ -679,17 +677,11 @@ ROLLBACK;
     // A COPY of several batches (each a statement of the transaction), with tokio-postgres.
     let c = tc.wire(follower).await.unwrap();
     c.batch_execute("BEGIN").await.unwrap();
-    let sink = c
-        .copy_in("COPY copied (id, v) FROM STDIN WITH (FORMAT csv)")
-        .await
-        .unwrap();
     let rows: String = (10..5010)
         .map(|i| format!("{i},{}\n", "v".repeat(90)))
         .collect();
-    futures::pin_mut!(sink);
-    use futures::SinkExt;
-    sink.send(bytes::Bytes::from(rows)).await.unwrap();
-    assert_eq!(sink.finish().await.unwrap(), 5000);
+    let copy = "COPY copied (id, v) FROM STDIN WITH (FORMAT csv)";
+    assert_eq!(copy_rows(&c, copy, rows).await, 5000);
     c.batch_execute("COMMIT").await.unwrap();
     assert_eq!(
         tc.column::<i64>(leader, "SELECT count(*) FROM copied")
@@ -1012,14 +1004,10 @@ async fn a_transaction_larger_than_a_heartbeat_can_carry_commits() {
         .await
         .unwrap();
     c.batch_execute("BEGIN").await.unwrap();
-    let sink = c.copy_in("COPY bulk FROM STDIN").await.unwrap();
     let rows: String = (0..100_000)
         .map(|i| format!("{i}\t{}\n", "v".repeat(60)))
         .collect();
-    futures::pin_mut!(sink);
-    use futures::SinkExt;
-    sink.send(bytes::Bytes::from(rows)).await.unwrap();
-    assert_eq!(sink.finish().await.unwrap(), 100_000);
+    assert_eq!(copy_rows(&c, "COPY bulk FROM STDIN", rows).await, 100_000);
     let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(60), c.batch_execute("COMMIT"))
         .await

@@ -367,19 +367,6 @@ impl Session {
     ) -> std::io::Result<Result<(), pgwire::messages::response::ErrorResponse>> {
         let done = |tag: &str| B::CommandComplete(CommandComplete::new(tag.to_string()));
         match &s.kind {
-            Kind::Set { name, value } if self.txn.is_some() => {
-                match self.set_in_txn(name, value.as_deref()).await {
-                    Ok(report) => {
-                        out.feed(done("SET")).await?;
-                        if let Some((k, v)) = report {
-                            out.feed(B::ParameterStatus(ParameterStatus::new(k, v)))
-                                .await?;
-                        }
-                        Ok(Ok(()))
-                    }
-                    Err(e) => Ok(Err(error::response(&e, Op::Write, s.offset))),
-                }
-            }
             Kind::ResetAll { tag } if self.txn.is_some() => {
                 match self.reset_all_in_txn(tag).await {
                     Ok(reported) => {
@@ -393,17 +380,24 @@ impl Session {
                     Err(e) => Ok(Err(error::response(&e, Op::Write, s.offset))),
                 }
             }
-            Kind::Set { name, value } => match self.set_checked(name, value.as_deref()).await {
-                Ok(report) => {
-                    out.feed(done("SET")).await?;
-                    if let Some((k, v)) = report {
-                        out.feed(B::ParameterStatus(ParameterStatus::new(k, v)))
-                            .await?;
+            Kind::Set { name, value } => {
+                // Inside a transaction block it is also a statement of the transaction.
+                let (set, op) = match self.txn.is_some() {
+                    true => (self.set_in_txn(name, value.as_deref()).await, Op::Write),
+                    false => (self.set_checked(name, value.as_deref()).await, Op::Read),
+                };
+                match set {
+                    Ok(report) => {
+                        out.feed(done("SET")).await?;
+                        if let Some((k, v)) = report {
+                            out.feed(B::ParameterStatus(ParameterStatus::new(k, v)))
+                                .await?;
+                        }
+                        Ok(Ok(()))
                     }
-                    Ok(Ok(()))
+                    Err(e) => Ok(Err(error::response(&e, op, s.offset))),
                 }
-                Err(e) => Ok(Err(error::response(&e, Op::Read, s.offset))),
-            },
+            }
             Kind::ResetAll { tag } => {
                 if tag == "DISCARD ALL" {
                     self.statements.clear();
