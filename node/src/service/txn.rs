@@ -675,10 +675,26 @@ async fn watch_limits(inner: Weak<Mutex<Inner>>, limits: TxnLimits) {
     }
 }
 
-/// What a step adds to the transaction's log entry: its size as the entry encodes it.
+/// What a step adds to the transaction's log entry: its size as the entry encodes it (counted,
+/// not kept).
 fn step_bytes(step: &TxnStep) -> usize {
+    /// Counts what is written to it.
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counted = Counter(0);
     // (Encoding a step cannot fail; if it did, the step could not be proposed either.)
-    serde_json::to_vec(step).map_or(usize::MAX / 2, |v| v.len())
+    match serde_json::to_writer(&mut counted, step) {
+        Ok(()) => counted.0,
+        Err(_) => usize::MAX / 2,
+    }
 }
 
 /// The error of a transaction open longer than `time_max`.
