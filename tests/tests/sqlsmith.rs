@@ -20,12 +20,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use raftpg_client::local_cluster::metrics_addr_of;
 use raftpg_client::v1::{ExecuteResponse, Statement};
 use raftpg_client::{Client, ClientConfig, ClientError};
-use testkit::{start_cluster, values, StandalonePostgres, TestCluster};
+use testkit::{http_get, metric, start_cluster, values, StandalonePostgres, TestCluster};
 
 /// Schema and data, statements separated by lines holding only `;;`.
 const SCHEMA: &str = include_str!("../sqlsmith/schema.sql");
@@ -457,11 +458,20 @@ async fn check_window(
     Ok(())
 }
 
-async fn run(spec: RunSpec) {
-    let mut spec = spec;
-    env_override(&mut spec);
+/// A cluster with the schema loaded and the canary table, and the statements to send.
+struct Prepared {
+    tc: TestCluster,
+    stmts: Vec<String>,
+    /// Where failure reports go (the cluster's data directory).
+    dir: PathBuf,
+    t0: Instant,
+}
+
+/// Starts the cluster of `spec`, loads the schema (a follower frozen meanwhile), generates the
+/// statements and creates the canary table; the copies are identical at the end.
+async fn prepare(spec: &RunSpec) -> Prepared {
     let t0 = Instant::now();
-    let mut tc = start_cluster(spec.name, spec.net, 3).await.unwrap();
+    let tc = start_cluster(spec.name, spec.net, 3).await.unwrap();
     // The rows of the schema are written while a follower is frozen: it applies them later,
     // several entries per PostgreSQL transaction, like a node catching up.
     let mut schema_index = 0;
@@ -493,7 +503,7 @@ async fn run(spec: RunSpec) {
         "cluster up and schema loaded in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    let stmts = statements(&tc, &spec).await;
+    let stmts = statements(&tc, spec).await;
     let dir = tc.cluster.data_dir().to_path_buf();
     let numbered: Vec<(usize, &str, String)> = stmts
         .iter()
@@ -513,6 +523,18 @@ async fn run(spec: RunSpec) {
     if let Err(e) = check_window(&tc, 0, &[], &dir).await {
         panic!("after the schema load, before any generated statement: {e}");
     }
+    Prepared { tc, stmts, dir, t0 }
+}
+
+async fn run(spec: RunSpec) {
+    let mut spec = spec;
+    env_override(&mut spec);
+    let Prepared {
+        mut tc,
+        stmts,
+        dir,
+        t0,
+    } = prepare(&spec).await;
 
     // Generated statements and canaries get no longer than the canary bound in total; a
     // statement still running then is reported by the canary. Attempts are short so that a
@@ -677,6 +699,252 @@ async fn run(spec: RunSpec) {
     );
 }
 
+/// How one transaction of generated statements ended.
+enum TxnEnd {
+    /// `COMMIT` or `ROLLBACK` answered (the class says which, and a `COMMIT`'s error).
+    Ended(String),
+    /// A statement got no answer within [`CANARY_BOUND`] (a wedge, or a slow statement).
+    NoAnswer(usize),
+    /// The connection failed (the class says how); the caller connects again.
+    Lost(String),
+}
+
+/// The SQLSTATE of a wire error, or how the connection failed.
+fn wire_class(e: &tokio_postgres::Error) -> String {
+    match e.code() {
+        Some(code) => format!("error {}", code.code()),
+        None => format!("connection: {e}"),
+    }
+}
+
+/// Runs `group` as one interactive transaction over the wire protocol, the way an application
+/// that recovers from errors does: a savepoint before each statement, `ROLLBACK TO` it after an
+/// error, then `COMMIT` (or `ROLLBACK` when `commit` is false). Each statement's outcome goes
+/// into `tally` and `window`.
+async fn one_transaction<'a>(
+    c: &tokio_postgres::Client,
+    group: &[(usize, &'a str)],
+    commit: bool,
+    tally: &mut Tally,
+    window: &mut Vec<(usize, &'a str, String)>,
+) -> TxnEnd {
+    if let Err(e) = c.batch_execute("BEGIN").await {
+        return TxnEnd::Lost(wire_class(&e));
+    }
+    for &(n, sql) in group {
+        if let Err(e) = c.batch_execute("SAVEPOINT g").await {
+            // Ended by raftpg (a limit, a leadership change): PostgreSQL's failed state.
+            let _ = c.batch_execute("ROLLBACK").await;
+            return TxnEnd::Ended(format!("ended at a savepoint: {}", wire_class(&e)));
+        }
+        let ran = match tokio::time::timeout(CANARY_BOUND, c.simple_query(sql)).await {
+            Ok(r) => r,
+            Err(_) => {
+                window.push((n, sql, "no answer".into()));
+                return TxnEnd::NoAnswer(n);
+            }
+        };
+        let (class, msg) = match &ran {
+            Ok(_) => ("accepted".to_string(), String::new()),
+            Err(e) => (
+                wire_class(e),
+                e.as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_default(),
+            ),
+        };
+        tally.add(n, &class, &msg);
+        window.push((n, sql, class));
+        if let Err(e) = ran {
+            if e.code().is_none() {
+                return TxnEnd::Lost(wire_class(&e));
+            }
+            if let Err(e) = c.batch_execute("ROLLBACK TO SAVEPOINT g").await {
+                let _ = c.batch_execute("ROLLBACK").await;
+                return TxnEnd::Ended(format!("ended after an error: {}", wire_class(&e)));
+            }
+        }
+    }
+    let end = if commit { "COMMIT" } else { "ROLLBACK" };
+    match c.batch_execute(end).await {
+        Ok(()) if commit => TxnEnd::Ended("committed".into()),
+        Ok(()) => TxnEnd::Ended("rolled back".into()),
+        Err(e) if e.code().is_some() => TxnEnd::Ended(format!("COMMIT failed: {}", wire_class(&e))),
+        Err(e) => TxnEnd::Lost(wire_class(&e)),
+    }
+}
+
+/// The generated statements in interactive transactions of 1 to 6 statements over the wire
+/// protocol (through the leader, and every third one through a follower, which relays it),
+/// each statement behind a savepoint, one transaction in five rolled back; a follower frozen
+/// for a stretch. Nothing may wedge, the copies must stay identical, and no node's replay of a
+/// transaction may differ from what the leader ran (`raftpg_transaction_replay_mismatches_total`).
+async fn run_in_transactions(spec: RunSpec) {
+    let mut spec = spec;
+    env_override(&mut spec);
+    let Prepared { tc, stmts, dir, t0 } = prepare(&spec).await;
+    let canary_client = Client::with_config(
+        &tc.cluster.addrs(),
+        ClientConfig {
+            attempt_timeout: Duration::from_secs(4),
+            attempts_max: 30,
+            ..tc.client_config()
+        },
+    )
+    .unwrap();
+    let mut wires: Vec<Option<tokio_postgres::Client>> = vec![None, None, None];
+    let (mut tally, mut ends) = (Tally::default(), Tally::default());
+    let mut since_canary: Vec<(usize, &str, String)> = Vec::new();
+    let mut since_check: Vec<(usize, &str, String)> = Vec::new();
+    let mut paused: Option<Paused> = None;
+    // A fixed pseudo-random stream (the run is repeatable with its seed).
+    let mut state = spec.seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    let mut draw = move |n: u64| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) % n
+    };
+    let (total, mut next, mut txn_no, mut canaries) = (stmts.len(), 0usize, 0usize, 0usize);
+    let mut committed_with_work = 0usize;
+    let mut known_leader: Option<u64> = None;
+    let t_run = Instant::now();
+    while next < total {
+        txn_no += 1;
+        let len = 1 + draw(6) as usize;
+        let group: Vec<(usize, &str)> = stmts[next..(next + len).min(total)]
+            .iter()
+            .enumerate()
+            .map(|(k, sql)| (next + k + 1, sql.as_str()))
+            .collect();
+        next += group.len();
+        let commit = draw(5) != 0;
+        if spec.pause_every > 0 && txn_no % spec.pause_every == 0 && paused.is_none() {
+            let p = Paused::follower(&tc).await;
+            eprintln!(
+                "transaction {txn_no}: SIGSTOP of node {} (a follower)",
+                p.id
+            );
+            paused = Some(p);
+        } else if spec.pause_every > 0 && txn_no % spec.pause_every == spec.pause_every / 2 {
+            if let Some(p) = paused.take() {
+                eprintln!("transaction {txn_no}: SIGCONT of node {}", p.id);
+            }
+        }
+        // (Asked only when needed: a node's status call waits out a frozen node.)
+        let leader = match known_leader {
+            Some(l) => l,
+            None => tc.client.wait_for_leader(CANARY_BOUND).await.unwrap(),
+        };
+        let frozen = paused.as_ref().map(|p| p.id);
+        let node = match txn_no % 3 {
+            0 => (1..=3u64)
+                .find(|id| *id != leader && Some(*id) != frozen)
+                .unwrap_or(leader),
+            _ => leader,
+        };
+        let slot = &mut wires[(node - 1) as usize];
+        if slot.is_none() {
+            *slot = Some(tc.wire(node).await.unwrap_or_else(|e| {
+                panic!("transaction {txn_no}: cannot connect to node {node}'s wire port: {e}")
+            }));
+        }
+        let c = slot.as_ref().unwrap();
+        let first = group.first().map(|g| g.0).unwrap_or(0);
+        let accepted_before = tally.classes.get("accepted").copied().unwrap_or(0);
+        match one_transaction(c, &group, commit, &mut tally, &mut since_canary).await {
+            TxnEnd::Ended(class) => {
+                known_leader = (class == "committed" || class == "rolled back").then_some(leader);
+                if class == "committed"
+                    && tally.classes.get("accepted").copied().unwrap_or(0) > accepted_before
+                {
+                    committed_with_work += 1;
+                }
+                ends.add(first, &class, "");
+            }
+            TxnEnd::Lost(class) => {
+                known_leader = None;
+                ends.add(first, &format!("connection lost ({class})"), "");
+                wires[(node - 1) as usize] = None;
+            }
+            TxnEnd::NoAnswer(n) => {
+                let diag = diagnose(&tc).await;
+                let path = dir.join(format!("no-answer-{n}.sql"));
+                dump(&path, &since_canary);
+                panic!(
+                    "WEDGE: statement {n} (transaction {txn_no}, through node {node}) got no answer within {} s\n{diag}statements since the last canary in {}\n{}",
+                    CANARY_BOUND.as_secs(),
+                    path.display(),
+                    tally.report()
+                );
+            }
+        }
+        if txn_no % CANARY_EVERY == 0 || next >= total {
+            canaries += 1;
+            if let Err(e) = canary(&canary_client, txn_no, CANARY_BOUND).await {
+                let path = dir.join(format!("wedge-before-canary-{txn_no}.sql"));
+                dump(&path, &since_canary);
+                let diag = diagnose(&tc).await;
+                panic!(
+                    "WEDGE: {e}\n{diag}statements since the last canary in {}\n{}",
+                    path.display(),
+                    tally.report()
+                );
+            }
+            since_check.append(&mut since_canary);
+        }
+        if txn_no % (CANARY_EVERY * 5) == 0 && paused.is_none() {
+            if let Err(e) = check_window(&tc, next, &since_check, &dir).await {
+                panic!("{e}\n{}", tally.report());
+            }
+            since_check.clear();
+        }
+    }
+    drop(paused);
+    eprintln!(
+        "{}transactions by end:\n{}{txn_no} transactions ({committed_with_work} committed with applied statements), {canaries} canaries, in {:.1} s",
+        tally.report(),
+        ends.report(),
+        t_run.elapsed().as_secs_f64()
+    );
+    since_check.append(&mut since_canary);
+    if let Err(e) = check_window(&tc, total, &since_check, &dir).await {
+        panic!("{e}\n{}", tally.report());
+    }
+    let sums = tc.assert_identical(&[1, 2, 3]).await.unwrap();
+    assert!(
+        sums["public.sqlsmith_canary"].starts_with(&format!("{canaries} rows")),
+        "every canary committed once: {}",
+        sums["public.sqlsmith_canary"]
+    );
+    assert!(
+        appliers_applying(&tc).await,
+        "appliers:\n{}",
+        statuses(&tc).await
+    );
+    for id in 1..=3u64 {
+        let (_, text) = http_get(&metrics_addr_of(&tc.addr_of(id)), "/metrics")
+            .await
+            .unwrap();
+        let mismatches = metric(&text, "raftpg_transaction_replay_mismatches_total");
+        assert_eq!(
+            mismatches,
+            Some(0.0),
+            "node {id} replayed a transaction step with another outcome than the leader's"
+        );
+    }
+    let replay = std::env::var("RAFTPG_SQLSMITH_FILE").is_ok();
+    assert!(
+        replay || committed_with_work > 0,
+        "some transactions with applied statements committed:\n{}",
+        ends.report()
+    );
+    eprintln!(
+        "identical copies on 3 nodes; total {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
 /// 2,000 generated statements (about 80 reach the log), a follower frozen for 200 (CI).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlsmith_statements_neither_wedge_nor_diverge() {
@@ -706,6 +974,23 @@ async fn sqlsmith_long_run_with_faults() {
         check_every: 500,
         faults: true,
         pause_every: 2000,
+    })
+    .await;
+}
+
+/// 4,000 generated statements in interactive transactions over the wire protocol (about 1,300
+/// transactions; most statements are refused by the gate, which fails them inside the
+/// transaction like any error), a follower frozen for stretches (CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlsmith_transactions_neither_wedge_nor_diverge() {
+    run_in_transactions(RunSpec {
+        name: "sqlsmith_txn",
+        net: 153,
+        seed: 3,
+        statements: 4000,
+        check_every: 0,
+        faults: false,
+        pause_every: 60,
     })
     .await;
 }
