@@ -526,6 +526,20 @@ async fn prepare(spec: &RunSpec) -> Prepared {
     Prepared { tc, stmts, dir, t0 }
 }
 
+/// A client whose attempts are short, so that a request sent to a frozen node moves on to
+/// another (a retry carries the same request id).
+fn short_attempts(tc: &TestCluster) -> Client {
+    Client::with_config(
+        &tc.cluster.addrs(),
+        ClientConfig {
+            attempt_timeout: Duration::from_secs(4),
+            attempts_max: 30,
+            ..tc.client_config()
+        },
+    )
+    .unwrap()
+}
+
 async fn run(spec: RunSpec) {
     let mut spec = spec;
     env_override(&mut spec);
@@ -537,20 +551,8 @@ async fn run(spec: RunSpec) {
     } = prepare(&spec).await;
 
     // Generated statements and canaries get no longer than the canary bound in total; a
-    // statement still running then is reported by the canary. Attempts are short so that a
-    // request sent to a frozen node moves on to another (a retry carries the same request id).
-    let client = || {
-        Client::with_config(
-            &tc.cluster.addrs(),
-            ClientConfig {
-                attempt_timeout: Duration::from_secs(4),
-                attempts_max: 30,
-                ..tc.client_config()
-            },
-        )
-        .unwrap()
-    };
-    let (sender, canary_client) = (client(), client());
+    // statement still running then is reported by the canary.
+    let (sender, canary_client) = (short_attempts(&tc), short_attempts(&tc));
     let skip = skipped();
     let mut tally = Tally::default();
     let mut since_canary: Vec<(usize, &str, String)> = Vec::new();
@@ -783,15 +785,7 @@ async fn run_in_transactions(spec: RunSpec) {
     let mut spec = spec;
     env_override(&mut spec);
     let Prepared { tc, stmts, dir, t0 } = prepare(&spec).await;
-    let canary_client = Client::with_config(
-        &tc.cluster.addrs(),
-        ClientConfig {
-            attempt_timeout: Duration::from_secs(4),
-            attempts_max: 30,
-            ..tc.client_config()
-        },
-    )
-    .unwrap();
+    let canary_client = short_attempts(&tc);
     let mut wires: Vec<Option<tokio_postgres::Client>> = vec![None, None, None];
     let (mut tally, mut ends) = (Tally::default(), Tally::default());
     let mut since_canary: Vec<(usize, &str, String)> = Vec::new();
