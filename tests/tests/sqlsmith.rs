@@ -526,6 +526,35 @@ async fn prepare(spec: &RunSpec) -> Prepared {
     Prepared { tc, stmts, dir, t0 }
 }
 
+/// The end of a run: a check through raftpg (naming the last window's statements on a
+/// difference), every PostgreSQL compared directly with one canary row per canary, every
+/// applier healthy.
+async fn final_checks(
+    tc: &TestCluster,
+    total: usize,
+    window: &[(usize, &str, String)],
+    dir: &Path,
+    canaries: usize,
+    tally: &Tally,
+) {
+    let t_end = Instant::now();
+    if let Err(e) = check_window(tc, total, window, dir).await {
+        panic!("{e}\n{}", tally.report());
+    }
+    eprintln!("final check in {:.1} s", t_end.elapsed().as_secs_f64());
+    let sums = tc.assert_identical(&[1, 2, 3]).await.unwrap();
+    let canary_rows = &sums["public.sqlsmith_canary"];
+    assert!(
+        canary_rows.starts_with(&format!("{canaries} rows")),
+        "every canary committed once: {canary_rows}"
+    );
+    assert!(
+        appliers_applying(tc).await,
+        "appliers:\n{}",
+        statuses(tc).await
+    );
+}
+
 /// A client whose attempts are short, so that a request sent to a frozen node moves on to
 /// another (a retry carries the same request id).
 fn short_attempts(tc: &TestCluster) -> Client {
@@ -671,23 +700,8 @@ async fn run(spec: RunSpec) {
         run_time.as_secs_f64()
     );
 
-    // The end: a check through raftpg, every PostgreSQL compared directly, appliers healthy.
     let t_end = Instant::now();
-    if let Err(e) = check_window(&tc, total, &since_check, &dir).await {
-        panic!("{e}\n{}", tally.report());
-    }
-    eprintln!("final check in {:.1} s", t_end.elapsed().as_secs_f64());
-    let sums = tc.assert_identical(&[1, 2, 3]).await.unwrap();
-    let canary_rows = &sums["public.sqlsmith_canary"];
-    assert!(
-        canary_rows.starts_with(&format!("{canaries} rows")),
-        "every canary committed once: {canary_rows}"
-    );
-    assert!(
-        appliers_applying(&tc).await,
-        "appliers:\n{}",
-        statuses(&tc).await
-    );
+    final_checks(&tc, total, &since_check, &dir, canaries, &tally).await;
     let replay = std::env::var("RAFTPG_SQLSMITH_FILE").is_ok();
     assert!(
         replay || tally.classes.get("accepted").copied().unwrap_or(0) > 0,
@@ -902,20 +916,7 @@ async fn run_in_transactions(spec: RunSpec) {
         t_run.elapsed().as_secs_f64()
     );
     since_check.append(&mut since_canary);
-    if let Err(e) = check_window(&tc, total, &since_check, &dir).await {
-        panic!("{e}\n{}", tally.report());
-    }
-    let sums = tc.assert_identical(&[1, 2, 3]).await.unwrap();
-    assert!(
-        sums["public.sqlsmith_canary"].starts_with(&format!("{canaries} rows")),
-        "every canary committed once: {}",
-        sums["public.sqlsmith_canary"]
-    );
-    assert!(
-        appliers_applying(&tc).await,
-        "appliers:\n{}",
-        statuses(&tc).await
-    );
+    final_checks(&tc, total, &since_check, &dir, canaries, &tally).await;
     for id in 1..=3u64 {
         let (_, text) = http_get(&metrics_addr_of(&tc.addr_of(id)), "/metrics")
             .await
